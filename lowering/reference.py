@@ -1,0 +1,68 @@
+"""Reference lowering: quantized linear / conv ops in pure PyTorch.
+
+The converted graph calls these functions. Activations are really quantized to int8 / fp8
+tensors and weights are stored quantized (see :mod:`.weights`); the matmul or convolution itself
+runs in the activation's float dtype on dequantized operands. It runs on CPU and GPU, eagerly or
+traced through Inductor, and is the ground truth every Triton kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .formats import dequantize_fp8, dequantize_int, int_range, quantize_fp8, quantize_int
+from .weights import dequantize_weight
+
+
+def quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str, symmetric: bool) -> torch.Tensor:
+    """Static per-tensor activation quantization to int8 or float8_e4m3fn storage."""
+    if fmt == "fp8_e4m3":
+        return quantize_fp8(x, scale)
+    qmin, qmax = int_range(fmt, symmetric)
+    return quantize_int(x, scale, zero_point, qmin, qmax)
+
+
+def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_activation`, cast to ``dtype``."""
+    if q.dtype == torch.float8_e4m3fn:
+        return dequantize_fp8(q, scale).to(dtype)
+    return dequantize_int(q, scale, zero_point).to(dtype)
+
+
+def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym):
+    if afmt is None:
+        return x
+    return dequantize_activation(quantize_activation(x, a_scale, a_zp, afmt, not asym), a_scale, a_zp, x.dtype)
+
+
+def _bias(bias, bias_corr, dtype):
+    if bias_corr is not None:
+        bias = bias_corr if bias is None else bias + bias_corr
+    return None if bias is None else bias.to(dtype)
+
+
+def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None):
+    """``F.linear`` with a quantized weight and (unless ``afmt`` is None) a quantized input.
+
+    ``bias_corr`` (per output feature) is added to the bias: the calibrated correction of the
+    weight quantization's mean output shift.
+    """
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym)
+    w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, "linear").to(x.dtype)
+    return F.linear(x, w, _bias(bias, bias_corr, x.dtype))
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups, output_padding=0, afmt=None, asym=False, bias_corr=None):
+    """A (transposed) convolution with a quantized weight and optionally a quantized input."""
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym)
+    w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, kind).to(x.dtype)
+    b = _bias(bias, bias_corr, x.dtype)
+    nd = len(weight_shape) - 2
+    if kind == "conv_transpose":
+        return _CONV_T[nd](x, w, b, stride, padding, output_padding, groups, dilation)
+    return _CONV[nd](x, w, b, stride, padding, dilation, groups)

@@ -1,0 +1,187 @@
+"""Quantized weight storage: symmetric per-output-channel or group-wise, INT8 / INT4 / FP8 e4m3.
+
+Weights are kept in a GEMM layout: a matrix of ``(out_features, K)`` where ``K`` is everything a
+single output reduces over (``in_features``, or ``in_channels/groups * kh * kw`` for convs, in
+PyTorch's weight order). INT4 is packed two per byte; K is zero-padded to a whole number of groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .formats import (
+    FP8_DTYPE,
+    dequantize_fp8,
+    dequantize_int,
+    int_range,
+    pack_int4,
+    qmax_of,
+    quantize_fp8,
+    quantize_int,
+    unpack_int4,
+)
+
+CLIP_CANDIDATES = 20  # ratios searched between 1.0 and min_clip
+
+
+def to_matrix(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """A weight in GEMM layout ``(out_features, K)``. ``kind`` is an OpKind value."""
+    if kind == "conv_transpose":  # (in, out, *k) -> (out, in * prod(k)); groups == 1 only
+        w = w.transpose(0, 1)
+    return w.reshape(w.shape[0], -1)
+
+
+def from_matrix(m: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`to_matrix` for a weight of original ``shape``."""
+    if kind == "conv_transpose":
+        return m.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    return m.reshape(shape)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight: storage tensor, float32 scales and what is needed to undo the layout."""
+
+    fmt: str  # Format value
+    data: torch.Tensor  # int8 (INT8), uint8 packed (INT4) or float8_e4m3fn (FP8), (out, K[pad])
+    scale: torch.Tensor  # float32 (out, n_groups); n_groups == 1 for per-channel
+    shape: tuple[int, ...]  # the original weight's shape
+    kind: str  # OpKind value (layout)
+    group_size: int | None = None
+
+    @property
+    def k(self) -> int:
+        return math.prod(self.shape) // self.out_features
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[1] if self.kind == "conv_transpose" else self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight this stands for, in its original shape and layout."""
+        return dequantize_weight(self.data, self.scale, self.fmt, self.group_size, self.shape, self.kind).to(dtype)
+
+
+def padded_k(k: int, fmt: str, group_size: int | None) -> int:
+    """K after padding to whole groups (and to an even count for packed int4)."""
+    if group_size is not None:
+        return -(-k // group_size) * group_size
+    return k + (k % 2) if fmt == "int4" else k
+
+
+def storage_shape(fmt: str, out_features: int, k: int, group_size: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of (data, scale) for a weight with ``out_features`` rows reducing over ``k``."""
+    kp = padded_k(k, fmt, group_size)
+    n_groups = kp // group_size if group_size is not None else 1
+    return (out_features, kp // 2 if fmt == "int4" else kp), (out_features, n_groups)
+
+
+def _grouped(m: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """(out, Kpad) -> (out, n_groups, group)."""
+    g = m.shape[1] if group_size is None else group_size
+    return m.reshape(m.shape[0], -1, g)
+
+
+def _encode(m: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize grouped values ``m`` (out, G, g) with ``scale`` (out, G, 1) to storage values."""
+    if fmt == "fp8_e4m3":
+        return quantize_fp8(m, scale)
+    qmin, qmax = int_range(fmt, True)
+    return quantize_int(m, scale, 0, qmin, qmax)
+
+
+def _decode(q: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    return dequantize_fp8(q, scale) if fmt == "fp8_e4m3" else dequantize_int(q, scale)
+
+
+def quantize_weight(
+    w: torch.Tensor, fmt: str, kind: str, group_size: int | None = None, clip_search: bool = True,
+    importance: torch.Tensor | None = None, min_clip: float = 0.8,
+) -> QuantizedWeight:
+    """Quantize a float weight symmetrically, choosing each channel/group's clipping.
+
+    With ``clip_search`` each row (or group) takes the clipping ratio in ``[min_clip, 1]`` of its
+    absolute maximum that minimizes the squared weight error, weighted per input feature by
+    ``importance`` when given (the variance of that feature's input: then the error minimized is
+    the output error's variance, ``sum_k dW_k^2 var(x_k)``); otherwise the maximum itself.
+    ``importance`` has one value per input channel (``K / prod(kernel)`` of them).
+    """
+    if not w.is_floating_point():
+        raise TypeError(f"cannot quantize a {w.dtype} weight")
+    m = to_matrix(w.detach().float(), kind)
+    k = m.shape[1]
+    kp = padded_k(k, fmt, group_size)
+    if kp != k:
+        m = torch.nn.functional.pad(m, (0, kp - k))
+    g = _grouped(m, group_size)
+    weight_of_error = torch.ones(kp) if importance is None else _per_k(importance, k, kp)
+    wg = _grouped(weight_of_error[None, :], group_size)
+    amax = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    qmax = qmax_of(fmt)
+    ratios = torch.linspace(1.0, min_clip, CLIP_CANDIDATES) if clip_search else torch.ones(1)
+    best_scale = amax / qmax
+    best_err = torch.full_like(amax, float("inf"))
+    for r in ratios.tolist():
+        scale = amax * r / qmax
+        err = ((_decode(_encode(g, scale, fmt), scale, fmt) - g).pow(2) * wg).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    q = _encode(g, best_scale, fmt).reshape(m.shape[0], kp)
+    data = pack_int4(q) if fmt == "int4" else q
+    return QuantizedWeight(fmt, data, best_scale.reshape(m.shape[0], -1).contiguous(), tuple(w.shape), kind, group_size)
+
+
+def _per_k(importance: torch.Tensor, k: int, kp: int) -> torch.Tensor:
+    """Per-input-channel importance expanded to the K (then padded) axis of the GEMM layout."""
+    taps = k // importance.numel()
+    per_k = importance.float().clamp_min(0).repeat_interleave(taps)
+    per_k = per_k / per_k.mean().clamp_min(1e-30)
+    return torch.nn.functional.pad(per_k, (0, kp - k))
+
+
+def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, shape: tuple[int, ...], kind: str) -> torch.Tensor:
+    """Float32 weight of original ``shape`` from storage ``data`` and ``scale``."""
+    if fmt == "int4":
+        q = unpack_int4(data)
+    elif fmt == "fp8_e4m3":
+        q = data.view(FP8_DTYPE) if data.dtype != FP8_DTYPE else data
+    else:
+        q = data
+    out = q.shape[0]
+    g = _grouped(q, group_size)
+    m = _decode(g, scale.reshape(out, -1, 1), fmt).reshape(out, -1)
+    k = math.prod(shape) // out
+    return from_matrix(m[:, :k], kind, tuple(shape))
+
+
+def bias_correction(w: torch.Tensor, qw: QuantizedWeight, input_mean: torch.Tensor, stride: tuple[int, ...] | int = 1, groups: int = 1) -> torch.Tensor:
+    """Per-output-channel bias that cancels the mean output shift of a weight's quantization error.
+
+    For an input with per-feature mean ``m`` the expected output error of ``W_hat`` is
+    ``(W_hat - W) m`` (summed over kernel taps for convolutions); adding its negative to the bias
+    removes the systematic part of the error (Nagel et al., "Data-Free Quantization", 2019).
+    Transposed convolutions spread taps over ``prod(stride)`` output positions, so their tap sum
+    is divided by it. Edge effects of padding are ignored.
+    """
+    err = qw.dequantize(torch.float64) - w.detach().double()
+    m = input_mean.double()
+    if qw.kind == "linear":
+        shift = err @ m
+    elif qw.kind == "conv_transpose":  # (in, out, *k)
+        taps = err.sum(dim=tuple(range(2, err.dim())))  # (in, out)
+        strides = stride if isinstance(stride, (tuple, list)) else (stride,) * (err.dim() - 2)
+        shift = (m @ taps) / math.prod(strides)
+    else:  # (out, in/groups, *k)
+        taps = err.sum(dim=tuple(range(2, err.dim())))  # (out, in/groups)
+        per_group = m.reshape(groups, -1)  # (groups, in/groups)
+        out_group = torch.arange(taps.shape[0]) // (taps.shape[0] // groups)
+        shift = (taps * per_group[out_group]).sum(dim=1)
+    return (-shift).float()

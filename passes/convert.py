@@ -1,0 +1,83 @@
+"""Convert: replace each annotated op by its quantized form, with the weights stored quantized.
+
+Quantized weights, their scales and the activation scale / zero point become buffers of the
+GraphModule (``get_attr`` nodes), so graphs that differ only in scales share their code. The op
+itself becomes a call of a lowering function (by default :mod:`qcompile.lowering.reference`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ..config import OpKind
+from ..lowering import reference
+from ..lowering.weights import QuantizedWeight
+from .annotate import ANNOTATION_KEY
+from .sites import META_KEY, Site, bound_args
+
+
+@dataclass(frozen=True)
+class QuantizedOp:
+    """What replaces one op: its quantized weight and (optionally) its input quantizer."""
+
+    weight: QuantizedWeight
+    act_fmt: str | None = None
+    act_symmetric: bool = True
+    act_scale: float = 1.0
+    act_zero_point: int = 0
+    bias_correction: torch.Tensor | None = None  # added to the bias (per output channel)
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """The functions quantized ops lower to (the reference lowering by default)."""
+
+    linear: Callable[..., torch.Tensor] = reference.qlinear
+    conv: Callable[..., torch.Tensor] = reference.qconv
+
+
+def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    gm.register_buffer(name, value)
+    return gm.graph.get_attr(name)
+
+
+def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.device, lowering: Lowering = Lowering()) -> fx.GraphModule:
+    """Rewrite every site named in ``ops``; the rest keep their full-precision op."""
+    for i, node in enumerate(list(gm.graph.nodes)):
+        site: Site | None = node.meta.get(META_KEY)
+        if site is None or site.key not in ops:
+            continue
+        q = ops[site.key]
+        args = bound_args(node)
+        prefix = f"qdiff_{i}_"
+        with gm.graph.inserting_before(node):
+            wdata = _buffer(gm, prefix + "weight", q.weight.data.to(device))
+            wscale = _buffer(gm, prefix + "weight_scale", q.weight.scale.to(device))
+            a_scale = _buffer(gm, prefix + "act_scale", torch.tensor(q.act_scale, dtype=torch.float32, device=device))
+            a_zp = _buffer(gm, prefix + "act_zero_point", torch.tensor(q.act_zero_point, dtype=torch.int32, device=device))
+            common: dict[str, Any] = dict(
+                wfmt=q.weight.fmt, group_size=q.weight.group_size, weight_shape=tuple(q.weight.shape),
+                afmt=q.act_fmt, asym=not q.act_symmetric,
+            )
+            if q.bias_correction is not None:
+                common["bias_corr"] = _buffer(gm, prefix + "bias_correction", q.bias_correction.to(device))
+            if site.kind is OpKind.LINEAR:
+                fn = lowering.linear
+            else:
+                fn = lowering.conv
+                common.update(kind=site.kind.value, **{k: site.conv_args[k] for k in ("stride", "padding", "dilation", "groups")})
+                if site.kind is OpKind.CONV_TRANSPOSE:
+                    common["output_padding"] = site.conv_args["output_padding"]
+            new = gm.graph.call_function(fn, (args["input"], wdata, wscale, args["bias"], a_scale, a_zp), common)
+        new.meta[META_KEY] = site
+        new.meta[ANNOTATION_KEY] = node.meta.get(ANNOTATION_KEY)
+        new.meta["qdiff_source_node"] = node.name
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

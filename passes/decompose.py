@@ -1,0 +1,114 @@
+"""Rewrite PyTorch's fused transformer fast paths into the ops they compute.
+
+In eval mode ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` may run as one fused op
+(``torch._transformer_encoder_layer_fwd`` / ``torch._native_multi_head_attention``), and Dynamo
+records that op. Its linears are then invisible. This pass replaces each such node with the
+equivalent ``linear`` / ``scaled_dot_product_attention`` / ``layer_norm`` nodes, so that the
+quantizer finds the in-projection, out-projection and feed-forward linears by what they compute.
+Nodes it cannot rewrite (masks, cross-attention, attention weights requested) are left as they
+are and reported by :func:`fused_attention_leftovers`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+_ENCODER_LAYER = torch._transformer_encoder_layer_fwd
+_NATIVE_MHA = torch._native_multi_head_attention
+
+_ENCODER_ARGS = (
+    "src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
+    "use_gelu", "norm_first", "eps", "norm_weight_1", "norm_bias_1", "norm_weight_2", "norm_bias_2",
+    "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask", "mask_type",
+)
+_MHA_ARGS = (
+    "query", "key", "value", "embed_dim", "num_head", "qkv_weight", "qkv_bias", "proj_weight",
+    "proj_bias", "mask", "need_weights", "average_attn_weights", "mask_type",
+)
+_MHA_DEFAULTS = {"mask": None, "need_weights": True, "average_attn_weights": True, "mask_type": None}
+
+
+def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _self_attention(g: fx.Graph, x, a: dict, num_heads: int, embed_dim: int):
+    """Packed in-projection, SDPA and out-projection on ``x`` (B, L, E); returns (B, L, E)."""
+    head_dim = embed_dim // num_heads
+    qkv = g.call_function(F.linear, (x, a["qkv_weight"], a["qkv_bias"]))
+    qkv = g.call_method("unflatten", (qkv, -1, (3, num_heads, head_dim)))
+    qkv = g.call_method("permute", (qkv, 2, 0, 3, 1, 4))  # (3, B, H, L, D)
+    q, k, v = (g.call_function(operator.getitem, (qkv, i)) for i in range(3))
+    attn = g.call_function(F.scaled_dot_product_attention, (q, k, v))
+    attn = g.call_method("flatten", (g.call_method("transpose", (attn, 1, 2)), 2))
+    return g.call_function(F.linear, (attn, a["proj_weight"], a["proj_bias"]))
+
+
+def _rewrite_encoder_layer(g: fx.Graph, node: fx.Node) -> bool:
+    a = _bind(node, _ENCODER_ARGS, {"mask": None, "mask_type": None})
+    if a["mask"] is not None:
+        return False
+    E, H, eps = a["embed_dim"], a["num_heads"], a["eps"]
+    act = F.gelu if a["use_gelu"] else F.relu
+
+    def norm(x, i):
+        return g.call_function(F.layer_norm, (x, (E,), a[f"norm_weight_{i}"], a[f"norm_bias_{i}"], eps))
+
+    def ffn(x):
+        h = g.call_function(act, (g.call_function(F.linear, (x, a["ffn_weight_1"], a["ffn_bias_1"])),))
+        return g.call_function(F.linear, (h, a["ffn_weight_2"], a["ffn_bias_2"]))
+
+    with g.inserting_before(node):
+        src = a["src"]
+        if a["norm_first"]:
+            x = g.call_function(operator.add, (src, _self_attention(g, norm(src, 1), a, H, E)))
+            out = g.call_function(operator.add, (x, ffn(norm(x, 2))))
+        else:
+            x = norm(g.call_function(operator.add, (src, _self_attention(g, src, a, H, E))), 1)
+            out = norm(g.call_function(operator.add, (x, ffn(x))), 2)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    return True
+
+
+def _rewrite_native_mha(g: fx.Graph, node: fx.Node) -> bool:
+    a = _bind(node, _MHA_ARGS, _MHA_DEFAULTS)
+    self_attn = a["query"] is a["key"] is a["value"]
+    only_output_used = all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+    if not (self_attn and a["mask"] is None and only_output_used):
+        return False
+    with g.inserting_before(node):
+        out = _self_attention(g, a["query"], a, a["num_head"], a["embed_dim"])
+    for user in list(node.users):
+        user.replace_all_uses_with(out)
+        g.erase_node(user)
+    g.erase_node(node)
+    return True
+
+
+def decompose_fused_attention(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace fused transformer-layer / MHA fast-path nodes by their constituent ops."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is _ENCODER_LAYER:
+            changed |= _rewrite_encoder_layer(gm.graph, node)
+        elif node.target is _NATIVE_MHA:
+            changed |= _rewrite_native_mha(gm.graph, node)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def fused_attention_leftovers(gm: fx.GraphModule) -> list[str]:
+    """Names of fused attention nodes the rewrite had to leave (their linears stay in float)."""
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in (_ENCODER_LAYER, _NATIVE_MHA)]

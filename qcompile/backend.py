@@ -1,0 +1,153 @@
+"""The ``qdiff`` torch.compile backend: ``torch.compile(m, backend="qdiff", options={"plan": plan})``.
+
+For each graph Dynamo hands over (one per graph break and recompile) it prepares the graph,
+checks it against the plan, annotates it from the plan's decisions, converts the quantized ops
+and runs the result eagerly or through Inductor (``compile_fx`` with ``config_patches``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .debug import log_graph
+from .errors import ConfigError, MissingPlanError
+from .graph import prepare
+from .passes.annotate import Annotation, annotate
+from .passes.convert import QuantizedOp, convert
+from .plan import QuantPlan
+
+_OPTIONS = {"plan", "inductor", "group"}
+
+HOW_TO_CALIBRATE = (
+    "the qdiff backend needs a calibrated plan: "
+    "plan = qcompile.calibrate(model, lambda m: sample(m, noise), qcompile.QuantConfig.preset('w8a8-int8')); "
+    "then torch.compile(model, backend='qdiff', options={'plan': plan}) "
+    "(or options={'plan': 'model.qplan'} for a saved plan)"
+)
+
+
+@dataclass
+class BackendOptions:
+    """Validated ``options`` of the qdiff backend."""
+
+    plan: QuantPlan
+    inductor: bool | None = None  # None: Inductor when the inputs are on CUDA, else eager
+    group: int = 0
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
+        options = dict(options or {})
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown qdiff backend option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+        plan = options.get("plan")
+        if plan is None:
+            raise MissingPlanError(HOW_TO_CALIBRATE)
+        if isinstance(plan, (str, os.PathLike)):
+            plan = QuantPlan.load(plan)
+        if not isinstance(plan, QuantPlan):
+            raise ConfigError(f"options['plan'] must be a QuantPlan or a path to a plan file, got {type(plan).__name__}")
+        group = int(options.get("group", 0))
+        if plan.groups.count > 1 and "group" not in options:
+            raise ConfigError(
+                f"the plan has {plan.groups.count} timestep groups; pass options={{'plan': plan, 'group': k}} "
+                "to compile one group's graph"
+            )
+        if not 0 <= group < plan.groups.count:
+            raise ConfigError(f"group {group} out of range: the plan has {plan.groups.count} timestep group(s)")
+        return cls(plan, options.get("inductor"), group)
+
+
+@dataclass
+class QuantizedGraph:
+    """One compiled graph: the prepared float graph, its converted form and what runs."""
+
+    prepared: fx.GraphModule  # float graph with sites and annotations in node.meta
+    converted: fx.GraphModule
+    runner: Callable[..., Any]  # called like Dynamo calls a backend's result: runner(*args)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.runner(*args)
+
+
+def plan_ops(plan: QuantPlan, group: int) -> dict[str, QuantizedOp]:
+    """The quantized ops of one timestep group of a plan."""
+    ops = {}
+    for n in plan.quantized_nodes():
+        act = n.acts[group]
+        corr = None if n.bias_correction is None else n.bias_correction[group]
+        if act is None:
+            ops[n.key] = QuantizedOp(n.weight, bias_correction=corr)
+        else:
+            ops[n.key] = QuantizedOp(n.weight, act.fmt, act.symmetric, act.scale, act.zero_point, corr)
+    return ops
+
+
+def plan_annotations(plan: QuantPlan, group: int) -> dict[str, Annotation]:
+    """The plan's decisions as annotations (what the quantizer would write)."""
+    out = {}
+    for n in plan.nodes.values():
+        act = n.acts[group] if n.quantized else None
+        acts = {} if act is None else {0: act}
+        out[n.key] = Annotation(n.key, n.weight_spec(), acts, n.reason)
+    return out
+
+
+def _device_of(example_inputs: Sequence[Any]) -> torch.device:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _warn_float_ops(plan: QuantPlan, keys: list[str], unsupported: dict[str, str]) -> None:
+    """One warning per compile listing the ops kept in full precision (each op reported once)."""
+    reasons = {n.key: n.reason for n in plan.float_nodes()}
+    reasons.update(unsupported)
+    new = [k for k in keys if k in reasons and k not in plan.warned]
+    if new:
+        plan.warned.update(new)
+        lines = "\n".join(f"  {k}: {reasons[k]}" for k in new)
+        warnings.warn(f"qdiff: {len(new)} op(s) stay in full precision:\n{lines}", stacklevel=2)
+
+
+def build_quantized_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantPlan, group: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(prepared float graph, converted graph) for one captured graph and one timestep group."""
+    gm, sites = prepare(gm, example_inputs)
+    plan.check_sites([s.signature for s in sites if not s.unsupported])
+    annotate(gm, plan_annotations(plan, group))
+    prepared = copy.deepcopy(gm)
+    _warn_float_ops(plan, [s.key for s in sites], {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported})
+    if not plan.quantized_nodes():
+        warnings.warn(f"qdiff: the plan for {plan.model_class} quantizes nothing; compiling the full-precision graph", stacklevel=2)
+    converted = convert(gm, plan_ops(plan, group), _device_of(example_inputs))
+    log_graph("convert (reference lowering)", converted)
+    return prepared, converted
+
+
+def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None) -> QuantizedGraph:
+    """The Dynamo backend registered as ``"qdiff"``."""
+    opts = BackendOptions.parse(options)
+    prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group)
+    use_inductor = opts.inductor if opts.inductor is not None else _device_of(example_inputs).type == "cuda"
+    runner: Callable[..., Any] = converted.forward
+    if use_inductor:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = list_mode_options(mode) if mode else {}
+        # Dynamo's map from lifted parameters to guard sources does not know our quantized
+        # buffers; without it AOTAutograd treats every parameter and buffer as a static input.
+        if hasattr(converted, "_param_name_to_source"):
+            del converted._param_name_to_source
+        runner = compile_fx(converted, list(example_inputs), config_patches=patches)
+    record = QuantizedGraph(prepared, converted, runner)
+    opts.plan.compiled.append(record)
+    return record

@@ -1,0 +1,263 @@
+"""Timestep-aware calibration over the model's own sampling trajectory (as in Q-Diffusion).
+
+:func:`calibrate` hands the user's sampling function a stand-in for the denoiser. Each call of
+the stand-in finds its timestep, then runs the model through Dynamo with a calibration backend
+that prepares and annotates the graph and observes every quantizable op's input. Statistics
+are kept per timestep bin and merged into timestep groups at the end; the plan is built from them.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from .config import OpKind, QuantConfig
+from .errors import CalibrationError
+from .graph import prepare
+from .lowering.weights import bias_correction, quantize_weight
+from .observers import ActivationStats, choose_qparams
+from .passes.annotate import Annotation, annotate, apply_first_last, decide
+from .passes.observe import insert_observers
+from .passes.sites import Site, bound_args, parameter_tensors
+from .plan import NodePlan, QuantPlan
+from .probe import UnsupportedProbe, encode
+from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
+
+BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
+
+
+class ActivationObserver(torch.nn.Module):
+    """Passes its input through and reports it to the calibration session."""
+
+    def __init__(self, session: "CalibrationSession", site: Site):
+        super().__init__()
+        self.session = session
+        self.key = site.key
+        self.node = site.node
+        self.channel_dim = -1 if site.kind is OpKind.LINEAR else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.session.observe(self, x)
+        return x
+
+
+class CalibrationSession:
+    """State of one calibration run: sites seen, statistics, the call log and the probe."""
+
+    def __init__(self, config: QuantConfig, model: torch.nn.Module):
+        self.config = config
+        self.model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+        self.generator = torch.Generator().manual_seed(config.calibration.seed)
+        self.bin_size = max(1024, 4 * config.calibration.reservoir_size // BIN_CAP)
+        self.bins = StepBins(cap=BIN_CAP)
+        self.sites: dict[str, Site] = {}
+        self.decisions: dict[str, Annotation] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        self.subgraphs: list[list[str]] = []
+        self.stats: dict[tuple[str, int], ActivationStats] = {}
+        self.calls: list[dict[str, Any]] = []
+        self.timestep: float | None = None
+        self.bin = 0
+        self.probe: tuple[Any, dict[str, torch.Tensor]] | None = None
+        self.closed = False
+
+    # -- Dynamo backend ------------------------------------------------------------------------
+    def backend(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Prepare, annotate and observe one captured graph; it then runs eagerly."""
+        gm, sites = prepare(gm, example_inputs)
+        params = parameter_tensors(gm, example_inputs)
+        for site in sites:
+            self.sites.setdefault(site.key, site)
+            self.decisions.setdefault(site.key, decide(site, self.config))
+        for node in gm.graph.nodes:
+            site = node.meta.get("qdiff_site")
+            if site is not None and not site.unsupported:
+                self.weights.setdefault(site.key, params[bound_args(node)["weight"].name][1])
+        signature = [s.key for s in sites]
+        if signature not in self.subgraphs:
+            self.subgraphs.append(signature)
+        annotate(gm, self.decisions)
+        return insert_observers(gm, lambda site, edge: ActivationObserver(self, site)).forward
+
+    # -- per call --------------------------------------------------------------------------------
+    def begin_call(self, signature: pyinspect.Signature, args: tuple, kwargs: dict) -> None:
+        found = find_timestep(signature, args, kwargs, self.config.calibration.timestep_args)
+        if found is None and self.config.calibration.timestep_groups > 1:
+            raise CalibrationError(
+                f"timestep_groups={self.config.calibration.timestep_groups} needs the timestep, but the call has no "
+                f"argument named {' / '.join(self.config.calibration.timestep_args)}; set "
+                "QuantConfig.calibration.timestep_args to the denoiser's timestep argument name"
+            )
+        self.timestep = None if found is None else found[1]
+        self.bin = 0 if self.timestep is None else self.bins.bin_of(self.timestep)
+        self._apply_bin_merges()
+        self.calls.append({"timestep": self.timestep})
+        self._maybe_keep_probe(args, kwargs)
+
+    def _apply_bin_merges(self) -> None:
+        """Fold the statistics of bins that :class:`StepBins` merged into the surviving bin."""
+        while self.bins.merged:
+            absorbed, into = self.bins.merged.pop(0)
+            for key in {k for (k, b) in self.stats if b == absorbed}:
+                gone = self.stats.pop((key, absorbed))
+                target = self.stats.setdefault((key, into), ActivationStats(self.bin_size, self.generator))
+                target.merge(gone)
+
+    def _maybe_keep_probe(self, args: tuple, kwargs: dict) -> None:
+        """Keep one call's inputs, chosen uniformly at random over the run (reservoir of one)."""
+        n = len(self.calls)
+        if float(torch.rand(1, generator=self.generator)) * n >= 1.0:
+            return
+        try:
+            self.probe = encode(args, kwargs)
+        except UnsupportedProbe as e:
+            self.probe = None
+            warnings.warn(f"qdiff: no probe input stored in the plan ({e}); pass probe inputs to qcompile.inspect", stacklevel=4)
+
+    def observe(self, observer: ActivationObserver, x: torch.Tensor) -> None:
+        if self.closed:
+            return
+        key = observer.key
+        call = len(self.calls) - 1
+        stats = self.stats.get((key, self.bin))
+        if stats is None:
+            stats = self.stats[(key, self.bin)] = ActivationStats(self.bin_size, self.generator, observer.channel_dim)
+        stats.update(x, call)
+        if not stats.is_finite():
+            raise CalibrationError(
+                f"non-finite values (nan/inf) at the input of node '{key}' (graph node '{observer.node}') in "
+                f"calibration call {call} (timestep {self.timestep}); the full-precision model itself produces them"
+            )
+        self.input_shapes[key] = tuple(x.shape)
+
+    # -- building the plan -------------------------------------------------------------------
+    def _group_stats(self, key: str, members: list[int]) -> ActivationStats | None:
+        """Merge the per-bin statistics of one site over the bins of one group."""
+        parts = [s for (k, b), s in self.stats.items() if k == key and b in members]
+        if not parts:
+            return None
+        out = ActivationStats(self.config.calibration.reservoir_size, self.generator)
+        for part in parts:
+            out.merge(part)
+        return out
+
+    def finish(self, progress: bool = True) -> QuantPlan:
+        """Choose ranges, quantize weights and return the plan."""
+        if not self.calls:
+            raise CalibrationError("the sampling function never called the denoiser: nothing was calibrated")
+        timesteps = [c["timestep"] for c in self.calls if c["timestep"] is not None]
+        groups = equal_groups(timesteps, self.config.calibration.timestep_groups) if timesteps else TimestepGroups()
+        for c in self.calls:
+            c["group"] = groups.group_of(c["timestep"])
+        members = self.bins.members(groups) if timesteps else [[0]]
+        ordered = apply_first_last([self.decisions[k] for k in self.sites], self.config.first_last)
+        nodes: dict[str, NodePlan] = {}
+        for ann in tqdm(ordered, desc="qdiff: quantize", unit="op", disable=not progress, leave=False):
+            nodes[ann.key] = self._node_plan(self.sites[ann.key], ann, members)
+        if not any(n.quantized for n in nodes.values()):
+            warnings.warn(f"qdiff: nothing quantizable in {self.model_class}; it will run in full precision", stacklevel=3)
+        self.closed = True
+        self.stats.clear()
+        return QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
+
+    def _importance(self, site: Site, group_stats: list[ActivationStats | None]) -> torch.Tensor | None:
+        """Input-feature variance over all groups (weights the weight error), where it applies."""
+        present = [s for s in group_stats if s is not None]
+        if not present or site.conv_args.get("groups", 1) != 1:
+            return None
+        total = ActivationStats(256, self.generator)
+        for s in present:
+            total.merge(s)
+        return total.channel_variance()
+
+    def _node_plan(self, site: Site, ann: Annotation, members: list[list[int]]) -> NodePlan:
+        group_stats = [self._group_stats(site.key, m) for m in members]
+        reason = ann.reason
+        if reason is None and all(s is None for s in group_stats):
+            reason = "never executed during calibration"
+        weight, acts, corr = None, [None] * len(members), None
+        if reason is None:
+            spec = ann.weight
+            w = self.weights[site.key]
+            importance = self._importance(site, group_stats)
+            weight = quantize_weight(w, spec.fmt.value, site.kind.value, spec.group_size, spec.clip_search, importance, spec.min_clip)
+            means = [None if s is None else s.channel_mean() for s in group_stats]
+            if self.config.bias_correction and all(m is not None for m in means):
+                args = site.conv_args
+                corr = torch.stack([bias_correction(w, weight, m, args.get("stride", 1), args.get("groups", 1)) for m in means])
+            act_spec = ann.act.get(0)
+            if act_spec is not None:
+                acts = [None if s is None else choose_qparams(s, act_spec) for s in group_stats]
+                if any(a is None for a in acts):
+                    missing = [g for g, a in enumerate(acts) if a is None]
+                    reason, weight, acts, corr = f"not executed in timestep group(s) {missing}", None, [None] * len(members), None
+        stats = [
+            {"amin": s.amin, "amax": s.amax, "count": s.count} if s is not None else {"amin": None, "amax": None, "count": 0}
+            for s in group_stats
+        ]
+        log = sorted(c for s in group_stats if s is not None for c in s.call_log)
+        call_log = torch.tensor([[c, _nan_if_none(self.calls[c]["timestep"]), lo, hi] for c, lo, hi in log], dtype=torch.float32) if log else None
+        return NodePlan(
+            site.key, site.kind, site.weight_name, site.weight_shape, site.conv_args, weight, acts, reason,
+            self.input_shapes.get(site.key), stats, call_log, corr,
+        )
+
+
+def _nan_if_none(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+class ObservedDenoiser:
+    """Stands in for the denoiser during calibration; every other attribute is the model's."""
+
+    def __init__(self, model: torch.nn.Module, session: CalibrationSession, progress: tqdm):
+        self._model = model
+        self._session = session
+        self._progress = progress
+        self._signature = pyinspect.signature(model.forward)
+        self._compiled = torch.compile(model, backend=session.backend)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._session.begin_call(self._signature, args, kwargs)
+        out = self._compiled(*args, **kwargs)
+        self._progress.update(1)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def calibrate(
+    model: torch.nn.Module,
+    run: Callable[[Any], Any],
+    config: QuantConfig,
+    *,
+    progress: bool = True,
+    expected_calls: int | None = None,
+) -> QuantPlan:
+    """Calibrate ``model`` by running ``run(stand_in)``, the user's own sampling loop.
+
+    ``run`` receives a stand-in for the model (call it exactly like the model; attributes such as
+    ``config`` or ``dtype`` are the model's) and runs the full-precision sampler. Every denoiser
+    call along the trajectory is observed. Returns a :class:`QuantPlan` with quantized weights and
+    per-timestep-group activation quantizers.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"calibrate needs the denoiser nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig (e.g. QuantConfig.preset('w8a8-int8')), got {type(config).__name__}")
+    if model.training:
+        warnings.warn("qdiff: calibrating a model in training mode (dropout active); call model.eval() first", stacklevel=2)
+    session = CalibrationSession(config, model)
+    with tqdm(total=expected_calls, desc="qdiff: calibrate", unit="call", disable=not progress) as bar:
+        stand_in = ObservedDenoiser(model, session, bar)
+        with torch.no_grad():
+            run(stand_in)
+    return session.finish(progress)

@@ -1,0 +1,126 @@
+"""The ``qdiff`` command line: ``demo`` (the main job), ``eval`` (quality report), ``inspect`` (a plan)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+
+def _shared_cases() -> dict:
+    """The evaluation cases built on the trained models in ../shared (empty when it is absent)."""
+    from .evaluate import EvalCase
+    from .zoo import ddim_sample, flow_sample, load_mnist_unet, load_mnist_vit, shared_dir
+
+    if shared_dir() is None:
+        return {}
+
+    def flow(m, noise):
+        return flow_sample(m, noise, torch.arange(noise.shape[0]) % 10, num_steps=50)
+
+    return {
+        "mnist_unet": EvalCase("mnist_unet", load_mnist_unet, lambda m, n: ddim_sample(m, n, num_steps=50), (1, 28, 28)),
+        "mnist_vit": EvalCase("mnist_vit", load_mnist_vit, flow, (1, 28, 28)),
+    }
+
+
+def _no_shared() -> int:
+    print(
+        "qdiff: the trained models in ../shared were not found; set QDIFF_SHARED to the folder that holds "
+        "models/mnist_unet_ddpm (see README.md)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Quality of every variant on the chosen models; writes quality.md / quality.json / plots."""
+    from .evaluate import evaluate_case, variants, write_report
+
+    cases = _shared_cases()
+    if not cases:
+        return _no_shared()
+    unknown = set(args.models) - set(cases)
+    if unknown:
+        print(f"qdiff eval: unknown model(s) {sorted(unknown)}; choose from {sorted(cases)}", file=sys.stderr)
+        return 2
+    configs = variants()
+    if args.configs:
+        configs = {k: v for k, v in configs.items() if k in args.configs}
+    results = []
+    for name in args.models:
+        print(f"qdiff eval: {name} ({len(configs)} variants, {args.seeds} seeds)", flush=True)
+        for r in evaluate_case(cases[name], configs, args.seeds, args.calib_samples, progress=not args.quiet):
+            print(f"  {r.config:18s} SQNR mean {r.sqnr_mean_db:6.2f} dB  worst {r.sqnr_worst_db:6.2f} dB (step {r.worst_step})  "
+                  f"PSNR {r.psnr_db:6.2f} dB  SSIM {r.ssim:.4f}", flush=True)
+            results.append(r)
+    notes = Path(args.notes).read_text() if args.notes else ""
+    path = write_report(results, Path(args.out), "qdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]), notes)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Calibrate, quantize and sample the default model; write a grid, a layer table and a report."""
+    from .demo import run_demo
+
+    cases = _shared_cases()
+    if not cases:
+        return _no_shared()
+    return run_demo(cases["mnist_unet"], args.preset, Path(args.out), args.samples, args.calib_samples)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a plan file's table (formats, scales, reasons) after validating it."""
+    from .inspect import inspect
+    from .plan import QuantPlan
+
+    print(inspect(QuantPlan.load(args.plan)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qdiff", description="Post-training quantization compiler for diffusion models.")
+    p.add_argument("--version", action="version", version=f"qdiff {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="quantize the default model end to end and write a report folder")
+    demo.add_argument("--preset", default="w8a8-int8", help="quantization preset (default: w8a8-int8)")
+    demo.add_argument("--out", default="qdiff-demo", help="output folder (default: ./qdiff-demo)")
+    demo.add_argument("--samples", type=int, default=16, help="images to generate (default: 16)")
+    demo.add_argument("--calib-samples", type=int, default=16, help="calibration trajectories (default: 16)")
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="per-step SQNR, PSNR and SSIM of every variant against FP32")
+    ev.add_argument("--models", nargs="+", default=["mnist_unet", "mnist_vit"])
+    ev.add_argument("--configs", nargs="*", help="subset of variants (default: all)")
+    ev.add_argument("--seeds", type=int, default=64, help="evaluation samples, one seed each (default: 64)")
+    ev.add_argument("--calib-samples", type=int, default=32, help="calibration trajectories (default: 32)")
+    ev.add_argument("--out", default="docs", help="folder for quality.md, quality.json and img/ (default: docs)")
+    ev.add_argument("--notes", help="markdown file appended to quality.md")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
+
+    ins = sub.add_parser("inspect", help="validate a plan file and print its per-op table")
+    ins.add_argument("plan")
+    ins.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    code = args.func(args)
+    if args.command != "inspect":
+        print(f"qdiff {args.command}: done in {time.perf_counter() - t0:.1f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

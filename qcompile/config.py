@@ -1,0 +1,221 @@
+"""Quantization configuration: frozen, validated, versioned, serializable.
+
+A :class:`QuantConfig` says *what* to quantize and *how*; it holds no data. Presets cover the
+common cases (``QuantConfig.preset("w8a8-int8")``); everything else is a ``replace`` away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+
+class Format(str, enum.Enum):
+    """Number formats a tensor can be stored or computed in."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+    FP8_E4M3 = "fp8_e4m3"
+
+    @property
+    def bits(self) -> int:
+        return {Format.INT8: 8, Format.INT4: 4, Format.FP8_E4M3: 8}[self]
+
+    @property
+    def is_int(self) -> bool:
+        return self in (Format.INT8, Format.INT4)
+
+
+class RangeMethod(str, enum.Enum):
+    """How an activation's clipping range is chosen from calibration data."""
+
+    MINMAX = "minmax"  # raw observed min/max (the naive baseline)
+    PERCENTILE = "percentile"  # a percentile of the observed values
+    MSE = "mse"  # the range minimizing quantization MSE on the sampled values
+
+
+class OpKind(str, enum.Enum):
+    """Kinds of quantizable operations, found by what the graph computes."""
+
+    LINEAR = "linear"
+    CONV = "conv"
+    CONV_TRANSPOSE = "conv_transpose"
+
+
+class FirstLastPolicy(str, enum.Enum):
+    """What to do with the first and last quantizable op (in graph order)."""
+
+    QUANTIZE = "quantize"  # like every other op
+    EIGHT_BIT = "8bit"  # at least 8-bit weights (INT8 instead of INT4)
+    SKIP = "skip"  # keep in full precision
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Weight quantization: symmetric, per output channel or per group of input features."""
+
+    fmt: Format
+    group_size: int | None = None  # None: one scale per output channel
+    clip_search: bool = True  # search per-channel/group clipping for minimal (importance-weighted) MSE
+    min_clip: float = 0.8  # smallest clipping ratio of the absolute maximum the search may pick
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fmt", Format(self.fmt))
+        if not 0.0 < self.min_clip <= 1.0:
+            raise ConfigError(f"min_clip must be in (0, 1], got {self.min_clip}")
+        if self.group_size is not None:
+            if self.fmt is not Format.INT4:
+                raise ConfigError(f"group_size is only supported for int4 weights, not {self.fmt.value}")
+            if self.group_size <= 0 or self.group_size % 8:
+                raise ConfigError(f"group_size must be a positive multiple of 8, got {self.group_size}")
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Static per-tensor activation quantization (the input of each quantized op)."""
+
+    fmt: Format
+    symmetric: bool = False  # int only; fp8 is always symmetric
+    range_method: RangeMethod = RangeMethod.MSE
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fmt", Format(self.fmt))
+        object.__setattr__(self, "range_method", RangeMethod(self.range_method))
+        if self.fmt is Format.INT4:
+            raise ConfigError("4-bit activations are not supported; use int8 or fp8_e4m3")
+        if self.fmt is Format.FP8_E4M3 and not self.symmetric:
+            object.__setattr__(self, "symmetric", True)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """How calibration observes the sampling trajectory."""
+
+    timestep_args: tuple[str, ...] = ("timestep", "t", "timesteps")
+    reservoir_size: int = 16384  # activation values sampled per node and timestep group
+    timestep_groups: int = 1  # equal groups over the observed timestep values
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timestep_args", tuple(self.timestep_args))
+        if self.reservoir_size < 256:
+            raise ConfigError(f"reservoir_size must be >= 256, got {self.reservoir_size}")
+        if self.timestep_groups < 1:
+            raise ConfigError(f"timestep_groups must be >= 1, got {self.timestep_groups}")
+        if not self.timestep_args:
+            raise ConfigError("timestep_args must name at least one argument")
+
+
+_ALL_OPS = frozenset(OpKind)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how. Build with :meth:`preset` and adjust with :meth:`replace`."""
+
+    weight: WeightSpec
+    act: ActSpec | None = None  # None: weight-only quantization
+    ops: frozenset[OpKind] = _ALL_OPS
+    skip_names: tuple[str, ...] = ()  # fnmatch patterns on node keys (qualified weight names)
+    first_last: FirstLastPolicy = FirstLastPolicy.QUANTIZE
+    bias_correction: bool = True  # cancel the mean output shift of weight quantization per group
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    name: str = "custom"
+
+    VERSION: ClassVar[int] = 1
+    PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, WeightSpec):
+            raise ConfigError(f"weight must be a WeightSpec, got {type(self.weight).__name__}")
+        if self.act is not None and not isinstance(self.act, ActSpec):
+            raise ConfigError(f"act must be an ActSpec or None, got {type(self.act).__name__}")
+        object.__setattr__(self, "ops", frozenset(OpKind(o) for o in self.ops))
+        object.__setattr__(self, "skip_names", tuple(self.skip_names))
+        object.__setattr__(self, "first_last", FirstLastPolicy(self.first_last))
+        if not self.ops:
+            raise ConfigError("ops is empty: nothing would be quantized")
+
+    @classmethod
+    def preset(cls, name: str) -> "QuantConfig":
+        """A named preset: ``w8a8-int8``, ``w8a8-fp8``, ``w4a8`` or ``w4a16``."""
+        int8_act = ActSpec(Format.INT8, symmetric=False)
+        presets = {
+            "w8a8-int8": cls(WeightSpec(Format.INT8), int8_act, name="w8a8-int8"),
+            "w8a8-fp8": cls(WeightSpec(Format.FP8_E4M3), ActSpec(Format.FP8_E4M3), name="w8a8-fp8"),
+            "w4a8": cls(
+                WeightSpec(Format.INT4, group_size=64),
+                int8_act,
+                first_last=FirstLastPolicy.EIGHT_BIT,
+                name="w4a8",
+            ),
+            "w4a16": cls(
+                WeightSpec(Format.INT4, group_size=64),
+                None,
+                first_last=FirstLastPolicy.EIGHT_BIT,
+                name="w4a16",
+            ),
+        }
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return presets[name]
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        """A copy with fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def naive(self) -> "QuantConfig":
+        """The round-to-nearest baseline of this config: min/max ranges, no clipping search, no bias correction."""
+        weight = dataclasses.replace(self.weight, clip_search=False)
+        act = None if self.act is None else dataclasses.replace(self.act, range_method=RangeMethod.MINMAX)
+        return dataclasses.replace(self, weight=weight, act=act, bias_correction=False, name=f"{self.name}-naive")
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (enums as their values), with the config version."""
+
+        def enc(v: Any) -> Any:
+            if isinstance(v, enum.Enum):
+                return v.value
+            if dataclasses.is_dataclass(v):
+                return {f.name: enc(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, (frozenset, set)):
+                return sorted(enc(x) for x in v)
+            if isinstance(v, tuple):
+                return [enc(x) for x in v]
+            return v
+
+        return {"version": self.VERSION, **enc(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """Inverse of :meth:`to_dict`; refuses unknown versions and fields."""
+        d = dict(d)
+        version = d.pop("version", None)
+        if version != cls.VERSION:
+            raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")
+        try:
+            act = d.pop("act")
+            return cls(
+                weight=WeightSpec(**d.pop("weight")),
+                act=None if act is None else ActSpec(**act),
+                calibration=CalibrationSpec(**d.pop("calibration")),
+                **d,
+            )
+        except (TypeError, KeyError, ValueError) as e:
+            raise ConfigError(f"invalid QuantConfig dict: {e}") from e

@@ -1,0 +1,195 @@
+"""Activation statistics gathered in calibration, and the choice of static ranges from them.
+
+Each (site, timestep group) keeps the exact min/max, a uniform sample of the values it saw
+(bottom-k sampling with random keys, so every denoiser call contributes in proportion to its
+size) and a per-call min/max log. Ranges are then chosen by min/max, a percentile, or the
+clipping that minimizes quantization MSE on the sampled values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ActSpec, RangeMethod
+from .lowering.formats import fake_quantize, int_range, qmax_of
+
+MSE_GRID_SYMMETRIC = 64  # clipping ratios searched for symmetric ranges
+MSE_GRID_ASYMMETRIC = 24  # per side, for asymmetric ranges (24 x 24 pairs)
+MIN_RATIO = 0.02
+TAIL = 64  # largest and smallest values kept exactly, so MSE clipping sees the outliers
+
+
+class ActivationStats:
+    """Running statistics of one activation edge in one timestep group."""
+
+    def __init__(self, reservoir_size: int, generator: torch.Generator, channel_dim: int | None = None):
+        self.reservoir_size = reservoir_size
+        self.channel_dim = channel_dim  # where the op's input features are (1 for convs, -1 for linears)
+        self.channel_sum: torch.Tensor | None = None  # float64 per-feature sums, for bias correction
+        self.channel_sq_sum: torch.Tensor | None = None  # per-feature sums of squares, for weight importance
+        self.channel_count = 0
+        self.generator = generator
+        self.count = 0
+        self.amin = float("inf")
+        self.amax = float("-inf")
+        self.values = torch.empty(0)
+        self.keys = torch.empty(0)
+        self.top = torch.empty(0)  # the TAIL largest values seen
+        self.bottom = torch.empty(0)  # the TAIL smallest values seen
+        self.call_log: list[tuple[int, float, float]] = []  # (call index, min, max)
+
+    def update(self, x: torch.Tensor, call_index: int) -> None:
+        flat = x.detach().reshape(-1).float()
+        n = flat.numel()
+        if n == 0:
+            return
+        lo, hi = torch.aminmax(flat)
+        lo, hi = float(lo), float(hi)
+        self.amin, self.amax = min(self.amin, lo), max(self.amax, hi)
+        self.count += n
+        self.call_log.append((call_index, lo, hi))
+        if self.channel_dim is not None:
+            dim = self.channel_dim % x.dim()
+            xd = x.detach().double()
+            rest = [d for d in range(x.dim()) if d != dim]
+            sums, sq = xd.sum(dim=rest).cpu(), xd.pow(2).sum(dim=rest).cpu()
+            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+            self.channel_sq_sum = sq if self.channel_sq_sum is None else self.channel_sq_sum + sq
+            self.channel_count += n // x.shape[dim]
+        k = min(TAIL, n)
+        self._keep_tails(torch.topk(flat, k).values.cpu(), torch.topk(flat, k, largest=False).values.cpu())
+        m = min(n, self.reservoir_size)
+        idx = torch.randint(n, (m,), generator=self.generator, device="cpu")
+        sample = flat[idx.to(flat.device)].cpu()
+        # the m smallest of n uniform keys lie in [0, m/n]: scale so calls of any size mix fairly
+        keys = torch.rand(m, generator=self.generator) * (m / n)
+        self._keep(sample, keys)
+
+    def _keep(self, values: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add sampled values with their keys, keeping the ``reservoir_size`` smallest keys."""
+        values = torch.cat((self.values, values))
+        keys = torch.cat((self.keys, keys))
+        if values.numel() > self.reservoir_size:
+            keep = torch.topk(keys, self.reservoir_size, largest=False).indices
+            values, keys = values[keep], keys[keep]
+        self.values, self.keys = values, keys
+
+    def _keep_tails(self, top: torch.Tensor, bottom: torch.Tensor) -> None:
+        top, bottom = torch.cat((self.top, top)), torch.cat((self.bottom, bottom))
+        self.top = torch.topk(top, min(TAIL, top.numel())).values
+        self.bottom = torch.topk(bottom, min(TAIL, bottom.numel()), largest=False).values
+
+    def weighted_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, weights) standing for every value seen: the exact tails with weight 1 and the
+        uniform sample of the body in between, weighted to the body's size."""
+        if self.count <= 2 * TAIL or self.values.numel() == 0:
+            return self.values, torch.ones_like(self.values)
+        t_hi, t_lo = self.top.min(), self.bottom.max()
+        body = self.values[(self.values < t_hi) & (self.values > t_lo)]
+        n_body = max(self.count - self.top.numel() - self.bottom.numel(), 0)
+        w_body = n_body / max(body.numel(), 1)
+        values = torch.cat((body, self.top, self.bottom))
+        weights = torch.cat((torch.full_like(body, w_body), torch.ones(self.top.numel() + self.bottom.numel())))
+        return values, weights
+
+    def merge(self, other: "ActivationStats") -> None:
+        """Absorb another edge-group's statistics (same edge, other timesteps)."""
+        self.count += other.count
+        self.amin, self.amax = min(self.amin, other.amin), max(self.amax, other.amax)
+        self.call_log = sorted(self.call_log + other.call_log)
+        if other.channel_sum is not None:
+            self.channel_sum = other.channel_sum.clone() if self.channel_sum is None else self.channel_sum + other.channel_sum
+            self.channel_sq_sum = other.channel_sq_sum.clone() if self.channel_sq_sum is None else self.channel_sq_sum + other.channel_sq_sum
+            self.channel_count += other.channel_count
+        self._keep(other.values, other.keys)
+        self._keep_tails(other.top, other.bottom)
+
+    def channel_mean(self) -> torch.Tensor | None:
+        """Mean of each input feature over everything observed (float32), if tracked."""
+        if self.channel_sum is None or self.channel_count == 0:
+            return None
+        return (self.channel_sum / self.channel_count).float()
+
+    def channel_variance(self) -> torch.Tensor | None:
+        """Variance of each input feature over everything observed (float32), if tracked."""
+        mean = self.channel_mean()
+        if mean is None:
+            return None
+        return (self.channel_sq_sum / self.channel_count - mean.double() ** 2).clamp_min(0).float()
+
+    def is_finite(self) -> bool:
+        return math.isfinite(self.amin) and math.isfinite(self.amax)
+
+
+@dataclass(frozen=True)
+class ActQParams:
+    """A static activation quantizer: format, scale, zero point and the clipping range."""
+
+    fmt: str
+    symmetric: bool
+    scale: float
+    zero_point: int
+    lo: float
+    hi: float
+    method: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActQParams":
+        return cls(**d)
+
+
+def qparams_from_range(fmt: str, symmetric: bool, lo: float, hi: float, method: str) -> ActQParams:
+    """Scale and zero point that map ``[lo, hi]`` (widened to include 0) onto the format's grid."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    tiny = 1e-8
+    if symmetric or fmt == "fp8_e4m3":
+        amax = max(-lo, hi, tiny)
+        return ActQParams(fmt, True, amax / qmax_of(fmt), 0, -amax, amax, method)
+    qmin, qmax = int_range(fmt, False)
+    scale = max(hi - lo, tiny) / (qmax - qmin)
+    zp = int(min(max(round(qmin - lo / scale), qmin), qmax))
+    return ActQParams(fmt, False, scale, zp, lo, hi, method)
+
+
+def _mse(samples: torch.Tensor, weights: torch.Tensor, fmt: str, symmetric: bool, scales: torch.Tensor, zps: torch.Tensor) -> torch.Tensor:
+    """Weighted MSE of fake quantization of ``samples`` for each (scale, zero point) candidate."""
+    out = torch.empty(scales.numel())
+    chunk = max(1, (1 << 22) // max(samples.numel(), 1))
+    for i in range(0, scales.numel(), chunk):
+        s = scales[i : i + chunk, None]
+        z = zps[i : i + chunk, None]
+        fq = fake_quantize(samples[None, :], fmt, s, z, symmetric)
+        out[i : i + chunk] = ((fq - samples[None, :]).pow(2) * weights[None, :]).sum(dim=1) / weights.sum()
+    return out
+
+
+def choose_qparams(stats: ActivationStats, spec: ActSpec) -> ActQParams:
+    """The static quantizer for an activation, by the spec's range method."""
+    fmt, sym, method = spec.fmt.value, spec.symmetric, spec.range_method
+    if method is RangeMethod.MINMAX or stats.values.numel() == 0:
+        return qparams_from_range(fmt, sym, stats.amin, stats.amax, RangeMethod.MINMAX.value)
+    v = stats.values
+    if method is RangeMethod.PERCENTILE:
+        q = spec.percentile / 100.0
+        if sym:
+            return qparams_from_range(fmt, sym, 0.0, float(torch.quantile(v.abs(), q)), method.value)
+        return qparams_from_range(fmt, sym, float(torch.quantile(v, 1 - q)), float(torch.quantile(v, q)), method.value)
+    lo0, hi0 = min(stats.amin, 0.0), max(stats.amax, 0.0)
+    if sym:
+        ratios = torch.linspace(MIN_RATIO, 1.0, MSE_GRID_SYMMETRIC)
+        amax = max(-lo0, hi0, 1e-8)
+        cands = [qparams_from_range(fmt, sym, 0.0, amax * float(r), method.value) for r in ratios]
+    else:
+        ratios = torch.linspace(MIN_RATIO, 1.0, MSE_GRID_ASYMMETRIC)
+        cands = [qparams_from_range(fmt, sym, lo0 * float(a), hi0 * float(b), method.value) for a in ratios for b in ratios]
+    scales = torch.tensor([c.scale for c in cands])
+    zps = torch.tensor([float(c.zero_point) for c in cands])
+    values, weights = stats.weighted_sample()
+    best = int(torch.argmin(_mse(values, weights, fmt, sym, scales, zps)))
+    return cands[best]

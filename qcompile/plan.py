@@ -1,0 +1,279 @@
+"""QuantPlan: everything needed to rebuild a quantized model without recalibrating.
+
+A plan file is one safetensors file: the quantized weights, their scales, per-call activation
+range logs and a probe input are tensors; the rest (config, per-node decisions, activation
+quantizers per timestep group, versions, model class, graph fingerprint) is JSON in the
+safetensors metadata under ``qdiff_plan``. Nothing is ever unpickled. Loading validates the
+format version, every tensor's presence, dtype and shape, and reports the first problem by name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import OpKind, QuantConfig, WeightSpec
+from .errors import PlanFileError, PlanMismatchError
+from .lowering.weights import QuantizedWeight, storage_shape
+from .lowering.formats import FP8_DTYPE
+from .observers import ActQParams
+from .timesteps import TimestepGroups
+
+FORMAT_VERSION = 1
+METADATA_KEY = "qdiff_plan"
+_STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": FP8_DTYPE}
+
+
+@dataclass
+class NodePlan:
+    """The decision for one quantizable op, and its quantized data."""
+
+    key: str
+    kind: OpKind
+    weight_name: str
+    weight_shape: tuple[int, ...]
+    conv_args: dict[str, Any]
+    weight: QuantizedWeight | None  # None: kept in full precision
+    acts: list[ActQParams | None]  # per timestep group; None: input not quantized
+    reason: str | None = None  # why it is kept in full precision
+    input_shape: tuple[int, ...] | None = None
+    stats: list[dict[str, float]] = field(default_factory=list)  # per group: amin, amax, count
+    call_log: torch.Tensor | None = None  # (calls, 4): call index, timestep, min, max
+    bias_correction: torch.Tensor | None = None  # (groups, out_features) float32
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight is not None
+
+    @property
+    def signature(self) -> str:
+        return f"{self.key}:{self.kind.value}:{'x'.join(map(str, self.weight_shape))}"
+
+    def weight_spec(self) -> WeightSpec | None:
+        if self.weight is None:
+            return None
+        return WeightSpec(self.weight.fmt, self.weight.group_size, clip_search=False)  # as stored
+
+    def _json(self) -> dict[str, Any]:
+        w = self.weight
+        return {
+            "key": self.key,
+            "kind": self.kind.value,
+            "weight_name": self.weight_name,
+            "weight_shape": list(self.weight_shape),
+            "conv_args": self.conv_args,
+            "weight": None if w is None else {"fmt": w.fmt, "group_size": w.group_size},
+            "acts": [None if a is None else a.to_dict() for a in self.acts],
+            "reason": self.reason,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "stats": self.stats,
+            "has_call_log": self.call_log is not None,
+            "has_bias_correction": self.bias_correction is not None,
+        }
+
+
+def _json_conv_args(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+
+
+class QuantPlan:
+    """A calibrated quantization plan. Build with :func:`qcompile.calibrate`; persist with save/load."""
+
+    def __init__(
+        self,
+        config: QuantConfig,
+        nodes: dict[str, NodePlan],
+        groups: TimestepGroups,
+        subgraphs: list[list[str]],
+        model_class: str,
+        calls: list[dict[str, Any]] | None = None,
+        probe: tuple[Any, dict[str, torch.Tensor]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.config = config
+        self.nodes = nodes
+        self.groups = groups
+        self.subgraphs = subgraphs
+        self.model_class = model_class
+        self.calls = calls or []
+        self.probe = probe  # (JSON structure of (args, kwargs), tensors by name)
+        self.meta = meta or {
+            "qdiff_version": __version__,
+            "torch_version": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.compiled: list[Any] = []  # runtime only: QuantizedGraph records made by the backend
+        self.warned: set[str] = set()  # runtime only: node keys already reported as float
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the model class and every quantizable op's key, kind and weight shape."""
+        text = "\n".join([self.model_class, *(n.signature for n in self.nodes.values())])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def digest(self) -> str:
+        """Hash of the whole plan (decisions and tensors): changes whenever compiled code must."""
+        h = hashlib.sha256(json.dumps(self._json(), sort_keys=True).encode())
+        for name, t in sorted(self._tensors().items()):
+            h.update(name.encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def quantized_nodes(self) -> list[NodePlan]:
+        return [n for n in self.nodes.values() if n.quantized]
+
+    def float_nodes(self) -> list[NodePlan]:
+        return [n for n in self.nodes.values() if not n.quantized]
+
+    def check_sites(self, signatures: list[str]) -> None:
+        """Raise :class:`PlanMismatchError` unless every op signature of a graph is in the plan."""
+        known = {n.signature for n in self.nodes.values()}
+        by_key = {n.key: n for n in self.nodes.values()}
+        for i, sig in enumerate(signatures):
+            if sig in known:
+                continue
+            key = sig.split(":")[0]
+            if key in by_key:
+                raise PlanMismatchError(
+                    f"plan does not fit this graph: op #{i} '{key}' is {sig.split(':', 1)[1]} here but "
+                    f"{by_key[key].signature.split(':', 1)[1]} in the plan (calibrated for {self.model_class}, "
+                    f"fingerprint {self.fingerprint}); recalibrate for this model"
+                )
+            raise PlanMismatchError(
+                f"plan does not fit this graph: op #{i} '{key}' ({sig.split(':', 1)[1]}) is not in the plan, "
+                f"which was calibrated for {self.model_class} (fingerprint {self.fingerprint}); "
+                "recalibrate for this model"
+            )
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "meta": self.meta,
+            "model_class": self.model_class,
+            "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(),
+            "groups": self.groups.to_dict(),
+            "subgraphs": self.subgraphs,
+            "calls": self.calls,
+            "nodes": [n._json() for n in self.nodes.values()],
+            "probe": None if self.probe is None else self.probe[0],
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for n in self.nodes.values():
+            if n.weight is not None:
+                out[f"nodes/{n.key}/weight"] = n.weight.data
+                out[f"nodes/{n.key}/weight_scale"] = n.weight.scale
+            if n.call_log is not None:
+                out[f"nodes/{n.key}/call_log"] = n.call_log
+            if n.bias_correction is not None:
+                out[f"nodes/{n.key}/bias_correction"] = n.bias_correction
+        if self.probe is not None:
+            out.update(self.probe[1])
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan to one safetensors file (atomically: a temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self._tensors(), str(tmp), metadata={METADATA_KEY: json.dumps(self._json())})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "QuantPlan":
+        """Read and validate a plan file; raises :class:`PlanFileError` naming what is wrong."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise PlanFileError(f"plan file '{path}' does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PlanFileError(f"plan file '{path}' is truncated or not a safetensors file: {e}") from e
+        if METADATA_KEY not in metadata:
+            raise PlanFileError(f"'{path}' is a safetensors file but not a qdiff plan (no '{METADATA_KEY}' metadata)")
+        try:
+            doc = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise PlanFileError(f"plan file '{path}' has corrupt plan metadata: {e}") from e
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PlanFileError(
+                f"plan file '{path}' has format version {version!r}; this qdiff ({__version__}) reads version {FORMAT_VERSION}"
+            )
+        return _from_doc(doc, tensors, path)
+
+
+def _expect(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...] | None, path: Path, node: str) -> torch.Tensor:
+    if name not in tensors:
+        raise PlanFileError(f"plan file '{path}': node '{node}' is missing tensor '{name}'")
+    t = tensors.pop(name)
+    if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
+        raise PlanFileError(
+            f"plan file '{path}': node '{node}' tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
+        )
+    return t
+
+
+def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> QuantPlan:
+    try:
+        config = QuantConfig.from_dict(doc["config"])
+        groups = TimestepGroups.from_dict(doc["groups"])
+        nodes: dict[str, NodePlan] = {}
+        for nd in doc["nodes"]:
+            key, kind, shape = nd["key"], OpKind(nd["kind"]), tuple(nd["weight_shape"])
+            weight = None
+            if nd["weight"] is not None:
+                fmt, gs = nd["weight"]["fmt"], nd["weight"]["group_size"]
+                out = shape[1] if kind is OpKind.CONV_TRANSPOSE else shape[0]
+                dshape, sshape = storage_shape(fmt, out, int(torch.tensor(shape).prod()) // out, gs)
+                data = _expect(tensors, f"nodes/{key}/weight", _STORAGE_DTYPES[fmt], dshape, path, key)
+                scale = _expect(tensors, f"nodes/{key}/weight_scale", torch.float32, sshape, path, key)
+                weight = QuantizedWeight(fmt, data, scale, shape, kind.value, gs)
+            acts = [None if a is None else ActQParams.from_dict(a) for a in nd["acts"]]
+            if len(acts) != groups.count:
+                raise PlanFileError(f"plan file '{path}': node '{key}' has {len(acts)} activation quantizers for {groups.count} groups")
+            call_log = _expect(tensors, f"nodes/{key}/call_log", torch.float32, None, path, key) if nd["has_call_log"] else None
+            corr = None
+            if nd["has_bias_correction"]:
+                out = shape[1] if kind is OpKind.CONV_TRANSPOSE else shape[0]
+                corr = _expect(tensors, f"nodes/{key}/bias_correction", torch.float32, (groups.count, out), path, key)
+            nodes[key] = NodePlan(
+                key, kind, nd["weight_name"], shape, _json_conv_args(nd["conv_args"]), weight, acts, nd["reason"],
+                None if nd["input_shape"] is None else tuple(nd["input_shape"]), nd["stats"], call_log, corr,
+            )
+        probe = None
+        if doc["probe"] is not None:
+            probe_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("probe/")]}
+            probe = (doc["probe"], probe_tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanFileError(f"plan file '{path}' has invalid plan metadata: {type(e).__name__}: {e}") from e
+    if tensors:
+        raise PlanFileError(f"plan file '{path}' holds tensors no node uses: {sorted(tensors)[:5]}")
+    plan = QuantPlan(config, nodes, groups, doc["subgraphs"], doc["model_class"], doc["calls"], probe, doc["meta"])
+    if plan.fingerprint != doc["fingerprint"]:
+        raise PlanFileError(f"plan file '{path}': stored fingerprint {doc['fingerprint']} does not match its nodes ({plan.fingerprint})")
+    if plan.meta.get("torch_version", "").split("+")[0] != torch.__version__.split("+")[0]:
+        warnings.warn(
+            f"plan '{path}' was made with torch {plan.meta.get('torch_version')}, running torch {torch.__version__}",
+            stacklevel=3,
+        )
+    return plan

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty Dynamo caches (tests build many models of the same class)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def shared_models():
+    """The ../shared folder; skips the test with a clear message when it is absent."""
+    from qcompile.zoo import shared_dir
+
+    root = shared_dir()
+    if root is None:
+        pytest.skip("../shared is absent (set QDIFF_SHARED to its path to run the trained-model tests)")
+    return root

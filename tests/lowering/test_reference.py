@@ -1,0 +1,68 @@
+import torch
+import torch.nn.functional as F
+
+from qcompile.lowering.reference import dequantize_activation, qconv, qlinear, quantize_activation
+from qcompile.lowering.weights import quantize_weight
+from qcompile.metrics import sqnr_db
+
+
+def _act(x, fmt, symmetric):
+    lo, hi = float(x.min()), float(x.max())
+    if fmt == "fp8_e4m3":
+        return torch.tensor(max(-lo, hi) / 448), torch.tensor(0, dtype=torch.int32)
+    if symmetric:
+        return torch.tensor(max(-lo, hi) / 127), torch.tensor(0, dtype=torch.int32)
+    scale = (hi - lo) / 255
+    return torch.tensor(scale), torch.tensor(round(-128 - lo / scale), dtype=torch.int32)
+
+
+def test_activation_storage_is_real_int8_and_fp8():
+    x = torch.randn(4, 16)
+    s, z = _act(x, "int8", False)
+    q = quantize_activation(x, s, z, "int8", False)
+    assert q.dtype == torch.int8
+    assert sqnr_db(x, dequantize_activation(q, s, z, x.dtype)) > 38
+    s, z = _act(x, "fp8_e4m3", True)
+    q = quantize_activation(x, s, z, "fp8_e4m3", True)
+    assert q.dtype == torch.float8_e4m3fn
+    assert sqnr_db(x, dequantize_activation(q, s, z, x.dtype)) > 28
+
+
+def test_qlinear_matches_float_linear():
+    x, w, b = torch.randn(8, 64), torch.randn(32, 64), torch.randn(32)
+    ref = F.linear(x, w, b)
+    for wfmt, afmt, floor in [("int8", "int8", 33), ("fp8_e4m3", "fp8_e4m3", 24), ("int4", None, 15), ("int4", "int8", 15)]:
+        qw = quantize_weight(w, wfmt, "linear", 64 if wfmt == "int4" else None)
+        s, z = _act(x, afmt or "int8", False)
+        out = qlinear(x, qw.data, qw.scale, b, s, z, wfmt=wfmt, group_size=qw.group_size, weight_shape=qw.shape, afmt=afmt, asym=True)
+        assert sqnr_db(ref, out) > floor, (wfmt, afmt)
+
+
+def test_weight_only_qlinear_equals_linear_with_dequantized_weight():
+    x, w = torch.randn(3, 40), torch.randn(24, 40)
+    qw = quantize_weight(w, "int4", "linear", None)
+    out = qlinear(x, qw.data, qw.scale, None, None, None, wfmt="int4", group_size=None, weight_shape=qw.shape)
+    assert torch.equal(out, F.linear(x, qw.dequantize()))
+
+
+def test_qconv_and_transposed_conv_match_float():
+    x = torch.randn(2, 8, 10, 10)
+    w = torch.randn(16, 8, 3, 3)
+    qw = quantize_weight(w, "int8", "conv", None)
+    s, z = _act(x, "int8", True)
+    out = qconv(x, qw.data, qw.scale, None, s, z, wfmt="int8", group_size=None, weight_shape=qw.shape, kind="conv",
+                stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, afmt="int8", asym=False)
+    assert sqnr_db(F.conv2d(x, w, padding=1), out) > 33
+    wt = torch.randn(8, 4, 2, 2)
+    qt = quantize_weight(wt, "int8", "conv_transpose", None)
+    out = qconv(x, qt.data, qt.scale, None, None, None, wfmt="int8", group_size=None, weight_shape=qt.shape,
+                kind="conv_transpose", stride=(2, 2), padding=(0, 0), dilation=(1, 1), groups=1, output_padding=(0, 0))
+    assert sqnr_db(F.conv_transpose2d(x, wt, stride=2), out) > 35
+
+
+def test_bf16_activations_keep_their_dtype():
+    x, w = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(16, 32)
+    qw = quantize_weight(w, "int8", "linear")
+    s, z = _act(x.float(), "int8", True)
+    out = qlinear(x, qw.data, qw.scale, None, s, z, wfmt="int8", group_size=None, weight_shape=qw.shape, afmt="int8", asym=False)
+    assert out.dtype == torch.bfloat16

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from qcompile.lowering.weights import from_matrix, quantize_weight, storage_shape, to_matrix
+from qcompile.metrics import sqnr_db
+
+# Weight SQNR floors for Gaussian weights (6.02 dB/bit rule with clipping gains, measured margins).
+FLOORS = {("int8", None): 38.0, ("fp8_e4m3", None): 28.0, ("int4", None): 14.0, ("int4", 64): 17.0}
+
+
+@pytest.mark.parametrize("fmt,group", list(FLOORS))
+@pytest.mark.parametrize("kind,shape", [("linear", (96, 200)), ("conv", (32, 16, 3, 3)), ("conv_transpose", (16, 24, 2, 2))])
+def test_weight_roundtrip_sqnr_and_storage(fmt, group, kind, shape):
+    w = torch.randn(shape)
+    qw = quantize_weight(w, fmt, kind, group)
+    dshape, sshape = storage_shape(fmt, qw.out_features, qw.k, group)
+    assert tuple(qw.data.shape) == dshape and tuple(qw.scale.shape) == sshape
+    assert qw.data.dtype == {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn}[fmt]
+    w_hat = qw.dequantize()
+    assert w_hat.shape == w.shape
+    assert sqnr_db(w, w_hat) > FLOORS[(fmt, group)]
+
+
+def test_clip_search_never_worse_than_absmax():
+    w = torch.randn(64, 128) * torch.rand(64, 1)
+    w[0, 0] = 40.0  # an outlier that ruins absmax scaling of row 0
+    plain = quantize_weight(w, "int4", "linear", None, clip_search=False).dequantize()
+    searched = quantize_weight(w, "int4", "linear", None, clip_search=True, min_clip=0.5).dequantize()
+    err = lambda a: (a - w).pow(2).sum(dim=1)  # noqa: E731
+    assert torch.all(err(searched) <= err(plain) + 1e-6)
+    assert err(searched).sum() < err(plain).sum()
+
+
+def test_group_wise_beats_per_channel_at_4_bits():
+    w = torch.randn(64, 256) * torch.linspace(0.1, 3, 256)
+    per_channel = sqnr_db(w, quantize_weight(w, "int4", "linear", None).dequantize())
+    grouped = sqnr_db(w, quantize_weight(w, "int4", "linear", 64).dequantize())
+    assert grouped > per_channel + 1.0
+
+
+def test_matrix_layout_roundtrip():
+    for kind, shape in [("linear", (5, 7)), ("conv", (4, 3, 3, 3)), ("conv_transpose", (3, 4, 2, 2))]:
+        w = torch.randn(shape)
+        assert torch.equal(from_matrix(to_matrix(w, kind), kind, shape), w)
+
+
+def test_ragged_k_is_padded_to_groups():
+    w = torch.randn(8, 90)  # K = 90 is no multiple of 64
+    qw = quantize_weight(w, "int4", "conv", 64)
+    assert qw.data.shape == (8, 64) and qw.scale.shape == (8, 2)
+    assert sqnr_db(w, qw.dequantize()) > 15
+
+
+def test_bias_correction_cancels_the_mean_output_shift():
+    import torch.nn.functional as F
+
+    from qcompile.lowering.weights import bias_correction
+
+    x = torch.randn(64, 8, 12, 12) + torch.linspace(-2, 3, 8).reshape(1, 8, 1, 1)  # biased inputs
+    cases = [
+        ("linear", torch.randn(16, 8), lambda x, w: F.linear(x.permute(0, 2, 3, 1), w).permute(0, 3, 1, 2), 1),
+        ("conv", torch.randn(16, 8, 3, 3), lambda x, w: F.conv2d(x, w), 1),  # no padding: exact
+        ("conv_transpose", torch.randn(8, 16, 2, 2), lambda x, w: F.conv_transpose2d(x, w, stride=2), (2, 2)),
+    ]
+    for kind, w, op, stride in cases:
+        qw = quantize_weight(w, "int4", kind)
+        corr = bias_correction(w, qw, x.mean(dim=(0, 2, 3)), stride)
+        shift = (op(x, qw.dequantize()) - op(x, w)).mean(dim=(0, 2, 3))
+        assert shift.abs().max() > 1e-2, kind  # int4 does shift the mean
+        # exact for linear; convs see window means that differ slightly from the whole-image mean
+        assert (shift + corr).abs().max() < 0.02 * shift.abs().max(), kind
+
+
+def test_importance_moves_error_to_unimportant_inputs():
+    w = torch.randn(32, 64)
+    importance = torch.ones(64)
+    importance[:8] = 100.0
+    plain = quantize_weight(w, "int4", "linear", None, min_clip=0.5).dequantize()
+    weighted = quantize_weight(w, "int4", "linear", None, importance=importance, min_clip=0.5).dequantize()
+    err = lambda a: ((a - w)[:, :8]).pow(2).sum()  # noqa: E731
+    assert err(weighted) < err(plain)

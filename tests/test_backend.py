@@ -1,0 +1,112 @@
+import warnings
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import CalibrationError, QuantConfig
+from qcompile.metrics import sqnr_db
+from tests.toy_models import ComputedWeightToy, ConvTransformerToy, GraphBreakToy, NanToy, NothingToQuantize, run_steps
+
+
+def calibrated(model, x, preset="w8a8-int8"):
+    return qcompile.calibrate(model, lambda m: run_steps(m, x), QuantConfig.preset(preset), progress=False)
+
+
+def test_backend_is_registered_by_entry_point():
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    assert "qdiff" in list_backends(exclude_tags=())
+    assert lookup_backend("qdiff") is qcompile.qdiff_backend
+
+
+def test_compiling_without_plan_says_how_to_calibrate():
+    compiled = torch.compile(GraphBreakToy(), backend="qdiff")
+    with pytest.raises(Exception, match=r"qcompile.calibrate\(model"):
+        compiled(torch.randn(2, 16), torch.rand(2))
+
+
+def test_unknown_option_is_an_error():
+    plan = calibrated(GraphBreakToy().eval(), torch.randn(2, 16))
+    with pytest.raises(Exception, match="unknown qdiff backend option"):
+        torch.compile(GraphBreakToy(), backend="qdiff", options={"plan": plan, "bits": 3})(torch.randn(2, 16), torch.rand(2))
+
+
+def test_graph_breaks_every_subgraph_is_quantized():
+    model = GraphBreakToy().eval()
+    x = torch.randn(4, 16)
+    plan = calibrated(model, x)
+    assert plan.subgraphs == [["a"], ["b"]]
+    compiled = torch.compile(model, backend="qdiff", options={"plan": plan})
+    with torch.no_grad():
+        out, ref = compiled(x, torch.full((4,), 0.5)), model(x, torch.full((4,), 0.5))
+    assert len(plan.compiled) == 2
+    assert all(any("qlinear" in str(n.target) for n in r.converted.graph.nodes) for r in plan.compiled)
+    assert sqnr_db(ref, out) > 30
+
+
+def test_unsupported_ops_stay_float_with_one_warning_listing_them():
+    model = ComputedWeightToy().eval()
+    x = torch.randn(2, 16)
+    plan = calibrated(model, x)
+    assert "computed in the graph" in plan.nodes["<linear>"].reason
+    compiled = torch.compile(model, backend="qdiff", options={"plan": plan})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            compiled(x, torch.rand(2))
+            compiled(torch.randn(3, 16), torch.rand(3))  # a recompile must not repeat the warning
+    ours = [w for w in caught if "stay in full precision" in str(w.message)]
+    assert len(ours) == 1 and "<linear>" in str(ours[0].message) and "computed in the graph" in str(ours[0].message)
+
+
+def test_nothing_quantizable_compiles_to_float_with_warning():
+    model = NothingToQuantize()
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="nothing quantizable"):
+        plan = calibrated(model, x)
+    compiled = torch.compile(model, backend="qdiff", options={"plan": plan})
+    with pytest.warns(UserWarning, match="quantizes nothing"):
+        out = compiled(x, torch.full((2,), 0.3))
+    assert torch.equal(out, model(x, torch.full((2,), 0.3)))
+
+
+def test_nan_in_calibration_names_the_node():
+    model = NanToy().eval()
+    with pytest.raises(Exception, match="non-finite values .* node 'b'"):
+        calibrated(model, torch.randn(2, 4))
+
+
+def test_batch_size_change_recompiles_once_then_never():
+    model = ConvTransformerToy().eval()
+    plan = calibrated(model, torch.randn(2, 1, 16, 16))
+    compiled = torch.compile(model, backend="qdiff", options={"plan": plan})
+    with torch.no_grad():
+        for b in (2, 4):
+            compiled(torch.randn(b, 1, 16, 16), torch.rand(b))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for b in (3, 5, 8):
+                compiled(torch.randn(b, 1, 16, 16), torch.rand(b))
+    assert len(plan.compiled) == 2  # static first graph, then one dynamic-batch graph
+
+
+def test_plan_path_option_loads_the_file(tmp_path):
+    model = GraphBreakToy().eval()
+    x = torch.randn(2, 16)
+    path = calibrated(model, x).save(tmp_path / "p.qplan")
+    compiled = torch.compile(model, backend="qdiff", options={"plan": str(path)})
+    with torch.no_grad():
+        assert sqnr_db(model(x, torch.ones(2)), compiled(x, torch.ones(2))) > 30
+
+
+@pytest.mark.inductor
+def test_reference_lowering_through_inductor_matches_eager():
+    model = ConvTransformerToy().eval()
+    x = torch.randn(2, 1, 16, 16)
+    plan = calibrated(model, x)
+    t = torch.full((2,), 0.4)
+    with torch.no_grad():
+        eager = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": False})(x, t)
+        torch._dynamo.reset()
+        inductor = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": True})(x, t)
+    assert sqnr_db(eager, inductor) > 60

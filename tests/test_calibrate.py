@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+import qcompile
+from qcompile import CalibrationError, QuantConfig
+from qcompile.calibrate import ObservedDenoiser
+from tests.toy_models import ConvTransformerToy, GraphBreakToy, run_steps
+
+
+def test_calibration_observes_every_call_of_the_trajectory():
+    model = ConvTransformerToy().eval()
+    x = torch.randn(2, 1, 16, 16)
+    plan = qcompile.calibrate(model, lambda m: run_steps(m, x, steps=9), QuantConfig.preset("w8a8-int8"), progress=False)
+    assert [c["timestep"] for c in plan.calls] == pytest.approx(torch.linspace(1, 0, 9).tolist())
+    node = plan.nodes["enc.linear1"]
+    assert node.call_log.shape == (9, 4)  # call, timestep, min, max for every call
+    assert node.input_shape == (2, 16, 32)
+    assert node.stats[0]["count"] == 9 * 2 * 16 * 32
+
+
+def test_timestep_groups_are_kept_in_the_plan():
+    model = ConvTransformerToy().eval()
+    x = torch.randn(2, 1, 16, 16)
+    cfg = QuantConfig.preset("w8a8-int8")
+    cfg = cfg.replace(calibration=qcompile.CalibrationSpec(timestep_groups=3))
+    plan = qcompile.calibrate(model, lambda m: run_steps(m, x, steps=9), cfg, progress=False)
+    assert plan.groups.count == 3
+    assert [c["group"] for c in plan.calls] == [2, 2, 2, 1, 1, 1, 0, 0, 0]
+    scales = {a.scale for a in plan.nodes["unpatch"].acts}
+    assert len(scales) == 3  # unpatch's input scales with (1 + t), so each group gets its own range
+    with pytest.raises(Exception, match="pass options"):
+        torch.compile(model, backend="qdiff", options={"plan": plan})(x, torch.ones(2))
+
+
+def test_groups_need_a_timestep_argument():
+    model = GraphBreakToy().eval()
+    cfg = QuantConfig.preset("w8a8-int8").replace(calibration=qcompile.CalibrationSpec(timestep_args=("sigma",), timestep_groups=2))
+    with pytest.raises(CalibrationError, match="sigma"):
+        qcompile.calibrate(model, lambda m: run_steps(m, torch.randn(2, 16)), cfg, progress=False)
+
+
+def test_stand_in_exposes_the_model_attributes():
+    model = GraphBreakToy().eval()
+    model.config = {"sample_size": 16}
+    seen = {}
+
+    def run(m):
+        assert isinstance(m, ObservedDenoiser)
+        seen["config"] = m.config
+        seen["dtype"] = next(m.parameters()).dtype
+        run_steps(m, torch.randn(2, 16), 2)
+
+    qcompile.calibrate(model, run, QuantConfig.preset("w8a8-int8"), progress=False)
+    assert seen == {"config": {"sample_size": 16}, "dtype": torch.float32}
+
+
+def test_sampler_that_never_calls_the_model_is_an_error():
+    with pytest.raises(CalibrationError, match="never called"):
+        qcompile.calibrate(GraphBreakToy().eval(), lambda m: None, QuantConfig.preset("w8a8-int8"), progress=False)
+
+
+def test_skip_patterns_and_first_last_policy():
+    model = ConvTransformerToy().eval()
+    x = torch.randn(2, 1, 16, 16)
+    cfg = QuantConfig.preset("w4a8").replace(skip_names=("enc.linear*",))
+    plan = qcompile.calibrate(model, lambda m: run_steps(m, x), cfg, progress=False)
+    assert "skip pattern 'enc.linear*'" in plan.nodes["enc.linear1"].reason
+    assert plan.nodes["patch"].weight.fmt == "int8" and plan.nodes["unpatch"].weight.fmt == "int8"  # first/last at 8 bit
+    assert plan.nodes["head"].weight.fmt == "int4"
+    skip = qcompile.calibrate(model, lambda m: run_steps(m, x), cfg.replace(first_last="skip", skip_names=()), progress=False)
+    assert not skip.nodes["patch"].quantized and "first/last" in skip.nodes["unpatch"].reason

@@ -1,0 +1,42 @@
+import pytest
+
+from qcompile import ActSpec, ConfigError, FirstLastPolicy, Format, QuantConfig, RangeMethod, WeightSpec
+
+
+@pytest.mark.parametrize("name", QuantConfig.PRESETS)
+def test_presets_roundtrip_through_dict(name):
+    cfg = QuantConfig.preset(name)
+    assert cfg.name == name
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_preset_contents():
+    assert QuantConfig.preset("w8a8-fp8").act.fmt is Format.FP8_E4M3
+    w4a16 = QuantConfig.preset("w4a16")
+    assert w4a16.act is None and w4a16.weight.group_size == 64
+    assert QuantConfig.preset("w4a8").first_last is FirstLastPolicy.EIGHT_BIT
+
+
+def test_naive_baseline_disables_range_search():
+    naive = QuantConfig.preset("w8a8-int8").naive()
+    assert naive.act.range_method is RangeMethod.MINMAX and not naive.weight.clip_search
+
+
+def test_frozen_and_validated():
+    cfg = QuantConfig.preset("w8a8-int8")
+    with pytest.raises(Exception):
+        cfg.name = "x"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        QuantConfig.preset("w3a3")
+    with pytest.raises(ConfigError, match="group_size"):
+        WeightSpec(Format.INT8, group_size=64)
+    with pytest.raises(ConfigError, match="4-bit activations"):
+        ActSpec(Format.INT4)
+    with pytest.raises(ConfigError, match="version"):
+        QuantConfig.from_dict({**cfg.to_dict(), "version": 99})
+    with pytest.raises(ConfigError, match="ops is empty"):
+        cfg.replace(ops=())
+
+
+def test_fp8_activations_are_always_symmetric():
+    assert ActSpec("fp8_e4m3", symmetric=False).symmetric

@@ -1,0 +1,109 @@
+import json
+import struct
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import PlanFileError, PlanMismatchError, QuantConfig, QuantPlan
+from tests.toy_models import ConvTransformerToy, GraphBreakToy, run_steps
+
+
+@pytest.fixture(scope="module")
+def plan():
+    torch.manual_seed(0)
+    model = ConvTransformerToy().eval()
+    x = torch.randn(2, 1, 16, 16)
+    return qcompile.calibrate(model, lambda m: run_steps(m, x), QuantConfig.preset("w4a8"), progress=False)
+
+
+def test_roundtrip_is_exact(plan, tmp_path):
+    path = plan.save(tmp_path / "m.qplan")
+    loaded = QuantPlan.load(path)
+    assert loaded.digest() == plan.digest()
+    assert loaded.fingerprint == plan.fingerprint
+    assert loaded.config == plan.config
+    for a, b in zip(plan.nodes.values(), loaded.nodes.values()):
+        assert torch.equal(a.weight.data, b.weight.data) and a.acts == b.acts
+
+
+def test_plan_holds_versions_class_and_quantized_storage(plan):
+    assert plan.meta["qdiff_version"] == qcompile.__version__
+    assert plan.meta["torch_version"] == torch.__version__
+    assert plan.model_class.endswith("ConvTransformerToy")
+    dtypes = {n.weight.data.dtype for n in plan.quantized_nodes()}
+    assert dtypes == {torch.uint8, torch.int8}  # int4 packed, first/last layers int8
+    assert len(plan.calls) == 6 and all("group" in c for c in plan.calls)
+
+
+def test_file_is_safetensors_not_pickle(plan, tmp_path):
+    raw = plan.save(tmp_path / "m.qplan").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert "qdiff_plan" in header["__metadata__"]
+    assert b"\x80\x04" not in raw[:2]  # no pickle protocol marker
+
+
+def test_missing_and_truncated_files(plan, tmp_path):
+    with pytest.raises(PlanFileError, match="does not exist"):
+        QuantPlan.load(tmp_path / "nope.qplan")
+    path = plan.save(tmp_path / "m.qplan")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PlanFileError, match="truncated"):
+        QuantPlan.load(path)
+
+
+def _rewrite(path, edit):
+    """Rewrite a plan file's JSON metadata with ``edit(doc)``, keeping the tensors."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        doc = json.loads(f.metadata()["qdiff_plan"])
+    tensors = load_file(str(path))
+    edit(doc, tensors)
+    save_file(tensors, str(path), metadata={"qdiff_plan": json.dumps(doc)})
+
+
+def test_unknown_version_wrong_shape_and_foreign_file(plan, tmp_path):
+    path = plan.save(tmp_path / "m.qplan")
+    _rewrite(path, lambda d, t: d.update(format_version=7))
+    with pytest.raises(PlanFileError, match="format version 7"):
+        QuantPlan.load(path)
+
+    path = plan.save(tmp_path / "m.qplan")
+    key = plan.quantized_nodes()[1].key
+
+    def shrink(d, t):
+        t[f"nodes/{key}/weight"] = t[f"nodes/{key}/weight"][:-1].contiguous()
+
+    _rewrite(path, shrink)
+    with pytest.raises(PlanFileError, match=f"node '{key}' tensor 'nodes/{key}/weight'"):
+        QuantPlan.load(path)
+
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(PlanFileError, match="not a qdiff plan"):
+        QuantPlan.load(tmp_path / "other.safetensors")
+
+
+def test_plan_for_another_model_is_refused_naming_the_node(plan):
+    other = GraphBreakToy()
+    compiled = torch.compile(other, backend="qdiff", options={"plan": plan})
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(2, 16), torch.rand(2))
+    assert isinstance(info.value, PlanMismatchError) or "PlanMismatchError" in str(info.value)
+    assert "'a'" in str(info.value) and "not in the plan" in str(info.value)
+
+
+def test_changed_weight_shape_is_named():
+    torch.manual_seed(0)
+    small = GraphBreakToy().eval()
+    plan = qcompile.calibrate(small, lambda m: run_steps(m, torch.randn(2, 16)), QuantConfig.preset("w8a8-int8"), progress=False)
+    bigger = GraphBreakToy()
+    bigger.b = torch.nn.Linear(16, 32)
+    bigger.a = torch.nn.Linear(16, 16)
+    with pytest.raises(Exception, match="'b' is linear:32x16 here but linear:16x16 in the plan"):
+        torch.compile(bigger, backend="qdiff", options={"plan": plan})(torch.randn(2, 16), torch.rand(2))
