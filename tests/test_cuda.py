@@ -1,0 +1,48 @@
+"""The reference lowering on a GPU: eager and through Inductor, fp32 and bf16 (skipped without CUDA)."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import QuantConfig
+from qcompile.metrics import sqnr_db
+from tests.toy_models import ConvTransformerToy, run_steps
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("preset", ["w8a8-int8", "w8a8-fp8", "w4a8", "w4a16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_eager_and_inductor_match_cpu_reference(preset, dtype):
+    model = ConvTransformerToy().eval()
+    x = torch.randn(4, 1, 16, 16)
+    plan = qcompile.calibrate(model, lambda m: run_steps(m, x), QuantConfig.preset(preset), progress=False)
+    t = torch.full((4,), 0.3)
+    with torch.no_grad():
+        cpu = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": False})(x, t)
+        gpu_model = model.to("cuda", dtype)
+        xg, tg = x.to("cuda", dtype), t.to("cuda", dtype)
+        fp = gpu_model(xg, tg).float().cpu()
+        torch._dynamo.reset()
+        eager = torch.compile(gpu_model, backend="qdiff", options={"plan": plan, "inductor": False})(xg, tg).float().cpu()
+        torch._dynamo.reset()
+        inductor = torch.compile(gpu_model, backend="qdiff", options={"plan": plan})(xg, tg).float().cpu()
+    floor = 45.0 if dtype == torch.float32 else 25.0
+    assert sqnr_db(cpu, eager) > floor and sqnr_db(eager, inductor) > floor
+    assert sqnr_db(fp, inductor) > {"w8a8-int8": 25, "w8a8-fp8": 18, "w4a8": 14, "w4a16": 14}[preset]
+    qgraph = plan.compiled[-1].converted
+    stored = {name: b.dtype for name, b in qgraph.named_buffers() if name.endswith("_weight")}
+    assert stored and all(b.device.type == "cuda" for b in qgraph.buffers())
+    assert set(stored.values()) <= {torch.int8, torch.uint8, torch.float8_e4m3fn}
+
+
+def test_cuda_calibration_and_reduce_overhead_mode():
+    model = ConvTransformerToy().eval().cuda()
+    x = torch.randn(4, 1, 16, 16, device="cuda")
+    plan = qcompile.calibrate(model, lambda m: run_steps(m, x), QuantConfig.preset("w8a8-int8"), progress=False)
+    compiled = torch.compile(model, backend="qdiff", mode="reduce-overhead", options={"plan": plan})
+    t = torch.full((4,), 0.6, device="cuda")
+    with torch.no_grad():
+        outs = [compiled(x, t).clone() for _ in range(3)]
+        ref = model(x, t)
+    assert torch.equal(outs[1], outs[2]) and sqnr_db(ref, outs[2]) > 25
