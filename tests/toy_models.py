@@ -66,6 +66,6 @@ class NanToy(nn.Module):
 def run_steps(model, x, steps=6):
     """A stand-in sampling loop: `steps` denoiser calls with t from 1 down to 0."""
     out = x
-    for t in torch.linspace(1, 0, steps):
+    for t in torch.linspace(1, 0, steps, device=x.device):
         out = model(x, t.expand(x.shape[0]))
     return out
