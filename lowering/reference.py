@@ -30,9 +30,13 @@ def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, zero_point: torc
     return dequantize_int(q, scale, zero_point).to(dtype)
 
 
-def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym):
+def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth=None, channel_dim=-1):
     if afmt is None:
         return x
+    if act_smooth is not None:  # x / s per input channel (the weight holds W * s)
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        x = x * act_smooth.to(x.dtype).reshape(shape)
     return dequantize_activation(quantize_activation(x, a_scale, a_zp, afmt, not asym), a_scale, a_zp, x.dtype)
 
 
@@ -42,13 +46,14 @@ def _bias(bias, bias_corr, dtype):
     return None if bias is None else bias.to(dtype)
 
 
-def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None):
+def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None):
     """``F.linear`` with a quantized weight and (unless ``afmt`` is None) a quantized input.
 
     ``bias_corr`` (per output feature) is added to the bias: the calibrated correction of the
-    weight quantization's mean output shift.
+    weight quantization's mean output shift. ``act_smooth`` (per input feature, the inverse
+    smoothing factors) scales the input before it is quantized.
     """
-    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym)
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, -1)
     w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, "linear").to(x.dtype)
     return F.linear(x, w, _bias(bias, bias_corr, x.dtype))
 
@@ -57,9 +62,9 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups, output_padding=0, afmt=None, asym=False, bias_corr=None):
+def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups, output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None):
     """A (transposed) convolution with a quantized weight and optionally a quantized input."""
-    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym)
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, 1)
     w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, kind).to(x.dtype)
     b = _bias(bias, bias_corr, x.dtype)
     nd = len(weight_shape) - 2

@@ -185,3 +185,27 @@ def bias_correction(w: torch.Tensor, qw: QuantizedWeight, input_mean: torch.Tens
         out_group = torch.arange(taps.shape[0]) // (taps.shape[0] // groups)
         shift = (taps * per_group[out_group]).sum(dim=1)
     return (-shift).float()
+
+
+def _input_axis(kind: str) -> int:
+    return 0 if kind == "conv_transpose" else 1
+
+
+def smoothing_factors(act_absmax: torch.Tensor, w: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """SmoothQuant factors ``s_c = max|x_c|^alpha / max|W_c|^(1-alpha)`` per input channel.
+
+    Dividing the activation by ``s`` and multiplying the weight's input channel by ``s`` leaves
+    the product unchanged and moves activation outliers into the weight (Xiao et al., 2023).
+    """
+    axis = _input_axis(kind)
+    w_absmax = w.detach().abs().float().amax(dim=[d for d in range(w.dim()) if d != axis])
+    s = act_absmax.float().clamp_min(1e-8).pow(alpha) / w_absmax.clamp_min(1e-8).pow(1 - alpha)
+    return torch.where(act_absmax > 0, s, torch.ones_like(s)).clamp(1e-4, 1e4)
+
+
+def smooth_weight(w: torch.Tensor, kind: str, factors: torch.Tensor) -> torch.Tensor:
+    """The weight with input channel ``c`` multiplied by ``factors[c]``."""
+    axis = _input_axis(kind)
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    return w * factors.to(w.dtype).reshape(shape)

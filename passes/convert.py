@@ -30,6 +30,7 @@ class QuantizedOp:
     act_scale: float = 1.0
     act_zero_point: int = 0
     bias_correction: torch.Tensor | None = None  # added to the bias (per output channel)
+    act_smooth: torch.Tensor | None = None  # inverse smoothing factors (per input channel)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.devic
             )
             if q.bias_correction is not None:
                 common["bias_corr"] = _buffer(gm, prefix + "bias_correction", q.bias_correction.to(device))
+            if q.act_smooth is not None:
+                common["act_smooth"] = _buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
             if site.kind is OpKind.LINEAR:
                 fn = lowering.linear
             else:

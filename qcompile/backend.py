@@ -86,7 +86,8 @@ def plan_ops(plan: QuantPlan, group: int) -> dict[str, QuantizedOp]:
         if act is None:
             ops[n.key] = QuantizedOp(n.weight, bias_correction=corr)
         else:
-            ops[n.key] = QuantizedOp(n.weight, act.fmt, act.symmetric, act.scale, act.zero_point, corr)
+            smooth = None if n.smooth is None else 1.0 / n.smooth
+            ops[n.key] = QuantizedOp(n.weight, act.fmt, act.symmetric, act.scale, act.zero_point, corr, smooth)
     return ops
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import OpKind, QuantConfig
 from .errors import CalibrationError
 from .graph import prepare
-from .lowering.weights import bias_correction, quantize_weight
+from .lowering.weights import bias_correction, quantize_weight, smooth_weight, smoothing_factors
 from .observers import ActivationStats, choose_qparams
 from .passes.annotate import Annotation, annotate, apply_first_last, decide
 from .passes.observe import insert_observers
@@ -169,23 +169,24 @@ class CalibrationSession:
 
     def _importance(self, site: Site, group_stats: list[ActivationStats | None]) -> torch.Tensor | None:
         """Input-feature variance over all groups (weights the weight error), where it applies."""
-        present = [s for s in group_stats if s is not None]
-        if not present or site.conv_args.get("groups", 1) != 1:
+        present = [(s.count, s.channel_variance()) for s in group_stats if s is not None]
+        if not present or site.conv_args.get("groups", 1) != 1 or present[0][1] is None:
             return None
-        total = ActivationStats(256, self.generator)
-        for s in present:
-            total.merge(s)
-        return total.channel_variance()
+        return sum(n * v for n, v in present) / sum(n for n, _ in present)
 
     def _node_plan(self, site: Site, ann: Annotation, members: list[list[int]]) -> NodePlan:
         group_stats = [self._group_stats(site.key, m) for m in members]
         reason = ann.reason
         if reason is None and all(s is None for s in group_stats):
             reason = "never executed during calibration"
-        weight, acts, corr = None, [None] * len(members), None
+        weight, acts, corr, smooth = None, [None] * len(members), None, None
         if reason is None:
             spec = ann.weight
             w = self.weights[site.key]
+            smooth = self._smoothing(site, ann, w, group_stats)
+            if smooth is not None:
+                w = smooth_weight(w, site.kind.value, smooth)
+                group_stats = [None if s is None else _SmoothedView(s, smooth) for s in group_stats]
             importance = self._importance(site, group_stats)
             weight = quantize_weight(w, spec.fmt.value, site.kind.value, spec.group_size, spec.clip_search, importance, spec.min_clip)
             means = [None if s is None else s.channel_mean() for s in group_stats]
@@ -197,7 +198,7 @@ class CalibrationSession:
                 acts = [None if s is None else choose_qparams(s, act_spec) for s in group_stats]
                 if any(a is None for a in acts):
                     missing = [g for g, a in enumerate(acts) if a is None]
-                    reason, weight, acts, corr = f"not executed in timestep group(s) {missing}", None, [None] * len(members), None
+                    reason, weight, acts, corr, smooth = f"not executed in timestep group(s) {missing}", None, [None] * len(members), None, None
         stats = [
             {"amin": s.amin, "amax": s.amax, "count": s.count} if s is not None else {"amin": None, "amax": None, "count": 0}
             for s in group_stats
@@ -206,8 +207,37 @@ class CalibrationSession:
         call_log = torch.tensor([[c, _nan_if_none(self.calls[c]["timestep"]), lo, hi] for c, lo, hi in log], dtype=torch.float32) if log else None
         return NodePlan(
             site.key, site.kind, site.weight_name, site.weight_shape, site.conv_args, weight, acts, reason,
-            self.input_shapes.get(site.key), stats, call_log, corr,
+            self.input_shapes.get(site.key), stats, call_log, corr, smooth,
         )
+
+    def _smoothing(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list) -> torch.Tensor | None:
+        """SmoothQuant factors for a site whose input is quantized (config.smooth_alpha), else None."""
+        alpha = self.config.smooth_alpha
+        if alpha is None or not ann.act or site.conv_args.get("groups", 1) != 1:
+            return None
+        present = [s for s in group_stats if s is not None]
+        if not present or present[0].channel_absmax() is None:
+            return None
+        absmax = torch.stack([s.channel_absmax() for s in present]).amax(dim=0)
+        return smoothing_factors(absmax, w, site.kind.value, alpha)
+
+
+class _SmoothedView(ActivationStats):
+    """The statistics of ``x / s``: what the quantizer of a smoothed input sees."""
+
+    def __init__(self, stats: ActivationStats, factors: torch.Tensor):
+        view = stats.smoothed(factors)
+        self.__dict__.update(view.__dict__)
+        self.call_log = stats.call_log
+        mean, var = stats.channel_mean(), stats.channel_variance()
+        self._mean = None if mean is None else mean / factors
+        self._var = None if var is None else var / factors**2
+
+    def channel_mean(self) -> torch.Tensor | None:
+        return self._mean
+
+    def channel_variance(self) -> torch.Tensor | None:
+        return self._var
 
 
 def _nan_if_none(v: float | None) -> float:

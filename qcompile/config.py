@@ -134,6 +134,7 @@ class QuantConfig:
     skip_names: tuple[str, ...] = ()  # fnmatch patterns on node keys (qualified weight names)
     first_last: FirstLastPolicy = FirstLastPolicy.QUANTIZE
     bias_correction: bool = True  # cancel the mean output shift of weight quantization per group
+    smooth_alpha: float | None = None  # SmoothQuant migration strength for quantized activations
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     name: str = "custom"
 
@@ -150,13 +151,15 @@ class QuantConfig:
         object.__setattr__(self, "first_last", FirstLastPolicy(self.first_last))
         if not self.ops:
             raise ConfigError("ops is empty: nothing would be quantized")
+        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
+            raise ConfigError(f"smooth_alpha must be in (0, 1) or None, got {self.smooth_alpha}")
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
         """A named preset: ``w8a8-int8``, ``w8a8-fp8``, ``w4a8`` or ``w4a16``."""
         int8_act = ActSpec(Format.INT8, symmetric=False)
         presets = {
-            "w8a8-int8": cls(WeightSpec(Format.INT8), int8_act, name="w8a8-int8"),
+            "w8a8-int8": cls(WeightSpec(Format.INT8), int8_act, smooth_alpha=0.5, name="w8a8-int8"),
             "w8a8-fp8": cls(WeightSpec(Format.FP8_E4M3), ActSpec(Format.FP8_E4M3), name="w8a8-fp8"),
             "w4a8": cls(
                 WeightSpec(Format.INT4, group_size=64),
@@ -183,7 +186,7 @@ class QuantConfig:
         """The round-to-nearest baseline of this config: min/max ranges, no clipping search, no bias correction."""
         weight = dataclasses.replace(self.weight, clip_search=False)
         act = None if self.act is None else dataclasses.replace(self.act, range_method=RangeMethod.MINMAX)
-        return dataclasses.replace(self, weight=weight, act=act, bias_correction=False, name=f"{self.name}-naive")
+        return dataclasses.replace(self, weight=weight, act=act, bias_correction=False, smooth_alpha=None, name=f"{self.name}-naive")
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,9 @@ class ActivationStats:
         self.channel_sum: torch.Tensor | None = None  # float64 per-feature sums, for bias correction
         self.channel_sq_sum: torch.Tensor | None = None  # per-feature sums of squares, for weight importance
         self.channel_count = 0
+        self.channel_min: torch.Tensor | None = None  # per-feature extremes, for smoothing
+        self.channel_max: torch.Tensor | None = None
+        self.channels = torch.empty(0, dtype=torch.long)  # the feature index of each sampled value
         self.generator = generator
         self.count = 0
         self.amin = float("inf")
@@ -59,6 +62,9 @@ class ActivationStats:
             self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
             self.channel_sq_sum = sq if self.channel_sq_sum is None else self.channel_sq_sum + sq
             self.channel_count += n // x.shape[dim]
+            cmin, cmax = xd.amin(dim=rest).float().cpu(), xd.amax(dim=rest).float().cpu()
+            self.channel_min = cmin if self.channel_min is None else torch.minimum(self.channel_min, cmin)
+            self.channel_max = cmax if self.channel_max is None else torch.maximum(self.channel_max, cmax)
         k = min(TAIL, n)
         self._keep_tails(torch.topk(flat, k).values.cpu(), torch.topk(flat, k, largest=False).values.cpu())
         m = min(n, self.reservoir_size)
@@ -66,16 +72,22 @@ class ActivationStats:
         sample = flat[idx.to(flat.device)].cpu()
         # the m smallest of n uniform keys lie in [0, m/n]: scale so calls of any size mix fairly
         keys = torch.rand(m, generator=self.generator) * (m / n)
-        self._keep(sample, keys)
+        channels = torch.zeros(m, dtype=torch.long)
+        if self.channel_dim is not None:
+            dim = self.channel_dim % x.dim()
+            inner = math.prod(x.shape[dim + 1 :])
+            channels = (idx // inner) % x.shape[dim]
+        self._keep(sample, keys, channels)
 
-    def _keep(self, values: torch.Tensor, keys: torch.Tensor) -> None:
+    def _keep(self, values: torch.Tensor, keys: torch.Tensor, channels: torch.Tensor) -> None:
         """Add sampled values with their keys, keeping the ``reservoir_size`` smallest keys."""
         values = torch.cat((self.values, values))
         keys = torch.cat((self.keys, keys))
+        channels = torch.cat((self.channels, channels))
         if values.numel() > self.reservoir_size:
             keep = torch.topk(keys, self.reservoir_size, largest=False).indices
-            values, keys = values[keep], keys[keep]
-        self.values, self.keys = values, keys
+            values, keys, channels = values[keep], keys[keep], channels[keep]
+        self.values, self.keys, self.channels = values, keys, channels
 
     def _keep_tails(self, top: torch.Tensor, bottom: torch.Tensor) -> None:
         top, bottom = torch.cat((self.top, top)), torch.cat((self.bottom, bottom))
@@ -85,7 +97,7 @@ class ActivationStats:
     def weighted_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, weights) standing for every value seen: the exact tails with weight 1 and the
         uniform sample of the body in between, weighted to the body's size."""
-        if self.count <= 2 * TAIL or self.values.numel() == 0:
+        if self.count <= 2 * TAIL or self.values.numel() == 0 or self.top.numel() == 0:
             return self.values, torch.ones_like(self.values)
         t_hi, t_lo = self.top.min(), self.bottom.max()
         body = self.values[(self.values < t_hi) & (self.values > t_lo)]
@@ -104,7 +116,9 @@ class ActivationStats:
             self.channel_sum = other.channel_sum.clone() if self.channel_sum is None else self.channel_sum + other.channel_sum
             self.channel_sq_sum = other.channel_sq_sum.clone() if self.channel_sq_sum is None else self.channel_sq_sum + other.channel_sq_sum
             self.channel_count += other.channel_count
-        self._keep(other.values, other.keys)
+            self.channel_min = other.channel_min.clone() if self.channel_min is None else torch.minimum(self.channel_min, other.channel_min)
+            self.channel_max = other.channel_max.clone() if self.channel_max is None else torch.maximum(self.channel_max, other.channel_max)
+        self._keep(other.values, other.keys, other.channels)
         self._keep_tails(other.top, other.bottom)
 
     def channel_mean(self) -> torch.Tensor | None:
@@ -119,6 +133,25 @@ class ActivationStats:
         if mean is None:
             return None
         return (self.channel_sq_sum / self.channel_count - mean.double() ** 2).clamp_min(0).float()
+
+    def smoothed(self, factors: torch.Tensor) -> "ActivationStats":
+        """The statistics of ``x / factors`` (per input feature), from the per-feature sample.
+
+        Exact extremes come from the per-feature min/max; the exact tails do not carry over
+        (they were kept without their features), so the MSE search uses the sample alone.
+        """
+        out = ActivationStats(self.reservoir_size, self.generator)
+        out.count = self.count
+        out.values = self.values / factors[self.channels]
+        out.keys, out.channels = self.keys, self.channels
+        out.amin = float((self.channel_min / factors).min())
+        out.amax = float((self.channel_max / factors).max())
+        return out
+
+    def channel_absmax(self) -> torch.Tensor | None:
+        if self.channel_min is None:
+            return None
+        return torch.maximum(self.channel_min.abs(), self.channel_max.abs())
 
     def is_finite(self) -> bool:
         return math.isfinite(self.amin) and math.isfinite(self.amax)

@@ -49,6 +49,7 @@ class NodePlan:
     stats: list[dict[str, float]] = field(default_factory=list)  # per group: amin, amax, count
     call_log: torch.Tensor | None = None  # (calls, 4): call index, timestep, min, max
     bias_correction: torch.Tensor | None = None  # (groups, out_features) float32
+    smooth: torch.Tensor | None = None  # (in_channels,) float32 smoothing factors (weight holds W * s)
 
     @property
     def quantized(self) -> bool:
@@ -78,6 +79,7 @@ class NodePlan:
             "stats": self.stats,
             "has_call_log": self.call_log is not None,
             "has_bias_correction": self.bias_correction is not None,
+            "has_smooth": self.smooth is not None,
         }
 
 
@@ -180,6 +182,8 @@ class QuantPlan:
                 out[f"nodes/{n.key}/call_log"] = n.call_log
             if n.bias_correction is not None:
                 out[f"nodes/{n.key}/bias_correction"] = n.bias_correction
+            if n.smooth is not None:
+                out[f"nodes/{n.key}/smooth"] = n.smooth
         if self.probe is not None:
             out.update(self.probe[1])
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -256,9 +260,13 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
             if nd["has_bias_correction"]:
                 out = shape[1] if kind is OpKind.CONV_TRANSPOSE else shape[0]
                 corr = _expect(tensors, f"nodes/{key}/bias_correction", torch.float32, (groups.count, out), path, key)
+            smooth = None
+            if nd.get("has_smooth"):
+                cin = shape[0] if kind is OpKind.CONV_TRANSPOSE else shape[1]
+                smooth = _expect(tensors, f"nodes/{key}/smooth", torch.float32, (cin,), path, key)
             nodes[key] = NodePlan(
                 key, kind, nd["weight_name"], shape, _json_conv_args(nd["conv_args"]), weight, acts, nd["reason"],
-                None if nd["input_shape"] is None else tuple(nd["input_shape"]), nd["stats"], call_log, corr,
+                None if nd["input_shape"] is None else tuple(nd["input_shape"]), nd["stats"], call_log, corr, smooth,
             )
         probe = None
         if doc["probe"] is not None:

@@ -79,3 +79,20 @@ def test_importance_moves_error_to_unimportant_inputs():
     weighted = quantize_weight(w, "int4", "linear", None, importance=importance, min_clip=0.5).dequantize()
     err = lambda a: ((a - w)[:, :8]).pow(2).sum()  # noqa: E731
     assert err(weighted) < err(plain)
+
+
+def test_smoothing_preserves_the_product_and_flattens_activation_outliers():
+    import torch.nn.functional as F
+
+    from qcompile.lowering.weights import smooth_weight, smoothing_factors
+
+    x = torch.randn(256, 32)
+    x[:, 3] *= 50.0  # one outlier feature
+    w = torch.randn(16, 32)
+    s = smoothing_factors(x.abs().amax(0), w, "linear", 0.5)
+    assert torch.allclose(F.linear(x / s, smooth_weight(w, "linear", s)), F.linear(x, w), atol=1e-3)
+    ratio = lambda t: (t.abs().amax(0).max() / t.abs().amax(0).median()).item()  # noqa: E731
+    assert ratio(x / s) < ratio(x) / 4
+    conv_w = torch.randn(8, 32, 3, 3)
+    sc = smoothing_factors(x.abs().amax(0), conv_w, "conv", 0.5)
+    assert torch.equal(smooth_weight(conv_w, "conv", sc)[:, 3], conv_w[:, 3] * sc[3])
