@@ -183,22 +183,14 @@ class CalibrationSession:
         if reason is None:
             spec = ann.weight
             w = self.weights[site.key]
-            smooth = self._smoothing(site, ann, w, group_stats)
-            if smooth is not None:
-                w = smooth_weight(w, site.kind.value, smooth)
-                group_stats = [None if s is None else _SmoothedView(s, smooth) for s in group_stats]
-            importance = self._importance(site, group_stats)
-            weight = quantize_weight(w, spec.fmt.value, site.kind.value, spec.group_size, spec.clip_search, importance, spec.min_clip)
-            means = [None if s is None else s.channel_mean() for s in group_stats]
-            if self.config.bias_correction and all(m is not None for m in means):
-                args = site.conv_args
-                corr = torch.stack([bias_correction(w, weight, m, args.get("stride", 1), args.get("groups", 1)) for m in means])
-            act_spec = ann.act.get(0)
-            if act_spec is not None:
-                acts = [None if s is None else choose_qparams(s, act_spec) for s in group_stats]
-                if any(a is None for a in acts):
-                    missing = [g for g, a in enumerate(acts) if a is None]
-                    reason, weight, acts, corr, smooth = f"not executed in timestep group(s) {missing}", None, [None] * len(members), None, None
+            factors = self._smoothing(site, ann, w, group_stats)
+            variants = [self._quantize(site, ann, w, group_stats, None)]
+            if factors is not None:
+                variants.append(self._quantize(site, ann, w, group_stats, factors))
+            weight, corr, acts, _, smooth = min(variants, key=lambda v: v[3])
+            if ann.act.get(0) is not None and any(a is None for a in acts):
+                missing = [g for g, a in enumerate(acts) if a is None]
+                reason, weight, acts, corr, smooth = f"not executed in timestep group(s) {missing}", None, [None] * len(members), None, None
         stats = [
             {"amin": s.amin, "amax": s.amax, "count": s.count} if s is not None else {"amin": None, "amax": None, "count": 0}
             for s in group_stats
@@ -209,6 +201,40 @@ class CalibrationSession:
             site.key, site.kind, site.weight_name, site.weight_shape, site.conv_args, weight, acts, reason,
             self.input_shapes.get(site.key), stats, call_log, corr, smooth,
         )
+
+    def _quantize(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list, factors: torch.Tensor | None):
+        """(weight, bias correction, activation quantizers, estimated output error, factors) of one variant.
+
+        The estimate adds, per group, the activation rounding noise ``scale^2 / 12`` through the
+        weight and the weight error through each input feature's variance (its mean is removed by
+        bias correction): ``scale^2/12 * |W|^2 + sum_k var_k |dW_k|^2``, summed over taps.
+        """
+        spec, kind = ann.weight, site.kind.value
+        if factors is not None:
+            w = smooth_weight(w, kind, factors)
+            group_stats = [None if s is None else _SmoothedView(s, factors) for s in group_stats]
+        importance = self._importance(site, group_stats)
+        weight = quantize_weight(w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip)
+        corr = None
+        means = [None if s is None else s.channel_mean() for s in group_stats]
+        if self.config.bias_correction and all(m is not None for m in means):
+            args = site.conv_args
+            corr = torch.stack([bias_correction(w, weight, m, args.get("stride", 1), args.get("groups", 1)) for m in means])
+        act_spec = ann.act.get(0)
+        acts = [None] * len(group_stats)
+        if act_spec is not None:
+            acts = [None if s is None else choose_qparams(s, act_spec) for s in group_stats]
+        axis = 0 if kind == "conv_transpose" else 1
+        others = [d for d in range(w.dim()) if d != axis]
+        w_sq = w.detach().float().pow(2).sum(dim=others)
+        dw_sq = (weight.dequantize() - w.detach().float()).pow(2).sum(dim=others)
+        error = 0.0
+        for s, a in zip(group_stats, acts):
+            if s is None:
+                continue
+            var = s.channel_variance()
+            error += s.count * float(((0.0 if var is None else (var * dw_sq).sum()) + (0.0 if a is None else a.scale**2 / 12 * w_sq.sum())))
+        return weight, corr, acts, error, factors
 
     def _smoothing(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list) -> torch.Tensor | None:
         """SmoothQuant factors for a site whose input is quantized (config.smooth_alpha), else None."""

@@ -159,7 +159,7 @@ class QuantConfig:
         """A named preset: ``w8a8-int8``, ``w8a8-fp8``, ``w4a8`` or ``w4a16``."""
         int8_act = ActSpec(Format.INT8, symmetric=False)
         presets = {
-            "w8a8-int8": cls(WeightSpec(Format.INT8), int8_act, smooth_alpha=0.5, name="w8a8-int8"),
+            "w8a8-int8": cls(WeightSpec(Format.INT8), int8_act, name="w8a8-int8"),
             "w8a8-fp8": cls(WeightSpec(Format.FP8_E4M3), ActSpec(Format.FP8_E4M3), name="w8a8-fp8"),
             "w4a8": cls(
                 WeightSpec(Format.INT4, group_size=64),

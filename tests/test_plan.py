@@ -107,3 +107,20 @@ def test_changed_weight_shape_is_named():
     bigger.a = torch.nn.Linear(16, 16)
     with pytest.raises(Exception, match="'b' is linear:32x16 here but linear:16x16 in the plan"):
         torch.compile(bigger, backend="qdiff", options={"plan": plan})(torch.randn(2, 16), torch.rand(2))
+
+
+def test_smoothing_option_roundtrips_and_stays_close(tmp_path):
+    from qcompile.metrics import sqnr_db
+
+    torch.manual_seed(0)
+    model = ConvTransformerToy().eval()
+    x = torch.randn(2, 1, 16, 16)
+    cfg = QuantConfig.preset("w8a8-int8").replace(smooth_alpha=0.5)
+    plan = qcompile.calibrate(model, lambda m: run_steps(m, x), cfg, progress=False)
+    loaded = QuantPlan.load(plan.save(tmp_path / "s.qplan"))
+    smoothed = [n.key for n in loaded.nodes.values() if n.smooth is not None]
+    assert [n.key for n in plan.nodes.values() if n.smooth is not None] == smoothed
+    with torch.no_grad():
+        out = torch.compile(model, backend="qdiff", options={"plan": loaded})(x, torch.full((2,), 0.5))
+        ref = model(x, torch.full((2,), 0.5))
+    assert sqnr_db(ref, out) > 25
