@@ -210,6 +210,7 @@ class CalibrationSession:
         bias correction): ``scale^2/12 * |W|^2 + sum_k var_k |dW_k|^2``, summed over taps.
         """
         spec, kind = ann.weight, site.kind.value
+        w = w.detach().float().cpu()  # plans live on the CPU, whatever device calibration ran on
         if factors is not None:
             w = smooth_weight(w, kind, factors)
             group_stats = [None if s is None else _SmoothedView(s, factors) for s in group_stats]
