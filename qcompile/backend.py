@@ -23,7 +23,7 @@ from .passes.annotate import Annotation, annotate
 from .passes.convert import QuantizedOp, convert
 from .plan import QuantPlan
 
-_OPTIONS = {"plan", "inductor", "group"}
+_OPTIONS = {"plan", "inductor", "group", "mode"}
 
 HOW_TO_CALIBRATE = (
     "the qdiff backend needs a calibrated plan: "
@@ -40,6 +40,7 @@ class BackendOptions:
     plan: QuantPlan
     inductor: bool | None = None  # None: Inductor when the inputs are on CUDA, else eager
     group: int = 0
+    mode: str | None = None  # Inductor mode ("reduce-overhead", "max-autotune"): torch.compile takes mode or options, not both
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -62,7 +63,7 @@ class BackendOptions:
             )
         if not 0 <= group < plan.groups.count:
             raise ConfigError(f"group {group} out of range: the plan has {plan.groups.count} timestep group(s)")
-        return cls(plan, options.get("inductor"), group)
+        return cls(plan, options.get("inductor"), group, options.get("mode"))
 
 
 @dataclass
@@ -143,6 +144,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
+        mode = opts.mode or mode
         patches = list_mode_options(mode) if mode else {}
         # Dynamo's map from lifted parameters to guard sources does not know our quantized
         # buffers; without it AOTAutograd treats every parameter and buffer as a static input.

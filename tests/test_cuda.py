@@ -40,7 +40,7 @@ def test_cuda_calibration_and_reduce_overhead_mode():
     model = ConvTransformerToy().eval().cuda()
     x = torch.randn(4, 1, 16, 16, device="cuda")
     plan = qcompile.calibrate(model, lambda m: run_steps(m, x), QuantConfig.preset("w8a8-int8"), progress=False)
-    compiled = torch.compile(model, backend="qdiff", mode="reduce-overhead", options={"plan": plan})
+    compiled = torch.compile(model, backend="qdiff", options={"plan": plan, "mode": "reduce-overhead"})
     t = torch.full((4,), 0.6, device="cuda")
     with torch.no_grad():
         outs = [compiled(x, t).clone() for _ in range(3)]
