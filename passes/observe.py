@@ -1,4 +1,4 @@
-"""Insert activation observers on the input edges the quantizer annotated."""
+"""Insert activation observers on the input edges of the sites the quantizer annotated."""
 
 from __future__ import annotations
 
@@ -10,26 +10,28 @@ import torch.fx as fx
 from .annotate import ANNOTATION_KEY
 from .sites import META_KEY, Site
 
+INPUT_EDGE = 0  # the activation input of linear / conv ops
 
-def insert_observers(gm: fx.GraphModule, make_observer: Callable[[Site, int], torch.nn.Module], observe_all: bool = True) -> fx.GraphModule:
-    """Put ``make_observer(site, edge)`` on each observed input edge of each annotated site.
 
-    With ``observe_all`` every supported site's input is observed, also where the current
-    config quantizes no activation (statistics serve inspection and later bit allocation).
+def insert_observers(gm: fx.GraphModule, make_observer: Callable[[Site, int], torch.nn.Module]) -> fx.GraphModule:
+    """Put ``make_observer(site, edge)`` on the activation input edge of every supported site.
+
+    Every supported site is observed, also where the config quantizes no activation (weight-only
+    presets): the statistics serve bias correction, weight clipping, inspection and bit allocation.
+    The observer sits on the edge, so other consumers of the same tensor are not affected.
     """
-    for i, node in enumerate(list(gm.graph.nodes)):
+    count = 0
+    for node in list(gm.graph.nodes):
         site: Site | None = node.meta.get(META_KEY)
-        ann = node.meta.get(ANNOTATION_KEY)
-        if site is None or ann is None or site.unsupported:
+        if site is None or node.meta.get(ANNOTATION_KEY) is None or site.unsupported:
             continue
-        edges = sorted(ann.act) if not observe_all else [0]
-        for edge in edges:
-            inp = node.args[edge] if edge < len(node.args) else node.kwargs["input"]
-            name = f"qdiff_observer_{len([m for m in gm._modules if m.startswith('qdiff_observer_')])}"
-            gm.add_submodule(name, make_observer(site, edge))
-            with gm.graph.inserting_before(node):
-                obs = gm.graph.call_module(name, (inp,))
-            node.replace_input_with(inp, obs)
+        inp = node.args[INPUT_EDGE] if node.args else node.kwargs["input"]
+        name = f"qdiff_observer_{count}"
+        count += 1
+        gm.add_submodule(name, make_observer(site, INPUT_EDGE))
+        with gm.graph.inserting_before(node):
+            obs = gm.graph.call_module(name, (inp,))
+        node.replace_input_with(inp, obs)
     gm.graph.lint()
     gm.recompile()
     return gm
