@@ -66,14 +66,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Calibrate, quantize and sample the default model; write a grid, a layer table and a report."""
-    from .demo import run_demo
+def _unet_folder_case(name: str, folder: Path, steps: int):
+    """An eval case for a diffusers UNet2DModel pipeline folder (``save_pretrained`` output)."""
+    from .evaluate import EvalCase
+    from .zoo.bundled import ddim_sampler, load_unet
 
-    cases = _shared_cases()
-    if not cases:
-        return _no_shared()
-    return run_demo(cases["mnist_unet"], args.preset, Path(args.out), args.samples, args.calib_samples)
+    model = load_unet(folder)
+    size = model.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return EvalCase(name, lambda: model, ddim_sampler(folder, steps), (model.config.in_channels, *size), (-1.0, 1.0))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Calibrate, quantize and sample a model; write a grid, a layer table and a report."""
+    from .demo import run_demo
+    from .zoo.bundled import bundled_dir
+
+    if args.model == "mnist":
+        cases = _shared_cases()
+        if not cases:
+            return _no_shared()
+        case = cases["mnist_unet"]
+    elif args.model == "cifar10_ddpm":
+        case = _unet_folder_case("cifar10_ddpm (bundled)", bundled_dir("cifar10_ddpm"), args.steps)
+    else:
+        folder = Path(args.model)
+        if not (folder / "unet" / "config.json").is_file() and not (folder / "config.json").is_file():
+            print(f"qdiff demo: '{folder}' is no diffusers pipeline folder with a unet/ (save_pretrained output)", file=sys.stderr)
+            return 2
+        case = _unet_folder_case(folder.name, folder, args.steps)
+    return run_demo(case, args.preset, Path(args.out), args.samples, args.calib_samples)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -91,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="quantize the default model end to end and write a report folder")
+    demo.add_argument("--model", default="cifar10_ddpm", help="cifar10_ddpm (bundled, default), mnist (../shared) or a local diffusers pipeline folder")
+    demo.add_argument("--steps", type=int, default=50, help="DDIM sampling steps (default: 50)")
     demo.add_argument("--preset", default="w8a8-int8", help="quantization preset (default: w8a8-int8)")
     demo.add_argument("--out", default="qdiff-demo", help="output folder (default: ./qdiff-demo)")
     demo.add_argument("--samples", type=int, default=16, help="images to generate (default: 16)")

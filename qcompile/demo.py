@@ -34,7 +34,7 @@ def _grid(images: torch.Tensor, cols: int) -> np.ndarray:
     return (out.clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def _save_side_by_side(fp: torch.Tensor, q: torch.Tensor, path: Path, scale: int = 4) -> None:
+def _save_side_by_side(fp: torch.Tensor, q: torch.Tensor, path: Path, scale: int = 3) -> None:
     cols = int(math.ceil(math.sqrt(fp.shape[0])))
     diff = ((q - fp).abs() * 4).clamp(0, 1)  # error magnified 4x
     panels = [_grid(x, cols) for x in (fp, q, diff)]

@@ -1,0 +1,67 @@
+"""The bundled trained defaults (shipped in the package, loaded from a local path, no hub).
+
+* ``cifar10_ddpm``: diffusers ``UNet2DModel`` DDPM on CIFAR-10 32x32 (eps-prediction, linear betas,
+  attention at 16x16, concat skips), a ``DDPMPipeline`` folder.
+* ``cifar10_dit``: class-conditional diffusers ``DiTTransformer2DModel`` (pixel space, patch 2,
+  labels 0-9, 10 = null label for classifier-free guidance) and its scheduler config.
+
+How they were trained: docs/models.md (``examples/train_cifar_ddpm.py`` on an H100).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def bundled_dir(name: str) -> Path:
+    """The folder of a bundled model (``cifar10_ddpm`` or ``cifar10_dit``)."""
+    path = ASSETS / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"bundled model '{name}' not found at {path} (choose cifar10_ddpm or cifar10_dit)")
+    return path
+
+
+def load_unet(folder: str | Path) -> torch.nn.Module:
+    """``UNet2DModel`` in float32, eval mode, from a pipeline folder (``<folder>/unet``) or a model folder."""
+    from diffusers import UNet2DModel
+
+    folder = Path(folder)
+    sub = folder / "unet" if (folder / "unet").is_dir() else folder
+    return UNet2DModel.from_pretrained(str(sub)).float().eval()
+
+
+def load_cifar10_dit() -> torch.nn.Module:
+    """The bundled class-conditional DiT in float32, eval mode."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel.from_pretrained(str(bundled_dir("cifar10_dit") / "transformer")).float().eval()
+
+
+def ddim_sampler(folder: str | Path, num_steps: int = 50) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """A DDIM (eta 0) sampler for an eps-prediction UNet, with the folder's scheduler config.
+
+    Returns ``sample(denoiser, noise)``; the denoiser is called as ``denoiser(x, t)`` with ``t`` a
+    (B,) int64 tensor and may return a tensor or a diffusers output (``.sample``).
+    """
+    from diffusers import DDIMScheduler
+
+    folder = Path(folder)
+    sched_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
+    config = DDIMScheduler.load_config(str(sched_dir))
+
+    def sample(denoiser: Any, noise: torch.Tensor) -> torch.Tensor:
+        sched = DDIMScheduler.from_config(config)
+        sched.set_timesteps(num_steps)
+        x = noise
+        for t in sched.timesteps:
+            out = denoiser(x, t.expand(x.shape[0]).to(x.device))
+            eps = out if isinstance(out, torch.Tensor) else out[0]
+            x = sched.step(eps, t, x).prev_sample
+        return x
+
+    return sample
