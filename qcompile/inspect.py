@@ -233,8 +233,7 @@ def inspect(obj: Any, *args: Any, **kwargs: Any) -> InspectReport:
     group = 0
     with torch.no_grad():
         reference = _first_output(model(*args, **kwargs))
-        if not plan.compiled:
-            obj(*args, **kwargs)  # compile
+        obj(*args, **kwargs)  # compile whatever graphs the probe needs (strides may differ from earlier calls)
         taps: list[tuple[_Tap, _Tap]] = []
         saved = [r.runner for r in plan.compiled]
         for record in plan.compiled:
@@ -244,6 +243,8 @@ def inspect(obj: Any, *args: Any, **kwargs: Any) -> InspectReport:
         finally:
             for record, runner in zip(plan.compiled, saved):
                 record.runner = runner
+        if not taps:
+            raise QdiffError("inspect: the probe call ran none of the plan's compiled graphs (was the model recompiled elsewhere?)")
     rows = _rows(plan, group)
     by_key = {r.key: r for r in rows}
     for float_tap, quant_tap in taps:

@@ -59,7 +59,7 @@ def ddim_sampler(folder: str | Path, num_steps: int = 50) -> Callable[[Any, torc
         sched.set_timesteps(num_steps)
         x = noise
         for t in sched.timesteps:
-            out = denoiser(x, t.expand(x.shape[0]).to(x.device))
+            out = denoiser(x, torch.full((x.shape[0],), int(t), device=x.device))
             eps = out if isinstance(out, torch.Tensor) else out[0]
             x = sched.step(eps, t, x).prev_sample
         return x
