@@ -103,7 +103,7 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
         reference = case.sample(model, noise).clamp(lo, hi)
     results = []
     for name, cfg in configs.items():
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # an evaluation harness: each variant compiles the same model afresh
         t0 = time.perf_counter()
         if cfg is None:
             test: Callable[..., torch.Tensor] = _Bf16(model)
