@@ -30,6 +30,21 @@ def _shared_cases() -> dict:
     }
 
 
+def _eval_cases() -> dict:
+    """Every model ``qdiff eval`` knows: the bundled CIFAR-10 models, and the ../shared ones when present."""
+    from .evaluate import EvalCase
+    from .zoo.bundled import bundled_dir, ddim_sampler, dit_sampler, load_cifar10_dit, load_unet
+
+    cases = {
+        "cifar10_ddpm": EvalCase(
+            "cifar10_ddpm", lambda: load_unet(bundled_dir("cifar10_ddpm")), ddim_sampler(bundled_dir("cifar10_ddpm")), (3, 32, 32), (-1.0, 1.0)
+        ),
+        "cifar10_dit": EvalCase("cifar10_dit", load_cifar10_dit, dit_sampler(), (3, 32, 32), (-1.0, 1.0)),
+    }
+    cases.update(_shared_cases())
+    return cases
+
+
 def _no_shared() -> int:
     print(
         "qdiff: the trained models in ../shared were not found; set QDIFF_SHARED to the folder that holds "
@@ -43,12 +58,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Quality of every variant on the chosen models; writes quality.md / quality.json / plots."""
     from .evaluate import evaluate_case, variants, write_report
 
-    cases = _shared_cases()
-    if not cases:
-        return _no_shared()
+    cases = _eval_cases()
     unknown = set(args.models) - set(cases)
     if unknown:
-        print(f"qdiff eval: unknown model(s) {sorted(unknown)}; choose from {sorted(cases)}", file=sys.stderr)
+        hint = "" if "mnist_unet" in cases else " (the mnist models need ../shared: set QDIFF_SHARED)"
+        print(f"qdiff eval: unknown model(s) {sorted(unknown)}; choose from {sorted(cases)}{hint}", file=sys.stderr)
         return 2
     configs = variants()
     if args.configs:

@@ -53,15 +53,20 @@ class EvalResult:
     per_step_db: list[float] = field(default_factory=list)
 
 
+def _tensor(out: Any) -> torch.Tensor:
+    """The output tensor of a denoiser that may return a tensor, a tuple or a diffusers output."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
 class _Pair:
     """Follows the FP32 trajectory and records each step's SQNR of the test model's output."""
 
     def __init__(self, reference: Any, test: Callable[..., torch.Tensor]):
         self.reference, self.test, self.sqnr = reference, test, []
 
-    def __call__(self, *args: Any) -> torch.Tensor:
-        ref = self.reference(*args)
-        self.sqnr.append(sqnr_db(ref, self.test(*args)))
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ref = self.reference(*args, **kwargs)
+        self.sqnr.append(sqnr_db(_tensor(ref), _tensor(self.test(*args, **kwargs))))
         return ref
 
     def __getattr__(self, name: str) -> Any:
@@ -74,9 +79,10 @@ class _Bf16:
     def __init__(self, model: torch.nn.Module):
         self.model = copy.deepcopy(model).to(torch.bfloat16)
 
-    def __call__(self, *args: Any) -> torch.Tensor:
-        cast = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        return self.model(*cast).float()
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        down = lambda a: a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731
+        out = self.model(*map(down, args), **{k: down(v) for k, v in kwargs.items()})
+        return _tensor(out).float()
 
 
 def variants() -> dict[str, QuantConfig | None]:

@@ -65,3 +65,27 @@ def ddim_sampler(folder: str | Path, num_steps: int = 50) -> Callable[[Any, torc
         return x
 
     return sample
+
+
+def dit_sampler(num_steps: int = 50, guidance: float = 2.0, null_label: int = 10) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """DDIM (eta 0) with classifier-free guidance for the bundled DiT; labels cycle through 0..9.
+
+    Conditional and unconditional predictions come from one 2B-batch call
+    ``denoiser(x, timestep=t, class_labels=y)`` per step, so the batch size never changes.
+    """
+    from diffusers import DDIMScheduler
+
+    config = DDIMScheduler.load_config(str(bundled_dir("cifar10_dit") / "scheduler"))
+
+    def sample(denoiser: Any, noise: torch.Tensor) -> torch.Tensor:
+        sched = DDIMScheduler.from_config(config)
+        sched.set_timesteps(num_steps)
+        x, n = noise, noise.shape[0]
+        y = torch.cat([torch.arange(n) % 10, torch.full((n,), null_label)]).to(noise.device)
+        for t in sched.timesteps:
+            out = denoiser(torch.cat([x, x]), timestep=torch.full((2 * n,), int(t), device=x.device), class_labels=y)
+            cond, uncond = (out if isinstance(out, torch.Tensor) else out[0]).chunk(2)
+            x = sched.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+        return x
+
+    return sample
