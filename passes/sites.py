@@ -175,8 +175,3 @@ def _unsupported(site: Site, weight: torch.Tensor) -> str | None:
     if isinstance(site.conv_args.get("padding"), str) and site.conv_args["padding"] not in ("same", "valid"):
         return f"padding mode {site.conv_args['padding']!r}"
     return None
-
-
-def weight_tensor(gm: fx.GraphModule, example_inputs: Sequence[Any], node: fx.Node) -> torch.Tensor:
-    """The real weight tensor a site node reads."""
-    return parameter_tensors(gm, example_inputs)[bound_args(node)["weight"].name][1]

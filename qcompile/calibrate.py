@@ -213,7 +213,7 @@ class CalibrationSession:
         w = w.detach().float().cpu()  # plans live on the CPU, whatever device calibration ran on
         if factors is not None:
             w = smooth_weight(w, kind, factors)
-            group_stats = [None if s is None else _SmoothedView(s, factors) for s in group_stats]
+            group_stats = [None if s is None else s.smoothed(factors) for s in group_stats]
         importance = self._importance(site, group_stats)
         weight = quantize_weight(w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip)
         corr = None
@@ -247,24 +247,6 @@ class CalibrationSession:
             return None
         absmax = torch.stack([s.channel_absmax() for s in present]).amax(dim=0)
         return smoothing_factors(absmax, w, site.kind.value, alpha)
-
-
-class _SmoothedView(ActivationStats):
-    """The statistics of ``x / s``: what the quantizer of a smoothed input sees."""
-
-    def __init__(self, stats: ActivationStats, factors: torch.Tensor):
-        view = stats.smoothed(factors)
-        self.__dict__.update(view.__dict__)
-        self.call_log = stats.call_log
-        mean, var = stats.channel_mean(), stats.channel_variance()
-        self._mean = None if mean is None else mean / factors
-        self._var = None if var is None else var / factors**2
-
-    def channel_mean(self) -> torch.Tensor | None:
-        return self._mean
-
-    def channel_variance(self) -> torch.Tensor | None:
-        return self._var
 
 
 def _nan_if_none(v: float | None) -> float:

@@ -56,7 +56,7 @@ def _no_shared() -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Quality of every variant on the chosen models; writes quality.md / quality.json / plots."""
-    from .evaluate import evaluate_case, variants, write_report
+    from .evaluate import evaluate_case, experiments, variants, write_report
 
     cases = _eval_cases()
     unknown = set(args.models) - set(cases)
@@ -66,7 +66,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     configs = variants()
     if args.configs:
-        configs = {k: v for k, v in configs.items() if k in args.configs}
+        known = {**configs, **experiments()}
+        missing = [c for c in args.configs if c not in known]
+        if missing:
+            print(f"qdiff eval: unknown config(s) {missing}; choose from {sorted(known)}", file=sys.stderr)
+            return 2
+        configs = {k: known[k] for k in args.configs}
     results = []
     for name in args.models:
         print(f"qdiff eval: {name} ({len(configs)} variants, {args.seeds} seeds)", flush=True)
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="per-step SQNR, PSNR and SSIM of every variant against FP32")
     ev.add_argument("--models", nargs="+", default=["mnist_unet", "mnist_vit"])
-    ev.add_argument("--configs", nargs="*", help="subset of variants (default: all)")
+    ev.add_argument("--configs", nargs="*", help="variants to run (default: the presets, bf16 and naive baselines; also w8a8-int8-smooth, w8-int8-weight-only)")
     ev.add_argument("--seeds", type=int, default=64, help="evaluation samples, one seed each (default: 64)")
     ev.add_argument("--calib-samples", type=int, default=32, help="calibration trajectories (default: 32)")
     ev.add_argument("--out", default="docs", help="folder for quality.md, quality.json and img/ (default: docs)")

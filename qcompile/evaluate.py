@@ -58,8 +58,8 @@ def _tensor(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-class _Pair:
-    """Follows the FP32 trajectory and records each step's SQNR of the test model's output."""
+class StepSQNR:
+    """A denoiser that follows the FP32 trajectory and records each step's SQNR of ``test``'s output."""
 
     def __init__(self, reference: Any, test: Callable[..., torch.Tensor]):
         self.reference, self.test, self.sqnr = reference, test, []
@@ -99,6 +99,12 @@ def variants() -> dict[str, QuantConfig | None]:
     }
 
 
+def experiments() -> dict[str, QuantConfig | None]:
+    """Extra variants for ablations, selectable by name with ``qdiff eval --configs``."""
+    w8 = QuantConfig.preset("w8a8-int8")
+    return {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
+
+
 def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds: int, calib_samples: int, progress: bool = True) -> list[EvalResult]:
     """Evaluate every config on one model: calibrate on its own seeds, test on ``seeds`` others."""
     model = case.build().eval()
@@ -118,7 +124,7 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
             test = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": False})
         calib_s = time.perf_counter() - t0
         with torch.no_grad():
-            pair = _Pair(model, test)
+            pair = StepSQNR(model, test)
             case.sample(pair, noise)
             final = case.sample(test, noise).clamp(lo, hi)
         per_step = pair.sqnr

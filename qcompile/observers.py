@@ -140,12 +140,14 @@ class ActivationStats:
         Exact extremes come from the per-feature min/max; the exact tails do not carry over
         (they were kept without their features), so the MSE search uses the sample alone.
         """
-        out = ActivationStats(self.reservoir_size, self.generator)
-        out.count = self.count
+        f = factors.double()
+        out = ActivationStats(self.reservoir_size, self.generator, self.channel_dim)
+        out.count, out.call_log, out.channel_count = self.count, self.call_log, self.channel_count
         out.values = self.values / factors[self.channels]
         out.keys, out.channels = self.keys, self.channels
-        out.amin = float((self.channel_min / factors).min())
-        out.amax = float((self.channel_max / factors).max())
+        out.channel_min, out.channel_max = self.channel_min / factors, self.channel_max / factors
+        out.channel_sum, out.channel_sq_sum = self.channel_sum / f, self.channel_sq_sum / f**2
+        out.amin, out.amax = float(out.channel_min.min()), float(out.channel_max.max())
         return out
 
     def channel_absmax(self) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ import torch
 
 import qcompile
 from qcompile import QuantConfig
-from qcompile.metrics import sqnr_db
+from qcompile.evaluate import StepSQNR
 
 pytestmark = pytest.mark.shared
 
@@ -16,18 +16,8 @@ UNET_FLOORS = {"w8a8-int8": 22.0, "w8a8-fp8": 16.0, "w4a8": 16.0, "w4a16": 17.0}
 VIT_FLOORS = {"w8a8-int8": 29.0, "w8a8-fp8": 25.0, "w4a8": 20.0, "w4a16": 20.0}
 
 
-class Pair:
-    def __init__(self, fp, q):
-        self.fp, self.q, self.sqnr = fp, q, []
-
-    def __call__(self, *args):
-        ref = self.fp(*args)
-        self.sqnr.append(sqnr_db(ref, self.q(*args)))
-        return ref
-
-
 def per_step_sqnr(model, qmodel, sample, noise):
-    pair = Pair(model, qmodel)
+    pair = StepSQNR(model, qmodel)
     with torch.no_grad():
         sample(pair, noise)
     return pair.sqnr
