@@ -126,6 +126,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``qdiff bench`` (see :mod:`qcompile.bench`)."""
+    from .bench import cmd_bench as run
+
+    return run(args)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdiff", description="Post-training quantization compiler for diffusion models.")
     p.add_argument("--version", action="version", version=f"qdiff {__version__}")
@@ -149,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--notes", help="markdown file appended to quality.md")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="step latency, compile time and memory of bf16, torchao and qdiff variants (GPU)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     ins = sub.add_parser("inspect", help="validate a plan file and print its per-op table")
     ins.add_argument("plan")

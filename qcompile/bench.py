@@ -1,0 +1,514 @@
+"""``qdiff bench``: step latency, compile time, calibration time and memory, side by side.
+
+One run measures every (model, variant) row on one device with the same inputs: bf16 eager,
+bf16 Inductor, torchao int8 / fp8 dynamic quantization (+ Inductor) and each qdiff preset. Each
+row runs in its own subprocess with a fresh Inductor cache and a time limit, so one slow compile
+cannot eat the whole run and compile times are cold. Rows go to ``benchmarks.json`` and a
+markdown table; the ratio column is ``bf16 Inductor ms / row ms`` (above 1: faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+Inputs = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A denoiser to benchmark: how to build it (random init or bundled weights) and its inputs."""
+
+    name: str
+    description: str
+    build: Callable[[], torch.nn.Module]  # float32 model on the current default device
+    inputs: Callable[[torch.device, torch.dtype, int], Inputs]  # (device, dtype, timestep) -> kwargs
+
+
+def _timesteps(batch: int, t: int, device: torch.device) -> torch.Tensor:
+    return torch.full((batch,), t, dtype=torch.long, device=device)
+
+
+def _dit_xl_2() -> torch.nn.Module:
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(sample_size=64, out_channels=8)  # DiT-XL/2 at 512px: 64x64 latents
+
+
+def _dit_inputs(batch: int, size: int, channels: int, classes: int) -> Callable[[torch.device, torch.dtype, int], Inputs]:
+    def make(device: torch.device, dtype: torch.dtype, t: int) -> Inputs:
+        g = torch.Generator(device="cpu").manual_seed(t)
+        return {
+            "hidden_states": torch.randn(batch, channels, size, size, generator=g).to(device, dtype),
+            "timestep": _timesteps(batch, t, device),
+            "class_labels": torch.randint(0, classes, (batch,), generator=g).to(device),
+        }
+
+    return make
+
+
+def _sd15_unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        layers_per_block=2,
+    )
+
+
+def _sd15_inputs(device: torch.device, dtype: torch.dtype, t: int) -> Inputs:
+    g = torch.Generator(device="cpu").manual_seed(t)
+    return {
+        "sample": torch.randn(2, 4, 64, 64, generator=g).to(device, dtype),
+        "timestep": _timesteps(2, t, device),
+        "encoder_hidden_states": torch.randn(2, 77, 768, generator=g).to(device, dtype),
+    }
+
+
+def _pixart_1024() -> torch.nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(sample_size=128, caption_channels=4096, use_additional_conditions=True)
+
+
+def _pixart_inputs(device: torch.device, dtype: torch.dtype, t: int) -> Inputs:
+    g = torch.Generator(device="cpu").manual_seed(t)
+    batch = 2  # classifier-free guidance
+    return {
+        "hidden_states": torch.randn(batch, 4, 128, 128, generator=g).to(device, dtype),
+        "encoder_hidden_states": torch.randn(batch, 120, 4096, generator=g).to(device, dtype),
+        "timestep": _timesteps(batch, t, device),
+        "added_cond_kwargs": {
+            "resolution": torch.tensor([[1024.0, 1024.0]] * batch, device=device, dtype=dtype),
+            "aspect_ratio": torch.tensor([[1.0]] * batch, device=device, dtype=dtype),
+        },
+    }
+
+
+def _bundled_unet() -> torch.nn.Module:
+    from .zoo.bundled import bundled_dir, load_unet
+
+    return load_unet(bundled_dir("cifar10_ddpm"))
+
+
+def _bundled_unet_inputs(device: torch.device, dtype: torch.dtype, t: int) -> Inputs:
+    g = torch.Generator(device="cpu").manual_seed(t)
+    return {"sample": torch.randn(64, 3, 32, 32, generator=g).to(device, dtype), "timestep": _timesteps(64, t, device)}
+
+
+def _bundled_dit() -> torch.nn.Module:
+    from .zoo.bundled import load_cifar10_dit
+
+    return load_cifar10_dit()
+
+
+MODELS: dict[str, BenchModel] = {
+    m.name: m
+    for m in [
+        BenchModel("dit-xl-2-512", "DiT-XL/2, 512px (64x64 latent), batch 8, random init", _dit_xl_2, _dit_inputs(8, 64, 4, 1000)),
+        BenchModel("sd15-unet-512", "SD 1.5 UNet, 512px, batch 2, 77-token context, random init", _sd15_unet, _sd15_inputs),
+        BenchModel("pixart-alpha-1024", "PixArt-alpha XL/2 transformer, 1024px, batch 2 (CFG), 120 tokens, random init", _pixart_1024, _pixart_inputs),
+        BenchModel("bundled-cifar10-ddpm", "bundled CIFAR-10 UNet2DModel, batch 64", _bundled_unet, _bundled_unet_inputs),
+        BenchModel("bundled-cifar10-dit", "bundled CIFAR-10 DiT, batch 64", _bundled_dit, _dit_inputs(64, 32, 3, 10)),
+    ]
+}
+
+BASE_VARIANTS = ("bf16-eager", "bf16-inductor", "torchao-int8-dynamic", "torchao-fp8-dynamic")
+QDIFF_PRESETS = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
+VARIANTS = BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
+CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
+TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
+
+
+@dataclass
+class Row:
+    """One measured (model, variant)."""
+
+    model: str
+    variant: str
+    status: str = "ok"  # ok | error | timeout
+    ms: float | None = None
+    ratio_vs_bf16_inductor: float | None = None
+    compile_s: float | None = None
+    calibration_s: float | None = None
+    peak_mem_gb: float | None = None
+    weight_gb: float | None = None
+    repeats: int | None = None
+    quantized_ops: str | None = None
+    error: str | None = None
+    device: str = ""
+    date: str = ""
+    torch: str = torch.__version__
+    triton: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- measuring one row (runs in a subprocess) ---------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _call(model: Any, inputs: Inputs) -> Any:
+    return model(**inputs)
+
+
+def _linear_m(model: torch.nn.Module, inputs: Inputs) -> dict[str, int]:
+    """Rows (M) each nn.Linear sees in one call, found with forward hooks."""
+    m: dict[str, int] = {}
+    hooks = [
+        mod.register_forward_hook(lambda mod, args, out, name=name: m.__setitem__(name, args[0].numel() // args[0].shape[-1]))
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        _call(model, inputs)
+    for h in hooks:
+        h.remove()
+    return m
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor, following tensor subclasses (torchao) to their inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def _module_weight_bytes(model: torch.nn.Module) -> int:
+    return sum(_tensor_bytes(p) for p in model.parameters()) + sum(_tensor_bytes(b) for b in model.buffers())
+
+
+def _qdiff_weight_bytes(model: torch.nn.Module, plan: Any) -> int:
+    """Quantized storage of the plan's ops plus every other parameter in the run dtype."""
+    quantized = {n.weight_name for n in plan.quantized_nodes()}
+    params = dict(model.named_parameters())
+    rest = sum(_tensor_bytes(p) for name, p in params.items() if name not in quantized)
+    return rest + sum(n.weight.nbytes for n in plan.quantized_nodes())
+
+
+def _time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float) -> tuple[float, int]:
+    """Median latency (ms) of ``fn`` and the number of repeats: CUDA via triton.testing.do_bench."""
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        one = max(time.perf_counter() - t0, 1e-4)
+        rep_ms = min(max(50 * one * 1e3, 500.0), budget_s * 1e3)
+        ms = triton.testing.do_bench(fn, warmup=min(100.0, rep_ms / 4), rep=rep_ms, return_mode="median")
+        return float(ms), max(1, int(rep_ms / max(ms, 1e-3)))
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), len(times)
+
+
+def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row) -> Any:
+    """The callable model of one variant (quantized and/or compiled, not yet run)."""
+    if variant == "bf16-eager":
+        return model
+    if variant == "bf16-inductor":
+        return torch.compile(model)
+    if variant.startswith("torchao-"):
+        from torchao.quantization import (  # torchao is optional: only these rows need it
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+
+        m_of = _linear_m(model, spec.inputs(device, dtype, 500))
+        keep = {name for name, m in m_of.items() if m > TORCHAO_MIN_M}
+        row.quantized_ops = f"{len(keep)}/{len(m_of)} linears (M > {TORCHAO_MIN_M})"
+        cfg = Int8DynamicActivationInt8WeightConfig() if "int8" in variant else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        t0 = time.perf_counter()
+        quantize_(model, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and fqn in keep)
+        row.calibration_s = time.perf_counter() - t0  # quantize_ time (no calibration)
+        return torch.compile(model)
+    if variant.startswith("qdiff-"):
+        from .calibrate import calibrate
+        from .config import QuantConfig
+
+        cfg = QuantConfig.preset(variant.removeprefix("qdiff-"))
+
+        def run(stand_in: Any) -> None:
+            for t in CALIBRATION_TIMESTEPS:
+                stand_in(**spec.inputs(device, dtype, t))
+
+        t0 = time.perf_counter()
+        plan = calibrate(model, run, cfg, progress=False, expected_calls=len(CALIBRATION_TIMESTEPS))
+        _sync(device)
+        row.calibration_s = time.perf_counter() - t0
+        row.quantized_ops = f"{len(plan.quantized_nodes())}/{len(plan.nodes)} ops"
+        row.extra["qdiff_weight_bytes"] = _qdiff_weight_bytes(model, plan)
+        torch._dynamo.reset()
+        return torch.compile(model, backend="qdiff", options={"plan": plan})
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float = 20.0) -> Row:
+    """Build, prepare, compile and time one row (in this process)."""
+    spec = MODELS[model_name]
+    dev = torch.device(device)
+    dtype = torch.bfloat16
+    row = Row(model_name, variant, device=_device_name(dev), date=datetime.date.today().isoformat(), triton=_triton_version())
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = spec.build()
+    model = model.to(dev, dtype).eval()
+    with torch.no_grad():
+        runnable = _prepare_variant(variant, model, spec, dev, dtype, row)
+        inputs = spec.inputs(dev, dtype, 500)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        _call(runnable, inputs)
+        _sync(dev)
+        first = time.perf_counter() - t0
+        if variant != "bf16-eager":
+            row.compile_s = first
+        row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
+    if dev.type == "cuda":
+        row.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
+    row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
+    row.weight_gb /= 2**30
+    return row
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+# -- orchestrating rows in subprocesses --------------------------------------------------------
+
+
+def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float) -> Row:
+    with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
+        out = Path(tmp) / "row.json"
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"), TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        cmd = [sys.executable, "-m", "qcompile.bench", "--row", model, variant, "--device", device, "--budget-s", str(budget_s), "--row-out", str(out)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return Row(model, variant, status="timeout", error=f"row time limit of {timeout_s:g} s exceeded")
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            return Row(model, variant, status="error", error=" | ".join(tail)[-600:])
+        return Row(**json.loads(out.read_text()))
+
+
+def run_bench(
+    models: list[str],
+    variants: list[str],
+    device: str,
+    gpus: int,
+    timeout_s: float,
+    budget_s: float,
+    total_s: float | None = None,
+    on_row: Callable[[list[Row]], None] | None = None,
+    progress: bool = True,
+) -> list[Row]:
+    """Measure every (model, variant), each row in its own subprocess; rows are spread over ``gpus`` GPUs of one host.
+
+    A row starts only if it can finish (its time limit) before ``total_s``; later rows are reported
+    as ``skipped``. ``on_row`` gets the rows so far after each one (to save partial results).
+    """
+    deadline = None if total_s is None else time.monotonic() + total_s
+    work: queue.Queue[tuple[str, str]] = queue.Queue()
+    pairs = [(m, v) for m in models for v in variants]
+    for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
+        work.put(pair)
+    rows: list[Row] = []
+    lock = threading.Lock()
+
+    def worker(gpu: int | None) -> None:
+        while True:
+            try:
+                m, v = work.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.perf_counter()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < min(timeout_s, 60.0):
+                row = Row(m, v, status="skipped", error=f"not started: less than {min(timeout_s, 60.0):g} s of the run's --total-s left")
+            else:
+                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s)
+            row.extra["wall_s"] = round(time.perf_counter() - t0, 1)
+            with lock:
+                rows.append(row)
+                if on_row is not None:
+                    on_row(list(rows))
+                if progress:
+                    ms = f"{row.ms:.2f} ms" if row.ms is not None else row.status
+                    print(f"[gpu {gpu}] {m:22s} {v:22s} {ms:>12s}  ({row.extra['wall_s']:.0f} s)", flush=True)
+
+    workers = [threading.Thread(target=worker, args=(g if device == "cuda" else None,)) for g in range(max(1, gpus))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    add_ratios(rows)
+    order = {pair: i for i, pair in enumerate(pairs)}
+    return sorted(rows, key=lambda r: order[(r.model, r.variant)])
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """``ratio_vs_bf16_inductor`` = bf16 Inductor ms / row ms, per model (None where unmeasured)."""
+    base = {r.model: r.ms for r in rows if r.variant == "bf16-inductor" and r.ms}
+    for r in rows:
+        r.ratio_vs_bf16_inductor = None if r.ms is None or r.model not in base else base[r.model] / r.ms
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| model | variant | ms / step | × vs bf16 Inductor | compile s | calib / quantize s | peak mem GB | weights GB | quantized | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:160]}"
+        lines.append(
+            f"| {r.model} | {r.variant} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio_vs_bf16_inductor, '.2f')} | {_fmt(r.compile_s, '.0f')} | "
+            f"{_fmt(r.calibration_s, '.1f')} | {_fmt(r.peak_mem_gb, '.2f')} | {_fmt(r.weight_gb, '.3f')} | {r.quantized_ops or '—'} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- qdiff bench: begin -->", "<!-- qdiff bench: end -->"
+
+
+def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None:
+    """Write ``benchmarks.json`` (merged by (model, variant) if ``merge``) and the table into ``benchmarks.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = out / "benchmarks.json"
+    keep: list[dict] = []
+    if merge and jpath.exists():
+        new = {(r.model, r.variant) for r in rows}
+        keep = [d for d in json.loads(jpath.read_text()) if (d["model"], d["variant"]) not in new]
+    for r in rows:
+        r.extra["command"] = command
+    data = keep + [asdict(r) for r in rows]
+    all_rows = [Row(**d) for d in data]
+    add_ratios(all_rows)
+    jpath.write_text(json.dumps([asdict(r) for r in all_rows], indent=1) + "\n")
+    devices = sorted({r.device for r in all_rows if r.device})
+    versions = sorted({f"torch {r.torch}, triton {r.triton}" for r in all_rows})
+    commands = sorted({r.extra.get("command", "") for r in all_rows})
+    section = "\n".join(
+        [
+            BEGIN,
+            "## `qdiff bench`",
+            "",
+            f"Date(s): {', '.join(sorted({r.date for r in all_rows if r.date}))}. Device(s): {', '.join(devices)}. Versions: {'; '.join(versions)}.",
+            "Command(s): " + "; ".join(f"`{c}`" for c in commands if c),
+            "",
+            "Median step latency (`triton.testing.do_bench`, median); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
+            "compile s = first call (Dynamo + Inductor, cold cache); peak memory during the timed steps; weights = stored "
+            "parameter bytes (quantized storage + the rest in bf16). Rows: " + ", ".join(f"{m.name} = {m.description}" for m in MODELS.values() if m.name in {r.model for r in all_rows}) + ".",
+            "",
+            markdown_table(all_rows),
+            END,
+        ]
+    )
+    mpath = out / "benchmarks.md"
+    text = mpath.read_text() if mpath.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    mpath.write_text(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``qdiff bench`` flags."""
+    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"models (default: all): {', '.join(MODELS)}")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"variants (default: all): {', '.join(VARIANTS)}")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--gpus", type=int, default=1, help="run rows on this many GPUs of the host at once (identical GPUs; default: 1)")
+    p.add_argument("--row-timeout", type=float, default=420.0, help="seconds allowed per row, build to last repeat (default: 420)")
+    p.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed repeats per row (default: 5)")
+    p.add_argument("--out", default="docs", help="folder for benchmarks.md / benchmarks.json (default: docs)")
+    p.add_argument("--total-s", type=float, help="stop starting rows when a row could not finish before this many seconds (rows left are 'skipped')")
+    p.add_argument("--merge", action="store_true", help="keep rows of other (model, variant) pairs already in benchmarks.json")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark matrix and write the results."""
+    unknown = [m for m in args.models if m not in MODELS] + [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"qdiff bench: unknown model/variant {unknown}; models: {', '.join(MODELS)}; variants: {', '.join(VARIANTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("qdiff bench: no CUDA device; speed is measured on a GPU (use --device cpu only for a smoke run)")
+    command = "qdiff bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "qdiff bench"
+
+    def save(rows: list[Row]) -> None:
+        add_ratios(rows)
+        write_results(rows, Path(args.out), command, args.merge)
+
+    rows = run_bench(args.models, args.variants, args.device, args.gpus, args.row_timeout, args.budget_s, args.total_s, on_row=save)
+    save(rows)
+    print(markdown_table(rows))
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+def _row_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m qcompile.bench")
+    p.add_argument("--row", nargs=2, metavar=("MODEL", "VARIANT"), required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--budget-s", type=float, default=10.0)
+    p.add_argument("--row-out", required=True)
+    a = p.parse_args(argv)
+    row = measure(a.row[0], a.row[1], a.device, a.budget_s)
+    Path(a.row_out).write_text(json.dumps(asdict(row)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_row_main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""qdiff bench: row measurement on CPU with a tiny model, ratios, tables, merging, subprocess limits."""
+
+import json
+
+import pytest
+import torch
+
+from qcompile import bench
+
+
+class TinyDenoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.proj = torch.nn.Linear(16, 3)
+
+    def forward(self, sample, timestep):
+        h = self.conv(sample)
+        h = torch.nn.functional.silu(h + timestep.to(h.dtype).view(-1, 1, 1, 1) / 1000)
+        return self.proj(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _inputs(device, dtype, t):
+    g = torch.Generator().manual_seed(t)
+    return {"sample": torch.randn(2, 3, 8, 8, generator=g).to(device, dtype), "timestep": torch.full((2,), t, device=device)}
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(bench.MODELS, "tiny", bench.BenchModel("tiny", "tiny conv + linear", TinyDenoiser, _inputs))
+    return "tiny"
+
+
+@pytest.mark.parametrize("variant", ["bf16-eager", "qdiff-w8a8-int8", "qdiff-w4a16"])
+def test_measure_row_on_cpu(tiny, variant):
+    row = bench.measure(tiny, variant, "cpu", budget_s=0.05)
+    assert row.status == "ok" and row.ms > 0 and row.repeats >= 3
+    assert row.date and row.device.startswith("cpu") and row.torch == torch.__version__
+    float_bytes = sum(p.numel() for p in TinyDenoiser().parameters()) * 2  # bf16
+    if variant == "bf16-eager":
+        assert row.weight_gb * 2**30 == float_bytes and row.compile_s is None
+    else:
+        assert row.quantized_ops == "2/2 ops" and row.calibration_s > 0 and row.compile_s > 0
+        assert row.weight_gb * 2**30 < float_bytes  # int8 / int4 storage, not fp32 fake weights
+
+
+def test_ratios_table_and_merge(tmp_path):
+    rows = [bench.Row("m", "bf16-inductor", ms=10.0), bench.Row("m", "qdiff-w8a8-fp8", ms=8.0), bench.Row("m", "torchao-fp8-dynamic", status="timeout", error="row time limit")]
+    bench.add_ratios(rows)
+    assert [r.ratio_vs_bf16_inductor for r in rows] == [1.0, 1.25, None]
+    bench.write_results(rows, tmp_path, "qdiff bench --models m", merge=False)
+    (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nintro\n\n" + (tmp_path / "benchmarks.md").read_text().split("\n", 2)[2] + "\ntail\n")
+    bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0)], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert {(d["variant"], d["ms"]) for d in data} == {("bf16-inductor", 5.0), ("qdiff-w8a8-fp8", 8.0), ("torchao-fp8-dynamic", None)}
+    assert {d["variant"]: d["ratio_vs_bf16_inductor"] for d in data}["qdiff-w8a8-fp8"] == pytest.approx(5.0 / 8.0)
+    for key in ("model", "variant", "ms", "ratio_vs_bf16_inductor", "compile_s", "peak_mem_gb", "device", "date"):
+        assert all(key in d for d in data)
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert md.count(bench.BEGIN) == 1 and "intro" in md and "tail" in md and "timeout: row time limit" in md
+
+
+def test_subprocess_row_reports_errors_and_time_limits():
+    err = bench._run_row_subprocess("dit-xl-2-512", "no-such-variant", "cpu", None, timeout_s=120, budget_s=0.1)
+    assert err.status == "error" and "no-such-variant" in err.error
+    slow = bench._run_row_subprocess("dit-xl-2-512", "bf16-eager", "cpu", None, timeout_s=0.5, budget_s=0.1)
+    assert slow.status == "timeout" and "0.5 s" in slow.error and slow.ms is None
+
+
+def test_cli_refuses_unknown_names_and_missing_gpu(capsys):
+    from qcompile.cli import main
+
+    with pytest.raises(SystemExit, match="unknown model/variant"):
+        main(["bench", "--models", "nope"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            main(["bench", "--models", "bundled-cifar10-dit"])
