@@ -121,11 +121,11 @@ def quantize_weight(
     if kp != k:
         m = torch.nn.functional.pad(m, (0, kp - k))
     g = _grouped(m, group_size)
-    weight_of_error = torch.ones(kp) if importance is None else _per_k(importance, k, kp)
+    weight_of_error = torch.ones(kp, device=m.device) if importance is None else _per_k(importance.to(m.device), k, kp)
     wg = _grouped(weight_of_error[None, :], group_size)
     amax = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
     qmax = qmax_of(fmt)
-    ratios = torch.linspace(1.0, min_clip, CLIP_CANDIDATES) if clip_search else torch.ones(1)
+    ratios = torch.linspace(1.0, min_clip, CLIP_CANDIDATES) if clip_search else torch.ones(1)  # Python floats below
     best_scale = amax / qmax
     best_err = torch.full_like(amax, float("inf"))
     for r in ratios.tolist():
@@ -172,7 +172,7 @@ def bias_correction(w: torch.Tensor, qw: QuantizedWeight, input_mean: torch.Tens
     is divided by it. Edge effects of padding are ignored.
     """
     err = qw.dequantize(torch.float64) - w.detach().double()
-    m = input_mean.double()
+    m = input_mean.double().to(err.device)
     if qw.kind == "linear":
         shift = err @ m
     elif qw.kind == "conv_transpose":  # (in, out, *k)
@@ -182,7 +182,7 @@ def bias_correction(w: torch.Tensor, qw: QuantizedWeight, input_mean: torch.Tens
     else:  # (out, in/groups, *k)
         taps = err.sum(dim=tuple(range(2, err.dim())))  # (out, in/groups)
         per_group = m.reshape(groups, -1)  # (groups, in/groups)
-        out_group = torch.arange(taps.shape[0]) // (taps.shape[0] // groups)
+        out_group = torch.arange(taps.shape[0], device=taps.device) // (taps.shape[0] // groups)
         shift = (taps * per_group[out_group]).sum(dim=1)
     return (-shift).float()
 
@@ -199,8 +199,8 @@ def smoothing_factors(act_absmax: torch.Tensor, w: torch.Tensor, kind: str, alph
     """
     axis = _input_axis(kind)
     w_absmax = w.detach().abs().float().amax(dim=[d for d in range(w.dim()) if d != axis])
-    s = act_absmax.float().clamp_min(1e-8).pow(alpha) / w_absmax.clamp_min(1e-8).pow(1 - alpha)
-    return torch.where(act_absmax > 0, s, torch.ones_like(s)).clamp(1e-4, 1e4)
+    s = act_absmax.float().to(w_absmax.device).clamp_min(1e-8).pow(alpha) / w_absmax.clamp_min(1e-8).pow(1 - alpha)
+    return torch.where(act_absmax.to(s.device) > 0, s, torch.ones_like(s)).clamp(1e-4, 1e4)
 
 
 def smooth_weight(w: torch.Tensor, kind: str, factors: torch.Tensor) -> torch.Tensor:
@@ -208,4 +208,4 @@ def smooth_weight(w: torch.Tensor, kind: str, factors: torch.Tensor) -> torch.Te
     axis = _input_axis(kind)
     shape = [1] * w.dim()
     shape[axis] = -1
-    return w * factors.to(w.dtype).reshape(shape)
+    return w * factors.to(w.device, w.dtype).reshape(shape)

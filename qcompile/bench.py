@@ -10,6 +10,7 @@ markdown table; the ratio column is ``bf16 Inductor ms / row ms`` (above 1: fast
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -298,12 +299,33 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         first = time.perf_counter() - t0
         if variant != "bf16-eager":
             row.compile_s = first
-        row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
+        with _exclusive(os.environ.get(LOCK_ENV)):
+            row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
     if dev.type == "cuda":
         row.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
     row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
     row.weight_gb /= 2**30
     return row
+
+
+LOCK_ENV = "QDIFF_BENCH_LOCK"  # rows measured in parallel compile at once but time one at a time
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str | None) -> Iterator[None]:
+    """Hold an exclusive file lock (if a path is given): timed repeats of parallel rows never overlap,
+    so one row's compile threads or kernel launches cannot slow another's measurement."""
+    if not lock_path:
+        yield
+        return
+    import fcntl
+
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _device_name(dev: torch.device) -> str:
@@ -323,10 +345,12 @@ def _triton_version() -> str | None:
 # -- orchestrating rows in subprocesses --------------------------------------------------------
 
 
-def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float) -> Row:
+def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float, lock: str | None = None) -> Row:
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
         out = Path(tmp) / "row.json"
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"), TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
+        if lock:
+            env[LOCK_ENV] = lock
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         cmd = [sys.executable, "-m", "qcompile.bench", "--row", model, variant, "--device", device, "--budget-s", str(budget_s), "--row-out", str(out)]
@@ -357,6 +381,7 @@ def run_bench(
     as ``skipped``. ``on_row`` gets the rows so far after each one (to save partial results).
     """
     deadline = None if total_s is None else time.monotonic() + total_s
+    lock = str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock") if gpus > 1 else None
     work: queue.Queue[tuple[str, str]] = queue.Queue()
     pairs = [(m, v) for m in models for v in variants]
     for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
@@ -375,7 +400,7 @@ def run_bench(
             if left is not None and left < min(timeout_s, 60.0):
                 row = Row(m, v, status="skipped", error=f"not started: less than {min(timeout_s, 60.0):g} s of the run's --total-s left")
             else:
-                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s)
+                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock)
             row.extra["wall_s"] = round(time.perf_counter() - t0, 1)
             with lock:
                 rows.append(row)

@@ -8,6 +8,7 @@ are kept per timestep bin and merged into timestep groups at the end; the plan i
 
 from __future__ import annotations
 
+import dataclasses
 import inspect as pyinspect
 import math
 import warnings
@@ -210,7 +211,7 @@ class CalibrationSession:
         bias correction): ``scale^2/12 * |W|^2 + sum_k var_k |dW_k|^2``, summed over taps.
         """
         spec, kind = ann.weight, site.kind.value
-        w = w.detach().float().cpu()  # plans live on the CPU, whatever device calibration ran on
+        w = w.detach().float()  # quantized on the weight's device (fast on a GPU); the plan keeps CPU tensors
         if factors is not None:
             w = smooth_weight(w, kind, factors)
             group_stats = [None if s is None else s.smoothed(factors) for s in group_stats]
@@ -220,7 +221,7 @@ class CalibrationSession:
         means = [None if s is None else s.channel_mean() for s in group_stats]
         if self.config.bias_correction and all(m is not None for m in means):
             args = site.conv_args
-            corr = torch.stack([bias_correction(w, weight, m, args.get("stride", 1), args.get("groups", 1)) for m in means])
+            corr = torch.stack([bias_correction(w, weight, m, args.get("stride", 1), args.get("groups", 1)) for m in means]).cpu()
         act_spec = ann.act.get(0)
         acts = [None] * len(group_stats)
         if act_spec is not None:
@@ -234,8 +235,9 @@ class CalibrationSession:
             if s is None:
                 continue
             var = s.channel_variance()
-            error += s.count * float(((0.0 if var is None else (var * dw_sq).sum()) + (0.0 if a is None else a.scale**2 / 12 * w_sq.sum())))
-        return weight, corr, acts, error, factors
+            error += s.count * float(((0.0 if var is None else (var.to(dw_sq.device) * dw_sq).sum()) + (0.0 if a is None else a.scale**2 / 12 * w_sq.sum())))
+        weight = dataclasses.replace(weight, data=weight.data.cpu(), scale=weight.scale.cpu())
+        return weight, corr, acts, error, None if factors is None else factors.cpu()
 
     def _smoothing(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list) -> torch.Tensor | None:
         """SmoothQuant factors for a site whose input is quantized (config.smooth_alpha), else None."""
@@ -246,7 +248,7 @@ class CalibrationSession:
         if not present or present[0].channel_absmax() is None:
             return None
         absmax = torch.stack([s.channel_absmax() for s in present]).amax(dim=0)
-        return smoothing_factors(absmax, w, site.kind.value, alpha)
+        return smoothing_factors(absmax, w, site.kind.value, alpha).cpu()
 
 
 def _nan_if_none(v: float | None) -> float:
