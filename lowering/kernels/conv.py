@@ -59,7 +59,7 @@ def conv2d_kernel(
     x_rows = x_ptr + b.to(tl.int64) * sxb
     rc = tl.arange(0, BLOCK_K)
     a_scale = tl.load(as_ptr)
-    inv_scale = 1.0 / a_scale
+    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
     if ASYM:
         zp = tl.load(zp_ptr)
         zp_f = zp.to(tl.float32)

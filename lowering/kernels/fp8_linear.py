@@ -58,7 +58,7 @@ def fp8_linear_kernel(
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
     a_scale = tl.load(as_ptr)
-    inv_scale = 1.0 / a_scale
+    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:

@@ -73,7 +73,7 @@ def weight_only_kernel(
     M, N, K, K_STORED,
     stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_on,
     W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -94,9 +94,11 @@ def weight_only_kernel(
             s = tl.load(ws_ptr + rn_l * stride_sn + (kt * BLOCK_K) // GROUP)
             b = (q.to(tl.float32) * s[None, :]).to(a.dtype)
         else:
-            b = q.to(a.dtype)
+            b = q.to(tl.float32).to(a.dtype)  # via fp32: the interpreter's int -> bf16 cast is wrong
         if FP32_DOT:
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 operands are exact in fp32
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K * stride_xk
@@ -121,7 +123,7 @@ def w4a8_kernel(
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
     a_scale = tl.load(as_ptr)
-    inv_scale = 1.0 / a_scale
+    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
     if ASYM:
         zp = tl.load(zp_ptr)
         zp_f = zp.to(tl.float32)
@@ -259,7 +261,7 @@ def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
         M, N, K, k_stored,
         x.stride(0), x.stride(1), w.stride(0), w_scale.stride(0), out.stride(0), out.stride(1),
         W_INT4=int4, GROUP=group_size, HAS_BIAS=bias is not None, ACT=act,
-        EVEN_K=K % k_multiple == 0 and K == k_stored, FP32_DOT=x.dtype == torch.float32,
+        EVEN_K=K % k_multiple == 0 and K == k_stored, FP32_DOT=x.dtype == torch.float32, INTERPRET=INTERPRET,
     )
     return out
 
