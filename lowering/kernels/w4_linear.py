@@ -69,7 +69,7 @@ def load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4: tl.constexpr,
 
 @triton.jit
 def weight_only_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, one_ptr, out_ptr,
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
     M, N, K, K_STORED,
     stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_on,
     W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
@@ -102,8 +102,8 @@ def weight_only_kernel(
         else:
             acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K * stride_xk
-    a_scale = tl.load(one_ptr)  # 1.0: per-channel scales are applied in the epilogue
-    store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, GROUP == 0, ACT)
+    # no activation scale (1.0); per-channel weight scales are applied in the epilogue
+    store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
 
 
 @triton.jit
@@ -255,9 +255,8 @@ def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    one = torch.ones((), device=x.device, dtype=torch.float32)
     wrap_triton(kernel)[_grid(M, N)](
-        x, w, w_scale, bias if bias is not None else w_scale, one, out,
+        x, w, w_scale, bias if bias is not None else w_scale, out,
         M, N, K, k_stored,
         x.stride(0), x.stride(1), w.stride(0), w_scale.stride(0), out.stride(0), out.stride(1),
         W_INT4=int4, GROUP=group_size, HAS_BIAS=bias is not None, ACT=act,
