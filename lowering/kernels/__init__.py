@@ -1,0 +1,20 @@
+"""Triton kernels for quantized linear / conv ops, registered as ``torch.ops.qdiff.*`` triton_ops.
+
+Each module holds the ``@triton.jit`` kernel(s), their autotune configs, the checked wrapper and
+the ``torch.library.triton_op`` registration (with a fake implementation, so graphs calling them
+trace). :mod:`qcompile.lowering.triton_lowering` dispatches the converted graph's calls here.
+
+Kernels run on CUDA tensors, or on CPU tensors when Triton runs in its interpreter
+(``TRITON_INTERPRET=1`` set before ``triton`` is first imported; see ``tests/lowering/kernels``).
+"""
+
+from ._common import INTERPRET, kernels_usable_on
+from .conv import conv2d_w8a8
+from .fp8_linear import fp8_linear, fp8_linear_prequant
+from .int8_linear import int8_linear, weight_colsum
+from .w4_linear import w4a8_linear, weight_only_linear
+
+__all__ = [
+    "INTERPRET", "kernels_usable_on", "conv2d_w8a8", "fp8_linear", "fp8_linear_prequant", "int8_linear",
+    "weight_colsum", "w4a8_linear", "weight_only_linear",
+]

@@ -1,0 +1,210 @@
+"""Shared pieces of the Triton kernels: interpreter detection, autotune helpers, device helpers
+(quantize prologues, epilogue activations, tile order) and the host-side argument checks.
+
+Interpreter mode (``TRITON_INTERPRET=1``) is decided by Triton once, when it is first imported:
+its own library functions (``tl.sum``, ``tl.interleave``, ...) are decorated then, so the variable
+must be set before anything imports ``triton``. :data:`INTERPRET` records whether this process
+runs kernels in the interpreter; :func:`check_launchable` names the problem when a kernel is asked
+to run on CPU tensors in a process that cannot.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+INTERPRET: bool = isinstance(_probe, InterpretedFunction)
+# Triton's own jit library functions must be interpreted too, or interpreted kernels cannot call them.
+_STDLIB_INTERPRETED: bool = isinstance(tl.standard.cdiv, InterpretedFunction)
+
+FP8_MAX = 448.0
+ACTIVATIONS = {"none": 0, "silu": 1, "gelu_tanh": 2}
+
+# triton.autotune's on-disk cache of the chosen config per key (Triton >= 3.2); Inductor replaces
+# the autotuner with its own (also cached) when the kernel is compiled into a graph.
+_AUTOTUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def autotuned(kernel, configs: list[triton.Config], key: list[str], interpret_config: triton.Config | None = None):
+    """``triton.autotune`` over ``configs`` keyed by ``key``; in the interpreter only ``interpret_config``."""
+    if INTERPRET:
+        configs = [interpret_config or INTERPRET_CONFIG]
+    return triton.autotune(configs=configs, key=key, **_AUTOTUNE_KW)(kernel)
+
+
+def config(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
+
+
+# Small tiles so that tests on small shapes cover several tiles and every edge mask.
+INTERPRET_CONFIG = config(16, 32, 32, 1, 4, 2)
+
+
+def activation_code(act: str) -> int:
+    try:
+        return ACTIVATIONS[act]
+    except KeyError:
+        raise ValueError(f"unknown epilogue activation {act!r}; choose one of {', '.join(ACTIVATIONS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, GROUP_M row tiles at a time (L2 reuse of weight tiles)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def rint(v, INTERPRET: tl.constexpr):
+    """Round half to even (``torch.round``); |v| < 2**22 in the interpreter's path."""
+    if INTERPRET:
+        return (v + 12582912.0) - 12582912.0
+    else:
+        return libdevice.rint(v)
+
+
+@triton.jit
+def quantize_fp8(v, INTERPRET: tl.constexpr):
+    """fp32 ``v`` (already divided by the scale) -> float8e4nv, saturating at +-448, round to nearest even.
+
+    The interpreter's float -> fp8 cast does not carry mantissa overflow into the exponent, so
+    there ``v`` is first rounded onto the e4m3 grid in fp32 (then the cast is exact).
+    """
+    v = tl.clamp(v, -448.0, 448.0)
+    if INTERPRET:
+        bits = v.to(tl.int32, bitcast=True)
+        e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3: 3 mantissa bits, min normal 2**-6
+        ulp = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2 ** (e - 3)
+        v = rint(v / ulp, INTERPRET) * ulp
+    return v.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def quantize_int8(v, zp, QMIN: tl.constexpr, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``v`` (already divided by the scale) -> int8 ``clamp(round(v) + zp, QMIN, QMAX)``.
+
+    Clamping before rounding to the integer bounds ``QMIN - zp, QMAX - zp`` gives the same result.
+    """
+    v = tl.clamp(v, QMIN - zp, QMAX - zp)
+    return (rint(v, INTERPRET) + zp).to(tl.int8)
+
+
+@triton.jit
+def apply_activation(y, ACT: tl.constexpr):
+    """Epilogue activation on fp32: 0 none, 1 SiLU, 2 GELU (tanh approximation)."""
+    if ACT == 1:
+        y = y * tl.sigmoid(y)
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(u)) == sigmoid(2u)
+    return y
+
+
+@triton.jit
+def store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale,
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL_SCALE: tl.constexpr, ACT: tl.constexpr):
+    """acc (fp32) * a_scale * w_scale[n] (if per-channel) + bias[n], activation, cast, store."""
+    mask_n = rn < N
+    if PER_CHANNEL_SCALE:
+        ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
+        acc = acc * (a_scale * ws)[None, :]
+    else:
+        acc = acc * a_scale
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
+    acc = apply_activation(acc, ACT)
+    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host helpers
+
+
+def check_launchable(*tensors: torch.Tensor) -> None:
+    """Raise if the kernels cannot run on these tensors' device in this process."""
+    dev = tensors[0].device
+    for t in tensors:
+        if t is not None and t.device != dev:
+            raise ValueError(f"all kernel arguments must be on one device, got {dev} and {t.device}")
+    if dev.type == "cuda":
+        if INTERPRET:
+            raise RuntimeError("Triton runs in interpreter mode (TRITON_INTERPRET=1): qdiff kernels cannot run on CUDA tensors")
+        return
+    if dev.type != "cpu":
+        raise ValueError(f"qdiff Triton kernels run on CUDA (or CPU in Triton's interpreter), not on {dev}")
+    if not (INTERPRET and _STDLIB_INTERPRETED):
+        raise RuntimeError(
+            "qdiff Triton kernels on CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+            "anything imports triton (it was imported without it)"
+        )
+
+
+def kernels_usable_on(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device`` in this process (CUDA, or CPU in the interpreter)."""
+    if device.type == "cuda":
+        return not INTERPRET
+    return device.type == "cpu" and INTERPRET and _STDLIB_INTERPRETED
+
+
+def check_tensor(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], dim: int | None = None, shape: tuple | None = None) -> None:
+    """Clear errors for a kernel argument of the wrong dtype / rank / shape."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_scalar(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != dtype:
+        got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a one-element {dtype} tensor (a buffer, not a Python number), got {got}")
+
+
+def row_major(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` with unit stride in its last dim (weights must already be contiguous)."""
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    return t
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fused_bias(bias: torch.Tensor | None, bias_corr: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``bias + bias_corr`` in fp32 (either may be None), checked to have ``n`` entries."""
+    out = None
+    for name, b in (("bias", bias), ("bias_corr", bias_corr)):
+        if b is None:
+            continue
+        if b.numel() != n:
+            raise ValueError(f"{name} must have {n} entries (one per output feature), got shape {tuple(b.shape)}")
+        b = b.reshape(n).float()
+        out = b if out is None else out + b
+    return out

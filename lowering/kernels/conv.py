@@ -1,0 +1,215 @@
+"""W8A8 2-D convolution (groups = 1) as an implicit GEMM over a channels-last input.
+
+GEMM view: ``M = B * OH * OW`` output pixels, ``N`` output channels, ``K = KH * KW * C`` taps times
+input channels. The K loop walks taps (outer) and channel blocks (inner): each A tile is
+``x[b, oh*s - p + i*d, ow*s - p + j*d, c0:c0+BLOCK_K]``, contiguous in C for a channels-last
+input, with out-of-image positions loaded as 0 (zero padding; for an asymmetric int8 quantizer a 0
+quantizes to the zero point exactly, so it contributes nothing after the zero-point term). The
+activation is quantized in the prologue (fp8 e4m3 or int8) as in the linear kernels; the weight is
+used in tap-major order ``(N, KH, KW, C)`` (the wrapper reorders the plan's ``(N, C*KH*KW)``
+layout). The output is written as ``(B*OH*OW, N)``, i.e. an NHWC tensor; callers get it back as a
+channels-last NCHW view.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    activation_code,
+    autotuned,
+    check_launchable,
+    check_scalar,
+    check_tensor,
+    config,
+    fused_bias,
+    quantize_fp8,
+    quantize_int8,
+    store_output,
+    tile_ids,
+)
+
+
+@triton.jit
+def conv2d_kernel(
+    x_ptr, w_ptr, ws_ptr, colsum_ptr, bias_ptr, as_ptr, zp_ptr, smooth_ptr, out_ptr,
+    B, H, W, C, OH, OW, N, KW, TAPS,
+    sxb, sxc, sxh, sxw, stride_wn, stride_om, stride_on,
+    SH, SW, PH, PW, DH, DW,
+    A_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    M = B * OH * OW
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = rm % M
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    ow = rm_l % OW
+    oh = (rm_l // OW) % OH
+    b = rm_l // (OW * OH)
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_rows = x_ptr + b.to(tl.int64) * sxb
+    rc = tl.arange(0, BLOCK_K)
+    a_scale = tl.load(as_ptr)
+    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
+    if ASYM:
+        zp = tl.load(zp_ptr)
+        zp_f = zp.to(tl.float32)
+    else:
+        zp = 0
+        zp_f = 0.0
+    if A_FP8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    for ks in range(0, TAPS * c_blocks):
+        tap = ks // c_blocks
+        cc = (ks % c_blocks) * BLOCK_K + rc
+        ih = ih0 + (tap // KW) * DH
+        iw = iw0 + (tap % KW) * DW
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_ptrs = x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc
+        w_ptrs = w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None]
+        if EVEN_C:
+            a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+            wt = tl.load(w_ptrs)
+        else:
+            c_ok = cc < C
+            a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
+        a = a.to(tl.float32)
+        if HAS_SMOOTH:
+            a = a * tl.load(smooth_ptr + cc, mask=cc < C, other=0.0)[None, :]
+        if A_FP8:
+            acc = tl.dot(quantize_fp8(a * inv_scale, INTERPRET), wt, acc)
+        else:
+            acc = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), wt, acc, out_dtype=tl.int32)
+    if ASYM:
+        acc = acc - zp * tl.load(colsum_ptr + rn, mask=rn < N, other=0)[None, :]
+    store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+
+
+LARGE_M_CONFIGS = [
+    config(128, 128, 64, 4, 4),
+    config(128, 128, 128, 3, 8),
+    config(128, 256, 64, 3, 8),
+    config(64, 128, 64, 4, 4),
+    config(128, 64, 64, 4, 4),
+]
+SMALL_M_CONFIGS = [
+    config(32, 64, 64, 4, 4),
+    config(64, 64, 64, 4, 4),
+]
+SMALL_M = 256
+_KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "ASYM", "HAS_SMOOTH", "ACT"]
+_C_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS)
+_large = autotuned(conv2d_kernel, LARGE_M_CONFIGS, _KEY)
+_small = autotuned(conv2d_kernel, SMALL_M_CONFIGS, _KEY)
+
+
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@triton_op("qdiff::conv2d_w8a8", mutates_args=())
+def conv2d_w8a8_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor | None,
+                   bias: torch.Tensor | None, a_scale: torch.Tensor, a_zp: torch.Tensor | None,
+                   act_smooth: torch.Tensor | None, kh: int, kw: int, stride: list[int], padding: list[int],
+                   dilation: list[int], act: int) -> torch.Tensor:
+    """``x`` (B, C, H, W), any strides (channels-last is the fast one); ``w`` (N, KH*KW*C) tap-major,
+    fp8 (fp8 activations) or int8 (int8 activations, asymmetric when ``a_zp`` is given).
+    Returns ``(B*OH*OW, N)``."""
+    check_tensor(x, "x", FLOAT_DTYPES, dim=4)
+    check_tensor(w, "weight", (torch.float8_e4m3fn, torch.int8), dim=2)
+    a_fp8 = w.dtype == torch.float8_e4m3fn
+    B, C, H, W = x.shape
+    N = w.shape[0]
+    if w.shape[1] != kh * kw * C:
+        raise ValueError(f"weight has {w.shape[1]} columns, expected KH*KW*C = {kh}*{kw}*{C}")
+    check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N,))
+    if bias is not None:
+        check_tensor(bias, "bias", (torch.float32,), shape=(N,))
+    check_scalar(a_scale, "activation scale", torch.float32)
+    asym = a_zp is not None
+    if asym:
+        if a_fp8:
+            raise ValueError("fp8 activations have no zero point")
+        check_scalar(a_zp, "activation zero point", torch.int32)
+        if colsum is None:
+            raise ValueError("an asymmetric activation quantizer needs the weight's column sums")
+        check_tensor(colsum, "colsum", (torch.int32,), shape=(N,))
+    if act_smooth is not None:
+        check_tensor(act_smooth, "act_smooth", (torch.float32,), shape=(C,))
+    if not w.is_contiguous():
+        raise ValueError("weight must be contiguous")
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise ValueError(f"2-D convolution needs two strides, paddings and dilations, got {stride}, {padding}, {dilation}")
+    check_launchable(x, w, w_scale, a_scale)
+    OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"convolution output would be empty ({OH}x{OW}) for input {H}x{W}")
+    M = B * OH * OW
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    kernel = _small if M <= SMALL_M else _large
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    wrap_triton(kernel)[grid](
+        x, w, w_scale, colsum if asym else w_scale, bias if bias is not None else w_scale, a_scale,
+        a_zp if asym else a_scale, act_smooth if act_smooth is not None else w_scale, out,
+        B, H, W, C, OH, OW, N, kw, kh * kw,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), out.stride(0), out.stride(1),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        A_FP8=a_fp8, QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
+        HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
+        EVEN_C=C % _C_MULTIPLE == 0, INTERPRET=INTERPRET,
+    )
+    return out
+
+
+@conv2d_w8a8_op.register_fake
+def _(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act):
+    B, _, H, W = x.shape
+    OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((B * OH * OW, w.shape[0]))
+
+
+def tap_major(wdata: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """The plan's conv weight ``(N, C*KH*KW)`` reordered to ``(N, KH*KW*C)`` (contiguous)."""
+    n, c, kh, kw = weight_shape
+    return wdata.reshape(n, c, kh, kw).permute(0, 2, 3, 1).reshape(n, kh * kw * c).contiguous()
+
+
+def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                a_zp: torch.Tensor | None, *, weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int], act_smooth: torch.Tensor | None = None, act: str = "none",
+                bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 conv2d (fp8 weight: fp8 activations; int8 weight: int8, asymmetric if ``a_zp``) -> NCHW (channels-last strides)."""
+    n, c, kh, kw = weight_shape
+    B, _, H, W = x.shape
+    xc = x.contiguous(memory_format=torch.channels_last)
+    w = tap_major(wdata, weight_shape)
+    colsum = None
+    if a_zp is not None:
+        a_zp = a_zp.to(torch.int32)
+        colsum = wdata.reshape(n, -1).sum(dim=1, dtype=torch.int32)
+    s = None if act_smooth is None else act_smooth.float().reshape(-1)
+    out = torch.ops.qdiff.conv2d_w8a8(xc, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, n), a_scale.float(), a_zp, s,
+                                      kh, kw, list(stride), list(padding), list(dilation), activation_code(act))
+    OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    return out.view(B, OH, OW, n).permute(0, 3, 1, 2)

@@ -1,0 +1,197 @@
+"""W8A8 FP8 e4m3 GEMM: ``y = act((q(x) @ W_q^T) * a_scale * w_scale[n] + bias)``.
+
+The activation is quantized in the GEMM's prologue with a static per-tensor scale (``x / scale``
+clamped to +-448, rounded to e4m3), tile by tile as it is loaded: no separate quantize pass over
+memory, no amax. The weight is float8_e4m3fn in the plan's GEMM layout ``(N, K)`` (K-major, as
+Hopper's fp8 wgmma wants both operands) with per-output-channel fp32 scales. ``tl.dot`` on the fp8
+tiles accumulates in fp32; the epilogue dequantizes, adds the (pre-summed) bias, applies an
+optional activation and casts to the input's dtype. ``fp8_linear_prequant`` takes an input that a
+producer already quantized to fp8.
+
+Specialization is by ``tl.constexpr`` flags (input already fp8, bias, smoothing, activation, K
+divisible by the tile) and shape-keyed autotuning; scales are tensor arguments, so plans that differ
+only in scales (timestep groups) share the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    activation_code,
+    autotuned,
+    check_launchable,
+    check_scalar,
+    check_tensor,
+    config,
+    fused_bias,
+    quantize_fp8,
+    row_major,
+    store_output,
+    tile_ids,
+)
+
+FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def fp8_linear_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, smooth_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+    X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows / columns past the edge load valid (wrapped) data; only the store is masked
+    rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
+    a_scale = tl.load(as_ptr)
+    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = rk < K - kt * BLOCK_K
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if not X_FP8:
+            a = a.to(tl.float32)
+            if HAS_SMOOTH:
+                kk = kt * BLOCK_K + rk
+                a = a * tl.load(smooth_ptr + kk, mask=kk < K, other=0.0)[None, :]
+            a = quantize_fp8(a * inv_scale, INTERPRET)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K
+    store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+
+
+# H100-oriented tiles; fp8 wgmma wants BLOCK_K >= 32 and likes 128.
+LARGE_M_CONFIGS = [
+    config(128, 256, 128, 3, 8),
+    config(128, 128, 128, 4, 8),
+    config(256, 128, 128, 3, 8),
+    config(128, 128, 64, 5, 4),
+    config(64, 256, 128, 4, 4),
+]
+SMALL_M_CONFIGS = [
+    config(16, 64, 128, 4, 4),
+    config(32, 128, 128, 4, 4),
+    config(64, 128, 128, 4, 4),
+    config(16, 128, 128, 5, 4),
+]
+SMALL_M = 64  # M at or below this uses the small-tile configs
+
+_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT"]
+# EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
+_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS)
+_large = autotuned(fp8_linear_kernel, LARGE_M_CONFIGS, _KEY)
+_small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
+
+
+def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool) -> torch.Tensor:
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=out_dtype)
+    if M == 0:
+        return out
+    kernel = _small if M <= SMALL_M else _large
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    wrap_triton(kernel)[grid](
+        x, w, w_scale, bias if bias is not None else w_scale, a_scale,
+        act_smooth if act_smooth is not None else w_scale, out,
+        M, N, K,
+        x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1),
+        X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
+        EVEN_K=K % _K_MULTIPLE == 0, INTERPRET=INTERPRET,
+    )
+    return out
+
+
+def _check(x, w, w_scale, bias, a_scale, act_smooth, x_dtypes):
+    check_tensor(x, "x", x_dtypes, dim=2)
+    check_tensor(w, "weight", (FP8,), dim=2)
+    N, K = w.shape
+    if x.shape[1] != K:
+        raise ValueError(f"x has {x.shape[1]} input features but the weight has K={K}")
+    check_tensor(w_scale, "weight scale", (torch.float32,))
+    if w_scale.numel() != N or not w_scale.is_contiguous():
+        raise ValueError(f"weight scale must be a contiguous per-output-channel tensor of {N} entries, got {tuple(w_scale.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", (torch.float32,), shape=(N,))
+    check_scalar(a_scale, "activation scale", torch.float32)
+    if act_smooth is not None:
+        check_tensor(act_smooth, "act_smooth", (torch.float32,), shape=(K,))
+    row_major(x, "x")
+    if not w.is_contiguous():
+        raise ValueError("weight must be contiguous (N, K)")
+    check_launchable(x, w, w_scale, a_scale)
+
+
+@triton_op("qdiff::fp8_linear", mutates_args=())
+def fp8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  a_scale: torch.Tensor, act_smooth: torch.Tensor | None, act: int) -> torch.Tensor:
+    """2-D ``x`` (fp16/bf16/fp32) quantized in the prologue; output in x's dtype."""
+    _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES)
+    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False)
+
+
+@fp8_linear_op.register_fake
+def _(x, w, w_scale, bias, a_scale, act_smooth, act):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@triton_op("qdiff::fp8_linear_prequant", mutates_args=())
+def fp8_linear_prequant_op(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                           a_scale: torch.Tensor, act: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """2-D ``xq`` already float8_e4m3fn (quantized by its producer with ``a_scale``)."""
+    _check(xq, w, w_scale, bias, a_scale, None, (FP8,))
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
+    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True)
+
+
+@fp8_linear_prequant_op.register_fake
+def _(xq, w, w_scale, bias, a_scale, act, out_dtype):
+    return xq.new_empty((xq.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+               act_smooth: torch.Tensor | None = None, act: str = "none", bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` of shape (..., K) -> (..., N); ``w`` float8 (N, K), ``w_scale`` fp32 per output channel."""
+    N = w.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    b = fused_bias(bias, bias_corr, N)
+    s = None if act_smooth is None else act_smooth.float().reshape(-1)
+    out = torch.ops.qdiff.fp8_linear(x2, w, w_scale.reshape(-1), b, a_scale.float(), s, activation_code(act))
+    return out.reshape(*x.shape[:-1], N)
+
+
+def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                        out_dtype: torch.dtype, act: str = "none", bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+    """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale``."""
+    N = w.shape[0]
+    x2 = xq.reshape(-1, xq.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.ops.qdiff.fp8_linear_prequant(x2, w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(), activation_code(act), out_dtype)
+    return out.reshape(*xq.shape[:-1], N)

@@ -1,0 +1,180 @@
+"""W8A8 INT8 GEMM with a static per-tensor (optionally asymmetric) activation quantizer.
+
+Prologue: ``q = clamp(round(x / a_scale) + zp, qmin, qmax)`` per loaded tile (int8, round half to
+even as ``torch.round``). ``tl.dot`` on int8 tiles accumulates exactly in int32. Epilogue: the zero
+point is removed in the integer domain, ``sum_k (q - zp) w = acc - zp * colsum[n]`` with
+``colsum[n] = sum_k w_q[n, k]`` (computed by the wrapper from the stored weight), then
+``* a_scale * w_scale[n] + bias``, optional activation, cast to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    activation_code,
+    autotuned,
+    check_launchable,
+    check_scalar,
+    check_tensor,
+    config,
+    fused_bias,
+    quantize_int8,
+    row_major,
+    store_output,
+    tile_ids,
+)
+
+
+@triton.jit
+def int8_linear_kernel(
+    x_ptr, w_ptr, ws_ptr, colsum_ptr, bias_ptr, as_ptr, zp_ptr, smooth_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
+    a_scale = tl.load(as_ptr)
+    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
+    if ASYM:
+        zp = tl.load(zp_ptr)
+        zp_f = zp.to(tl.float32)
+    else:
+        zp = 0
+        zp_f = 0.0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = rk < K - kt * BLOCK_K
+            # masked-out K columns must contribute (q - zp) = 0: x = 0 quantizes to zp exactly
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        a = a.to(tl.float32)
+        if HAS_SMOOTH:
+            kk = kt * BLOCK_K + rk
+            a = a * tl.load(smooth_ptr + kk, mask=kk < K, other=0.0)[None, :]
+        a = quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K
+    if ASYM:
+        colsum = tl.load(colsum_ptr + rn, mask=rn < N, other=0)
+        acc = acc - zp * colsum[None, :]
+    store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+
+
+LARGE_M_CONFIGS = [
+    config(128, 256, 128, 3, 8),
+    config(128, 128, 128, 4, 8),
+    config(256, 128, 128, 3, 8),
+    config(128, 128, 64, 5, 4),
+    config(64, 256, 128, 4, 4),
+]
+SMALL_M_CONFIGS = [
+    config(16, 64, 128, 4, 4),
+    config(32, 128, 128, 4, 4),
+    config(64, 128, 128, 4, 4),
+]
+SMALL_M = 64
+
+_KEY = ["M", "N", "K", "ASYM", "HAS_SMOOTH", "ACT"]
+_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS)
+_large = autotuned(int8_linear_kernel, LARGE_M_CONFIGS, _KEY)
+_small = autotuned(int8_linear_kernel, SMALL_M_CONFIGS, _KEY)
+
+
+def weight_colsum(w: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_q[n, k]`` in int32: the zero-point term of an asymmetric int8 activation."""
+    return w.sum(dim=1, dtype=torch.int32)
+
+
+@triton_op("qdiff::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor | None,
+                   bias: torch.Tensor | None, a_scale: torch.Tensor, a_zp: torch.Tensor | None,
+                   act_smooth: torch.Tensor | None, act: int) -> torch.Tensor:
+    """2-D ``x`` quantized to int8 in the prologue; ``a_zp`` None for a symmetric quantizer (range +-127)."""
+    check_tensor(x, "x", FLOAT_DTYPES, dim=2)
+    check_tensor(w, "weight", (torch.int8,), dim=2)
+    N, K = w.shape
+    if x.shape[1] != K:
+        raise ValueError(f"x has {x.shape[1]} input features but the weight has K={K}")
+    check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N,))
+    if bias is not None:
+        check_tensor(bias, "bias", (torch.float32,), shape=(N,))
+    check_scalar(a_scale, "activation scale", torch.float32)
+    asym = a_zp is not None
+    if asym:
+        check_scalar(a_zp, "activation zero point", torch.int32)
+        if colsum is None:
+            raise ValueError("an asymmetric activation quantizer needs the weight's column sums (weight_colsum)")
+        check_tensor(colsum, "colsum", (torch.int32,), shape=(N,))
+    if act_smooth is not None:
+        check_tensor(act_smooth, "act_smooth", (torch.float32,), shape=(K,))
+    row_major(x, "x")
+    if not w.is_contiguous():
+        raise ValueError("weight must be contiguous (N, K)")
+    check_launchable(x, w, w_scale, a_scale)
+    M = x.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    kernel = _small if M <= SMALL_M else _large
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    wrap_triton(kernel)[grid](
+        x, w, w_scale, colsum if asym else w_scale, bias if bias is not None else w_scale, a_scale,
+        a_zp if asym else a_scale, act_smooth if act_smooth is not None else w_scale, out,
+        M, N, K,
+        x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1),
+        QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
+        HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
+        EVEN_K=K % _K_MULTIPLE == 0, INTERPRET=INTERPRET,
+    )
+    return out
+
+
+@int8_linear_op.register_fake
+def _(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, act):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                a_zp: torch.Tensor | None = None, act_smooth: torch.Tensor | None = None, act: str = "none",
+                bias_corr: torch.Tensor | None = None, colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., K) -> (..., N) with int8 ``w`` (N, K); ``a_zp`` None means symmetric (+-127).
+
+    ``colsum`` (:func:`weight_colsum` of ``w``) may be passed precomputed; otherwise it is computed
+    here when ``a_zp`` is given (one pass over the weight's bytes).
+    """
+    N = w.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if a_zp is not None:
+        a_zp = a_zp.to(torch.int32)
+        if colsum is None:
+            colsum = weight_colsum(w)
+    s = None if act_smooth is None else act_smooth.float().reshape(-1)
+    out = torch.ops.qdiff.int8_linear(x2, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, N), a_scale.float(),
+                                      a_zp, s, activation_code(act))
+    return out.reshape(*x.shape[:-1], N)

@@ -1,0 +1,343 @@
+"""Low-bit weight GEMMs: packed INT4 (and INT8) weights dequantized inside the kernel.
+
+Storage (see :mod:`qcompile.lowering.weights`): INT4 weights are ``uint8 (N, Kp/2)``, element
+``2i`` in the low nibble and ``2i+1`` in the high nibble of byte ``i``; ``Kp`` is K padded with
+zeros to whole groups (or to even for per-channel); scales are ``fp32 (N, Kp/group)`` (one column
+for per-channel). A tile of ``BLOCK_K/2`` bytes per row is loaded, split into nibbles,
+sign-extended and interleaved back into K order.
+
+- ``w4a16`` (``weight_only_linear``): float activations; each weight tile becomes
+  ``(q * scale[n, group]).to(x.dtype)`` (the reference's dequantized weight, bit for bit) and
+  ``tl.dot`` runs in the activation's dtype with fp32 accumulation. Also serves INT8 weight-only.
+- ``w4a8``: the activation is quantized in the prologue (int8 with zero point, or fp8 e4m3) and the
+  int4 tile is upcast to int8 / fp8 (exact); each K tile's dot (int32 or fp32) is scaled by its
+  group's scale and accumulated in fp32. The zero point's term uses the tile's weight column sums.
+
+Group-wise scales need ``group_size % BLOCK_K == 0`` (one scale per tile and column); autotune
+config lists are filtered per group size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    activation_code,
+    autotuned,
+    check_launchable,
+    check_scalar,
+    check_tensor,
+    config,
+    fused_bias,
+    quantize_fp8,
+    quantize_int8,
+    row_major,
+    store_output,
+    tile_ids,
+)
+
+
+@triton.jit
+def load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_K, BLOCK_N) int8 weight tile ``kt`` (K_STORED: stored row length in elements)."""
+    if W_INT4:
+        rb = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        ptrs = w_ptr + rn_l[:, None] * stride_wn + rb[None, :]
+        if EVEN_K:
+            p = tl.load(ptrs)
+        else:
+            p = tl.load(ptrs, mask=(rb < K_STORED // 2)[None, :], other=0)
+        p = p.to(tl.int8, bitcast=True)
+        lo = (p << 4) >> 4  # arithmetic shifts sign-extend the nibbles
+        hi = p >> 4
+        return tl.trans(tl.interleave(lo, hi))
+    else:
+        rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
+        if EVEN_K:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=(rk < K_STORED)[:, None], other=0)
+
+
+@triton.jit
+def weight_only_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K, K_STORED,
+    stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_on,
+    W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=(rk < K - kt * BLOCK_K)[None, :], other=0.0)
+        q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4, EVEN_K, BLOCK_K)
+        if GROUP > 0:
+            s = tl.load(ws_ptr + rn_l * stride_sn + (kt * BLOCK_K) // GROUP)
+            b = (q.to(tl.float32) * s[None, :]).to(a.dtype)
+        else:
+            b = q.to(tl.float32).to(a.dtype)  # via fp32: the interpreter's int -> bf16 cast is wrong
+        if FP32_DOT:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 operands are exact in fp32
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K * stride_xk
+    # no activation scale (1.0); per-channel weight scales are applied in the epilogue
+    store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
+
+
+@triton.jit
+def w4a8_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, zp_ptr, smooth_ptr, out_ptr,
+    M, N, K, K_STORED,
+    stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_on,
+    A_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
+    a_scale = tl.load(as_ptr)
+    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
+    if ASYM:
+        zp = tl.load(zp_ptr)
+        zp_f = zp.to(tl.float32)
+    else:
+        zp = 0
+        zp_f = 0.0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=(rk < K - kt * BLOCK_K)[None, :], other=0.0)
+        a = a.to(tl.float32)
+        if HAS_SMOOTH:
+            kk = kt * BLOCK_K + rk
+            a = a * tl.load(smooth_ptr + kk, mask=kk < K, other=0.0)[None, :]
+        q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, True, EVEN_K, BLOCK_K)
+        if A_FP8:
+            part = tl.dot(quantize_fp8(a * inv_scale, INTERPRET), q.to(tl.float16).to(tl.float8e4nv))
+        else:
+            part = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), q, out_dtype=tl.int32)
+            if ASYM:
+                part = part - zp * tl.sum(q.to(tl.int32), axis=0)[None, :]
+            part = part.to(tl.float32)
+        if GROUP > 0:
+            s = tl.load(ws_ptr + rn_l * stride_sn + (kt * BLOCK_K) // GROUP)
+            acc += part * s[None, :]
+        else:
+            acc += part
+        x_ptrs += BLOCK_K * stride_xk
+    store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, GROUP == 0, ACT)
+
+
+WEIGHT_ONLY_LARGE = [
+    config(128, 128, 64, 4, 4),
+    config(128, 256, 64, 3, 8),
+    config(128, 128, 128, 3, 8),
+    config(64, 128, 64, 4, 4),
+    config(128, 64, 32, 5, 4),
+]
+WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, long K tiles, many CTAs
+    config(16, 32, 128, 4, 4),
+    config(16, 64, 64, 4, 4),
+    config(16, 64, 128, 4, 4),
+    config(16, 128, 64, 4, 4),
+    config(32, 64, 64, 4, 4),
+    config(16, 64, 32, 4, 4),
+]
+W4A8_LARGE = [
+    config(128, 128, 64, 4, 4),
+    config(128, 256, 64, 3, 8),
+    config(128, 128, 128, 3, 8),
+    config(64, 128, 64, 4, 4),
+    config(128, 64, 32, 4, 4),
+]
+W4A8_SMALL = [
+    config(16, 64, 64, 4, 4),
+    config(16, 128, 64, 4, 4),
+    config(32, 64, 128, 4, 4),
+    config(16, 64, 32, 4, 4),
+]
+SMALL_M = 64
+_KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
+_KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
+
+
+def _fits(c: triton.Config, group: int) -> bool:
+    bk = c.kwargs["BLOCK_K"]
+    return group == 0 or (bk <= group and group % bk == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(which: str, group: int, small: bool):
+    """The autotuned kernel for ``which`` with configs valid for ``group`` (0: per channel)."""
+    if which == "weight_only":
+        fn, configs, key = weight_only_kernel, WEIGHT_ONLY_SMALL if small else WEIGHT_ONLY_LARGE, _KEY_WO
+    else:
+        fn, configs, key = w4a8_kernel, W4A8_SMALL if small else W4A8_LARGE, _KEY_W4A8
+    configs = [c for c in configs if _fits(c, group)]
+    if not configs:
+        return None
+    return autotuned(fn, configs, key), max(c.kwargs["BLOCK_K"] for c in configs)
+
+
+def supports_group(group_size: int | None) -> bool:
+    """Whether the kernels have configs for int4 groups of ``group_size`` (multiples of 32)."""
+    g = group_size or 0
+    return all(_kernel(w, g, s) is not None for w in ("weight_only", "w4a8") for s in (False, True))
+
+
+def _check_weight(x, w, w_scale, group: int, int4: bool, K: int):
+    check_tensor(w, "weight", (torch.uint8,) if int4 else (torch.int8,), dim=2)
+    N = w.shape[0]
+    k_stored = w.shape[1] * (2 if int4 else 1)
+    if x.shape[1] != K or not (K <= k_stored < K + max(group, 2)):
+        raise ValueError(f"x has {x.shape[1]} input features; K={K} does not fit a weight storing {k_stored} per row")
+    n_groups = k_stored // group if group else 1
+    check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N, n_groups))
+    if group and k_stored % group:
+        raise ValueError(f"stored K {k_stored} is not a whole number of groups of {group}")
+    if not (w.is_contiguous() and w_scale.is_contiguous()):
+        raise ValueError("weight and weight scale must be contiguous")
+    row_major(x, "x")
+    return N, k_stored
+
+
+def _grid(M, N):
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    return grid
+
+
+@triton_op("qdiff::weight_only_linear", mutates_args=())
+def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                          K: int, group_size: int, int4: bool, act: int) -> torch.Tensor:
+    """2-D float ``x`` times an int4-packed (``int4``) or int8 weight; ``group_size`` 0 = per channel."""
+    check_tensor(x, "x", FLOAT_DTYPES, dim=2)
+    if not int4 and group_size:
+        raise ValueError("int8 weights are per-channel only")
+    N, k_stored = _check_weight(x, w, w_scale, group_size, int4, K)
+    if bias is not None:
+        check_tensor(bias, "bias", (torch.float32,), shape=(N,))
+    check_launchable(x, w, w_scale)
+    found = _kernel("weight_only", group_size, x.shape[0] <= SMALL_M)
+    if found is None:
+        raise ValueError(f"no kernel configuration for int4 groups of {group_size} (need a multiple of 32)")
+    kernel, k_multiple = found
+    M = x.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    wrap_triton(kernel)[_grid(M, N)](
+        x, w, w_scale, bias if bias is not None else w_scale, out,
+        M, N, K, k_stored,
+        x.stride(0), x.stride(1), w.stride(0), w_scale.stride(0), out.stride(0), out.stride(1),
+        W_INT4=int4, GROUP=group_size, HAS_BIAS=bias is not None, ACT=act,
+        EVEN_K=K % k_multiple == 0 and K == k_stored, FP32_DOT=x.dtype == torch.float32, INTERPRET=INTERPRET,
+    )
+    return out
+
+
+@weight_only_linear_op.register_fake
+def _(x, w, w_scale, bias, K, group_size, int4, act):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@triton_op("qdiff::w4a8_linear", mutates_args=())
+def w4a8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   a_scale: torch.Tensor, a_zp: torch.Tensor | None, act_smooth: torch.Tensor | None,
+                   K: int, group_size: int, a_fp8: bool, act: int) -> torch.Tensor:
+    """2-D float ``x`` quantized in the prologue (int8, asymmetric when ``a_zp`` is given, or fp8) times an int4 weight."""
+    check_tensor(x, "x", FLOAT_DTYPES, dim=2)
+    N, k_stored = _check_weight(x, w, w_scale, group_size, True, K)
+    if bias is not None:
+        check_tensor(bias, "bias", (torch.float32,), shape=(N,))
+    check_scalar(a_scale, "activation scale", torch.float32)
+    asym = a_zp is not None
+    if asym:
+        if a_fp8:
+            raise ValueError("fp8 activations have no zero point")
+        check_scalar(a_zp, "activation zero point", torch.int32)
+    if act_smooth is not None:
+        check_tensor(act_smooth, "act_smooth", (torch.float32,), shape=(K,))
+    check_launchable(x, w, w_scale, a_scale)
+    found = _kernel("w4a8", group_size, x.shape[0] <= SMALL_M)
+    if found is None:
+        raise ValueError(f"no kernel configuration for int4 groups of {group_size} (need a multiple of 32)")
+    kernel, k_multiple = found
+    M = x.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    wrap_triton(kernel)[_grid(M, N)](
+        x, w, w_scale, bias if bias is not None else w_scale, a_scale, a_zp if asym else a_scale,
+        act_smooth if act_smooth is not None else w_scale, out,
+        M, N, K, k_stored,
+        x.stride(0), x.stride(1), w.stride(0), w_scale.stride(0), out.stride(0), out.stride(1),
+        A_FP8=a_fp8, QMIN=-128 if asym else -127, QMAX=127, ASYM=asym, GROUP=group_size,
+        HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
+        EVEN_K=K % k_multiple == 0 and K == k_stored, INTERPRET=INTERPRET,
+    )
+    return out
+
+
+@w4a8_linear_op.register_fake
+def _(x, w, w_scale, bias, a_scale, a_zp, act_smooth, K, group_size, a_fp8, act):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _as_2d(x):
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, *,
+                       wfmt: str, group_size: int | None, act: str = "none", bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., K) times a stored int4 (``wfmt="int4"``) or int8 weight, dequantized in the kernel."""
+    if wfmt not in ("int4", "int8"):
+        raise ValueError(f"weight-only kernel takes int4 or int8 weights, not {wfmt!r}")
+    N, K = w.shape[0], x.shape[-1]
+    out = torch.ops.qdiff.weight_only_linear(_as_2d(x), w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), K,
+                                             group_size or 0, wfmt == "int4", activation_code(act))
+    return out.reshape(*x.shape[:-1], N)
+
+
+def w4a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                a_zp: torch.Tensor | None = None, *, group_size: int | None, afmt: str = "int8",
+                act_smooth: torch.Tensor | None = None, act: str = "none", bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., K) quantized in the prologue to ``afmt`` (int8 / fp8_e4m3) times a packed int4 weight."""
+    if afmt not in ("int8", "fp8_e4m3"):
+        raise ValueError(f"w4a8 activations are int8 or fp8_e4m3, not {afmt!r}")
+    N, K = w.shape[0], x.shape[-1]
+    s = None if act_smooth is None else act_smooth.float().reshape(-1)
+    zp = None if a_zp is None else a_zp.to(torch.int32)
+    out = torch.ops.qdiff.w4a8_linear(_as_2d(x), w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), a_scale.float(), zp, s,
+                                      K, group_size or 0, afmt == "fp8_e4m3", activation_code(act))
+    return out.reshape(*x.shape[:-1], N)

@@ -1,0 +1,150 @@
+"""Triton lowering: drop-in replacements of :func:`.reference.qlinear` / :func:`.reference.qconv`.
+
+Each call goes to a Triton kernel (:mod:`.kernels`) when one supports its formats, dtype and
+device, and to the pure-PyTorch reference otherwise, so results are never silently wrong:
+
+| weight | activation | kernel |
+| --- | --- | --- |
+| fp8_e4m3 | fp8_e4m3 | ``qdiff::fp8_linear`` |
+| int8 | int8 (sym. or asym.) | ``qdiff::int8_linear`` |
+| int4 (per channel or groups of 32k) | int8 / fp8_e4m3 | ``qdiff::w4a8_linear`` |
+| int4 / int8 | none | ``qdiff::weight_only_linear`` |
+| conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
+| conv 2-D, groups 1, fp8/fp8 or int8/int8 | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
+
+Everything else (transposed / grouped / 1-D / 3-D convs, weight-only convs other than 1x1, mixed
+fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA
+tensors, and on CPU tensors only when Triton runs in its interpreter (``TRITON_INTERPRET=1``, tests).
+A symmetric int8 quantizer's zero point is 0 by construction (``observers.qparams_from_range``) and is
+not read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .kernels._common import FLOAT_DTYPES, kernels_usable_on
+from .kernels.conv import conv2d_w8a8
+from .kernels.fp8_linear import fp8_linear
+from .kernels.int8_linear import int8_linear
+from .kernels.w4_linear import supports_group, w4a8_linear, weight_only_linear
+
+
+def linear_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None) -> str | None:
+    """The kernel a linear with these formats runs on (``fp8``, ``int8``, ``w4a8``, ``weight_only``), or None."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or not kernels_usable_on(x.device):
+        return None
+    if wfmt == "int4" and not supports_group(group_size):
+        return None
+    if afmt is None:
+        return "weight_only" if wfmt in ("int4", "int8") and (wfmt == "int4" or group_size is None) else None
+    if wfmt == "int4" and afmt in ("int8", "fp8_e4m3"):
+        return "w4a8"
+    if (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3"):
+        return "fp8"
+    if (wfmt, afmt) == ("int8", "int8") and group_size is None:
+        return "int8"
+    return None
+
+
+def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, afmt, asym, bias_corr, act_smooth, act):
+    zp = a_zp if (asym and afmt == "int8") else None
+    if route == "fp8":
+        return fp8_linear(x, wdata.view(torch.float8_e4m3fn), wscale, bias, a_scale, act_smooth, act, bias_corr)
+    if route == "int8":
+        return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr)
+    if route == "w4a8":
+        return w4a8_linear(x, wdata, wscale, bias, a_scale, zp, group_size=group_size, afmt=afmt, act_smooth=act_smooth,
+                           act=act, bias_corr=bias_corr)
+    return weight_only_linear(x, wdata, wscale, bias, wfmt=wfmt, group_size=group_size, act=act, bias_corr=bias_corr)
+
+
+def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None):
+    """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding)."""
+    return qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
+                         afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth)
+
+
+_ACT_REFERENCE = {
+    "none": lambda y: y,
+    "silu": torch.nn.functional.silu,
+    "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
+}
+
+
+def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False,
+                  bias_corr=None, act_smooth=None, act="none"):
+    """:func:`qlinear` followed by ``act`` (``none`` / ``silu`` / ``gelu_tanh``), fused into the kernel's epilogue."""
+    if act not in _ACT_REFERENCE:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ACT_REFERENCE)}")
+    if len(weight_shape) != 2 or x.shape[-1] != weight_shape[1]:
+        raise ValueError(f"linear input of shape {tuple(x.shape)} does not match weight shape {tuple(weight_shape)}")
+    route = linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size)
+    if route is None:
+        y = reference.qlinear(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
+                              afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth)
+        return _ACT_REFERENCE[act](y)
+    return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
+                   bias_corr=bias_corr, act_smooth=act_smooth, act=act)
+
+
+def _pair(v, n: int = 2) -> tuple[int, ...] | None:
+    if isinstance(v, int):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and all(isinstance(e, int) for e in v):
+        return tuple(v) * n if len(v) == 1 else (tuple(v) if len(v) == n else None)
+    return None
+
+
+def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | None:
+    """Numeric symmetric padding, or None (asymmetric 'same' padding is left to the reference)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+    return _pair(padding)
+
+
+def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, weight_shape, kind: str,
+               stride, padding, dilation, groups) -> tuple[str, tuple] | None:
+    """``("gemm", (linear route,))`` for 1x1 convs, ``("implicit", (stride, padding, dilation))`` for others, or None."""
+    if kind != "conv" or len(weight_shape) != 4 or groups != 1 or not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    st, dil = _pair(stride), _pair(dilation)
+    if st is None or dil is None:
+        return None
+    pad = _padding(padding, tuple(weight_shape[2:]), dil)
+    if pad is None or x.shape[1] != weight_shape[1]:
+        return None
+    if tuple(weight_shape[2:]) == (1, 1) and st == (1, 1) and pad == (0, 0):
+        route = linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size)
+        return None if route is None else ("gemm", (route,))
+    if (wfmt, afmt) not in (("fp8_e4m3", "fp8_e4m3"), ("int8", "int8")) or group_size is not None:
+        return None
+    if x.dtype not in FLOAT_DTYPES or not kernels_usable_on(x.device):
+        return None
+    return ("implicit", (st, pad, dil))
+
+
+def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
+          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None):
+    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last."""
+    route = conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
+                       padding=padding, dilation=dilation, groups=groups)
+    if route is None:
+        return reference.qconv(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
+                               kind=kind, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                               output_padding=output_padding, afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth)
+    how, params = route
+    if how == "gemm":
+        nhwc = x.permute(0, 2, 3, 1)  # a view when x is channels-last
+        y = _linear(params[0], nhwc, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
+                    bias_corr=bias_corr, act_smooth=act_smooth, act="none")
+        return y.permute(0, 3, 1, 2)
+    st, pad, dil = params
+    zp = a_zp if (asym and afmt == "int8") else None
+    w = wdata.view(torch.float8_e4m3fn) if wfmt == "fp8_e4m3" else wdata
+    return conv2d_w8a8(x, w, wscale, bias, a_scale, zp, weight_shape=tuple(weight_shape), stride=st, padding=pad, dilation=dil,
+                       act_smooth=act_smooth, bias_corr=bias_corr)

@@ -1,0 +1,69 @@
+"""W8A8 conv2d as implicit GEMM, 1x1 convs on the GEMM kernels, and the reference fallback."""
+
+import pytest
+import torch
+
+from qcompile.lowering import reference, triton_lowering
+from qcompile.lowering.weights import quantize_weight
+from qcompile.metrics import sqnr_db
+
+from .helpers import DEVICE, act_qparams, needs_kernels, randn
+
+pytestmark = needs_kernels
+
+
+def _conv_call(x, wshape, wfmt, afmt, asym, group=None, kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, smooth=True):
+    w = torch.randn(*wshape)
+    qw = quantize_weight(w, wfmt, kind, group, clip_search=False)
+    s, z = act_qparams(x, afmt or "int8", asym)
+    c_in = x.shape[1]
+    kw = dict(wfmt=wfmt, group_size=group, weight_shape=qw.shape, kind=kind, stride=stride, padding=padding, dilation=dilation,
+              groups=groups, afmt=afmt, asym=asym, bias_corr=randn(qw.out_features, scale=0.1),
+              act_smooth=(torch.rand(c_in) + 0.5).to(DEVICE) if smooth and afmt else None)
+    args = (x, qw.data.to(DEVICE), qw.scale.to(DEVICE), randn(qw.out_features), s, z)
+    return args, kw
+
+
+@pytest.mark.parametrize(
+    "wfmt,asym,stride,padding,dilation",
+    [("fp8_e4m3", False, (1, 1), (1, 1), (1, 1)), ("int8", True, (2, 1), (1, 2), (1, 2)), ("int8", False, (1, 2), (0, 1), (2, 1))],
+)
+def test_implicit_gemm_conv_matches_reference(wfmt, asym, stride, padding, dilation):
+    x = randn(2, 24, 7, 9, shift=0.3)  # C = 24: the channel tail of each tap is masked
+    args, kw = _conv_call(x, (20, 24, 3, 3), wfmt, wfmt, asym, stride=stride, padding=padding, dilation=dilation)
+    route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding", "dilation", "groups")})
+    assert route is not None and route[0] == "implicit"
+    out = triton_lowering.qconv(*args, **kw)
+    ref = reference.qconv(*args, **kw)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert sqnr_db(ref, out) > 45
+
+
+@pytest.mark.parametrize("wfmt,afmt,group", [("int4", None, 64), ("fp8_e4m3", "fp8_e4m3", None)])
+def test_pointwise_conv_runs_on_the_gemm_kernels(wfmt, afmt, group):
+    x = randn(2, 32, 5, 6).contiguous(memory_format=torch.channels_last)
+    args, kw = _conv_call(x, (16, 32, 1, 1), wfmt, afmt, False, group=group, padding=(0, 0))
+    route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding", "dilation", "groups")})
+    assert route is not None and route[0] == "gemm"
+    out = triton_lowering.qconv(*args, **kw)
+    assert sqnr_db(reference.qconv(*args, **kw), out) > 45
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(wshape=(16, 4, 3, 3), groups=2, wfmt="int8", afmt="int8"),  # grouped
+        dict(wshape=(8, 4, 2, 2), kind="conv_transpose", stride=(2, 2), padding=(0, 0), wfmt="int8", afmt="int8"),
+        dict(wshape=(16, 8, 3, 3), wfmt="int4", afmt="int8", group=64),  # int4 3x3: weight groups follow PyTorch's K order
+        dict(wshape=(16, 8, 3, 3), wfmt="int8", afmt=None),  # weight-only 3x3
+        dict(wshape=(16, 8, 2, 2), padding="same", wfmt="int8", afmt="int8"),  # asymmetric 'same' padding
+    ],
+)
+def test_unsupported_convs_fall_back_to_the_reference(case):
+    x = randn(2, 8, 6, 6)
+    kw_in = dict(case)
+    wshape, wfmt, afmt = kw_in.pop("wshape"), kw_in.pop("wfmt"), kw_in.pop("afmt")
+    args, kw = _conv_call(x, wshape, wfmt, afmt, True, **kw_in)
+    route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding", "dilation", "groups")})
+    assert route is None
+    assert torch.equal(triton_lowering.qconv(*args, **kw), reference.qconv(*args, **kw))

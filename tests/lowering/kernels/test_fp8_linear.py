@@ -1,0 +1,92 @@
+"""FP8 W8A8 GEMM against the reference lowering (interpreter on CPU, or the real kernel on CUDA).
+
+In the interpreter the fp8 ``tl.dot`` itself runs (exactly); only the float -> fp8 cast of the
+prologue takes an fp32 rounding path, because the interpreter's cast mis-rounds values that round
+up to the next power of two (see ``_common.quantize_fp8``).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from qcompile.lowering.kernels import fp8_linear, fp8_linear_prequant
+from qcompile.lowering.reference import qlinear, quantize_activation
+from qcompile.lowering.weights import quantize_weight
+from qcompile.metrics import sqnr_db
+
+from .helpers import DEVICE, act_qparams, needs_kernels, randn
+
+pytestmark = needs_kernels
+
+
+def _weight(n, k):
+    qw = quantize_weight(torch.randn(n, k), "fp8_e4m3", "linear", clip_search=False)
+    return qw, qw.data.to(DEVICE), qw.scale.to(DEVICE)
+
+
+def _ref(x, qw, w, ws, b, s, **kw):
+    z = torch.zeros((), dtype=torch.int32, device=x.device)
+    return qlinear(x, w, ws, b, s, z, wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, afmt="fp8_e4m3", **kw)
+
+
+@pytest.mark.parametrize("k", [80, 128])  # K tail masked / K a multiple of every tile
+def test_fp8_linear_matches_reference(k):
+    qw, w, ws = _weight(40, k)
+    x = randn(2, 19, k)
+    x[0, 3, :5] *= 30  # outliers beyond the scale's range saturate at +-448 like the reference
+    s, _ = act_qparams(x, "fp8_e4m3", False)
+    s = s / 4
+    b, corr = randn(40), randn(40, scale=0.1)
+    out = fp8_linear(x, w, ws, b, s, bias_corr=corr)
+    ref = _ref(x, qw, w, ws, b, s, bias_corr=corr)
+    assert out.shape == (2, 19, 40) and out.dtype == torch.float32
+    assert sqnr_db(ref, out) > 45
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter: sigmoid of very negative values
+def test_fp8_linear_bf16_smoothing_and_activations():
+    qw, w, ws = _weight(48, 64)
+    x = randn(37, 64, dtype=torch.bfloat16)
+    smooth = (torch.rand(64) + 0.5).to(DEVICE)
+    s, _ = act_qparams(x.float() * smooth, "fp8_e4m3", False)
+    ref = _ref(x, qw, w, ws, None, s, act_smooth=smooth).float()
+    for act, fn in [("none", lambda y: y), ("silu", F.silu), ("gelu_tanh", lambda y: F.gelu(y, approximate="tanh"))]:
+        out = fp8_linear(x, w, ws, None, s, act_smooth=smooth, act=act)
+        assert out.dtype == torch.bfloat16
+        assert sqnr_db(fn(ref), out.float()) > 35, act
+
+
+def test_prequantized_fp8_input():
+    qw, w, ws = _weight(32, 96)
+    x = randn(5, 96)
+    s, z = act_qparams(x, "fp8_e4m3", False)
+    xq = quantize_activation(x, s, z, "fp8_e4m3", True)
+    out = fp8_linear_prequant(xq, w, ws, None, s, out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    assert sqnr_db(_ref(x, qw, w, ws, None, s).float(), out.float()) > 40
+
+
+def test_bad_arguments_name_the_problem():
+    qw, w, ws = _weight(16, 32)
+    x = randn(4, 32)
+    s, _ = act_qparams(x, "fp8_e4m3", False)
+    with pytest.raises(TypeError, match="weight must be one of"):
+        fp8_linear(x, w.view(torch.int8), ws, None, s)
+    with pytest.raises(ValueError, match="K=32"):
+        fp8_linear(randn(4, 48), w, ws, None, s)
+    with pytest.raises(TypeError, match="activation scale"):
+        torch.ops.qdiff.fp8_linear(x, w, ws.reshape(-1), None, s.double(), None, 0)
+    with pytest.raises(ValueError, match="unknown epilogue activation"):
+        fp8_linear(x, w, ws, None, s, act="relu6")
+
+
+def test_fake_implementations_give_shapes_and_dtypes():
+    with FakeTensorMode():
+        x = torch.empty(7, 32, dtype=torch.bfloat16)
+        w = torch.empty(16, 32, dtype=torch.float8_e4m3fn)
+        ws, s = torch.empty(16), torch.empty(())
+        y = torch.ops.qdiff.fp8_linear(x, w, ws, None, s, None, 0)
+        yq = torch.ops.qdiff.fp8_linear_prequant(x.to(torch.float8_e4m3fn), w, ws, None, s, 0, torch.float16)
+    assert (y.shape, y.dtype) == ((7, 16), torch.bfloat16)
+    assert (yq.shape, yq.dtype) == ((7, 16), torch.float16)

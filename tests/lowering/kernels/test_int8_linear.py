@@ -1,0 +1,59 @@
+"""INT8 W8A8 GEMM: exact integer accumulation, and agreement with the reference lowering."""
+
+import pytest
+import torch
+
+from qcompile.lowering.kernels import int8_linear, weight_colsum
+from qcompile.lowering.reference import qlinear, quantize_activation
+from qcompile.lowering.weights import quantize_weight
+from qcompile.metrics import sqnr_db
+
+from .helpers import DEVICE, act_qparams, needs_kernels, randn
+
+pytestmark = needs_kernels
+
+
+@pytest.mark.parametrize("asym", [True, False])
+def test_integer_accumulation_is_exact(asym):
+    """Power-of-two scales make every step exact in fp32, so the output must equal the integer product."""
+    m, k, n = 21, 80, 40  # K = 80: the last K tile is masked, so padding must contribute (q - zp) = 0
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    w_scale = torch.full((n, 1), 2.0**-7)
+    x = torch.randn(m, k) * 3 + (1.0 if asym else 0.0)
+    a_scale = torch.tensor(2.0**-5)
+    a_zp = torch.tensor(-17 if asym else 0, dtype=torch.int32)
+    xq = quantize_activation(x, a_scale, a_zp, "int8", not asym)  # the pure-PyTorch quantizer
+    acc = (xq.long() - a_zp.long()) @ wq.long().T  # exact integer reference
+    expected = acc.double() * (2.0**-5 * 2.0**-7)
+    assert acc.abs().max() < 2**24
+    out = int8_linear(x.to(DEVICE), wq.to(DEVICE), w_scale.to(DEVICE), None, a_scale.to(DEVICE), a_zp.to(DEVICE) if asym else None)
+    assert torch.equal(out.double().cpu(), expected)
+
+
+def test_weight_colsum():
+    w = torch.randint(-127, 128, (5, 300), dtype=torch.int8)
+    assert torch.equal(weight_colsum(w), w.long().sum(1).int())
+
+
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 45), (torch.bfloat16, 35)])
+def test_int8_linear_matches_reference(dtype, floor):
+    k, n = 96, 48
+    qw = quantize_weight(torch.randn(n, k), "int8", "linear", clip_search=False)
+    w, ws = qw.data.to(DEVICE), qw.scale.to(DEVICE)
+    x = randn(3, 11, k, dtype=dtype, shift=0.7)
+    smooth = (torch.rand(k) + 0.5).to(DEVICE)
+    s, z = act_qparams(x.float() * smooth, "int8", True)
+    b, corr = randn(n), randn(n, scale=0.1)
+    out = int8_linear(x, w, ws, b, s, z, act_smooth=smooth, act="silu", bias_corr=corr)
+    ref = qlinear(x, w, ws, b, s, z, wfmt="int8", group_size=None, weight_shape=qw.shape, afmt="int8", asym=True,
+                  bias_corr=corr, act_smooth=smooth)
+    assert out.dtype == dtype and out.shape == (3, 11, n)
+    assert sqnr_db(torch.nn.functional.silu(ref.float()), out.float()) > floor
+
+
+def test_asymmetric_needs_colsum_at_op_level():
+    x, w = randn(4, 32), torch.zeros(8, 32, dtype=torch.int8, device=DEVICE)
+    one = torch.ones((), device=DEVICE)
+    zp = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="column sums"):
+        torch.ops.qdiff.int8_linear(x, w, torch.ones(8, device=DEVICE), None, None, one, zp, None, 0)

@@ -1,0 +1,163 @@
+"""The kernels on a GPU at DiT / UNet shapes (skipped without CUDA).
+
+Every run draws fresh random inputs (the seed is printed, so a failure can be replayed with
+``QDIFF_TEST_SEED``), poisons the CUDA caching allocator with NaN before each kernel call (so an
+output element the kernel fails to write shows up as NaN) and bounds the relative error
+``||y - y_ref|| / ||y_ref||`` per format against the reference lowering run in fp32 on the same GPU.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qcompile.lowering import reference, triton_lowering
+from qcompile.lowering.weights import quantize_weight
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# bound on ||kernel - reference|| / ||reference|| (bf16 inputs and outputs, reference in fp32)
+REL_TO_REFERENCE = {"fp8": 1e-2, "int8": 1e-2, "w4a16": 1e-2, "w4a8": 1e-2, "w8a16": 1e-2}
+# loose sanity bound against the unquantized op (catches scale mix-ups shared with the reference)
+REL_TO_FLOAT = {"fp8": 0.1, "int8": 0.05, "w4a16": 0.2, "w4a8": 0.2, "w8a16": 0.05}
+FORMATS = {  # name: (weight format, activation format, asymmetric, group size)
+    "fp8": ("fp8_e4m3", "fp8_e4m3", False, None),
+    "int8": ("int8", "int8", True, None),
+    "w4a16": ("int4", None, False, 64),
+    "w4a8": ("int4", "int8", True, 64),
+    "w8a16": ("int8", None, False, None),
+}
+DIT_SHAPES = [(8192, 1152, 4608), (8192, 4608, 1152), (8, 1152, 6912)]
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("QDIFF_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"QDIFF_TEST_SEED={seed}")
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def poison(nbytes: int) -> None:
+    """Fill ``nbytes`` of the caching allocator's free memory with NaN (later ``torch.empty`` reuse it)."""
+    blocks = [torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda") for _ in range(2)]
+    del blocks
+
+
+def quant(w: torch.Tensor, fmt: str, kind: str, group):
+    """quantize_weight (on CPU) with data and scales moved to the GPU."""
+    qw = quantize_weight(w.cpu(), fmt, kind, group, clip_search=False)
+    qw.data, qw.scale = qw.data.cuda(), qw.scale.cuda()
+    return qw
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _qparams(x, afmt, asym):
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    if afmt == "fp8_e4m3" or not asym:
+        scale, zp = max(-lo, hi) / (448 if afmt == "fp8_e4m3" else 127), 0
+    else:
+        scale = (hi - lo) / 255
+        zp = round(-128 - lo / scale)
+    return torch.tensor(scale, device="cuda"), torch.tensor(zp, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("m,k,n", DIT_SHAPES)
+def test_linear_kernels_at_dit_shapes(fmt, m, k, n, gen):
+    wfmt, afmt, asym, group = FORMATS[fmt]
+    w = torch.randn(n, k, device="cuda", generator=gen) * k**-0.5
+    x = (torch.randn(m, k, device="cuda", generator=gen) + 0.3).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=gen) * 0.1
+    qw = quant(w, wfmt, "linear", group)
+    s, z = _qparams(x.float(), afmt or "int8", asym)
+    kw = dict(wfmt=wfmt, group_size=group, weight_shape=qw.shape, afmt=afmt, asym=asym)
+    assert triton_lowering.linear_route(x, **{k_: kw[k_] for k_ in ("wfmt", "afmt", "group_size")}) is not None
+    poison(m * n * 2)
+    out = triton_lowering.qlinear(x, qw.data, qw.scale, b, s, z, **kw)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert torch.isfinite(out).all(), "kernel left output elements unwritten (NaN poison) or overflowed"
+    ref = reference.qlinear(x.float(), qw.data, qw.scale, b, s, z, **kw)
+    e_ref, e_float = rel_err(ref, out), rel_err(F.linear(x.float(), w, b), out)
+    print(f"{fmt} {m}x{k}x{n}: rel err vs reference {e_ref:.2e}, vs float {e_float:.2e}")
+    assert e_ref < REL_TO_REFERENCE[fmt]
+    assert e_float < REL_TO_FLOAT[fmt]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_fused_epilogue_activation(act, gen):
+    m, k, n = 4096, 1152, 4608
+    w = torch.randn(n, k, device="cuda", generator=gen) * k**-0.5
+    x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+    qw = quant(w, "fp8_e4m3", "linear", None)
+    s, z = _qparams(x.float(), "fp8_e4m3", False)
+    kw = dict(wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, afmt="fp8_e4m3")
+    poison(m * n * 2)
+    out = triton_lowering.qlinear_fused(x, qw.data, qw.scale, None, s, z, **kw, act=act)
+    fn = F.silu if act == "silu" else (lambda y: F.gelu(y, approximate="tanh"))
+    assert torch.isfinite(out).all()
+    assert rel_err(fn(reference.qlinear(x.float(), qw.data, qw.scale, None, s, z, **kw)), out) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("shape,stride,padding", [((2, 320, 64, 64), 1, 1), ((2, 640, 32, 32), 2, 1), ((2, 320, 64, 64), 1, 0)])
+def test_conv_kernels_at_unet_shapes(fmt, shape, stride, padding, gen):
+    wfmt, afmt, asym, _ = FORMATS[fmt]
+    c = shape[1]
+    ksize = 3 if padding else 1
+    w = torch.randn(c, c, ksize, ksize, device="cuda", generator=gen) * (c * ksize * ksize) ** -0.5
+    x = torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    qw = quant(w, wfmt, "conv", None)
+    s, z = _qparams(x.float(), afmt, asym)
+    kw = dict(wfmt=wfmt, group_size=None, weight_shape=qw.shape, kind="conv", stride=(stride, stride), padding=(padding, padding),
+              dilation=(1, 1), groups=1, afmt=afmt, asym=asym)
+    poison(x.numel() * 4)
+    out = triton_lowering.qconv(x, qw.data, qw.scale, None, s, z, **kw)
+    assert torch.isfinite(out).all()
+    ref = reference.qconv(x.float(), qw.data, qw.scale, None, s, z, **kw)
+    e = rel_err(ref, out)
+    print(f"conv {fmt} {shape} stride {stride} pad {padding}: rel err vs reference {e:.2e}")
+    assert e < REL_TO_REFERENCE[fmt]
+
+
+class _QLinearModule(torch.nn.Module):
+    def __init__(self, fmt: str, k: int, n: int):
+        super().__init__()
+        wfmt, afmt, asym, group = FORMATS[fmt]
+        qw = quant(torch.randn(n, k) * k**-0.5, wfmt, "linear", group)
+        self.register_buffer("w", qw.data)
+        self.register_buffer("ws", qw.scale)
+        self.register_buffer("s", torch.tensor(0.02, device="cuda"))
+        self.register_buffer("z", torch.tensor(3, dtype=torch.int32, device="cuda"))
+        self.kw = dict(wfmt=wfmt, group_size=group, weight_shape=qw.shape, afmt=afmt, asym=asym)
+
+    def forward(self, x):
+        y = triton_lowering.qlinear(x * 2.0, self.w, self.ws, None, self.s, self.z, **self.kw)
+        return F.gelu(y) + 1.0
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "w4a16"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_triton_ops_compile_through_inductor(fmt, mode, gen):
+    mod = _QLinearModule(fmt, 1152, 1152)
+    x = torch.randn(512, 1152, device="cuda", generator=gen).to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, mode=mode)
+    with torch.no_grad():
+        eager = mod(x)
+        outs = [compiled(x).clone() for _ in range(3)]
+    assert torch.equal(outs[1], outs[2])
+    assert rel_err(eager, outs[2]) < 1e-2

@@ -1,0 +1,59 @@
+"""Packed INT4 (and INT8) weight kernels: W4A16 / W8A16 weight-only and W4A8 (int8 or fp8 activations)."""
+
+import pytest
+import torch
+
+from qcompile.lowering.kernels import w4a8_linear, weight_only_linear
+from qcompile.lowering.reference import qlinear
+from qcompile.lowering.weights import quantize_weight
+from qcompile.metrics import sqnr_db
+
+from .helpers import DEVICE, act_qparams, needs_kernels, randn
+
+pytestmark = needs_kernels
+
+
+def _qw(n, k, fmt, group):
+    qw = quantize_weight(torch.randn(n, k), fmt, "linear", group, clip_search=False)
+    return qw, qw.data.to(DEVICE), qw.scale.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "k,group,fmt,dtype",
+    [
+        (128, 64, "int4", torch.float32),  # whole groups, no K masks
+        (100, 64, "int4", torch.bfloat16),  # K zero-padded to 128 in storage
+        (77, None, "int4", torch.float16),  # per-channel, odd K padded to even
+        (96, 32, "int4", torch.float32),  # groups of 32
+        (80, None, "int8", torch.bfloat16),  # W8A16
+    ],
+)
+def test_weight_only_matches_reference(k, group, fmt, dtype):
+    qw, w, ws = _qw(40, k, fmt, group)
+    x = randn(3, 7, k, dtype=dtype)
+    b = randn(40)
+    out = weight_only_linear(x, w, ws, b, wfmt=fmt, group_size=group)
+    ref = qlinear(x, w, ws, b, None, None, wfmt=fmt, group_size=group, weight_shape=qw.shape)
+    assert out.dtype == dtype and out.shape == (3, 7, 40)
+    assert sqnr_db(ref.float(), out.float()) > (60 if dtype == torch.float32 else 38)
+
+
+@pytest.mark.parametrize("afmt,asym,k,group", [("int8", True, 100, 64), ("int8", False, 128, 32), ("fp8_e4m3", False, 77, None)])
+def test_w4a8_matches_reference(afmt, asym, k, group):
+    qw, w, ws = _qw(48, k, "int4", group)
+    x = randn(2, 9, k, shift=0.4)
+    smooth = (torch.rand(k) + 0.5).to(DEVICE)
+    s, z = act_qparams(x * smooth, afmt, asym)
+    corr = randn(48, scale=0.1)
+    out = w4a8_linear(x, w, ws, None, s, z if asym else None, group_size=group, afmt=afmt, act_smooth=smooth, bias_corr=corr)
+    ref = qlinear(x, w, ws, None, s, z, wfmt="int4", group_size=group, weight_shape=qw.shape, afmt=afmt, asym=asym,
+                  bias_corr=corr, act_smooth=smooth)
+    assert sqnr_db(ref, out) > 45
+
+
+def test_storage_mismatch_is_reported():
+    qw, w, ws = _qw(16, 128, "int4", 64)
+    with pytest.raises(ValueError, match="does not fit"):
+        weight_only_linear(randn(2, 192), w, ws, None, wfmt="int4", group_size=64)
+    with pytest.raises(ValueError, match="weight scale must have shape"):
+        weight_only_linear(randn(2, 128), w, ws[:, :1], None, wfmt="int4", group_size=64)
