@@ -39,6 +39,7 @@ class Lowering:
 
     linear: Callable[..., torch.Tensor] = reference.qlinear
     conv: Callable[..., torch.Tensor] = reference.qconv
+    linear_fused: Callable[..., torch.Tensor] | None = None  # linear + activation epilogue (``act=``), if the lowering has one
 
 
 def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:

@@ -20,10 +20,13 @@ from .debug import log_graph
 from .errors import ConfigError, MissingPlanError
 from .graph import prepare
 from .passes.annotate import Annotation, annotate
-from .passes.convert import QuantizedOp, convert
+from .inductor_pass import QdiffKernelPass
+from .passes.convert import Lowering, QuantizedOp, convert
+from .passes.fuse_epilogue import fuse_epilogues
 from .plan import QuantPlan
 
-_OPTIONS = {"plan", "inductor", "group", "mode"}
+_OPTIONS = {"plan", "inductor", "group", "mode", "lowering"}
+LOWERINGS = ("auto", "reference", "triton")
 
 HOW_TO_CALIBRATE = (
     "the qdiff backend needs a calibrated plan: "
@@ -41,6 +44,7 @@ class BackendOptions:
     inductor: bool | None = None  # None: Inductor when the inputs are on CUDA, else eager
     group: int = 0
     mode: str | None = None  # Inductor mode ("reduce-overhead", "max-autotune"): torch.compile takes mode or options, not both
+    lowering: str = "auto"  # auto: Triton kernels for CUDA inputs, the pure-PyTorch reference otherwise
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -63,7 +67,10 @@ class BackendOptions:
             )
         if not 0 <= group < plan.groups.count:
             raise ConfigError(f"group {group} out of range: the plan has {plan.groups.count} timestep group(s)")
-        return cls(plan, options.get("inductor"), group, options.get("mode"))
+        lowering = options.get("lowering", "auto")
+        if lowering not in LOWERINGS:
+            raise ConfigError(f"options['lowering'] must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
+        return cls(plan, options.get("inductor"), group, options.get("mode"), lowering)
 
 
 @dataclass
@@ -73,6 +80,9 @@ class QuantizedGraph:
     prepared: fx.GraphModule  # float graph with sites and annotations in node.meta
     converted: fx.GraphModule
     runner: Callable[..., Any]  # called like Dynamo calls a backend's result: runner(*args)
+    lowering: str = "reference"  # which lowering the converted graph calls
+    fused_activations: int = 0  # activations folded into a quantized linear's epilogue
+    kernel_pass: Any = None  # the Inductor post-grad pass (its .kernels: qdiff kernels in the compiled graph)
 
     def __call__(self, *args: Any) -> Any:
         return self.runner(*args)
@@ -120,7 +130,23 @@ def _warn_float_ops(plan: QuantPlan, keys: list[str], unsupported: dict[str, str
         warnings.warn(f"qdiff: {len(new)} op(s) stay in full precision:\n{lines}", stacklevel=2)
 
 
-def build_quantized_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantPlan, group: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
+    """The lowering an option names (``auto``: Triton kernels on CUDA, else the reference)."""
+    if name == "reference" or (name == "auto" and device.type != "cuda"):
+        return "reference", Lowering()
+    from .lowering import triton_lowering
+    from .lowering.kernels._common import kernels_usable_on
+
+    if not kernels_usable_on(device):
+        if name == "triton":
+            raise ConfigError(f"options['lowering']='triton' needs CUDA inputs (or TRITON_INTERPRET=1 on CPU); the graph's inputs are on {device}")
+        return "reference", Lowering()
+    return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused)
+
+
+def build_quantized_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantPlan, group: int, lowering: Lowering = Lowering()
+) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(prepared float graph, converted graph) for one captured graph and one timestep group."""
     gm, sites = prepare(gm, example_inputs)
     plan.check_sites([s.signature for s in sites if not s.unsupported])
@@ -129,28 +155,37 @@ def build_quantized_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], pla
     _warn_float_ops(plan, [s.key for s in sites], {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported})
     if not plan.quantized_nodes():
         warnings.warn(f"qdiff: the plan for {plan.model_class} quantizes nothing; compiling the full-precision graph", stacklevel=2)
-    converted = convert(gm, plan_ops(plan, group), _device_of(example_inputs))
-    log_graph("convert (reference lowering)", converted)
+    converted = convert(gm, plan_ops(plan, group), _device_of(example_inputs), lowering)
+    log_graph("convert", converted)
     return prepared, converted
 
 
 def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None) -> QuantizedGraph:
     """The Dynamo backend registered as ``"qdiff"``."""
     opts = BackendOptions.parse(options)
-    prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group)
-    use_inductor = opts.inductor if opts.inductor is not None else _device_of(example_inputs).type == "cuda"
+    device = _device_of(example_inputs)
+    lowering_name, lowering = choose_lowering(opts.lowering, device)
+    prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
+    fused = 0
+    if lowering.linear_fused is not None:
+        converted, fused = fuse_epilogues(converted, lowering.linear, lowering.linear_fused)
+        log_graph("fuse_epilogues", converted)
+    use_inductor = opts.inductor if opts.inductor is not None else device.type == "cuda"
     runner: Callable[..., Any] = converted.forward
+    kernel_pass = None
     if use_inductor:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         mode = opts.mode or mode
-        patches = list_mode_options(mode) if mode else {}
+        patches = dict(list_mode_options(mode)) if mode else {}
+        kernel_pass = QdiffKernelPass(opts.plan.digest(), lowering_name)
+        patches["post_grad_custom_post_pass"] = kernel_pass
         # Dynamo's map from lifted parameters to guard sources does not know our quantized
         # buffers; without it AOTAutograd treats every parameter and buffer as a static input.
         if hasattr(converted, "_param_name_to_source"):
             del converted._param_name_to_source
         runner = compile_fx(converted, list(example_inputs), config_patches=patches)
-    record = QuantizedGraph(prepared, converted, runner)
+    record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass)
     opts.plan.compiled.append(record)
     return record
