@@ -10,7 +10,7 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | int4 (per channel or groups of 32k) | int8 / fp8_e4m3 | ``qdiff::w4a8_linear`` |
 | int4 / int8 | none | ``qdiff::weight_only_linear`` |
 | conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
-| conv 2-D, groups 1, fp8/fp8 or int8/int8 | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
+| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 or int8/int8 | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
 
 Everything else (transposed / grouped / 1-D / 3-D convs, weight-only convs other than 1x1, mixed
 fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA
@@ -107,6 +107,12 @@ def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tup
     return _pair(padding)
 
 
+# Implicit-GEMM convs need input channels in multiples of 16 (16-byte aligned channels-last rows);
+# others (e.g. a UNet's 4-channel input conv) stay on the reference, i.e. cuDNN. Checked by compiling
+# the kernel for sm_90 ahead of time: unaligned strides spill registers and disable pipelining.
+IMPLICIT_CONV_CHANNEL_MULTIPLE = 16
+
+
 def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, weight_shape, kind: str,
                stride, padding, dilation, groups) -> tuple[str, tuple] | None:
     """``("gemm", (linear route,))`` for 1x1 convs, ``("implicit", (stride, padding, dilation))`` for others, or None."""
@@ -125,6 +131,8 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
         return None
     if x.dtype not in FLOAT_DTYPES or not kernels_usable_on(x.device):
         return None
+    if x.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE:
+        return None  # unaligned channel strides defeat vectorized loads and pipelining: cuDNN is faster
     return ("implicit", (st, pad, dil))
 
 

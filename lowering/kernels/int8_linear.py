@@ -84,7 +84,7 @@ def int8_linear_kernel(
 LARGE_M_CONFIGS = [
     config(128, 256, 128, 3, 8),
     config(128, 128, 128, 4, 8),
-    config(256, 128, 128, 3, 8),
+    config(256, 128, 64, 4, 8),
     config(128, 128, 64, 5, 4),
     config(64, 256, 128, 4, 4),
 ]

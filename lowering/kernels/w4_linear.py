@@ -157,8 +157,8 @@ def w4a8_kernel(
     store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, GROUP == 0, ACT)
 
 
-WEIGHT_ONLY_LARGE = [
-    config(128, 128, 64, 4, 4),
+WEIGHT_ONLY_LARGE = [  # 8 warps for 128x128+ tiles: 4 would spill the fp32 accumulator (sm_90 AOT check)
+    config(128, 128, 64, 4, 8),
     config(128, 256, 64, 3, 8),
     config(128, 128, 128, 3, 8),
     config(64, 128, 64, 4, 4),
@@ -172,9 +172,8 @@ WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, long 
     config(32, 64, 64, 4, 4),
     config(16, 64, 32, 4, 4),
 ]
-W4A8_LARGE = [
-    config(128, 128, 64, 4, 4),
-    config(128, 256, 64, 3, 8),
+W4A8_LARGE = [  # a per-tile partial product next to the accumulator: no 128x256 tiles (they spill)
+    config(128, 128, 64, 4, 8),
     config(128, 128, 128, 3, 8),
     config(64, 128, 64, 4, 4),
     config(128, 64, 32, 4, 4),

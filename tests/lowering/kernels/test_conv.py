@@ -29,8 +29,8 @@ def _conv_call(x, wshape, wfmt, afmt, asym, group=None, kind="conv", stride=(1, 
     [("fp8_e4m3", False, (1, 1), (1, 1), (1, 1)), ("int8", True, (2, 1), (1, 2), (1, 2)), ("int8", False, (1, 2), (0, 1), (2, 1))],
 )
 def test_implicit_gemm_conv_matches_reference(wfmt, asym, stride, padding, dilation):
-    x = randn(2, 24, 7, 9, shift=0.3)  # C = 24: the channel tail of each tap is masked
-    args, kw = _conv_call(x, (20, 24, 3, 3), wfmt, wfmt, asym, stride=stride, padding=padding, dilation=dilation)
+    x = randn(2, 48, 7, 9, shift=0.3)  # C = 48: the channel tail of each tap's last block is masked
+    args, kw = _conv_call(x, (20, 48, 3, 3), wfmt, wfmt, asym, stride=stride, padding=padding, dilation=dilation)
     route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding", "dilation", "groups")})
     assert route is not None and route[0] == "implicit"
     out = triton_lowering.qconv(*args, **kw)
@@ -57,6 +57,7 @@ def test_pointwise_conv_runs_on_the_gemm_kernels(wfmt, afmt, group):
         dict(wshape=(16, 8, 3, 3), wfmt="int4", afmt="int8", group=64),  # int4 3x3: weight groups follow PyTorch's K order
         dict(wshape=(16, 8, 3, 3), wfmt="int8", afmt=None),  # weight-only 3x3
         dict(wshape=(16, 8, 2, 2), padding="same", wfmt="int8", afmt="int8"),  # asymmetric 'same' padding
+        dict(wshape=(16, 8, 3, 3), wfmt="fp8_e4m3", afmt="fp8_e4m3"),  # 8 input channels: not a multiple of 16
     ],
 )
 def test_unsupported_convs_fall_back_to_the_reference(case):

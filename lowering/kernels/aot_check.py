@@ -1,0 +1,111 @@
+"""Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills.
+
+``python -m qcompile.lowering.kernels.aot_check [fp8|int8|w4|conv ...]`` (in a process without
+``TRITON_INTERPRET``). The interpreter tests check the kernels' logic; this catches what only the
+GPU compiler sees: unsupported conversions, shared memory over the 227 KB limit, register spills
+(``STACK`` > 0) and loops that did not get software-pipelined (small ``smem``). Pointers and the
+listed integer arguments are declared 16-divisible, as they are for real launches of aligned tensors.
+Uses Triton's compiler API (``ASTSource``, ``GPUTarget``) and the bundled ``cuobjdump``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ._common import INTERPRET
+
+# the package re-exports functions named like their modules, so fetch the modules themselves
+conv, fp8_linear, int8_linear, w4_linear = (importlib.import_module(f"{__package__}.{m}") for m in ("conv", "fp8_linear", "int8_linear", "w4_linear"))
+
+TARGET = GPUTarget("cuda", 90, 32)
+I32 = "i32"
+
+
+def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, aligned: list[str]) -> tuple[int, str]:
+    """(shared memory bytes, cuobjdump resource line) of one kernel / config for sm_90."""
+    consts = {**constexprs, **cfg.kwargs}
+    full = {n: "constexpr" if n in consts else signature[n] for n in kernel.arg_names}
+    div16 = set(aligned) | {n for n, t in full.items() if t.startswith("*")}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16 if full[n] != "constexpr"}
+    compiled = triton.compile(ASTSource(kernel, full, consts, attrs), target=TARGET,
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = next((line.strip() for line in out.splitlines() if "REG:" in line), "")
+    return compiled.metadata.shared, " ".join(usage.split()[:2])
+
+
+def _linear_sig(**ptrs) -> dict:
+    sig = {"M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_xk": I32, "stride_wn": I32, "stride_om": I32, "stride_on": I32}
+    return {**ptrs, **sig}
+
+
+def cases(which: set[str]):
+    """(name, kernel, signature, constexprs, configs, aligned int args) to compile."""
+    unit = {"stride_xk": 1, "stride_on": 1, "INTERPRET": False}
+    lin_aligned = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"]
+    if "fp8" in which:
+        sig = _linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32", out_ptr="*bf16")
+        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, EVEN_K=True)
+        yield "fp8", fp8_linear.fp8_linear_kernel, sig, flags, fp8_linear.LARGE_M_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned
+        yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.LARGE_M_CONFIGS, lin_aligned
+    if "int8" in which:
+        sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
+                          smooth_ptr="*fp32", out_ptr="*bf16")
+        flags = dict(unit, QMIN=-128, QMAX=127, ASYM=True, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, EVEN_K=True)
+        yield "int8", int8_linear.int8_linear_kernel, sig, flags, int8_linear.LARGE_M_CONFIGS + int8_linear.SMALL_M_CONFIGS, lin_aligned
+    if "w4" in which:
+        sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)
+        flags = dict(unit, W_INT4=True, GROUP=64, HAS_BIAS=False, ACT=0, EVEN_K=True, FP32_DOT=False)
+        configs = [c for c in w4_linear.WEIGHT_ONLY_LARGE + w4_linear.WEIGHT_ONLY_SMALL if w4_linear._fits(c, 64)]
+        yield "w4a16", w4_linear.weight_only_kernel, sig, flags, configs, lin_aligned + ["K_STORED"]
+        sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32", smooth_ptr="*fp32",
+                               out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)
+        flags = dict(unit, A_FP8=False, QMIN=-128, QMAX=127, ASYM=True, GROUP=64, HAS_BIAS=False, HAS_SMOOTH=False, ACT=0, EVEN_K=True)
+        configs = [c for c in w4_linear.W4A8_LARGE + w4_linear.W4A8_SMALL if w4_linear._fits(c, 64)]
+        yield "w4a8 int8", w4_linear.w4a8_kernel, sig, flags, configs, lin_aligned + ["K_STORED"]
+    if "conv" in which:
+        sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "colsum_ptr": "*i32", "bias_ptr": "*fp32", "as_ptr": "*fp32",
+               "zp_ptr": "*i32", "smooth_ptr": "*fp32", "out_ptr": "*bf16"}
+        sig.update({n: I32 for n in ("B", "H", "W", "C", "OH", "OW", "N", "KW", "TAPS", "sxb", "sxc", "sxh", "sxw", "stride_wn", "stride_om",
+                                     "stride_on", "SH", "SW", "PH", "PW", "DH", "DW")})
+        flags = {"sxc": 1, "stride_on": 1, "INTERPRET": False, "A_FP8": True, "QMIN": -127, "QMAX": 127, "ASYM": False, "HAS_BIAS": True,
+                 "HAS_SMOOTH": False, "ACT": 0, "EVEN_C": True}
+        aligned = ["C", "N", "sxb", "sxh", "sxw", "stride_wn", "stride_om"]
+        yield "conv fp8", conv.conv2d_kernel, sig, flags, conv.LARGE_M_CONFIGS + conv.SMALL_M_CONFIGS, aligned
+        yield "conv int8", conv.conv2d_kernel, dict(sig, w_ptr="*i8"), dict(flags, A_FP8=False, ASYM=True, QMIN=-128), conv.LARGE_M_CONFIGS, aligned
+
+
+def main(argv: list[str] | None = None) -> int:
+    if INTERPRET:
+        print("aot_check compiles for the GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    which = set(argv if argv else sys.argv[1:]) or {"fp8", "int8", "w4", "conv"}
+    failed = 0
+    print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, kernel, sig, flags, configs, aligned in cases(which):
+        for cfg in configs:
+            tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            try:
+                smem, usage = compile_one(kernel, sig, flags, cfg, aligned)
+                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {smem / 1024:.0f} | {usage} |", flush=True)
+            except Exception as e:  # report every failing config, then exit non-zero
+                failed += 1
+                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} |", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
