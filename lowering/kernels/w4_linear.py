@@ -209,8 +209,9 @@ def _kernel(which: str, group: int, small: bool):
 
 def supports_group(group_size: int | None) -> bool:
     """Whether the kernels have configs for int4 groups of ``group_size`` (multiples of 32)."""
-    g = group_size or 0
-    return all(_kernel(w, g, s) is not None for w in ("weight_only", "w4a8") for s in (False, True))
+    g = group_size or 0  # pure Python (no kernel objects), so Dynamo can trace callers of it
+    lists = (WEIGHT_ONLY_SMALL, WEIGHT_ONLY_LARGE, W4A8_SMALL, W4A8_LARGE)
+    return all(any(_fits(c, g) for c in configs) for configs in lists)
 
 
 def _check_weight(x, w, w_scale, group: int, int4: bool, K: int):
