@@ -381,7 +381,7 @@ def run_bench(
     as ``skipped``. ``on_row`` gets the rows so far after each one (to save partial results).
     """
     deadline = None if total_s is None else time.monotonic() + total_s
-    lock = str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock") if gpus > 1 else None
+    lock_path = str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock") if gpus > 1 else None
     work: queue.Queue[tuple[str, str]] = queue.Queue()
     pairs = [(m, v) for m in models for v in variants]
     for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
@@ -400,7 +400,7 @@ def run_bench(
             if left is not None and left < min(timeout_s, 60.0):
                 row = Row(m, v, status="skipped", error=f"not started: less than {min(timeout_s, 60.0):g} s of the run's --total-s left")
             else:
-                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock)
+                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock_path)
             row.extra["wall_s"] = round(time.perf_counter() - t0, 1)
             with lock:
                 rows.append(row)

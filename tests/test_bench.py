@@ -75,3 +75,10 @@ def test_cli_refuses_unknown_names_and_missing_gpu(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             main(["bench", "--models", "bundled-cifar10-dit"])
+
+
+def test_run_bench_parallel_rows_report_each_row(monkeypatch):
+    rows = bench.run_bench(["dit-xl-2-512"], ["no-such-variant", "also-missing"], "cpu", gpus=2, timeout_s=120, budget_s=0.1, progress=False)
+    assert [(r.variant, r.status) for r in rows] == [("no-such-variant", "error"), ("also-missing", "error")]
+    skipped = bench.run_bench(["dit-xl-2-512"], ["bf16-eager"], "cpu", gpus=1, timeout_s=120, budget_s=0.1, total_s=1.0, progress=False)
+    assert skipped[0].status == "skipped"
