@@ -464,7 +464,7 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
     add_ratios(all_rows)
     jpath.write_text(json.dumps([asdict(r) for r in all_rows], indent=1) + "\n")
     devices = sorted({r.device for r in all_rows if r.device})
-    versions = sorted({f"torch {r.torch}, triton {r.triton}" for r in all_rows})
+    versions = sorted({f"torch {r.torch}, triton {r.triton}" for r in all_rows if r.status == "ok"})
     commands = sorted({r.extra.get("command", "") for r in all_rows})
     section = "\n".join(
         [
