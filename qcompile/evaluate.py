@@ -2,7 +2,9 @@
 
 For each (model, variant): the per-step denoiser SQNR where both models see the *same* FP32
 trajectory state (mean and worst step), and the final samples of each model's own trajectory
-from the same noise compared by PSNR and SSIM. Writes JSON, a markdown table and per-step plots.
+from the same noise compared by PSNR and SSIM. Cases with a ``classifier`` also get a Fréchet distance
+in our own classifier's features (vs real images and vs FP32 samples) and, with ``labels``, class
+consistency (``qcompile/fdist.py``). Writes JSON, a markdown table and per-step plots.
 """
 
 from __future__ import annotations

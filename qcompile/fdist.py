@@ -21,6 +21,7 @@ held-out real images vs the same reference).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -164,14 +165,14 @@ def load_classifier(name: str) -> FeatureClassifier:
 def features(model: FeatureClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Features of ``images`` (in [0, 1]) in float64, computed in batches."""
     model.eval()
-    return torch.cat([model.features(images[i : i + batch_size].float()) for i in range(0, len(images), batch_size)]).double()
+    return torch.cat([model.features(images[i : i + batch_size].detach().float().cpu()) for i in range(0, len(images), batch_size)]).double()
 
 
 @torch.no_grad()
 def predict(model: FeatureClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Predicted classes (N,) of ``images`` in [0, 1]."""
     model.eval()
-    return torch.cat([model(images[i : i + batch_size].float()).argmax(1) for i in range(0, len(images), batch_size)])
+    return torch.cat([model(images[i : i + batch_size].detach().float().cpu()).argmax(1) for i in range(0, len(images), batch_size)])
 
 
 def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
@@ -220,6 +221,15 @@ def held_out_split(config: ClassifierConfig) -> tuple[torch.Tensor, torch.Tensor
     return x[held], y[held], None, None
 
 
+@functools.lru_cache(maxsize=4)
+def _real_sets(classifier: str) -> tuple[FeatureClassifier, torch.Tensor, torch.Tensor]:
+    """(classifier, features of the real reference set, floor-pool images) — computed once per process."""
+    model = load_classifier(classifier)
+    cfg = model.config
+    held, _, _, _ = held_out_split(cfg)
+    return model, features(model, held[: cfg.reference_count]), held[cfg.reference_count : cfg.reference_count + cfg.floor_count]
+
+
 @dataclass(frozen=True)
 class FDScore:
     """Distribution metrics of one set of samples (None where not applicable)."""
@@ -239,13 +249,8 @@ class DistributionMetric:
     """
 
     def __init__(self, classifier: str, fp32: torch.Tensor, labels: torch.Tensor | None = None):
-        self.model = load_classifier(classifier)
+        self.model, self.real, floor = _real_sets(classifier)
         self.name, self.n, self.labels = classifier, len(fp32), labels
-        cfg = self.model.config
-        held, _, _, _ = held_out_split(cfg)
-        self.reference_count = min(cfg.reference_count, len(held))
-        self.real = features(self.model, held[: self.reference_count])
-        floor = held[self.reference_count : self.reference_count + cfg.floor_count]
         self.real_fd_real = frechet_distance(features(self.model, floor[: self.n]), self.real) if len(floor) >= self.n else None
         self.fp32 = features(self.model, fp32)
         self.fp32_fd_real = frechet_distance(self.fp32, self.real)
@@ -298,7 +303,7 @@ def fd_report_lines(results: list) -> list[str]:
     for model, r in firsts.items():
         cfg = classifier_config(r.fd_classifier)
         lines.append(
-            f"| {model} | {r.fd_classifier} ({cfg.dataset}) | {r.fd_samples} | {cfg.reference_count} | {opt(r.fp32_fd_real)} | "
+            f"| {model} | {r.fd_classifier} | {r.fd_samples} | {cfg.reference_count} | {opt(r.fp32_fd_real)} | "
             f"{opt(r.real_fd_real)} | {opt(r.fp32_class_consistency, 3)} |"
         )
     return lines

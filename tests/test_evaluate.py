@@ -51,6 +51,6 @@ def test_evaluate_mnist_vit_reports_fd_and_class_consistency(shared_models, tmp_
     assert results[0].fd_fp32 < results[0].fp32_fd_real  # bf16 samples sit much closer to FP32 than FP32 to real data
     path = write_report(results, tmp_path, "qdiff eval (test)")
     text = path.read_text()
-    assert "FD vs real" in text and "| mnist_vit | mnist (mnist) | 4 |" in text
+    assert "FD vs real" in text and "| mnist_vit | mnist | 4 |" in text
     row = json.loads((tmp_path / "quality.json").read_text())[0]
     assert {"fd_real", "fd_fp32", "class_consistency"} <= set(row)
