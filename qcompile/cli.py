@@ -21,12 +21,15 @@ def _shared_cases() -> dict:
     if shared_dir() is None:
         return {}
 
+    def labels(n):
+        return torch.arange(n) % 10
+
     def flow(m, noise):
-        return flow_sample(m, noise, torch.arange(noise.shape[0]) % 10, num_steps=50)
+        return flow_sample(m, noise, labels(noise.shape[0]), num_steps=50)
 
     return {
-        "mnist_unet": EvalCase("mnist_unet", load_mnist_unet, lambda m, n: ddim_sample(m, n, num_steps=50), (1, 28, 28)),
-        "mnist_vit": EvalCase("mnist_vit", load_mnist_vit, flow, (1, 28, 28)),
+        "mnist_unet": EvalCase("mnist_unet", load_mnist_unet, lambda m, n: ddim_sample(m, n, num_steps=50), (1, 28, 28), classifier="mnist"),
+        "mnist_vit": EvalCase("mnist_vit", load_mnist_vit, flow, (1, 28, 28), classifier="mnist", labels=labels),
     }
 
 
@@ -37,9 +40,11 @@ def _eval_cases() -> dict:
 
     cases = {
         "cifar10_ddpm": EvalCase(
-            "cifar10_ddpm", lambda: load_unet(bundled_dir("cifar10_ddpm")), ddim_sampler(bundled_dir("cifar10_ddpm")), (3, 32, 32), (-1.0, 1.0)
+            "cifar10_ddpm", lambda: load_unet(bundled_dir("cifar10_ddpm")), ddim_sampler(bundled_dir("cifar10_ddpm")), (3, 32, 32), (-1.0, 1.0),
+            classifier="cifar10",
         ),
-        "cifar10_dit": EvalCase("cifar10_dit", load_cifar10_dit, dit_sampler(), (3, 32, 32), (-1.0, 1.0)),
+        # dit_sampler's labels cycle through the classes 0..9
+        "cifar10_dit": EvalCase("cifar10_dit", load_cifar10_dit, dit_sampler(), (3, 32, 32), (-1.0, 1.0), classifier="cifar10", labels=lambda n: torch.arange(n) % 10),
     }
     cases.update(_shared_cases())
     return cases
@@ -52,6 +57,13 @@ def _no_shared() -> int:
         file=sys.stderr,
     )
     return 2
+
+
+def _fd_summary(r) -> str:
+    if r.fd_real is None:
+        return ""
+    cc = "" if r.class_consistency is None else f"  class cons. {r.class_consistency:.3f}"
+    return f"  FD real {r.fd_real:.2f} (FP32 {r.fp32_fd_real:.2f})  FD vs FP32 {r.fd_fp32:.2f}{cc}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -77,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"qdiff eval: {name} ({len(configs)} variants, {args.seeds} seeds)", flush=True)
         for r in evaluate_case(cases[name], configs, args.seeds, args.calib_samples, progress=not args.quiet):
             print(f"  {r.config:18s} SQNR mean {r.sqnr_mean_db:6.2f} dB  worst {r.sqnr_worst_db:6.2f} dB (step {r.worst_step})  "
-                  f"PSNR {r.psnr_db:6.2f} dB  SSIM {r.ssim:.4f}", flush=True)
+                  f"PSNR {r.psnr_db:6.2f} dB  SSIM {r.ssim:.4f}" + _fd_summary(r), flush=True)
             results.append(r)
     notes = Path(args.notes).read_text() if args.notes else ""
     path = write_report(results, Path(args.out), "qdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]), notes)
@@ -153,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calib-samples", type=int, default=16, help="calibration trajectories (default: 16)")
     demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="per-step SQNR, PSNR and SSIM of every variant against FP32")
+    ev = sub.add_parser("eval", help="per-step SQNR, PSNR, SSIM and a classifier-feature Fréchet distance of every variant against FP32")
     ev.add_argument("--models", nargs="+", default=["mnist_unet", "mnist_vit"])
     ev.add_argument("--configs", nargs="*", help="variants to run (default: the presets, bf16 and naive baselines; also w8a8-int8-smooth, w8-int8-weight-only)")
     ev.add_argument("--seeds", type=int, default=64, help="evaluation samples, one seed each (default: 64)")

@@ -2,7 +2,9 @@
 
 For each (model, variant): the per-step denoiser SQNR where both models see the *same* FP32
 trajectory state (mean and worst step), and the final samples of each model's own trajectory
-from the same noise compared by PSNR and SSIM. Writes JSON, a markdown table and per-step plots.
+from the same noise compared by PSNR and SSIM. Cases with a ``classifier`` also get a Fréchet distance
+in our own classifier's features (vs real images and vs FP32 samples) and, with ``labels``, class
+consistency (``qcompile/fdist.py``). Writes JSON, a markdown table and per-step plots.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from .calibrate import calibrate
 from .config import QuantConfig
+from .fdist import fd_fields, fd_reference, fd_report_lines
 from .metrics import psnr_db, sqnr_db, ssim
 
 Sampler = Callable[[Any, torch.Tensor], torch.Tensor]  # (denoiser, noise) -> final sample
@@ -36,6 +39,8 @@ class EvalCase:
     sample: Sampler
     shape: tuple[int, ...]  # one sample's shape (C, H, W)
     data_range: tuple[float, float] = (0.0, 1.0)  # clip final samples to this for PSNR / SSIM
+    classifier: str | None = None  # bundled feature classifier for FD / class consistency (qcompile/fdist.py)
+    labels: Callable[[int], torch.Tensor] | None = None  # conditioning classes of n samples (class-conditional)
 
 
 @dataclass
@@ -51,6 +56,14 @@ class EvalResult:
     ssim: float
     calibration_s: float
     per_step_db: list[float] = field(default_factory=list)
+    fd_real: float | None = None  # Fréchet distance (own classifier's features) to held-out real images
+    fd_fp32: float | None = None  # ... to the FP32 model's samples from the same noise
+    class_consistency: float | None = None  # fraction classified as their conditioning class
+    fd_classifier: str | None = None
+    fd_samples: int | None = None
+    fp32_fd_real: float | None = None  # floor: FP32 samples vs real
+    real_fd_real: float | None = None  # floor: fd_samples held-out real images vs the same reference
+    fp32_class_consistency: float | None = None
 
 
 def _tensor(out: Any) -> torch.Tensor:
@@ -113,6 +126,8 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
     lo, hi = case.data_range
     with torch.no_grad():
         reference = case.sample(model, noise).clamp(lo, hi)
+    scale = lambda x: (x - lo) / (hi - lo)  # noqa: E731
+    dist = fd_reference(case.classifier, scale(reference), case.labels(seeds) if case.labels else None) if case.classifier else None
     results = []
     for name, cfg in configs.items():
         torch._dynamo.reset()  # an evaluation harness: each variant compiles the same model afresh
@@ -129,11 +144,11 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
             final = case.sample(test, noise).clamp(lo, hi)
         per_step = pair.sqnr
         worst = min(range(len(per_step)), key=per_step.__getitem__)
-        scale = lambda x: (x - lo) / (hi - lo)  # noqa: E731
         results.append(
             EvalResult(
                 case.name, name, statistics.mean(per_step), per_step[worst], worst,
                 psnr_db(scale(reference), scale(final)), ssim(scale(reference), scale(final)), calib_s, per_step,
+                **fd_fields(dist, scale(final)),
             )
         )
     return results
@@ -141,6 +156,10 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
 
 def _fmt(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.2f}"
+
+
+def _opt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def write_report(results: list[EvalResult], out_dir: Path, command: str, notes: str = "") -> Path:
@@ -164,14 +183,15 @@ def write_report(results: list[EvalResult], out_dir: Path, command: str, notes: 
         "mean and worst step over the trajectory. PSNR / SSIM: final samples of each model's own trajectory from the",
         "same noise, against the FP32 samples (values clipped to the data range).",
         "",
-        "| model | config | SQNR mean (dB) | SQNR worst (dB) | worst step | PSNR (dB) | SSIM | calibration (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | config | SQNR mean (dB) | SQNR worst (dB) | worst step | PSNR (dB) | SSIM | FD vs real | FD vs FP32 | class cons. | calibration (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.config} | {_fmt(r.sqnr_mean_db)} | {_fmt(r.sqnr_worst_db)} | {r.worst_step} | "
-            f"{_fmt(r.psnr_db)} | {r.ssim:.4f} | {r.calibration_s:.1f} |"
+            f"{_fmt(r.psnr_db)} | {r.ssim:.4f} | {_opt(r.fd_real)} | {_opt(r.fd_fp32)} | {_opt(r.class_consistency, 3)} | {r.calibration_s:.1f} |"
         )
+    lines += fd_report_lines(results)
     for model in dict.fromkeys(r.model for r in results):
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for r in results:

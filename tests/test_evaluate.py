@@ -1,4 +1,5 @@
 import json
+import math
 
 import torch
 
@@ -24,8 +25,32 @@ def test_evaluate_and_report_on_a_tiny_class_conditional_dit(tmp_path):
     for r in results:
         assert len(r.per_step_db) == 3 and r.sqnr_worst_db <= r.sqnr_mean_db and 0 < r.ssim <= 1
     assert results[0].sqnr_mean_db > results[1].sqnr_mean_db > 20
+    assert results[0].fd_real is None and results[0].class_consistency is None  # no classifier for this case
     path = write_report(results, tmp_path, "qdiff eval (test)")
     assert "| tiny_dit | w8a8-int8 |" in path.read_text()
     rows = json.loads((tmp_path / "quality.json").read_text())
     assert {"model", "config", "sqnr_mean_db", "sqnr_worst_db", "psnr_db", "ssim"} <= set(rows[0])
     assert (tmp_path / "img" / "quality_tiny_dit.png").is_file()
+
+
+def test_evaluate_mnist_vit_reports_fd_and_class_consistency(shared_models, tmp_path):
+    from qcompile.zoo import flow_sample, load_mnist_vit
+
+    labels = lambda n: torch.arange(n) % 10  # noqa: E731
+    case = EvalCase(
+        "mnist_vit", load_mnist_vit, lambda m, noise: flow_sample(m, noise, labels(noise.shape[0]), num_steps=3), (1, 28, 28),
+        classifier="mnist", labels=labels,
+    )
+    # bf16 only: the FD fields do not depend on how a variant is made, and it needs no compile
+    results = evaluate_case(case, {"bf16": None}, seeds=4, calib_samples=2, progress=False)
+    for r in results:
+        assert r.fd_classifier == "mnist" and r.fd_samples == 4
+        for v in (r.fd_real, r.fd_fp32, r.class_consistency, r.fp32_fd_real, r.real_fd_real, r.fp32_class_consistency):
+            assert v is not None and math.isfinite(v)
+        assert r.fd_real >= 0 and r.fd_fp32 >= 0 and 0 <= r.class_consistency <= 1
+    assert results[0].fd_fp32 < results[0].fp32_fd_real  # bf16 samples sit much closer to FP32 than FP32 to real data
+    path = write_report(results, tmp_path, "qdiff eval (test)")
+    text = path.read_text()
+    assert "FD vs real" in text and "| mnist_vit | mnist | 4 |" in text
+    row = json.loads((tmp_path / "quality.json").read_text())[0]
+    assert {"fd_real", "fd_fp32", "class_consistency"} <= set(row)

@@ -71,7 +71,7 @@ def require_shared(subpath: str | os.PathLike[str] = "") -> Path:
     return path
 
 
-from .data import load_mnist_test  # noqa: E402
+from .data import load_cifar10, load_mnist_test  # noqa: E402
 from .mnist_unet import MnistUNet, load_mnist_unet  # noqa: E402
 from .mnist_vit import MnistViT, load_mnist_vit  # noqa: E402
 from .samplers import ddim_sample, ddim_timesteps, ddpm_sample, flow_sample  # noqa: E402
@@ -81,6 +81,7 @@ __all__ = [
     "shared_dir",
     "require_shared",
     "load_mnist_test",
+    "load_cifar10",
     "MnistUNet",
     "load_mnist_unet",
     "MnistViT",

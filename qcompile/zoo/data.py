@@ -1,9 +1,10 @@
-"""A tiny reader for the MNIST test set in the official IDX format (``t10k-*-ubyte.gz``), read from
-``<shared>/data``."""
+"""Tiny readers for the data in ``<shared>/data``: the MNIST test set in the official IDX format
+(``t10k-*-ubyte.gz``) and CIFAR-10 as JPEG bytes in an npz (``cifar10-{train,test}-jpeg.npz``)."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
 
@@ -12,7 +13,7 @@ import torch
 
 from . import require_shared
 
-__all__ = ["read_idx", "load_mnist_test"]
+__all__ = ["read_idx", "load_mnist_test", "load_cifar10"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -45,3 +46,21 @@ def load_mnist_test(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y
+
+
+def load_cifar10(split: str = "test", n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` (default all) CIFAR-10 images and labels of ``split`` ("train" or "test").
+
+    Returns ``(images, labels)``: images float32 (n, 3, 32, 32) in [0, 1], labels int64 (n,) with the
+    standard class order (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck).
+    """
+    from PIL import Image
+
+    if split not in ("train", "test"):
+        raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+    d = np.load(require_shared(f"data/cifar10-{split}-jpeg.npz"))
+    jpeg, off, labels = d["jpeg"], d["offsets"], d["labels"]
+    count = len(off) - 1 if n is None else min(n, len(off) - 1)
+    images = np.stack([np.asarray(Image.open(io.BytesIO(jpeg[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in range(count)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    return x, torch.from_numpy(labels[:count].astype(np.int64))
