@@ -75,7 +75,7 @@ class QuantizeState:
 
 
 # The quantized graphs get their own recompile budget: calibration's graphs of the same forward
-# (and other torch.compile calls on the class) do not count against it (torch >= 2.13).
+# (and other torch.compile calls on the class) do not count against it, where torch.compile has the option.
 _ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 

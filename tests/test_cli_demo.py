@@ -11,15 +11,6 @@ from tests.tiny_models import tiny_unet2d
 from tests.tiny_pipelines import require_transformers, tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sd_pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bundled_models_load_and_denoise():
     unet = load_unet(bundled_dir("cifar10_ddpm"))
     assert unet.config.sample_size == 32 and unet.dtype == torch.float32

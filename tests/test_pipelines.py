@@ -24,20 +24,11 @@ from tests.tiny_pipelines import (
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _run_sequence(pipe, denoiser: str, calls: list[tuple[dict, int]], extra: dict | None = None):
+def _run_sequence(pipe, denoiser: str, calls: list[tuple[dict, int]], extra: dict | None = None, **quantize_kwargs):
     """Call the decorated pipeline with each kwargs; check the qdiff graph count after each call.
 
     Returns (decorated function, plan, quantized output of the first call, its FP output).
@@ -45,7 +36,7 @@ def _run_sequence(pipe, denoiser: str, calls: list[tuple[dict, int]], extra: dic
     pipe.set_progress_bar_config(disable=True)
     extra = extra or {}
 
-    @qcompile.quantize(QuantConfig.preset("w8a8-int8"), denoiser=denoiser, progress=False)
+    @qcompile.quantize(QuantConfig.preset("w8a8-int8"), denoiser=denoiser, progress=False, **quantize_kwargs)
     def generate(pipe, **kw):
         return pipe(num_inference_steps=STEPS, generator=_generator(), output_type="np", **extra, **kw).images
 
@@ -95,6 +86,17 @@ def test_dit_pipeline_cfg_and_batch_sizes():
     assert {n.input_shape[0] for n in plan.nodes.values() if n.input_shape} == {2}  # calibrated on the CFG batch (cond + null label)
     assert q.shape == fp.shape == (1, 32, 32, 3)
     assert abs(q - fp).mean() < 0.05
+
+
+def test_dit_pipeline_dynamic_true_one_graph_for_every_batch_of_two_or_more():
+    pipe = tiny_dit_pipeline()
+    calls = [
+        ({"class_labels": [1]}, 1),  # batch 2, compiled with a dynamic batch from the start
+        ({"class_labels": [1, 2]}, 1),
+        ({"class_labels": [3, 4, 5]}, 1),
+        ({"class_labels": [7], "guidance_scale": 1.0}, 2),  # batch 1 is still specialized
+    ]
+    _run_sequence(pipe, "transformer", calls, dynamic=True)
 
 
 def test_stable_diffusion_pipeline_cfg_prompts_and_images_per_prompt():

@@ -33,7 +33,7 @@ CLIP_LENGTH = 16  # tokenizer.model_max_length of the tiny CLIP tokenizer (SD pa
 def require_transformers():
     """Skip the calling test with a clear message when the optional ``transformers`` is absent."""
     return pytest.importorskip(
-        "transformers", reason="text-encoder pipelines need transformers: pip install -e '.[pipelines]'"
+        "transformers", minversion="5", reason="text-encoder pipelines need transformers >= 5 (in-memory tokenizers): pip install -e '.[pipelines]'"
     )
 
 
