@@ -121,10 +121,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elif args.model == "cifar10_ddpm":
         case = _unet_folder_case("cifar10_ddpm (bundled)", bundled_dir("cifar10_ddpm"), args.steps)
     else:
+        from .pipeline_demo import PipelineFolderError, is_unet2d_folder, load_pipeline_case, run_pipeline_demo
+
         folder = Path(args.model)
-        if not (folder / "unet" / "config.json").is_file() and not (folder / "config.json").is_file():
-            print(f"qdiff demo: '{folder}' is no diffusers pipeline folder with a unet/ (save_pretrained output)", file=sys.stderr)
-            return 2
+        if not is_unet2d_folder(folder):  # DiT / SD / PixArt / ... pipelines run through the pipeline itself
+            try:
+                pipeline_case = load_pipeline_case(folder, args.steps)
+            except PipelineFolderError as e:
+                print(f"qdiff demo: {e}", file=sys.stderr)
+                return 2
+            return run_pipeline_demo(pipeline_case, args.preset, Path(args.out), args.samples, args.calib_samples)
         case = _unet_folder_case(folder.name, folder, args.steps)
     return run_demo(case, args.preset, Path(args.out), args.samples, args.calib_samples)
 
@@ -157,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="quantize the default model end to end and write a report folder")
-    demo.add_argument("--model", default="cifar10_ddpm", help="cifar10_ddpm (bundled, default), mnist (../shared) or a local diffusers pipeline folder")
-    demo.add_argument("--steps", type=int, default=50, help="DDIM sampling steps (default: 50)")
+    demo.add_argument("--model", default="cifar10_ddpm", help="cifar10_ddpm (bundled, default), mnist (../shared) or a local diffusers pipeline folder (UNet, DiT, SD, PixArt, ...)")
+    demo.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM for UNet2DModel folders, else the pipeline's scheduler; default: 50)")
     demo.add_argument("--preset", default="w8a8-int8", help="quantization preset (default: w8a8-int8)")
     demo.add_argument("--out", default="qdiff-demo", help="output folder (default: ./qdiff-demo)")
     demo.add_argument("--samples", type=int, default=16, help="images to generate (default: 16)")

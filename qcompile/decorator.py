@@ -8,12 +8,21 @@ The first call finds ``pipe.unet`` among the arguments, loads the plan file if i
 calibrates by running the function in full precision (progress bar) and saves the plan, then
 compiles the denoiser with the qdiff backend. Every call runs the function with the compiled
 denoiser swapped in for its duration; the pipeline object is left as it was.
+
+Graphs: Dynamo's automatic dynamic shapes (``dynamic=None``) compile one graph for the first
+denoiser batch size and, when the batch size changes, one more with a dynamic batch dimension
+that serves every later batch size >= 2 (a batch of 1 gets its own graph: Dynamo specializes
+sizes 0 and 1). The tables in docs/usage.md give the counts per diffusers pipeline. A denoiser
+call that runs none of the plan's graphs (Dynamo fell back to eager, e.g. after hitting
+``torch._dynamo.config.recompile_limit``) would run in full precision: the wrapper warns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +66,45 @@ class QuantizeState:
 
     plans: "weakref.WeakKeyDictionary[torch.nn.Module, QuantPlan]" = field(default_factory=weakref.WeakKeyDictionary)
     compiled: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = field(default_factory=weakref.WeakKeyDictionary)
+    float_calls: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = field(default_factory=weakref.WeakKeyDictionary)
+
+    def graphs(self, model: torch.nn.Module) -> int:
+        """How many graphs the qdiff backend has compiled for ``model`` (0 before its first call)."""
+        plan = self.plans.get(model)
+        return 0 if plan is None else len(plan.compiled)
+
+
+# The quantized graphs get their own recompile budget: calibration's graphs of the same forward
+# (and other torch.compile calls on the class) do not count against it, where torch.compile has the option.
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+
+def _graph_calls(plan: QuantPlan) -> int:
+    return sum(record.calls for record in plan.compiled)
+
+
+def watch_for_float_calls(compiled: torch.nn.Module, model: torch.nn.Module, plan: QuantPlan, state: QuantizeState, name: str) -> None:
+    """Warn when a call of ``compiled`` runs none of the plan's graphs (it then ran in full precision)."""
+    before: list[int] = []
+
+    def pre(module: torch.nn.Module, args: tuple) -> None:
+        before.append(_graph_calls(plan))
+
+    def post(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if _graph_calls(plan) > before.pop():
+            return
+        count = state.float_calls[model] = state.float_calls.get(model, 0) + 1
+        if count == 1:
+            warnings.warn(
+                f"qdiff: a call of the quantized '{name}' ({type(model).__name__}) ran in full precision: Dynamo ran "
+                f"none of its {len(plan.compiled)} qdiff graph(s), e.g. after hitting torch._dynamo.config.recompile_limit "
+                f"({torch._dynamo.config.recompile_limit}); run with TORCH_LOGS=recompiles to see why it recompiled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    compiled.register_forward_pre_hook(pre)
+    compiled.register_forward_hook(post)
 
 
 def quantize(
@@ -65,9 +113,15 @@ def quantize(
     denoiser: str = "unet",
     *,
     inductor: bool | None = None,
+    dynamic: bool | None = None,
     progress: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: run a pipeline function with its denoiser calibrated, quantized and compiled."""
+    """Decorator: run a pipeline function with its denoiser calibrated, quantized and compiled.
+
+    ``dynamic`` goes to ``torch.compile``: None (default) lets Dynamo make the batch dimension
+    dynamic when it first changes; True compiles dynamic shapes from the first call; False
+    compiles one static graph per input shape.
+    """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize needs a QuantConfig, got {type(config).__name__}")
 
@@ -98,7 +152,10 @@ def quantize(
             compiled = state.compiled.get(model)
             if compiled is None:
                 plan = state.plans[model] = plan_for(model, holder, args, kwargs)
-                compiled = state.compiled[model] = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": inductor})
+                options = {"plan": plan, "inductor": inductor}
+                compiled = torch.compile(model, backend="qdiff", options=options, dynamic=dynamic, **_ISOLATED)
+                watch_for_float_calls(compiled, model, plan, state, denoiser)
+                state.compiled[model] = compiled
             with swapped_attribute(holder, denoiser, compiled):
                 return fn(*args, **kwargs)
 

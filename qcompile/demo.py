@@ -53,6 +53,44 @@ def _weight_bytes(plan) -> tuple[int, int]:
     return fp, q
 
 
+def write_report(out: Path, title: str, plan, report, fp01: torch.Tensor, q01: torch.Tensor, timings: list[str], device: str, preset: str) -> None:
+    """Write ``grid.png``, ``layers.md`` and ``report.md`` to ``out`` and print the summary.
+
+    ``fp01`` / ``q01``: (N, C, H, W) samples in [0, 1] from the same noise; ``timings``: table rows
+    ``"what | value"``; ``report``: the :class:`~qcompile.inspect.InspectReport` of the compiled model.
+    """
+    _save_side_by_side(fp01, q01, out / "grid.png")
+    (out / "layers.md").write_text("```\n" + str(report) + "\n```\n")
+    fp_bytes, q_bytes = _weight_bytes(plan)
+    psnr, s = psnr_db(fp01, q01), ssim(fp01, q01)
+    lines = [
+        f"# qdiff demo: {title}",
+        "",
+        f"Device: {device}; torch {torch.__version__}; lowering: reference (pure PyTorch, "
+        f"{'Inductor' if device == 'cuda' else 'eager'}).",
+        "",
+        "![FP32 | quantized | |difference| x4](grid.png)",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| ops quantized | {len(plan.quantized_nodes())} of {len(plan.nodes)} |",
+        f"| weights of quantized ops | {fp_bytes / 1e6:.3f} MB fp32 -> {q_bytes / 1e6:.3f} MB ({q_bytes / max(fp_bytes, 1):.2f}x) |",
+        f"| final samples vs FP32 | PSNR {psnr:.2f} dB, SSIM {s:.4f} |",
+        f"| denoiser output SQNR on the probe | {report.output_sqnr_db:.2f} dB |",
+        *(f"| {row} |" for row in timings),
+        "",
+        "On CPU the reference lowering dequantizes in PyTorch, so it is slower than FP32; speed comes",
+        "from the Triton kernels on a GPU (see docs/benchmarks.md). Per-layer table: [layers.md](layers.md).",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print(str(report))
+    print(
+        f"\nqdiff demo: {len(plan.quantized_nodes())}/{len(plan.nodes)} ops quantized ({preset}); weights "
+        f"{fp_bytes / 1e6:.3f} -> {q_bytes / 1e6:.3f} MB; samples vs FP32: PSNR {psnr:.2f} dB, SSIM {s:.4f}; "
+        f"report in {out}/report.md"
+    )
+
+
 def run_demo(case: EvalCase, preset: str, out: Path, samples: int, calib_samples: int) -> int:
     """Run the main job on ``case`` and write the report folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -78,39 +116,12 @@ def run_demo(case: EvalCase, preset: str, out: Path, samples: int, calib_samples
         case.sample(qmodel, noise)
         q2_s = time.perf_counter() - t0
     fp01, q01 = (fp - lo) / (hi - lo), (q - lo) / (hi - lo)
-    _save_side_by_side(fp01, q01, out / "grid.png")
-    report = inspect(qmodel)
-    (out / "layers.md").write_text("```\n" + str(report) + "\n```\n")
-    fp_bytes, q_bytes = _weight_bytes(plan)
-    psnr, s = psnr_db(fp01, q01), ssim(fp01, q01)
-    device = "cuda" if next(model.parameters()).is_cuda else f"{platform.machine()} CPU"
-    lines = [
-        f"# qdiff demo: {case.name}, {preset}",
-        "",
-        f"Device: {device}; torch {torch.__version__}; lowering: reference (pure PyTorch, "
-        f"{'Inductor' if device == 'cuda' else 'eager'}).",
-        "",
-        "![FP32 | quantized | |difference| x4](grid.png)",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| ops quantized | {len(plan.quantized_nodes())} of {len(plan.nodes)} |",
-        f"| weights of quantized ops | {fp_bytes / 1e6:.3f} MB fp32 -> {q_bytes / 1e6:.3f} MB ({q_bytes / fp_bytes:.2f}x) |",
-        f"| final samples vs FP32 | PSNR {psnr:.2f} dB, SSIM {s:.4f} |",
-        f"| denoiser output SQNR on the probe | {report.output_sqnr_db:.2f} dB |",
-        f"| calibration | {calib_s:.1f} s ({len(plan.calls)} denoiser calls) |",
-        f"| sampling {samples} images, FP32 | {fp_s:.2f} s |",
-        f"| sampling, quantized (first run, with compile) | {q_s:.2f} s |",
-        f"| sampling, quantized (second run) | {q2_s:.2f} s |",
-        "",
-        "On CPU the reference lowering dequantizes in PyTorch, so it is slower than FP32; speed comes",
-        "from the Triton kernels on a GPU (see docs/benchmarks.md). Per-layer table: [layers.md](layers.md).",
+    timings = [
+        f"calibration | {calib_s:.1f} s ({len(plan.calls)} denoiser calls)",
+        f"sampling {samples} images, FP32 | {fp_s:.2f} s",
+        f"sampling, quantized (first run, with compile) | {q_s:.2f} s",
+        f"sampling, quantized (second run) | {q2_s:.2f} s",
     ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print(str(report))
-    print(
-        f"\nqdiff demo: {len(plan.quantized_nodes())}/{len(plan.nodes)} ops quantized ({preset}); weights "
-        f"{fp_bytes / 1e6:.3f} -> {q_bytes / 1e6:.3f} MB; samples vs FP32: PSNR {psnr:.2f} dB, SSIM {s:.4f}; "
-        f"report in {out}/report.md"
-    )
+    device = "cuda" if next(model.parameters()).is_cuda else f"{platform.machine()} CPU"
+    write_report(out, f"{case.name}, {preset}", plan, inspect(qmodel), fp01, q01, timings, device, preset)
     return 0

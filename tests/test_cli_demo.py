@@ -8,6 +8,7 @@ import torch
 from qcompile.cli import main
 from qcompile.zoo.bundled import bundled_dir, ddim_sampler, load_cifar10_dit, load_unet
 from tests.tiny_models import tiny_unet2d
+from tests.tiny_pipelines import require_transformers, tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sd_pipeline
 
 
 def test_bundled_models_load_and_denoise():
@@ -42,6 +43,43 @@ def test_demo_on_a_local_pipeline_folder(tmp_path, capsys):
 def test_demo_rejects_a_folder_without_a_unet(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no diffusers pipeline folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "factory, kind",
+    [
+        (tiny_dit_pipeline, "DiTPipeline (transformer: DiTTransformer2DModel, conditioned on class_labels)"),
+        (tiny_sd_pipeline, "StableDiffusionPipeline (unet: UNet2DConditionModel, conditioned on prompt)"),
+        (tiny_pixart_pipeline, "PixArtAlphaPipeline (transformer: PixArtTransformer2DModel, conditioned on prompt)"),
+    ],
+    ids=["dit", "sd", "pixart"],
+)
+def test_demo_on_a_saved_transformer_or_text_pipeline(tmp_path, capsys, factory, kind):
+    if factory is not tiny_dit_pipeline:
+        require_transformers()
+    factory().save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "demo"
+    code = main(["demo", "--model", str(tmp_path / "pipe"), "--steps", "3", "--samples", "2", "--calib-samples", "2", "--out", str(out)])
+    assert code == 0
+    for name in ("grid.png", "layers.md", "plan.qplan", "report.md"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert kind in report
+    assert "| graphs compiled by the qdiff backend | 1 |" in report  # calibration and samples: the same CFG batch
+    psnr = float(report.split("PSNR ")[1].split(" dB")[0])
+    assert psnr > 20  # random tiny models, w8a8-int8: quantized samples close to FP32
+    assert "qdiff demo:" in capsys.readouterr().out
+
+
+def test_demo_names_the_components_of_an_unsupported_folder(tmp_path, capsys):
+    folder = tmp_path / "vae_only"
+    folder.mkdir()
+    index = {"_class_name": "SomePipeline", "_diffusers_version": "0.42.1", "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert main(["demo", "--model", str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "no denoiser component named unet or transformer" in err
+    assert "vae (AutoencoderKL), scheduler (DDIMScheduler)" in err
 
 
 def test_inspect_command_prints_a_plan(tmp_path, capsys):

@@ -83,3 +83,4 @@ def test_diffusers_ddpm_pipeline_end_to_end():
     assert abs(q - fp).mean() < 0.05  # random weights, 6 steps: close to full precision
     assert pipe.unet is unet and dict(pipe.config) == config_before
     assert len(generate.qdiff.plans[unet].calls) == 6
+    assert generate.qdiff.graphs(unet) == 1  # one batch size: one graph (counts per pipeline: tests/test_pipelines.py)
