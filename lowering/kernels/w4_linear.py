@@ -34,6 +34,7 @@ from ._common import (
     check_launchable,
     check_scalar,
     check_tensor,
+    INTERPRET_CONFIG,
     config,
     fused_bias,
     quantize_fp8,
@@ -194,24 +195,33 @@ def _fits(c: triton.Config, group: int) -> bool:
     return group == 0 or (bk <= group and group % bk == 0)
 
 
+def _configs(which: str, group: int, small: bool) -> list[triton.Config]:
+    """The configs of ``which`` valid for ``group`` (0: per channel); the interpreter's one config there."""
+    if INTERPRET:
+        configs = [INTERPRET_CONFIG]
+    elif which == "weight_only":
+        configs = WEIGHT_ONLY_SMALL if small else WEIGHT_ONLY_LARGE
+    else:
+        configs = W4A8_SMALL if small else W4A8_LARGE
+    return [c for c in configs if _fits(c, group)]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(which: str, group: int, small: bool):
-    """The autotuned kernel for ``which`` with configs valid for ``group`` (0: per channel)."""
-    if which == "weight_only":
-        fn, configs, key = weight_only_kernel, WEIGHT_ONLY_SMALL if small else WEIGHT_ONLY_LARGE, _KEY_WO
-    else:
-        fn, configs, key = w4a8_kernel, W4A8_SMALL if small else W4A8_LARGE, _KEY_W4A8
-    configs = [c for c in configs if _fits(c, group)]
+    """(autotuned kernel, K multiple that makes every config's K loop mask-free), or None."""
+    configs = _configs(which, group, small)
     if not configs:
         return None
-    return autotuned(fn, configs, key), max(c.kwargs["BLOCK_K"] for c in configs)
+    fn, key = (weight_only_kernel, _KEY_WO) if which == "weight_only" else (w4a8_kernel, _KEY_W4A8)
+    return autotuned(fn, configs, key, interpret_config=configs[0]), max(c.kwargs["BLOCK_K"] for c in configs)
 
 
 def supports_group(group_size: int | None) -> bool:
-    """Whether the kernels have configs for int4 groups of ``group_size`` (multiples of 32)."""
-    g = group_size or 0  # pure Python (no kernel objects), so Dynamo can trace callers of it
-    lists = (WEIGHT_ONLY_SMALL, WEIGHT_ONLY_LARGE, W4A8_SMALL, W4A8_LARGE)
-    return all(any(_fits(c, g) for c in configs) for configs in lists)
+    """Whether the kernels have configs for int4 groups of ``group_size`` (in practice multiples of 32).
+
+    Arithmetic on the config lists only (no autotuner is built), so it is cheap to trace."""
+    g = group_size or 0
+    return all(_configs(w, g, s) for w in ("weight_only", "w4a8") for s in (False, True))
 
 
 def _check_weight(x, w, w_scale, group: int, int4: bool, K: int):
