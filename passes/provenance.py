@@ -26,6 +26,7 @@ from typing import Any, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..config import OpKind
 from .annotate import Annotation
@@ -142,13 +143,7 @@ def _shape(node: Any) -> tuple[int | None, ...] | None:
         sizes = getattr(meta, "shape", None)
         if sizes is None:
             return None
-    out = []
-    for s in sizes:
-        try:
-            out.append(int(s))
-        except (TypeError, ValueError, RuntimeError):
-            out.append(None)
-    return tuple(out)
+    return tuple(int(s) if is_concrete_int(s) else None for s in sizes)  # never guards on a symbolic size
 
 
 def _is_state(node: fx.Node) -> bool:
@@ -179,8 +174,7 @@ def _int_dims(args: Any) -> list[int] | None:
 class _Walker:
     """Backward provenance walk over one graph, memoized per (node, dim)."""
 
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
+    def __init__(self) -> None:
         self.memo: dict[tuple[str, int], _Result] = {}
         self.cat_memo: dict[str, str | None] = {}
 
@@ -463,7 +457,7 @@ def input_channel_dim(node: fx.Node, site: Site) -> int | None:
 
 def find_splits(gm: fx.GraphModule) -> list[SplitDecision]:
     """The split decision of every supported quantized op whose input has a cat behind it."""
-    walker = _Walker(gm)
+    walker = _Walker()
     decisions = []
     for node in gm.graph.nodes:
         site: Site | None = node.meta.get(META_KEY)
