@@ -4,6 +4,10 @@ The converted graph calls these functions. Activations are really quantized to i
 tensors and weights are stored quantized (see :mod:`.weights`); the matmul or convolution itself
 runs in the activation's float dtype on dequantized operands. It runs on CPU and GPU, eagerly or
 traced through Inductor, and is the ground truth every Triton kernel is tested against.
+
+Split ops (``splits`` = input-channel split points ``[0, c1, ..., C]``): the input's channel slice
+``[p_i, p_i+1)`` is quantized with ``a_scale[i]`` / ``a_zp[i]``, and the weight holds scales per
+slice (see :mod:`.weights`). With equal scales for every slice this is exactly the unsplit op.
 """
 
 from __future__ import annotations
@@ -30,13 +34,25 @@ def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, zero_point: torc
     return dequantize_int(q, scale, zero_point).to(dtype)
 
 
-def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth=None, channel_dim=-1):
+def per_slice(v: torch.Tensor, splits: tuple[int, ...], ndim: int, channel_dim: int) -> torch.Tensor:
+    """One value per slice -> one per channel, shaped to broadcast along ``channel_dim`` of an ``ndim`` tensor."""
+    if v.numel() != len(splits) - 1:
+        raise ValueError(f"{v.numel()} per-slice quantization parameters for {len(splits) - 1} slices (split points {tuple(splits)})")
+    per_channel = torch.cat([v[i : i + 1].expand(b - a) for i, (a, b) in enumerate(zip(splits, splits[1:]))])
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return per_channel.reshape(shape)
+
+
+def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth=None, channel_dim=-1, splits=None):
     if afmt is None:
         return x
     if act_smooth is not None:  # x / s per input channel (the weight holds W * s)
         shape = [1] * x.dim()
         shape[channel_dim] = -1
         x = x * act_smooth.to(x.dtype).reshape(shape)
+    if splits is not None:  # one quantizer per channel slice
+        a_scale, a_zp = per_slice(a_scale, splits, x.dim(), channel_dim), per_slice(a_zp, splits, x.dim(), channel_dim)
     return dequantize_activation(quantize_activation(x, a_scale, a_zp, afmt, not asym), a_scale, a_zp, x.dtype)
 
 
@@ -46,15 +62,16 @@ def _bias(bias, bias_corr, dtype):
     return None if bias is None else bias.to(dtype)
 
 
-def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None):
+def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
     """``F.linear`` with a quantized weight and (unless ``afmt`` is None) a quantized input.
 
     ``bias_corr`` (per output feature) is added to the bias: the calibrated correction of the
     weight quantization's mean output shift. ``act_smooth`` (per input feature, the inverse
-    smoothing factors) scales the input before it is quantized.
+    smoothing factors) scales the input before it is quantized. ``splits``: input-feature split
+    points; ``a_scale`` / ``a_zp`` then hold one value per slice and the weight scales per slice.
     """
-    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, -1)
-    w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, "linear").to(x.dtype)
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, -1, splits)
+    w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, "linear", splits).to(x.dtype)
     return F.linear(x, w, _bias(bias, bias_corr, x.dtype))
 
 
@@ -62,10 +79,10 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups, output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None):
-    """A (transposed) convolution with a quantized weight and optionally a quantized input."""
-    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, 1)
-    w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, kind).to(x.dtype)
+def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups, output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
+    """A (transposed) convolution with a quantized weight and optionally a quantized input (``splits``: as :func:`qlinear`)."""
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, 1, splits)
+    w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, kind, splits).to(x.dtype)
     b = _bias(bias, bias_corr, x.dtype)
     nd = len(weight_shape) - 2
     if kind == "conv_transpose":

@@ -60,10 +60,12 @@ def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, a
     return weight_only_linear(x, wdata, wscale, bias, wfmt=wfmt, group_size=group_size, act=act, bias_corr=bias_corr)
 
 
-def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None):
-    """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding)."""
+def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
+    """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding).
+
+    Split ops (``splits``: per-slice activation and weight scales) run the reference: no kernel takes them yet."""
     return qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
-                         afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth)
+                         afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits)
 
 
 _ACT_REFERENCE = {
@@ -74,16 +76,16 @@ _ACT_REFERENCE = {
 
 
 def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False,
-                  bias_corr=None, act_smooth=None, act="none"):
+                  bias_corr=None, act_smooth=None, act="none", splits=None):
     """:func:`qlinear` followed by ``act`` (``none`` / ``silu`` / ``gelu_tanh``), fused into the kernel's epilogue."""
     if act not in _ACT_REFERENCE:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ACT_REFERENCE)}")
     if len(weight_shape) != 2 or x.shape[-1] != weight_shape[1]:
         raise ValueError(f"linear input of shape {tuple(x.shape)} does not match weight shape {tuple(weight_shape)}")
-    route = linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size)
+    route = None if splits is not None else linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size)
     if route is None:
         y = reference.qlinear(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
-                              afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth)
+                              afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits)
         return _ACT_REFERENCE[act](y)
     return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
                    bias_corr=bias_corr, act_smooth=act_smooth, act=act)
@@ -137,14 +139,15 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
-          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None):
-    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last."""
-    route = conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
+          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
+    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the reference)."""
+    route = None if splits is not None else conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
                        padding=padding, dilation=dilation, groups=groups)
     if route is None:
         return reference.qconv(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                                kind=kind, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                               output_padding=output_padding, afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth)
+                               output_padding=output_padding, afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth,
+                               splits=splits)
     how, params = route
     if how == "gemm":
         nhwc = x.permute(0, 2, 3, 1)  # a view when x is channels-last

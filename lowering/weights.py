@@ -3,6 +3,12 @@
 Weights are kept in a GEMM layout: a matrix of ``(out_features, K)`` where ``K`` is everything a
 single output reduces over (``in_features``, or ``in_channels/groups * kh * kw`` for convs, in
 PyTorch's weight order). INT4 is packed two per byte; K is zero-padded to a whole number of groups.
+
+A *split* weight (split-shortcut quantization, ``splits`` = input-channel split points) is stored
+as K segments, one per input-channel slice, each quantized on its own: per-channel formats get one
+scale per output channel per slice, group-wise formats restart their groups at every slice
+boundary (each segment zero-padded to whole groups), so no scale ever spans two slices. Where the
+boundaries fall on group boundaries this is exactly the unsplit layout.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class QuantizedWeight:
     shape: tuple[int, ...]  # the original weight's shape
     kind: str  # OpKind value (layout)
     group_size: int | None = None
+    splits: tuple[int, ...] | None = None  # input-channel split points [0, c1, ..., C]: scales per slice
 
     @property
     def k(self) -> int:
@@ -66,7 +73,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight this stands for, in its original shape and layout."""
-        return dequantize_weight(self.data, self.scale, self.fmt, self.group_size, self.shape, self.kind).to(dtype)
+        return dequantize_weight(self.data, self.scale, self.fmt, self.group_size, self.shape, self.kind, self.splits).to(dtype)
 
 
 def padded_k(k: int, fmt: str, group_size: int | None) -> int:
@@ -76,10 +83,25 @@ def padded_k(k: int, fmt: str, group_size: int | None) -> int:
     return k + (k % 2) if fmt == "int4" else k
 
 
-def storage_shape(fmt: str, out_features: int, k: int, group_size: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def k_bounds(splits: tuple[int, ...] | None, k: int) -> list[int]:
+    """K-axis boundaries of the segments of input-channel split points (``[0, k]`` unsplit)."""
+    if splits is None:
+        return [0, k]
+    channels = splits[-1]
+    if splits[0] != 0 or channels <= 0 or k % channels or any(b <= a for a, b in zip(splits, splits[1:])):
+        raise ValueError(f"invalid split points {tuple(splits)} for a weight reducing over K={k}")
+    taps = k // channels
+    return [p * taps for p in splits]
+
+
+def storage_shape(fmt: str, out_features: int, k: int, group_size: int | None, splits: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of (data, scale) for a weight with ``out_features`` rows reducing over ``k``."""
-    kp = padded_k(k, fmt, group_size)
-    n_groups = kp // group_size if group_size is not None else 1
+    bounds = k_bounds(splits, k)
+    kp = n_groups = 0
+    for a, b in zip(bounds, bounds[1:]):
+        seg = padded_k(b - a, fmt, group_size)
+        kp += seg
+        n_groups += seg // group_size if group_size is not None else 1
     return (out_features, kp // 2 if fmt == "int4" else kp), (out_features, n_groups)
 
 
@@ -103,7 +125,7 @@ def _decode(q: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def quantize_weight(
     w: torch.Tensor, fmt: str, kind: str, group_size: int | None = None, clip_search: bool = True,
-    importance: torch.Tensor | None = None, min_clip: float = 0.8,
+    importance: torch.Tensor | None = None, min_clip: float = 0.8, splits: tuple[int, ...] | None = None,
 ) -> QuantizedWeight:
     """Quantize a float weight symmetrically, choosing each channel/group's clipping.
 
@@ -111,17 +133,34 @@ def quantize_weight(
     absolute maximum that minimizes the squared weight error, weighted per input feature by
     ``importance`` when given (the variance of that feature's input: then the error minimized is
     the output error's variance, ``sum_k dW_k^2 var(x_k)``); otherwise the maximum itself.
-    ``importance`` has one value per input channel (``K / prod(kernel)`` of them).
+    ``importance`` has one value per input channel (``K / prod(kernel)`` of them). ``splits``
+    (input-channel split points) quantizes each slice's K segment with its own scales.
     """
     if not w.is_floating_point():
         raise TypeError(f"cannot quantize a {w.dtype} weight")
     m = to_matrix(w.detach().float(), kind)
     k = m.shape[1]
+    weight_of_error = torch.ones(k, device=m.device) if importance is None else _per_k(importance.to(m.device), k)
+    bounds = k_bounds(None if splits is None else tuple(splits), k)
+    qs, scales = [], []
+    for a, b in zip(bounds, bounds[1:]):
+        q, scale = _quantize_segment(m[:, a:b], weight_of_error[a:b], fmt, group_size, clip_search, min_clip)
+        qs.append(q)
+        scales.append(scale)
+    q = torch.cat(qs, dim=1) if len(qs) > 1 else qs[0]
+    scale = torch.cat(scales, dim=1) if len(scales) > 1 else scales[0]
+    data = pack_int4(q) if fmt == "int4" else q
+    return QuantizedWeight(fmt, data, scale.contiguous(), tuple(w.shape), kind, group_size, None if splits is None else tuple(splits))
+
+
+def _quantize_segment(m: torch.Tensor, weight_of_error: torch.Tensor, fmt: str, group_size: int | None, clip_search: bool, min_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8-stored values (out, Kpad), scales (out, n_groups)) of one K segment of a weight matrix."""
+    k = m.shape[1]
     kp = padded_k(k, fmt, group_size)
     if kp != k:
         m = torch.nn.functional.pad(m, (0, kp - k))
+        weight_of_error = torch.nn.functional.pad(weight_of_error, (0, kp - k))
     g = _grouped(m, group_size)
-    weight_of_error = torch.ones(kp, device=m.device) if importance is None else _per_k(importance.to(m.device), k, kp)
     wg = _grouped(weight_of_error[None, :], group_size)
     amax = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
     qmax = qmax_of(fmt)
@@ -135,20 +174,18 @@ def quantize_weight(
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
     q = _encode(g, best_scale, fmt).reshape(m.shape[0], kp)
-    data = pack_int4(q) if fmt == "int4" else q
-    return QuantizedWeight(fmt, data, best_scale.reshape(m.shape[0], -1).contiguous(), tuple(w.shape), kind, group_size)
+    return q, best_scale.reshape(m.shape[0], -1)
 
 
-def _per_k(importance: torch.Tensor, k: int, kp: int) -> torch.Tensor:
-    """Per-input-channel importance expanded to the K (then padded) axis of the GEMM layout."""
+def _per_k(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-input-channel importance expanded to the K axis of the GEMM layout (mean 1)."""
     taps = k // importance.numel()
     per_k = importance.float().clamp_min(0).repeat_interleave(taps)
-    per_k = per_k / per_k.mean().clamp_min(1e-30)
-    return torch.nn.functional.pad(per_k, (0, kp - k))
+    return per_k / per_k.mean().clamp_min(1e-30)
 
 
-def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, shape: tuple[int, ...], kind: str) -> torch.Tensor:
-    """Float32 weight of original ``shape`` from storage ``data`` and ``scale``."""
+def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, shape: tuple[int, ...], kind: str, splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Float32 weight of original ``shape`` from storage ``data`` and ``scale`` (segments per ``splits``)."""
     if fmt == "int4":
         q = unpack_int4(data)
     elif fmt == "fp8_e4m3":
@@ -156,10 +193,20 @@ def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, fmt: str, group_s
     else:
         q = data
     out = q.shape[0]
-    g = _grouped(q, group_size)
-    m = _decode(g, scale.reshape(out, -1, 1), fmt).reshape(out, -1)
     k = math.prod(shape) // out
-    return from_matrix(m[:, :k], kind, tuple(shape))
+    if splits is None:
+        g = _grouped(q, group_size)
+        m = _decode(g, scale.reshape(out, -1, 1), fmt).reshape(out, -1)[:, :k]
+    else:
+        bounds, parts, qo, so = k_bounds(tuple(splits), k), [], 0, 0
+        for a, b in zip(bounds, bounds[1:]):
+            kp = padded_k(b - a, fmt, group_size)
+            n_groups = kp // group_size if group_size is not None else 1
+            seg = _decode(_grouped(q[:, qo : qo + kp], group_size), scale[:, so : so + n_groups].reshape(out, -1, 1), fmt)
+            parts.append(seg.reshape(out, -1)[:, : b - a])
+            qo, so = qo + kp, so + n_groups
+        m = torch.cat(parts, dim=1)
+    return from_matrix(m, kind, tuple(shape))
 
 
 def bias_correction(w: torch.Tensor, qw: QuantizedWeight, input_mean: torch.Tensor, stride: tuple[int, ...] | int = 1, groups: int = 1) -> torch.Tensor:

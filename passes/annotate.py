@@ -26,6 +26,7 @@ class Annotation:
     weight: WeightSpec | None  # None: weight kept in full precision
     act: dict[int, ActSpec] = field(default_factory=dict)  # input edge index -> quantizer
     reason: str | None = None  # why the site stays in full precision
+    splits: dict[int, tuple[int, ...]] = field(default_factory=dict)  # input edge -> channel split points (one quantizer per slice)
 
     @property
     def quantized(self) -> bool:

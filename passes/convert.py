@@ -3,6 +3,8 @@
 Quantized weights, their scales and the activation scale / zero point become buffers of the
 GraphModule (``get_attr`` nodes), so graphs that differ only in scales share their code. The op
 itself becomes a call of a lowering function (by default :mod:`qcompile.lowering.reference`).
+A split op (the weight has ``splits``) passes its split points to the lowering as ``splits=`` and
+has one activation scale / zero point per slice.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ class QuantizedOp:
     weight: QuantizedWeight
     act_fmt: str | None = None
     act_symmetric: bool = True
-    act_scale: float = 1.0
-    act_zero_point: int = 0
+    act_scale: float | tuple[float, ...] = 1.0  # a tuple: one per slice of a split op
+    act_zero_point: int | tuple[int, ...] = 0
     bias_correction: torch.Tensor | None = None  # added to the bias (per output channel)
     act_smooth: torch.Tensor | None = None  # inverse smoothing factors (per input channel)
 
@@ -40,6 +42,15 @@ class Lowering:
     linear: Callable[..., torch.Tensor] = reference.qlinear
     conv: Callable[..., torch.Tensor] = reference.qconv
     linear_fused: Callable[..., torch.Tensor] | None = None  # linear + activation epilogue (``act=``), if the lowering has one
+
+
+def _check_slices(q: QuantizedOp, node: fx.Node) -> None:
+    """Per-slice activation parameters must match the weight's split points."""
+    want = None if q.weight.splits is None else len(q.weight.splits) - 1
+    for name in ("act_scale", "act_zero_point"):
+        v = getattr(q, name)
+        if q.act_fmt is not None and (len(v) if isinstance(v, tuple) else None) != want:
+            raise ValueError(f"node '{node.name}': {name} {v} does not match the weight's split points {q.weight.splits}")
 
 
 def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
@@ -69,6 +80,9 @@ def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.devic
                 common["bias_corr"] = _buffer(gm, prefix + "bias_correction", q.bias_correction.to(device))
             if q.act_smooth is not None:
                 common["act_smooth"] = _buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
+            if q.weight.splits is not None:
+                common["splits"] = q.weight.splits
+            _check_slices(q, node)
             if site.kind is OpKind.LINEAR:
                 fn = lowering.linear
             else:

@@ -100,7 +100,7 @@ def plan_ops(plan: QuantPlan, group: int) -> dict[str, QuantizedOp]:
             ops[n.key] = QuantizedOp(n.weight, bias_correction=corr)
         else:
             smooth = None if n.smooth is None else 1.0 / n.smooth
-            ops[n.key] = QuantizedOp(n.weight, act.fmt, act.symmetric, act.scale, act.zero_point, corr, smooth)
+            ops[n.key] = QuantizedOp(n.weight, act.fmt, act.symmetric, *act.slice_params(), corr, smooth)
     return ops
 
 
@@ -110,7 +110,7 @@ def plan_annotations(plan: QuantPlan, group: int) -> dict[str, Annotation]:
     for n in plan.nodes.values():
         act = n.acts[group] if n.quantized else None
         acts = {} if act is None else {0: act}
-        out[n.key] = Annotation(n.key, n.weight_spec(), acts, n.reason)
+        out[n.key] = Annotation(n.key, n.weight_spec(), acts, n.reason, {} if n.split is None else {0: n.split})
     return out
 
 

@@ -22,9 +22,10 @@ from .config import OpKind, QuantConfig
 from .errors import CalibrationError
 from .graph import prepare
 from .lowering.weights import bias_correction, quantize_weight, smooth_weight, smoothing_factors
-from .observers import ActivationStats, choose_qparams
+from .observers import ActivationStats, ActQParams, choose_qparams
 from .passes.annotate import Annotation, annotate, apply_first_last, decide
-from .passes.observe import insert_observers
+from .passes.observe import INPUT_EDGE, insert_observers
+from .passes.provenance import SplitDecision, apply_split, find_splits, split_note
 from .passes.sites import Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
@@ -42,6 +43,8 @@ class ActivationObserver(torch.nn.Module):
         self.key = site.key
         self.node = site.node
         self.channel_dim = -1 if site.kind is OpKind.LINEAR else 1
+        ann = session.decisions.get(site.key)
+        self.split = None if ann is None else ann.splits.get(INPUT_EDGE)  # one statistics per channel slice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.session.observe(self, x)
@@ -59,6 +62,7 @@ class CalibrationSession:
         self.bins = StepBins(cap=BIN_CAP)
         self.sites: dict[str, Site] = {}
         self.decisions: dict[str, Annotation] = {}
+        self.splits: dict[str, SplitDecision] = {}  # channel-provenance decisions (first graph that has the op)
         self.weights: dict[str, torch.Tensor] = {}
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.subgraphs: list[list[str]] = []
@@ -74,9 +78,11 @@ class CalibrationSession:
         """Prepare, annotate and observe one captured graph; it then runs eagerly."""
         gm, sites = prepare(gm, example_inputs)
         params = parameter_tensors(gm, example_inputs)
+        for d in find_splits(gm):
+            self.splits.setdefault(d.key, d)
         for site in sites:
             self.sites.setdefault(site.key, site)
-            self.decisions.setdefault(site.key, decide(site, self.config))
+            self.decisions.setdefault(site.key, apply_split(decide(site, self.config), self.splits.get(site.key), self.config.split_shortcuts))
         for node in gm.graph.nodes:
             site = node.meta.get("qdiff_site")
             if site is not None and not site.unsupported:
@@ -129,7 +135,7 @@ class CalibrationSession:
         call = len(self.calls) - 1
         stats = self.stats.get((key, self.bin))
         if stats is None:
-            stats = self.stats[(key, self.bin)] = ActivationStats(self.bin_size, self.generator, observer.channel_dim)
+            stats = self.stats[(key, self.bin)] = ActivationStats(self.bin_size, self.generator, observer.channel_dim, observer.split)
         stats.update(x, call)
         if not stats.is_finite():
             raise CalibrationError(
@@ -201,6 +207,7 @@ class CalibrationSession:
         return NodePlan(
             site.key, site.kind, site.weight_name, site.weight_shape, site.conv_args, weight, acts, reason,
             self.input_shapes.get(site.key), stats, call_log, corr, smooth,
+            split=None if weight is None else weight.splits, split_note=split_note(self.splits.get(site.key), ann if weight is not None else Annotation(site.key, None), self.config.split_shortcuts),
         )
 
     def _quantize(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list, factors: torch.Tensor | None):
@@ -216,7 +223,7 @@ class CalibrationSession:
             w = smooth_weight(w, kind, factors)
             group_stats = [None if s is None else s.smoothed(factors) for s in group_stats]
         importance = self._importance(site, group_stats)
-        weight = quantize_weight(w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip)
+        weight = quantize_weight(w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip, ann.splits.get(INPUT_EDGE))
         corr = None
         means = [None if s is None else s.channel_mean() for s in group_stats]
         if self.config.bias_correction and all(m is not None for m in means):
@@ -235,7 +242,7 @@ class CalibrationSession:
             if s is None:
                 continue
             var = s.channel_variance()
-            error += s.count * float(((0.0 if var is None else (var.to(dw_sq.device) * dw_sq).sum()) + (0.0 if a is None else a.scale**2 / 12 * w_sq.sum())))
+            error += s.count * float(((0.0 if var is None else (var.to(dw_sq.device) * dw_sq).sum()) + (0.0 if a is None else _act_noise(a, w_sq, ann.splits.get(INPUT_EDGE)))))
         weight = dataclasses.replace(weight, data=weight.data.cpu(), scale=weight.scale.cpu())
         return weight, corr, acts, error, None if factors is None else factors.cpu()
 
@@ -249,6 +256,13 @@ class CalibrationSession:
             return None
         absmax = torch.stack([s.channel_absmax() for s in present]).amax(dim=0)
         return smoothing_factors(absmax, w, site.kind.value, alpha).cpu()
+
+
+def _act_noise(a: ActQParams, w_sq: torch.Tensor, split: tuple[int, ...] | None) -> torch.Tensor:
+    """Rounding noise of an activation quantizer through the weight: ``scale^2 / 12 * |W|^2`` (per slice)."""
+    if a.slices is None or split is None:
+        return a.scale**2 / 12 * w_sq.sum()
+    return sum(p.scale**2 / 12 * w_sq[lo:hi].sum() for p, lo, hi in zip(a.slices, split, split[1:]))
 
 
 def _nan_if_none(v: float | None) -> float:

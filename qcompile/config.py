@@ -135,6 +135,7 @@ class QuantConfig:
     first_last: FirstLastPolicy = FirstLastPolicy.QUANTIZE
     bias_correction: bool = True  # cancel the mean output shift of weight quantization per group
     smooth_alpha: float | None = None  # SmoothQuant migration strength for quantized activations
+    split_shortcuts: bool = True  # per-slice scales for ops reading a channel concat (passes/provenance.py)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     name: str = "custom"
 
@@ -151,6 +152,8 @@ class QuantConfig:
         object.__setattr__(self, "first_last", FirstLastPolicy(self.first_last))
         if not self.ops:
             raise ConfigError("ops is empty: nothing would be quantized")
+        if not isinstance(self.split_shortcuts, bool):
+            raise ConfigError(f"split_shortcuts must be a bool, got {self.split_shortcuts!r}")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise ConfigError(f"smooth_alpha must be in (0, 1) or None, got {self.smooth_alpha}")
 
@@ -183,10 +186,11 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
     def naive(self) -> "QuantConfig":
-        """The round-to-nearest baseline of this config: min/max ranges, no clipping search, no bias correction."""
+        """The round-to-nearest baseline of this config: min/max ranges, no clipping search, no bias
+        correction, no smoothing, one activation scale per tensor (no split shortcuts)."""
         weight = dataclasses.replace(self.weight, clip_search=False)
         act = None if self.act is None else dataclasses.replace(self.act, range_method=RangeMethod.MINMAX)
-        return dataclasses.replace(self, weight=weight, act=act, bias_correction=False, smooth_alpha=None, name=f"{self.name}-naive")
+        return dataclasses.replace(self, weight=weight, act=act, bias_correction=False, smooth_alpha=None, split_shortcuts=False, name=f"{self.name}-naive")
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

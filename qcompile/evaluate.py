@@ -115,7 +115,10 @@ def variants() -> dict[str, QuantConfig | None]:
 def experiments() -> dict[str, QuantConfig | None]:
     """Extra variants for ablations, selectable by name with ``qdiff eval --configs``."""
     w8 = QuantConfig.preset("w8a8-int8")
-    return {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
+    out = {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
+    for preset in ("w8a8-int8", "w4a8"):  # split-shortcut ablation: the presets split by default
+        out[f"{preset}-nosplit"] = QuantConfig.preset(preset).replace(split_shortcuts=False, name=f"{preset}-nosplit")
+    return out
 
 
 def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds: int, calib_samples: int, progress: bool = True) -> list[EvalResult]:

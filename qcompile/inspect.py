@@ -74,6 +74,8 @@ class OpReport:
     sqnr_local_db: float | None = None
     sqnr_cumulative_db: float | None = None
     note: str = ""
+    split: str = ""  # the split-shortcut decision: "split 40+40 (cat(...) > ...)", "not split: why", or "" (no concat behind)
+    act_slice_ranges: list[tuple[float, float]] | None = None  # per channel slice of a split op
 
 
 @dataclass
@@ -86,12 +88,13 @@ class InspectReport:
     graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
-        headers = ["node", "op", "weight", "input", "w fmt", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note"]
+        headers = ["node", "op", "weight", "input", "w fmt", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note", "split"]
         rows = [
             [
                 r.key, r.op, "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_shape or ())), r.weight_format,
-                r.act_format, _range(r.weight_scale_range, ".1e"), _range(r.act_range, ".3g"), _db(r.sqnr_local_db),
-                _db(r.sqnr_cumulative_db), r.note,
+                r.act_format, _range(r.weight_scale_range, ".1e"),
+                " | ".join(_range(a, ".3g") for a in r.act_slice_ranges) if r.act_slice_ranges else _range(r.act_range, ".3g"),
+                _db(r.sqnr_local_db), _db(r.sqnr_cumulative_db), r.note, r.split,
             ]
             for r in self.rows
         ]
@@ -102,6 +105,10 @@ class InspectReport:
             f"qdiff plan for {self.plan.model_class} ({self.plan.config.name}, fingerprint {self.plan.fingerprint}): "
             f"{q}/{len(self.rows)} ops quantized, {self.plan.groups.count} timestep group(s)"
         )
+        split = sum(1 for r in self.rows if r.split.startswith("split"))
+        refused = sum(1 for r in self.rows if r.split.startswith("not split"))
+        if split or refused:
+            head += f"\nsplit shortcuts: {split} op(s) read a channel concat with a quantizer per slice, {refused} not split (column 'split')"
         tail = f"model output SQNR on the probe: {_db(self.output_sqnr_db)}" if self.output_sqnr_db is not None else ""
         return "\n".join([head, line(headers), line(["-" * w for w in widths]), *map(line, rows), tail]).rstrip()
 
@@ -125,6 +132,8 @@ class InspectReport:
                 label = f"{site.key}\n{site.kind.value}"
                 if r is not None and r.weight_format != "float":
                     label += f"\nW {r.weight_format} / A {r.act_format}"
+                    if r.split.startswith("split"):
+                        label += f"\n{r.split.split(' (')[0]}"
                     if r.sqnr_local_db is not None:
                         label += f"\n{_db(r.sqnr_local_db)}"
                     color = "#9ecae1" if r.weight_format.startswith("int4") else "#a1d99b"
@@ -197,7 +206,8 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
             OpReport(
                 n.key, n.kind.value, n.weight_shape, n.input_shape, wfmt, afmt,
                 None if w is None else (float(w.scale.min()), float(w.scale.max())),
-                None if a is None else (a.lo, a.hi), note=n.reason or "",
+                None if a is None else (a.lo, a.hi), note=n.reason or "", split=n.split_note or "",
+                act_slice_ranges=None if a is None or a.slices is None else [(p.lo, p.hi) for p in a.slices],
             )
         )
     return rows

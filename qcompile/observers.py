@@ -8,6 +8,7 @@ clipping that minimizes quantization MSE on the sampled values.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,9 +26,15 @@ TAIL = 64  # largest and smallest values kept exactly, so MSE clipping sees the 
 class ActivationStats:
     """Running statistics of one activation edge in one timestep group."""
 
-    def __init__(self, reservoir_size: int, generator: torch.Generator, channel_dim: int | None = None):
+    def __init__(self, reservoir_size: int, generator: torch.Generator, channel_dim: int | None = None, split: tuple[int, ...] | None = None):
         self.reservoir_size = reservoir_size
         self.channel_dim = channel_dim  # where the op's input features are (1 for convs, -1 for linears)
+        self.split = split  # channel split points: then ``slices`` holds the statistics of each slice
+        self.slices: list[ActivationStats] | None = None
+        if split is not None:
+            if channel_dim is None:
+                raise ValueError("split statistics need the channel dim")
+            self.slices = [ActivationStats(reservoir_size, generator, channel_dim) for _ in split[1:]]
         self.channel_sum: torch.Tensor | None = None  # float64 per-feature sums, for bias correction
         self.channel_sq_sum: torch.Tensor | None = None  # per-feature sums of squares, for weight importance
         self.channel_count = 0
@@ -78,6 +85,12 @@ class ActivationStats:
             inner = math.prod(x.shape[dim + 1 :])
             channels = (idx // inner) % x.shape[dim]
         self._keep(sample, keys, channels)
+        if self.slices is not None:
+            dim = self.channel_dim % x.dim()
+            if x.shape[dim] != self.split[-1]:
+                raise ValueError(f"split points {self.split} do not fit an input with {x.shape[dim]} channels (shape {tuple(x.shape)})")
+            for part, a, b in zip(self.slices, self.split, self.split[1:]):
+                part.update(x.narrow(dim, a, b - a), call_index)
 
     def _keep(self, values: torch.Tensor, keys: torch.Tensor, channels: torch.Tensor) -> None:
         """Add sampled values with their keys, keeping the ``reservoir_size`` smallest keys."""
@@ -120,6 +133,14 @@ class ActivationStats:
             self.channel_max = other.channel_max.clone() if self.channel_max is None else torch.maximum(self.channel_max, other.channel_max)
         self._keep(other.values, other.keys, other.channels)
         self._keep_tails(other.top, other.bottom)
+        if other.slices is not None:
+            if self.slices is None:
+                self.split = other.split
+                self.slices = [ActivationStats(self.reservoir_size, self.generator, p.channel_dim) for p in other.slices]
+            if self.split != other.split:
+                raise ValueError(f"cannot merge statistics split at {other.split} into ones split at {self.split}")
+            for mine, theirs in zip(self.slices, other.slices):
+                mine.merge(theirs)
 
     def channel_mean(self) -> torch.Tensor | None:
         """Mean of each input feature over everything observed (float32), if tracked."""
@@ -148,6 +169,9 @@ class ActivationStats:
         out.channel_min, out.channel_max = self.channel_min / factors, self.channel_max / factors
         out.channel_sum, out.channel_sq_sum = self.channel_sum / f, self.channel_sq_sum / f**2
         out.amin, out.amax = float(out.channel_min.min()), float(out.channel_max.max())
+        if self.slices is not None:
+            out.split = self.split
+            out.slices = [p.smoothed(factors[a:b]) for p, a, b in zip(self.slices, self.split, self.split[1:])]
         return out
 
     def channel_absmax(self) -> torch.Tensor | None:
@@ -161,7 +185,11 @@ class ActivationStats:
 
 @dataclass(frozen=True)
 class ActQParams:
-    """A static activation quantizer: format, scale, zero point and the clipping range."""
+    """A static activation quantizer: format, scale, zero point and the clipping range.
+
+    A split edge (see ``passes/provenance.py``) also has ``slices``: the quantizer of each channel
+    slice, which the op uses; the outer fields then describe the whole tensor (for reports).
+    """
 
     fmt: str
     symmetric: bool
@@ -170,13 +198,25 @@ class ActQParams:
     lo: float
     hi: float
     method: str
+    slices: tuple["ActQParams", ...] | None = None
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "slices"}
+        if self.slices is not None:
+            d["slices"] = [s.to_dict() for s in self.slices]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActQParams":
-        return cls(**d)
+        d = dict(d)
+        slices = d.pop("slices", None)
+        return cls(**d, slices=None if slices is None else tuple(cls.from_dict(s) for s in slices))
+
+    def slice_params(self) -> tuple[float | tuple[float, ...], int | tuple[int, ...]]:
+        """(scale, zero point) the op uses: numbers, or tuples with one entry per slice."""
+        if self.slices is None:
+            return self.scale, self.zero_point
+        return tuple(s.scale for s in self.slices), tuple(s.zero_point for s in self.slices)
 
 
 def qparams_from_range(fmt: str, symmetric: bool, lo: float, hi: float, method: str) -> ActQParams:
@@ -205,7 +245,14 @@ def _mse(samples: torch.Tensor, weights: torch.Tensor, fmt: str, symmetric: bool
 
 
 def choose_qparams(stats: ActivationStats, spec: ActSpec) -> ActQParams:
-    """The static quantizer for an activation, by the spec's range method."""
+    """The static quantizer for an activation, by the spec's range method (with one per slice for split statistics)."""
+    whole = _choose(stats, spec)
+    if stats.slices is None:
+        return whole
+    return dataclasses.replace(whole, slices=tuple(_choose(s, spec) for s in stats.slices))
+
+
+def _choose(stats: ActivationStats, spec: ActSpec) -> ActQParams:
     fmt, sym, method = spec.fmt.value, spec.symmetric, spec.range_method
     if method is RangeMethod.MINMAX or stats.values.numel() == 0:
         return qparams_from_range(fmt, sym, stats.amin, stats.amax, RangeMethod.MINMAX.value)

@@ -50,6 +50,8 @@ class NodePlan:
     call_log: torch.Tensor | None = None  # (calls, 4): call index, timestep, min, max
     bias_correction: torch.Tensor | None = None  # (groups, out_features) float32
     smooth: torch.Tensor | None = None  # (in_channels,) float32 smoothing factors (weight holds W * s)
+    split: tuple[int, ...] | None = None  # input-channel split points: per-slice act quantizers (acts[g].slices) and weight scales
+    split_note: str | None = None  # the channel-provenance decision, for reports (None: no concat behind the input)
 
     @property
     def quantized(self) -> bool:
@@ -72,7 +74,7 @@ class NodePlan:
             "weight_name": self.weight_name,
             "weight_shape": list(self.weight_shape),
             "conv_args": self.conv_args,
-            "weight": None if w is None else {"fmt": w.fmt, "group_size": w.group_size},
+            "weight": None if w is None else {"fmt": w.fmt, "group_size": w.group_size, **({} if w.splits is None else {"splits": list(w.splits)})},
             "acts": [None if a is None else a.to_dict() for a in self.acts],
             "reason": self.reason,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
@@ -80,6 +82,8 @@ class NodePlan:
             "has_call_log": self.call_log is not None,
             "has_bias_correction": self.bias_correction is not None,
             "has_smooth": self.smooth is not None,
+            **({} if self.split is None else {"split": list(self.split)}),
+            **({} if self.split_note is None else {"split_note": self.split_note}),
         }
 
 
@@ -237,6 +241,25 @@ def _expect(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, sha
     return t
 
 
+def _split_points(nd: dict[str, Any], shape: tuple[int, ...], kind: OpKind, path: Path) -> tuple[int, ...] | None:
+    """A node's split points (absent in plans without split shortcuts), checked against its weight."""
+    split = nd.get("split")
+    stored = (nd["weight"] or {}).get("splits")
+    if split is None and stored is None:
+        return None
+    cin = shape[0] if kind is OpKind.CONV_TRANSPOSE else shape[1]
+    ok = (
+        isinstance(split, list) and split == stored and len(split) >= 3 and all(isinstance(p, int) for p in split)
+        and split[0] == 0 and split[-1] == cin and all(b > a for a, b in zip(split, split[1:]))
+    )
+    if not ok or kind is not OpKind.LINEAR and nd["conv_args"].get("groups", 1) != 1:
+        raise PlanFileError(
+            f"plan file '{path}': node '{nd['key']}' has invalid split points {split} (weight: {stored}) "
+            f"for {cin} input channels"
+        )
+    return tuple(split)
+
+
 def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> QuantPlan:
     try:
         config = QuantConfig.from_dict(doc["config"])
@@ -245,16 +268,24 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
         for nd in doc["nodes"]:
             key, kind, shape = nd["key"], OpKind(nd["kind"]), tuple(nd["weight_shape"])
             weight = None
+            split = _split_points(nd, shape, kind, path)
             if nd["weight"] is not None:
                 fmt, gs = nd["weight"]["fmt"], nd["weight"]["group_size"]
                 out = shape[1] if kind is OpKind.CONV_TRANSPOSE else shape[0]
-                dshape, sshape = storage_shape(fmt, out, int(torch.tensor(shape).prod()) // out, gs)
+                dshape, sshape = storage_shape(fmt, out, int(torch.tensor(shape).prod()) // out, gs, split)
                 data = _expect(tensors, f"nodes/{key}/weight", _STORAGE_DTYPES[fmt], dshape, path, key)
                 scale = _expect(tensors, f"nodes/{key}/weight_scale", torch.float32, sshape, path, key)
-                weight = QuantizedWeight(fmt, data, scale, shape, kind.value, gs)
+                weight = QuantizedWeight(fmt, data, scale, shape, kind.value, gs, split)
             acts = [None if a is None else ActQParams.from_dict(a) for a in nd["acts"]]
             if len(acts) != groups.count:
                 raise PlanFileError(f"plan file '{path}': node '{key}' has {len(acts)} activation quantizers for {groups.count} groups")
+            want = None if split is None else len(split) - 1
+            bad = [g for g, a in enumerate(acts) if a is not None and (None if a.slices is None else len(a.slices)) != want]
+            if bad:
+                raise PlanFileError(
+                    f"plan file '{path}': node '{key}' has an activation quantizer in group {bad[0]} whose slices do not "
+                    f"match its split points {split}"
+                )
             call_log = _expect(tensors, f"nodes/{key}/call_log", torch.float32, None, path, key) if nd["has_call_log"] else None
             corr = None
             if nd["has_bias_correction"]:
@@ -267,6 +298,7 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
             nodes[key] = NodePlan(
                 key, kind, nd["weight_name"], shape, _json_conv_args(nd["conv_args"]), weight, acts, nd["reason"],
                 None if nd["input_shape"] is None else tuple(nd["input_shape"]), nd["stats"], call_log, corr, smooth,
+                split, nd.get("split_note"),
             )
         probe = None
         if doc["probe"] is not None:
