@@ -7,6 +7,7 @@ import qcompile
 from qcompile.backend import build_quantized_graph, choose_lowering
 from qcompile.errors import ConfigError
 from qcompile.lowering import reference, triton_lowering
+from qcompile.metrics import sqnr_db
 from qcompile.passes.convert import Lowering
 from qcompile.passes.fuse_epilogue import activation_of, fuse_epilogues
 
@@ -49,7 +50,10 @@ def test_fuses_silu_and_tanh_gelu_only_and_keeps_the_result():
     fused = [n for n in gm.graph.nodes if n.target is triton_lowering.qlinear_fused]
     assert sorted(n.kwargs["act"] for n in fused) == ["gelu_tanh", "silu"]
     assert sum(1 for n in gm.graph.nodes if n.target is reference.qlinear) == 1  # the exact-gelu one
-    torch.testing.assert_close(gm(*inputs), before, rtol=0, atol=0)  # CPU: the fused call is the reference + activation
+    if triton_lowering.kernels_usable_on(torch.device("cpu")):  # the kernel tests' interpreter mode is on
+        assert sqnr_db(before[0], gm(*inputs)[0]) > 40
+    else:  # the fused call falls back to the reference + activation: bit-identical
+        torch.testing.assert_close(gm(*inputs), before, rtol=0, atol=0)
 
 
 def test_activation_of_rejects_other_ops():
