@@ -27,6 +27,7 @@ from .passes.observe import insert_observers
 from .passes.sites import Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
+from .segment import Segmentation, segment_groups
 from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
@@ -66,6 +67,7 @@ class CalibrationSession:
         self.timestep: float | None = None
         self.bin = 0
         self.probe: tuple[Any, dict[str, torch.Tensor]] | None = None
+        self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
 
     # -- Dynamo backend ------------------------------------------------------------------------
@@ -89,9 +91,9 @@ class CalibrationSession:
     # -- per call --------------------------------------------------------------------------------
     def begin_call(self, signature: pyinspect.Signature, args: tuple, kwargs: dict) -> None:
         found = find_timestep(signature, args, kwargs, self.config.calibration.timestep_args)
-        if found is None and self.config.calibration.timestep_groups > 1:
+        if found is None and self.config.timestep_groups != 1:
             raise CalibrationError(
-                f"timestep_groups={self.config.calibration.timestep_groups} needs the timestep, but the call has no "
+                f"timestep_groups={self.config.timestep_groups!r} needs the timestep, but the call has no "
                 f"argument named {' / '.join(self.config.calibration.timestep_args)}; set "
                 "QuantConfig.calibration.timestep_args to the denoiser's timestep argument name"
             )
@@ -153,7 +155,7 @@ class CalibrationSession:
         if not self.calls:
             raise CalibrationError("the sampling function never called the denoiser: nothing was calibrated")
         timesteps = [c["timestep"] for c in self.calls if c["timestep"] is not None]
-        groups = equal_groups(timesteps, self.config.calibration.timestep_groups) if timesteps else TimestepGroups()
+        groups = self._groups(timesteps)
         for c in self.calls:
             c["group"] = groups.group_of(c["timestep"])
         members = self.bins.members(groups) if timesteps else [[0]]
@@ -165,7 +167,30 @@ class CalibrationSession:
             warnings.warn(f"qdiff: nothing quantizable in {self.model_class}; it will run in full precision", stacklevel=3)
         self.closed = True
         self.stats.clear()
-        return QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
+        plan = QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
+        if self.segmentation is not None:  # the loss curve behind the chosen boundaries, for inspect
+            plan.meta["segmentation_loss_db"] = [round(v, 4) for v in self.segmentation.loss_db]
+        return plan
+
+    def _groups(self, timesteps: list[float]) -> TimestepGroups:
+        """Timestep groups: equal numbers of steps, or segmented where activation ranges change most."""
+        k = self.config.timestep_groups
+        if not timesteps:
+            return TimestepGroups()
+        if self.config.group_boundaries == "uniform":
+            return equal_groups(timesteps, k)
+        keys = [key for key, a in self.decisions.items() if a.quantized and a.act.get(0) is not None] or list(self.sites)
+        ids = [int(b[3]) for b in self.bins.bins]
+        lo, hi = torch.full((len(keys), len(ids)), math.nan), torch.full((len(keys), len(ids)), math.nan)
+        for r, key in enumerate(keys):
+            spec = self.decisions[key].act.get(0)
+            for c, bid in enumerate(ids):
+                s = self.stats.get((key, bid))
+                if s is not None:
+                    amax = max(abs(s.amin), abs(s.amax))
+                    lo[r, c], hi[r, c] = (-amax, amax) if spec is not None and spec.symmetric else (s.amin, s.amax)
+        groups, self.segmentation = segment_groups([(b[0], b[1], b[2]) for b in self.bins.bins], lo, hi, k)
+        return groups
 
     def _importance(self, site: Site, group_stats: list[ActivationStats | None]) -> torch.Tensor | None:
         """Input-feature variance over all groups (weights the weight error), where it applies."""

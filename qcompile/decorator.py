@@ -23,6 +23,7 @@ import torch
 
 from .calibrate import calibrate
 from .config import QuantConfig
+from .dispatch import compile as compile_plan
 from .errors import ConfigError, PlanMismatchError
 from .plan import QuantPlan
 
@@ -98,7 +99,7 @@ def quantize(
             compiled = state.compiled.get(model)
             if compiled is None:
                 plan = state.plans[model] = plan_for(model, holder, args, kwargs)
-                compiled = state.compiled[model] = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": inductor})
+                compiled = state.compiled[model] = compile_plan(model, plan, inductor=inductor)
             with swapped_attribute(holder, denoiser, compiled):
                 return fn(*args, **kwargs)
 

@@ -22,6 +22,7 @@ import torch
 
 from .calibrate import calibrate
 from .config import QuantConfig
+from .dispatch import compile as compile_plan
 from .metrics import psnr_db, sqnr_db, ssim
 
 Sampler = Callable[[Any, torch.Tensor], torch.Tensor]  # (denoiser, noise) -> final sample
@@ -102,7 +103,12 @@ def variants() -> dict[str, QuantConfig | None]:
 def experiments() -> dict[str, QuantConfig | None]:
     """Extra variants for ablations, selectable by name with ``qdiff eval --configs``."""
     w8 = QuantConfig.preset("w8a8-int8")
-    return {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
+    out = {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
+    for k in (2, 5, 10):  # timestep groups: uniform in step index, and segmented with the same count
+        out[f"w8a8-int8-k{k}"] = w8.replace(timestep_groups=k, name=f"w8a8-int8-k{k}")
+        out[f"w8a8-int8-k{k}-seg"] = w8.replace(timestep_groups=k, group_boundaries="segment", name=f"w8a8-int8-k{k}-seg")
+    out["w8a8-int8-kauto"] = w8.replace(timestep_groups="auto", name="w8a8-int8-kauto")
+    return out
 
 
 def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds: int, calib_samples: int, progress: bool = True) -> list[EvalResult]:
@@ -121,7 +127,7 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
             test: Callable[..., torch.Tensor] = _Bf16(model)
         else:
             plan = calibrate(model, lambda m: case.sample(m, calib_noise), cfg, progress=progress)
-            test = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": False})
+            test = compile_plan(model, plan, inductor=False)  # one compiled model serving every timestep group
         calib_s = time.perf_counter() - t0
         with torch.no_grad():
             pair = StepSQNR(model, test)
