@@ -179,17 +179,9 @@ class CalibrationSession:
             return TimestepGroups()
         if self.config.group_boundaries == "uniform":
             return equal_groups(timesteps, k)
-        keys = [key for key, a in self.decisions.items() if a.quantized and a.act.get(0) is not None] or list(self.sites)
-        ids = [int(b[3]) for b in self.bins.bins]
-        lo, hi = torch.full((len(keys), len(ids)), math.nan), torch.full((len(keys), len(ids)), math.nan)
-        for r, key in enumerate(keys):
-            spec = self.decisions[key].act.get(0)
-            for c, bid in enumerate(ids):
-                s = self.stats.get((key, bid))
-                if s is not None:
-                    amax = max(abs(s.amin), abs(s.amax))
-                    lo[r, c], hi[r, c] = (-amax, amax) if spec is not None and spec.symmetric else (s.amin, s.amax)
-        groups, self.segmentation = segment_groups([(b[0], b[1], b[2]) for b in self.bins.bins], lo, hi, k)
+        quantized = {key: a.act[0].symmetric for key, a in self.decisions.items() if a.quantized and a.act.get(0) is not None}
+        sites = quantized or {key: False for key in self.sites}  # weight-only: segment on all inputs (bias correction)
+        groups, self.segmentation = segment_groups(self.bins.bins, self.stats, sites, k)
         return groups
 
     def _importance(self, site: Site, group_stats: list[ActivationStats | None]) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ import torch
 
 from .errors import QdiffError
 from .plan import QuantPlan
-from .timesteps import find_timestep
+from .timesteps import find_timestep, timestep_value
 
 
 class _GroupState(threading.local):
@@ -74,13 +74,45 @@ def guard_on_active_group() -> int:
     return group
 
 
+def raise_recompile_limits(groups: int) -> None:
+    """Let every Dynamo frame hold its usual 8 cache entries per group (K > 8 is served, not run in eager).
+
+    Dynamo counts cache entries per code object and falls back to eager past ``recompile_limit``;
+    with guards on the group each frame needs one entry per group (two with the dynamic-batch
+    recompile). The limits are global Dynamo settings, checked only when a frame compiles, so they
+    are raised once here (never lowered) rather than patched around every call.
+    """
+    cfg = torch._dynamo.config
+    names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(cfg, "recompile_limit") else ("cache_size_limit", "accumulated_cache_size_limit")
+    for name, needed in zip(names, (8 * groups, 32 * groups)):
+        if getattr(cfg, name) < needed:
+            setattr(cfg, name, needed)
+
+
+def _argument_position(signature: pyinspect.Signature, names: tuple[str, ...]) -> tuple[str, int] | None:
+    """(name, positional index) of the first timestep argument the signature declares, if plain."""
+    params = list(signature.parameters.values())
+    for name in names:
+        for i, p in enumerate(params):
+            if p.name == name and p.kind is p.POSITIONAL_OR_KEYWORD:
+                return name, i
+    return None
+
+
+def _scalar(name: str, value: Any) -> float:
+    """The call's timestep value: one host read (a device sync for CUDA tensors), one value per batch."""
+    if isinstance(value, torch.Tensor):
+        values = value.detach().reshape(-1).tolist()
+        if not values or min(values) != max(values):
+            return timestep_value(name, value)  # raises the calibration's error for empty / mixed batches
+        return float(values[0])
+    return timestep_value(name, value)
+
+
 class GroupDispatch(torch.nn.Module):
     """A multi-group plan's compiled model: per call, the timestep's group selects a compiled graph.
 
-    Built by :func:`compile`. Dynamo's recompile limit counts cache entries per frame, and every
-    frame has one per group, so calls raise ``recompile_limit`` (and the accumulated limit) to the
-    configured value times the number of groups: K above the default limit of 8 is served, not
-    silently run in eager.
+    Built by :func:`compile`; raises Dynamo's recompile limits for K groups (:func:`raise_recompile_limits`).
     """
 
     def __init__(self, model: torch.nn.Module, plan: QuantPlan, options: dict[str, Any], compile_kwargs: dict[str, Any]):
@@ -90,14 +122,19 @@ class GroupDispatch(torch.nn.Module):
         self._signature = pyinspect.signature(model.forward)
         self._names = plan.config.calibration.timestep_args
         self.compiled = torch.compile(model, backend="qdiff", options={**options, "plan": plan}, **compile_kwargs)
-        cfg = torch._dynamo.config
-        k = plan.groups.count
-        names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(cfg, "recompile_limit") else ("cache_size_limit", "accumulated_cache_size_limit")
-        self._limits = {names[0]: max(getattr(cfg, names[0]), 8 * k), names[1]: max(getattr(cfg, names[1]), 32 * k)}
+        self._position = _argument_position(self._signature, self._names)
+        raise_recompile_limits(plan.groups.count)
 
     def group_of(self, args: tuple, kwargs: dict) -> int:
         """The timestep group of one call (the timestep is found as calibration found it)."""
-        found = find_timestep(self._signature, args, kwargs, self._names)
+        found = None
+        if self._position is not None:  # fast path: the argument's name / position, read off the signature once
+            name, index = self._position
+            value = kwargs[name] if name in kwargs else (args[index] if index < len(args) else None)
+            if value is not None:
+                found = name, _scalar(name, value)
+        if found is None:
+            found = find_timestep(self._signature, args, kwargs, self._names)
         if found is None:
             raise QdiffError(
                 f"the plan has {self.qdiff_plan.groups.count} timestep groups but this call has no argument named "
@@ -107,7 +144,7 @@ class GroupDispatch(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         group = self.group_of(args, kwargs)
-        with group_scope(group), torch._dynamo.config.patch(self._limits):
+        with group_scope(group):
             return self.compiled(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -11,8 +11,9 @@ whose mean loss per site and step is within ``tol_db`` of the best reachable wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -89,7 +90,32 @@ def segment(lo: torch.Tensor, hi: torch.Tensor, weights: torch.Tensor, k: int | 
     return Segmentation(tuple(reversed(starts)), loss)
 
 
-def segment_groups(bins: Sequence[tuple[float, float, float]], lo: torch.Tensor, hi: torch.Tensor, k: int | str) -> tuple[TimestepGroups, Segmentation]:
+def bin_ranges(bin_ids: Sequence[int], stats: Mapping[tuple[str, int], Any], sites: Mapping[str, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` of shape ``(sites, bins)`` from per-(site, bin) statistics with ``amin`` / ``amax``.
+
+    ``sites`` maps each site key to whether its quantizer is symmetric (then the range is ``±absmax``);
+    ``nan`` where a site has no statistics in a bin.
+    """
+    lo = torch.full((len(sites), len(bin_ids)), math.nan, dtype=torch.float64)
+    hi = lo.clone()
+    for r, (key, symmetric) in enumerate(sites.items()):
+        for c, bid in enumerate(bin_ids):
+            s = stats.get((key, bid))
+            if s is not None:
+                amax = max(abs(s.amin), abs(s.amax))
+                lo[r, c], hi[r, c] = (-amax, amax) if symmetric else (s.amin, s.amax)
+    return lo, hi
+
+
+def segment_groups(
+    bins: Sequence[Sequence[float]], stats: Mapping[tuple[str, int], Any], sites: Mapping[str, bool], k: int | str
+) -> tuple[TimestepGroups, Segmentation]:
+    """Timestep groups from calibration's bins (``[lo_t, hi_t, calls, id]``, sorted by timestep) and statistics."""
+    lo, hi = bin_ranges([int(b[3]) for b in bins], stats, sites)
+    return groups_from_ranges([(b[0], b[1], b[2]) for b in bins], lo, hi, k)
+
+
+def groups_from_ranges(bins: Sequence[tuple[float, float, float]], lo: torch.Tensor, hi: torch.Tensor, k: int | str) -> tuple[TimestepGroups, Segmentation]:
     """Timestep groups from per-bin ranges. ``bins``: ``(lo_t, hi_t, calls)`` sorted by timestep."""
     weights = torch.tensor([float(b[2]) for b in bins])
     seg = segment(lo, hi, weights, k)

@@ -68,7 +68,12 @@ def test_single_group_path_is_plain_torch_compile():
 @pytest.mark.parametrize("k", [10, 12])
 def test_more_groups_than_the_recompile_limit_each_use_their_own_scales(k):
     """Every group's output equals the graph compiled for that group alone (exact, reference lowering)."""
-    assert k > torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):  # the defaults, restored after
+        assert k > torch._dynamo.config.recompile_limit
+        check_groups_beyond_the_recompile_limit(k)
+
+
+def check_groups_beyond_the_recompile_limit(k):
     model, x, plan = calibrated(k, k)
     steps = torch.linspace(1, 0, k)
     expected = {}
@@ -96,6 +101,9 @@ def test_missing_timestep_is_an_error_naming_the_argument():
     qmodel = qcompile.compile(model, plan)
     with pytest.raises(Exception, match="timestep"):
         qmodel(x)
+    with pytest.raises(Exception, match="different values in one batch"):
+        qmodel(x, torch.tensor([0.0, 1.0]))
+    assert qmodel.group_of((x,), {"timestep": 0.9}) == 1 and qmodel.group_of((x, torch.zeros(2)), {}) == 0
 
 
 def test_inspect_shows_the_groups_and_uses_the_probe_group(tmp_path):

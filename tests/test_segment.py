@@ -8,7 +8,7 @@ import torch
 
 import qcompile
 from qcompile import QuantConfig
-from qcompile.segment import segment, segment_cost, segment_groups
+from qcompile.segment import groups_from_ranges, segment, segment_cost
 
 
 def ranges(levels, sites=3, jitter=0.0, seed=0):
@@ -62,7 +62,7 @@ def test_heavily_weighted_bins_pull_boundaries():
 def test_groups_edges_lie_between_bins():
     lo, hi = ranges([1, 1, 50, 50])
     bins = [(0.0, 0.0, 2), (10.0, 10.0, 2), (20.0, 20.0, 2), (30.0, 30.0, 2)]
-    groups, seg = segment_groups(bins, lo, hi, 2)
+    groups, seg = groups_from_ranges(bins, lo, hi, 2)
     assert groups.edges == (15.0,) and seg.count == 2
 
 
