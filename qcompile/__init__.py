@@ -15,9 +15,10 @@ from .calibrate import calibrate  # noqa: E402
 from .backend import qdiff_backend  # noqa: E402
 from .inspect import inspect  # noqa: E402
 from .decorator import quantize  # noqa: E402
+from .dispatch import GroupDispatch, compile  # noqa: E402
 
 __all__ = [
     "ActSpec", "CalibrationSpec", "FirstLastPolicy", "Format", "OpKind", "QuantConfig", "RangeMethod", "WeightSpec",
     "CalibrationError", "ConfigError", "MissingPlanError", "PlanFileError", "PlanMismatchError", "QdiffError",
-    "QuantPlan", "calibrate", "qdiff_backend", "inspect", "quantize", "__version__",
+    "QuantPlan", "calibrate", "qdiff_backend", "inspect", "quantize", "compile", "GroupDispatch", "__version__",
 ]

@@ -45,6 +45,7 @@ class BackendOptions:
     group: int = 0
     mode: str | None = None  # Inductor mode ("reduce-overhead", "max-autotune"): torch.compile takes mode or options, not both
     lowering: str = "auto"  # auto: Triton kernels for CUDA inputs, the pure-PyTorch reference otherwise
+    guarded: bool = False  # group taken from qcompile.dispatch.ACTIVE and guarded on (GroupDispatch)
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -60,17 +61,23 @@ class BackendOptions:
         if not isinstance(plan, QuantPlan):
             raise ConfigError(f"options['plan'] must be a QuantPlan or a path to a plan file, got {type(plan).__name__}")
         group = int(options.get("group", 0))
-        if plan.groups.count > 1 and "group" not in options:
-            raise ConfigError(
-                f"the plan has {plan.groups.count} timestep groups; pass options={{'plan': plan, 'group': k}} "
-                "to compile one group's graph"
-            )
+        guarded = plan.groups.count > 1 and "group" not in options
+        if guarded:
+            from .dispatch import active_group
+
+            group = active_group()
+            if group is None:
+                raise ConfigError(
+                    f"the plan has {plan.groups.count} timestep groups: compile it with qcompile.compile(model, plan), "
+                    "which dispatches each call to its group's graph by Dynamo guards (or pass "
+                    "options={'plan': plan, 'group': k} to compile one group's graph)"
+                )
         if not 0 <= group < plan.groups.count:
             raise ConfigError(f"group {group} out of range: the plan has {plan.groups.count} timestep group(s)")
         lowering = options.get("lowering", "auto")
         if lowering not in LOWERINGS:
             raise ConfigError(f"options['lowering'] must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
-        return cls(plan, options.get("inductor"), group, options.get("mode"), lowering)
+        return cls(plan, options.get("inductor"), group, options.get("mode"), lowering, guarded)
 
 
 @dataclass
@@ -165,6 +172,10 @@ def build_quantized_graph(
 def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None) -> QuantizedGraph:
     """The Dynamo backend registered as ``"qdiff"``."""
     opts = BackendOptions.parse(options)
+    if opts.guarded:
+        from .dispatch import guard_on_active_group
+
+        guard_on_active_group()
     device = _device_of(example_inputs)
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)

@@ -29,6 +29,7 @@ from .passes.provenance import SplitDecision, apply_split, find_splits, split_no
 from .passes.sites import Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
+from .segment import Segmentation, segment_groups
 from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
@@ -71,6 +72,7 @@ class CalibrationSession:
         self.timestep: float | None = None
         self.bin = 0
         self.probe: tuple[Any, dict[str, torch.Tensor]] | None = None
+        self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
 
     # -- Dynamo backend ------------------------------------------------------------------------
@@ -96,9 +98,9 @@ class CalibrationSession:
     # -- per call --------------------------------------------------------------------------------
     def begin_call(self, signature: pyinspect.Signature, args: tuple, kwargs: dict) -> None:
         found = find_timestep(signature, args, kwargs, self.config.calibration.timestep_args)
-        if found is None and self.config.calibration.timestep_groups > 1:
+        if found is None and self.config.timestep_groups != 1:
             raise CalibrationError(
-                f"timestep_groups={self.config.calibration.timestep_groups} needs the timestep, but the call has no "
+                f"timestep_groups={self.config.timestep_groups!r} needs the timestep, but the call has no "
                 f"argument named {' / '.join(self.config.calibration.timestep_args)}; set "
                 "QuantConfig.calibration.timestep_args to the denoiser's timestep argument name"
             )
@@ -160,7 +162,7 @@ class CalibrationSession:
         if not self.calls:
             raise CalibrationError("the sampling function never called the denoiser: nothing was calibrated")
         timesteps = [c["timestep"] for c in self.calls if c["timestep"] is not None]
-        groups = equal_groups(timesteps, self.config.calibration.timestep_groups) if timesteps else TimestepGroups()
+        groups = self._groups(timesteps)
         for c in self.calls:
             c["group"] = groups.group_of(c["timestep"])
         members = self.bins.members(groups) if timesteps else [[0]]
@@ -172,7 +174,22 @@ class CalibrationSession:
             warnings.warn(f"qdiff: nothing quantizable in {self.model_class}; it will run in full precision", stacklevel=3)
         self.closed = True
         self.stats.clear()
-        return QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
+        plan = QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
+        if self.segmentation is not None:  # the loss curve behind the chosen boundaries, for inspect
+            plan.meta["segmentation_loss_db"] = [round(v, 4) for v in self.segmentation.loss_db]
+        return plan
+
+    def _groups(self, timesteps: list[float]) -> TimestepGroups:
+        """Timestep groups: equal numbers of steps, or segmented where activation ranges change most."""
+        k = self.config.timestep_groups
+        if not timesteps:
+            return TimestepGroups()
+        if self.config.group_boundaries == "uniform":
+            return equal_groups(timesteps, k)
+        quantized = {key: a.act[0].symmetric for key, a in self.decisions.items() if a.quantized and a.act.get(0) is not None}
+        sites = quantized or {key: False for key in self.sites}  # weight-only: segment on all inputs (bias correction)
+        groups, self.segmentation = segment_groups(self.bins.bins, self.stats, sites, k)
+        return groups
 
     def _importance(self, site: Site, group_stats: list[ActivationStats | None]) -> torch.Tensor | None:
         """Input-feature variance over all groups (weights the weight error), where it applies."""

@@ -108,20 +108,18 @@ class CalibrationSpec:
 
     timestep_args: tuple[str, ...] = ("timestep", "t", "timesteps")
     reservoir_size: int = 16384  # activation values sampled per node and timestep group
-    timestep_groups: int = 1  # equal groups over the observed timestep values
     seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timestep_args", tuple(self.timestep_args))
         if self.reservoir_size < 256:
             raise ConfigError(f"reservoir_size must be >= 256, got {self.reservoir_size}")
-        if self.timestep_groups < 1:
-            raise ConfigError(f"timestep_groups must be >= 1, got {self.timestep_groups}")
         if not self.timestep_args:
             raise ConfigError("timestep_args must name at least one argument")
 
 
 _ALL_OPS = frozenset(OpKind)
+GROUP_BOUNDARIES = ("uniform", "segment")  # equal numbers of steps / data-driven (qcompile.segment)
 
 
 @dataclass(frozen=True)
@@ -137,9 +135,11 @@ class QuantConfig:
     smooth_alpha: float | None = None  # SmoothQuant migration strength for quantized activations
     split_shortcuts: bool = True  # per-slice scales for ops reading a channel concat (passes/provenance.py)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    timestep_groups: int | str = 1  # activation quantizers per group of timesteps; "auto": chosen by segmentation
+    group_boundaries: str = "uniform"  # "uniform" in step index, or "segment" where activation ranges change most
     name: str = "custom"
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
 
     def __post_init__(self) -> None:
@@ -156,6 +156,13 @@ class QuantConfig:
             raise ConfigError(f"split_shortcuts must be a bool, got {self.split_shortcuts!r}")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise ConfigError(f"smooth_alpha must be in (0, 1) or None, got {self.smooth_alpha}")
+        k = self.timestep_groups
+        if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"timestep_groups must be a positive int or 'auto', got {k!r}")
+        if self.group_boundaries not in GROUP_BOUNDARIES:
+            raise ConfigError(f"group_boundaries must be one of {GROUP_BOUNDARIES}, got {self.group_boundaries!r}")
+        if k == "auto" and self.group_boundaries != "segment":
+            object.__setattr__(self, "group_boundaries", "segment")  # "auto" picks the count by segmentation
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
@@ -214,6 +221,10 @@ class QuantConfig:
         """Inverse of :meth:`to_dict`; refuses unknown versions and fields."""
         d = dict(d)
         version = d.pop("version", None)
+        if version == 1:  # version 1 kept timestep_groups in CalibrationSpec
+            d["calibration"] = dict(d.get("calibration", {}))
+            d["timestep_groups"] = d["calibration"].pop("timestep_groups", 1)
+            version = cls.VERSION
         if version != cls.VERSION:
             raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")
         try:

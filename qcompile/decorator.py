@@ -32,6 +32,7 @@ import torch
 
 from .calibrate import calibrate
 from .config import QuantConfig
+from .dispatch import compile as compile_plan
 from .errors import ConfigError, PlanMismatchError
 from .plan import QuantPlan
 
@@ -152,9 +153,12 @@ def quantize(
             compiled = state.compiled.get(model)
             if compiled is None:
                 plan = state.plans[model] = plan_for(model, holder, args, kwargs)
-                options = {"plan": plan, "inductor": inductor}
-                compiled = torch.compile(model, backend="qdiff", options=options, dynamic=dynamic, **_ISOLATED)
-                watch_for_float_calls(compiled, model, plan, state, denoiser)
+                if plan.groups.count == 1:
+                    options = {"plan": plan, "inductor": inductor}
+                    compiled = torch.compile(model, backend="qdiff", options=options, dynamic=dynamic, **_ISOLATED)
+                    watch_for_float_calls(compiled, model, plan, state, denoiser)
+                else:  # one graph per timestep group, chosen by Dynamo guards
+                    compiled = compile_plan(model, plan, dynamic=dynamic, inductor=inductor)
                 state.compiled[model] = compiled
             with swapped_attribute(holder, denoiser, compiled):
                 return fn(*args, **kwargs)

@@ -25,6 +25,7 @@ import torch
 from .calibrate import calibrate
 from .config import QuantConfig
 from .fdist import fd_fields, fd_reference, fd_report_lines
+from .dispatch import compile as compile_plan
 from .metrics import psnr_db, sqnr_db, ssim
 
 Sampler = Callable[[Any, torch.Tensor], torch.Tensor]  # (denoiser, noise) -> final sample
@@ -118,6 +119,10 @@ def experiments() -> dict[str, QuantConfig | None]:
     out = {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
     for preset in ("w8a8-int8", "w4a8"):  # split-shortcut ablation: the presets split by default
         out[f"{preset}-nosplit"] = QuantConfig.preset(preset).replace(split_shortcuts=False, name=f"{preset}-nosplit")
+    for k in (2, 5, 10):  # timestep groups: uniform in step index, and segmented with the same count
+        out[f"w8a8-int8-k{k}"] = w8.replace(timestep_groups=k, name=f"w8a8-int8-k{k}")
+        out[f"w8a8-int8-k{k}-seg"] = w8.replace(timestep_groups=k, group_boundaries="segment", name=f"w8a8-int8-k{k}-seg")
+    out["w8a8-int8-kauto"] = w8.replace(timestep_groups="auto", name="w8a8-int8-kauto")
     return out
 
 
@@ -139,7 +144,7 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
             test: Callable[..., torch.Tensor] = _Bf16(model)
         else:
             plan = calibrate(model, lambda m: case.sample(m, calib_noise), cfg, progress=progress)
-            test = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": False})
+            test = compile_plan(model, plan, inductor=False)  # one compiled model serving every timestep group
         calib_s = time.perf_counter() - t0
         with torch.no_grad():
             pair = StepSQNR(model, test)

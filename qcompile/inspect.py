@@ -22,12 +22,15 @@ from .errors import QdiffError
 from .metrics import sqnr_db
 from .passes.annotate import ANNOTATION_KEY
 from .passes.sites import META_KEY
+from .groups_report import groups_table, probe_group as _probe_group
 from .plan import QuantPlan
 from .probe import decode
 
 
 def plan_of(compiled: Any) -> QuantPlan:
     """The plan a ``torch.compile(..., backend="qdiff", options={"plan": ...})`` module was built with."""
+    if isinstance(getattr(compiled, "qdiff_plan", None), QuantPlan):  # qcompile.compile of a multi-group plan
+        return compiled.qdiff_plan
     obj = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
     for _ in range(16):
         if obj is None:
@@ -86,6 +89,7 @@ class InspectReport:
     rows: list[OpReport]
     output_sqnr_db: float | None = None
     graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
+    group: int = 0  # the timestep group the rows (and the probe) belong to
 
     def __str__(self) -> str:
         headers = ["node", "op", "weight", "input", "w fmt", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note", "split"]
@@ -110,6 +114,9 @@ class InspectReport:
         if split or refused:
             head += f"\nsplit shortcuts: {split} op(s) read a channel concat with a quantizer per slice, {refused} not split (column 'split')"
         tail = f"model output SQNR on the probe: {_db(self.output_sqnr_db)}" if self.output_sqnr_db is not None else ""
+        if self.plan.groups.count > 1:
+            head += f"; table for group {self.group}"
+            tail = "\n\n".join(filter(None, [tail, groups_table(self.plan)]))
         return "\n".join([head, line(headers), line(["-" * w for w in widths]), *map(line, rows), tail]).rstrip()
 
     def to_dicts(self) -> list[dict[str, Any]]:
@@ -240,7 +247,7 @@ def inspect(obj: Any, *args: Any, **kwargs: Any) -> InspectReport:
             raise QdiffError("the plan holds no probe input; call qcompile.inspect(qmodel, *inputs) with one denoiser call's inputs")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         args, kwargs = decode(*plan.probe, device=device)
-    group = 0
+    group = _probe_group(plan, model, args, kwargs)
     with torch.no_grad():
         reference = _first_output(model(*args, **kwargs))
         obj(*args, **kwargs)  # compile whatever graphs the probe needs (strides may differ from earlier calls)
@@ -268,7 +275,7 @@ def inspect(obj: Any, *args: Any, **kwargs: Any) -> InspectReport:
                 row.sqnr_local_db = sqnr_db(fout, local)
             row.sqnr_cumulative_db = sqnr_db(fout, qout)
     out_sqnr = None if reference is None or quantized is None else sqnr_db(reference, quantized)
-    return InspectReport(plan, rows, out_sqnr, [r.prepared for r in plan.compiled])
+    return InspectReport(plan, rows, out_sqnr, [r.prepared for r in plan.compiled], group)
 
 
 def _tapping_runner(record: QuantizedGraph, taps: list):

@@ -40,3 +40,24 @@ def test_frozen_and_validated():
 
 def test_fp8_activations_are_always_symmetric():
     assert ActSpec("fp8_e4m3", symmetric=False).symmetric
+
+
+def test_timestep_groups_round_trip_and_validation():
+    for k in (1, 10, "auto"):
+        cfg = QuantConfig.preset("w8a8-int8").replace(timestep_groups=k)
+        assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    assert QuantConfig.preset("w8a8-int8").replace(timestep_groups="auto").group_boundaries == "segment"
+    seg = QuantConfig.preset("w8a8-int8").replace(timestep_groups=5, group_boundaries="segment")
+    assert QuantConfig.from_dict(seg.to_dict()).group_boundaries == "segment"
+    for bad in (0, -2, "many", 2.5, True):
+        with pytest.raises(ConfigError, match="timestep_groups"):
+            QuantConfig.preset("w8a8-int8").replace(timestep_groups=bad)
+    with pytest.raises(ConfigError, match="group_boundaries"):
+        QuantConfig.preset("w8a8-int8").replace(group_boundaries="random")
+
+
+def test_version_1_dicts_move_timestep_groups_out_of_calibration():
+    d = QuantConfig.preset("w8a8-int8").replace(timestep_groups=4).to_dict()
+    v1 = {**{k: v for k, v in d.items() if k not in ("timestep_groups", "group_boundaries")}, "version": 1}
+    v1["calibration"] = {**d["calibration"], "timestep_groups": 4}
+    assert QuantConfig.from_dict(v1) == QuantConfig.preset("w8a8-int8").replace(timestep_groups=4)
