@@ -19,15 +19,16 @@ class Format(str, enum.Enum):
 
     INT8 = "int8"
     INT4 = "int4"
+    INT6 = "int6"  # weights only: stored as int8 in [-32, 31], one scale per output channel
     FP8_E4M3 = "fp8_e4m3"
 
     @property
     def bits(self) -> int:
-        return {Format.INT8: 8, Format.INT4: 4, Format.FP8_E4M3: 8}[self]
+        return {Format.INT8: 8, Format.INT4: 4, Format.INT6: 6, Format.FP8_E4M3: 8}[self]
 
     @property
     def is_int(self) -> bool:
-        return self in (Format.INT8, Format.INT4)
+        return self in (Format.INT8, Format.INT4, Format.INT6)
 
 
 class RangeMethod(str, enum.Enum):
@@ -90,8 +91,8 @@ class ActSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
         object.__setattr__(self, "range_method", RangeMethod(self.range_method))
-        if self.fmt is Format.INT4:
-            raise ConfigError("4-bit activations are not supported; use int8 or fp8_e4m3")
+        if self.fmt in (Format.INT4, Format.INT6):
+            raise ConfigError(f"{self.fmt.bits}-bit activations are not supported; use int8 or fp8_e4m3")
         if self.fmt is Format.FP8_E4M3 and not self.symmetric:
             object.__setattr__(self, "symmetric", True)
         if not 50.0 < self.percentile <= 100.0:

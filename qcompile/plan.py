@@ -30,7 +30,7 @@ from .timesteps import TimestepGroups
 
 FORMAT_VERSION = 1
 METADATA_KEY = "qdiff_plan"
-_STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": FP8_DTYPE}
+_STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "int6": torch.int8, "fp8_e4m3": FP8_DTYPE}
 
 
 @dataclass
