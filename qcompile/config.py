@@ -122,6 +122,51 @@ class CalibrationSpec:
             raise ConfigError("timestep_args must name at least one argument")
 
 
+class Estimator(str, enum.Enum):
+    """How bit allocation gets each node's output distortion D_n(b)."""
+
+    MEASURED = "measured"  # one forward per node, candidate and kept call: only that node quantized
+    FISHER = "fisher"  # analytic node-output error x output sensitivity from a few backward passes
+
+
+CANDIDATE_BITS = {"int4": 4, "int6": 6, "int8": 8, "fp8_e4m3": 8, "bf16": 16}  # "bf16": op kept in full precision
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """Rate-distortion bit allocation, used when ``QuantConfig.weight_bit_budget`` is set."""
+
+    candidates: tuple[str, ...] = ("int4", "int6", "int8", "fp8_e4m3", "bf16")
+    calls_per_group: int = 4  # denoiser calls kept per timestep group to measure output distortion on
+    estimator: Estimator = Estimator.MEASURED
+    probes: int = 2  # random output projections per kept call (fisher estimator)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "estimator", Estimator(self.estimator))
+        unknown = [c for c in self.candidates if c not in CANDIDATE_BITS]
+        if unknown:
+            raise ConfigError(f"unknown allocation candidate(s) {unknown}; choose from {list(CANDIDATE_BITS)}")
+        if len(set(self.candidates)) < 2:
+            raise ConfigError(f"bit allocation needs at least two distinct candidates, got {list(self.candidates)}")
+        if self.calls_per_group < 1 or self.probes < 1:
+            raise ConfigError(f"calls_per_group and probes must be >= 1, got {self.calls_per_group}, {self.probes}")
+
+    def bit_range(self) -> tuple[int, int]:
+        bits = [CANDIDATE_BITS[c] for c in self.candidates]
+        return min(bits), max(bits)
+
+    def weight_spec(self, candidate: str, base: WeightSpec) -> WeightSpec | None:
+        """The weight spec of a candidate (None: full precision); int4 keeps the base's group size, or 64."""
+        if candidate == "bf16":
+            return None
+        fmt = Format(candidate)
+        group = None
+        if fmt is Format.INT4:
+            group = base.group_size if base.fmt is Format.INT4 and base.group_size else 64
+        return WeightSpec(fmt, group, base.clip_search, base.min_clip)
+
+
 _ALL_OPS = frozenset(OpKind)
 
 
@@ -136,6 +181,8 @@ class QuantConfig:
     first_last: FirstLastPolicy = FirstLastPolicy.QUANTIZE
     bias_correction: bool = True  # cancel the mean output shift of weight quantization per group
     smooth_alpha: float | None = None  # SmoothQuant migration strength for quantized activations
+    weight_bit_budget: float | None = None  # average weight bits over the quantized ops (None: uniform `weight`)
+    allocation: AllocationSpec = field(default_factory=AllocationSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     name: str = "custom"
 
@@ -154,6 +201,15 @@ class QuantConfig:
             raise ConfigError("ops is empty: nothing would be quantized")
         if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
             raise ConfigError(f"smooth_alpha must be in (0, 1) or None, got {self.smooth_alpha}")
+        if not isinstance(self.allocation, AllocationSpec):
+            raise ConfigError(f"allocation must be an AllocationSpec, got {type(self.allocation).__name__}")
+        if self.weight_bit_budget is not None:
+            lo, hi = self.allocation.bit_range()
+            if not lo <= self.weight_bit_budget <= hi:
+                raise ConfigError(
+                    f"weight_bit_budget {self.weight_bit_budget} is outside [{lo}, {hi}], the bits of the allocation "
+                    f"candidates {list(self.allocation.candidates)}"
+                )
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
@@ -219,6 +275,7 @@ class QuantConfig:
                 weight=WeightSpec(**d.pop("weight")),
                 act=None if act is None else ActSpec(**act),
                 calibration=CalibrationSpec(**d.pop("calibration")),
+                allocation=AllocationSpec(**d.pop("allocation", {})),
                 **d,
             )
         except (TypeError, KeyError, ValueError) as e:

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .backend import QuantizedGraph
+from .config import Format
 from .errors import QdiffError
 from .metrics import sqnr_db
 from .passes.annotate import ANNOTATION_KEY
@@ -74,6 +75,7 @@ class OpReport:
     sqnr_local_db: float | None = None
     sqnr_cumulative_db: float | None = None
     note: str = ""
+    weight_bits: int | None = None  # storage bits per weight (16: kept in full precision by bit allocation)
 
 
 @dataclass
@@ -86,11 +88,11 @@ class InspectReport:
     graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
-        headers = ["node", "op", "weight", "input", "w fmt", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note"]
+        headers = ["node", "op", "weight", "input", "w fmt", "w bits", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note"]
         rows = [
             [
                 r.key, r.op, "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_shape or ())), r.weight_format,
-                r.act_format, _range(r.weight_scale_range, ".1e"), _range(r.act_range, ".3g"), _db(r.sqnr_local_db),
+                "-" if r.weight_bits is None else str(r.weight_bits), r.act_format, _range(r.weight_scale_range, ".1e"), _range(r.act_range, ".3g"), _db(r.sqnr_local_db),
                 _db(r.sqnr_cumulative_db), r.note,
             ]
             for r in self.rows
@@ -103,6 +105,14 @@ class InspectReport:
             f"{q}/{len(self.rows)} ops quantized, {self.plan.groups.count} timestep group(s)"
         )
         tail = f"model output SQNR on the probe: {_db(self.output_sqnr_db)}" if self.output_sqnr_db is not None else ""
+        alloc = self.plan.allocation
+        if alloc is not None:
+            head += (
+                f"\nbit allocation ({alloc.estimator}): {alloc.average_bits:.3f} average weight bits for a budget of "
+                f"{alloc.budget_bits:g} over {len(alloc.nodes)} ops; output NMSE predicted {alloc.predicted:.3g}, measured "
+                f"{_g(alloc.measured)}; {alloc.forward_passes} forwards, {alloc.wall_s:.1f} s; one weight format per op for all "
+                f"{self.plan.groups.count} timestep group(s)"
+            )
         return "\n".join([head, line(headers), line(["-" * w for w in widths]), *map(line, rows), tail]).rstrip()
 
     def to_dicts(self) -> list[dict[str, Any]]:
@@ -187,8 +197,13 @@ def _range(r: tuple[float, float] | None, fmt: str) -> str:
     return "-" if r is None else f"{r[0]:{fmt}}..{r[1]:{fmt}}"
 
 
+def _g(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
 def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
     rows = []
+    allocated = {} if plan.allocation is None else plan.allocation.nodes
     for n in plan.nodes.values():
         w, a = n.weight, n.acts[group] if n.quantized else None
         wfmt = "float" if w is None else w.fmt + (f"/g{w.group_size}" if w.group_size else "")
@@ -198,6 +213,7 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
                 n.key, n.kind.value, n.weight_shape, n.input_shape, wfmt, afmt,
                 None if w is None else (float(w.scale.min()), float(w.scale.max())),
                 None if a is None else (a.lo, a.hi), note=n.reason or "",
+                weight_bits=allocated[n.key]["bits"] if n.key in allocated else (None if w is None else Format(w.fmt).bits),
             )
         )
     return rows
