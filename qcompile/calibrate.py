@@ -74,7 +74,8 @@ class CalibrationSession:
             self.kept = CallSample(config.allocation.calls_per_group, self.generator)
         self.keep_allocator = False  # keep the BitAllocator (tables, switchable model) after finish, for studies
         self.allocator: Any = None
-        self.act_cache: dict[tuple, list] = {}  # (key, act spec, smoothed) -> activation quantizers per group
+        self.act_cache: dict[tuple, list] = {}
+        self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
 
     # -- Dynamo backend ------------------------------------------------------------------------
     def backend(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -151,13 +152,18 @@ class CalibrationSession:
 
     # -- building the plan -------------------------------------------------------------------
     def _group_stats(self, key: str, members: list[int]) -> ActivationStats | None:
-        """Merge the per-bin statistics of one site over the bins of one group."""
+        """Merge the per-bin statistics of one site over the bins of one group (memoized: read-only)."""
+        memo = (key, tuple(members))
+        if memo in self.group_cache:
+            return self.group_cache[memo]
         parts = [s for (k, b), s in self.stats.items() if k == key and b in members]
-        if not parts:
-            return None
-        out = ActivationStats(self.config.calibration.reservoir_size, self.generator)
-        for part in parts:
-            out.merge(part)
+        out = None
+        if parts:
+            out = ActivationStats(self.config.calibration.reservoir_size, self.generator)
+            for part in parts:
+                out.merge(part)
+        if self.config.weight_bit_budget is not None:  # bit allocation asks once per candidate
+            self.group_cache[memo] = out
         return out
 
     def finish(self, progress: bool = True) -> QuantPlan:
@@ -185,6 +191,7 @@ class CalibrationSession:
             warnings.warn(f"qdiff: nothing quantizable in {self.model_class}; it will run in full precision", stacklevel=3)
         self.closed = True
         self.stats.clear()
+        self.group_cache.clear()
         plan = QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
         plan.allocation = allocation
         return plan
