@@ -18,6 +18,7 @@ INT_RANGES = {
     ("int8", True): (-127, 127),
     ("int8", False): (-128, 127),
     ("int4", True): (-8, 7),
+    ("int6", True): (-32, 31),  # stored in int8
 }
 
 
@@ -37,6 +38,8 @@ def qmax_of(fmt: str) -> float:
         return 127.0
     if fmt == "int4":
         return 7.0
+    if fmt == "int6":
+        return 31.0
     raise ValueError(f"unknown format {fmt!r}")
 
 

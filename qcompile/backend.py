@@ -23,7 +23,7 @@ from .passes.annotate import Annotation, annotate
 from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.fuse_epilogue import fuse_epilogues
-from .plan import QuantPlan
+from .plan import NodePlan, QuantPlan
 
 _OPTIONS = {"plan", "inductor", "group", "mode", "lowering"}
 LOWERINGS = ("auto", "reference", "triton")
@@ -99,16 +99,17 @@ class QuantizedGraph:
 
 def plan_ops(plan: QuantPlan, group: int) -> dict[str, QuantizedOp]:
     """The quantized ops of one timestep group of a plan."""
-    ops = {}
-    for n in plan.quantized_nodes():
-        act = n.acts[group]
-        corr = None if n.bias_correction is None else n.bias_correction[group]
-        if act is None:
-            ops[n.key] = QuantizedOp(n.weight, bias_correction=corr)
-        else:
-            smooth = None if n.smooth is None else 1.0 / n.smooth
-            ops[n.key] = QuantizedOp(n.weight, act.fmt, act.symmetric, *act.slice_params(), corr, smooth)
-    return ops
+    return {n.key: node_op(n, group) for n in plan.quantized_nodes()}
+
+
+def node_op(n: NodePlan, group: int) -> QuantizedOp:
+    """The quantized op of one (quantized) node in one timestep group."""
+    act = n.acts[group]
+    corr = None if n.bias_correction is None else n.bias_correction[group]
+    if act is None:
+        return QuantizedOp(n.weight, bias_correction=corr)
+    smooth = None if n.smooth is None else 1.0 / n.smooth
+    return QuantizedOp(n.weight, act.fmt, act.symmetric, *act.slice_params(), corr, smooth)
 
 
 def plan_annotations(plan: QuantPlan, group: int) -> dict[str, Annotation]:

@@ -30,6 +30,7 @@ from .passes.sites import Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
 from .segment import Segmentation, segment_groups
+from .sensitivity import BitAllocator, CallSample
 from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
@@ -57,6 +58,7 @@ class CalibrationSession:
 
     def __init__(self, config: QuantConfig, model: torch.nn.Module):
         self.config = config
+        self.model = model
         self.model_class = f"{type(model).__module__}.{type(model).__qualname__}"
         self.generator = torch.Generator().manual_seed(config.calibration.seed)
         self.bin_size = max(1024, 4 * config.calibration.reservoir_size // BIN_CAP)
@@ -74,6 +76,13 @@ class CalibrationSession:
         self.probe: tuple[Any, dict[str, torch.Tensor]] | None = None
         self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
+        self.kept: CallSample | None = None  # call inputs kept for bit allocation (weight_bit_budget)
+        if config.weight_bit_budget is not None:
+            self.kept = CallSample(config.allocation.calls_per_group, self.generator)
+        self.keep_allocator = False  # keep the BitAllocator (tables, switchable model) after finish, for studies
+        self.allocator: Any = None
+        self.act_cache: dict[tuple, list] = {}
+        self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
 
     # -- Dynamo backend ------------------------------------------------------------------------
     def backend(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -107,6 +116,8 @@ class CalibrationSession:
         self.timestep = None if found is None else found[1]
         self.bin = 0 if self.timestep is None else self.bins.bin_of(self.timestep)
         self._apply_bin_merges()
+        if self.kept is not None:
+            self.kept.offer(self.bin, self.timestep, args, kwargs)
         self.calls.append({"timestep": self.timestep})
         self._maybe_keep_probe(args, kwargs)
 
@@ -114,6 +125,8 @@ class CalibrationSession:
         """Fold the statistics of bins that :class:`StepBins` merged into the surviving bin."""
         while self.bins.merged:
             absorbed, into = self.bins.merged.pop(0)
+            if self.kept is not None:
+                self.kept.merge(absorbed, into)
             for key in {k for (k, b) in self.stats if b == absorbed}:
                 gone = self.stats.pop((key, absorbed))
                 target = self.stats.setdefault((key, into), ActivationStats(self.bin_size, self.generator))
@@ -148,13 +161,18 @@ class CalibrationSession:
 
     # -- building the plan -------------------------------------------------------------------
     def _group_stats(self, key: str, members: list[int]) -> ActivationStats | None:
-        """Merge the per-bin statistics of one site over the bins of one group."""
+        """Merge the per-bin statistics of one site over the bins of one group (memoized: read-only)."""
+        memo = (key, tuple(members))
+        if memo in self.group_cache:
+            return self.group_cache[memo]
         parts = [s for (k, b), s in self.stats.items() if k == key and b in members]
-        if not parts:
-            return None
-        out = ActivationStats(self.config.calibration.reservoir_size, self.generator)
-        for part in parts:
-            out.merge(part)
+        out = None
+        if parts:
+            out = ActivationStats(self.config.calibration.reservoir_size, self.generator)
+            for part in parts:
+                out.merge(part)
+        if self.config.weight_bit_budget is not None:  # bit allocation asks once per candidate
+            self.group_cache[memo] = out
         return out
 
     def finish(self, progress: bool = True) -> QuantPlan:
@@ -168,13 +186,23 @@ class CalibrationSession:
         members = self.bins.members(groups) if timesteps else [[0]]
         ordered = apply_first_last([self.decisions[k] for k in self.sites], self.config.first_last)
         nodes: dict[str, NodePlan] = {}
+        allocated, allocation = {}, None
+        if self.config.weight_bit_budget is not None:  # rate-distortion bit allocation (qcompile.sensitivity)
+            self.allocator = BitAllocator(self, members, groups, progress)
+            allocated, allocation = self.allocator.run()
+            if not self.keep_allocator:
+                self.allocator.close()
+                self.allocator = None
+            self.kept = None
         for ann in tqdm(ordered, desc="qdiff: quantize", unit="op", disable=not progress, leave=False):
-            nodes[ann.key] = self._node_plan(self.sites[ann.key], ann, members)
+            nodes[ann.key] = allocated.get(ann.key) or self._node_plan(self.sites[ann.key], ann, members)
         if not any(n.quantized for n in nodes.values()):
             warnings.warn(f"qdiff: nothing quantizable in {self.model_class}; it will run in full precision", stacklevel=3)
         self.closed = True
         self.stats.clear()
+        self.group_cache.clear()
         plan = QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
+        plan.allocation = allocation
         if self.segmentation is not None:  # the loss curve behind the chosen boundaries, for inspect
             plan.meta["segmentation_loss_db"] = [round(v, 4) for v in self.segmentation.loss_db]
         return plan
@@ -248,8 +276,11 @@ class CalibrationSession:
             corr = torch.stack([bias_correction(w, weight, m, args.get("stride", 1), args.get("groups", 1)) for m in means]).cpu()
         act_spec = ann.act.get(0)
         acts = [None] * len(group_stats)
-        if act_spec is not None:
-            acts = [None if s is None else choose_qparams(s, act_spec) for s in group_stats]
+        if act_spec is not None:  # the same for every weight format bit allocation tries: computed once
+            cache = (site.key, act_spec, factors is not None)
+            if cache not in self.act_cache:
+                self.act_cache[cache] = [None if s is None else choose_qparams(s, act_spec) for s in group_stats]
+            acts = list(self.act_cache[cache])
         axis = 0 if kind == "conv_transpose" else 1
         others = [d for d in range(w.dim()) if d != axis]
         w_sq = w.detach().float().pow(2).sum(dim=others)

@@ -19,15 +19,16 @@ class Format(str, enum.Enum):
 
     INT8 = "int8"
     INT4 = "int4"
+    INT6 = "int6"  # weights only: stored as int8 in [-32, 31], one scale per output channel
     FP8_E4M3 = "fp8_e4m3"
 
     @property
     def bits(self) -> int:
-        return {Format.INT8: 8, Format.INT4: 4, Format.FP8_E4M3: 8}[self]
+        return {Format.INT8: 8, Format.INT4: 4, Format.INT6: 6, Format.FP8_E4M3: 8}[self]
 
     @property
     def is_int(self) -> bool:
-        return self in (Format.INT8, Format.INT4)
+        return self in (Format.INT8, Format.INT4, Format.INT6)
 
 
 class RangeMethod(str, enum.Enum):
@@ -90,8 +91,8 @@ class ActSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
         object.__setattr__(self, "range_method", RangeMethod(self.range_method))
-        if self.fmt is Format.INT4:
-            raise ConfigError("4-bit activations are not supported; use int8 or fp8_e4m3")
+        if self.fmt in (Format.INT4, Format.INT6):
+            raise ConfigError(f"{self.fmt.bits}-bit activations are not supported; use int8 or fp8_e4m3")
         if self.fmt is Format.FP8_E4M3 and not self.symmetric:
             object.__setattr__(self, "symmetric", True)
         if not 50.0 < self.percentile <= 100.0:
@@ -118,6 +119,51 @@ class CalibrationSpec:
             raise ConfigError("timestep_args must name at least one argument")
 
 
+class Estimator(str, enum.Enum):
+    """How bit allocation gets each node's output distortion D_n(b)."""
+
+    MEASURED = "measured"  # one forward per node, candidate and kept call: only that node quantized
+    FISHER = "fisher"  # analytic node-output error x output sensitivity from a few backward passes
+
+
+CANDIDATE_BITS = {"int4": 4, "int6": 6, "int8": 8, "fp8_e4m3": 8, "bf16": 16}  # "bf16": op kept in full precision
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """Rate-distortion bit allocation, used when ``QuantConfig.weight_bit_budget`` is set."""
+
+    candidates: tuple[str, ...] = ("int4", "int6", "int8", "fp8_e4m3", "bf16")
+    calls_per_group: int = 4  # denoiser calls kept per timestep group to measure output distortion on
+    estimator: Estimator = Estimator.MEASURED
+    probes: int = 2  # random output projections per kept call (fisher estimator)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "estimator", Estimator(self.estimator))
+        unknown = [c for c in self.candidates if c not in CANDIDATE_BITS]
+        if unknown:
+            raise ConfigError(f"unknown allocation candidate(s) {unknown}; choose from {list(CANDIDATE_BITS)}")
+        if len(set(self.candidates)) < 2:
+            raise ConfigError(f"bit allocation needs at least two distinct candidates, got {list(self.candidates)}")
+        if self.calls_per_group < 1 or self.probes < 1:
+            raise ConfigError(f"calls_per_group and probes must be >= 1, got {self.calls_per_group}, {self.probes}")
+
+    def bit_range(self) -> tuple[int, int]:
+        bits = [CANDIDATE_BITS[c] for c in self.candidates]
+        return min(bits), max(bits)
+
+    def weight_spec(self, candidate: str, base: WeightSpec) -> WeightSpec | None:
+        """The weight spec of a candidate (None: full precision); int4 keeps the base's group size, or 64."""
+        if candidate == "bf16":
+            return None
+        fmt = Format(candidate)
+        group = None
+        if fmt is Format.INT4:
+            group = base.group_size if base.fmt is Format.INT4 and base.group_size else 64
+        return WeightSpec(fmt, group, base.clip_search, base.min_clip)
+
+
 _ALL_OPS = frozenset(OpKind)
 GROUP_BOUNDARIES = ("uniform", "segment")  # equal numbers of steps / data-driven (qcompile.segment)
 
@@ -134,6 +180,8 @@ class QuantConfig:
     bias_correction: bool = True  # cancel the mean output shift of weight quantization per group
     smooth_alpha: float | None = None  # SmoothQuant migration strength for quantized activations
     split_shortcuts: bool = True  # per-slice scales for ops reading a channel concat (passes/provenance.py)
+    weight_bit_budget: float | None = None  # average weight bits over the quantized ops (None: uniform `weight`)
+    allocation: AllocationSpec = field(default_factory=AllocationSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     timestep_groups: int | str = 1  # activation quantizers per group of timesteps; "auto": chosen by segmentation
     group_boundaries: str = "uniform"  # "uniform" in step index, or "segment" where activation ranges change most
@@ -163,6 +211,15 @@ class QuantConfig:
             raise ConfigError(f"group_boundaries must be one of {GROUP_BOUNDARIES}, got {self.group_boundaries!r}")
         if k == "auto" and self.group_boundaries != "segment":
             object.__setattr__(self, "group_boundaries", "segment")  # "auto" picks the count by segmentation
+        if not isinstance(self.allocation, AllocationSpec):
+            raise ConfigError(f"allocation must be an AllocationSpec, got {type(self.allocation).__name__}")
+        if self.weight_bit_budget is not None:
+            lo, hi = self.allocation.bit_range()
+            if not lo <= self.weight_bit_budget <= hi:
+                raise ConfigError(
+                    f"weight_bit_budget {self.weight_bit_budget} is outside [{lo}, {hi}], the bits of the allocation "
+                    f"candidates {list(self.allocation.candidates)}"
+                )
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
@@ -233,6 +290,7 @@ class QuantConfig:
                 weight=WeightSpec(**d.pop("weight")),
                 act=None if act is None else ActSpec(**act),
                 calibration=CalibrationSpec(**d.pop("calibration")),
+                allocation=AllocationSpec(**d.pop("allocation", {})),
                 **d,
             )
         except (TypeError, KeyError, ValueError) as e:

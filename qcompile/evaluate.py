@@ -23,10 +23,11 @@ from typing import Any, Callable
 import torch
 
 from .calibrate import calibrate
-from .config import QuantConfig
+from .config import AllocationSpec, Format, QuantConfig, WeightSpec
 from .fdist import fd_fields, fd_reference, fd_report_lines
 from .dispatch import compile as compile_plan
 from .metrics import psnr_db, sqnr_db, ssim
+from .plan import QuantPlan
 
 Sampler = Callable[[Any, torch.Tensor], torch.Tensor]  # (denoiser, noise) -> final sample
 
@@ -115,7 +116,8 @@ def variants() -> dict[str, QuantConfig | None]:
 
 def experiments() -> dict[str, QuantConfig | None]:
     """Extra variants for ablations, selectable by name with ``qdiff eval --configs``."""
-    w8 = QuantConfig.preset("w8a8-int8")
+    w8, w4 = QuantConfig.preset("w8a8-int8"), QuantConfig.preset("w4a8")
+    fisher = AllocationSpec(estimator="fisher")
     out = {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
     for preset in ("w8a8-int8", "w4a8"):  # split-shortcut ablation: the presets split by default
         out[f"{preset}-nosplit"] = QuantConfig.preset(preset).replace(split_shortcuts=False, name=f"{preset}-nosplit")
@@ -123,11 +125,17 @@ def experiments() -> dict[str, QuantConfig | None]:
         out[f"w8a8-int8-k{k}"] = w8.replace(timestep_groups=k, name=f"w8a8-int8-k{k}")
         out[f"w8a8-int8-k{k}-seg"] = w8.replace(timestep_groups=k, group_boundaries="segment", name=f"w8a8-int8-k{k}-seg")
     out["w8a8-int8-kauto"] = w8.replace(timestep_groups="auto", name="w8a8-int8-kauto")
+    out["w6a8"] = w4.replace(weight=WeightSpec(Format.INT6), name="w6a8")  # first/last at 8 bits as in w4a8
+    out["mixed-4.5a8"] = w4.replace(weight_bit_budget=4.5, name="mixed-4.5a8")  # rate-distortion bit allocation
+    out["mixed-4.5a8-fisher"] = w4.replace(weight_bit_budget=4.5, allocation=fisher, name="mixed-4.5a8-fisher")
     return out
 
 
-def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds: int, calib_samples: int, progress: bool = True) -> list[EvalResult]:
-    """Evaluate every config on one model: calibrate on its own seeds, test on ``seeds`` others."""
+def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | QuantPlan | None], seeds: int, calib_samples: int, progress: bool = True) -> list[EvalResult]:
+    """Evaluate every config on one model: calibrate on its own seeds, test on ``seeds`` others.
+
+    A :class:`QuantPlan` in ``configs`` is used as it is (calibrated elsewhere; calibration time 0).
+    """
     model = case.build().eval()
     noise = torch.randn(seeds, *case.shape, generator=torch.Generator().manual_seed(0))
     calib_noise = torch.randn(calib_samples, *case.shape, generator=torch.Generator().manual_seed(10_000))
@@ -143,7 +151,7 @@ def evaluate_case(case: EvalCase, configs: dict[str, QuantConfig | None], seeds:
         if cfg is None:
             test: Callable[..., torch.Tensor] = _Bf16(model)
         else:
-            plan = calibrate(model, lambda m: case.sample(m, calib_noise), cfg, progress=progress)
+            plan = cfg if isinstance(cfg, QuantPlan) else calibrate(model, lambda m: case.sample(m, calib_noise), cfg, progress=progress)
             test = compile_plan(model, plan, inductor=False)  # one compiled model serving every timestep group
         calib_s = time.perf_counter() - t0
         with torch.no_grad():

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .backend import QuantizedGraph
+from .config import Format
 from .errors import QdiffError
 from .metrics import sqnr_db
 from .passes.annotate import ANNOTATION_KEY
@@ -79,6 +80,7 @@ class OpReport:
     note: str = ""
     split: str = ""  # the split-shortcut decision: "split 40+40 (cat(...) > ...)", "not split: why", or "" (no concat behind)
     act_slice_ranges: list[tuple[float, float]] | None = None  # per channel slice of a split op
+    weight_bits: int | None = None  # storage bits per weight (16: kept in full precision by bit allocation)
 
 
 @dataclass
@@ -92,11 +94,11 @@ class InspectReport:
     group: int = 0  # the timestep group the rows (and the probe) belong to
 
     def __str__(self) -> str:
-        headers = ["node", "op", "weight", "input", "w fmt", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note", "split"]
+        headers = ["node", "op", "weight", "input", "w fmt", "w bits", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note", "split"]
         rows = [
             [
                 r.key, r.op, "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_shape or ())), r.weight_format,
-                r.act_format, _range(r.weight_scale_range, ".1e"),
+                "-" if r.weight_bits is None else str(r.weight_bits), r.act_format, _range(r.weight_scale_range, ".1e"),
                 " | ".join(_range(a, ".3g") for a in r.act_slice_ranges) if r.act_slice_ranges else _range(r.act_range, ".3g"),
                 _db(r.sqnr_local_db), _db(r.sqnr_cumulative_db), r.note, r.split,
             ]
@@ -117,6 +119,14 @@ class InspectReport:
         if self.plan.groups.count > 1:
             head += f"; table for group {self.group}"
             tail = "\n\n".join(filter(None, [tail, groups_table(self.plan)]))
+        alloc = self.plan.allocation
+        if alloc is not None:
+            head += (
+                f"\nbit allocation ({alloc.estimator}): {alloc.average_bits:.3f} average weight bits for a budget of "
+                f"{alloc.budget_bits:g} over {len(alloc.nodes)} ops; output NMSE predicted {alloc.predicted:.3g}, measured "
+                f"{_g(alloc.measured)}; {alloc.forward_passes} forwards, {alloc.wall_s:.1f} s; one weight format per op for all "
+                f"{self.plan.groups.count} timestep group(s)"
+            )
         return "\n".join([head, line(headers), line(["-" * w for w in widths]), *map(line, rows), tail]).rstrip()
 
     def to_dicts(self) -> list[dict[str, Any]]:
@@ -203,8 +213,13 @@ def _range(r: tuple[float, float] | None, fmt: str) -> str:
     return "-" if r is None else f"{r[0]:{fmt}}..{r[1]:{fmt}}"
 
 
+def _g(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
 def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
     rows = []
+    allocated = {} if plan.allocation is None else plan.allocation.nodes
     for n in plan.nodes.values():
         w, a = n.weight, n.acts[group] if n.quantized else None
         wfmt = "float" if w is None else w.fmt + (f"/g{w.group_size}" if w.group_size else "")
@@ -215,6 +230,8 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
                 None if w is None else (float(w.scale.min()), float(w.scale.max())),
                 None if a is None else (a.lo, a.hi), note=n.reason or "", split=n.split_note or "",
                 act_slice_ranges=None if a is None or a.slices is None else [(p.lo, p.hi) for p in a.slices],
+                None if a is None else (a.lo, a.hi), note=n.reason or "",
+                weight_bits=allocated[n.key]["bits"] if n.key in allocated else (None if w is None else Format(w.fmt).bits),
             )
         )
     return rows

@@ -26,11 +26,12 @@ from .errors import PlanFileError, PlanMismatchError
 from .lowering.weights import QuantizedWeight, storage_shape
 from .lowering.formats import FP8_DTYPE
 from .observers import ActQParams
+from .passes.allocate import AllocationRecord
 from .timesteps import TimestepGroups
 
 FORMAT_VERSION = 1
 METADATA_KEY = "qdiff_plan"
-_STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": FP8_DTYPE}
+_STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "int6": torch.int8, "fp8_e4m3": FP8_DTYPE}
 
 
 @dataclass
@@ -117,6 +118,7 @@ class QuantPlan:
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        self.allocation: AllocationRecord | None = None  # rate-distortion bit allocation (weight_bit_budget)
         self.compiled: list[Any] = []  # runtime only: QuantizedGraph records made by the backend
         self.warned: set[str] = set()  # runtime only: node keys already reported as float
 
@@ -174,6 +176,7 @@ class QuantPlan:
             "calls": self.calls,
             "nodes": [n._json() for n in self.nodes.values()],
             "probe": None if self.probe is None else self.probe[0],
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -260,6 +263,25 @@ def _split_points(nd: dict[str, Any], shape: tuple[int, ...], kind: OpKind, path
     return tuple(split)
 
 
+def _allocation(d: dict[str, Any], nodes: dict[str, NodePlan], path: Path) -> AllocationRecord:
+    """The allocation record, checked against the nodes: every allocated node exists and holds its chosen format."""
+    try:
+        rec = AllocationRecord.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise PlanFileError(f"plan file '{path}' has an invalid bit allocation record: {e}") from e
+    for key, entry in rec.nodes.items():
+        node = nodes.get(key)
+        if node is None:
+            raise PlanFileError(f"plan file '{path}': the bit allocation names node '{key}', which the plan does not have")
+        fmt = None if node.weight is None else node.weight.fmt
+        expected = None if entry["choice"] == "bf16" else entry["choice"]
+        if fmt != expected:
+            raise PlanFileError(
+                f"plan file '{path}': node '{key}' holds {fmt or 'a float'} weight but its bit allocation chose {entry['choice']}"
+            )
+    return rec
+
+
 def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> QuantPlan:
     try:
         config = QuantConfig.from_dict(doc["config"])
@@ -309,6 +331,8 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
     if tensors:
         raise PlanFileError(f"plan file '{path}' holds tensors no node uses: {sorted(tensors)[:5]}")
     plan = QuantPlan(config, nodes, groups, doc["subgraphs"], doc["model_class"], doc["calls"], probe, doc["meta"])
+    if doc.get("allocation") is not None:
+        plan.allocation = _allocation(doc["allocation"], nodes, path)
     if plan.fingerprint != doc["fingerprint"]:
         raise PlanFileError(f"plan file '{path}': stored fingerprint {doc['fingerprint']} does not match its nodes ({plan.fingerprint})")
     if plan.meta.get("torch_version", "").split("+")[0] != torch.__version__.split("+")[0]:

@@ -32,6 +32,9 @@ def test_frozen_and_validated():
         WeightSpec(Format.INT8, group_size=64)
     with pytest.raises(ConfigError, match="4-bit activations"):
         ActSpec(Format.INT4)
+    with pytest.raises(ConfigError, match="6-bit activations"):
+        ActSpec(Format.INT6)
+    assert Format.INT6.bits == 6 and Format.INT6.is_int
     with pytest.raises(ConfigError, match="version"):
         QuantConfig.from_dict({**cfg.to_dict(), "version": 99})
     with pytest.raises(ConfigError, match="ops is empty"):

@@ -44,3 +44,9 @@ def test_fake_quantize_error_bounded_by_half_step():
     scale = torch.tensor(x.abs().max().item() / 127)
     err = (fake_quantize(x, "int8", scale) - x).abs().max()
     assert err <= scale / 2 + 1e-7
+
+
+def test_int6_grid_is_symmetric_6_bit_in_int8_storage():
+    assert int_range("int6", True) == (-32, 31)
+    q = quantize_int(torch.tensor([-100.0, -31.6, 0.4, 30.5, 100.0]), torch.tensor(1.0), 0, *int_range("int6", True))
+    assert q.dtype == torch.int8 and q.tolist() == [-32, -32, 0, 30, 31]

@@ -31,7 +31,7 @@ def test_activation_storage_is_real_int8_and_fp8():
 def test_qlinear_matches_float_linear():
     x, w, b = torch.randn(8, 64), torch.randn(32, 64), torch.randn(32)
     ref = F.linear(x, w, b)
-    for wfmt, afmt, floor in [("int8", "int8", 33), ("fp8_e4m3", "fp8_e4m3", 24), ("int4", None, 15), ("int4", "int8", 15)]:
+    for wfmt, afmt, floor in [("int8", "int8", 33), ("fp8_e4m3", "fp8_e4m3", 24), ("int4", None, 15), ("int4", "int8", 15), ("int6", "int8", 24)]:
         qw = quantize_weight(w, wfmt, "linear", 64 if wfmt == "int4" else None)
         s, z = _act(x, afmt or "int8", False)
         out = qlinear(x, qw.data, qw.scale, b, s, z, wfmt=wfmt, group_size=qw.group_size, weight_shape=qw.shape, afmt=afmt, asym=True)
@@ -66,3 +66,12 @@ def test_bf16_activations_keep_their_dtype():
     s, z = _act(x.float(), "int8", True)
     out = qlinear(x, qw.data, qw.scale, None, s, z, wfmt="int8", group_size=None, weight_shape=qw.shape, afmt="int8", asym=False)
     assert out.dtype == torch.bfloat16
+
+
+def test_int6_conv_is_exactly_the_float_conv_of_the_dequantized_weight():
+    x, w = torch.randn(2, 8, 9, 9), torch.randn(16, 8, 3, 3)
+    qw = quantize_weight(w, "int6", "conv", None)
+    zero = torch.tensor(0, dtype=torch.int32)
+    out = qconv(x, qw.data, qw.scale, None, torch.tensor(1.0), zero, wfmt="int6", group_size=None, weight_shape=qw.shape,
+                kind="conv", stride=1, padding=1, dilation=1, groups=1)
+    assert torch.equal(out, F.conv2d(x, qw.dequantize(), None, 1, 1))

@@ -5,7 +5,7 @@ from qcompile.lowering.weights import from_matrix, quantize_weight, storage_shap
 from qcompile.metrics import sqnr_db
 
 # Weight SQNR floors for Gaussian weights (6.02 dB/bit rule with clipping gains, measured margins).
-FLOORS = {("int8", None): 38.0, ("fp8_e4m3", None): 28.0, ("int4", None): 14.0, ("int4", 64): 17.0}
+FLOORS = {("int8", None): 38.0, ("fp8_e4m3", None): 28.0, ("int6", None): 26.0, ("int4", None): 14.0, ("int4", 64): 17.0}
 
 
 @pytest.mark.parametrize("fmt,group", list(FLOORS))
@@ -15,7 +15,7 @@ def test_weight_roundtrip_sqnr_and_storage(fmt, group, kind, shape):
     qw = quantize_weight(w, fmt, kind, group)
     dshape, sshape = storage_shape(fmt, qw.out_features, qw.k, group)
     assert tuple(qw.data.shape) == dshape and tuple(qw.scale.shape) == sshape
-    assert qw.data.dtype == {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn}[fmt]
+    assert qw.data.dtype == {"int8": torch.int8, "int6": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn}[fmt]
     w_hat = qw.dequantize()
     assert w_hat.shape == w.shape
     assert sqnr_db(w, w_hat) > FLOORS[(fmt, group)]
@@ -96,3 +96,13 @@ def test_smoothing_preserves_the_product_and_flattens_activation_outliers():
     conv_w = torch.randn(8, 32, 3, 3)
     sc = smoothing_factors(x.abs().amax(0), conv_w, "conv", 0.5)
     assert torch.equal(smooth_weight(conv_w, "conv", sc)[:, 3], conv_w[:, 3] * sc[3])
+
+
+def test_int6_uses_the_6_bit_grid_and_sits_between_int4_and_int8():
+    w = torch.randn(48, 160)
+    qw = quantize_weight(w, "int6", "linear", None, clip_search=False)
+    assert int(qw.data.min()) >= -32 and int(qw.data.max()) <= 31
+    assert int(qw.data.abs().max()) == 31  # absmax scaling puts each row's maximum on the grid's end
+    assert torch.allclose(qw.scale.squeeze(1), w.abs().amax(dim=1) / 31)
+    sqnr = {f: sqnr_db(w, quantize_weight(w, f, "linear", None).dequantize()) for f in ("int4", "int6", "int8")}
+    assert sqnr["int4"] + 9 < sqnr["int6"] < sqnr["int8"] - 9  # about 6 dB per bit

@@ -1,0 +1,115 @@
+"""Reporting for rate-distortion bit allocation: correlations and pictures (bits per layer, predicted vs measured)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .plan import QuantPlan
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation coefficient of two equally long sequences."""
+    a, b = torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64)
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise ValueError(f"pearson needs two sequences of equal length >= 2, got {a.numel()} and {b.numel()}")
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(a.pow(2).sum() * b.pow(2).sum()))
+    return float((a * b).sum()) / den if den > 0 else math.nan
+
+
+def _ranks(v: Sequence[float]) -> list[float]:
+    """Ranks (1-based) with ties given their average rank."""
+    order = sorted(range(len(v)), key=lambda i: v[i])
+    ranks = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson of the ranks)."""
+    return pearson(_ranks(list(x)), _ranks(list(y)))
+
+
+def plot_bits_per_layer(plan: QuantPlan, path: str | Path, title: str | None = None) -> Path:
+    """Bar chart of the weight bits of every allocated op in graph order (bar width ~ log parameters).
+
+    One row per timestep group; the plan's weights are shared by all groups, so the rows are equal
+    and the picture says so in its title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = plan.allocation
+    if rec is None:
+        raise ValueError("plot_bits_per_layer needs a plan made with weight_bit_budget (it has no bit allocation)")
+    keys = [k for k in plan.nodes if k in rec.nodes]
+    bits = [rec.nodes[k]["bits"] for k in keys]
+    colors = {4: "#3182bd", 6: "#31a354", 8: "#fd8d3c", 16: "#de2d26"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(keys) + 2), 3.6))
+    ax.bar(range(len(keys)), bits, color=[colors.get(b, "#999") for b in bits])
+    for i, k in enumerate(keys):
+        if rec.nodes[k]["choice"] == "fp8_e4m3":
+            ax.text(i, bits[i] + 0.2, "f", ha="center", fontsize=6)
+    ax.axhline(rec.budget_bits, color="k", lw=0.8, ls="--", label=f"budget {rec.budget_bits:g} (avg {rec.average_bits:.2f})")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=90, fontsize=5)
+    ax.set_ylabel("weight bits")
+    ax.set_yticks([4, 6, 8, 16])
+    groups = plan.groups.count
+    ax.set_title(title or f"{plan.model_class.rsplit('.', 1)[-1]}: bits per layer (same for all {groups} timestep group(s); 'f' = fp8)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_predicted_vs_measured(points: dict[str, list[tuple[float, float, str]]], path: str | Path) -> Path:
+    """Log-log scatter of predicted vs measured output distortion, one series per model.
+
+    ``points[model]`` holds (predicted, measured, label) triples; the diagonal is perfect additivity.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 4), squeeze=False)
+    for ax, (model, pts) in zip(axes[0], points.items()):
+        pred, meas = [p for p, _, _ in pts], [m for _, m, _ in pts]
+        sweep = [i for i, (_, _, label) in enumerate(pts) if not label.startswith("random")]
+        rand = [i for i in range(len(pts)) if i not in sweep]
+        ax.scatter([pred[i] for i in rand], [meas[i] for i in rand], s=10, c="#999", label="random mixes")
+        ax.scatter([pred[i] for i in sweep], [meas[i] for i in sweep], s=18, c="#de2d26", label="allocated (budget sweep)")
+        for i in sweep:
+            ax.annotate(pts[i][2], (pred[i], meas[i]), fontsize=6, xytext=(3, -3), textcoords="offset points")
+        lo, hi = min(pred + meas), max(pred + meas)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        r = pearson(pred, meas)
+        r_log = pearson([math.log10(p) for p in pred], [math.log10(m) for m in meas])
+        ax.set_title(f"{model}: Pearson r = {r:.3f} (log-log {r_log:.3f})", fontsize=9)
+        ax.set_xlabel("predicted sum_n D_n(b_n) (output NMSE)")
+        ax.set_ylabel("measured output NMSE")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
