@@ -230,7 +230,6 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
                 None if w is None else (float(w.scale.min()), float(w.scale.max())),
                 None if a is None else (a.lo, a.hi), note=n.reason or "", split=n.split_note or "",
                 act_slice_ranges=None if a is None or a.slices is None else [(p.lo, p.hi) for p in a.slices],
-                None if a is None else (a.lo, a.hi), note=n.reason or "",
                 weight_bits=allocated[n.key]["bits"] if n.key in allocated else (None if w is None else Format(w.fmt).bits),
             )
         )
