@@ -9,6 +9,7 @@ def _fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+    torch.compiler.set_stance("default")  # a test that leaked another stance must not fail the ones after it
 
 
 @pytest.fixture(autouse=True)

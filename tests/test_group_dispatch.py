@@ -139,15 +139,16 @@ def test_threads_dispatch_their_own_groups():
 
         def worker(g):
             try:
-                with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):  # grad mode is per thread
+                with torch.no_grad():  # grad mode is per thread; the stance is process-wide (set once below)
                     results[g] = [qmodel(x, ts[g]) for _ in range(20)]
             except Exception as e:  # reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=worker, args=(g,)) for g in (0, 1)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
     assert not errors
     assert all(torch.equal(o, expected[g]) for g, outs in results.items() for o in outs)
