@@ -152,8 +152,7 @@ def test_falling_back_to_eager_warns(monkeypatch):
         return pipe.unet(torch.randn(b, 16), torch.full((b,), 0.5))
 
     model = Lin().eval()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):  # restored on exit (monkeypatch can delete it)
         generate(Holder(model), 2)
         assert generate.qdiff.graphs(model) == 1 and generate.qdiff.float_calls.get(model) is None
         with pytest.warns(RuntimeWarning, match="ran in full precision.*recompile_limit"):
