@@ -66,10 +66,32 @@ def _fd_summary(r) -> str:
     return f"  FD real {r.fd_real:.2f} (FP32 {r.fp32_fd_real:.2f})  FD vs FP32 {r.fd_fp32:.2f}{cc}"
 
 
+def _save_partial(results: list, out: Path) -> None:
+    """Rows so far as ``quality.partial.json`` (a run cut short keeps them; ``--report-from`` reads it)."""
+    from dataclasses import asdict
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.partial.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Quality of every variant on the chosen models; writes quality.md / quality.json / plots."""
-    from .evaluate import evaluate_case, experiments, variants, write_report
+    from .evaluate import describe_run, evaluate_case, experiments, load_results, variants, write_report
 
+    command = "qdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    notes = Path(args.notes).read_text() if args.notes else ""
+    if args.report_from:  # assemble one report from the quality.json of earlier runs (e.g. one per model)
+        missing = [p for p in args.report_from if not Path(p).is_file()]
+        if missing:
+            print(f"qdiff eval: --report-from: no such file(s) {missing}", file=sys.stderr)
+            return 2
+        path = write_report(load_results([Path(p) for p in args.report_from]), Path(args.out), args.report_command or command, notes, args.report_run)
+        print(f"wrote {path}")
+        return 0
+    if args.device.startswith("cuda"):  # FP32 means FP32: no TF32 matmuls or convs in the reference
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     cases = _eval_cases()
     unknown = set(args.models) - set(cases)
     if unknown:
@@ -87,12 +109,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = []
     for name in args.models:
         print(f"qdiff eval: {name} ({len(configs)} variants, {args.seeds} seeds)", flush=True)
-        for r in evaluate_case(cases[name], configs, args.seeds, args.calib_samples, progress=not args.quiet):
+        for r in evaluate_case(cases[name], configs, args.seeds, args.calib_samples, progress=not args.quiet, device=args.device, lowering=args.lowering):
             print(f"  {r.config:18s} SQNR mean {r.sqnr_mean_db:6.2f} dB  worst {r.sqnr_worst_db:6.2f} dB (step {r.worst_step})  "
                   f"PSNR {r.psnr_db:6.2f} dB  SSIM {r.ssim:.4f}" + _fd_summary(r), flush=True)
             results.append(r)
-    notes = Path(args.notes).read_text() if args.notes else ""
-    path = write_report(results, Path(args.out), "qdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]), notes)
+            _save_partial(results, Path(args.out))
+    path = write_report(results, Path(args.out), command, notes, describe_run(args.device, args.lowering))
     print(f"wrote {path}")
     return 0
 
@@ -179,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="docs", help="folder for quality.md, quality.json and img/ (default: docs)")
     ev.add_argument("--notes", help="markdown file appended to quality.md")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where models, calibration and sampling run")
+    ev.add_argument("--lowering", default="reference", choices=["reference", "triton"], help="quantized ops as the pure-PyTorch reference (default) or the Triton kernels (CUDA)")
+    ev.add_argument("--report-from", nargs="+", metavar="JSON", help="write the report from these quality.json files instead of evaluating")
+    ev.add_argument("--report-command", help="with --report-from: the command to cite in the report (default: this one)")
+    ev.add_argument("--report-run", help="with --report-from: the device / versions line to cite")
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="step latency, compile time and memory of bf16, torchao and qdiff variants (GPU)")

@@ -32,6 +32,17 @@ def test_evaluate_and_report_on_a_tiny_class_conditional_dit(tmp_path):
     assert {"model", "config", "sqnr_mean_db", "sqnr_worst_db", "psnr_db", "ssim"} <= set(rows[0])
     assert (tmp_path / "img" / "quality_tiny_dit.png").is_file()
 
+    # one report assembled from several runs' quality.json (the CLI's --report-from), rows kept in order
+    merged = tmp_path / "merged"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{**rows[1], "model": "tiny_dit_2"}]))
+    from qcompile.cli import main
+
+    assert main(["eval", "--report-from", str(tmp_path / "quality.json"), str(other), "--out", str(merged), "--report-run", "a test run"]) == 0
+    text = (merged / "quality.md").read_text()
+    assert "a test run" in text and text.index("| tiny_dit | bf16 |") < text.index("| tiny_dit_2 | w8a8-int8 |")
+    assert main(["eval", "--report-from", str(tmp_path / "absent.json"), "--out", str(merged)]) == 2
+
 
 def test_evaluate_mnist_vit_reports_fd_and_class_consistency(shared_models, tmp_path):
     from qcompile.zoo import flow_sample, load_mnist_vit
