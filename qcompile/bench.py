@@ -39,6 +39,7 @@ class BenchModel:
     description: str
     build: Callable[[], torch.nn.Module]  # float32 model on the current default device
     inputs: Callable[[torch.device, torch.dtype, int], Inputs]  # (device, dtype, timestep) -> kwargs
+    variants: tuple[str, ...] | None = None  # only these variants (None: every one asked for)
 
 
 def _timesteps(batch: int, t: int, device: torch.device) -> torch.Tensor:
@@ -127,6 +128,10 @@ MODELS: dict[str, BenchModel] = {
     m.name: m
     for m in [
         BenchModel("dit-xl-2-512", "DiT-XL/2, 512px (64x64 latent), batch 8, random init", _dit_xl_2, _dit_inputs(8, 64, 4, 1000)),
+        BenchModel(
+            "dit-xl-2-512-b1", "DiT-XL/2, 512px, batch 1 (the weight-only small-batch case), random init", _dit_xl_2, _dit_inputs(1, 64, 4, 1000),
+            variants=("bf16-eager", "bf16-inductor", "qdiff-w4a16", "qdiff-w8a8-fp8"),
+        ),
         BenchModel("sd15-unet-512", "SD 1.5 UNet, 512px, batch 2, 77-token context, random init", _sd15_unet, _sd15_inputs),
         BenchModel("pixart-alpha-1024", "PixArt-alpha XL/2 transformer, 1024px, batch 2 (CFG), 120 tokens, random init", _pixart_1024, _pixart_inputs),
         BenchModel("bundled-cifar10-ddpm", "bundled CIFAR-10 UNet2DModel, batch 64", _bundled_unet, _bundled_unet_inputs),
@@ -377,13 +382,13 @@ def run_bench(
 ) -> list[Row]:
     """Measure every (model, variant), each row in its own subprocess; rows are spread over ``gpus`` GPUs of one host.
 
-    A row starts only if it can finish (its time limit) before ``total_s``; later rows are reported
-    as ``skipped``. ``on_row`` gets the rows so far after each one (to save partial results).
+    A row's time limit is cut to what is left of ``total_s``; a row with less than a minute left is
+    reported as ``skipped``. Models with a ``variants`` list get only those rows. ``on_row`` gets the rows so far after each one (to save partial results).
     """
     deadline = None if total_s is None else time.monotonic() + total_s
     lock_path = str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock") if gpus > 1 else None
     work: queue.Queue[tuple[str, str]] = queue.Queue()
-    pairs = [(m, v) for m in models for v in variants]
+    pairs = [(m, v) for m in models for v in variants if MODELS[m].variants is None or v in MODELS[m].variants]
     for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
         work.put(pair)
     rows: list[Row] = []

@@ -82,3 +82,9 @@ def test_run_bench_parallel_rows_report_each_row(monkeypatch):
     assert [(r.variant, r.status) for r in rows] == [("no-such-variant", "error"), ("also-missing", "error")]
     skipped = bench.run_bench(["dit-xl-2-512"], ["bf16-eager"], "cpu", gpus=1, timeout_s=120, budget_s=0.1, total_s=1.0, progress=False)
     assert skipped[0].status == "skipped"
+
+
+def test_models_with_a_variant_list_get_only_those_rows():
+    assert bench.MODELS["dit-xl-2-512-b1"].variants is not None and "qdiff-w4a16" in bench.MODELS["dit-xl-2-512-b1"].variants
+    rows = bench.run_bench(["dit-xl-2-512-b1"], ["torchao-int8-dynamic", "bf16-eager"], "cpu", gpus=1, timeout_s=120, budget_s=0.1, total_s=1.0, progress=False)
+    assert [r.variant for r in rows] == ["bf16-eager"]  # torchao is not one of the batch-1 model's variants
