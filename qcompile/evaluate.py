@@ -191,8 +191,17 @@ def _opt(v: float | None, digits: int = 2) -> str:
 
 
 def load_results(paths: list[Path]) -> list[EvalResult]:
-    """Rows of earlier ``quality.json`` files, in order (to assemble one report from several runs)."""
-    return [EvalResult(**row) for path in paths for row in json.loads(Path(path).read_text())]
+    """Rows of earlier ``quality.json`` files (to assemble one report from several runs).
+
+    Rows keep the order in which (model, config) first appears; a pair measured again in a later
+    file replaces the earlier row.
+    """
+    rows: dict[tuple[str, str], EvalResult] = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text()):
+            r = EvalResult(**row)
+            rows[(r.model, r.config)] = r  # a re-measured pair keeps its first position, takes the new values
+    return list(rows.values())
 
 
 def describe_run(device: str | torch.device = "cpu", lowering: str = "reference") -> str:

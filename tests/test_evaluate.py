@@ -35,12 +35,13 @@ def test_evaluate_and_report_on_a_tiny_class_conditional_dit(tmp_path):
     # one report assembled from several runs' quality.json (the CLI's --report-from), rows kept in order
     merged = tmp_path / "merged"
     other = tmp_path / "other.json"
-    other.write_text(json.dumps([{**rows[1], "model": "tiny_dit_2"}]))
+    other.write_text(json.dumps([{**rows[1], "model": "tiny_dit_2"}, {**rows[0], "ssim": 0.5}]))  # bf16 re-measured
     from qcompile.cli import main
 
     assert main(["eval", "--report-from", str(tmp_path / "quality.json"), str(other), "--out", str(merged), "--report-run", "a test run"]) == 0
     text = (merged / "quality.md").read_text()
     assert "a test run" in text and text.index("| tiny_dit | bf16 |") < text.index("| tiny_dit_2 | w8a8-int8 |")
+    assert text.count("| tiny_dit | bf16 |") == 1 and "| 0.5000 |" in text
     assert main(["eval", "--report-from", str(tmp_path / "absent.json"), "--out", str(merged)]) == 2
 
 
