@@ -460,8 +460,10 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
     jpath = out / "benchmarks.json"
     keep: list[dict] = []
     if merge and jpath.exists():
+        old = {(d["model"], d["variant"]): d for d in json.loads(jpath.read_text())}
+        rows = [r for r in rows if not (r.status == "skipped" and (r.model, r.variant) in old)]  # not started: keep the measured row
         new = {(r.model, r.variant) for r in rows}
-        keep = [d for d in json.loads(jpath.read_text()) if (d["model"], d["variant"]) not in new]
+        keep = [d for key, d in old.items() if key not in new]
     for r in rows:
         r.extra["command"] = command
     data = keep + [asdict(r) for r in rows]

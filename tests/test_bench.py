@@ -50,7 +50,8 @@ def test_ratios_table_and_merge(tmp_path):
     assert [r.ratio_vs_bf16_inductor for r in rows] == [1.0, 1.25, None]
     bench.write_results(rows, tmp_path, "qdiff bench --models m", merge=False)
     (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nintro\n\n" + (tmp_path / "benchmarks.md").read_text().split("\n", 2)[2] + "\ntail\n")
-    bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0)], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
+    not_started = bench.Row("m", "qdiff-w8a8-fp8", status="skipped", error="not started")  # keeps the measured row
+    bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0), not_started], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert {(d["variant"], d["ms"]) for d in data} == {("bf16-inductor", 5.0), ("qdiff-w8a8-fp8", 8.0), ("torchao-fp8-dynamic", None)}
     assert {d["variant"]: d["ratio_vs_bf16_inductor"] for d in data}["qdiff-w8a8-fp8"] == pytest.approx(5.0 / 8.0)
