@@ -65,9 +65,12 @@ def activation_code(act: str) -> int:
 @triton.jit
 def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, GROUP_M row tiles at a time (L2 reuse of weight tiles)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    return grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of linear tile index ``pid``, GROUP_M row tiles at a time (L2 reuse of weight tiles)."""
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     rows = tl.minimum(num_m - first_m, GROUP_M)
