@@ -58,7 +58,7 @@ X_QUANT_MODES = ("prologue", "producer")
 
 
 def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, afmt, asym, bias_corr, act_smooth, act,
-            x_quant=None, out_scale=None, out_dtype=None):
+            x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     zp = a_zp if (asym and afmt == "int8") else None
     if route == "fp8":
         w = wdata.view(FP8)
@@ -69,7 +69,7 @@ def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, a
             return fp8_linear_prequant(xq, w, wscale, bias, a_scale, x.dtype, act, bias_corr, out_scale)
         return fp8_linear(x, w, wscale, bias, a_scale, act_smooth, act, bias_corr, out_scale)
     if route == "int8":
-        return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr)
+        return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr, colsum if zp is not None else None)
     if route == "w4a8":
         return w4a8_linear(x, wdata, wscale, bias, a_scale, zp, group_size=group_size, afmt=afmt, act_smooth=act_smooth,
                            act=act, bias_corr=bias_corr)
@@ -77,16 +77,17 @@ def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, a
 
 
 def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None,
-            splits=None, x_quant=None, out_scale=None, out_dtype=None):
+            splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding).
 
     Split ops (``splits``: per-slice activation and weight scales) run the reference: no kernel takes them yet.
     fp8 GEMMs only (set by ``passes.act_quant``): ``x_quant`` ("prologue" / "producer") places the input's
     quantization; ``out_scale`` returns float8_e4m3fn quantized with the next fp8 GEMM's scale; an fp8 ``x``
-    (from such a GEMM) is taken as quantized with ``a_scale``, and ``out_dtype`` is then the output dtype."""
+    (from such a GEMM) is taken as quantized with ``a_scale``, and ``out_dtype`` is then the output dtype.
+    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
     return qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                          afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits, x_quant=x_quant,
-                         out_scale=out_scale, out_dtype=out_dtype)
+                         out_scale=out_scale, out_dtype=out_dtype, colsum=colsum)
 
 
 _ACT_REFERENCE = {
@@ -97,7 +98,7 @@ _ACT_REFERENCE = {
 
 
 def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False,
-                  bias_corr=None, act_smooth=None, act="none", splits=None, x_quant=None, out_scale=None, out_dtype=None):
+                  bias_corr=None, act_smooth=None, act="none", splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     """:func:`qlinear` followed by ``act`` (``none`` / ``silu`` / ``gelu_tanh``), fused into the kernel's epilogue."""
     if act not in _ACT_REFERENCE:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ACT_REFERENCE)}")
@@ -120,7 +121,8 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
         y = _ACT_REFERENCE[act](y)
         return y if out_scale is None else quantize_input_fp8(y, out_scale)
     return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
-                   bias_corr=bias_corr, act_smooth=act_smooth, act=act, x_quant=x_quant, out_scale=out_scale, out_dtype=out_dtype)
+                   bias_corr=bias_corr, act_smooth=act_smooth, act=act, x_quant=x_quant, out_scale=out_scale, out_dtype=out_dtype,
+                   colsum=colsum)
 
 
 def _pair(v, n: int = 2) -> tuple[int, ...] | None:
@@ -171,8 +173,10 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
-          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
-    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the reference)."""
+          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, colsum=None):
+    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the reference).
+
+    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
     route = None if splits is not None else conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
                        padding=padding, dilation=dilation, groups=groups)
     if route is None:
@@ -184,10 +188,19 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
     if how == "gemm":
         nhwc = x.permute(0, 2, 3, 1)  # a view when x is channels-last
         y = _linear(params[0], nhwc, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
-                    bias_corr=bias_corr, act_smooth=act_smooth, act="none")
+                    bias_corr=bias_corr, act_smooth=act_smooth, act="none", colsum=colsum)
         return y.permute(0, 3, 1, 2)
     st, pad, dil = params
     zp = a_zp if (asym and afmt == "int8") else None
     w = wdata.view(torch.float8_e4m3fn) if wfmt == "fp8_e4m3" else wdata
     return conv2d_w8a8(x, w, wscale, bias, a_scale, zp, weight_shape=tuple(weight_shape), stride=st, padding=pad, dilation=dil,
-                       act_smooth=act_smooth, bias_corr=bias_corr)
+                       act_smooth=act_smooth, bias_corr=bias_corr, colsum=colsum)
+
+
+def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:
+    """Per-op tensors computed once at conversion (``Lowering.aux``): the int8 weight's column sums for an
+    asymmetric int8 activation quantizer (its zero-point term), instead of a reduction over the weight per call."""
+    w = q.weight
+    if q.act_fmt == "int8" and not q.act_symmetric and w.fmt == "int8" and w.group_size is None and w.splits is None:
+        return {"colsum": w.data.reshape(w.data.shape[0], -1).sum(dim=1, dtype=torch.int32)}
+    return {}

@@ -55,7 +55,8 @@ W4_GROUP = 64
 SMOKE_W8A8 = [("smoke", 32, 64, 48), ("smoke small", 8, 80, 32)]
 SMOKE_W4_KN = [(128, 64)]
 SMEM_LIMIT = 232448  # bytes of shared memory per block on H100 (227 KB)
-SMALL_M = 256  # M at or below this uses the small-M config lists
+SMALL_M = 256  # M at or below this uses the small-M config lists of the sweep
+KERNEL_SMALL_M = 64  # the kernels' own boundary between their "small" and "large" autotune tables
 SQNR_FLOOR_DB = 35.0
 
 
@@ -96,6 +97,12 @@ W4_SMALL_M = [  # group 64: BLOCK_K must divide it
     cfg(16, 32, 64, 4, 4), cfg(16, 64, 64, 4, 4), cfg(16, 128, 64, 4, 4), cfg(16, 32, 32, 4, 4), cfg(16, 64, 32, 5, 4),
     cfg(16, 256, 64, 3, 8), cfg(32, 64, 64, 4, 4),
 ]
+W4_SPLITK = [  # (BLOCK_M is 16: all M <= 16 rows at once); CTAS_PER_SM sets the K split
+    cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=4), cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=8), cfg(16, 32, 64, 3, 4, 1, CTAS_PER_SM=4),
+    cfg(16, 128, 64, 3, 4, 1, CTAS_PER_SM=4), cfg(16, 64, 32, 4, 4, 1, CTAS_PER_SM=4), cfg(16, 128, 64, 3, 8, 1, CTAS_PER_SM=2),
+    cfg(16, 64, 64, 3, 2, 1, CTAS_PER_SM=4),
+]
+SMOKE_SPLITK = [cfg(16, 32, 32, 1, 4, 1, CTAS_PER_SM=4)]
 SMOKE_CONFIGS = [cfg(16, 32, 32, 1, 4, 2), cfg(32, 16, 64, 1, 4, 2), cfg(256, 256, 256, 4, 8)]  # the last: over the smem estimate
 SMOKE_TMA = [cfg(16, 32, 32, 1, 4, 2, FLATTEN=True), cfg(32, 16, 64, 1, 4, 2)]
 
@@ -119,6 +126,7 @@ class Family:
     baseline: str = "bf16"  # baseline the summary compares with
     available: Callable[[], str | None] = lambda: None  # reason the family cannot run, or None
     needs_tma: bool = False
+    launcher: Callable | None = None  # (D, M, K, N, config, sms) -> output, for multi-kernel families (not precompiled)
 
 
 def _interp() -> bool:
@@ -227,8 +235,20 @@ FAMILIES: dict[str, Family] = {
         grid=_tile_grid, a_bytes=2, b_bytes=0.5, configs=_w4_configs, reference="ref_w4", baseline="bf16",
     ),
 }
+def _splitk_launch(D, M, K, N, c, sms):
+    from .lowering.kernels.w4_linear import _splitk, splitk_plan
+
+    plan = splitk_plan(M, N, K, W4_GROUP, D["x"].device, {"block_n": c["BLOCK_N"], "block_k": c["BLOCK_K"], "num_warps": c["num_warps"],
+                                                          "num_stages": c["num_stages"], "ctas_per_sm": c["CTAS_PER_SM"]})
+    return _splitk(D["x"], D["w4"], D["ws4"], D["bias"], K, K, W4_GROUP, True, 0, plan, wrap=lambda k: k)
+
+
+FAMILIES["w4a16_splitk"] = Family(
+    name="w4a16_splitk", kernel=_w4_kernel, args=None, flags=None, grid=None, a_bytes=2, b_bytes=0.5,
+    configs=lambda M, smoke: SMOKE_SPLITK if smoke else W4_SPLITK, reference="ref_w4", baseline="bf16", launcher=_splitk_launch,
+)
 W8A8_FAMILIES = ["fp8_prequant", "fp8_tma_prequant", "fp8", "fp8_tma", "int8"]
-W4_FAMILIES = ["w4a16"]
+W4_FAMILIES = ["w4a16", "w4a16_splitk"]
 
 
 def smem_estimate(fam: Family, c: dict) -> int:
@@ -242,10 +262,16 @@ def _split(c: dict):
     return meta, {"num_stages": c["num_stages"], "num_warps": c["num_warps"]}
 
 
-def launch(fam: Family, D: dict, M: int, K: int, N: int, c: dict, sms: int):
+def launch(fam: Family, D: dict, M: int, K: int, N: int, c: dict, sms: int) -> torch.Tensor:
+    """One launch of ``fam`` with config ``c``; returns the output tensor."""
+    if fam.launcher is not None:
+        return fam.launcher(D, M, K, N, c, sms)
     meta, opts = _split(c)
     kernel = fam.kernel()
     kernel[fam.grid(M, N, c, sms)](*fam.args(D, M, K, N), **fam.flags(M, K, N, c), **(_sms_flag(fam, sms)), **meta, **opts)
+    return D[fam.out]
+
+
 
 
 def _sms_flag(fam: Family, sms: int) -> dict:
@@ -433,13 +459,13 @@ class Sweep:
     def _run_config(self, fam, row, D, M, K, N, c):
         D["out"].fill_(float("nan"))
         try:
-            launch(fam, D, M, K, N, c, self.sms)
+            out = launch(fam, D, M, K, N, c, self.sms)
             if self.timer.cuda:
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - compile errors, out of resources: logged per config
             row.update(status="failed", reason=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}")
             return
-        row["sqnr_db"] = _sqnr(D[fam.reference], D["out"].float())
+        row["sqnr_db"] = _sqnr(D[fam.reference], out.float())
         if row["sqnr_db"] < SQNR_FLOOR_DB:
             row.update(status="wrong", reason=f"SQNR {row['sqnr_db']:.1f} dB < {SQNR_FLOOR_DB} dB against the reference")
             return
@@ -468,7 +494,7 @@ def _wrapper_call(name: str, D: dict):
         return lambda: fp8_linear_prequant(D["xq"], D["w8"], D["ws8"], D["bias"], D["s8"], torch.bfloat16)
     if name == "int8":
         return lambda: int8_linear(D["x"], D["wi"], D["wsi"], D["bias"], D["si"], D["zi"], colsum=D["colsum"])
-    if name == "w4a16":
+    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper takes the split-K path at M <= 16)
         return lambda: weight_only_linear(D["x"], D["w4"], D["ws4"], D["bias"], wfmt="int4", group_size=W4_GROUP)
     return None
 
@@ -555,6 +581,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def tables(result: dict, limit: int = 6) -> str:
+    """Python autotune tables (``CONFIG_TABLE`` rows) from a sweep's best configs: per family and M regime, the
+    distinct winners, most frequent first, at most ``limit`` (paste into the kernel files)."""
+    lines = []
+    for fam, per_shape in result["best"].items():
+        for regime, pick in (("small", lambda m: m <= KERNEL_SMALL_M), ("large", lambda m: m > KERNEL_SMALL_M)):
+            count: dict = {}
+            for b in per_shape.values():
+                if pick(b["M"]):
+                    c = b["config"]
+                    row = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"], c["num_warps"], c["GROUP_M"])
+                    count[row] = count.get(row, 0) + 1
+            if count:
+                rows = sorted(count, key=lambda r: -count[r])[:limit]
+                lines.append(f"# {fam} ({regime} M): {', '.join(f'{r} x{count[r]}' for r in rows)}")
+                lines.append(f"{fam}_{regime} = {rows}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qcompile.gemm_tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (writes DIR/gemm_tune.json), or a path ending in .json")
@@ -566,7 +611,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile processes (0: none)")
     p.add_argument("--precompile-timeout", type=float, default=150.0)
     p.add_argument("--no-diagnostics", action="store_true", help="skip the CUDA-graph and production-wrapper timings")
+    p.add_argument("--tables", action="store_true", help="print autotune tables from the JSON at --out (no sweep)")
     args = p.parse_args(argv)
+    if args.tables:
+        path = args.out if args.out.endswith(".json") else os.path.join(args.out, "gemm_tune.json")
+        with open(path) as f:
+            print(tables(json.load(f)))
+        return 0
 
     t0 = time.time()
 
@@ -619,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                 dt = make(M, K, N)
                 for n in fams:
                     fam = FAMILIES[n]
-                    if fam.available() is None:
+                    if fam.available() is None and fam.launcher is None:
                         tasks += [(n, M, K, N, c, dt, sms) for c in fam.configs(M, False) if smem_estimate(fam, c) <= SMEM_LIMIT]
         result["precompile"] = precompile(tasks, args.workers, args.precompile_timeout, log)
         save()

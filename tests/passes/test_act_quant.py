@@ -12,7 +12,8 @@ from qcompile.passes.act_quant import place_act_quant
 from qcompile.passes.convert import Lowering
 from qcompile.passes.fuse_epilogue import fuse_epilogues
 
-TRITON = Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused)
+TRITON = Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
+                  aux=triton_lowering.aux_buffers)
 
 
 class Block(torch.nn.Module):
@@ -29,15 +30,15 @@ class Block(torch.nn.Module):
         return h + self.proj(a)
 
 
-def _graph():
+def _graph(preset="w8a8-fp8", lowering=TRITON):
     torch.manual_seed(0)
     model = Block().eval()
-    plan = qcompile.calibrate(model, lambda m: [m(torch.randn(2, 8, 16)) for _ in range(3)], qcompile.QuantConfig.preset("w8a8-fp8"),
+    plan = qcompile.calibrate(model, lambda m: [m(torch.randn(2, 8, 16)) for _ in range(3)], qcompile.QuantConfig.preset(preset),
                               progress=False)
     graphs = []
 
     def grab(gm, example_inputs):
-        graphs.append((build_quantized_graph(gm, example_inputs, plan, 0, TRITON)[1], list(example_inputs)))
+        graphs.append((build_quantized_graph(gm, example_inputs, plan, 0, lowering)[1], list(example_inputs)))
         return gm.forward
 
     torch._dynamo.reset()
@@ -80,3 +81,16 @@ def test_unknown_policy_is_refused(monkeypatch):
     monkeypatch.setenv("QDIFF_FP8_ACT_QUANT", "fast")
     with pytest.raises(ValueError, match="QDIFF_FP8_ACT_QUANT"):
         place_act_quant(gm, TRITON.linear, TRITON.linear_fused)
+
+
+def test_int8_weight_column_sums_are_conversion_time_buffers():
+    gm, inputs = _graph("w8a8-int8")
+    calls = _calls(gm)
+    assert calls and all(n.kwargs["colsum"].op == "get_attr" for n in calls if n.kwargs.get("asym"))
+    assert any(n.kwargs.get("asym") for n in calls)
+    for n in calls:
+        if "colsum" in n.kwargs:
+            w = getattr(gm, n.args[1].target)
+            assert torch.equal(getattr(gm, n.kwargs["colsum"].target), w.sum(dim=1, dtype=torch.int32))
+    ref_gm, _ = _graph("w8a8-int8", Lowering())
+    assert sqnr_db(ref_gm(*inputs)[0], gm(*inputs)[0]) > 35

@@ -13,7 +13,7 @@ pytestmark = [needs_kernels, pytest.mark.skipif(DEVICE is not None and DEVICE.ty
 
 
 def test_smoke_sweep_writes_rows_bests_and_summary(tmp_path):
-    assert gemm_tune.main(["--smoke", "--out", str(tmp_path), "--families", "fp8_prequant,fp8_tma,int8,w4a16"]) == 0
+    assert gemm_tune.main(["--smoke", "--out", str(tmp_path), "--families", "fp8_prequant,fp8_tma,int8,w4a16,w4a16_splitk"]) == 0
     result = json.loads((tmp_path / "gemm_tune.json").read_text())
     ok = [r for r in result["rows"] if r["status"] == "ok"]
     assert ok and all(r["sqnr_db"] > gemm_tune.SQNR_FLOOR_DB and r["us"] > 0 for r in ok)
@@ -23,7 +23,8 @@ def test_smoke_sweep_writes_rows_bests_and_summary(tmp_path):
     shapes = {f"{t} {m}x{k}x{n}" for t, m, k, n in result["shapes"]}
     for fam in ("fp8_prequant", "fp8_tma", "int8"):
         assert set(result["best"][fam]) == {s for s in shapes if not s.startswith("w4")}
-    assert set(result["best"]["w4a16"]) == {s for s in shapes if s.startswith("w4")}
+    for fam in ("w4a16", "w4a16_splitk"):
+        assert set(result["best"][fam]) == {s for s in shapes if s.startswith("w4")}
     # the production wrapper ran and reported the config its autotuner used
     wrapped = [d for d in result["diagnostics"] if d["kernel"] == "int8"]
     assert wrapped and all(d["wrapper_us"] > 0 and d["wrapper_config"] for d in wrapped)
@@ -47,3 +48,17 @@ def test_smem_estimate_and_names():
     assert gemm_tune.cfg_name(gemm_tune.cfg(64, 64, 128, 4, 4, FLATTEN=True)) == "64x64x128 s4 w4 g8 +flatten"
     assert gemm_tune.tflops(1000, 1000, 1000, 1.0) == pytest.approx(2.0)
     assert torch.float8_e4m3fn in gemm_tune.w8a8_dtypes(1, 1, 1).values()
+
+
+def test_tables_from_a_sweep(tmp_path, capsys):
+    best = {"fp8_prequant": {
+        "a": {"M": 8192, "config": gemm_tune.cfg(128, 256, 128, 4, 8)},
+        "b": {"M": 8192, "config": gemm_tune.cfg(128, 256, 128, 4, 8)},
+        "c": {"M": 2048, "config": gemm_tune.cfg(128, 128, 128, 4, 4)},
+        "d": {"M": 8, "config": gemm_tune.cfg(16, 64, 128, 4, 4)},
+    }}
+    (tmp_path / "gemm_tune.json").write_text(json.dumps({"best": best}))
+    assert gemm_tune.main(["--tables", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fp8_prequant_large = [(128, 256, 128, 4, 8, 8), (128, 128, 128, 4, 4, 8)]" in out
+    assert "fp8_prequant_small = [(16, 64, 128, 4, 4, 8)]" in out
