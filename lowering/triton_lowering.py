@@ -26,7 +26,7 @@ import torch
 from . import reference
 from .kernels._common import FLOAT_DTYPES, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
-from .kernels.fp8_linear import fp8_linear
+from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
 from .kernels.int8_linear import int8_linear
 from .kernels.w4_linear import supports_group, w4a8_linear, weight_only_linear
 
@@ -48,24 +48,46 @@ def linear_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: in
     return None
 
 
-def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, afmt, asym, bias_corr, act_smooth, act):
+FP8 = torch.float8_e4m3fn
+# Where a float input of an fp8 GEMM is quantized: "producer" (plain aten pointwise ops before the GEMM, which
+# Inductor fuses into the kernel producing the input; the GEMM reads 1-byte A) or "prologue" (inside the GEMM).
+# ``passes.act_quant`` chooses per op; this is the default for calls it did not mark. QDIFF_FP8_ACT_QUANT
+# (prologue / producer / auto) overrides the pass's choice, for A/B measurements.
+FP8_ACT_QUANT_DEFAULT = "prologue"
+X_QUANT_MODES = ("prologue", "producer")
+
+
+def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, afmt, asym, bias_corr, act_smooth, act,
+            x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     zp = a_zp if (asym and afmt == "int8") else None
     if route == "fp8":
-        return fp8_linear(x, wdata.view(torch.float8_e4m3fn), wscale, bias, a_scale, act_smooth, act, bias_corr)
+        w = wdata.view(FP8)
+        if x.dtype == FP8:  # quantized by the previous GEMM's epilogue
+            return fp8_linear_prequant(x, w, wscale, bias, a_scale, out_dtype, act, bias_corr, out_scale)
+        if (x_quant or FP8_ACT_QUANT_DEFAULT) == "producer":
+            xq = quantize_input_fp8(x, a_scale, act_smooth)
+            return fp8_linear_prequant(xq, w, wscale, bias, a_scale, x.dtype, act, bias_corr, out_scale)
+        return fp8_linear(x, w, wscale, bias, a_scale, act_smooth, act, bias_corr, out_scale)
     if route == "int8":
-        return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr)
+        return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr, colsum if zp is not None else None)
     if route == "w4a8":
         return w4a8_linear(x, wdata, wscale, bias, a_scale, zp, group_size=group_size, afmt=afmt, act_smooth=act_smooth,
                            act=act, bias_corr=bias_corr)
     return weight_only_linear(x, wdata, wscale, bias, wfmt=wfmt, group_size=group_size, act=act, bias_corr=bias_corr)
 
 
-def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
+def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None,
+            splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding).
 
-    Split ops (``splits``: per-slice activation and weight scales) run the reference: no kernel takes them yet."""
+    Split ops (``splits``: per-slice activation and weight scales) run the reference: no kernel takes them yet.
+    fp8 GEMMs only (set by ``passes.act_quant``): ``x_quant`` ("prologue" / "producer") places the input's
+    quantization; ``out_scale`` returns float8_e4m3fn quantized with the next fp8 GEMM's scale; an fp8 ``x``
+    (from such a GEMM) is taken as quantized with ``a_scale``, and ``out_dtype`` is then the output dtype.
+    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
     return qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
-                         afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits)
+                         afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits, x_quant=x_quant,
+                         out_scale=out_scale, out_dtype=out_dtype, colsum=colsum)
 
 
 _ACT_REFERENCE = {
@@ -76,19 +98,31 @@ _ACT_REFERENCE = {
 
 
 def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False,
-                  bias_corr=None, act_smooth=None, act="none", splits=None):
+                  bias_corr=None, act_smooth=None, act="none", splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     """:func:`qlinear` followed by ``act`` (``none`` / ``silu`` / ``gelu_tanh``), fused into the kernel's epilogue."""
     if act not in _ACT_REFERENCE:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ACT_REFERENCE)}")
     if len(weight_shape) != 2 or x.shape[-1] != weight_shape[1]:
         raise ValueError(f"linear input of shape {tuple(x.shape)} does not match weight shape {tuple(weight_shape)}")
-    route = None if splits is not None else linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size)
+    if x_quant is not None and x_quant not in X_QUANT_MODES:
+        raise ValueError(f"x_quant must be one of {X_QUANT_MODES}, got {x_quant!r}")
+    fp8_in = isinstance(x, torch.Tensor) and x.dtype == FP8
+    if fp8_in and (afmt != "fp8_e4m3" or out_dtype not in FLOAT_DTYPES):
+        raise ValueError(f"an fp8 input needs an fp8 activation format and a float out_dtype, got afmt={afmt!r}, out_dtype={out_dtype}")
+    if out_scale is not None and (wfmt, afmt) != ("fp8_e4m3", "fp8_e4m3"):
+        raise ValueError(f"out_scale (fp8 output) is for fp8 GEMMs, got weight {wfmt} / activation {afmt}")
+    probe = x.new_empty((0,), dtype=out_dtype) if fp8_in else x  # route as for the float input it stands for
+    route = None if splits is not None else linear_route(probe, wfmt=wfmt, afmt=afmt, group_size=group_size)
     if route is None:
+        if fp8_in:  # exact: the reference re-quantizes the dequantized codes to the same codes
+            x = reference.dequantize_activation(x, a_scale, a_zp, out_dtype)
         y = reference.qlinear(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                               afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits)
-        return _ACT_REFERENCE[act](y)
+        y = _ACT_REFERENCE[act](y)
+        return y if out_scale is None else quantize_input_fp8(y, out_scale)
     return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
-                   bias_corr=bias_corr, act_smooth=act_smooth, act=act)
+                   bias_corr=bias_corr, act_smooth=act_smooth, act=act, x_quant=x_quant, out_scale=out_scale, out_dtype=out_dtype,
+                   colsum=colsum)
 
 
 def _pair(v, n: int = 2) -> tuple[int, ...] | None:
@@ -139,8 +173,10 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
-          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
-    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the reference)."""
+          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, colsum=None):
+    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the reference).
+
+    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
     route = None if splits is not None else conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
                        padding=padding, dilation=dilation, groups=groups)
     if route is None:
@@ -152,10 +188,19 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
     if how == "gemm":
         nhwc = x.permute(0, 2, 3, 1)  # a view when x is channels-last
         y = _linear(params[0], nhwc, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
-                    bias_corr=bias_corr, act_smooth=act_smooth, act="none")
+                    bias_corr=bias_corr, act_smooth=act_smooth, act="none", colsum=colsum)
         return y.permute(0, 3, 1, 2)
     st, pad, dil = params
     zp = a_zp if (asym and afmt == "int8") else None
     w = wdata.view(torch.float8_e4m3fn) if wfmt == "fp8_e4m3" else wdata
     return conv2d_w8a8(x, w, wscale, bias, a_scale, zp, weight_shape=tuple(weight_shape), stride=st, padding=pad, dilation=dil,
-                       act_smooth=act_smooth, bias_corr=bias_corr)
+                       act_smooth=act_smooth, bias_corr=bias_corr, colsum=colsum)
+
+
+def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:
+    """Per-op tensors computed once at conversion (``Lowering.aux``): the int8 weight's column sums for an
+    asymmetric int8 activation quantizer (its zero-point term), instead of a reduction over the weight per call."""
+    w = q.weight
+    if q.act_fmt == "int8" and not q.act_symmetric and w.fmt == "int8" and w.group_size is None and w.splits is None:
+        return {"colsum": w.data.reshape(w.data.shape[0], -1).sum(dim=1, dtype=torch.int32)}
+    return {}

@@ -42,6 +42,8 @@ class Lowering:
     linear: Callable[..., torch.Tensor] = reference.qlinear
     conv: Callable[..., torch.Tensor] = reference.qconv
     linear_fused: Callable[..., torch.Tensor] | None = None  # linear + activation epilogue (``act=``), if the lowering has one
+    # extra per-op tensors the lowering wants precomputed once (e.g. int8 weight column sums): (op, kind) -> {kwarg: tensor}
+    aux: Callable[[QuantizedOp, str], dict[str, torch.Tensor]] | None = None
 
 
 def _check_slices(q: QuantizedOp, node: fx.Node) -> None:
@@ -82,6 +84,9 @@ def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.devic
                 common["act_smooth"] = _buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
             if q.weight.splits is not None:
                 common["splits"] = q.weight.splits
+            if lowering.aux is not None:  # stored as buffers: computed once, not per call
+                for name, t in lowering.aux(q, site.kind.value).items():
+                    common[name] = _buffer(gm, prefix + name, t.to(device))
             _check_slices(q, node)
             if site.kind is OpKind.LINEAR:
                 fn = lowering.linear

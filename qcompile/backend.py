@@ -22,6 +22,7 @@ from .graph import prepare
 from .passes.annotate import Annotation, annotate
 from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
+from .passes.act_quant import place_act_quant
 from .passes.fuse_epilogue import fuse_epilogues
 from .plan import NodePlan, QuantPlan
 
@@ -151,7 +152,8 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
         if name == "triton":
             raise ConfigError(f"options['lowering']='triton' needs CUDA inputs (or TRITON_INTERPRET=1 on CPU); the graph's inputs are on {device}")
         return "reference", Lowering()
-    return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused)
+    return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
+                              aux=triton_lowering.aux_buffers)
 
 
 def build_quantized_graph(
@@ -184,6 +186,8 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     if lowering.linear_fused is not None:
         converted, fused = fuse_epilogues(converted, lowering.linear, lowering.linear_fused)
         log_graph("fuse_epilogues", converted)
+        converted, _ = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,))
+        log_graph("place_act_quant", converted)
     use_inductor = opts.inductor if opts.inductor is not None else device.type == "cuda"
     runner: Callable[..., Any] = converted.forward
     kernel_pass = None

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-PASS_VERSION = 1
+PASS_VERSION = 2  # 2: fp8 activation quantization placed by passes.act_quant
 
 
 def _kernel_name(node: fx.Node) -> str | None:

@@ -47,6 +47,11 @@ def config(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8)
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
 
 
+def configs_from(table: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Configs from a table of ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps[, GROUP_M])`` rows."""
+    return [config(*row) for row in table]
+
+
 # Small tiles so that tests on small shapes cover several tiles and every edge mask.
 INTERPRET_CONFIG = config(16, 32, 32, 1, 4, 2)
 
@@ -65,9 +70,12 @@ def activation_code(act: str) -> int:
 @triton.jit
 def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, GROUP_M row tiles at a time (L2 reuse of weight tiles)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    return grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of linear tile index ``pid``, GROUP_M row tiles at a time (L2 reuse of weight tiles)."""
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -126,6 +134,20 @@ def apply_activation(y, ACT: tl.constexpr):
 def store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale,
                  HAS_BIAS: tl.constexpr, PER_CHANNEL_SCALE: tl.constexpr, ACT: tl.constexpr):
     """acc (fp32) * a_scale * w_scale[n] (if per-channel) + bias[n], activation, cast, store."""
+    y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, PER_CHANNEL_SCALE, ACT)
+    store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
+
+
+@triton.jit
+def store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on):
+    """Cast ``y`` to the output's element type and store the in-bounds part."""
+    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn < N)[None, :])
+
+
+@triton.jit
+def epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS: tl.constexpr, PER_CHANNEL_SCALE: tl.constexpr, ACT: tl.constexpr):
+    """fp32 ``acc * a_scale * w_scale[n] (if per-channel) + bias[n]``, then the activation."""
     mask_n = rn < N
     if PER_CHANNEL_SCALE:
         ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
@@ -134,9 +156,7 @@ def store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_
         acc = acc * a_scale
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
-    acc = apply_activation(acc, ACT)
-    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
+    return apply_activation(acc, ACT)
 
 
 # ---------------------------------------------------------------------------------------------

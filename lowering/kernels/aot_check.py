@@ -56,10 +56,13 @@ def cases(which: set[str]):
     unit = {"stride_xk": 1, "stride_on": 1, "INTERPRET": False}
     lin_aligned = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"]
     if "fp8" in which:
-        sig = _linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32", out_ptr="*bf16")
-        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, EVEN_K=True)
+        sig = _linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32", out_ptr="*bf16",
+                          os_ptr="*fp32")
+        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=True)
         yield "fp8", fp8_linear.fp8_linear_kernel, sig, flags, fp8_linear.LARGE_M_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned
-        yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.LARGE_M_CONFIGS, lin_aligned
+        yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.PREQUANT_CONFIGS, lin_aligned
+        yield "fp8 prequant, fp8 out", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), dict(flags, X_FP8=True, OUT_FP8=True, ACT=2), \
+            fp8_linear.PREQUANT_CONFIGS[:1], lin_aligned
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")

@@ -197,16 +197,18 @@ def tap_major(wdata: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tenso
 def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
                 a_zp: torch.Tensor | None, *, weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], act_smooth: torch.Tensor | None = None, act: str = "none",
-                bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+                bias_corr: torch.Tensor | None = None, colsum: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 conv2d (fp8 weight: fp8 activations; int8 weight: int8, asymmetric if ``a_zp``) -> NCHW (channels-last strides)."""
     n, c, kh, kw = weight_shape
     B, _, H, W = x.shape
     xc = x.contiguous(memory_format=torch.channels_last)
     w = tap_major(wdata, weight_shape)
-    colsum = None
     if a_zp is not None:
         a_zp = a_zp.to(torch.int32)
-        colsum = wdata.reshape(n, -1).sum(dim=1, dtype=torch.int32)
+        if colsum is None:  # (the Triton lowering passes it precomputed)
+            colsum = wdata.reshape(n, -1).sum(dim=1, dtype=torch.int32)
+    else:
+        colsum = None
     s = None if act_smooth is None else act_smooth.float().reshape(-1)
     out = torch.ops.qdiff.conv2d_w8a8(xc, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, n), a_scale.float(), a_zp, s,
                                       kh, kw, list(stride), list(padding), list(dilation), activation_code(act))

@@ -28,24 +28,26 @@ from ._common import (
     check_launchable,
     check_scalar,
     check_tensor,
-    config,
+    configs_from,
+    epilogue,
     fused_bias,
     quantize_fp8,
     row_major,
-    store_output,
+    store_tile,
     tile_ids,
 )
 
 FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
 
 
 @triton.jit
 def fp8_linear_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, smooth_ptr, out_ptr,
+    x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, smooth_ptr, out_ptr, os_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_om, stride_on,
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
-    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -77,50 +79,58 @@ def fp8_linear_kernel(
         acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K
-    store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+    y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+    if OUT_FP8:  # quantize for the next fp8 GEMM (its static scale): it reads 1-byte inputs, no quantize pass
+        y = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr)), INTERPRET)
+    store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
 
 
-# H100-oriented tiles; fp8 wgmma wants BLOCK_K >= 32 and likes 128.
-LARGE_M_CONFIGS = [
-    config(128, 256, 128, 3, 8),
-    config(128, 128, 128, 4, 8),
-    config(256, 128, 64, 4, 8),
-    config(128, 128, 64, 5, 4),
-    config(64, 256, 128, 4, 4),
-]
-SMALL_M_CONFIGS = [
-    config(16, 64, 128, 4, 4),
-    config(32, 128, 128, 4, 4),
-    config(64, 128, 128, 4, 4),
-    config(16, 128, 128, 5, 4),
-]
-SMALL_M = 64  # M at or below this uses the small-tile configs
+# Autotune tables: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) per M regime, H100-oriented (fp8 wgmma wants
+# BLOCK_K >= 32 and likes 128; 128x256 / 256x128 tiles need 8 warps). Short lists keep compile time down;
+# replace them with `python -m qcompile.gemm_tune --tables` output after a sweep. Every BLOCK_K divides 128,
+# so EVEN_K (no K masks) is K % 128 == 0.
+CONFIG_TABLE = {
+    "large": [  # bf16/fp16 input quantized in the prologue: 2-byte A tiles (sm_90 AOT: 256x128x128 s3 and 128x128x128 s3 w4 spill)
+        (128, 256, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4),
+    ],
+    "large_prequant": [  # fp8 input (quantized by its producer): 1-byte A tiles, deeper pipelines fit
+        (128, 256, 128, 4, 8), (128, 256, 128, 3, 8), (256, 128, 128, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 5, 4),
+    ],
+    "small": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4)],
+}
+SMALL_M = 64  # M at or below this uses the "small" table
 
-_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT"]
+LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
+PREQUANT_CONFIGS = configs_from(CONFIG_TABLE["large_prequant"])
+SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
+
+_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8"]
 # EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
-_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS)
+_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS)
 _large = autotuned(fp8_linear_kernel, LARGE_M_CONFIGS, _KEY)
+_large_prequant = autotuned(fp8_linear_kernel, PREQUANT_CONFIGS, _KEY)
 _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
 
 
-def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool) -> torch.Tensor:
+def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
+            out_scale: torch.Tensor | None = None) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
-    out = torch.empty((M, N), device=x.device, dtype=out_dtype)
+    out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
     if M == 0:
         return out
-    kernel = _small if M <= SMALL_M else _large
+    kernel = _small if M <= SMALL_M else (_large_prequant if x_fp8 else _large)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     wrap_triton(kernel)[grid](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale,
-        act_smooth if act_smooth is not None else w_scale, out,
+        act_smooth if act_smooth is not None else w_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K,
         x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1),
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        EVEN_K=K % _K_MULTIPLE == 0, INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, EVEN_K=K % _K_MULTIPLE == 0, INTERPRET=INTERPRET,
     )
     return out
 
@@ -145,53 +155,76 @@ def _check(x, w, w_scale, bias, a_scale, act_smooth, x_dtypes):
     check_launchable(x, w, w_scale, a_scale)
 
 
+def _check_out(out_scale, out_dtype):
+    if out_scale is not None:
+        check_scalar(out_scale, "output scale", torch.float32)
+    elif out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
+
+
 @triton_op("qdiff::fp8_linear", mutates_args=())
 def fp8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  a_scale: torch.Tensor, act_smooth: torch.Tensor | None, act: int) -> torch.Tensor:
-    """2-D ``x`` (fp16/bf16/fp32) quantized in the prologue; output in x's dtype."""
+                  a_scale: torch.Tensor, act_smooth: torch.Tensor | None, act: int, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """2-D ``x`` (fp16/bf16/fp32) quantized in the prologue; output in x's dtype, or float8_e4m3fn
+    quantized with ``out_scale`` (the next fp8 GEMM's activation scale) when it is given."""
     _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES)
-    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False)
+    _check_out(out_scale, x.dtype)
+    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale)
 
 
 @fp8_linear_op.register_fake
-def _(x, w, w_scale, bias, a_scale, act_smooth, act):
-    return x.new_empty((x.shape[0], w.shape[0]))
+def _(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=FP8 if out_scale is not None else x.dtype)
 
 
 @triton_op("qdiff::fp8_linear_prequant", mutates_args=())
 def fp8_linear_prequant_op(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                           a_scale: torch.Tensor, act: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """2-D ``xq`` already float8_e4m3fn (quantized by its producer with ``a_scale``)."""
+                           a_scale: torch.Tensor, act: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """2-D ``xq`` already float8_e4m3fn (quantized by its producer with ``a_scale``); output ``out_dtype``,
+    or float8_e4m3fn quantized with ``out_scale`` when it is given."""
     _check(xq, w, w_scale, bias, a_scale, None, (FP8,))
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
-    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True)
+    _check_out(out_scale, out_dtype)
+    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale)
 
 
 @fp8_linear_prequant_op.register_fake
-def _(xq, w, w_scale, bias, a_scale, act, out_dtype):
-    return xq.new_empty((xq.shape[0], w.shape[0]), dtype=out_dtype)
+def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale):
+    return xq.new_empty((xq.shape[0], w.shape[0]), dtype=FP8 if out_scale is not None else out_dtype)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
-               act_smooth: torch.Tensor | None = None, act: str = "none", bias_corr: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` of shape (..., K) -> (..., N); ``w`` float8 (N, K), ``w_scale`` fp32 per output channel."""
+               act_smooth: torch.Tensor | None = None, act: str = "none", bias_corr: torch.Tensor | None = None,
+               out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` of shape (..., K) -> (..., N); ``w`` float8 (N, K), ``w_scale`` fp32 per output channel.
+
+    ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype."""
     N = w.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     b = fused_bias(bias, bias_corr, N)
     s = None if act_smooth is None else act_smooth.float().reshape(-1)
-    out = torch.ops.qdiff.fp8_linear(x2, w, w_scale.reshape(-1), b, a_scale.float(), s, activation_code(act))
+    os_ = None if out_scale is None else out_scale.float()
+    out = torch.ops.qdiff.fp8_linear(_rows(x), w, w_scale.reshape(-1), b, a_scale.float(), s, activation_code(act), os_)
     return out.reshape(*x.shape[:-1], N)
 
 
 def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
-                        out_dtype: torch.dtype, act: str = "none", bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+                        out_dtype: torch.dtype, act: str = "none", bias_corr: torch.Tensor | None = None,
+                        out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale``."""
     N = w.shape[0]
-    x2 = xq.reshape(-1, xq.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.ops.qdiff.fp8_linear_prequant(x2, w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(), activation_code(act), out_dtype)
+    os_ = None if out_scale is None else out_scale.float()
+    out = torch.ops.qdiff.fp8_linear_prequant(_rows(xq), w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(),
+                                              activation_code(act), out_dtype, os_)
     return out.reshape(*xq.shape[:-1], N)
+
+
+def quantize_input_fp8(x: torch.Tensor, a_scale: torch.Tensor, act_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """Static fp8 quantization of ``x`` as plain aten pointwise ops (the reference's arithmetic), so that
+    Inductor fuses it into the kernel that produces ``x`` (LayerNorm, modulate, GELU, a layout copy)."""
+    if act_smooth is not None:
+        x = x * act_smooth.to(x.dtype)
+    return (x.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)

@@ -22,7 +22,7 @@ from ._common import (
     check_launchable,
     check_scalar,
     check_tensor,
-    config,
+    configs_from,
     fused_bias,
     quantize_int8,
     row_major,
@@ -81,18 +81,14 @@ def int8_linear_kernel(
     store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
 
 
-LARGE_M_CONFIGS = [
-    config(128, 256, 128, 3, 8),
-    config(128, 128, 128, 4, 8),
-    config(256, 128, 64, 4, 8),
-    config(128, 128, 64, 5, 4),
-    config(64, 256, 128, 4, 4),
-]
-SMALL_M_CONFIGS = [
-    config(16, 64, 128, 4, 4),
-    config(32, 128, 128, 4, 4),
-    config(64, 128, 128, 4, 4),
-]
+# Autotune tables (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) as in fp8_linear (int8 wgmma has fp8's
+# shapes and peak; A tiles are bf16 before the prologue quantizes them). Replace from `gemm_tune --tables`.
+CONFIG_TABLE = {
+    "large": [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (128, 128, 128, 3, 4)],
+    "small": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4)],
+}
+LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
+SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
 SMALL_M = 64
 
 _KEY = ["M", "N", "K", "ASYM", "HAS_SMOOTH", "ACT"]

@@ -30,6 +30,7 @@ from ._common import (
     FLOAT_DTYPES,
     INTERPRET,
     activation_code,
+    apply_activation,
     autotuned,
     check_launchable,
     check_scalar,
@@ -158,6 +159,63 @@ def w4a8_kernel(
     store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, GROUP == 0, ACT)
 
 
+@triton.jit
+def weight_only_splitk_kernel(
+    x_ptr, w_ptr, ws_ptr, part_ptr,
+    M, N, K, K_STORED,
+    stride_xm, stride_wn, stride_sn,
+    W_INT4: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small-M (GEMV-like) partial products: program (n, s) sums K tiles s, s + S, s + 2S, ... (S = the grid's
+    second dimension) of a BLOCK_N column slice into ``part[s]`` (fp32, (S, M, N)); all M <= BLOCK_M rows at once."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.num_programs(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(pid_k, tl.cdiv(K, BLOCK_K), split):
+        kk = kt * BLOCK_K + rk
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk < K)[None, :], other=0.0)
+        q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4, EVEN_K, BLOCK_K)
+        if GROUP > 0:
+            sc = tl.load(ws_ptr + rn_l * stride_sn + (kt * BLOCK_K) // GROUP)
+            b = (q.to(tl.float32) * sc[None, :]).to(a.dtype)
+        else:
+            b = q.to(tl.float32).to(a.dtype)
+        if FP32_DOT:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 operands are exact in fp32
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    ptrs = part_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(ptrs, acc, mask=(rm[:, None] < M) & (rn < N)[None, :])
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    part_ptr, ws_ptr, bias_ptr, out_ptr, M, N, SPLIT, stride_om,
+    PER_CHANNEL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``out[m, n] = act(sum_s part[s, m, n] * w_scale[n] (per channel) + bias[n])`` over M*N elements."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < M * N
+    n = idx % N
+    y = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        y += tl.load(part_ptr + s * M * N + idx, mask=ok, other=0.0)
+    if PER_CHANNEL_SCALE:
+        y = y * tl.load(ws_ptr + n, mask=ok, other=0.0)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + n, mask=ok, other=0.0)
+    y = apply_activation(y, ACT)
+    tl.store(out_ptr + (idx // N) * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 WEIGHT_ONLY_LARGE = [  # 8 warps for 128x128+ tiles: 4 would spill the fp32 accumulator (sm_90 AOT check)
     config(128, 128, 64, 4, 8),
     config(128, 256, 64, 3, 8),
@@ -186,6 +244,10 @@ W4A8_SMALL = [
     config(16, 64, 32, 4, 4),
 ]
 SMALL_M = 64
+# Split-K GEMV path for M <= SPLITK_MAX_M (weight-bandwidth-bound): BLOCK_N columns x every SPLIT-th K tile per
+# program, SPLIT chosen so that about CTAS_PER_SM programs per SM stream the weight; no autotuning (one compile).
+SPLITK_MAX_M = 16
+SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
 
@@ -246,6 +308,44 @@ def _grid(M, N):
     return grid
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def splitk_plan(M: int, N: int, K: int, group: int, device: torch.device, cfg: dict | None = None) -> dict | None:
+    """Launch parameters of the split-K path for this shape (None when it does not apply)."""
+    cfg = cfg or SPLITK_CONFIG
+    if M > SPLITK_MAX_M or M == 0:
+        return None
+    bk = cfg["block_k"] if group == 0 else min(cfg["block_k"], group)
+    if group and group % bk:
+        return None
+    n_tiles = triton.cdiv(N, cfg["block_n"])
+    k_tiles = triton.cdiv(K, bk)
+    split = max(1, min(k_tiles, triton.cdiv(cfg["ctas_per_sm"] * _sm_count(device), n_tiles)))
+    return {"block_n": cfg["block_n"], "block_k": bk, "split": split, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _splitk(x, w, w_scale, bias, K, k_stored, group, int4, act, plan, wrap=wrap_triton):
+    """The split-K launches (``wrap``: identity to launch outside a triton_op, as the config sweep does)."""
+    M, N = x.shape[0], w.shape[0]
+    part = torch.empty((plan["split"], M, N), device=x.device, dtype=torch.float32)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    wrap(weight_only_splitk_kernel)[(triton.cdiv(N, plan["block_n"]), plan["split"])](
+        x, w, w_scale, part, M, N, K, k_stored, x.stride(0), w.stride(0), w_scale.stride(0),
+        W_INT4=int4, GROUP=group, EVEN_K=K % plan["block_k"] == 0 and K == k_stored, FP32_DOT=x.dtype == torch.float32,
+        INTERPRET=INTERPRET, BLOCK_M=16, BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+    )
+    block = 256
+    wrap(splitk_reduce_kernel)[(triton.cdiv(M * N, block),)](
+        part, w_scale, bias if bias is not None else w_scale, out, M, N, plan["split"], out.stride(0),
+        PER_CHANNEL_SCALE=group == 0, HAS_BIAS=bias is not None, ACT=act, BLOCK=block,
+    )
+    return out
+
+
 @triton_op("qdiff::weight_only_linear", mutates_args=())
 def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                           K: int, group_size: int, int4: bool, act: int) -> torch.Tensor:
@@ -257,6 +357,10 @@ def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
     check_launchable(x, w, w_scale)
+    if x.stride(1) == 1:
+        plan = splitk_plan(x.shape[0], N, K, group_size, x.device)
+        if plan is not None:
+            return _splitk(x, w, w_scale, bias, K, k_stored, group_size, int4, act, plan)
     found = _kernel("weight_only", group_size, x.shape[0] <= SMALL_M)
     if found is None:
         raise ValueError(f"no kernel configuration for int4 groups of {group_size} (need a multiple of 32)")

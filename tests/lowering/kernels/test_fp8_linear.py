@@ -76,7 +76,7 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="K=32"):
         fp8_linear(randn(4, 48), w, ws, None, s)
     with pytest.raises(TypeError, match="activation scale"):
-        torch.ops.qdiff.fp8_linear(x, w, ws.reshape(-1), None, s.double(), None, 0)
+        torch.ops.qdiff.fp8_linear(x, w, ws.reshape(-1), None, s.double(), None, 0, None)
     with pytest.raises(ValueError, match="unknown epilogue activation"):
         fp8_linear(x, w, ws, None, s, act="relu6")
 
@@ -86,7 +86,37 @@ def test_fake_implementations_give_shapes_and_dtypes():
         x = torch.empty(7, 32, dtype=torch.bfloat16)
         w = torch.empty(16, 32, dtype=torch.float8_e4m3fn)
         ws, s = torch.empty(16), torch.empty(())
-        y = torch.ops.qdiff.fp8_linear(x, w, ws, None, s, None, 0)
-        yq = torch.ops.qdiff.fp8_linear_prequant(x.to(torch.float8_e4m3fn), w, ws, None, s, 0, torch.float16)
+        y = torch.ops.qdiff.fp8_linear(x, w, ws, None, s, None, 0, None)
+        yq = torch.ops.qdiff.fp8_linear_prequant(x.to(torch.float8_e4m3fn), w, ws, None, s, 0, torch.float16, None)
     assert (y.shape, y.dtype) == ((7, 16), torch.bfloat16)
     assert (yq.shape, yq.dtype) == ((7, 16), torch.float16)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+def test_fp8_output_epilogue_feeds_the_next_gemm():
+    """fc1 + GELU with its output quantized for fc2 (fc2's scale) == reference fc1 -> GELU -> fc2."""
+    from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
+
+    qw1, w1, ws1 = _weight(64, 48)
+    qw2, w2, ws2 = _weight(24, 64)
+    x = randn(21, 48)
+    s1, _ = act_qparams(x, "fp8_e4m3", False)
+    h_ref = F.gelu(_ref(x, qw1, w1, ws1, None, s1), approximate="tanh")
+    s2, _ = act_qparams(h_ref, "fp8_e4m3", False)
+    hq = fp8_linear(x, w1, ws1, None, s1, act="gelu_tanh", out_scale=s2)
+    assert hq.dtype == torch.float8_e4m3fn and hq.shape == (21, 64)
+    # the same fp8 codes as quantizing the reference activation (up to rare one-step flips at rounding ties)
+    exact = quantize_input_fp8(h_ref, s2)
+    assert (hq.float() == exact.float()).float().mean() > 0.97
+    out = fp8_linear_prequant(hq, w2, ws2, None, s2, out_dtype=torch.float32)
+    assert sqnr_db(_ref(h_ref, qw2, w2, ws2, None, s2), out) > 35
+
+
+def test_producer_quantization_matches_the_reference_quantizer():
+    from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
+
+    x = randn(9, 40, dtype=torch.bfloat16)
+    smooth = (torch.rand(40) + 0.5).to(DEVICE)
+    s, z = act_qparams(x.float() * smooth, "fp8_e4m3", False)
+    xs = x * smooth.to(x.dtype)
+    assert torch.equal(quantize_input_fp8(x, s, smooth).float(), quantize_activation(xs, s, z, "fp8_e4m3", True).float())

@@ -15,8 +15,14 @@ pytestmark = needs_kernels
 
 
 def test_signatures_match_the_reference():
-    for name in ("qlinear", "qconv"):
-        assert inspect.signature(getattr(triton_lowering, name)) == inspect.signature(getattr(reference, name))
+    # extras: fp8 quantization placement (passes.act_quant) and precomputed buffers (aux_buffers), keyword-only, default None
+    for name, extras in (("qlinear", {"x_quant", "out_scale", "out_dtype", "colsum"}), ("qconv", {"colsum"})):
+        ours = inspect.signature(getattr(triton_lowering, name)).parameters
+        ref = inspect.signature(getattr(reference, name)).parameters
+        assert list(ours)[: len(ref)] == list(ref) and all(ours[k] == ref[k] for k in ref)
+        extra = {k: p for k, p in ours.items() if k not in ref}
+        assert set(extra) == extras
+        assert all(p.kind is p.KEYWORD_ONLY and p.default is None for p in extra.values())
 
 
 ROUTES = [

@@ -57,3 +57,38 @@ def test_storage_mismatch_is_reported():
         weight_only_linear(randn(2, 192), w, ws, None, wfmt="int4", group_size=64)
     with pytest.raises(ValueError, match="weight scale must have shape"):
         weight_only_linear(randn(2, 128), w, ws[:, :1], None, wfmt="int4", group_size=64)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize(
+    "m,k,group,fmt,dtype",
+    [
+        (1, 256, 64, "int4", torch.float32),  # several K tiles per split
+        (5, 100, 64, "int4", torch.bfloat16),  # K padded in storage, masked K tail
+        (16, 77, None, "int4", torch.float16),  # per-channel scales in the reduction's epilogue
+        (3, 200, None, "int8", torch.bfloat16),  # W8A16
+    ],
+)
+def test_small_m_split_k_path_matches_reference(m, k, group, fmt, dtype):
+    import torch.nn.functional as F
+
+    from qcompile.lowering.kernels.w4_linear import splitk_plan
+
+    qw, w, ws = _qw(72, k, fmt, group)
+    plan = splitk_plan(m, 72, k, group or 0, DEVICE, {"block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 1, "ctas_per_sm": 4})
+    assert plan is not None and plan["split"] > 1
+    x = randn(m, k, dtype=dtype)
+    b = randn(72)
+    out = weight_only_linear(x, w, ws, b, wfmt=fmt, group_size=group, act="silu")
+    ref = F.silu(qlinear(x, w, ws, b, None, None, wfmt=fmt, group_size=group, weight_shape=qw.shape))
+    assert out.dtype == dtype and out.shape == (m, 72)
+    assert sqnr_db(ref.float(), out.float()) > (60 if dtype == torch.float32 else 38)
+
+
+def test_split_k_plan_covers_the_gpu_and_only_small_m():
+    from qcompile.lowering.kernels.w4_linear import SPLITK_MAX_M, splitk_plan
+
+    p = splitk_plan(1, 4608, 1152, 64, torch.device("cpu"))
+    assert p["block_k"] == 64 and p["split"] == min(1152 // 64, -(-4 * 4 // (4608 // 64)))
+    assert splitk_plan(SPLITK_MAX_M + 1, 4608, 1152, 64, torch.device("cpu")) is None
+    assert splitk_plan(1, 64, 4096, 0, torch.device("cpu"))["split"] > 1  # narrow N: many K splits

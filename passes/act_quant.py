@@ -1,0 +1,118 @@
+"""Place the activation quantization of fp8 GEMMs (Triton lowering): producer, previous epilogue or prologue.
+
+After :mod:`.convert` and :mod:`.fuse_epilogue`, each fp8 x fp8 linear is a call of the lowering's
+``linear`` / ``linear_fused`` function whose input is a float tensor. Its static quantization
+``q(x) = fp8(clamp(x / s))`` can happen in three places; this pass picks one per call:
+
+1. **previous GEMM's epilogue** (``out_scale`` on the producer call, ``out_dtype`` on this one): when the
+   input is the output of another fp8 linear (typically fc1 + GELU -> fc2) and that output has no other
+   user, the producer's epilogue writes fp8 codes (1 byte instead of 2, no separate pass);
+2. **producer** (``x_quant="producer"``): the quantization becomes plain aten pointwise ops before the
+   GEMM, which Inductor fuses into the kernel it generates for the producer (LayerNorm + modulate, SiLU,
+   a layout copy); the GEMM reads 1-byte A tiles;
+3. **prologue** (``x_quant="prologue"``): inside the GEMM, when the producer is an extern kernel
+   (attention, another GEMM or conv, a graph input): a separate quantize kernel would cost a full extra
+   read and write of the activation.
+
+``QDIFF_FP8_ACT_QUANT`` = ``auto`` (default, the rules above), ``producer`` (1 and 2 for all), ``prologue``
+(3 for all: the v1 behaviour) selects the policy for A/B measurements.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+POLICIES = ("auto", "producer", "prologue")
+_VIEW_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "unsqueeze", "squeeze", "unflatten"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unsqueeze, torch.squeeze}
+# producers Inductor does not generate (extern kernels): quantizing after them would be a separate pass
+_EXTERN_NAME_PARTS = ("scaled_dot_product", "linear", "matmul", "bmm", "addmm", "conv", "einsum", "attention", "mm")
+
+
+def policy_from_env() -> str:
+    p = os.environ.get("QDIFF_FP8_ACT_QUANT", "auto")
+    if p not in POLICIES:
+        raise ValueError(f"QDIFF_FP8_ACT_QUANT must be one of {', '.join(POLICIES)}, got {p!r}")
+    return p
+
+
+def _is_fp8_call(node: fx.Node, targets: set) -> bool:
+    kw = node.kwargs
+    return (node.op == "call_function" and node.target in targets and kw.get("wfmt") == "fp8_e4m3"
+            and kw.get("afmt") == "fp8_e4m3" and kw.get("splits") is None)
+
+
+def _through_views(node):
+    while isinstance(node, fx.Node):
+        if node.op == "call_method" and node.target in _VIEW_METHODS:
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def generated_producer(node, lowering_fns: set) -> bool:
+    """Whether ``node`` (through views) is computed by a kernel Inductor generates (so it can absorb a pointwise op)."""
+    p = _through_views(node)
+    if not isinstance(p, fx.Node) or p.op not in ("call_function", "call_method") or p.target in lowering_fns:
+        return False
+    name = (p.target if isinstance(p.target, str) else getattr(p.target, "__name__", str(p.target))).lower()
+    return not any(part in name for part in _EXTERN_NAME_PARTS)
+
+
+def _float_dtype(node) -> torch.dtype | None:
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else None
+
+
+def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, extra_fns: tuple = (),
+                    policy: str | None = None) -> tuple[fx.GraphModule, Counter]:
+    """Mark every fp8 linear call of ``gm`` with where its input is quantized; returns the graph and counts."""
+    policy = policy or policy_from_env()
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    targets = {linear, fused}
+    lowering_fns = targets | set(extra_fns)
+    counts: Counter = Counter()
+    calls = [n for n in gm.graph.nodes if _is_fp8_call(n, targets)]
+    chained = set()
+    if policy != "prologue":
+        for n in calls:
+            users = list(n.users)
+            if len(users) != 1 or n.kwargs.get("out_scale") is not None:
+                continue
+            u = users[0]
+            dtype = _float_dtype(n.args[0])
+            scale = u.args[4] if len(u.args) > 4 else None
+            if (u in chained or not _is_fp8_call(u, targets) or u.args[0] is not n or u.kwargs.get("act_smooth") is not None
+                    or dtype is None or not isinstance(scale, fx.Node) or scale.op != "get_attr"):
+                continue
+            with gm.graph.inserting_before(n):  # the consumer's scale buffer, read before the producer runs
+                out_scale = gm.graph.get_attr(scale.target)
+            n.kwargs = {**n.kwargs, "out_scale": out_scale}
+            u.kwargs = {**u.kwargs, "out_dtype": dtype}
+            chained.add(u)
+            counts["epilogue"] += 1
+    for n in calls:
+        if n in chained:
+            continue
+        if policy == "producer" or (policy == "auto" and generated_producer(n.args[0], lowering_fns)):
+            mode = "producer"
+        else:
+            mode = "prologue"
+        n.kwargs = {**n.kwargs, "x_quant": mode}
+        counts[mode] += 1
+    if counts:
+        gm.graph.lint()
+        gm.recompile()
+    return gm, counts
+
+
+__all__ = ["POLICIES", "generated_producer", "place_act_quant", "policy_from_env"]

@@ -1,0 +1,96 @@
+"""Placement of fp8 activation quantization: previous epilogue, producer (Inductor-fused) or GEMM prologue."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile.backend import build_quantized_graph
+from qcompile.lowering import triton_lowering
+from qcompile.metrics import sqnr_db
+from qcompile.passes.act_quant import place_act_quant
+from qcompile.passes.convert import Lowering
+from qcompile.passes.fuse_epilogue import fuse_epilogues
+
+TRITON = Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
+                  aux=triton_lowering.aux_buffers)
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))  # LayerNorm -> fc1 (+GELU) -> fc2
+        a = torch.matmul(torch.softmax(x @ x.transpose(-1, -2), -1), x)  # an extern (matmul) producer
+        return h + self.proj(a)
+
+
+def _graph(preset="w8a8-fp8", lowering=TRITON):
+    torch.manual_seed(0)
+    model = Block().eval()
+    plan = qcompile.calibrate(model, lambda m: [m(torch.randn(2, 8, 16)) for _ in range(3)], qcompile.QuantConfig.preset(preset),
+                              progress=False)
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append((build_quantized_graph(gm, example_inputs, plan, 0, lowering)[1], list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=grab)(torch.randn(2, 8, 16))
+    gm, inputs = graphs[0]
+    gm, _ = fuse_epilogues(gm, TRITON.linear, TRITON.linear_fused)
+    return gm, inputs
+
+
+def _calls(gm):
+    return [n for n in gm.graph.nodes if n.target in (TRITON.linear, TRITON.linear_fused)]
+
+
+def test_auto_policy_chains_fc1_into_fc2_and_quantizes_in_the_producer_or_prologue():
+    gm, inputs = _graph()
+    before = gm(*inputs)
+    gm, counts = place_act_quant(gm, TRITON.linear, TRITON.linear_fused, policy="auto")
+    assert counts == {"epilogue": 1, "producer": 1, "prologue": 1}
+    calls = {n.kwargs.get("act", "none") + ("/out" if n.kwargs.get("out_scale") is not None else ""): n for n in _calls(gm)}
+    fc1 = calls["gelu_tanh/out"]
+    fc2 = next(iter(fc1.users))
+    assert fc2.kwargs["out_dtype"] == torch.float32 and "x_quant" not in fc2.kwargs
+    assert fc1.kwargs["x_quant"] == "producer"  # LayerNorm output
+    proj = [n for n in _calls(gm) if n not in (fc1, fc2)][0]
+    assert proj.kwargs["x_quant"] == "prologue"  # matmul output
+    assert sqnr_db(before[0], gm(*inputs)[0]) > 30  # one fewer rounding to float between fc1 and fc2
+
+
+@pytest.mark.parametrize("policy,expected", [("prologue", {"prologue": 3}), ("producer", {"epilogue": 1, "producer": 2})])
+def test_fixed_policies(policy, expected):
+    gm, inputs = _graph()
+    before = gm(*inputs)
+    gm, counts = place_act_quant(gm, TRITON.linear, TRITON.linear_fused, policy=policy)
+    assert counts == expected
+    assert sqnr_db(before[0], gm(*inputs)[0]) > 30
+
+
+def test_unknown_policy_is_refused(monkeypatch):
+    gm, _ = _graph()
+    monkeypatch.setenv("QDIFF_FP8_ACT_QUANT", "fast")
+    with pytest.raises(ValueError, match="QDIFF_FP8_ACT_QUANT"):
+        place_act_quant(gm, TRITON.linear, TRITON.linear_fused)
+
+
+def test_int8_weight_column_sums_are_conversion_time_buffers():
+    gm, inputs = _graph("w8a8-int8")
+    calls = _calls(gm)
+    assert calls and all(n.kwargs["colsum"].op == "get_attr" for n in calls if n.kwargs.get("asym"))
+    assert any(n.kwargs.get("asym") for n in calls)
+    for n in calls:
+        if "colsum" in n.kwargs:
+            w = getattr(gm, n.args[1].target)
+            assert torch.equal(getattr(gm, n.kwargs["colsum"].target), w.sum(dim=1, dtype=torch.int32))
+    ref_gm, _ = _graph("w8a8-int8", Lowering())
+    assert sqnr_db(ref_gm(*inputs)[0], gm(*inputs)[0]) > 35
