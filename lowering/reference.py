@@ -44,7 +44,25 @@ def per_slice(v: torch.Tensor, splits: tuple[int, ...], ndim: int, channel_dim: 
     return per_channel.reshape(shape)
 
 
-def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth=None, channel_dim=-1, splits=None):
+OUTLIER_QMAX = 127  # the outlier part is symmetric int8
+
+
+def split_outliers(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, fmt: str, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_in, x_out)`` in float32 with ``x_in + x_out == x`` exactly: ``x_in`` is ``x`` clamped to the range the
+    inlier quantizer represents, ``x_out`` the (sparse) rest."""
+    qmin, qmax = int_range(fmt, symmetric)
+    xf = x.float()
+    x_in = torch.minimum(torch.maximum(xf, (qmin - a_zp) * a_scale), (qmax - a_zp) * a_scale)
+    return x_in, xf - x_in
+
+
+def quantize_outliers(x_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The outlier part's int8 codes (symmetric; where ``scale`` is 0 the codes are 0)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x_out / safe).clamp(-OUTLIER_QMAX, OUTLIER_QMAX).to(torch.int8)
+
+
+def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth=None, channel_dim=-1, splits=None, outlier_scale=None):
     if afmt is None:
         return x
     if act_smooth is not None:  # x / s per input channel (the weight holds W * s)
@@ -53,7 +71,15 @@ def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth=None, channel
         x = x * act_smooth.to(x.dtype).reshape(shape)
     if splits is not None:  # one quantizer per channel slice
         a_scale, a_zp = per_slice(a_scale, splits, x.dim(), channel_dim), per_slice(a_zp, splits, x.dim(), channel_dim)
-    return dequantize_activation(quantize_activation(x, a_scale, a_zp, afmt, not asym), a_scale, a_zp, x.dtype)
+        if outlier_scale is not None:
+            outlier_scale = per_slice(outlier_scale, splits, x.dim(), channel_dim)
+    xq = dequantize_activation(quantize_activation(x, a_scale, a_zp, afmt, not asym), a_scale, a_zp, x.dtype)
+    if outlier_scale is None:
+        return xq
+    if afmt != "int8":
+        raise ValueError(f"an outlier split needs int8 activations, got {afmt!r}")
+    _, x_out = split_outliers(x, a_scale, a_zp, afmt, not asym)
+    return xq + dequantize_int(quantize_outliers(x_out, outlier_scale), outlier_scale).to(x.dtype)
 
 
 def _bias(bias, bias_corr, dtype):
@@ -62,15 +88,17 @@ def _bias(bias, bias_corr, dtype):
     return None if bias is None else bias.to(dtype)
 
 
-def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
+def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None,
+            outlier_scale=None):
     """``F.linear`` with a quantized weight and (unless ``afmt`` is None) a quantized input.
 
     ``bias_corr`` (per output feature) is added to the bias: the calibrated correction of the
     weight quantization's mean output shift. ``act_smooth`` (per input feature, the inverse
     smoothing factors) scales the input before it is quantized. ``splits``: input-feature split
     points; ``a_scale`` / ``a_zp`` then hold one value per slice and the weight scales per slice.
+    ``outlier_scale``: the outlier split's second quantizer (see the module docstring; per slice for split ops).
     """
-    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, -1, splits)
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, -1, splits, outlier_scale)
     w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, "linear", splits).to(x.dtype)
     return F.linear(x, w, _bias(bias, bias_corr, x.dtype))
 
@@ -79,9 +107,9 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups, output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None):
-    """A (transposed) convolution with a quantized weight and optionally a quantized input (``splits``: as :func:`qlinear`)."""
-    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, 1, splits)
+def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups, output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, outlier_scale=None):
+    """A (transposed) convolution with a quantized weight and optionally a quantized input (``splits``, ``outlier_scale``: as :func:`qlinear`)."""
+    x = _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth, 1, splits, outlier_scale)
     w = dequantize_weight(wdata, wscale, wfmt, group_size, weight_shape, kind, splits).to(x.dtype)
     b = _bias(bias, bias_corr, x.dtype)
     nd = len(weight_shape) - 2

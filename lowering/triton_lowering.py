@@ -12,7 +12,7 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
 | conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 or int8/int8 | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
 
-Everything else (transposed / grouped / 1-D / 3-D convs, weight-only convs other than 1x1, mixed
+Outlier-split inputs (``outlier_scale``) have no kernel yet and run the reference. Everything else (transposed / grouped / 1-D / 3-D convs, weight-only convs other than 1x1, mixed
 fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA
 tensors, and on CPU tensors only when Triton runs in its interpreter (``TRITON_INTERPRET=1``, tests).
 A symmetric int8 quantizer's zero point is 0 by construction (``observers.qparams_from_range``) and is
@@ -77,17 +77,18 @@ def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, a
 
 
 def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None,
-            splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
+            splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None, outlier_scale=None):
     """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding).
 
-    Split ops (``splits``: per-slice activation and weight scales) run the reference: no kernel takes them yet.
+    Split ops (``splits``: per-slice activation and weight scales) and outlier-split inputs (``outlier_scale``) run the
+    reference: no kernel takes them yet.
     fp8 GEMMs only (set by ``passes.act_quant``): ``x_quant`` ("prologue" / "producer") places the input's
     quantization; ``out_scale`` returns float8_e4m3fn quantized with the next fp8 GEMM's scale; an fp8 ``x``
     (from such a GEMM) is taken as quantized with ``a_scale``, and ``out_dtype`` is then the output dtype.
     ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
     return qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                          afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits, x_quant=x_quant,
-                         out_scale=out_scale, out_dtype=out_dtype, colsum=colsum)
+                         out_scale=out_scale, out_dtype=out_dtype, colsum=colsum, outlier_scale=outlier_scale)
 
 
 _ACT_REFERENCE = {
@@ -98,7 +99,8 @@ _ACT_REFERENCE = {
 
 
 def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False,
-                  bias_corr=None, act_smooth=None, act="none", splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
+                  bias_corr=None, act_smooth=None, act="none", splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None,
+                  outlier_scale=None):
     """:func:`qlinear` followed by ``act`` (``none`` / ``silu`` / ``gelu_tanh``), fused into the kernel's epilogue."""
     if act not in _ACT_REFERENCE:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ACT_REFERENCE)}")
@@ -112,12 +114,12 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
     if out_scale is not None and (wfmt, afmt) != ("fp8_e4m3", "fp8_e4m3"):
         raise ValueError(f"out_scale (fp8 output) is for fp8 GEMMs, got weight {wfmt} / activation {afmt}")
     probe = x.new_empty((0,), dtype=out_dtype) if fp8_in else x  # route as for the float input it stands for
-    route = None if splits is not None else linear_route(probe, wfmt=wfmt, afmt=afmt, group_size=group_size)
+    route = None if splits is not None or outlier_scale is not None else linear_route(probe, wfmt=wfmt, afmt=afmt, group_size=group_size)
     if route is None:
         if fp8_in:  # exact: the reference re-quantizes the dequantized codes to the same codes
             x = reference.dequantize_activation(x, a_scale, a_zp, out_dtype)
         y = reference.qlinear(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
-                              afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits)
+                              afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits, outlier_scale=outlier_scale)
         y = _ACT_REFERENCE[act](y)
         return y if out_scale is None else quantize_input_fp8(y, out_scale)
     return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
@@ -173,17 +175,18 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
-          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, colsum=None):
-    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the reference).
+          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, colsum=None, outlier_scale=None):
+    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split and
+    outlier-split ops: the reference).
 
     ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
-    route = None if splits is not None else conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
+    route = None if splits is not None or outlier_scale is not None else conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
                        padding=padding, dilation=dilation, groups=groups)
     if route is None:
         return reference.qconv(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                                kind=kind, stride=stride, padding=padding, dilation=dilation, groups=groups,
                                output_padding=output_padding, afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth,
-                               splits=splits)
+                               splits=splits, outlier_scale=outlier_scale)
     how, params = route
     if how == "gemm":
         nhwc = x.permute(0, 2, 3, 1)  # a view when x is channels-last
@@ -197,10 +200,17 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
                        act_smooth=act_smooth, bias_corr=bias_corr, colsum=colsum)
 
 
+def fallback_reason(q) -> str | None:
+    """Why a converted op (``QuantizedOp``) runs the reference under this lowering whatever its shapes, or None."""
+    if q.act_fmt is not None and q.act_outlier_scale is not None:
+        return "outlier-split input (no Triton kernel yet): runs the reference lowering"
+    return None
+
+
 def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:
     """Per-op tensors computed once at conversion (``Lowering.aux``): the int8 weight's column sums for an
     asymmetric int8 activation quantizer (its zero-point term), instead of a reduction over the weight per call."""
     w = q.weight
-    if q.act_fmt == "int8" and not q.act_symmetric and w.fmt == "int8" and w.group_size is None and w.splits is None:
+    if q.act_fmt == "int8" and not q.act_symmetric and w.fmt == "int8" and w.group_size is None and w.splits is None and q.act_outlier_scale is None:
         return {"colsum": w.data.reshape(w.data.shape[0], -1).sum(dim=1, dtype=torch.int32)}
     return {}

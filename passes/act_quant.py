@@ -44,7 +44,7 @@ def policy_from_env() -> str:
 def _is_fp8_call(node: fx.Node, targets: set) -> bool:
     kw = node.kwargs
     return (node.op == "call_function" and node.target in targets and kw.get("wfmt") == "fp8_e4m3"
-            and kw.get("afmt") == "fp8_e4m3" and kw.get("splits") is None)
+            and kw.get("afmt") == "fp8_e4m3" and kw.get("splits") is None and kw.get("outlier_scale") is None)
 
 
 def _through_views(node):

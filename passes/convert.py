@@ -4,7 +4,8 @@ Quantized weights, their scales and the activation scale / zero point become buf
 GraphModule (``get_attr`` nodes), so graphs that differ only in scales share their code. The op
 itself becomes a call of a lowering function (by default :mod:`qcompile.lowering.reference`).
 A split op (the weight has ``splits``) passes its split points to the lowering as ``splits=`` and
-has one activation scale / zero point per slice.
+has one activation scale / zero point per slice. An op whose input has an outlier split
+(``QuantizedOp.act_outlier_scale``) passes the outlier quantizer's scale(s) as ``outlier_scale=``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class QuantizedOp:
     act_zero_point: int | tuple[int, ...] = 0
     bias_correction: torch.Tensor | None = None  # added to the bias (per output channel)
     act_smooth: torch.Tensor | None = None  # inverse smoothing factors (per input channel)
+    act_outlier_scale: float | tuple[float, ...] | None = None  # outlier split's second quantizer (per slice; 0: none)
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,17 @@ class Lowering:
     linear_fused: Callable[..., torch.Tensor] | None = None  # linear + activation epilogue (``act=``), if the lowering has one
     # extra per-op tensors the lowering wants precomputed once (e.g. int8 weight column sums): (op, kind) -> {kwarg: tensor}
     aux: Callable[[QuantizedOp, str], dict[str, torch.Tensor]] | None = None
+    # why an op has no kernel in this lowering and runs the reference (None: it has one), for the backend's warning
+    fallback: Callable[[QuantizedOp], str | None] | None = None
 
 
 def _check_slices(q: QuantizedOp, node: fx.Node) -> None:
     """Per-slice activation parameters must match the weight's split points."""
     want = None if q.weight.splits is None else len(q.weight.splits) - 1
-    for name in ("act_scale", "act_zero_point"):
+    for name in ("act_scale", "act_zero_point", "act_outlier_scale"):
         v = getattr(q, name)
+        if name == "act_outlier_scale" and v is None:
+            continue
         if q.act_fmt is not None and (len(v) if isinstance(v, tuple) else None) != want:
             raise ValueError(f"node '{node.name}': {name} {v} does not match the weight's split points {q.weight.splits}")
 
@@ -84,6 +90,8 @@ def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.devic
                 common["act_smooth"] = _buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
             if q.weight.splits is not None:
                 common["splits"] = q.weight.splits
+            if q.act_fmt is not None and q.act_outlier_scale is not None:
+                common["outlier_scale"] = _buffer(gm, prefix + "outlier_scale", torch.tensor(q.act_outlier_scale, dtype=torch.float32, device=device))
             if lowering.aux is not None:  # stored as buffers: computed once, not per call
                 for name, t in lowering.aux(q, site.kind.value).items():
                     common[name] = _buffer(gm, prefix + name, t.to(device))

@@ -110,7 +110,7 @@ def node_op(n: NodePlan, group: int) -> QuantizedOp:
     if act is None:
         return QuantizedOp(n.weight, bias_correction=corr)
     smooth = None if n.smooth is None else 1.0 / n.smooth
-    return QuantizedOp(n.weight, act.fmt, act.symmetric, *act.slice_params(), corr, smooth)
+    return QuantizedOp(n.weight, act.fmt, act.symmetric, *act.slice_params(), corr, smooth, act.outlier_scales())
 
 
 def plan_annotations(plan: QuantPlan, group: int) -> dict[str, Annotation]:
@@ -130,15 +130,22 @@ def _device_of(example_inputs: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def _warn_float_ops(plan: QuantPlan, keys: list[str], unsupported: dict[str, str]) -> None:
-    """One warning per compile listing the ops kept in full precision (each op reported once)."""
+def _warn_float_ops(plan: QuantPlan, keys: list[str], unsupported: dict[str, str], fallback: dict[str, str] | None = None) -> None:
+    """One warning per compile listing the ops kept in full precision and the quantized ops the lowering has no
+    kernel for (they run the reference lowering); each op reported once per plan."""
     reasons = {n.key: n.reason for n in plan.float_nodes()}
     reasons.update(unsupported)
     new = [k for k in keys if k in reasons and k not in plan.warned]
+    slow = [k for k in keys if k in (fallback or {}) and f"fallback:{k}" not in plan.warned]
+    parts = []
     if new:
         plan.warned.update(new)
-        lines = "\n".join(f"  {k}: {reasons[k]}" for k in new)
-        warnings.warn(f"qdiff: {len(new)} op(s) stay in full precision:\n{lines}", stacklevel=2)
+        parts.append(f"{len(new)} op(s) stay in full precision:\n" + "\n".join(f"  {k}: {reasons[k]}" for k in new))
+    if slow:
+        plan.warned.update(f"fallback:{k}" for k in slow)
+        parts.append(f"{len(slow)} quantized op(s) run the reference lowering:\n" + "\n".join(f"  {k}: {fallback[k]}" for k in slow))
+    if parts:
+        warnings.warn("qdiff: " + "\n".join(parts), stacklevel=2)
 
 
 def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
@@ -153,7 +160,7 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
             raise ConfigError(f"options['lowering']='triton' needs CUDA inputs (or TRITON_INTERPRET=1 on CPU); the graph's inputs are on {device}")
         return "reference", Lowering()
     return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
-                              aux=triton_lowering.aux_buffers)
+                              aux=triton_lowering.aux_buffers, fallback=triton_lowering.fallback_reason)
 
 
 def build_quantized_graph(
@@ -164,10 +171,12 @@ def build_quantized_graph(
     plan.check_sites([s.signature for s in sites if not s.unsupported])
     annotate(gm, plan_annotations(plan, group))
     prepared = copy.deepcopy(gm)
-    _warn_float_ops(plan, [s.key for s in sites], {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported})
+    ops = plan_ops(plan, group)
+    fallback = {} if lowering.fallback is None else {k: r for k, q in ops.items() if (r := lowering.fallback(q)) is not None}
+    _warn_float_ops(plan, [s.key for s in sites], {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported}, fallback)
     if not plan.quantized_nodes():
         warnings.warn(f"qdiff: the plan for {plan.model_class} quantizes nothing; compiling the full-precision graph", stacklevel=2)
-    converted = convert(gm, plan_ops(plan, group), _device_of(example_inputs), lowering)
+    converted = convert(gm, ops, _device_of(example_inputs), lowering)
     log_graph("convert", converted)
     return prepared, converted
 

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from .act_floor import apply_act_floor
 from .config import OpKind, QuantConfig
 from .errors import CalibrationError
 from .graph import prepare
@@ -77,8 +78,8 @@ class CalibrationSession:
         self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
         self.kept: CallSample | None = None  # call inputs kept for bit allocation (weight_bit_budget)
-        if config.weight_bit_budget is not None:
-            self.kept = CallSample(config.allocation.calls_per_group, self.generator)
+        if config.weight_bit_budget is not None or config.group_act_floor_db is not None:  # one call per bin is enough for the floor
+            self.kept = CallSample(config.allocation.calls_per_group if config.weight_bit_budget is not None else 1, self.generator)
         self.keep_allocator = False  # keep the BitAllocator (tables, switchable model) after finish, for studies
         self.allocator: Any = None
         self.act_cache: dict[tuple, list] = {}
@@ -193,7 +194,6 @@ class CalibrationSession:
             if not self.keep_allocator:
                 self.allocator.close()
                 self.allocator = None
-            self.kept = None
         for ann in tqdm(ordered, desc="qdiff: quantize", unit="op", disable=not progress, leave=False):
             nodes[ann.key] = allocated.get(ann.key) or self._node_plan(self.sites[ann.key], ann, members)
         if not any(n.quantized for n in nodes.values()):
@@ -203,6 +203,9 @@ class CalibrationSession:
         self.group_cache.clear()
         plan = QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
         plan.allocation = allocation
+        if self.config.group_act_floor_db is not None and any(n.quantized for n in nodes.values()):
+            apply_act_floor(self.model, plan, self.kept.select(groups, BIN_CAP), self.config.group_act_floor_db)
+        self.kept = None
         if self.segmentation is not None:  # the loss curve behind the chosen boundaries, for inspect
             plan.meta["segmentation_loss_db"] = [round(v, 4) for v in self.segmentation.loss_db]
         return plan
@@ -279,7 +282,7 @@ class CalibrationSession:
         if act_spec is not None:  # the same for every weight format bit allocation tries: computed once
             cache = (site.key, act_spec, factors is not None)
             if cache not in self.act_cache:
-                self.act_cache[cache] = [None if s is None else choose_qparams(s, act_spec) for s in group_stats]
+                self.act_cache[cache] = [None if s is None else choose_qparams(s, act_spec, self.config.outlier_split_db) for s in group_stats]
             acts = list(self.act_cache[cache])
         axis = 0 if kind == "conv_transpose" else 1
         others = [d for d in range(w.dim()) if d != axis]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -185,9 +186,15 @@ class QuantConfig:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     timestep_groups: int | str = 1  # activation quantizers per group of timesteps; "auto": chosen by segmentation
     group_boundaries: str = "uniform"  # "uniform" in step index, or "segment" where activation ranges change most
+    # int8 activations: a second, sparse quantizer for the values beyond the inlier range where that improves the
+    # input's estimated SQNR by more than this many dB (per input, slice and timestep group; None: off)
+    outlier_split_db: float | None = None
+    # after calibration, timestep groups whose measured output SQNR (worst calibration step) is below this many dB
+    # keep activations unquantized (16-bit in deployment: W8A16 for that group); None: off
+    group_act_floor_db: float | None = None
     name: str = "custom"
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
 
     def __post_init__(self) -> None:
@@ -211,6 +218,17 @@ class QuantConfig:
             raise ConfigError(f"group_boundaries must be one of {GROUP_BOUNDARIES}, got {self.group_boundaries!r}")
         if k == "auto" and self.group_boundaries != "segment":
             object.__setattr__(self, "group_boundaries", "segment")  # "auto" picks the count by segmentation
+        for name in ("outlier_split_db", "group_act_floor_db"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number of dB or None, got {v!r}")
+            if self.act is None or self.act.fmt is not Format.INT8:
+                raise ConfigError(f"{name} needs int8 activations (act=ActSpec(Format.INT8)), got act={None if self.act is None else self.act.fmt.value}")
+            object.__setattr__(self, name, float(v))
+        if self.outlier_split_db is not None and self.outlier_split_db < 0:
+            raise ConfigError(f"outlier_split_db must be >= 0 (a gain in dB), got {self.outlier_split_db}")
         if not isinstance(self.allocation, AllocationSpec):
             raise ConfigError(f"allocation must be an AllocationSpec, got {type(self.allocation).__name__}")
         if self.weight_bit_budget is not None:
@@ -251,10 +269,11 @@ class QuantConfig:
 
     def naive(self) -> "QuantConfig":
         """The round-to-nearest baseline of this config: min/max ranges, no clipping search, no bias
-        correction, no smoothing, one activation scale per tensor (no split shortcuts)."""
+        correction, no smoothing, one activation scale per tensor (no split shortcuts, no outlier split, no activation floor)."""
         weight = dataclasses.replace(self.weight, clip_search=False)
         act = None if self.act is None else dataclasses.replace(self.act, range_method=RangeMethod.MINMAX)
-        return dataclasses.replace(self, weight=weight, act=act, bias_correction=False, smooth_alpha=None, split_shortcuts=False, name=f"{self.name}-naive")
+        return dataclasses.replace(self, weight=weight, act=act, bias_correction=False, smooth_alpha=None, split_shortcuts=False,
+                                   outlier_split_db=None, group_act_floor_db=None, name=f"{self.name}-naive")
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -281,6 +300,8 @@ class QuantConfig:
         if version == 1:  # version 1 kept timestep_groups in CalibrationSpec
             d["calibration"] = dict(d.get("calibration", {}))
             d["timestep_groups"] = d["calibration"].pop("timestep_groups", 1)
+            version = 2
+        if version == 2:  # version 2 had no outlier split and no activation floor (their defaults: off)
             version = cls.VERSION
         if version != cls.VERSION:
             raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")

@@ -23,13 +23,14 @@ from typing import Any, Callable
 import torch
 
 from .calibrate import calibrate
-from .config import AllocationSpec, Format, QuantConfig, WeightSpec
+from .config import AllocationSpec, FirstLastPolicy, Format, QuantConfig, WeightSpec
 from .fdist import fd_fields, fd_reference, fd_report_lines
 from .dispatch import compile as compile_plan
 from .metrics import psnr_db, sqnr_db, ssim
 from .plan import QuantPlan
 
 Sampler = Callable[[Any, torch.Tensor], torch.Tensor]  # (denoiser, noise) -> final sample
+OUTLIER_SPLIT_DB = 1.0  # the experiments' outlier split: taken where it gains more than 1 dB at the op's input
 
 
 @dataclass
@@ -125,6 +126,14 @@ def experiments() -> dict[str, QuantConfig | None]:
         out[f"w8a8-int8-k{k}"] = w8.replace(timestep_groups=k, name=f"w8a8-int8-k{k}")
         out[f"w8a8-int8-k{k}-seg"] = w8.replace(timestep_groups=k, group_boundaries="segment", name=f"w8a8-int8-k{k}-seg")
     out["w8a8-int8-kauto"] = w8.replace(timestep_groups="auto", name="w8a8-int8-kauto")
+    seg = out["w8a8-int8-k10-seg"]  # the W8A8 target (issue 4): outlier split, first/last kept, activation floor
+    for suffix, changes in {
+        "outlier": dict(outlier_split_db=OUTLIER_SPLIT_DB),
+        "firstlast": dict(first_last=FirstLastPolicy.SKIP),
+        "outlier-firstlast": dict(outlier_split_db=OUTLIER_SPLIT_DB, first_last=FirstLastPolicy.SKIP),
+        "outlier-floor25": dict(outlier_split_db=OUTLIER_SPLIT_DB, group_act_floor_db=25.0),
+    }.items():
+        out[f"w8a8-int8-k10-seg-{suffix}"] = seg.replace(**changes, name=f"w8a8-int8-k10-seg-{suffix}")
     out["w6a8"] = w4.replace(weight=WeightSpec(Format.INT6), name="w6a8")  # first/last at 8 bits as in w4a8
     out["mixed-4.5a8"] = w4.replace(weight_bit_budget=4.5, name="mixed-4.5a8")  # rate-distortion bit allocation
     out["mixed-4.5a8-fisher"] = w4.replace(weight_bit_budget=4.5, allocation=fisher, name="mixed-4.5a8-fisher")

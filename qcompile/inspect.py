@@ -23,6 +23,7 @@ from .errors import QdiffError
 from .metrics import sqnr_db
 from .passes.annotate import ANNOTATION_KEY
 from .passes.sites import META_KEY
+from .act_floor import describe as describe_floor
 from .groups_report import groups_table, probe_group as _probe_group
 from .plan import QuantPlan
 from .probe import decode
@@ -81,6 +82,7 @@ class OpReport:
     split: str = ""  # the split-shortcut decision: "split 40+40 (cat(...) > ...)", "not split: why", or "" (no concat behind)
     act_slice_ranges: list[tuple[float, float]] | None = None  # per channel slice of a split op
     weight_bits: int | None = None  # storage bits per weight (16: kept in full precision by bit allocation)
+    outliers: str = ""  # the outlier-split decision of this group's input quantizer(s): "+6.1 dB 0.03%", "no (+0.4 dB)", or ""
 
 
 @dataclass
@@ -94,13 +96,13 @@ class InspectReport:
     group: int = 0  # the timestep group the rows (and the probe) belong to
 
     def __str__(self) -> str:
-        headers = ["node", "op", "weight", "input", "w fmt", "w bits", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note", "split"]
+        headers = ["node", "op", "weight", "input", "w fmt", "w bits", "a fmt", "w scale", "a range", "SQNR local", "SQNR cum", "note", "split", "outliers"]
         rows = [
             [
                 r.key, r.op, "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_shape or ())), r.weight_format,
                 "-" if r.weight_bits is None else str(r.weight_bits), r.act_format, _range(r.weight_scale_range, ".1e"),
                 " | ".join(_range(a, ".3g") for a in r.act_slice_ranges) if r.act_slice_ranges else _range(r.act_range, ".3g"),
-                _db(r.sqnr_local_db), _db(r.sqnr_cumulative_db), r.note, r.split,
+                _db(r.sqnr_local_db), _db(r.sqnr_cumulative_db), r.note, r.split, r.outliers,
             ]
             for r in self.rows
         ]
@@ -115,7 +117,15 @@ class InspectReport:
         refused = sum(1 for r in self.rows if r.split.startswith("not split"))
         if split or refused:
             head += f"\nsplit shortcuts: {split} op(s) read a channel concat with a quantizer per slice, {refused} not split (column 'split')"
+        cfg = self.plan.config
+        if cfg.outlier_split_db is not None:
+            taken = sum(1 for r in self.rows if "dB" in r.outliers and not r.outliers.startswith("no"))
+            head += (
+                f"\noutlier split (outlier_split_db={cfg.outlier_split_db:g}): {taken} op input(s) in group {self.group} have a second, "
+                "sparse int8 quantizer for the values beyond the inlier range (column 'outliers': estimated SQNR gain and share)"
+            )
         tail = f"model output SQNR on the probe: {_db(self.output_sqnr_db)}" if self.output_sqnr_db is not None else ""
+        tail = "\n".join(filter(None, [tail, describe_floor(self.plan)]))
         if self.plan.groups.count > 1:
             head += f"; table for group {self.group}"
             tail = "\n\n".join(filter(None, [tail, groups_table(self.plan)]))
@@ -217,6 +227,17 @@ def _g(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def _outlier_note(a) -> str:
+    """The outlier-split decision of one activation quantizer (per slice for split inputs)."""
+    if a is None or all(p.outlier_gain_db is None for p in a.parts()):
+        return ""
+    def one(p) -> str:
+        if p.outlier is not None:
+            return f"+{p.outlier.gain_db:.1f} dB {p.outlier.share:.2%}"
+        return "no" if p.outlier_gain_db is None else f"no ({p.outlier_gain_db:+.1f} dB)"
+    return " | ".join(one(p) for p in a.parts())
+
+
 def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
     rows = []
     allocated = {} if plan.allocation is None else plan.allocation.nodes
@@ -224,6 +245,8 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
         w, a = n.weight, n.acts[group] if n.quantized else None
         wfmt = "float" if w is None else w.fmt + (f"/g{w.group_size}" if w.group_size else "")
         afmt = "float" if a is None else a.fmt + ("" if a.symmetric else "/asym")
+        if a is None and w is not None and plan.act_floor is not None and group in plan.act_floor.a16_groups:
+            afmt = "16-bit (floor)"
         rows.append(
             OpReport(
                 n.key, n.kind.value, n.weight_shape, n.input_shape, wfmt, afmt,
@@ -231,6 +254,7 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
                 None if a is None else (a.lo, a.hi), note=n.reason or "", split=n.split_note or "",
                 act_slice_ranges=None if a is None or a.slices is None else [(p.lo, p.hi) for p in a.slices],
                 weight_bits=allocated[n.key]["bits"] if n.key in allocated else (None if w is None else Format(w.fmt).bits),
+                outliers=_outlier_note(a),
             )
         )
     return rows

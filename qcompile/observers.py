@@ -21,6 +21,9 @@ MSE_GRID_SYMMETRIC = 64  # clipping ratios searched for symmetric ranges
 MSE_GRID_ASYMMETRIC = 24  # per side, for asymmetric ranges (24 x 24 pairs)
 MIN_RATIO = 0.02
 TAIL = 64  # largest and smallest values kept exactly, so MSE clipping sees the outliers
+# Outlier split: candidate shares of values (per side) moved to the sparse outlier tensor; at most 1 %
+OUTLIER_SHARES = (0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+OUTLIER_QMAX = 127  # the outlier tensor is symmetric int8
 
 
 class ActivationStats:
@@ -184,11 +187,32 @@ class ActivationStats:
 
 
 @dataclass(frozen=True)
+class OutlierQParams:
+    """The second, sparse quantizer of an outlier-split input (symmetric int8, static).
+
+    The op's input ``x`` is split exactly into ``x_in = clamp(x, lo, hi)`` (``[lo, hi]``: the inlier
+    quantizer's grid range) and the residual ``x_out = x - x_in``, non-zero only where ``x`` lies beyond
+    the inlier range; ``x_out`` is quantized with ``scale`` (zero stays exactly zero).
+    """
+
+    scale: float
+    share: float  # estimated share of values beyond the inlier range (calibration data)
+    gain_db: float  # estimated SQNR gain of the split over the single quantizer
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0 and 0.0 <= self.share <= 1.0 and math.isfinite(self.gain_db)):
+            raise ValueError(f"invalid outlier quantizer: scale {self.scale}, share {self.share}, gain {self.gain_db} dB")
+
+
+@dataclass(frozen=True)
 class ActQParams:
     """A static activation quantizer: format, scale, zero point and the clipping range.
 
     A split edge (see ``passes/provenance.py``) also has ``slices``: the quantizer of each channel
     slice, which the op uses; the outer fields then describe the whole tensor (for reports).
+    ``outlier``: the outlier split's second quantizer (``QuantConfig.outlier_split_db``; the fields above
+    are then the inlier quantizer); ``outlier_gain_db``: the estimated gain of the best split, whether taken
+    or not (None: not considered).
     """
 
     fmt: str
@@ -199,24 +223,45 @@ class ActQParams:
     hi: float
     method: str
     slices: tuple["ActQParams", ...] | None = None
+    outlier: OutlierQParams | None = None
+    outlier_gain_db: float | None = None
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "slices"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("slices", "outlier", "outlier_gain_db")}
         if self.slices is not None:
             d["slices"] = [s.to_dict() for s in self.slices]
+        if self.outlier is not None:
+            d["outlier"] = dict(self.outlier.__dict__)
+        if self.outlier_gain_db is not None:
+            d["outlier_gain_db"] = self.outlier_gain_db
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActQParams":
         d = dict(d)
         slices = d.pop("slices", None)
-        return cls(**d, slices=None if slices is None else tuple(cls.from_dict(s) for s in slices))
+        outlier = d.pop("outlier", None)
+        return cls(
+            **d, slices=None if slices is None else tuple(cls.from_dict(s) for s in slices),
+            outlier=None if outlier is None else OutlierQParams(**outlier),
+        )
+
+    def parts(self) -> tuple["ActQParams", ...]:
+        """The quantizers the op applies: one per slice of a split edge, else this one."""
+        return self.slices if self.slices is not None else (self,)
 
     def slice_params(self) -> tuple[float | tuple[float, ...], int | tuple[int, ...]]:
         """(scale, zero point) the op uses: numbers, or tuples with one entry per slice."""
         if self.slices is None:
             return self.scale, self.zero_point
         return tuple(s.scale for s in self.slices), tuple(s.zero_point for s in self.slices)
+
+    def outlier_scales(self) -> float | tuple[float, ...] | None:
+        """The outlier quantizers' scales as the op takes them (per slice, 0.0 where a slice has none), or None."""
+        if all(p.outlier is None for p in self.parts()):
+            return None
+        scales = tuple(0.0 if p.outlier is None else p.outlier.scale for p in self.parts())
+        return scales if self.slices is not None else scales[0]
 
 
 def qparams_from_range(fmt: str, symmetric: bool, lo: float, hi: float, method: str) -> ActQParams:
@@ -244,12 +289,86 @@ def _mse(samples: torch.Tensor, weights: torch.Tensor, fmt: str, symmetric: bool
     return out
 
 
-def choose_qparams(stats: ActivationStats, spec: ActSpec) -> ActQParams:
-    """The static quantizer for an activation, by the spec's range method (with one per slice for split statistics)."""
-    whole = _choose(stats, spec)
+def choose_qparams(stats: ActivationStats, spec: ActSpec, outlier_db: float | None = None) -> ActQParams:
+    """The static quantizer for an activation, by the spec's range method (with one per slice for split statistics).
+
+    ``outlier_db`` (int8 only): each quantizer the op applies (each slice's, or the whole tensor's) gets an outlier
+    split when that improves its estimated SQNR by more than this many dB (see :func:`with_outlier_split`).
+    """
+    pick = lambda s: _choose(s, spec) if outlier_db is None else with_outlier_split(s, _choose(s, spec), outlier_db)  # noqa: E731
     if stats.slices is None:
-        return whole
-    return dataclasses.replace(whole, slices=tuple(_choose(s, spec) for s in stats.slices))
+        return pick(stats)
+    return dataclasses.replace(_choose(stats, spec), slices=tuple(pick(s) for s in stats.slices))
+
+
+def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(values)
+    v, cw = values[order], torch.cumsum(weights[order].double(), 0)
+    idx = torch.searchsorted(cw / cw[-1], q.double().clamp(0, 1)).clamp(max=v.numel() - 1)
+    return v[idx]
+
+
+def _grid_range(q: ActQParams) -> tuple[float, float]:
+    """The values an integer quantizer represents without clipping: ``[(qmin - zp) s, (qmax - zp) s]``."""
+    qmin, qmax = int_range(q.fmt, q.symmetric)
+    return (qmin - q.zero_point) * q.scale, (qmax - q.zero_point) * q.scale
+
+
+def split_mse(values: torch.Tensor, weights: torch.Tensor, qs: list[ActQParams], outlier_scales: list[float]) -> torch.Tensor:
+    """Weighted MSE of the outlier split for each candidate: ``x_in = clamp(x, grid)`` on ``qs[i]``, the residual
+    ``x - x_in`` on a symmetric int8 quantizer of scale ``outlier_scales[i]`` (0: dropped, i.e. clipped)."""
+    col = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype)[:, None]  # noqa: E731
+    ranges = [_grid_range(q) for q in qs]
+    lo, hi = col([r[0] for r in ranges]), col([r[1] for r in ranges])
+    qmin, qmax = int_range(qs[0].fmt, qs[0].symmetric)
+    scale, zp = col([q.scale for q in qs]), col([float(q.zero_point) for q in qs])
+    x = values[None, :]
+    inl = (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
+    res = x - torch.minimum(torch.maximum(x, lo), hi)
+    os = col(outlier_scales)
+    safe = torch.where(os > 0, os, torch.ones_like(os))
+    out = torch.clamp(torch.round(res / safe), -OUTLIER_QMAX, OUTLIER_QMAX) * os
+    return ((inl + out - x).pow(2) * weights[None, :]).sum(dim=1) / weights.sum()
+
+
+def with_outlier_split(stats: ActivationStats, single: ActQParams, min_gain_db: float) -> ActQParams:
+    """``single``, or an inlier quantizer with an outlier quantizer when that gains more than ``min_gain_db``.
+
+    Candidates move a share of the values (``OUTLIER_SHARES``, per side for asymmetric quantizers, of ``|x|``
+    for symmetric ones) beyond the inlier range: the range is the weighted quantile of the calibration sample
+    (uniform sample plus exact tails, :meth:`ActivationStats.weighted_sample`), the outlier scale covers the
+    exact extremes. Each candidate's MSE on the weighted sample is compared with ``single``'s; the gain in
+    dB is the SQNR gain (same signal). Only int8 quantizers are split.
+    """
+    values, weights = stats.weighted_sample()
+    if single.fmt != "int8" or values.numel() == 0 or not stats.is_finite():
+        return single
+    base = float(((fake_quantize(values, single.fmt, torch.tensor(single.scale), single.zero_point, single.symmetric) - values).pow(2) * weights).sum() / weights.sum())
+    shares = torch.tensor(OUTLIER_SHARES)
+    if single.symmetric:
+        amax = _weighted_quantile(values.abs(), weights, 1 - shares)
+        pairs = [(-float(a), float(a)) for a in amax]
+    else:
+        los, his = _weighted_quantile(values, weights, shares), _weighted_quantile(values, weights, 1 - shares)
+        pairs = [(float(lo), float(hi)) for lo in los for hi in his]
+    cands = []
+    for lo, hi in pairs:
+        q = qparams_from_range(single.fmt, single.symmetric, min(lo, 0.0), max(hi, 0.0), single.method)
+        glo, ghi = _grid_range(q)
+        reach = max(stats.amax - ghi, glo - stats.amin, 0.0)
+        if reach > 0.0:  # else nothing lies beyond the inlier range: no split
+            cands.append((q, reach / OUTLIER_QMAX))
+    if not cands:
+        return dataclasses.replace(single, outlier_gain_db=0.0)
+    mses = split_mse(values, weights, [c[0] for c in cands], [c[1] for c in cands])
+    i = int(torch.argmin(mses))
+    q, oscale = cands[i]
+    glo, ghi = _grid_range(q)
+    mse, share = float(mses[i]), float((weights * ((values < glo) | (values > ghi))).sum() / weights.sum())
+    gain = 10 * math.log10(max(base, 1e-30) / max(mse, 1e-30))
+    if gain <= min_gain_db:
+        return dataclasses.replace(single, outlier_gain_db=gain)
+    return dataclasses.replace(q, outlier=OutlierQParams(oscale, share, gain), outlier_gain_db=gain)
 
 
 def _choose(stats: ActivationStats, spec: ActSpec) -> ActQParams:

@@ -26,10 +26,12 @@ from .errors import PlanFileError, PlanMismatchError
 from .lowering.weights import QuantizedWeight, storage_shape
 from .lowering.formats import FP8_DTYPE
 from .observers import ActQParams
+from .act_floor import ActFloorRecord
 from .passes.allocate import AllocationRecord
 from .timesteps import TimestepGroups
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: outlier-split activation quantizers, activation floor record (version 1 plans load: neither)
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "qdiff_plan"
 _STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "int6": torch.int8, "fp8_e4m3": FP8_DTYPE}
 
@@ -119,6 +121,7 @@ class QuantPlan:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         self.allocation: AllocationRecord | None = None  # rate-distortion bit allocation (weight_bit_budget)
+        self.act_floor: ActFloorRecord | None = None  # timestep groups kept at unquantized activations (group_act_floor_db)
         self.compiled: list[Any] = []  # runtime only: QuantizedGraph records made by the backend
         self.warned: set[str] = set()  # runtime only: node keys already reported as float
 
@@ -177,6 +180,7 @@ class QuantPlan:
             "nodes": [n._json() for n in self.nodes.values()],
             "probe": None if self.probe is None else self.probe[0],
             "allocation": None if self.allocation is None else self.allocation.to_dict(),
+            "act_floor": None if self.act_floor is None else self.act_floor.to_dict(),
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -226,9 +230,10 @@ class QuantPlan:
         except json.JSONDecodeError as e:
             raise PlanFileError(f"plan file '{path}' has corrupt plan metadata: {e}") from e
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise PlanFileError(
-                f"plan file '{path}' has format version {version!r}; this qdiff ({__version__}) reads version {FORMAT_VERSION}"
+                f"plan file '{path}' has format version {version!r}; this qdiff ({__version__}) reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         return _from_doc(doc, tensors, path)
 
@@ -282,6 +287,35 @@ def _allocation(d: dict[str, Any], nodes: dict[str, NodePlan], path: Path) -> Al
     return rec
 
 
+def _check_outliers(acts: list[ActQParams | None], key: str, path: Path) -> None:
+    """Outlier quantizers only where the op applies them (each slice, or an unsplit input) and on int8 inputs."""
+    for g, a in enumerate(acts):
+        if a is None:
+            continue
+        misplaced = a.slices is not None and a.outlier is not None
+        wrong_fmt = any(p.outlier is not None and p.fmt != "int8" for p in a.parts())
+        if misplaced or wrong_fmt:
+            raise PlanFileError(
+                f"plan file '{path}': node '{key}' has an outlier quantizer in group {g} "
+                f"{'on the whole tensor of a split input (they belong to the slices)' if misplaced else 'on a non-int8 input'}"
+            )
+
+
+def _act_floor(d: dict[str, Any], nodes: dict[str, NodePlan], groups: int, path: Path) -> ActFloorRecord:
+    """The activation floor record, checked against the nodes: no quantized node quantizes activations in an A16 group."""
+    try:
+        rec = ActFloorRecord.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise PlanFileError(f"plan file '{path}' has an invalid activation floor record: {e}") from e
+    if len(rec.measured_db) != groups:
+        raise PlanFileError(f"plan file '{path}': the activation floor record has {len(rec.measured_db)} groups, the plan {groups}")
+    for n in nodes.values():
+        bad = [g for g in rec.a16_groups if n.quantized and n.acts[g] is not None]
+        if bad:
+            raise PlanFileError(f"plan file '{path}': node '{n.key}' quantizes its input in group {bad[0]}, which the activation floor keeps at 16 bits")
+    return rec
+
+
 def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> QuantPlan:
     try:
         config = QuantConfig.from_dict(doc["config"])
@@ -308,6 +342,7 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
                     f"plan file '{path}': node '{key}' has an activation quantizer in group {bad[0]} whose slices do not "
                     f"match its split points {split}"
                 )
+            _check_outliers(acts, key, path)
             call_log = _expect(tensors, f"nodes/{key}/call_log", torch.float32, None, path, key) if nd["has_call_log"] else None
             corr = None
             if nd["has_bias_correction"]:
@@ -333,6 +368,8 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
     plan = QuantPlan(config, nodes, groups, doc["subgraphs"], doc["model_class"], doc["calls"], probe, doc["meta"])
     if doc.get("allocation") is not None:
         plan.allocation = _allocation(doc["allocation"], nodes, path)
+    if doc.get("act_floor") is not None:
+        plan.act_floor = _act_floor(doc["act_floor"], nodes, groups.count, path)
     if plan.fingerprint != doc["fingerprint"]:
         raise PlanFileError(f"plan file '{path}': stored fingerprint {doc['fingerprint']} does not match its nodes ({plan.fingerprint})")
     if plan.meta.get("torch_version", "").split("+")[0] != torch.__version__.split("+")[0]:
