@@ -59,7 +59,8 @@ def split_outliers(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, f
 def quantize_outliers(x_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The outlier part's int8 codes (symmetric; where ``scale`` is 0 the codes are 0)."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x_out / safe).clamp(-OUTLIER_QMAX, OUTLIER_QMAX).to(torch.int8)
+    codes = torch.round(x_out / safe).clamp(-OUTLIER_QMAX, OUTLIER_QMAX)
+    return torch.where(scale > 0, codes, torch.zeros_like(codes)).to(torch.int8)
 
 
 def _maybe_quantize_input(x, a_scale, a_zp, afmt, asym, act_smooth=None, channel_dim=-1, splits=None, outlier_scale=None):
