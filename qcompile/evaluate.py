@@ -132,6 +132,7 @@ def experiments() -> dict[str, QuantConfig | None]:
         "firstlast": dict(first_last=FirstLastPolicy.SKIP),
         "outlier-firstlast": dict(outlier_split_db=OUTLIER_SPLIT_DB, first_last=FirstLastPolicy.SKIP),
         "outlier-floor25": dict(outlier_split_db=OUTLIER_SPLIT_DB, group_act_floor_db=25.0),
+        "outlier6-floor25": dict(outlier_split_db=6.0, group_act_floor_db=25.0),  # split only the heavier tails
     }.items():
         out[f"w8a8-int8-k10-seg-{suffix}"] = seg.replace(**changes, name=f"w8a8-int8-k10-seg-{suffix}")
     out["w6a8"] = w4.replace(weight=WeightSpec(Format.INT6), name="w6a8")  # first/last at 8 bits as in w4a8

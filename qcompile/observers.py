@@ -23,6 +23,7 @@ MIN_RATIO = 0.02
 TAIL = 64  # largest and smallest values kept exactly, so MSE clipping sees the outliers
 # Outlier split: candidate shares of values (per side) moved to the sparse outlier tensor; at most 1 %
 OUTLIER_SHARES = (0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+MAX_OUTLIER_SHARE = 0.02  # candidates whose outlier tensor would hold more (ties at the quantile) are not sparse: refused
 OUTLIER_QMAX = 127  # the outlier tensor is symmetric int8
 
 
@@ -337,7 +338,8 @@ def with_outlier_split(stats: ActivationStats, single: ActQParams, min_gain_db: 
     Candidates move a share of the values (``OUTLIER_SHARES``, per side for asymmetric quantizers, of ``|x|``
     for symmetric ones) beyond the inlier range: the range is the weighted quantile of the calibration sample
     (uniform sample plus exact tails, :meth:`ActivationStats.weighted_sample`), the outlier scale covers the
-    exact extremes. Each candidate's MSE on the weighted sample is compared with ``single``'s; the gain in
+    exact extremes. A candidate whose outlier share exceeds ``MAX_OUTLIER_SHARE`` (many values tied at the
+    quantile, e.g. a timestep embedding repeated over the batch) is not sparse and is not taken. Each candidate's MSE on the weighted sample is compared with ``single``'s; the gain in
     dB is the SQNR gain (same signal). Only int8 quantizers are split.
     """
     values, weights = stats.weighted_sample()
@@ -356,15 +358,15 @@ def with_outlier_split(stats: ActivationStats, single: ActQParams, min_gain_db: 
         q = qparams_from_range(single.fmt, single.symmetric, min(lo, 0.0), max(hi, 0.0), single.method)
         glo, ghi = _grid_range(q)
         reach = max(stats.amax - ghi, glo - stats.amin, 0.0)
-        if reach > 0.0:  # else nothing lies beyond the inlier range: no split
-            cands.append((q, reach / OUTLIER_QMAX))
+        share = float((weights * ((values < glo) | (values > ghi))).sum() / weights.sum())
+        if reach > 0.0 and share <= MAX_OUTLIER_SHARE:  # else nothing lies beyond the inlier range, or too much
+            cands.append((q, reach / OUTLIER_QMAX, share))
     if not cands:
         return dataclasses.replace(single, outlier_gain_db=0.0)
     mses = split_mse(values, weights, [c[0] for c in cands], [c[1] for c in cands])
     i = int(torch.argmin(mses))
-    q, oscale = cands[i]
-    glo, ghi = _grid_range(q)
-    mse, share = float(mses[i]), float((weights * ((values < glo) | (values > ghi))).sum() / weights.sum())
+    q, oscale, share = cands[i]
+    mse = float(mses[i])
     gain = 10 * math.log10(max(base, 1e-30) / max(mse, 1e-30))
     if gain <= min_gain_db:
         return dataclasses.replace(single, outlier_gain_db=gain)
