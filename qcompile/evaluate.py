@@ -9,6 +9,7 @@ consistency (``qcompile/fdist.py``). Writes JSON, a markdown table and per-step 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -131,6 +132,23 @@ def experiments() -> dict[str, QuantConfig | None]:
     return out
 
 
+@contextlib.contextmanager
+def mha_fastpath_off():
+    """Run ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` without their fused eval fast path.
+
+    On torch 2.11, once the batch size changes Dynamo graph-breaks around the fast path, so those
+    layers run eagerly in full precision and a quantized ViT measures as if unquantized. Without the
+    fast path the layers trace as ordinary linear + attention ops on every torch version, so the
+    evaluation quantizes the same graph on 2.11 (GPU) and 2.13 (CPU).
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def evaluate_case(
     case: EvalCase,
     configs: dict[str, QuantConfig | QuantPlan | None],
@@ -147,7 +165,11 @@ def evaluate_case(
     every device; the caller decides TF32, see ``qdiff eval``); ``lowering`` is the backend's
     ``options["lowering"]`` (``reference``, or ``triton`` for the kernels on CUDA).
     """
-    device = torch.device(device)
+    with mha_fastpath_off():
+        return _evaluate_case(case, configs, seeds, calib_samples, progress, torch.device(device), lowering)
+
+
+def _evaluate_case(case: EvalCase, configs: dict, seeds: int, calib_samples: int, progress: bool, device: torch.device, lowering: str) -> list[EvalResult]:
     model = case.build().eval().to(device)
     noise = torch.randn(seeds, *case.shape, generator=torch.Generator().manual_seed(0)).to(device)
     calib_noise = torch.randn(calib_samples, *case.shape, generator=torch.Generator().manual_seed(10_000)).to(device)
