@@ -254,29 +254,42 @@ def write_report(results: list[EvalResult], out_dir: Path, command: str, notes: 
         "mean and worst step over the trajectory. PSNR / SSIM: final samples of each model's own trajectory from the",
         "same noise, against the FP32 samples (values clipped to the data range).",
         "",
-        "| model | config | SQNR mean (dB) | SQNR worst (dB) | worst step | PSNR (dB) | SSIM | FD vs real | FD vs FP32 | class cons. | calibration (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results:
-        lines.append(
+    main = set(variants())
+    tables = [("", [r for r in results if r.config in main]), ("ablation", [r for r in results if r.config not in main])]
+    for kind, rows_ in tables:
+        if not rows_:
+            continue
+        if kind:
+            lines += ["", "Ablation variants (`qcompile.evaluate.experiments()`):", ""]
+        lines += [
+            "| model | config | SQNR mean (dB) | SQNR worst (dB) | worst step | PSNR (dB) | SSIM | FD vs real | FD vs FP32 | class cons. | calibration (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
             f"| {r.model} | {r.config} | {_fmt(r.sqnr_mean_db)} | {_fmt(r.sqnr_worst_db)} | {r.worst_step} | "
             f"{_fmt(r.psnr_db)} | {r.ssim:.4f} | {_opt(r.fd_real)} | {_opt(r.fd_fp32)} | {_opt(r.class_consistency, 3)} | {r.calibration_s:.1f} |"
-        )
+            for r in rows_
+        ]
     lines += fd_report_lines(results)
     for model in dict.fromkeys(r.model for r in results):
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for r in results:
-            if r.model == model:
+        for kind, rows_ in tables:
+            mine = [r for r in rows_ if r.model == model]
+            if not mine:
+                continue
+            name = f"quality_{model}{'_' + kind if kind else ''}.png"
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            for r in mine:
                 ax.plot(r.per_step_db, label=r.config)
-        ax.set_xlabel("sampling step")
-        ax.set_ylabel("denoiser SQNR vs FP32 (dB)")
-        ax.set_title(f"{model}: per-step SQNR along the FP32 trajectory")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out_dir / "img" / f"quality_{model}.png", dpi=110)
-        plt.close(fig)
-        lines += ["", f"![{model} per-step SQNR](img/quality_{model}.png)"]
+            ax.set_xlabel("sampling step")
+            ax.set_ylabel("denoiser SQNR vs FP32 (dB)")
+            ax.set_title(f"{model}: per-step SQNR along the FP32 trajectory{' (' + kind + 's)' if kind else ''}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out_dir / "img" / name, dpi=110)
+            plt.close(fig)
+            lines += ["", f"![{model} per-step SQNR{' (' + kind + 's)' if kind else ''}](img/{name})"]
     if notes:
         lines += ["", notes.strip()]
     path = out_dir / "quality.md"
