@@ -379,14 +379,22 @@ def run_bench(
     total_s: float | None = None,
     on_row: Callable[[list[Row]], None] | None = None,
     progress: bool = True,
+    jobs_per_gpu: int = 1,
 ) -> list[Row]:
     """Measure every (model, variant), each row in its own subprocess; rows are spread over ``gpus`` GPUs of one host.
 
     A row's time limit is cut to what is left of ``total_s``; a row with less than a minute left is
     reported as ``skipped``. Models with a ``variants`` list get only those rows. ``on_row`` gets the rows so far after each one (to save partial results).
+    ``jobs_per_gpu`` rows share a GPU at once (their builds, calibrations and compiles overlap); their
+    timed repeats take turns (a file lock per GPU; with one job per GPU, one lock for the host).
     """
     deadline = None if total_s is None else time.monotonic() + total_s
-    lock_path = str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock") if gpus > 1 else None
+    slots = [g for g in range(max(1, gpus)) for _ in range(max(1, jobs_per_gpu))]
+
+    def lock_path(gpu: int) -> str | None:
+        if len(slots) == 1:
+            return None
+        return str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}{f'-gpu{gpu}' if jobs_per_gpu > 1 else ''}.lock")
     work: queue.Queue[tuple[str, str]] = queue.Queue()
     pairs = [(m, v) for m in models for v in variants if MODELS[m].variants is None or v in MODELS[m].variants]
     for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
@@ -405,7 +413,7 @@ def run_bench(
             if left is not None and left < min(timeout_s, 60.0):
                 row = Row(m, v, status="skipped", error=f"not started: less than {min(timeout_s, 60.0):g} s of the run's --total-s left")
             else:
-                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock_path)
+                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock_path(gpu or 0))
             row.extra["wall_s"] = round(time.perf_counter() - t0, 1)
             with lock:
                 rows.append(row)
@@ -415,7 +423,7 @@ def run_bench(
                     ms = f"{row.ms:.2f} ms" if row.ms is not None else row.status
                     print(f"[gpu {gpu}] {m:22s} {v:22s} {ms:>12s}  ({row.extra['wall_s']:.0f} s)", flush=True)
 
-    workers = [threading.Thread(target=worker, args=(g if device == "cuda" else None,)) for g in range(max(1, gpus))]
+    workers = [threading.Thread(target=worker, args=(g if device == "cuda" else None,)) for g in slots]
     for w in workers:
         w.start()
     for w in workers:
@@ -504,6 +512,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"variants (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--gpus", type=int, default=1, help="run rows on this many GPUs of the host at once (identical GPUs; default: 1)")
+    p.add_argument("--jobs-per-gpu", type=int, default=1, help="rows compiling on one GPU at once; their timed repeats take turns (default: 1)")
     p.add_argument("--row-timeout", type=float, default=420.0, help="seconds allowed per row, build to last repeat (default: 420)")
     p.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed repeats per row (default: 5)")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md / benchmarks.json (default: docs)")
@@ -524,7 +533,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         add_ratios(rows)
         write_results(rows, Path(args.out), command, args.merge)
 
-    rows = run_bench(args.models, args.variants, args.device, args.gpus, args.row_timeout, args.budget_s, args.total_s, on_row=save)
+    rows = run_bench(args.models, args.variants, args.device, args.gpus, args.row_timeout, args.budget_s, args.total_s, on_row=save, jobs_per_gpu=args.jobs_per_gpu)
     save(rows)
     print(markdown_table(rows))
     return 0 if all(r.status == "ok" for r in rows) else 1

@@ -89,3 +89,20 @@ def test_models_with_a_variant_list_get_only_those_rows():
     assert bench.MODELS["dit-xl-2-512-b1"].variants is not None and "qdiff-w4a16" in bench.MODELS["dit-xl-2-512-b1"].variants
     rows = bench.run_bench(["dit-xl-2-512-b1"], ["torchao-int8-dynamic", "bf16-eager"], "cpu", gpus=1, timeout_s=120, budget_s=0.1, total_s=1.0, progress=False)
     assert [r.variant for r in rows] == ["bf16-eager"]  # torchao is not one of the batch-1 model's variants
+
+
+def test_jobs_per_gpu_share_a_gpu_and_take_turns_per_gpu(monkeypatch):
+    calls = []
+
+    def fake_row(model, variant, device, gpu, timeout_s, budget_s, lock=None):
+        calls.append((variant, gpu, lock))
+        return bench.Row(model, variant, status="ok", ms=1.0)
+
+    monkeypatch.setattr(bench, "_run_row_subprocess", fake_row)
+    variants = ["bf16-eager", "bf16-inductor", "qdiff-w8a8-fp8", "qdiff-w4a16", "qdiff-w8a8-int8", "qdiff-w4a8"]
+    rows = bench.run_bench(["dit-xl-2-512"], variants, "cuda", gpus=2, timeout_s=60, budget_s=0.1, progress=False, jobs_per_gpu=3)
+    assert [r.variant for r in rows] == variants and len(calls) == 6
+    locks = {gpu: {lock for _, g, lock in calls if g == gpu} for gpu in (0, 1)}
+    assert all(len(v) == 1 and None not in v for v in locks.values() if v)  # one lock per GPU ...
+    if locks[0] and locks[1]:
+        assert locks[0] != locks[1]  # ... and the GPUs do not wait for each other
