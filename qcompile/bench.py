@@ -141,7 +141,8 @@ MODELS: dict[str, BenchModel] = {
 
 BASE_VARIANTS = ("bf16-eager", "bf16-inductor", "torchao-int8-dynamic", "torchao-fp8-dynamic")
 QDIFF_PRESETS = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
-VARIANTS = BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
+CUDAGRAPHS = "-cudagraphs"  # suffix: the same variant compiled with mode="reduce-overhead" (CUDA graphs, no per-launch host work)
+VARIANTS = BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS) + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
 
@@ -241,10 +242,12 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float) -> tu
 
 def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row) -> Any:
     """The callable model of one variant (quantized and/or compiled, not yet run)."""
+    mode = "reduce-overhead" if variant.endswith(CUDAGRAPHS) else None
+    variant = variant.removesuffix(CUDAGRAPHS)
     if variant == "bf16-eager":
         return model
     if variant == "bf16-inductor":
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     if variant.startswith("torchao-"):
         from torchao.quantization import (  # torchao is optional: only these rows need it
             Float8DynamicActivationFloat8WeightConfig,
@@ -260,7 +263,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         t0 = time.perf_counter()
         quantize_(model, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and fqn in keep)
         row.calibration_s = time.perf_counter() - t0  # quantize_ time (no calibration)
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     if variant.startswith("qdiff-"):
         from .calibrate import calibrate
         from .config import QuantConfig
@@ -278,7 +281,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         row.quantized_ops = f"{len(plan.quantized_nodes())}/{len(plan.nodes)} ops"
         row.extra["qdiff_weight_bytes"] = _qdiff_weight_bytes(model, plan)
         torch._dynamo.reset()
-        return torch.compile(model, backend="qdiff", options={"plan": plan})
+        return torch.compile(model, backend="qdiff", options={"plan": plan, **({"mode": mode} if mode else {})})
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -490,7 +493,7 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             "Command(s): " + "; ".join(f"`{c}`" for c in commands if c),
             "",
             "Median step latency (`triton.testing.do_bench`, median); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
-            "compile s = first call (Dynamo + Inductor, cold cache); peak memory during the timed steps; weights = stored "
+            "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps; weights = stored "
             "parameter bytes (quantized storage + the rest in bf16). Rows: " + ", ".join(f"{m.name} = {m.description}" for m in MODELS.values() if m.name in {r.model for r in all_rows}) + ".",
             "",
             markdown_table(all_rows),

@@ -31,7 +31,7 @@ def tiny(monkeypatch):
     return "tiny"
 
 
-@pytest.mark.parametrize("variant", ["bf16-eager", "qdiff-w8a8-int8", "qdiff-w4a16"])
+@pytest.mark.parametrize("variant", ["bf16-eager", "qdiff-w8a8-int8", "qdiff-w4a16", "qdiff-w8a8-fp8-cudagraphs"])
 def test_measure_row_on_cpu(tiny, variant):
     row = bench.measure(tiny, variant, "cpu", budget_s=0.05)
     assert row.status == "ok" and row.ms > 0 and row.repeats >= 3
