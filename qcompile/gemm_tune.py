@@ -583,19 +583,27 @@ def markdown(result: dict) -> str:
 
 def tables(result: dict, limit: int = 6) -> str:
     """Python autotune tables (``CONFIG_TABLE`` rows) from a sweep's best configs: per family and M regime, the
-    distinct winners, most frequent first, at most ``limit`` (paste into the kernel files)."""
+    distinct winners, most frequent first, at most ``limit`` (paste into the kernel files). A config that gave a
+    wrong result (status ``wrong``) at any shape of its family is left out everywhere; extra constexprs
+    (``FLATTEN``, ``WARP_SPEC``, ...) follow the six numbers as a dict."""
+    wrong = {(r["kernel"], cfg_name(r["config"])) for r in result.get("rows", []) if r.get("status") == "wrong"}
     lines = []
     for fam, per_shape in result["best"].items():
         for regime, pick in (("small", lambda m: m <= KERNEL_SMALL_M), ("large", lambda m: m > KERNEL_SMALL_M)):
             count: dict = {}
             for b in per_shape.values():
-                if pick(b["M"]):
-                    c = b["config"]
+                c = b["config"]
+                if pick(b["M"]) and (fam, cfg_name(c)) not in wrong:
                     row = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"], c["num_warps"], c["GROUP_M"])
-                    count[row] = count.get(row, 0) + 1
+                    extra = {k: v for k, v in c.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_stages", "num_warps")
+                             and v is not False}
+                    if extra:
+                        row = row + (extra,)
+                    key = repr(row)
+                    count[key] = (count[key][0] + 1, row) if key in count else (1, row)
             if count:
-                rows = sorted(count, key=lambda r: -count[r])[:limit]
-                lines.append(f"# {fam} ({regime} M): {', '.join(f'{r} x{count[r]}' for r in rows)}")
+                rows = [row for _, row in sorted(count.values(), key=lambda e: -e[0])][:limit]
+                lines.append(f"# {fam} ({regime} M): {', '.join(f'{r} x{count[repr(r)][0]}' for r in rows)}")
                 lines.append(f"{fam}_{regime} = {rows}")
     return "\n".join(lines)
 

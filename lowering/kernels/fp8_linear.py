@@ -85,18 +85,18 @@ def fp8_linear_kernel(
     store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
 
 
-# Autotune tables: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) per M regime, H100-oriented (fp8 wgmma wants
-# BLOCK_K >= 32 and likes 128; 128x256 / 256x128 tiles need 8 warps). Short lists keep compile time down;
-# replace them with `python -m qcompile.gemm_tune --tables` output after a sweep. Every BLOCK_K divides 128,
-# so EVEN_K (no K masks) is K % 128 == 0.
+# Autotune tables: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, GROUP_M) per M regime: the winners of the
+# H200 sweep (docs/gemm_tune_h200.json, triton 3.6; `python -m qcompile.gemm_tune --tables --out docs/gemm_tune_h200.json`),
+# one or two per swept shape, most frequent first. Every BLOCK_K divides 128, so EVEN_K (no K masks) is K % 128 == 0.
 CONFIG_TABLE = {
-    "large": [  # bf16/fp16 input quantized in the prologue: 2-byte A tiles (sm_90 AOT: 256x128x128 s3 and 128x128x128 s3 w4 spill)
-        (128, 256, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4),
+    "large": [  # bf16/fp16 input quantized in the prologue (2-byte A tiles); (64, 64, ...) won at M = 240
+        (128, 256, 128, 3, 8, 16), (128, 256, 64, 4, 8, 8), (128, 256, 128, 3, 8, 8), (64, 64, 128, 4, 4, 8),
     ],
-    "large_prequant": [  # fp8 input (quantized by its producer): 1-byte A tiles, deeper pipelines fit
-        (128, 256, 128, 4, 8), (128, 256, 128, 3, 8), (256, 128, 128, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 5, 4),
+    "large_prequant": [  # fp8 input (quantized by its producer), when the TMA kernel does not apply (fp8_tma.py)
+        (256, 128, 64, 4, 8, 8), (128, 128, 128, 4, 8, 8), (128, 128, 128, 4, 4, 8), (128, 64, 128, 4, 4, 8),
     ],
-    "small": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4)],
+    # M <= 64: the sweep's M = 8 winners (bf16 / fp8 input); 64 x 64 covers M up to 64 in one row of tiles (not swept)
+    "small": [(16, 64, 128, 4, 4, 8), (16, 32, 128, 4, 4, 8), (64, 64, 128, 4, 4, 8)],
 }
 SMALL_M = 64  # M at or below this uses the "small" table
 

@@ -81,11 +81,11 @@ def int8_linear_kernel(
     store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
 
 
-# Autotune tables (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) as in fp8_linear (int8 wgmma has fp8's
-# shapes and peak; A tiles are bf16 before the prologue quantizes them). Replace from `gemm_tune --tables`.
+# Autotune tables (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, GROUP_M): the H200 sweep's winners
+# (docs/gemm_tune_h200.json; (16, 64, ...) won at M = 240 and M = 8). Regenerate with `gemm_tune --tables`.
 CONFIG_TABLE = {
-    "large": [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (128, 128, 128, 3, 4)],
-    "small": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4)],
+    "large": [(128, 256, 128, 3, 8, 8), (128, 256, 128, 3, 8, 16), (128, 256, 64, 4, 8, 8), (16, 64, 128, 4, 4, 8)],
+    "small": [(16, 64, 128, 4, 4, 8), (32, 128, 128, 4, 4, 8)],
 }
 LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
 SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])

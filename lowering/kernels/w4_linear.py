@@ -223,13 +223,12 @@ WEIGHT_ONLY_LARGE = [  # 8 warps for 128x128+ tiles: 4 would spill the fp32 accu
     config(64, 128, 64, 4, 4),
     config(128, 64, 32, 5, 4),
 ]
-WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, long K tiles, many CTAs
-    config(16, 32, 128, 4, 4),
-    config(16, 64, 64, 4, 4),
-    config(16, 64, 128, 4, 4),
-    config(16, 128, 64, 4, 4),
+WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, many CTAs. H200 sweep winners at M = 1 / 16, int4
+    config(16, 64, 64, 4, 4),  # groups of 64 (docs/gemm_tune_h200.json), most frequent first; the last (BLOCK_K 128,
+    config(16, 32, 64, 4, 4),  # not swept) serves per-channel weights and groups of 128+
     config(32, 64, 64, 4, 4),
-    config(16, 64, 32, 4, 4),
+    config(16, 32, 32, 4, 4),
+    config(16, 64, 128, 4, 4),
 ]
 W4A8_LARGE = [  # a per-tile partial product next to the accumulator: no 128x256 tiles (they spill)
     config(128, 128, 64, 4, 8),
