@@ -189,8 +189,8 @@ def _tma_kernel():
 def _tma_family(name: str, x_key: str) -> Family:
     return Family(
         name=name, kernel=_tma_kernel,
-        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], M, N, K, K, N),
-        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, INTERPRET=_interp(),
+        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], D["s8"], M, N, K, K, N),
+        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=_interp(),
                                                 FLATTEN=c.get("FLATTEN", False), WARP_SPEC=c.get("WARP_SPEC", False)),
         grid=_persistent_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(True), baseline="scaled_mm",
         available=_tma_available, needs_tma=True,
@@ -239,7 +239,8 @@ def _splitk_launch(D, M, K, N, c, sms):
     from .lowering.kernels.w4_linear import _splitk, splitk_plan
 
     plan = splitk_plan(M, N, K, W4_GROUP, D["x"].device, {"block_n": c["BLOCK_N"], "block_k": c["BLOCK_K"], "num_warps": c["num_warps"],
-                                                          "num_stages": c["num_stages"], "ctas_per_sm": c["CTAS_PER_SM"]})
+                                                          "num_stages": c["num_stages"], "ctas_per_sm": c["CTAS_PER_SM"]},
+                      max_m=max(W4_MS))  # (the sweep times split-K although production has it off)
     return _splitk(D["x"], D["w4"], D["ws4"], D["bias"], K, K, W4_GROUP, True, 0, plan, wrap=lambda k: k)
 
 
@@ -494,7 +495,7 @@ def _wrapper_call(name: str, D: dict):
         return lambda: fp8_linear_prequant(D["xq"], D["w8"], D["ws8"], D["bias"], D["s8"], torch.bfloat16)
     if name == "int8":
         return lambda: int8_linear(D["x"], D["wi"], D["wsi"], D["bias"], D["si"], D["zi"], colsum=D["colsum"])
-    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper takes the split-K path at M <= 16)
+    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper takes the split-K path at M <= SPLITK_MAX_M, 0: off)
         return lambda: weight_only_linear(D["x"], D["w4"], D["ws4"], D["bias"], wfmt="int4", group_size=W4_GROUP)
     return None
 

@@ -10,6 +10,7 @@ to run on CPU tensors in a process that cannot.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -157,6 +158,59 @@ def epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS: tl.constexpr, PER_
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
     return apply_activation(acc, ACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# launching: traced calls go through the triton_op (Inductor inlines the kernel), eager calls launch directly
+
+
+def eager_call(x: torch.Tensor) -> bool:
+    """Whether a wrapper call runs eagerly on a plain tensor: not under ``torch.compile`` / export tracing (Dynamo,
+    or AOTAutograd's fake / functional tensors) and with no dispatch or function mode active.
+
+    Eager calls skip the ``torch.library`` dispatch of the ``triton_op`` (a Python boundary of tens of microseconds)
+    and launch through :func:`direct`; traced calls must reach the op, so that Inductor sees the kernels (its
+    functionalization decomposes a ``triton_op`` into ``wrap_triton`` launches it compiles with its own launcher)."""
+    return (
+        not torch.compiler.is_compiling()
+        and type(x) is torch.Tensor
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
+class DirectLauncher:
+    """Eager launches of a ``triton.autotune`` kernel without the autotuner's per-call bookkeeping.
+
+    The first launch of an autotune key runs the autotuner (which benchmarks, or reads its disk cache); its
+    choice is kept per key, and later launches call the JIT function with it directly. The key is the values of
+    the autotuner's key arguments plus the dtypes of the tensor arguments, as Triton's own."""
+
+    def __init__(self, autotuner):
+        self.autotuner = autotuner
+        names = list(autotuner.arg_names)
+        self._key_pos = [(names.index(k), k) for k in autotuner.keys]
+        self._resolved: dict[tuple, dict] = {}
+
+    def __getitem__(self, grid):
+        return functools.partial(self.run, grid)
+
+    def run(self, grid, *args, **kwargs):
+        key = tuple(args[i] if i < len(args) else kwargs[k] for i, k in self._key_pos)
+        key += tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        opts = self._resolved.get(key)
+        if opts is None:
+            out = self.autotuner[grid](*args, **kwargs)
+            self._resolved[key] = self.autotuner.best_config.all_kwargs()
+            return out
+        return self.autotuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **opts)
+
+
+@functools.lru_cache(maxsize=None)
+def direct(kernel):
+    """``kernel`` launched eagerly: a :class:`DirectLauncher` for an autotuned kernel, the JIT function itself otherwise
+    (the eager counterpart of ``torch.library.wrap_triton``, same ``[grid](*args, **kwargs)`` call)."""
+    return DirectLauncher(kernel) if hasattr(kernel, "keys") and hasattr(kernel, "configs") else kernel
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import fp8_tma
 from ._common import (
     FLOAT_DTYPES,
     INTERPRET,
@@ -29,6 +30,8 @@ from ._common import (
     check_scalar,
     check_tensor,
     configs_from,
+    direct,
+    eager_call,
     epilogue,
     fused_bias,
     quantize_fp8,
@@ -113,18 +116,22 @@ _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
 
 
 def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
-            out_scale: torch.Tensor | None = None) -> torch.Tensor:
+            out_scale: torch.Tensor | None, wrap) -> torch.Tensor:
+    """Allocate the output and launch: fp8 inputs of large GEMMs on the persistent TMA kernel (:func:`.fp8_tma.use_tma`),
+    everything else on :func:`fp8_linear_kernel`. ``wrap``: ``wrap_triton`` (inside the triton_ops) or :func:`direct`."""
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
     if M == 0:
         return out
+    if x_fp8 and fp8_tma.use_tma(x, w):
+        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap)
     kernel = _small if M <= SMALL_M else (_large_prequant if x_fp8 else _large)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    wrap_triton(kernel)[grid](
+    wrap(kernel)[grid](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale,
         act_smooth if act_smooth is not None else w_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K,
@@ -162,14 +169,24 @@ def _check_out(out_scale, out_dtype):
         raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
 
 
+def _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, wrap=wrap_triton):
+    _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES)
+    _check_out(out_scale, x.dtype)
+    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale, wrap)
+
+
+def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, wrap=wrap_triton):
+    _check(xq, w, w_scale, bias, a_scale, None, (FP8,))
+    _check_out(out_scale, out_dtype)
+    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale, wrap)
+
+
 @triton_op("qdiff::fp8_linear", mutates_args=())
 def fp8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   a_scale: torch.Tensor, act_smooth: torch.Tensor | None, act: int, out_scale: torch.Tensor | None) -> torch.Tensor:
     """2-D ``x`` (fp16/bf16/fp32) quantized in the prologue; output in x's dtype, or float8_e4m3fn
     quantized with ``out_scale`` (the next fp8 GEMM's activation scale) when it is given."""
-    _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES)
-    _check_out(out_scale, x.dtype)
-    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale)
+    return _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale)
 
 
 @fp8_linear_op.register_fake
@@ -181,10 +198,8 @@ def _(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale):
 def fp8_linear_prequant_op(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                            a_scale: torch.Tensor, act: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None) -> torch.Tensor:
     """2-D ``xq`` already float8_e4m3fn (quantized by its producer with ``a_scale``); output ``out_dtype``,
-    or float8_e4m3fn quantized with ``out_scale`` when it is given."""
-    _check(xq, w, w_scale, bias, a_scale, None, (FP8,))
-    _check_out(out_scale, out_dtype)
-    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale)
+    or float8_e4m3fn quantized with ``out_scale`` when it is given. Large GEMMs run the persistent TMA kernel."""
+    return _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale)
 
 
 @fp8_linear_prequant_op.register_fake
@@ -202,12 +217,13 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
                out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` of shape (..., K) -> (..., N); ``w`` float8 (N, K), ``w_scale`` fp32 per output channel.
 
-    ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype."""
+    ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype.
+    Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_linear``."""
     N = w.shape[0]
-    b = fused_bias(bias, bias_corr, N)
-    s = None if act_smooth is None else act_smooth.float().reshape(-1)
-    os_ = None if out_scale is None else out_scale.float()
-    out = torch.ops.qdiff.fp8_linear(_rows(x), w, w_scale.reshape(-1), b, a_scale.float(), s, activation_code(act), os_)
+    args = (_rows(x), w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(),
+            None if act_smooth is None else act_smooth.float().reshape(-1), activation_code(act),
+            None if out_scale is None else out_scale.float())
+    out = _fp8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear(*args)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -216,9 +232,9 @@ def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale``."""
     N = w.shape[0]
-    os_ = None if out_scale is None else out_scale.float()
-    out = torch.ops.qdiff.fp8_linear_prequant(_rows(xq), w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(),
-                                              activation_code(act), out_dtype, os_)
+    args = (_rows(xq), w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(), activation_code(act), out_dtype,
+            None if out_scale is None else out_scale.float())
+    out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
     return out.reshape(*xq.shape[:-1], N)
 
 
