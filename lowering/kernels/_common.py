@@ -196,8 +196,10 @@ class DirectLauncher:
         return functools.partial(self.run, grid)
 
     def run(self, grid, *args, **kwargs):
-        key = tuple(args[i] if i < len(args) else kwargs[k] for i, k in self._key_pos)
-        key += tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        n = len(args)
+        key = [args[i] if i < n else kwargs[k] for i, k in self._key_pos]
+        key += [a.dtype for a in args if isinstance(a, torch.Tensor)]
+        key = tuple(key)
         opts = self._resolved.get(key)
         if opts is None:
             out = self.autotuner[grid](*args, **kwargs)
@@ -261,6 +263,22 @@ def check_scalar(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
         raise TypeError(f"{name} must be a one-element {dtype} tensor (a buffer, not a Python number), got {got}")
 
 
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without the dispatch when it already is fp32 (wrappers run per GEMM call)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(-1)`` without the dispatch when it already is 1-D."""
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 2-D (rows, features) tensor with unit stride in its last dim (a view where possible)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def row_major(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` with unit stride in its last dim (weights must already be contiguous)."""
     if t.stride(-1) != 1:
@@ -279,6 +297,7 @@ def fused_bias(bias: torch.Tensor | None, bias_corr: torch.Tensor | None, n: int
             continue
         if b.numel() != n:
             raise ValueError(f"{name} must have {n} entries (one per output feature), got shape {tuple(b.shape)}")
-        b = b.reshape(n).float()
+        if b.dim() != 1 or b.dtype != torch.float32:  # (no-op calls skipped: each costs a dispatch per GEMM call)
+            b = b.reshape(n).float()
         out = b if out is None else out + b
     return out

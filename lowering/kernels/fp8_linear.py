@@ -25,6 +25,7 @@ from ._common import (
     FLOAT_DTYPES,
     INTERPRET,
     activation_code,
+    as_float,
     autotuned,
     check_launchable,
     check_scalar,
@@ -33,9 +34,11 @@ from ._common import (
     direct,
     eager_call,
     epilogue,
+    flat,
     fused_bias,
     quantize_fp8,
     row_major,
+    rows,
     store_tile,
     tile_ids,
 )
@@ -207,11 +210,6 @@ def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale):
     return xq.new_empty((xq.shape[0], w.shape[0]), dtype=FP8 if out_scale is not None else out_dtype)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
                act_smooth: torch.Tensor | None = None, act: str = "none", bias_corr: torch.Tensor | None = None,
                out_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,11 +218,11 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype.
     Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_linear``."""
     N = w.shape[0]
-    args = (_rows(x), w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(),
-            None if act_smooth is None else act_smooth.float().reshape(-1), activation_code(act),
-            None if out_scale is None else out_scale.float())
+    args = (rows(x), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale),
+            None if act_smooth is None else flat(as_float(act_smooth)), activation_code(act),
+            None if out_scale is None else as_float(out_scale))
     out = _fp8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear(*args)
-    return out.reshape(*x.shape[:-1], N)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 
 def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
@@ -232,10 +230,10 @@ def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale``."""
     N = w.shape[0]
-    args = (_rows(xq), w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(), activation_code(act), out_dtype,
-            None if out_scale is None else out_scale.float())
+    args = (rows(xq), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale), activation_code(act), out_dtype,
+            None if out_scale is None else as_float(out_scale))
     out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
-    return out.reshape(*xq.shape[:-1], N)
+    return out if xq.dim() == 2 else out.reshape(*xq.shape[:-1], N)
 
 
 def quantize_input_fp8(x: torch.Tensor, a_scale: torch.Tensor, act_smooth: torch.Tensor | None = None) -> torch.Tensor:
