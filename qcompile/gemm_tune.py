@@ -500,7 +500,7 @@ def _wrapper_call(name: str, D: dict):
     return None
 
 
-def _autotuner_choice(name: str, M: int) -> str | None:
+def _autotuner_choice(name: str, D: dict, M: int) -> str | None:
     """The config the production autotuner picked last for family ``name`` (None if not an autotuner)."""
     import importlib
 
@@ -508,7 +508,13 @@ def _autotuner_choice(name: str, M: int) -> str | None:
     if module is None:
         return None
     mod = importlib.import_module(f"{__package__}.lowering.kernels.{module}")  # (the package re-exports same-named functions)
-    at = mod._small if M <= mod.SMALL_M else mod._large
+    tma = importlib.import_module(f"{__package__}.lowering.kernels.fp8_tma")
+    if name == "fp8_prequant" and tma.use_tma(D["xq"], D["w8"]):
+        at = tma._prod
+    elif M <= mod.SMALL_M:
+        at = mod._small
+    else:
+        at = mod._large_prequant if name == "fp8_prequant" else mod._large
     c = getattr(at, "best_config", None)
     if c is None:
         return None
@@ -530,7 +536,7 @@ def diagnose(sw: Sweep, fam: Family, tag: str, D: dict, M, K, N, best: dict | No
         try:
             call()  # autotune (compiled configs come from the disk cache)
             d["wrapper_us"] = sw.timer(call) * 1e3
-            d["wrapper_config"] = _autotuner_choice(fam.name, M)
+            d["wrapper_config"] = _autotuner_choice(fam.name, D, M)
             g = sw.timer.graph(call)
             d["wrapper_cudagraph_us"] = None if g is None else g * 1e3
         except Exception as e:  # noqa: BLE001 - diagnostics only; recorded

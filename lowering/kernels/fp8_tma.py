@@ -22,6 +22,7 @@ M >= 1024 and N, K >= 512, where the H200 sweep (``docs/gemm_tune_h200.json``) m
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -82,6 +83,8 @@ def tma_compatible(x: torch.Tensor, w: torch.Tensor) -> bool:
 # at M = 240 / 8 and at 8192 x 320 x 320 the non-persistent kernel was as fast or faster.
 TMA_MIN_M = 1024
 TMA_MIN_NK = 512
+# QDIFF_FP8_TMA=0 keeps every fp8 GEMM on the tiled kernel (A/B measurements; read once, at import).
+TMA_ENABLED: bool = os.environ.get("QDIFF_FP8_TMA", "1") != "0"
 
 
 def tma_eligible(M: int, N: int, K: int, row_stride: int, offset: int, *, has_tma: bool, capability: tuple[int, int] | None) -> bool:
@@ -104,7 +107,7 @@ def use_tma(x: torch.Tensor, w: torch.Tensor) -> bool:
 
     Shapes, strides and storage offsets only (no data pointers), so it traces under FakeTensors; the weight's
     storage offset must be aligned too. Never in the interpreter (no descriptors there in production)."""
-    if INTERPRET or x.dtype != torch.float8_e4m3fn or w.storage_offset() % 16:
+    if not TMA_ENABLED or INTERPRET or x.dtype != torch.float8_e4m3fn or w.storage_offset() % 16:
         return False
     return tma_eligible(x.shape[0], w.shape[0], x.shape[1], x.stride(0), x.storage_offset(), has_tma=HAS_TMA,
                         capability=_capability(x.device))
