@@ -2,15 +2,16 @@
 
     PYTHONPATH=/tmp/site python examples/fp8_prod_check.py [--out result.json] [--no-compile]
 
-For each shape, with an input already quantized to fp8 (as ``passes.act_quant`` arranges for qkv / fc1 / fc2):
+For each shape, with the input as production feeds it (``fp8``: quantized by its producer or the previous GEMM's
+epilogue, as ``passes.act_quant`` arranges for qkv / fc1 / fc2 / adaLN; ``bf16``: quantized in the GEMM prologue):
 
-- correctness of ``fp8_linear_prequant`` (the production wrapper) against the reference lowering (SQNR, fp32),
-  and of its fp8-output epilogue (fraction of fp8 codes equal to quantizing the reference output);
-- the route (``tma``: persistent TMA kernel, ``tiles``: ``fp8_linear_kernel``);
+- correctness of the production wrapper (``fp8_linear_prequant`` / ``fp8_linear``) against the reference lowering
+  (SQNR, fp32), and of its fp8-output epilogue (fraction of fp8 codes equal to quantizing the reference output);
+- the route (``tma``: persistent TMA kernel, ``tiles``: ``fp8_linear_kernel`` on fp8 input, ``prologue``: on bf16);
 - per-call times in microseconds: the kernel alone (the wrapper replayed in a CUDA graph: GPU time, no host
   work), the wrapper in eager (``do_bench``; and host time per call: wall clock of 200 back-to-back calls,
   which the GPU does not throttle for these sizes), the op inside a small ``torch.compile``'d module (Inductor),
-  and ``torch._scaled_mm`` (fp8 tensorwise, bf16 out);
+  and ``torch._scaled_mm`` (fp8 tensorwise, bf16 out; CUDA graph, so comparable with the kernel column, and host time);
 - whether Inductor's generated code launches our kernel itself (``inlined``: a user-defined Triton kernel in
   the output code, no ``torch.ops.qdiff`` call left).
 
@@ -27,13 +28,15 @@ import time
 
 import torch
 
-SHAPES = [  # (tag, M, K, N)
-    ("dit qkv", 8192, 1152, 3456),
-    ("dit attn-out", 8192, 1152, 1152),
-    ("dit fc1", 8192, 1152, 4608),
-    ("dit fc2", 8192, 4608, 1152),
-    ("dit adaLN", 8, 1152, 6912),
-    ("pixart kv", 240, 1152, 1152),
+SHAPES = [  # (tag, M, K, N, input as production feeds it: "fp8" quantized by the producer / previous epilogue, "bf16"
+    #          quantized in the GEMM prologue, after attention or a graph input: passes/act_quant.py)
+    ("dit qkv", 8192, 1152, 3456, "fp8"),
+    ("dit attn-out", 8192, 1152, 1152, "bf16"),
+    ("dit attn-out (fp8 in)", 8192, 1152, 1152, "fp8"),
+    ("dit fc1", 8192, 1152, 4608, "fp8"),
+    ("dit fc2", 8192, 4608, 1152, "fp8"),
+    ("dit adaLN", 8, 1152, 6912, "fp8"),
+    ("pixart kv", 240, 1152, 1152, "bf16"),
 ]
 
 
@@ -65,17 +68,19 @@ class Linear(torch.nn.Module):
         for name, t in (("w", w), ("ws", ws), ("bias", bias), ("s", s)):
             self.register_buffer(name, t)
 
-    def forward(self, xq):
-        from qcompile.lowering.kernels import fp8_linear_prequant
+    def forward(self, x):
+        from qcompile.lowering.kernels import fp8_linear, fp8_linear_prequant
 
-        return fp8_linear_prequant(xq, self.w, self.ws, self.bias, self.s, torch.bfloat16)
+        if x.dtype == torch.float8_e4m3fn:
+            return fp8_linear_prequant(x, self.w, self.ws, self.bias, self.s, torch.bfloat16)
+        return fp8_linear(x, self.w, self.ws, self.bias, self.s)
 
 
-def check_shape(tag: str, M: int, K: int, N: int, compile_: bool) -> dict:
+def check_shape(tag: str, M: int, K: int, N: int, inp: str, compile_: bool) -> dict:
     from triton.testing import do_bench, do_bench_cudagraph
 
     from qcompile.lowering import reference
-    from qcompile.lowering.kernels import fp8_linear_prequant, fp8_tma
+    from qcompile.lowering.kernels import fp8_linear, fp8_linear_prequant, fp8_tma
     from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
     from qcompile.lowering.weights import quantize_weight
 
@@ -90,16 +95,20 @@ def check_shape(tag: str, M: int, K: int, N: int, compile_: bool) -> dict:
     zero = torch.zeros((), dtype=torch.int32, device="cuda")
     ref = reference.qlinear(x.float(), qw.data.cuda(), qw.scale.cuda(), bias, s, zero, wfmt="fp8_e4m3", group_size=None,
                             weight_shape=qw.shape, afmt="fp8_e4m3")
-    row = {"shape": tag, "M": M, "K": K, "N": N, "route": "tma" if fp8_tma.use_tma(xq, w) else "tiles"}
+    xin = xq if inp == "fp8" else x
+    route = ("tma" if fp8_tma.use_tma(xq, w) else "tiles") if inp == "fp8" else "prologue"
+    row = {"shape": tag, "M": M, "K": K, "N": N, "input": inp, "route": route}
 
-    def prod():
-        return fp8_linear_prequant(xq, w, ws, bias, s, torch.bfloat16)
+    def prod(out_scale=None):
+        if inp == "fp8":
+            return fp8_linear_prequant(xq, w, ws, bias, s, torch.bfloat16, out_scale=out_scale)
+        return fp8_linear(x, w, ws, bias, s, out_scale=out_scale)
 
     out = prod()
     torch.cuda.synchronize()
     row["sqnr_db"] = sqnr_db(ref, out.float())
     s_out = (ref.abs().amax() / 448).reshape(())
-    out8 = fp8_linear_prequant(xq, w, ws, bias, s, torch.bfloat16, out_scale=s_out)
+    out8 = prod(s_out)
     row["fp8_out_match"] = (out8.float() == quantize_input_fp8(ref, s_out).float()).float().mean().item()
     row["kernel_graph_us"] = do_bench_cudagraph(prod, rep=20, return_mode="median") * 1e3
     row["eager_us"] = do_bench(prod, warmup=5, rep=20, return_mode="median") * 1e3
@@ -110,7 +119,7 @@ def check_shape(tag: str, M: int, K: int, N: int, compile_: bool) -> dict:
     def scaled_mm():
         return torch._scaled_mm(xq, wt, s, one, bias=None, out_dtype=torch.bfloat16)
 
-    row["scaled_mm_us"] = do_bench(scaled_mm, warmup=5, rep=20, return_mode="median") * 1e3
+    row["scaled_mm_us"] = do_bench_cudagraph(scaled_mm, rep=20, return_mode="median") * 1e3  # GPU time, as "kernel"
     row["scaled_mm_host_us"] = host_us(scaled_mm)
     if compile_:
         from torch._inductor.utils import run_and_get_code
@@ -119,12 +128,12 @@ def check_shape(tag: str, M: int, K: int, N: int, compile_: bool) -> dict:
         mod = Linear(w, ws, bias, s)
         compiled = torch.compile(mod, fullgraph=True)
         with torch.no_grad():
-            y, codes = run_and_get_code(compiled, xq)
+            y, codes = run_and_get_code(compiled, xin)
             code = "\n".join(codes)
             row["compiled_sqnr_db"] = sqnr_db(ref, y.float())
             row["inlined"] = "torch.ops.qdiff" not in code and ("fp8_linear_tma_kernel" in code or "fp8_linear_kernel" in code)
-            row["compiled_us"] = do_bench(lambda: compiled(xq), warmup=5, rep=20, return_mode="median") * 1e3
-            row["compiled_host_us"] = host_us(lambda: compiled(xq))
+            row["compiled_us"] = do_bench(lambda: compiled(xin), warmup=5, rep=20, return_mode="median") * 1e3
+            row["compiled_host_us"] = host_us(lambda: compiled(xin))
     return row
 
 
@@ -133,12 +142,12 @@ def markdown(rows: list[dict], device: str) -> str:
         return "n/a" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
     lines = [f"fp8 production path on {device} (torch {torch.__version__}); times in us per call, `do_bench` medians unless noted",
-             "", "| shape | M x K x N | route | SQNR dB | fp8-out match | kernel (CUDA graph) | eager wrapper | eager host | "
-             "compiled (Inductor) | compiled host | inlined | _scaled_mm | _scaled_mm host | kernel / _scaled_mm |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| shape | M x K x N | input | route | SQNR dB | fp8-out match | kernel (CUDA graph) | eager wrapper | eager host | "
+             "compiled (Inductor) | compiled host | inlined | _scaled_mm (CUDA graph) | _scaled_mm host | speed vs _scaled_mm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["shape"], f"{r['M']} x {r['K']} x {r['N']}", r["route"], f(r["sqnr_db"]), f(r["fp8_out_match"], 3),
+            r["shape"], f"{r['M']} x {r['K']} x {r['N']}", r["input"], r["route"], f(r["sqnr_db"]), f(r["fp8_out_match"], 3),
             f(r["kernel_graph_us"]), f(r["eager_us"]), f(r["eager_host_us"]), f(r.get("compiled_us")), f(r.get("compiled_host_us")),
             f(r.get("inlined")), f(r["scaled_mm_us"]), f(r["scaled_mm_host_us"]), f(r["scaled_mm_us"] / r["kernel_graph_us"], 2),
         ]) + " |")
@@ -157,8 +166,8 @@ def main(argv=None) -> int:
     shapes = SHAPES if args.shapes is None else [s for s in SHAPES if s[0] in args.shapes.split(",")]
     rows, failed = [], []
     t0 = time.time()
-    for tag, M, K, N in shapes:
-        row = check_shape(tag, M, K, N, not args.no_compile)
+    for tag, M, K, N, inp in shapes:
+        row = check_shape(tag, M, K, N, inp, not args.no_compile)
         rows.append(row)
         print(f"[{time.time() - t0:5.1f}s] {json.dumps(row)}", flush=True)
         floor = 40.0  # the reference in fp32 vs a bf16 output: ~50+ dB when right
