@@ -212,7 +212,8 @@ class DirectLauncher:
 def direct(kernel):
     """``kernel`` launched eagerly: a :class:`DirectLauncher` for an autotuned kernel, the JIT function itself otherwise
     (the eager counterpart of ``torch.library.wrap_triton``, same ``[grid](*args, **kwargs)`` call)."""
-    return DirectLauncher(kernel) if hasattr(kernel, "keys") and hasattr(kernel, "configs") else kernel
+    autotuner = all(hasattr(kernel, a) for a in ("keys", "arg_names", "configs", "fn"))
+    return DirectLauncher(kernel) if autotuner else kernel
 
 
 # ---------------------------------------------------------------------------------------------
