@@ -280,6 +280,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         row.calibration_s = time.perf_counter() - t0
         row.quantized_ops = f"{len(plan.quantized_nodes())}/{len(plan.nodes)} ops"
         row.extra["qdiff_weight_bytes"] = _qdiff_weight_bytes(model, plan)
+        row.extra["qdiff_plan"] = plan  # (replaced by its kernel counts once compiled: measure)
         torch._dynamo.reset()
         return torch.compile(model, backend="qdiff", options={"plan": plan, **({"mode": mode} if mode else {})})
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -307,6 +308,9 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         first = time.perf_counter() - t0
         if variant != "bf16-eager":
             row.compile_s = first
+        plan = row.extra.pop("qdiff_plan", None)
+        if plan is not None:
+            row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
         with _exclusive(os.environ.get(LOCK_ENV)):
             row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
     if dev.type == "cuda":
@@ -314,6 +318,17 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
     row.weight_gb /= 2**30
     return row
+
+
+def qdiff_kernel_counts(plan: Any) -> dict[str, int]:
+    """What Inductor's post-grad graphs of ``plan`` launch, summed over its compiled graphs: our Triton kernels by
+    name (``module.kernel``: inlined as user-defined Triton kernels) or ``qdiff::op`` (an op call left in the
+    graph, i.e. a Python launch per call)."""
+    total: dict[str, int] = {}
+    for record in getattr(plan, "compiled", []):
+        for name, n in (getattr(record.kernel_pass, "kernels", None) or {}).items():
+            total[name] = total.get(name, 0) + n
+    return total
 
 
 LOCK_ENV = "QDIFF_BENCH_LOCK"  # rows measured in parallel compile at once but time one at a time

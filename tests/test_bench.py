@@ -42,6 +42,16 @@ def test_measure_row_on_cpu(tiny, variant):
     else:
         assert row.quantized_ops == "2/2 ops" and row.calibration_s > 0 and row.compile_s > 0
         assert row.weight_gb * 2**30 < float_bytes  # int8 / int4 storage, not fp32 fake weights
+        assert row.extra["qdiff_kernels"] == {}  # CPU: no Inductor post-grad pass; the plan itself is not kept in the row
+        json.dumps(row.extra)
+
+
+def test_kernel_counts_sum_over_compiled_graphs():
+    from types import SimpleNamespace as NS
+
+    plan = NS(compiled=[NS(kernel_pass=NS(kernels={"fp8_tma.fp8_linear_tma_kernel": 3, "qdiff::int8_linear": 1})),
+                        NS(kernel_pass=None), NS(kernel_pass=NS(kernels={"fp8_tma.fp8_linear_tma_kernel": 2}))])
+    assert bench.qdiff_kernel_counts(plan) == {"fp8_tma.fp8_linear_tma_kernel": 5, "qdiff::int8_linear": 1}
 
 
 def test_ratios_table_and_merge(tmp_path):
