@@ -180,22 +180,35 @@ def eager_call(x: torch.Tensor) -> bool:
 
 
 class DirectLauncher:
-    """Eager launches of a ``triton.autotune`` kernel without the autotuner's per-call bookkeeping.
+    """Eager launches of a Triton kernel on its tensors' device, without the autotuner's per-call bookkeeping.
 
-    The first launch of an autotune key runs the autotuner (which benchmarks, or reads its disk cache); its
-    choice is kept per key, and later launches call the JIT function with it directly. The key is the values of
-    the autotuner's key arguments plus the dtypes of the tensor arguments, as Triton's own."""
+    Triton launches on the *current* CUDA device's stream, so a call whose tensors live on another GPU (``cuda:1``
+    while the current device is 0) switches device for the launch. For a ``triton.autotune`` kernel the first
+    launch of an autotune key runs the autotuner (which benchmarks, or reads its disk cache); its choice is kept
+    per key, and later launches call the JIT function with it directly. The key is the values of the
+    autotuner's key arguments plus the dtypes of the tensor arguments, as Triton's own."""
 
-    def __init__(self, autotuner):
-        self.autotuner = autotuner
-        names = list(autotuner.arg_names)
-        self._key_pos = [(names.index(k), k) for k in autotuner.keys]
+    def __init__(self, kernel):
+        self.autotuner = kernel if all(hasattr(kernel, a) for a in ("keys", "arg_names", "configs", "fn")) else None
+        self.kernel = kernel
+        if self.autotuner is not None:
+            names = list(kernel.arg_names)
+            self._key_pos = [(names.index(k), k) for k in kernel.keys]
         self._resolved: dict[tuple, dict] = {}
 
     def __getitem__(self, grid):
         return functools.partial(self.run, grid)
 
     def run(self, grid, *args, **kwargs):
+        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if dev is not None and dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return self._launch(grid, args, kwargs)
+        return self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        if self.autotuner is None:
+            return self.kernel[grid](*args, **kwargs)
         n = len(args)
         key = [args[i] if i < n else kwargs[k] for i, k in self._key_pos]
         key += [a.dtype for a in args if isinstance(a, torch.Tensor)]
@@ -210,10 +223,9 @@ class DirectLauncher:
 
 @functools.lru_cache(maxsize=None)
 def direct(kernel):
-    """``kernel`` launched eagerly: a :class:`DirectLauncher` for an autotuned kernel, the JIT function itself otherwise
-    (the eager counterpart of ``torch.library.wrap_triton``, same ``[grid](*args, **kwargs)`` call)."""
-    autotuner = all(hasattr(kernel, a) for a in ("keys", "arg_names", "configs", "fn"))
-    return DirectLauncher(kernel) if autotuner else kernel
+    """``kernel`` launched eagerly through a :class:`DirectLauncher` (the eager counterpart of
+    ``torch.library.wrap_triton``, same ``[grid](*args, **kwargs)`` call)."""
+    return DirectLauncher(kernel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -225,3 +225,20 @@ def test_fp8_tma_op_is_inlined_by_inductor(gen):
     assert "torch.ops.qdiff" not in code
     assert ("fp8_linear_tma_kernel" if _tma_expected() else "fp8_linear_kernel") in code
     assert rel_err(F.gelu(ref) + 1.0, out) < REL_TO_REFERENCE["fp8"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "w4a16"])
+def test_eager_kernels_launch_on_their_tensors_gpu(fmt, gen):
+    """Tensors on cuda:1 while the current device is cuda:0 (Triton launches on the current device's stream)."""
+    wfmt, afmt, asym, group = FORMATS[fmt]
+    w = torch.randn(256, 512, device="cuda", generator=gen) * 512**-0.5
+    x = torch.randn(64, 512, device="cuda", generator=gen).to(torch.bfloat16)
+    qw = quant(w, wfmt, "linear", group)
+    s, z = _qparams(x.float(), afmt or "int8", asym)
+    kw = dict(wfmt=wfmt, group_size=group, weight_shape=qw.shape, afmt=afmt, asym=asym)
+    on0 = triton_lowering.qlinear(x, qw.data, qw.scale, None, s, z, **kw)
+    assert torch.cuda.current_device() == 0
+    to1 = lambda t: t.to("cuda:1")  # noqa: E731
+    on1 = triton_lowering.qlinear(to1(x), to1(qw.data), to1(qw.scale), None, to1(s), to1(z), **kw)
+    assert on1.device == torch.device("cuda:1") and torch.equal(on1.cpu(), on0.cpu())
