@@ -289,12 +289,12 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 def rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a 2-D (rows, features) tensor with unit stride in its last dim (a view where possible)."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
 
 
 def row_major(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` with unit stride in its last dim (weights must already be contiguous)."""
-    if t.stride(-1) != 1:
+    if t.stride(-1) != 1 and t.shape[-1] != 1:  # a size-1 dim's stride is never used (torch may leave any value there)
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
     return t
 

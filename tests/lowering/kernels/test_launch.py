@@ -109,3 +109,14 @@ def test_tma_production_launch_with_fp8_output():
     y = torch.empty(40, 48, dtype=torch.float32, device=DEVICE)
     fp8_tma.launch_autotuned(xq, w, ws, bias, s, y, _common.activation_code("gelu_tanh"), None, _common.direct)
     assert sqnr_db(ref, y) > 40
+
+
+@needs_kernels
+def test_single_feature_inputs_with_any_stride():
+    """A (M, 1) input may carry any stride in its size-1 dim (a transposed (1, M) view: the time embedding's
+    first linear); the kernels must take it as it is."""
+    x, w, ws, s, ref = _fp8_case(24, 1, 16)
+    xt = x.reshape(1, 24).t()
+    assert xt.stride() == (1, 24)
+    assert torch.equal(fp8_linear(xt, w, ws, None, s), fp8_linear(x, w, ws, None, s))
+    assert sqnr_db(ref, fp8_linear(xt, w, ws, None, s)) > 40
