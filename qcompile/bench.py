@@ -296,7 +296,8 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     with torch.device(dev):
         model = spec.build()
     model = model.to(dev, dtype).eval()
-    with torch.no_grad():
+    lock = os.environ.get(LOCK_ENV)
+    with torch.no_grad(), _host_lock(lock, exclusive=False):  # build, calibrate, compile: alongside other rows
         runnable = _prepare_variant(variant, model, spec, dev, dtype, row)
         inputs = spec.inputs(dev, dtype, 500)
         if dev.type == "cuda":
@@ -311,8 +312,8 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         plan = row.extra.pop("qdiff_plan", None)
         if plan is not None:
             row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
-        with _exclusive(os.environ.get(LOCK_ENV)):
-            row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
+    with torch.no_grad(), _host_lock(lock, exclusive=True):  # timed repeats: nothing else runs on the host
+        row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
     if dev.type == "cuda":
         row.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
     row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
@@ -331,20 +332,22 @@ def qdiff_kernel_counts(plan: Any) -> dict[str, int]:
     return total
 
 
-LOCK_ENV = "QDIFF_BENCH_LOCK"  # rows measured in parallel compile at once but time one at a time
+LOCK_ENV = "QDIFF_BENCH_LOCK"  # rows measured in parallel compile at once but time alone
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: str | None) -> Iterator[None]:
-    """Hold an exclusive file lock (if a path is given): timed repeats of parallel rows never overlap,
-    so one row's compile threads or kernel launches cannot slow another's measurement."""
+def _host_lock(lock_path: str | None, exclusive: bool) -> Iterator[None]:
+    """A host-wide reader/writer file lock (if a path is given). Rows build, calibrate and compile under the
+    shared side, alongside each other; timed repeats take the exclusive side, so they wait until no other row
+    is compiling or running and hold the others off meanwhile. (Timing only one row at a time was not enough:
+    other rows' compiles saturate the CPU and a launch-bound model then measures several times slower.)"""
     if not lock_path:
         yield
         return
     import fcntl
 
     with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
@@ -403,16 +406,13 @@ def run_bench(
 
     A row's time limit is cut to what is left of ``total_s``; a row with less than a minute left is
     reported as ``skipped``. Models with a ``variants`` list get only those rows. ``on_row`` gets the rows so far after each one (to save partial results).
-    ``jobs_per_gpu`` rows share a GPU at once (their builds, calibrations and compiles overlap); their
-    timed repeats take turns (a file lock per GPU; with one job per GPU, one lock for the host).
+    ``jobs_per_gpu`` rows share a GPU at once: their builds, calibrations and compiles overlap, and each
+    row's timed repeats run alone on the host (:func:`_host_lock`); compile times are then measured under load.
     """
     deadline = None if total_s is None else time.monotonic() + total_s
     slots = [g for g in range(max(1, gpus)) for _ in range(max(1, jobs_per_gpu))]
 
-    def lock_path(gpu: int) -> str | None:
-        if len(slots) == 1:
-            return None
-        return str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}{f'-gpu{gpu}' if jobs_per_gpu > 1 else ''}.lock")
+    lock_path = None if len(slots) == 1 else str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock")
     work: queue.Queue[tuple[str, str]] = queue.Queue()
     pairs = [(m, v) for m in models for v in variants if MODELS[m].variants is None or v in MODELS[m].variants]
     for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
@@ -431,7 +431,7 @@ def run_bench(
             if left is not None and left < min(timeout_s, 60.0):
                 row = Row(m, v, status="skipped", error=f"not started: less than {min(timeout_s, 60.0):g} s of the run's --total-s left")
             else:
-                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock_path(gpu or 0))
+                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock_path)
             row.extra["wall_s"] = round(time.perf_counter() - t0, 1)
             with lock:
                 rows.append(row)
@@ -530,7 +530,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"variants (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--gpus", type=int, default=1, help="run rows on this many GPUs of the host at once (identical GPUs; default: 1)")
-    p.add_argument("--jobs-per-gpu", type=int, default=1, help="rows compiling on one GPU at once; their timed repeats take turns (default: 1)")
+    p.add_argument("--jobs-per-gpu", type=int, default=1, help="rows built and compiled on one GPU at once; each row is timed alone on the host (default: 1)")
     p.add_argument("--row-timeout", type=float, default=420.0, help="seconds allowed per row, build to last repeat (default: 420)")
     p.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed repeats per row (default: 5)")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md / benchmarks.json (default: docs)")

@@ -101,7 +101,7 @@ def test_models_with_a_variant_list_get_only_those_rows():
     assert [r.variant for r in rows] == ["bf16-eager"]  # torchao is not one of the batch-1 model's variants
 
 
-def test_jobs_per_gpu_share_a_gpu_and_take_turns_per_gpu(monkeypatch):
+def test_jobs_per_gpu_share_a_gpu_and_one_host_lock(monkeypatch):
     calls = []
 
     def fake_row(model, variant, device, gpu, timeout_s, budget_s, lock=None):
@@ -112,7 +112,25 @@ def test_jobs_per_gpu_share_a_gpu_and_take_turns_per_gpu(monkeypatch):
     variants = ["bf16-eager", "bf16-inductor", "qdiff-w8a8-fp8", "qdiff-w4a16", "qdiff-w8a8-int8", "qdiff-w4a8"]
     rows = bench.run_bench(["dit-xl-2-512"], variants, "cuda", gpus=2, timeout_s=60, budget_s=0.1, progress=False, jobs_per_gpu=3)
     assert [r.variant for r in rows] == variants and len(calls) == 6
-    locks = {gpu: {lock for _, g, lock in calls if g == gpu} for gpu in (0, 1)}
-    assert all(len(v) == 1 and None not in v for v in locks.values() if v)  # one lock per GPU ...
-    if locks[0] and locks[1]:
-        assert locks[0] != locks[1]  # ... and the GPUs do not wait for each other
+    assert len({lock for *_, lock in calls}) == 1 and calls[0][2] is not None  # one lock for the whole host
+
+
+def test_timed_repeats_wait_for_every_compiling_row(tmp_path):
+    """The host lock: rows compile under its shared side together; a timing (exclusive) waits for all of them."""
+    import threading
+    import time
+
+    lock = str(tmp_path / "bench.lock")
+    events = []
+    with bench._host_lock(lock, exclusive=False), bench._host_lock(lock, exclusive=False):  # two rows compiling
+
+        def time_a_row():
+            with bench._host_lock(lock, exclusive=True):
+                events.append("timed")
+
+        t = threading.Thread(target=time_a_row)
+        t.start()
+        time.sleep(0.3)
+        events.append("compiles done")
+    t.join(5)
+    assert events == ["compiles done", "timed"]
