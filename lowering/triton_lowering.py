@@ -31,9 +31,11 @@ from .kernels.int8_linear import int8_linear
 from .kernels.w4_linear import supports_group, w4a8_linear, weight_only_linear
 
 
-def linear_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None) -> str | None:
-    """The kernel a linear with these formats runs on (``fp8``, ``int8``, ``w4a8``, ``weight_only``), or None."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or not kernels_usable_on(x.device):
+def linear_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, dtype: torch.dtype | None = None) -> str | None:
+    """The kernel a linear with these formats runs on (``fp8``, ``int8``, ``w4a8``, ``weight_only``), or None.
+
+    ``dtype``: route as for an input of this float dtype (an fp8 input stands for its float ``out_dtype``)."""
+    if not isinstance(x, torch.Tensor) or (dtype or x.dtype) not in FLOAT_DTYPES or not kernels_usable_on(x.device):
         return None
     if wfmt == "int4" and not supports_group(group_size):
         return None
@@ -113,8 +115,8 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
         raise ValueError(f"an fp8 input needs an fp8 activation format and a float out_dtype, got afmt={afmt!r}, out_dtype={out_dtype}")
     if out_scale is not None and (wfmt, afmt) != ("fp8_e4m3", "fp8_e4m3"):
         raise ValueError(f"out_scale (fp8 output) is for fp8 GEMMs, got weight {wfmt} / activation {afmt}")
-    probe = x.new_empty((0,), dtype=out_dtype) if fp8_in else x  # route as for the float input it stands for
-    route = None if splits is not None or outlier_scale is not None else linear_route(probe, wfmt=wfmt, afmt=afmt, group_size=group_size)
+    route = None if splits is not None or outlier_scale is not None else linear_route(
+        x, wfmt=wfmt, afmt=afmt, group_size=group_size, dtype=out_dtype if fp8_in else None)  # fp8: as its float input
     if route is None:
         if fp8_in:  # exact: the reference re-quantizes the dequantized codes to the same codes
             x = reference.dequantize_activation(x, a_scale, a_zp, out_dtype)

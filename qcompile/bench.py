@@ -141,7 +141,8 @@ MODELS: dict[str, BenchModel] = {
 
 BASE_VARIANTS = ("bf16-eager", "bf16-inductor", "torchao-int8-dynamic", "torchao-fp8-dynamic")
 QDIFF_PRESETS = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
-VARIANTS = BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
+CUDAGRAPHS = "-cudagraphs"  # suffix: the same variant compiled with mode="reduce-overhead" (CUDA graphs, no per-launch host work)
+VARIANTS = BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS) + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
 
@@ -241,10 +242,12 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float) -> tu
 
 def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row) -> Any:
     """The callable model of one variant (quantized and/or compiled, not yet run)."""
+    mode = "reduce-overhead" if variant.endswith(CUDAGRAPHS) else None
+    variant = variant.removesuffix(CUDAGRAPHS)
     if variant == "bf16-eager":
         return model
     if variant == "bf16-inductor":
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     if variant.startswith("torchao-"):
         from torchao.quantization import (  # torchao is optional: only these rows need it
             Float8DynamicActivationFloat8WeightConfig,
@@ -260,7 +263,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         t0 = time.perf_counter()
         quantize_(model, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and fqn in keep)
         row.calibration_s = time.perf_counter() - t0  # quantize_ time (no calibration)
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     if variant.startswith("qdiff-"):
         from .calibrate import calibrate
         from .config import QuantConfig
@@ -277,8 +280,9 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         row.calibration_s = time.perf_counter() - t0
         row.quantized_ops = f"{len(plan.quantized_nodes())}/{len(plan.nodes)} ops"
         row.extra["qdiff_weight_bytes"] = _qdiff_weight_bytes(model, plan)
+        row.extra["qdiff_plan"] = plan  # (replaced by its kernel counts once compiled: measure)
         torch._dynamo.reset()
-        return torch.compile(model, backend="qdiff", options={"plan": plan})
+        return torch.compile(model, backend="qdiff", options={"plan": plan, **({"mode": mode} if mode else {})})
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -292,7 +296,8 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     with torch.device(dev):
         model = spec.build()
     model = model.to(dev, dtype).eval()
-    with torch.no_grad():
+    lock = os.environ.get(LOCK_ENV)
+    with torch.no_grad(), _host_lock(lock, exclusive=False):  # build, calibrate, compile: alongside other rows
         runnable = _prepare_variant(variant, model, spec, dev, dtype, row)
         inputs = spec.inputs(dev, dtype, 500)
         if dev.type == "cuda":
@@ -304,8 +309,11 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         first = time.perf_counter() - t0
         if variant != "bf16-eager":
             row.compile_s = first
-        with _exclusive(os.environ.get(LOCK_ENV)):
-            row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
+        plan = row.extra.pop("qdiff_plan", None)
+        if plan is not None:
+            row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
+    with torch.no_grad(), _host_lock(lock, exclusive=True):  # timed repeats: nothing else runs on the host
+        row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
     if dev.type == "cuda":
         row.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
     row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
@@ -313,20 +321,33 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     return row
 
 
-LOCK_ENV = "QDIFF_BENCH_LOCK"  # rows measured in parallel compile at once but time one at a time
+def qdiff_kernel_counts(plan: Any) -> dict[str, int]:
+    """What Inductor's post-grad graphs of ``plan`` launch, summed over its compiled graphs: our Triton kernels by
+    name (``module.kernel``: inlined as user-defined Triton kernels) or ``qdiff::op`` (an op call left in the
+    graph, i.e. a Python launch per call)."""
+    total: dict[str, int] = {}
+    for record in getattr(plan, "compiled", []):
+        for name, n in (getattr(record.kernel_pass, "kernels", None) or {}).items():
+            total[name] = total.get(name, 0) + n
+    return total
+
+
+LOCK_ENV = "QDIFF_BENCH_LOCK"  # rows measured in parallel compile at once but time alone
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: str | None) -> Iterator[None]:
-    """Hold an exclusive file lock (if a path is given): timed repeats of parallel rows never overlap,
-    so one row's compile threads or kernel launches cannot slow another's measurement."""
+def _host_lock(lock_path: str | None, exclusive: bool) -> Iterator[None]:
+    """A host-wide reader/writer file lock (if a path is given). Rows build, calibrate and compile under the
+    shared side, alongside each other; timed repeats take the exclusive side, so they wait until no other row
+    is compiling or running and hold the others off meanwhile. (Timing only one row at a time was not enough:
+    other rows' compiles saturate the CPU and a launch-bound model then measures several times slower.)"""
     if not lock_path:
         yield
         return
     import fcntl
 
     with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
@@ -379,14 +400,19 @@ def run_bench(
     total_s: float | None = None,
     on_row: Callable[[list[Row]], None] | None = None,
     progress: bool = True,
+    jobs_per_gpu: int = 1,
 ) -> list[Row]:
     """Measure every (model, variant), each row in its own subprocess; rows are spread over ``gpus`` GPUs of one host.
 
     A row's time limit is cut to what is left of ``total_s``; a row with less than a minute left is
     reported as ``skipped``. Models with a ``variants`` list get only those rows. ``on_row`` gets the rows so far after each one (to save partial results).
+    ``jobs_per_gpu`` rows share a GPU at once: their builds, calibrations and compiles overlap, and each
+    row's timed repeats run alone on the host (:func:`_host_lock`); compile times are then measured under load.
     """
     deadline = None if total_s is None else time.monotonic() + total_s
-    lock_path = str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock") if gpus > 1 else None
+    slots = [g for g in range(max(1, gpus)) for _ in range(max(1, jobs_per_gpu))]
+
+    lock_path = None if len(slots) == 1 else str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock")
     work: queue.Queue[tuple[str, str]] = queue.Queue()
     pairs = [(m, v) for m in models for v in variants if MODELS[m].variants is None or v in MODELS[m].variants]
     for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
@@ -415,7 +441,7 @@ def run_bench(
                     ms = f"{row.ms:.2f} ms" if row.ms is not None else row.status
                     print(f"[gpu {gpu}] {m:22s} {v:22s} {ms:>12s}  ({row.extra['wall_s']:.0f} s)", flush=True)
 
-    workers = [threading.Thread(target=worker, args=(g if device == "cuda" else None,)) for g in range(max(1, gpus))]
+    workers = [threading.Thread(target=worker, args=(g if device == "cuda" else None,)) for g in slots]
     for w in workers:
         w.start()
     for w in workers:
@@ -482,7 +508,7 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             "Command(s): " + "; ".join(f"`{c}`" for c in commands if c),
             "",
             "Median step latency (`triton.testing.do_bench`, median); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
-            "compile s = first call (Dynamo + Inductor, cold cache); peak memory during the timed steps; weights = stored "
+            "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps; weights = stored "
             "parameter bytes (quantized storage + the rest in bf16). Rows: " + ", ".join(f"{m.name} = {m.description}" for m in MODELS.values() if m.name in {r.model for r in all_rows}) + ".",
             "",
             markdown_table(all_rows),
@@ -504,6 +530,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"variants (default: all): {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--gpus", type=int, default=1, help="run rows on this many GPUs of the host at once (identical GPUs; default: 1)")
+    p.add_argument("--jobs-per-gpu", type=int, default=1, help="rows built and compiled on one GPU at once; each row is timed alone on the host (default: 1)")
     p.add_argument("--row-timeout", type=float, default=420.0, help="seconds allowed per row, build to last repeat (default: 420)")
     p.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed repeats per row (default: 5)")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md / benchmarks.json (default: docs)")
@@ -524,7 +551,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         add_ratios(rows)
         write_results(rows, Path(args.out), command, args.merge)
 
-    rows = run_bench(args.models, args.variants, args.device, args.gpus, args.row_timeout, args.budget_s, args.total_s, on_row=save)
+    rows = run_bench(args.models, args.variants, args.device, args.gpus, args.row_timeout, args.budget_s, args.total_s, on_row=save, jobs_per_gpu=args.jobs_per_gpu)
     save(rows)
     print(markdown_table(rows))
     return 0 if all(r.status == "ok" for r in rows) else 1

@@ -154,7 +154,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 return 2
             return run_pipeline_demo(pipeline_case, args.preset, Path(args.out), args.samples, args.calib_samples)
         case = _unet_folder_case(folder.name, folder, args.steps)
-    return run_demo(case, args.preset, Path(args.out), args.samples, args.calib_samples)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("qdiff demo: --device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    return run_demo(case, args.preset, Path(args.out), args.samples, args.calib_samples, device)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="qdiff-demo", help="output folder (default: ./qdiff-demo)")
     demo.add_argument("--samples", type=int, default=16, help="images to generate (default: 16)")
     demo.add_argument("--calib-samples", type=int, default=16, help="calibration trajectories (default: 16)")
+    demo.add_argument("--device", default="auto", help="auto (default: cuda when available, else cpu), cpu or cuda; UNet models")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="per-step SQNR, PSNR, SSIM and a classifier-feature Fréchet distance of every variant against FP32")

@@ -66,8 +66,7 @@ def write_report(out: Path, title: str, plan, report, fp01: torch.Tensor, q01: t
     lines = [
         f"# qdiff demo: {title}",
         "",
-        f"Device: {device}; torch {torch.__version__}; lowering: reference (pure PyTorch, "
-        f"{'Inductor' if device == 'cuda' else 'eager'}).",
+        f"Device: {device}; torch {torch.__version__}; lowering: {_lowering_text(device)}.",
         "",
         "![FP32 | quantized | |difference| x4](grid.png)",
         "",
@@ -80,7 +79,7 @@ def write_report(out: Path, title: str, plan, report, fp01: torch.Tensor, q01: t
         *(f"| {row} |" for row in timings),
         "",
         "On CPU the reference lowering dequantizes in PyTorch, so it is slower than FP32; speed comes",
-        "from the Triton kernels on a GPU (see docs/benchmarks.md). Per-layer table: [layers.md](layers.md).",
+        "from the Triton kernels on a GPU (`--device cuda`; see docs/benchmarks.md). Per-layer table: [layers.md](layers.md).",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print(str(report))
@@ -91,14 +90,20 @@ def write_report(out: Path, title: str, plan, report, fp01: torch.Tensor, q01: t
     )
 
 
-def run_demo(case: EvalCase, preset: str, out: Path, samples: int, calib_samples: int) -> int:
-    """Run the main job on ``case`` and write the report folder ``out``."""
+def _lowering_text(device: str) -> str:
+    if device == "cuda":
+        return "generated Triton kernels through Inductor (the backend's default for CUDA inputs)"
+    return "reference (pure PyTorch dequantize + op, eager)"
+
+
+def run_demo(case: EvalCase, preset: str, out: Path, samples: int, calib_samples: int, device: str = "cpu") -> int:
+    """Run the main job on ``case`` (on ``device``: ``cpu`` or ``cuda``) and write the report folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = QuantConfig.preset(preset)
-    model = case.build().eval()
+    model = case.build().eval().to(device)
     lo, hi = case.data_range
-    calib_noise = torch.randn(calib_samples, *case.shape, generator=torch.Generator().manual_seed(1234))
-    noise = torch.randn(samples, *case.shape, generator=torch.Generator().manual_seed(0))
+    calib_noise = torch.randn(calib_samples, *case.shape, generator=torch.Generator().manual_seed(1234)).to(device)
+    noise = torch.randn(samples, *case.shape, generator=torch.Generator().manual_seed(0)).to(device)
     print(f"qdiff demo: {case.name}, preset {preset}: calibrating on {calib_samples} trajectories")
     t0 = time.perf_counter()
     plan = calibrate(model, lambda m: case.sample(m, calib_noise), cfg)
@@ -115,7 +120,7 @@ def run_demo(case: EvalCase, preset: str, out: Path, samples: int, calib_samples
         t0 = time.perf_counter()
         case.sample(qmodel, noise)
         q2_s = time.perf_counter() - t0
-    fp01, q01 = (fp - lo) / (hi - lo), (q - lo) / (hi - lo)
+    fp01, q01 = ((fp - lo) / (hi - lo)).cpu(), ((q - lo) / (hi - lo)).cpu()
     timings = [
         f"calibration | {calib_s:.1f} s ({len(plan.calls)} denoiser calls)",
         f"sampling {samples} images, FP32 | {fp_s:.2f} s",

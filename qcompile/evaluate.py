@@ -9,6 +9,7 @@ consistency (``qcompile/fdist.py``). Writes JSON, a markdown table and per-step 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -141,6 +142,23 @@ def experiments() -> dict[str, QuantConfig | None]:
     return out
 
 
+@contextlib.contextmanager
+def mha_fastpath_off():
+    """Run ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` without their fused eval fast path.
+
+    On torch 2.11, once the batch size changes Dynamo graph-breaks around the fast path, so those
+    layers run eagerly in full precision and a quantized ViT measures as if unquantized. Without the
+    fast path the layers trace as ordinary linear + attention ops on every torch version, so the
+    evaluation quantizes the same graph on 2.11 (GPU) and 2.13 (CPU).
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def evaluate_case(
     case: EvalCase,
     configs: dict[str, QuantConfig | QuantPlan | None],
@@ -157,7 +175,11 @@ def evaluate_case(
     every device; the caller decides TF32, see ``qdiff eval``); ``lowering`` is the backend's
     ``options["lowering"]`` (``reference``, or ``triton`` for the kernels on CUDA).
     """
-    device = torch.device(device)
+    with mha_fastpath_off():
+        return _evaluate_case(case, configs, seeds, calib_samples, progress, torch.device(device), lowering)
+
+
+def _evaluate_case(case: EvalCase, configs: dict, seeds: int, calib_samples: int, progress: bool, device: torch.device, lowering: str) -> list[EvalResult]:
     model = case.build().eval().to(device)
     noise = torch.randn(seeds, *case.shape, generator=torch.Generator().manual_seed(0)).to(device)
     calib_noise = torch.randn(calib_samples, *case.shape, generator=torch.Generator().manual_seed(10_000)).to(device)
@@ -242,29 +264,42 @@ def write_report(results: list[EvalResult], out_dir: Path, command: str, notes: 
         "mean and worst step over the trajectory. PSNR / SSIM: final samples of each model's own trajectory from the",
         "same noise, against the FP32 samples (values clipped to the data range).",
         "",
-        "| model | config | SQNR mean (dB) | SQNR worst (dB) | worst step | PSNR (dB) | SSIM | FD vs real | FD vs FP32 | class cons. | calibration (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results:
-        lines.append(
+    main = set(variants())
+    tables = [("", [r for r in results if r.config in main]), ("ablation", [r for r in results if r.config not in main])]
+    for kind, rows_ in tables:
+        if not rows_:
+            continue
+        if kind:
+            lines += ["", "Ablation variants (`qcompile.evaluate.experiments()`):", ""]
+        lines += [
+            "| model | config | SQNR mean (dB) | SQNR worst (dB) | worst step | PSNR (dB) | SSIM | FD vs real | FD vs FP32 | class cons. | calibration (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
             f"| {r.model} | {r.config} | {_fmt(r.sqnr_mean_db)} | {_fmt(r.sqnr_worst_db)} | {r.worst_step} | "
             f"{_fmt(r.psnr_db)} | {r.ssim:.4f} | {_opt(r.fd_real)} | {_opt(r.fd_fp32)} | {_opt(r.class_consistency, 3)} | {r.calibration_s:.1f} |"
-        )
+            for r in rows_
+        ]
     lines += fd_report_lines(results)
     for model in dict.fromkeys(r.model for r in results):
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for r in results:
-            if r.model == model:
+        for kind, rows_ in tables:
+            mine = [r for r in rows_ if r.model == model]
+            if not mine:
+                continue
+            name = f"quality_{model}{'_' + kind if kind else ''}.png"
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            for r in mine:
                 ax.plot(r.per_step_db, label=r.config)
-        ax.set_xlabel("sampling step")
-        ax.set_ylabel("denoiser SQNR vs FP32 (dB)")
-        ax.set_title(f"{model}: per-step SQNR along the FP32 trajectory")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out_dir / "img" / f"quality_{model}.png", dpi=110)
-        plt.close(fig)
-        lines += ["", f"![{model} per-step SQNR](img/quality_{model}.png)"]
+            ax.set_xlabel("sampling step")
+            ax.set_ylabel("denoiser SQNR vs FP32 (dB)")
+            ax.set_title(f"{model}: per-step SQNR along the FP32 trajectory{' (' + kind + 's)' if kind else ''}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out_dir / "img" / name, dpi=110)
+            plt.close(fig)
+            lines += ["", f"![{model} per-step SQNR{' (' + kind + 's)' if kind else ''}](img/{name})"]
     if notes:
         lines += ["", notes.strip()]
     path = out_dir / "quality.md"

@@ -189,8 +189,8 @@ def _tma_kernel():
 def _tma_family(name: str, x_key: str) -> Family:
     return Family(
         name=name, kernel=_tma_kernel,
-        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], M, N, K, K, N),
-        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, INTERPRET=_interp(),
+        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], D["s8"], M, N, K, K, N),
+        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=_interp(),
                                                 FLATTEN=c.get("FLATTEN", False), WARP_SPEC=c.get("WARP_SPEC", False)),
         grid=_persistent_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(True), baseline="scaled_mm",
         available=_tma_available, needs_tma=True,
@@ -239,7 +239,8 @@ def _splitk_launch(D, M, K, N, c, sms):
     from .lowering.kernels.w4_linear import _splitk, splitk_plan
 
     plan = splitk_plan(M, N, K, W4_GROUP, D["x"].device, {"block_n": c["BLOCK_N"], "block_k": c["BLOCK_K"], "num_warps": c["num_warps"],
-                                                          "num_stages": c["num_stages"], "ctas_per_sm": c["CTAS_PER_SM"]})
+                                                          "num_stages": c["num_stages"], "ctas_per_sm": c["CTAS_PER_SM"]},
+                      max_m=max(W4_MS))  # (the sweep times split-K although production has it off)
     return _splitk(D["x"], D["w4"], D["ws4"], D["bias"], K, K, W4_GROUP, True, 0, plan, wrap=lambda k: k)
 
 
@@ -494,12 +495,12 @@ def _wrapper_call(name: str, D: dict):
         return lambda: fp8_linear_prequant(D["xq"], D["w8"], D["ws8"], D["bias"], D["s8"], torch.bfloat16)
     if name == "int8":
         return lambda: int8_linear(D["x"], D["wi"], D["wsi"], D["bias"], D["si"], D["zi"], colsum=D["colsum"])
-    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper takes the split-K path at M <= 16)
+    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper takes the split-K path at M <= SPLITK_MAX_M, 0: off)
         return lambda: weight_only_linear(D["x"], D["w4"], D["ws4"], D["bias"], wfmt="int4", group_size=W4_GROUP)
     return None
 
 
-def _autotuner_choice(name: str, M: int) -> str | None:
+def _autotuner_choice(name: str, D: dict, M: int) -> str | None:
     """The config the production autotuner picked last for family ``name`` (None if not an autotuner)."""
     import importlib
 
@@ -507,7 +508,13 @@ def _autotuner_choice(name: str, M: int) -> str | None:
     if module is None:
         return None
     mod = importlib.import_module(f"{__package__}.lowering.kernels.{module}")  # (the package re-exports same-named functions)
-    at = mod._small if M <= mod.SMALL_M else mod._large
+    tma = importlib.import_module(f"{__package__}.lowering.kernels.fp8_tma")
+    if name == "fp8_prequant" and tma.use_tma(D["xq"], D["w8"]):
+        at = tma._prod
+    elif M <= mod.SMALL_M:
+        at = mod._small
+    else:
+        at = mod._large_prequant if name == "fp8_prequant" else mod._large
     c = getattr(at, "best_config", None)
     if c is None:
         return None
@@ -529,7 +536,7 @@ def diagnose(sw: Sweep, fam: Family, tag: str, D: dict, M, K, N, best: dict | No
         try:
             call()  # autotune (compiled configs come from the disk cache)
             d["wrapper_us"] = sw.timer(call) * 1e3
-            d["wrapper_config"] = _autotuner_choice(fam.name, M)
+            d["wrapper_config"] = _autotuner_choice(fam.name, D, M)
             g = sw.timer.graph(call)
             d["wrapper_cudagraph_us"] = None if g is None else g * 1e3
         except Exception as e:  # noqa: BLE001 - diagnostics only; recorded
@@ -583,19 +590,27 @@ def markdown(result: dict) -> str:
 
 def tables(result: dict, limit: int = 6) -> str:
     """Python autotune tables (``CONFIG_TABLE`` rows) from a sweep's best configs: per family and M regime, the
-    distinct winners, most frequent first, at most ``limit`` (paste into the kernel files)."""
+    distinct winners, most frequent first, at most ``limit`` (paste into the kernel files). A config that gave a
+    wrong result (status ``wrong``) at any shape of its family is left out everywhere; extra constexprs
+    (``FLATTEN``, ``WARP_SPEC``, ...) follow the six numbers as a dict."""
+    wrong = {(r["kernel"], cfg_name(r["config"])) for r in result.get("rows", []) if r.get("status") == "wrong"}
     lines = []
     for fam, per_shape in result["best"].items():
         for regime, pick in (("small", lambda m: m <= KERNEL_SMALL_M), ("large", lambda m: m > KERNEL_SMALL_M)):
             count: dict = {}
             for b in per_shape.values():
-                if pick(b["M"]):
-                    c = b["config"]
+                c = b["config"]
+                if pick(b["M"]) and (fam, cfg_name(c)) not in wrong:
                     row = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"], c["num_warps"], c["GROUP_M"])
-                    count[row] = count.get(row, 0) + 1
+                    extra = {k: v for k, v in c.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_stages", "num_warps")
+                             and v is not False}
+                    if extra:
+                        row = row + (extra,)
+                    key = repr(row)
+                    count[key] = (count[key][0] + 1, row) if key in count else (1, row)
             if count:
-                rows = sorted(count, key=lambda r: -count[r])[:limit]
-                lines.append(f"# {fam} ({regime} M): {', '.join(f'{r} x{count[r]}' for r in rows)}")
+                rows = [row for _, row in sorted(count.values(), key=lambda e: -e[0])][:limit]
+                lines.append(f"# {fam} ({regime} M): {', '.join(f'{r} x{count[repr(r)][0]}' for r in rows)}")
                 lines.append(f"{fam}_{regime} = {rows}")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ def tiny(monkeypatch):
     return "tiny"
 
 
-@pytest.mark.parametrize("variant", ["bf16-eager", "qdiff-w8a8-int8", "qdiff-w4a16"])
+@pytest.mark.parametrize("variant", ["bf16-eager", "qdiff-w8a8-int8", "qdiff-w4a16", "qdiff-w8a8-fp8-cudagraphs"])
 def test_measure_row_on_cpu(tiny, variant):
     row = bench.measure(tiny, variant, "cpu", budget_s=0.05)
     assert row.status == "ok" and row.ms > 0 and row.repeats >= 3
@@ -42,6 +42,16 @@ def test_measure_row_on_cpu(tiny, variant):
     else:
         assert row.quantized_ops == "2/2 ops" and row.calibration_s > 0 and row.compile_s > 0
         assert row.weight_gb * 2**30 < float_bytes  # int8 / int4 storage, not fp32 fake weights
+        assert row.extra["qdiff_kernels"] == {}  # CPU: no Inductor post-grad pass; the plan itself is not kept in the row
+        json.dumps(row.extra)
+
+
+def test_kernel_counts_sum_over_compiled_graphs():
+    from types import SimpleNamespace as NS
+
+    plan = NS(compiled=[NS(kernel_pass=NS(kernels={"fp8_tma.fp8_linear_tma_kernel": 3, "qdiff::int8_linear": 1})),
+                        NS(kernel_pass=None), NS(kernel_pass=NS(kernels={"fp8_tma.fp8_linear_tma_kernel": 2}))])
+    assert bench.qdiff_kernel_counts(plan) == {"fp8_tma.fp8_linear_tma_kernel": 5, "qdiff::int8_linear": 1}
 
 
 def test_ratios_table_and_merge(tmp_path):
@@ -89,3 +99,38 @@ def test_models_with_a_variant_list_get_only_those_rows():
     assert bench.MODELS["dit-xl-2-512-b1"].variants is not None and "qdiff-w4a16" in bench.MODELS["dit-xl-2-512-b1"].variants
     rows = bench.run_bench(["dit-xl-2-512-b1"], ["torchao-int8-dynamic", "bf16-eager"], "cpu", gpus=1, timeout_s=120, budget_s=0.1, total_s=1.0, progress=False)
     assert [r.variant for r in rows] == ["bf16-eager"]  # torchao is not one of the batch-1 model's variants
+
+
+def test_jobs_per_gpu_share_a_gpu_and_one_host_lock(monkeypatch):
+    calls = []
+
+    def fake_row(model, variant, device, gpu, timeout_s, budget_s, lock=None):
+        calls.append((variant, gpu, lock))
+        return bench.Row(model, variant, status="ok", ms=1.0)
+
+    monkeypatch.setattr(bench, "_run_row_subprocess", fake_row)
+    variants = ["bf16-eager", "bf16-inductor", "qdiff-w8a8-fp8", "qdiff-w4a16", "qdiff-w8a8-int8", "qdiff-w4a8"]
+    rows = bench.run_bench(["dit-xl-2-512"], variants, "cuda", gpus=2, timeout_s=60, budget_s=0.1, progress=False, jobs_per_gpu=3)
+    assert [r.variant for r in rows] == variants and len(calls) == 6
+    assert len({lock for *_, lock in calls}) == 1 and calls[0][2] is not None  # one lock for the whole host
+
+
+def test_timed_repeats_wait_for_every_compiling_row(tmp_path):
+    """The host lock: rows compile under its shared side together; a timing (exclusive) waits for all of them."""
+    import threading
+    import time
+
+    lock = str(tmp_path / "bench.lock")
+    events = []
+    with bench._host_lock(lock, exclusive=False), bench._host_lock(lock, exclusive=False):  # two rows compiling
+
+        def time_a_row():
+            with bench._host_lock(lock, exclusive=True):
+                events.append("timed")
+
+        t = threading.Thread(target=time_a_row)
+        t.start()
+        time.sleep(0.3)
+        events.append("compiles done")
+    t.join(5)
+    assert events == ["compiles done", "timed"]

@@ -66,3 +66,31 @@ def test_evaluate_mnist_vit_reports_fd_and_class_consistency(shared_models, tmp_
     assert "FD vs real" in text and "| mnist_vit | mnist | 4 |" in text
     row = json.loads((tmp_path / "quality.json").read_text())[0]
     assert {"fd_real", "fd_fp32", "class_consistency"} <= set(row)
+
+
+def test_evaluation_traces_transformer_layers_without_the_fused_fast_path():
+    """torch 2.11 graph-breaks around the MHA fast path when the batch changes (layers then run in float)."""
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, t):
+            return self.layer(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+
+    seen = []
+
+    def sample(m, noise):
+        seen.append(torch.backends.mha.get_fastpath_enabled())
+        x = noise
+        for t in (900, 100):
+            x = x - 0.1 * m(x, torch.tensor(t))
+        return x
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    results = evaluate_case(EvalCase("tiny_tel", Denoiser, sample, (16, 12, 12), (-3.0, 3.0)), {"w8a8-int8": QuantConfig.preset("w8a8-int8")}, seeds=3, calib_samples=2, progress=False)
+    assert seen and not any(seen)
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    assert 15 < results[0].sqnr_mean_db < 60  # quantized (not an unquantized float layer's ~inf)

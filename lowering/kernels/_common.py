@@ -10,6 +10,7 @@ to run on CPU tensors in a process that cannot.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -160,6 +161,74 @@ def epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS: tl.constexpr, PER_
 
 
 # ---------------------------------------------------------------------------------------------
+# launching: traced calls go through the triton_op (Inductor inlines the kernel), eager calls launch directly
+
+
+def eager_call(x: torch.Tensor) -> bool:
+    """Whether a wrapper call runs eagerly on a plain tensor: not under ``torch.compile`` / export tracing (Dynamo,
+    or AOTAutograd's fake / functional tensors) and with no dispatch or function mode active.
+
+    Eager calls skip the ``torch.library`` dispatch of the ``triton_op`` (a Python boundary of tens of microseconds)
+    and launch through :func:`direct`; traced calls must reach the op, so that Inductor sees the kernels (its
+    functionalization decomposes a ``triton_op`` into ``wrap_triton`` launches it compiles with its own launcher)."""
+    return (
+        not torch.compiler.is_compiling()
+        and type(x) is torch.Tensor
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
+class DirectLauncher:
+    """Eager launches of a Triton kernel on its tensors' device, without the autotuner's per-call bookkeeping.
+
+    Triton launches on the *current* CUDA device's stream, so a call whose tensors live on another GPU (``cuda:1``
+    while the current device is 0) switches device for the launch. For a ``triton.autotune`` kernel the first
+    launch of an autotune key runs the autotuner (which benchmarks, or reads its disk cache); its choice is kept
+    per key, and later launches call the JIT function with it directly. The key is the values of the
+    autotuner's key arguments plus the dtypes of the tensor arguments, as Triton's own."""
+
+    def __init__(self, kernel):
+        self.autotuner = kernel if all(hasattr(kernel, a) for a in ("keys", "arg_names", "configs", "fn")) else None
+        self.kernel = kernel
+        if self.autotuner is not None:
+            names = list(kernel.arg_names)
+            self._key_pos = [(names.index(k), k) for k in kernel.keys]
+        self._resolved: dict[tuple, dict] = {}
+
+    def __getitem__(self, grid):
+        return functools.partial(self.run, grid)
+
+    def run(self, grid, *args, **kwargs):
+        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if dev is not None and dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return self._launch(grid, args, kwargs)
+        return self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        if self.autotuner is None:
+            return self.kernel[grid](*args, **kwargs)
+        n = len(args)
+        key = [args[i] if i < n else kwargs[k] for i, k in self._key_pos]
+        key += [a.dtype for a in args if isinstance(a, torch.Tensor)]
+        key = tuple(key)
+        opts = self._resolved.get(key)
+        if opts is None:
+            out = self.autotuner[grid](*args, **kwargs)
+            self._resolved[key] = self.autotuner.best_config.all_kwargs()
+            return out
+        return self.autotuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **opts)
+
+
+@functools.lru_cache(maxsize=None)
+def direct(kernel):
+    """``kernel`` launched eagerly through a :class:`DirectLauncher` (the eager counterpart of
+    ``torch.library.wrap_triton``, same ``[grid](*args, **kwargs)`` call)."""
+    return DirectLauncher(kernel)
+
+
+# ---------------------------------------------------------------------------------------------
 # host helpers
 
 
@@ -207,9 +276,25 @@ def check_scalar(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
         raise TypeError(f"{name} must be a one-element {dtype} tensor (a buffer, not a Python number), got {got}")
 
 
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without the dispatch when it already is fp32 (wrappers run per GEMM call)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(-1)`` without the dispatch when it already is 1-D."""
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 2-D (rows, features) tensor with unit stride in its last dim (a view where possible)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
+
+
 def row_major(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` with unit stride in its last dim (weights must already be contiguous)."""
-    if t.stride(-1) != 1:
+    if t.stride(-1) != 1 and t.shape[-1] != 1:  # a size-1 dim's stride is never used (torch may leave any value there)
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
     return t
 
@@ -225,6 +310,7 @@ def fused_bias(bias: torch.Tensor | None, bias_corr: torch.Tensor | None, n: int
             continue
         if b.numel() != n:
             raise ValueError(f"{name} must have {n} entries (one per output feature), got shape {tuple(b.shape)}")
-        b = b.reshape(n).float()
+        if b.dim() != 1 or b.dtype != torch.float32:  # (no-op calls skipped: each costs a dispatch per GEMM call)
+            b = b.reshape(n).float()
         out = b if out is None else out + b
     return out

@@ -1,6 +1,6 @@
 """Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills.
 
-``python -m qcompile.lowering.kernels.aot_check [fp8|int8|w4|conv ...]`` (in a process without
+``python -m qcompile.lowering.kernels.aot_check [fp8|tma|int8|w4|conv ...]`` (in a process without
 ``TRITON_INTERPRET``). The interpreter tests check the kernels' logic; this catches what only the
 GPU compiler sees: unsupported conversions, shared memory over the 227 KB limit, register spills
 (``STACK`` > 0) and loops that did not get software-pipelined (small ``smem``). Pointers and the
@@ -23,7 +23,8 @@ from triton.compiler import ASTSource
 from ._common import INTERPRET
 
 # the package re-exports functions named like their modules, so fetch the modules themselves
-conv, fp8_linear, int8_linear, w4_linear = (importlib.import_module(f"{__package__}.{m}") for m in ("conv", "fp8_linear", "int8_linear", "w4_linear"))
+conv, fp8_linear, fp8_tma, int8_linear, w4_linear = (importlib.import_module(f"{__package__}.{m}")
+                                                     for m in ("conv", "fp8_linear", "fp8_tma", "int8_linear", "w4_linear"))
 
 TARGET = GPUTarget("cuda", 90, 32)
 I32 = "i32"
@@ -63,6 +64,14 @@ def cases(which: set[str]):
         yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.PREQUANT_CONFIGS, lin_aligned
         yield "fp8 prequant, fp8 out", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), dict(flags, X_FP8=True, OUT_FP8=True, ACT=2), \
             fp8_linear.PREQUANT_CONFIGS[:1], lin_aligned
+    if "tma" in which and fp8_tma.HAS_TMA:  # the production (fp8-input) table, with and without the fp8-output epilogue
+        sig = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "as_ptr": "*fp32", "out_ptr": "*bf16",
+               "os_ptr": "*fp32", "M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_om": I32}
+        flags = dict(X_FP8=True, HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=False, NUM_SMS=132, WARP_SPEC=False)
+        aligned = ["M", "N", "K", "stride_xm", "stride_om"]
+        yield "fp8 tma", fp8_tma.fp8_linear_tma_kernel, sig, flags, fp8_tma.PROD_CONFIGS, aligned
+        yield "fp8 tma, fp8 out", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, ACT=2), \
+            fp8_tma.PROD_CONFIGS, aligned
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if INTERPRET:
         print("aot_check compiles for the GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    which = set(argv if argv else sys.argv[1:]) or {"fp8", "int8", "w4", "conv"}
+    which = set(argv if argv else sys.argv[1:]) or {"fp8", "tma", "int8", "w4", "conv"}
     failed = 0
     print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -26,6 +26,8 @@ from ._common import (
     check_launchable,
     check_scalar,
     check_tensor,
+    direct,
+    eager_call,
     config,
     fused_bias,
     quantize_fp8,
@@ -120,14 +122,7 @@ def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-@triton_op("qdiff::conv2d_w8a8", mutates_args=())
-def conv2d_w8a8_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor | None,
-                   bias: torch.Tensor | None, a_scale: torch.Tensor, a_zp: torch.Tensor | None,
-                   act_smooth: torch.Tensor | None, kh: int, kw: int, stride: list[int], padding: list[int],
-                   dilation: list[int], act: int) -> torch.Tensor:
-    """``x`` (B, C, H, W), any strides (channels-last is the fast one); ``w`` (N, KH*KW*C) tap-major,
-    fp8 (fp8 activations) or int8 (int8 activations, asymmetric when ``a_zp`` is given).
-    Returns ``(B*OH*OW, N)``."""
+def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=4)
     check_tensor(w, "weight", (torch.float8_e4m3fn, torch.int8), dim=2)
     a_fp8 = w.dtype == torch.float8_e4m3fn
@@ -167,7 +162,7 @@ def conv2d_w8a8_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, cols
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    wrap_triton(kernel)[grid](
+    wrap(kernel)[grid](
         x, w, w_scale, colsum if asym else w_scale, bias if bias is not None else w_scale, a_scale,
         a_zp if asym else a_scale, act_smooth if act_smooth is not None else w_scale, out,
         B, H, W, C, OH, OW, N, kw, kh * kw,
@@ -178,6 +173,17 @@ def conv2d_w8a8_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, cols
         EVEN_C=C % _C_MULTIPLE == 0, INTERPRET=INTERPRET,
     )
     return out
+
+
+@triton_op("qdiff::conv2d_w8a8", mutates_args=())
+def conv2d_w8a8_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor | None,
+                   bias: torch.Tensor | None, a_scale: torch.Tensor, a_zp: torch.Tensor | None,
+                   act_smooth: torch.Tensor | None, kh: int, kw: int, stride: list[int], padding: list[int],
+                   dilation: list[int], act: int) -> torch.Tensor:
+    """``x`` (B, C, H, W), any strides (channels-last is the fast one); ``w`` (N, KH*KW*C) tap-major,
+    fp8 (fp8 activations) or int8 (int8 activations, asymmetric when ``a_zp`` is given).
+    Returns ``(B*OH*OW, N)``."""
+    return _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act)
 
 
 @conv2d_w8a8_op.register_fake
@@ -210,8 +216,9 @@ def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bia
     else:
         colsum = None
     s = None if act_smooth is None else act_smooth.float().reshape(-1)
-    out = torch.ops.qdiff.conv2d_w8a8(xc, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, n), a_scale.float(), a_zp, s,
-                                      kh, kw, list(stride), list(padding), list(dilation), activation_code(act))
+    args = (xc, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, n), a_scale.float(), a_zp, s, kh, kw, list(stride),
+            list(padding), list(dilation), activation_code(act))
+    out = _conv2d_w8a8(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.conv2d_w8a8(*args)
     OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
     return out.view(B, OH, OW, n).permute(0, 3, 1, 2)

@@ -20,19 +20,25 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import fp8_tma
 from ._common import (
     FLOAT_DTYPES,
     INTERPRET,
     activation_code,
+    as_float,
     autotuned,
     check_launchable,
     check_scalar,
     check_tensor,
     configs_from,
+    direct,
+    eager_call,
     epilogue,
+    flat,
     fused_bias,
     quantize_fp8,
     row_major,
+    rows,
     store_tile,
     tile_ids,
 )
@@ -85,18 +91,18 @@ def fp8_linear_kernel(
     store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
 
 
-# Autotune tables: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) per M regime, H100-oriented (fp8 wgmma wants
-# BLOCK_K >= 32 and likes 128; 128x256 / 256x128 tiles need 8 warps). Short lists keep compile time down;
-# replace them with `python -m qcompile.gemm_tune --tables` output after a sweep. Every BLOCK_K divides 128,
-# so EVEN_K (no K masks) is K % 128 == 0.
+# Autotune tables: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, GROUP_M) per M regime: the winners of the
+# H200 sweep (docs/gemm_tune_h200.json, triton 3.6; `python -m qcompile.gemm_tune --tables --out docs/gemm_tune_h200.json`),
+# one or two per swept shape, most frequent first. Every BLOCK_K divides 128, so EVEN_K (no K masks) is K % 128 == 0.
 CONFIG_TABLE = {
-    "large": [  # bf16/fp16 input quantized in the prologue: 2-byte A tiles (sm_90 AOT: 256x128x128 s3 and 128x128x128 s3 w4 spill)
-        (128, 256, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4),
+    "large": [  # bf16/fp16 input quantized in the prologue (2-byte A tiles); (64, 64, ...) won at M = 240
+        (128, 256, 128, 3, 8, 16), (128, 256, 64, 4, 8, 8), (128, 256, 128, 3, 8, 8), (64, 64, 128, 4, 4, 8),
     ],
-    "large_prequant": [  # fp8 input (quantized by its producer): 1-byte A tiles, deeper pipelines fit
-        (128, 256, 128, 4, 8), (128, 256, 128, 3, 8), (256, 128, 128, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 5, 4),
+    "large_prequant": [  # fp8 input (quantized by its producer), when the TMA kernel does not apply (fp8_tma.py)
+        (256, 128, 64, 4, 8, 8), (128, 128, 128, 4, 8, 8), (128, 128, 128, 4, 4, 8), (128, 64, 128, 4, 4, 8),
     ],
-    "small": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4)],
+    # M <= 64: the sweep's M = 8 winners (bf16 / fp8 input); 64 x 64 covers M up to 64 in one row of tiles (not swept)
+    "small": [(16, 64, 128, 4, 4, 8), (16, 32, 128, 4, 4, 8), (64, 64, 128, 4, 4, 8)],
 }
 SMALL_M = 64  # M at or below this uses the "small" table
 
@@ -113,18 +119,22 @@ _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
 
 
 def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
-            out_scale: torch.Tensor | None = None) -> torch.Tensor:
+            out_scale: torch.Tensor | None, wrap) -> torch.Tensor:
+    """Allocate the output and launch: fp8 inputs of large GEMMs on the persistent TMA kernel (:func:`.fp8_tma.use_tma`),
+    everything else on :func:`fp8_linear_kernel`. ``wrap``: ``wrap_triton`` (inside the triton_ops) or :func:`direct`."""
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
     if M == 0:
         return out
+    if x_fp8 and fp8_tma.use_tma(x, w):
+        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap)
     kernel = _small if M <= SMALL_M else (_large_prequant if x_fp8 else _large)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    wrap_triton(kernel)[grid](
+    wrap(kernel)[grid](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale,
         act_smooth if act_smooth is not None else w_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K,
@@ -162,14 +172,24 @@ def _check_out(out_scale, out_dtype):
         raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
 
 
+def _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, wrap=wrap_triton):
+    _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES)
+    _check_out(out_scale, x.dtype)
+    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale, wrap)
+
+
+def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, wrap=wrap_triton):
+    _check(xq, w, w_scale, bias, a_scale, None, (FP8,))
+    _check_out(out_scale, out_dtype)
+    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale, wrap)
+
+
 @triton_op("qdiff::fp8_linear", mutates_args=())
 def fp8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   a_scale: torch.Tensor, act_smooth: torch.Tensor | None, act: int, out_scale: torch.Tensor | None) -> torch.Tensor:
     """2-D ``x`` (fp16/bf16/fp32) quantized in the prologue; output in x's dtype, or float8_e4m3fn
     quantized with ``out_scale`` (the next fp8 GEMM's activation scale) when it is given."""
-    _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES)
-    _check_out(out_scale, x.dtype)
-    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale)
+    return _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale)
 
 
 @fp8_linear_op.register_fake
@@ -181,10 +201,8 @@ def _(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale):
 def fp8_linear_prequant_op(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                            a_scale: torch.Tensor, act: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None) -> torch.Tensor:
     """2-D ``xq`` already float8_e4m3fn (quantized by its producer with ``a_scale``); output ``out_dtype``,
-    or float8_e4m3fn quantized with ``out_scale`` when it is given."""
-    _check(xq, w, w_scale, bias, a_scale, None, (FP8,))
-    _check_out(out_scale, out_dtype)
-    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale)
+    or float8_e4m3fn quantized with ``out_scale`` when it is given. Large GEMMs run the persistent TMA kernel."""
+    return _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale)
 
 
 @fp8_linear_prequant_op.register_fake
@@ -192,23 +210,19 @@ def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale):
     return xq.new_empty((xq.shape[0], w.shape[0]), dtype=FP8 if out_scale is not None else out_dtype)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
                act_smooth: torch.Tensor | None = None, act: str = "none", bias_corr: torch.Tensor | None = None,
                out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` of shape (..., K) -> (..., N); ``w`` float8 (N, K), ``w_scale`` fp32 per output channel.
 
-    ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype."""
+    ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype.
+    Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_linear``."""
     N = w.shape[0]
-    b = fused_bias(bias, bias_corr, N)
-    s = None if act_smooth is None else act_smooth.float().reshape(-1)
-    os_ = None if out_scale is None else out_scale.float()
-    out = torch.ops.qdiff.fp8_linear(_rows(x), w, w_scale.reshape(-1), b, a_scale.float(), s, activation_code(act), os_)
-    return out.reshape(*x.shape[:-1], N)
+    args = (rows(x), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale),
+            None if act_smooth is None else flat(as_float(act_smooth)), activation_code(act),
+            None if out_scale is None else as_float(out_scale))
+    out = _fp8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear(*args)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 
 def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
@@ -216,10 +230,10 @@ def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale``."""
     N = w.shape[0]
-    os_ = None if out_scale is None else out_scale.float()
-    out = torch.ops.qdiff.fp8_linear_prequant(_rows(xq), w, w_scale.reshape(-1), fused_bias(bias, bias_corr, N), a_scale.float(),
-                                              activation_code(act), out_dtype, os_)
-    return out.reshape(*xq.shape[:-1], N)
+    args = (rows(xq), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale), activation_code(act), out_dtype,
+            None if out_scale is None else as_float(out_scale))
+    out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
+    return out if xq.dim() == 2 else out.reshape(*xq.shape[:-1], N)
 
 
 def quantize_input_fp8(x: torch.Tensor, a_scale: torch.Tensor, act_smooth: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,6 +22,8 @@ from ._common import (
     check_launchable,
     check_scalar,
     check_tensor,
+    direct,
+    eager_call,
     configs_from,
     fused_bias,
     quantize_int8,
@@ -81,11 +83,11 @@ def int8_linear_kernel(
     store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
 
 
-# Autotune tables (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) as in fp8_linear (int8 wgmma has fp8's
-# shapes and peak; A tiles are bf16 before the prologue quantizes them). Replace from `gemm_tune --tables`.
+# Autotune tables (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, GROUP_M): the H200 sweep's winners
+# (docs/gemm_tune_h200.json; (16, 64, ...) won at M = 240 and M = 8). Regenerate with `gemm_tune --tables`.
 CONFIG_TABLE = {
-    "large": [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (128, 128, 128, 3, 4)],
-    "small": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4)],
+    "large": [(128, 256, 128, 3, 8, 8), (128, 256, 128, 3, 8, 16), (128, 256, 64, 4, 8, 8), (16, 64, 128, 4, 4, 8)],
+    "small": [(16, 64, 128, 4, 4, 8), (32, 128, 128, 4, 4, 8)],
 }
 LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
 SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
@@ -102,11 +104,7 @@ def weight_colsum(w: torch.Tensor) -> torch.Tensor:
     return w.sum(dim=1, dtype=torch.int32)
 
 
-@triton_op("qdiff::int8_linear", mutates_args=())
-def int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor | None,
-                   bias: torch.Tensor | None, a_scale: torch.Tensor, a_zp: torch.Tensor | None,
-                   act_smooth: torch.Tensor | None, act: int) -> torch.Tensor:
-    """2-D ``x`` quantized to int8 in the prologue; ``a_zp`` None for a symmetric quantizer (range +-127)."""
+def _int8_linear(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, act, wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=2)
     check_tensor(w, "weight", (torch.int8,), dim=2)
     N, K = w.shape
@@ -137,7 +135,7 @@ def int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, cols
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    wrap_triton(kernel)[grid](
+    wrap(kernel)[grid](
         x, w, w_scale, colsum if asym else w_scale, bias if bias is not None else w_scale, a_scale,
         a_zp if asym else a_scale, act_smooth if act_smooth is not None else w_scale, out,
         M, N, K,
@@ -147,6 +145,14 @@ def int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, cols
         EVEN_K=K % _K_MULTIPLE == 0, INTERPRET=INTERPRET,
     )
     return out
+
+
+@triton_op("qdiff::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor | None,
+                   bias: torch.Tensor | None, a_scale: torch.Tensor, a_zp: torch.Tensor | None,
+                   act_smooth: torch.Tensor | None, act: int) -> torch.Tensor:
+    """2-D ``x`` quantized to int8 in the prologue; ``a_zp`` None for a symmetric quantizer (range +-127)."""
+    return _int8_linear(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, act)
 
 
 @int8_linear_op.register_fake
@@ -171,6 +177,6 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: t
         if colsum is None:
             colsum = weight_colsum(w)
     s = None if act_smooth is None else act_smooth.float().reshape(-1)
-    out = torch.ops.qdiff.int8_linear(x2, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, N), a_scale.float(),
-                                      a_zp, s, activation_code(act))
+    args = (x2, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, N), a_scale.float(), a_zp, s, activation_code(act))
+    out = _int8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.int8_linear(*args)
     return out.reshape(*x.shape[:-1], N)

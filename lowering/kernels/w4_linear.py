@@ -35,6 +35,8 @@ from ._common import (
     check_launchable,
     check_scalar,
     check_tensor,
+    direct,
+    eager_call,
     INTERPRET_CONFIG,
     config,
     fused_bias,
@@ -223,13 +225,12 @@ WEIGHT_ONLY_LARGE = [  # 8 warps for 128x128+ tiles: 4 would spill the fp32 accu
     config(64, 128, 64, 4, 4),
     config(128, 64, 32, 5, 4),
 ]
-WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, long K tiles, many CTAs
-    config(16, 32, 128, 4, 4),
-    config(16, 64, 64, 4, 4),
-    config(16, 64, 128, 4, 4),
-    config(16, 128, 64, 4, 4),
+WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, many CTAs. H200 sweep winners at M = 1 / 16, int4
+    config(16, 64, 64, 4, 4),  # groups of 64 (docs/gemm_tune_h200.json), most frequent first; the last (BLOCK_K 128,
+    config(16, 32, 64, 4, 4),  # not swept) serves per-channel weights and groups of 128+
     config(32, 64, 64, 4, 4),
-    config(16, 64, 32, 4, 4),
+    config(16, 32, 32, 4, 4),
+    config(16, 64, 128, 4, 4),
 ]
 W4A8_LARGE = [  # a per-tile partial product next to the accumulator: no 128x256 tiles (they spill)
     config(128, 128, 64, 4, 8),
@@ -246,7 +247,12 @@ W4A8_SMALL = [
 SMALL_M = 64
 # Split-K GEMV path for M <= SPLITK_MAX_M (weight-bandwidth-bound): BLOCK_N columns x every SPLIT-th K tile per
 # program, SPLIT chosen so that about CTAS_PER_SM programs per SM stream the weight; no autotuning (one compile).
-SPLITK_MAX_M = 16
+# OFF (0): on the H200 (docs/gemm_tune_h200.json, M = 1 / 16, int4 groups of 64, 4 weight shapes) its best config
+# took 24.8-78 us per call in do_bench vs 12.3-31.8 us for the plain W4A16 kernel: slower at all 8 shapes, because
+# its two launches each pay the host-side launch cost that dominates these ~10-us GEMMs. Its GPU time alone is lower
+# (6.2-10.8 us vs 7.9-21.1 us under a CUDA graph, 7 of 8 shapes), so it can pay off under CUDA graphs
+# (mode="reduce-overhead"); re-enable (16) only with an end-to-end measurement there.
+SPLITK_MAX_M = 0
 SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
@@ -313,10 +319,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def splitk_plan(M: int, N: int, K: int, group: int, device: torch.device, cfg: dict | None = None) -> dict | None:
-    """Launch parameters of the split-K path for this shape (None when it does not apply)."""
+def splitk_plan(M: int, N: int, K: int, group: int, device: torch.device, cfg: dict | None = None,
+                max_m: int | None = None) -> dict | None:
+    """Launch parameters of the split-K path for this shape (None when it does not apply: M above ``max_m``,
+    default :data:`SPLITK_MAX_M`, which is 0, i.e. off in production)."""
     cfg = cfg or SPLITK_CONFIG
-    if M > SPLITK_MAX_M or M == 0:
+    if M > (SPLITK_MAX_M if max_m is None else max_m) or M == 0:
         return None
     bk = cfg["block_k"] if group == 0 else min(cfg["block_k"], group)
     if group and group % bk:
@@ -346,10 +354,7 @@ def _splitk(x, w, w_scale, bias, K, k_stored, group, int4, act, plan, wrap=wrap_
     return out
 
 
-@triton_op("qdiff::weight_only_linear", mutates_args=())
-def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                          K: int, group_size: int, int4: bool, act: int) -> torch.Tensor:
-    """2-D float ``x`` times an int4-packed (``int4``) or int8 weight; ``group_size`` 0 = per channel."""
+def _weight_only_linear(x, w, w_scale, bias, K, group_size, int4, act, wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=2)
     if not int4 and group_size:
         raise ValueError("int8 weights are per-channel only")
@@ -360,7 +365,7 @@ def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
     if x.stride(1) == 1:
         plan = splitk_plan(x.shape[0], N, K, group_size, x.device)
         if plan is not None:
-            return _splitk(x, w, w_scale, bias, K, k_stored, group_size, int4, act, plan)
+            return _splitk(x, w, w_scale, bias, K, k_stored, group_size, int4, act, plan, wrap=wrap)
     found = _kernel("weight_only", group_size, x.shape[0] <= SMALL_M)
     if found is None:
         raise ValueError(f"no kernel configuration for int4 groups of {group_size} (need a multiple of 32)")
@@ -369,7 +374,7 @@ def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    wrap_triton(kernel)[_grid(M, N)](
+    wrap(kernel)[_grid(M, N)](
         x, w, w_scale, bias if bias is not None else w_scale, out,
         M, N, K, k_stored,
         x.stride(0), x.stride(1), w.stride(0), w_scale.stride(0), out.stride(0), out.stride(1),
@@ -379,16 +384,19 @@ def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
     return out
 
 
+@triton_op("qdiff::weight_only_linear", mutates_args=())
+def weight_only_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                          K: int, group_size: int, int4: bool, act: int) -> torch.Tensor:
+    """2-D float ``x`` times an int4-packed (``int4``) or int8 weight; ``group_size`` 0 = per channel."""
+    return _weight_only_linear(x, w, w_scale, bias, K, group_size, int4, act)
+
+
 @weight_only_linear_op.register_fake
 def _(x, w, w_scale, bias, K, group_size, int4, act):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
-@triton_op("qdiff::w4a8_linear", mutates_args=())
-def w4a8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                   a_scale: torch.Tensor, a_zp: torch.Tensor | None, act_smooth: torch.Tensor | None,
-                   K: int, group_size: int, a_fp8: bool, act: int) -> torch.Tensor:
-    """2-D float ``x`` quantized in the prologue (int8, asymmetric when ``a_zp`` is given, or fp8) times an int4 weight."""
+def _w4a8_linear(x, w, w_scale, bias, a_scale, a_zp, act_smooth, K, group_size, a_fp8, act, wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=2)
     N, k_stored = _check_weight(x, w, w_scale, group_size, True, K)
     if bias is not None:
@@ -410,7 +418,7 @@ def w4a8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    wrap_triton(kernel)[_grid(M, N)](
+    wrap(kernel)[_grid(M, N)](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale, a_zp if asym else a_scale,
         act_smooth if act_smooth is not None else w_scale, out,
         M, N, K, k_stored,
@@ -420,6 +428,14 @@ def w4a8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias
         EVEN_K=K % k_multiple == 0 and K == k_stored, INTERPRET=INTERPRET,
     )
     return out
+
+
+@triton_op("qdiff::w4a8_linear", mutates_args=())
+def w4a8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   a_scale: torch.Tensor, a_zp: torch.Tensor | None, act_smooth: torch.Tensor | None,
+                   K: int, group_size: int, a_fp8: bool, act: int) -> torch.Tensor:
+    """2-D float ``x`` quantized in the prologue (int8, asymmetric when ``a_zp`` is given, or fp8) times an int4 weight."""
+    return _w4a8_linear(x, w, w_scale, bias, a_scale, a_zp, act_smooth, K, group_size, a_fp8, act)
 
 
 @w4a8_linear_op.register_fake
@@ -438,8 +454,8 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
     if wfmt not in ("int4", "int8"):
         raise ValueError(f"weight-only kernel takes int4 or int8 weights, not {wfmt!r}")
     N, K = w.shape[0], x.shape[-1]
-    out = torch.ops.qdiff.weight_only_linear(_as_2d(x), w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), K,
-                                             group_size or 0, wfmt == "int4", activation_code(act))
+    args = (_as_2d(x), w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), K, group_size or 0, wfmt == "int4", activation_code(act))
+    out = _weight_only_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.weight_only_linear(*args)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -452,6 +468,7 @@ def w4a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: t
     N, K = w.shape[0], x.shape[-1]
     s = None if act_smooth is None else act_smooth.float().reshape(-1)
     zp = None if a_zp is None else a_zp.to(torch.int32)
-    out = torch.ops.qdiff.w4a8_linear(_as_2d(x), w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), a_scale.float(), zp, s,
-                                      K, group_size or 0, afmt == "fp8_e4m3", activation_code(act))
+    args = (_as_2d(x), w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), a_scale.float(), zp, s, K, group_size or 0,
+            afmt == "fp8_e4m3", activation_code(act))
+    out = _w4a8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.w4a8_linear(*args)
     return out.reshape(*x.shape[:-1], N)

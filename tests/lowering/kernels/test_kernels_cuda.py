@@ -161,3 +161,84 @@ def test_triton_ops_compile_through_inductor(fmt, mode, gen):
         outs = [compiled(x).clone() for _ in range(3)]
     assert torch.equal(outs[1], outs[2])
     assert rel_err(eager, outs[2]) < 1e-2
+
+
+def _fp8_prequant_case(m, k, n, gen):
+    from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
+
+    w = torch.randn(n, k, device="cuda", generator=gen) * k**-0.5
+    x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=gen) * 0.1
+    qw = quant(w, "fp8_e4m3", "linear", None)
+    s, z = _qparams(x.float(), "fp8_e4m3", False)
+    ref = reference.qlinear(x.float(), qw.data, qw.scale, b, s, z, wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape,
+                            afmt="fp8_e4m3")
+    return quantize_input_fp8(x, s), qw, b, s, ref
+
+
+def _tma_expected() -> bool:
+    from qcompile.lowering.kernels import fp8_tma
+
+    return fp8_tma.HAS_TMA and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.parametrize("m,k,n", [(8192, 1152, 3456), (8192, 4608, 1152), (2048, 640, 5120), (1024, 512, 528), (240, 1152, 1152)])
+@pytest.mark.parametrize("out_fp8", [False, True])
+def test_fp8_prequant_route_matches_reference(m, k, n, out_fp8, gen):
+    """fp8 inputs of large GEMMs take the persistent TMA kernel (Hopper, Triton >= 3.4), others the tiled kernel;
+    both against the reference, with the fp8-output epilogue too. (1024 x 512 x 528: a partial last N tile.)"""
+    from qcompile.lowering.kernels import fp8_linear_prequant, fp8_tma
+    from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
+
+    xq, qw, b, s, ref = _fp8_prequant_case(m, k, n, gen)
+    w = qw.data.view(torch.float8_e4m3fn)
+    assert fp8_tma.use_tma(xq, w) == (_tma_expected() and m >= fp8_tma.TMA_MIN_M)
+    s_out = (ref.abs().amax() / 448).reshape(()) if out_fp8 else None
+    poison(m * n * 2)
+    out = fp8_linear_prequant(xq, w, qw.scale, b, s, torch.bfloat16, out_scale=s_out)
+    torch.cuda.synchronize()
+    if out_fp8:
+        assert out.dtype == torch.float8_e4m3fn
+        assert (out.float() == quantize_input_fp8(ref, s_out).float()).float().mean() > 0.97
+    else:
+        assert torch.isfinite(out).all(), "kernel left output elements unwritten (NaN poison)"
+        assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
+
+
+def test_fp8_tma_op_is_inlined_by_inductor(gen):
+    """Compiled, the prequant op is decomposed into its Triton launch: Inductor's output code launches our kernel
+    (TMA at this size on Hopper) with its own launcher, and no ``torch.ops.qdiff`` call (a Python op) remains."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qcompile.lowering.kernels import fp8_linear_prequant
+
+    xq, qw, b, s, ref = _fp8_prequant_case(2048, 1152, 1152, gen)
+    w, ws = qw.data.view(torch.float8_e4m3fn), qw.scale.reshape(-1)
+
+    def f(xq):
+        return F.gelu(fp8_linear_prequant(xq, w, ws, b, s, torch.bfloat16)) + 1.0
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), xq)
+    code = "\n".join(codes)
+    assert "torch.ops.qdiff" not in code
+    assert ("fp8_linear_tma_kernel" if _tma_expected() else "fp8_linear_kernel") in code
+    assert rel_err(F.gelu(ref) + 1.0, out) < REL_TO_REFERENCE["fp8"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "w4a16"])
+def test_eager_kernels_launch_on_their_tensors_gpu(fmt, gen):
+    """Tensors on cuda:1 while the current device is cuda:0 (Triton launches on the current device's stream)."""
+    wfmt, afmt, asym, group = FORMATS[fmt]
+    w = torch.randn(256, 512, device="cuda", generator=gen) * 512**-0.5
+    x = torch.randn(64, 512, device="cuda", generator=gen).to(torch.bfloat16)
+    qw = quant(w, wfmt, "linear", group)
+    s, z = _qparams(x.float(), afmt or "int8", asym)
+    kw = dict(wfmt=wfmt, group_size=group, weight_shape=qw.shape, afmt=afmt, asym=asym)
+    on0 = triton_lowering.qlinear(x, qw.data, qw.scale, None, s, z, **kw)
+    assert torch.cuda.current_device() == 0
+    to1 = lambda t: t.to("cuda:1")  # noqa: E731
+    on1 = triton_lowering.qlinear(to1(x), to1(qw.data), to1(qw.scale), None, to1(s), to1(z), **kw)
+    assert on1.device == torch.device("cuda:1") and torch.equal(on1.cpu(), on0.cpu())

@@ -69,11 +69,13 @@ def test_storage_mismatch_is_reported():
         (3, 200, None, "int8", torch.bfloat16),  # W8A16
     ],
 )
-def test_small_m_split_k_path_matches_reference(m, k, group, fmt, dtype):
+def test_small_m_split_k_path_matches_reference(m, k, group, fmt, dtype, monkeypatch):
     import torch.nn.functional as F
 
+    from qcompile.lowering.kernels import w4_linear
     from qcompile.lowering.kernels.w4_linear import splitk_plan
 
+    monkeypatch.setattr(w4_linear, "SPLITK_MAX_M", 16)  # off in production (see its comment); the kernel stays tested
     qw, w, ws = _qw(72, k, fmt, group)
     plan = splitk_plan(m, 72, k, group or 0, DEVICE, {"block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 1, "ctas_per_sm": 4})
     assert plan is not None and plan["split"] > 1
@@ -88,7 +90,9 @@ def test_small_m_split_k_path_matches_reference(m, k, group, fmt, dtype):
 def test_split_k_plan_covers_the_gpu_and_only_small_m():
     from qcompile.lowering.kernels.w4_linear import SPLITK_MAX_M, splitk_plan
 
-    p = splitk_plan(1, 4608, 1152, 64, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    p = splitk_plan(1, 4608, 1152, 64, cpu, max_m=16)
     assert p["block_k"] == 64 and p["split"] == min(1152 // 64, -(-4 * 4 // (4608 // 64)))
-    assert splitk_plan(SPLITK_MAX_M + 1, 4608, 1152, 64, torch.device("cpu")) is None
-    assert splitk_plan(1, 64, 4096, 0, torch.device("cpu"))["split"] > 1  # narrow N: many K splits
+    assert splitk_plan(17, 4608, 1152, 64, cpu, max_m=16) is None
+    assert splitk_plan(1, 64, 4096, 0, cpu, max_m=16)["split"] > 1  # narrow N: many K splits
+    assert SPLITK_MAX_M == 0 and splitk_plan(1, 4608, 1152, 64, cpu) is None  # off in production (measured: slower)
