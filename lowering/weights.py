@@ -1,4 +1,4 @@
-"""Quantized weight storage: symmetric per-output-channel or group-wise, INT8 / INT6 / INT4 / FP8 e4m3.
+"""Quantized weight storage: symmetric per-output-channel or group-wise, INT8 / INT6 / INT5 / INT4 / FP8 e4m3.
 
 Weights are kept in a GEMM layout: a matrix of ``(out_features, K)`` where ``K`` is everything a
 single output reduces over (``in_features``, or ``in_channels/groups * kh * kw`` for convs, in
@@ -52,7 +52,7 @@ class QuantizedWeight:
     """A quantized weight: storage tensor, float32 scales and what is needed to undo the layout."""
 
     fmt: str  # Format value
-    data: torch.Tensor  # int8 (INT8, INT6 in [-32, 31]), uint8 packed (INT4) or float8_e4m3fn (FP8), (out, K[pad])
+    data: torch.Tensor  # int8 (INT8, INT6 in [-32, 31], INT5 in [-16, 15]), uint8 packed (INT4) or float8_e4m3fn (FP8), (out, K[pad])
     scale: torch.Tensor  # float32 (out, n_groups); n_groups == 1 for per-channel
     shape: tuple[int, ...]  # the original weight's shape
     kind: str  # OpKind value (layout)

@@ -36,7 +36,7 @@ from .config import CANDIDATE_BITS, Estimator, FirstLastPolicy, OpKind
 from .errors import CalibrationError
 from .graph import prepare
 from .lowering.weights import smooth_weight, to_matrix
-from .passes.allocate import AllocationRecord, RDTable, lagrangian_allocate
+from .passes.allocate import AllocationRecord, RDTable, exact_allocate, lagrangian_allocate
 from .passes.annotate import Annotation
 from .passes.convert import QuantizedOp, convert
 from .passes.sites import META_KEY, Site
@@ -139,15 +139,16 @@ class SwitchOp(torch.nn.Module):
         self.float_op = float_op
         self.quantized: list[fx.GraphModule] | None = None
 
-    def use(self, ops: list[QuantizedOp] | None, device: torch.device) -> None:
+    def use(self, ops: list[QuantizedOp | None] | None, device: torch.device) -> None:
+        """Run ``ops[g]`` in timestep group ``g`` (None, or a None entry: the float op)."""
         if ops is None:
             self.quantized = None
             return
-        self.quantized = [convert(copy.deepcopy(self.float_op), {self.site.key: q}, device) for q in ops]
+        self.quantized = [None if q is None else convert(copy.deepcopy(self.float_op), {self.site.key: q}, device) for q in ops]
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         owner = self.owner[0]
-        op = self.float_op if self.quantized is None else self.quantized[owner.group]
+        op = self.float_op if self.quantized is None or self.quantized[owner.group] is None else self.quantized[owner.group]
         out = op(*inputs)
         if owner.capture is not None:
             if not out.requires_grad:
@@ -421,7 +422,19 @@ class BitAllocator:
         return self.measure() if estimator is Estimator.MEASURED else self.fisher()
 
     def rd_tables(self, tables: dict[str, dict[str, list[float]]]) -> list[RDTable]:
-        """Group-weighted ``D_n(b)`` and ``R_n(b) = bits x params`` per node."""
+        """The allocation's tables: per node, group-weighted ``D_n(b)`` and ``R_n(b) = bits x params``.
+
+        With ``per_group`` one table per (node, group) pair, keyed ``node@g``: ``w_g D_{n,g}(b)`` and
+        ``w_g bits(b) params``, so one budget (the call-weighted average bits over groups) spans all groups.
+        """
+        if self.spec.per_group:
+            return [
+                RDTable(
+                    f"{key}@{g}", tuple(cands), [w * CANDIDATE_BITS[c] * self.params[key] for c in cands],
+                    [w * tables[key][c][g] for c in cands],
+                )
+                for key, cands in self.candidates.items() for g, w in enumerate(self.group_weights)
+            ]
         return [
             RDTable(
                 key, tuple(cands), [CANDIDATE_BITS[c] * self.params[key] for c in cands],
@@ -430,17 +443,51 @@ class BitAllocator:
             for key, cands in self.candidates.items()
         ]
 
+    def group_choices(self, options: dict[str, str]) -> dict[str, list[str]]:
+        """Per node, the candidate of every group, from the options chosen for :meth:`rd_tables`' keys."""
+        groups = len(self.group_weights)
+        if self.spec.per_group:
+            return {key: [options[f"{key}@{g}"] for g in range(groups)] for key in self.candidates}
+        return {key: [options[key]] * groups for key in self.candidates}
+
     @property
     def total_params(self) -> int:
         return sum(self.params.values())
 
-    def measure_choice(self, choice: dict[str, str]) -> float:
-        """Measured group-weighted output distortion with every node quantized as ``choice`` says."""
-        for key, c in choice.items():
-            self.model.use(key, self.ops[key][c])
-        per_group = self.model.distortions()
+    def measure_choice(self, choices: dict[str, str | list[str]]) -> float:
+        """Measured group-weighted output distortion with every node quantized as ``choices`` says
+        (a candidate for all groups, or a list of one per group)."""
+        for key, per_group in choices.items():
+            if isinstance(per_group, str):
+                per_group = [per_group] * len(self.group_weights)
+            self.model.use(key, [None if self.ops[key][c] is None else self.ops[key][c][g] for g, c in enumerate(per_group)])
+        per_group_d = self.model.distortions()
         self.model.reset()
-        return sum(w * d for w, d in zip(self.group_weights, per_group))
+        return sum(w * d for w, d in zip(self.group_weights, per_group_d))
+
+    def node_plan(self, key: str, choices: list[str]) -> NodePlan:
+        """The node's plan for one candidate per group: the candidate's own plan where all groups agree,
+        else the groups' weights and bias corrections (groups sharing a candidate share its weight)."""
+        per = self.plans[key]
+        if len(set(choices)) == 1:
+            return per[choices[0]]
+        base = next(per[c] for c in choices if per[c].quantized)
+        corr = None
+        if base.bias_correction is not None:
+            rows = [per[c].bias_correction[g] if per[c].bias_correction is not None else torch.zeros_like(base.bias_correction[g]) for g, c in enumerate(choices)]
+            corr = torch.stack(rows)
+        weights = [per[c].weight for c in choices]
+        return replace(base, weight=next(w for w in weights if w is not None), group_weights=weights, bias_correction=corr)
+
+    def exact_check(self, rd: list[RDTable], budget: float, steps: int = 20000) -> dict[str, Any]:
+        """The exact optimum (integer DP at ``budget / steps`` rate resolution) at the same budget, for the gap report."""
+        t0 = time.perf_counter()
+        unit = budget / steps
+        try:
+            exact = exact_allocate(rd, budget, unit=unit)
+        except ValueError as e:  # rates rounded up to whole units may not fit a tight budget
+            return {"exact_dp_error": str(e)}
+        return {"exact_dp_distortion": exact.distortion, "exact_dp_rate": exact.rate, "exact_dp_unit": unit, "exact_dp_s": time.perf_counter() - t0}
 
     # -- the whole step ---------------------------------------------------------------------
     def run(self) -> tuple[dict[str, NodePlan], AllocationRecord]:
@@ -461,18 +508,25 @@ class BitAllocator:
                 f"{type(self.session.model).__name__} (first/last ops kept at >= 8 bits by first_last='8bit' count too); "
                 "raise the budget or set first_last='quantize'"
             ) from e
-        choice = alloc.options(rd)
-        measured = self.measure_choice(choice)
+        choices = self.group_choices(alloc.options(rd))
+        alloc_s = time.perf_counter() - t0
+        measured = self.measure_choice(choices)
+        solver = {"lagrangian_rate": alloc.rate, **self.exact_check(rd, budget)}
+        per_group = self.spec.per_group
         record = AllocationRecord(
             self.budget_bits, estimator.value, list(self.spec.candidates), self.group_weights,
             {
-                key: {"choice": choice[key], "bits": CANDIDATE_BITS[choice[key]], "params": self.params[key], "distortion": self.tables[key]}
+                key: {
+                    "choice": choices[key] if per_group else choices[key][0],
+                    "bits": sum(w * CANDIDATE_BITS[c] for w, c in zip(self.group_weights, choices[key])) if per_group else CANDIDATE_BITS[choices[key][0]],
+                    "params": self.params[key], "distortion": self.tables[key],
+                }
                 for key in self.candidates
             },
             alloc.lam, alloc.distortion, measured, self.model.forwards, self.model.backwards,
-            self.setup_s + time.perf_counter() - t0, [len(g) for g in self.model.calls],
+            self.setup_s + alloc_s, [len(g) for g in self.model.calls], per_group, solver,
         )
-        return {key: self.plans[key][c] for key, c in choice.items()}, record
+        return {key: self.node_plan(key, c) for key, c in choices.items()}, record
 
     def close(self) -> None:
         self.model.close()

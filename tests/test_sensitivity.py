@@ -110,7 +110,7 @@ def test_allocation_record_is_validated_on_load(toy, tmp_path):
     def lie(doc, tensors):
         doc["allocation"]["nodes"][key]["choice"] = "int8"
     _rewrite(path, lie)
-    with pytest.raises(PlanFileError, match=f"node '{key}' holds int4 weight but its bit allocation chose int8"):
+    with pytest.raises(PlanFileError, match=f"node '{key}' holds int4g64 weight in group 0 but its bit allocation chose int8"):
         QuantPlan.load(path)
 
 
