@@ -143,7 +143,8 @@ def _rd_variants(w4: QuantConfig) -> dict[str, QuantConfig]:
         "w4g32a8": w4.replace(weight=WeightSpec(Format.INT4, group_size=32), name="w4g32a8"),
     }
     for name, k, per_group in (("mixed-4.5a8-nobf16", 1, False), ("mixed-4.5a8-nobf16-k10", 10, True), ("mixed-4.5a8-nobf16-k10-shared", 10, False)):
-        out[name] = w4.replace(weight_bit_budget=4.5, timestep_groups=k, allocation=AllocationSpec(candidates=nobf16, per_group=per_group), name=name)
+        spec = AllocationSpec(candidates=nobf16, per_group=per_group, calls_per_group=4 if k == 1 else 2)  # 20 kept calls with 10 groups
+        out[name] = w4.replace(weight_bit_budget=4.5, timestep_groups=k, allocation=spec, name=name)
     out["mixed-4.5a8-nobf16-fisher"] = w4.replace(
         weight_bit_budget=4.5, allocation=AllocationSpec(candidates=nobf16, estimator="fisher"), name="mixed-4.5a8-nobf16-fisher"
     )
