@@ -64,9 +64,12 @@ class WeightSpec:
     group_size: int | None = None  # None: one scale per output channel
     clip_search: bool = True  # search per-channel/group clipping for minimal (importance-weighted) MSE
     min_clip: float = 0.8  # smallest clipping ratio of the absolute maximum the search may pick
+    gptq: bool = False  # integer linear weights: round column by column, compensating the error with the input Hessian
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
+        if self.gptq and not self.fmt.is_int:
+            raise ConfigError(f"gptq applies to integer weights, not {self.fmt.value}")
         if not 0.0 < self.min_clip <= 1.0:
             raise ConfigError(f"min_clip must be in (0, 1], got {self.min_clip}")
         if self.group_size is not None:
@@ -187,7 +190,7 @@ class AllocationSpec:
             return None
         if candidate == "int4" and base.fmt is Format.INT4 and base.group_size:
             group = base.group_size
-        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip)
+        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, base.gptq and Format(fmt).is_int)
 
 
 _ALL_OPS = frozenset(OpKind)

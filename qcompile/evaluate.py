@@ -10,6 +10,7 @@ consistency (``qcompile/fdist.py``). Writes JSON, a markdown table and per-step 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -145,6 +146,11 @@ def _rd_variants(w4: QuantConfig) -> dict[str, QuantConfig]:
     for name, k, per_group in (("mixed-4.5a8-nobf16", 1, False), ("mixed-4.5a8-nobf16-k10", 10, True), ("mixed-4.5a8-nobf16-k10-shared", 10, False)):
         spec = AllocationSpec(candidates=nobf16, per_group=per_group, calls_per_group=4 if k == 1 else 2)  # 20 kept calls with 10 groups
         out[name] = w4.replace(weight_bit_budget=4.5, timestep_groups=k, allocation=spec, name=name)
+    gptq = lambda spec: dataclasses.replace(spec, gptq=True)  # noqa: E731  error-compensating rounding of linear weights
+    out["w4a8-gptq"] = w4.replace(weight=gptq(w4.weight), name="w4a8-gptq")
+    out["w6a8-gptq"] = w4.replace(weight=WeightSpec(Format.INT6, gptq=True), name="w6a8-gptq")
+    for name in ("mixed-4.5a8-nobf16", "mixed-4.5a8-nobf16-k10"):
+        out[f"{name}-gptq"] = out[name].replace(weight=gptq(w4.weight), name=f"{name}-gptq")
     out["mixed-4.5a8-nobf16-fisher"] = w4.replace(
         weight_bit_budget=4.5, allocation=AllocationSpec(candidates=nobf16, estimator="fisher"), name="mixed-4.5a8-nobf16-fisher"
     )
