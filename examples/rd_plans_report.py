@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 from qcompile import QuantPlan
-from qcompile.rdreport import plot_bits_per_layer
+from qcompile.rdreport import plot_bits_per_layer, record_tables
+from qcompile.sensitivity import exact_check
 
 
 def row(path: Path, img: Path | None) -> str:
@@ -22,8 +23,9 @@ def row(path: Path, img: Path | None) -> str:
     rec = plan.allocation
     if rec is None:
         return f"| {path.stem} | (no allocation) |"
-    dp = rec.solver.get("exact_dp_distortion")
-    gap = "-" if not dp else f"{100 * (rec.predicted / dp - 1):+.2f}%"
+    check = exact_check(record_tables(rec), rec.budget_bits * rec.total_params)  # recomputed: older records used a coarser DP
+    dp = check.get("exact_dp_distortion")
+    gap = "-" if not dp else f"{100 * (rec.predicted / dp - 1):+.2f}%" + ("" if check["exact_dp_exact"] else " (DP approx.)")
     temporal = sum(len(set(rec.group_choices(k))) > 1 for k in rec.nodes)
     counts: dict[str, int] = {}
     for k in rec.nodes:

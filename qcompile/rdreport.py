@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from .config import CANDIDATE_BITS
+from .passes.allocate import AllocationRecord, RDTable
 from .plan import QuantPlan
 
 
@@ -40,6 +41,22 @@ def _ranks(v: Sequence[float]) -> list[float]:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (Pearson of the ranks)."""
     return pearson(_ranks(list(x)), _ranks(list(y)))
+
+
+def record_tables(rec: AllocationRecord) -> list[RDTable]:
+    """The allocation's tables rebuilt from a plan's record (per (node, group) pair with ``per_group``)."""
+    w = rec.group_weights
+    if rec.per_group:
+        return [
+            RDTable(f"{k}@{g}", tuple(n["distortion"]), [wg * CANDIDATE_BITS[c] * n["params"] for c in n["distortion"]],
+                    [wg * n["distortion"][c][g] for c in n["distortion"]])
+            for k, n in rec.nodes.items() for g, wg in enumerate(w)
+        ]
+    return [
+        RDTable(k, tuple(n["distortion"]), [CANDIDATE_BITS[c] * n["params"] for c in n["distortion"]],
+                [sum(a * b for a, b in zip(w, n["distortion"][c])) for c in n["distortion"]])
+        for k, n in rec.nodes.items()
+    ]
 
 
 def bits_matrix(plan: QuantPlan) -> tuple[list[str], list[list[str]]]:

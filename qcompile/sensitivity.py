@@ -296,6 +296,28 @@ class SwitchableModel:
         self.calls = []
 
 
+# -- the exact optimum, for the Lagrangian's gap ---------------------------------------------
+def exact_check(rd: list[RDTable], budget: float, cells: float = 5e7) -> dict[str, Any]:
+    """The exact DP optimum at the same budget, for the gap report.
+
+    Exact when every rate is a multiple of a common unit (their rational GCD) and the DP table
+    (tables x budget/unit) has at most ``cells`` entries; else at the resolution that fits (rates rounded up).
+    """
+    t0 = time.perf_counter()
+    fracs = [Fraction(r).limit_denominator(10_000) for t in rd for r in t.rates]
+    den = math.lcm(*(f.denominator for f in fracs))
+    unit = math.gcd(*(int(f * den) for f in fracs)) / den
+    exact = all(abs(float(f) - r) <= 1e-9 * max(r, 1.0) for f, r in zip(fracs, (r for t in rd for r in t.rates)))
+    if not exact or unit <= 0 or budget / unit * len(rd) > cells:
+        exact, unit = False, budget * len(rd) / cells
+    try:
+        dp = exact_allocate(rd, budget, unit=unit)
+    except ValueError as e:  # rates rounded up to whole units may not fit a tight budget
+        return {"exact_dp_error": str(e)}
+    return {"exact_dp_distortion": dp.distortion, "exact_dp_rate": dp.rate, "exact_dp_unit": unit, "exact_dp_exact": exact,
+            "exact_dp_s": time.perf_counter() - t0}
+
+
 # -- allocation at calibration time -----------------------------------------------------------
 class BitAllocator:
     """Candidates, distortion tables and the allocation for one calibration session.
@@ -443,26 +465,6 @@ class BitAllocator:
         weights = [per[c].weight for c in choices]
         return replace(base, weight=next(w for w in weights if w is not None), group_weights=weights, bias_correction=corr)
 
-    def exact_check(self, rd: list[RDTable], budget: float, cells: float = 5e7) -> dict[str, Any]:
-        """The exact DP optimum at the same budget, for the gap report.
-
-        Exact when every rate is a multiple of a common unit (their rational GCD) and the DP table
-        (tables x budget/unit) has at most ``cells`` entries; else at the resolution that fits (rates rounded up).
-        """
-        t0 = time.perf_counter()
-        fracs = [Fraction(r).limit_denominator(10_000) for t in rd for r in t.rates]
-        den = math.lcm(*(f.denominator for f in fracs))
-        unit = math.gcd(*(int(f * den) for f in fracs)) / den
-        exact = all(abs(float(f) - r) <= 1e-9 * max(r, 1.0) for f, r in zip(fracs, (r for t in rd for r in t.rates)))
-        if not exact or unit <= 0 or budget / unit * len(rd) > cells:
-            exact, unit = False, budget * len(rd) / cells
-        try:
-            dp = exact_allocate(rd, budget, unit=unit)
-        except ValueError as e:  # rates rounded up to whole units may not fit a tight budget
-            return {"exact_dp_error": str(e)}
-        return {"exact_dp_distortion": dp.distortion, "exact_dp_rate": dp.rate, "exact_dp_unit": unit, "exact_dp_exact": exact,
-                "exact_dp_s": time.perf_counter() - t0}
-
     # -- the whole step ---------------------------------------------------------------------
     def run(self) -> tuple[dict[str, NodePlan], AllocationRecord]:
         """Measure (or estimate) the tables, allocate to the budget, measure the result; (node plans, record)."""
@@ -485,7 +487,7 @@ class BitAllocator:
         choices = self.group_choices(alloc.options(rd))
         alloc_s = time.perf_counter() - t0
         measured = self.measure_choice(choices)
-        solver = {"lagrangian_rate": alloc.rate, **self.exact_check(rd, budget)}
+        solver = {"lagrangian_rate": alloc.rate, **exact_check(rd, budget)}
         per_group = self.spec.per_group
         record = AllocationRecord(
             self.budget_bits, estimator.value, list(self.spec.candidates), self.group_weights,
