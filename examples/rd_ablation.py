@@ -121,7 +121,7 @@ def study(name: str, seeds: int, calib_samples: int, calls: int, n_random: int, 
     measured_f = al.measure_choice(choice_f)
     fisher_acc = {
         "spearman": spearman(*zip(*pairs)), "pearson_log": pearson(*([math.log10(max(v, 1e-30)) for v in c] for c in zip(*pairs))),
-        "wall_s": fisher_s, "backward_passes": backwards, "unexposed_nodes": list(al.unexposed),
+        "wall_s": fisher_s, "backward_passes": backwards, "pearson": pearson(*zip(*pairs)),
         "allocation_predicted": alloc_f.distortion, "allocation_measured": measured_f,
         "same_choice_fraction": sum(choice_f[k] == rec.nodes[k]["choice"] for k in choice_f) / len(choice_f),
     }

@@ -19,6 +19,7 @@ INT_RANGES = {
     ("int8", False): (-128, 127),
     ("int4", True): (-8, 7),
     ("int6", True): (-32, 31),  # stored in int8
+    ("int5", True): (-16, 15),  # stored in int8
 }
 
 
@@ -40,6 +41,8 @@ def qmax_of(fmt: str) -> float:
         return 7.0
     if fmt == "int6":
         return 31.0
+    if fmt == "int5":
+        return 15.0
     raise ValueError(f"unknown format {fmt!r}")
 
 

@@ -1,4 +1,4 @@
-"""Quantized weight storage: symmetric per-output-channel or group-wise, INT8 / INT6 / INT4 / FP8 e4m3.
+"""Quantized weight storage: symmetric per-output-channel or group-wise, INT8 / INT6 / INT5 / INT4 / FP8 e4m3.
 
 Weights are kept in a GEMM layout: a matrix of ``(out_features, K)`` where ``K`` is everything a
 single output reduces over (``in_features``, or ``in_channels/groups * kh * kw`` for convs, in
@@ -52,7 +52,7 @@ class QuantizedWeight:
     """A quantized weight: storage tensor, float32 scales and what is needed to undo the layout."""
 
     fmt: str  # Format value
-    data: torch.Tensor  # int8 (INT8, INT6 in [-32, 31]), uint8 packed (INT4) or float8_e4m3fn (FP8), (out, K[pad])
+    data: torch.Tensor  # int8 (INT8, INT6 in [-32, 31], INT5 in [-16, 15]), uint8 packed (INT4) or float8_e4m3fn (FP8), (out, K[pad])
     scale: torch.Tensor  # float32 (out, n_groups); n_groups == 1 for per-channel
     shape: tuple[int, ...]  # the original weight's shape
     kind: str  # OpKind value (layout)
@@ -126,6 +126,7 @@ def _decode(q: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
 def quantize_weight(
     w: torch.Tensor, fmt: str, kind: str, group_size: int | None = None, clip_search: bool = True,
     importance: torch.Tensor | None = None, min_clip: float = 0.8, splits: tuple[int, ...] | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize a float weight symmetrically, choosing each channel/group's clipping.
 
@@ -134,7 +135,9 @@ def quantize_weight(
     ``importance`` when given (the variance of that feature's input: then the error minimized is
     the output error's variance, ``sum_k dW_k^2 var(x_k)``); otherwise the maximum itself.
     ``importance`` has one value per input channel (``K / prod(kernel)`` of them). ``splits``
-    (input-channel split points) quantizes each slice's K segment with its own scales.
+    (input-channel split points) quantizes each slice's K segment with its own scales. With ``hessian``
+    (``E[x x^T]`` of a linear's input, (K, K); integer formats, unsplit) the scales are chosen as above and
+    the values are then rounded by :func:`gptq_round`.
     """
     if not w.is_floating_point():
         raise TypeError(f"cannot quantize a {w.dtype} weight")
@@ -149,6 +152,10 @@ def quantize_weight(
         scales.append(scale)
     q = torch.cat(qs, dim=1) if len(qs) > 1 else qs[0]
     scale = torch.cat(scales, dim=1) if len(scales) > 1 else scales[0]
+    if hessian is not None:
+        if splits is not None or kind != "linear" or fmt == "fp8_e4m3":
+            raise ValueError(f"gptq rounding takes unsplit linear weights in an integer format, got {kind} {fmt} splits={splits}")
+        q = gptq_round(m, scale, fmt, group_size, hessian.to(m.device))
     data = pack_int4(q) if fmt == "int4" else q
     return QuantizedWeight(fmt, data, scale.contiguous(), tuple(w.shape), kind, group_size, None if splits is None else tuple(splits))
 
@@ -175,6 +182,33 @@ def _quantize_segment(m: torch.Tensor, weight_of_error: torch.Tensor, fmt: str, 
         best_scale = torch.where(better, scale, best_scale)
     q = _encode(g, best_scale, fmt).reshape(m.shape[0], kp)
     return q, best_scale.reshape(m.shape[0], -1)
+
+
+def gptq_round(m: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Integer values (out, Kpad) of ``m`` (out, K) on fixed ``scale`` grids, rounded one input column at a time
+    with the rounding error of each column spread over the columns not yet rounded through the inverse input
+    Hessian (optimal brain quantization, as GPTQ, Frantar et al. 2022), minimizing ``|(W_hat - W) x|^2`` over the
+    calibration inputs instead of ``|W_hat - W|^2``. ``hessian`` is ``E[x x^T]``; ``damp`` x its mean diagonal is added.
+    """
+    out, k = m.shape
+    qmin, qmax = int_range(fmt, True)
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = m.double().clone()
+    w[:, dead] = 0.0
+    per_col = scale.double().repeat_interleave(group_size if group_size is not None else k, dim=1)[:, :k]
+    q = torch.empty(out, k, dtype=torch.int8, device=m.device)
+    for i in range(k):
+        col = w[:, i]
+        qi = torch.round(col / per_col[:, i]).clamp(qmin, qmax)
+        q[:, i] = qi.to(torch.int8)
+        err = (col - qi * per_col[:, i]) / hinv[i, i]
+        w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
+    kp = padded_k(k, fmt, group_size)
+    return torch.nn.functional.pad(q, (0, kp - k)) if kp != k else q
 
 
 def _per_k(importance: torch.Tensor, k: int) -> torch.Tensor:

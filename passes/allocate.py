@@ -235,7 +235,8 @@ def brute_force_allocate(tables: Sequence[RDTable], budget: float) -> Allocation
 class AllocationRecord:
     """A plan's record of its bit allocation: budget, per-node tables and choices, cost and prediction.
 
-    ``nodes[key]`` holds ``choice`` (the candidate name), ``bits``, ``params`` and ``distortion``
+    ``nodes[key]`` holds ``choice`` (the candidate name; with ``per_group`` a list, one per timestep
+    group), ``bits`` (averaged over groups by ``group_weights``), ``params`` and ``distortion``
     (candidate -> one value per timestep group). ``predicted`` is ``sum_n D_n(b_n)`` (weighted over
     groups), ``measured`` the model-output distortion of the chosen plan on the same calls.
     """
@@ -252,6 +253,8 @@ class AllocationRecord:
     backward_passes: int = 0
     wall_s: float = 0.0
     calls: list[int] = field(default_factory=list)  # kept calls used per group
+    per_group: bool = False  # one choice per (node, timestep group)
+    solver: dict[str, Any] = field(default_factory=dict)  # e.g. the exact DP's distortion at the same budget (gap check)
 
     @property
     def total_params(self) -> int:
@@ -262,9 +265,14 @@ class AllocationRecord:
         total = self.total_params
         return sum(n["bits"] * n["params"] for n in self.nodes.values()) / total if total else 0.0
 
-    def bits_of(self, key: str) -> int | None:
+    def bits_of(self, key: str) -> float | None:
         node = self.nodes.get(key)
-        return None if node is None else int(node["bits"])
+        return None if node is None else float(node["bits"])
+
+    def group_choices(self, key: str) -> list[str]:
+        """The candidate of node ``key`` in every timestep group."""
+        choice = self.nodes[key]["choice"]
+        return list(choice) if isinstance(choice, list) else [choice] * len(self.group_weights)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -279,8 +287,13 @@ class AllocationRecord:
         for key, node in rec.nodes.items():
             if set(node) != {"choice", "bits", "params", "distortion"}:
                 raise ValueError(f"allocation entry of node '{key}' has fields {sorted(node)}")
-            if node["choice"] not in rec.candidates or node["choice"] not in node["distortion"]:
-                raise ValueError(f"allocation of node '{key}' chose {node['choice']!r}, not one of its candidates")
+            choices = node["choice"] if rec.per_group else [node["choice"]]
+            if not isinstance(choices, list) or len(choices) != (groups if rec.per_group else 1):
+                raise ValueError(f"allocation of node '{key}' has choice {node['choice']!r}: expected one per group")
+            if any(not isinstance(c, str) or c not in rec.candidates or c not in node["distortion"] for c in choices):
+                raise ValueError(f"allocation of node '{key}' chose {node['choice']!r}, not among its candidates")
+            if not _finite(node["bits"]):
+                raise ValueError(f"allocation of node '{key}' has invalid bits {node['bits']!r}")
             if not isinstance(node["params"], int) or node["params"] <= 0:
                 raise ValueError(f"allocation of node '{key}' has invalid params {node['params']!r}")
             for cand, per_group in node["distortion"].items():

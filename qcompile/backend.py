@@ -99,27 +99,32 @@ class QuantizedGraph:
 
 
 def plan_ops(plan: QuantPlan, group: int) -> dict[str, QuantizedOp]:
-    """The quantized ops of one timestep group of a plan."""
-    return {n.key: node_op(n, group) for n in plan.quantized_nodes()}
+    """The quantized ops of one timestep group of a plan (nodes kept in full precision in that group excluded)."""
+    return {n.key: node_op(n, group) for n in plan.quantized_nodes() if n.weight_for(group) is not None}
 
 
 def node_op(n: NodePlan, group: int) -> QuantizedOp:
-    """The quantized op of one (quantized) node in one timestep group."""
+    """The quantized op of one (quantized) node in one timestep group, with that group's weight."""
     act = n.acts[group]
+    weight = n.weight_for(group)
+    if weight is None:
+        raise ValueError(f"node '{n.key}' is kept in full precision in timestep group {group}")
     corr = None if n.bias_correction is None else n.bias_correction[group]
     if act is None:
-        return QuantizedOp(n.weight, bias_correction=corr)
+        return QuantizedOp(weight, bias_correction=corr)
     smooth = None if n.smooth is None else 1.0 / n.smooth
-    return QuantizedOp(n.weight, act.fmt, act.symmetric, *act.slice_params(), corr, smooth, act.outlier_scales())
+    return QuantizedOp(weight, act.fmt, act.symmetric, *act.slice_params(), corr, smooth, act.outlier_scales())
 
 
 def plan_annotations(plan: QuantPlan, group: int) -> dict[str, Annotation]:
     """The plan's decisions as annotations (what the quantizer would write)."""
     out = {}
     for n in plan.nodes.values():
-        act = n.acts[group] if n.quantized else None
+        spec = n.weight_spec(group)
+        act = n.acts[group] if spec is not None else None
         acts = {} if act is None else {0: act}
-        out[n.key] = Annotation(n.key, n.weight_spec(), acts, n.reason, {} if n.split is None else {0: n.split})
+        reason = f"kept in full precision in timestep group {group} by bit allocation" if n.quantized and spec is None else n.reason
+        out[n.key] = Annotation(n.key, spec, acts, reason, {} if n.split is None or spec is None else {0: n.split})
     return out
 
 

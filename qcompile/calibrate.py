@@ -35,6 +35,7 @@ from .sensitivity import BitAllocator, CallSample
 from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
+GRAM_MAX_FEATURES = 4096  # gptq: linears with more input features are rounded to nearest
 
 
 class ActivationObserver(torch.nn.Module):
@@ -83,6 +84,8 @@ class CalibrationSession:
         self.keep_allocator = False  # keep the BitAllocator (tables, switchable model) after finish, for studies
         self.allocator: Any = None
         self.act_cache: dict[tuple, list] = {}
+        self.grams: dict[str, tuple[torch.Tensor, int]] = {}  # linear input sum of x x^T and row count (gptq weights)
+        self.collect_gram = config.weight.gptq
         self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
 
     # -- Dynamo backend ------------------------------------------------------------------------
@@ -153,6 +156,10 @@ class CalibrationSession:
         if stats is None:
             stats = self.stats[(key, self.bin)] = ActivationStats(self.bin_size, self.generator, observer.channel_dim, observer.split)
         stats.update(x, call)
+        if self.collect_gram and observer.channel_dim == -1 and x.shape[-1] <= GRAM_MAX_FEATURES:
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
+            gram, n = self.grams.get(key, (0.0, 0))
+            self.grams[key] = ((rows.T @ rows).cpu() + gram, n + rows.shape[0])
         if not stats.is_finite():
             raise CalibrationError(
                 f"non-finite values (nan/inf) at the input of node '{key}' (graph node '{observer.node}') in "
@@ -271,7 +278,10 @@ class CalibrationSession:
             w = smooth_weight(w, kind, factors)
             group_stats = [None if s is None else s.smoothed(factors) for s in group_stats]
         importance = self._importance(site, group_stats)
-        weight = quantize_weight(w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip, ann.splits.get(INPUT_EDGE))
+        weight = quantize_weight(
+            w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip, ann.splits.get(INPUT_EDGE),
+            self._hessian(site, ann, factors) if spec.gptq else None,
+        )
         corr = None
         means = [None if s is None else s.channel_mean() for s in group_stats]
         if self.config.bias_correction and all(m is not None for m in means):
@@ -296,6 +306,14 @@ class CalibrationSession:
             error += s.count * float(((0.0 if var is None else (var.to(dw_sq.device) * dw_sq).sum()) + (0.0 if a is None else _act_noise(a, w_sq, ann.splits.get(INPUT_EDGE)))))
         weight = dataclasses.replace(weight, data=weight.data.cpu(), scale=weight.scale.cpu())
         return weight, corr, acts, error, None if factors is None else factors.cpu()
+
+    def _hessian(self, site: Site, ann: Annotation, factors: torch.Tensor | None) -> torch.Tensor | None:
+        """``E[x x^T]`` of an unsplit linear's input over all calls (of ``x / factors`` when smoothed); None otherwise."""
+        if site.key not in self.grams or site.kind is not OpKind.LINEAR or ann.splits.get(INPUT_EDGE) is not None:
+            return None
+        gram, n = self.grams[site.key]
+        h = gram / max(n, 1)
+        return h if factors is None else h / (factors.double()[:, None] * factors.double()[None, :])
 
     def _smoothing(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list) -> torch.Tensor | None:
         """SmoothQuant factors for a site whose input is quantized (config.smooth_alpha), else None."""

@@ -109,7 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = []
     for name in args.models:
         print(f"qdiff eval: {name} ({len(configs)} variants, {args.seeds} seeds)", flush=True)
-        for r in evaluate_case(cases[name], configs, args.seeds, args.calib_samples, progress=not args.quiet, device=args.device, lowering=args.lowering):
+        for r in evaluate_case(cases[name], configs, args.seeds, args.calib_samples, progress=not args.quiet, device=args.device, lowering=args.lowering,
+                                plans_dir=Path(args.plans) if args.plans else None):
             print(f"  {r.config:18s} SQNR mean {r.sqnr_mean_db:6.2f} dB  worst {r.sqnr_worst_db:6.2f} dB (step {r.worst_step})  "
                   f"PSNR {r.psnr_db:6.2f} dB  SSIM {r.ssim:.4f}" + _fd_summary(r), flush=True)
             results.append(r)
@@ -200,11 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="per-step SQNR, PSNR, SSIM and a classifier-feature Fréchet distance of every variant against FP32")
     ev.add_argument("--models", nargs="+", default=["mnist_unet", "mnist_vit"])
-    ev.add_argument("--configs", nargs="*", help="variants to run (default: the presets, bf16 and naive baselines; also w8a8-int8-smooth, w8-int8-weight-only, w8a8-int8-nosplit, w4a8-nosplit, timestep groups w8a8-int8-k{2,5,10}[-seg], w8a8-int8-kauto, w8a8-int8-k10-seg-{outlier,firstlast,outlier-firstlast,outlier-floor25,outlier6-floor25}, w6a8, mixed-4.5a8, mixed-4.5a8-fisher)")
+    ev.add_argument("--configs", nargs="*", help="variants to run (default: the presets, bf16 and naive baselines; also w8a8-int8-smooth, w8-int8-weight-only, w8a8-int8-nosplit, w4a8-nosplit, timestep groups w8a8-int8-k{2,5,10}[-seg], w8a8-int8-kauto, w8a8-int8-k10-seg-{outlier,firstlast,outlier-firstlast,outlier-floor25,outlier6-floor25}, w6a8, mixed-4.5a8, mixed-4.5a8-fisher; rate-distortion ablations w5a8, w4g32a8, w4a8-k10, w6a8-k10, mixed-4.5a8-nobf16[-k10[-shared]], mixed-4.5a8-nobf16-fisher, *-gptq)")
     ev.add_argument("--seeds", type=int, default=64, help="evaluation samples, one seed each (default: 64)")
     ev.add_argument("--calib-samples", type=int, default=32, help="calibration trajectories (default: 32)")
     ev.add_argument("--out", default="docs", help="folder for quality.md, quality.json and img/ (default: docs)")
     ev.add_argument("--notes", help="markdown file appended to quality.md")
+    ev.add_argument("--plans", help="folder to save every calibrated plan in (<model>_<config>.qplan)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where models, calibration and sampling run")
     ev.add_argument("--lowering", default="reference", choices=["reference", "triton"], help="quantized ops as the pure-PyTorch reference (default) or the Triton kernels (CUDA)")

@@ -21,15 +21,16 @@ class Format(str, enum.Enum):
     INT8 = "int8"
     INT4 = "int4"
     INT6 = "int6"  # weights only: stored as int8 in [-32, 31], one scale per output channel
+    INT5 = "int5"  # weights only: stored as int8 in [-16, 15], one scale per output channel
     FP8_E4M3 = "fp8_e4m3"
 
     @property
     def bits(self) -> int:
-        return {Format.INT8: 8, Format.INT4: 4, Format.INT6: 6, Format.FP8_E4M3: 8}[self]
+        return {Format.INT8: 8, Format.INT4: 4, Format.INT5: 5, Format.INT6: 6, Format.FP8_E4M3: 8}[self]
 
     @property
     def is_int(self) -> bool:
-        return self in (Format.INT8, Format.INT4, Format.INT6)
+        return self in (Format.INT8, Format.INT4, Format.INT5, Format.INT6)
 
 
 class RangeMethod(str, enum.Enum):
@@ -64,9 +65,12 @@ class WeightSpec:
     group_size: int | None = None  # None: one scale per output channel
     clip_search: bool = True  # search per-channel/group clipping for minimal (importance-weighted) MSE
     min_clip: float = 0.8  # smallest clipping ratio of the absolute maximum the search may pick
+    gptq: bool = False  # integer linear weights: round column by column, compensating the error with the input Hessian
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
+        if self.gptq and not self.fmt.is_int:
+            raise ConfigError(f"gptq applies to integer weights, not {self.fmt.value}")
         if not 0.0 < self.min_clip <= 1.0:
             raise ConfigError(f"min_clip must be in (0, 1], got {self.min_clip}")
         if self.group_size is not None:
@@ -92,7 +96,7 @@ class ActSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
         object.__setattr__(self, "range_method", RangeMethod(self.range_method))
-        if self.fmt in (Format.INT4, Format.INT6):
+        if self.fmt in (Format.INT4, Format.INT5, Format.INT6):
             raise ConfigError(f"{self.fmt.bits}-bit activations are not supported; use int8 or fp8_e4m3")
         if self.fmt is Format.FP8_E4M3 and not self.symmetric:
             object.__setattr__(self, "symmetric", True)
@@ -127,42 +131,67 @@ class Estimator(str, enum.Enum):
     FISHER = "fisher"  # analytic node-output error x output sensitivity from a few backward passes
 
 
-CANDIDATE_BITS = {"int4": 4, "int6": 6, "int8": 8, "fp8_e4m3": 8, "bf16": 16}  # "bf16": op kept in full precision
+# Allocation candidates: name -> (weight format or None for full precision, int4 group size, rate in bits per weight).
+# int4 candidates are group-wise (fp32 scales); the rate of "int4" (g64 or the base spec's groups) is counted as
+# 4 bits, and "int4g32" adds the extra scale storage over g64 (32 bits per 64 weights): 4.5 bits.
+CANDIDATES: dict[str, tuple[str | None, int | None, float]] = {
+    "int4": ("int4", 64, 4.0),
+    "int4g32": ("int4", 32, 4.5),
+    "int5": ("int5", None, 5.0),
+    "int6": ("int6", None, 6.0),
+    "int8": ("int8", None, 8.0),
+    "fp8_e4m3": ("fp8_e4m3", None, 8.0),
+    "bf16": (None, None, 16.0),  # op kept in full precision
+}
+CANDIDATE_BITS = {name: bits for name, (_, _, bits) in CANDIDATES.items()}
+
+
+def candidate_holds(candidate: str, fmt: str | None, group_size: int | None) -> bool:
+    """Whether a stored weight (format, int4 group size; ``fmt=None``: full precision) is what ``candidate`` makes."""
+    want, group, _ = CANDIDATES[candidate]
+    return want == fmt and (candidate != "int4g32" or group_size == group)
 
 
 @dataclass(frozen=True)
 class AllocationSpec:
-    """Rate-distortion bit allocation, used when ``QuantConfig.weight_bit_budget`` is set."""
+    """Rate-distortion bit allocation, used when ``QuantConfig.weight_bit_budget`` is set.
+
+    ``per_group``: every timestep group gets its own bit-widths (temporal mixed precision): one
+    Lagrangian over (node, group) pairs, whose budget is the average weight bits over groups
+    weighted by each group's share of denoiser calls. Otherwise one allocation serves all groups.
+    """
 
     candidates: tuple[str, ...] = ("int4", "int6", "int8", "fp8_e4m3", "bf16")
     calls_per_group: int = 4  # denoiser calls kept per timestep group to measure output distortion on
     estimator: Estimator = Estimator.MEASURED
     probes: int = 2  # random output projections per kept call (fisher estimator)
+    per_group: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(self.candidates))
         object.__setattr__(self, "estimator", Estimator(self.estimator))
-        unknown = [c for c in self.candidates if c not in CANDIDATE_BITS]
+        unknown = [c for c in self.candidates if c not in CANDIDATES]
         if unknown:
-            raise ConfigError(f"unknown allocation candidate(s) {unknown}; choose from {list(CANDIDATE_BITS)}")
+            raise ConfigError(f"unknown allocation candidate(s) {unknown}; choose from {list(CANDIDATES)}")
         if len(set(self.candidates)) < 2:
             raise ConfigError(f"bit allocation needs at least two distinct candidates, got {list(self.candidates)}")
         if self.calls_per_group < 1 or self.probes < 1:
             raise ConfigError(f"calls_per_group and probes must be >= 1, got {self.calls_per_group}, {self.probes}")
+        if not isinstance(self.per_group, bool):
+            raise ConfigError(f"per_group must be a bool, got {self.per_group!r}")
 
-    def bit_range(self) -> tuple[int, int]:
+    def bit_range(self) -> tuple[float, float]:
         bits = [CANDIDATE_BITS[c] for c in self.candidates]
         return min(bits), max(bits)
 
     def weight_spec(self, candidate: str, base: WeightSpec) -> WeightSpec | None:
-        """The weight spec of a candidate (None: full precision); int4 keeps the base's group size, or 64."""
-        if candidate == "bf16":
+        """The weight spec of a candidate (None: full precision); "int4" keeps the base's group size, or 64."""
+        fmt, group, _ = CANDIDATES[candidate]
+        if fmt is None:
             return None
-        fmt = Format(candidate)
-        group = None
-        if fmt is Format.INT4:
-            group = base.group_size if base.fmt is Format.INT4 and base.group_size else 64
-        return WeightSpec(fmt, group, base.clip_search, base.min_clip)
+        if candidate == "int4" and base.fmt is Format.INT4 and base.group_size:
+            group = base.group_size
+        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, base.gptq and Format(fmt).is_int)
 
 
 _ALL_OPS = frozenset(OpKind)
@@ -231,11 +260,13 @@ class QuantConfig:
             raise ConfigError(f"outlier_split_db must be >= 0 (a gain in dB), got {self.outlier_split_db}")
         if not isinstance(self.allocation, AllocationSpec):
             raise ConfigError(f"allocation must be an AllocationSpec, got {type(self.allocation).__name__}")
+        if self.allocation.per_group and self.smooth_alpha is not None:
+            raise ConfigError("allocation.per_group does not combine with smooth_alpha (a node's smoothing would differ between groups)")
         if self.weight_bit_budget is not None:
             lo, hi = self.allocation.bit_range()
             if not lo <= self.weight_bit_budget <= hi:
                 raise ConfigError(
-                    f"weight_bit_budget {self.weight_bit_budget} is outside [{lo}, {hi}], the bits of the allocation "
+                    f"weight_bit_budget {self.weight_bit_budget} is outside [{lo:g}, {hi:g}], the bits of the allocation "
                     f"candidates {list(self.allocation.candidates)}"
                 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -139,6 +140,31 @@ def experiments() -> dict[str, QuantConfig | None]:
     out["w6a8"] = w4.replace(weight=WeightSpec(Format.INT6), name="w6a8")  # first/last at 8 bits as in w4a8
     out["mixed-4.5a8"] = w4.replace(weight_bit_budget=4.5, name="mixed-4.5a8")  # rate-distortion bit allocation
     out["mixed-4.5a8-fisher"] = w4.replace(weight_bit_budget=4.5, allocation=fisher, name="mixed-4.5a8-fisher")
+    out.update(_rd_variants(w4))
+    return out
+
+
+def _rd_variants(w4: QuantConfig) -> dict[str, QuantConfig]:
+    """Bit-allocation ablations: no bf16 candidate (the budget must be met by quantizing every op), INT5 and
+    int4 with groups of 32 as finer steps, 10 timestep groups with one allocation per group or one shared."""
+    nobf16 = ("int4", "int4g32", "int5", "int6", "int8", "fp8_e4m3")
+    out = {
+        "w4a8-k10": w4.replace(timestep_groups=10, name="w4a8-k10"),
+        "w6a8-k10": w4.replace(weight=WeightSpec(Format.INT6), timestep_groups=10, name="w6a8-k10"),
+        "w5a8": w4.replace(weight=WeightSpec(Format.INT5), name="w5a8"),
+        "w4g32a8": w4.replace(weight=WeightSpec(Format.INT4, group_size=32), name="w4g32a8"),
+    }
+    for name, k, per_group in (("mixed-4.5a8-nobf16", 1, False), ("mixed-4.5a8-nobf16-k10", 10, True), ("mixed-4.5a8-nobf16-k10-shared", 10, False)):
+        spec = AllocationSpec(candidates=nobf16, per_group=per_group, calls_per_group=4 if k == 1 else 2)  # 20 kept calls with 10 groups
+        out[name] = w4.replace(weight_bit_budget=4.5, timestep_groups=k, allocation=spec, name=name)
+    gptq = lambda spec: dataclasses.replace(spec, gptq=True)  # noqa: E731  error-compensating rounding of linear weights
+    out["w4a8-gptq"] = w4.replace(weight=gptq(w4.weight), name="w4a8-gptq")
+    out["w6a8-gptq"] = w4.replace(weight=WeightSpec(Format.INT6, gptq=True), name="w6a8-gptq")
+    for name in ("mixed-4.5a8-nobf16", "mixed-4.5a8-nobf16-k10"):
+        out[f"{name}-gptq"] = out[name].replace(weight=gptq(w4.weight), name=f"{name}-gptq")
+    out["mixed-4.5a8-nobf16-fisher"] = w4.replace(
+        weight_bit_budget=4.5, allocation=AllocationSpec(candidates=nobf16, estimator="fisher"), name="mixed-4.5a8-nobf16-fisher"
+    )
     return out
 
 
@@ -167,13 +193,15 @@ def evaluate_case(
     progress: bool = True,
     device: str | torch.device = "cpu",
     lowering: str = "reference",
+    plans_dir: Path | None = None,
 ) -> list[EvalResult]:
     """Evaluate every config on one model: calibrate on its own seeds, test on ``seeds`` others.
 
     A :class:`QuantPlan` in ``configs`` is used as it is (calibrated elsewhere; calibration time 0).
     ``device`` runs everything there (noise is drawn on the CPU, so seeds mean the same images on
     every device; the caller decides TF32, see ``qdiff eval``); ``lowering`` is the backend's
-    ``options["lowering"]`` (``reference``, or ``triton`` for the kernels on CUDA).
+    ``options["lowering"]`` (``reference``, or ``triton`` for the kernels on CUDA). With ``plans_dir``
+    each calibrated plan is saved there as ``<model>_<config>.qplan`` (for ``qdiff inspect`` / bit heatmaps).
     """
     with mha_fastpath_off():
         return _evaluate_case(case, configs, seeds, calib_samples, progress, torch.device(device), lowering)
@@ -196,6 +224,9 @@ def _evaluate_case(case: EvalCase, configs: dict, seeds: int, calib_samples: int
             test: Callable[..., torch.Tensor] = _Bf16(model)
         else:
             plan = cfg if isinstance(cfg, QuantPlan) else calibrate(model, lambda m: case.sample(m, calib_noise), cfg, progress=progress)
+            if plans_dir is not None and not isinstance(cfg, QuantPlan):
+                Path(plans_dir).mkdir(parents=True, exist_ok=True)
+                plan.save(Path(plans_dir) / f"{case.name}_{name}.qplan")
             test = compile_plan(model, plan, inductor=False, lowering=lowering)  # one compiled model serving every timestep group
         calib_s = time.perf_counter() - t0
         with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from .backend import QuantizedGraph
-from .config import Format
+from .config import CANDIDATE_BITS, Format
 from .errors import QdiffError
 from .metrics import sqnr_db
 from .passes.annotate import ANNOTATION_KEY
@@ -81,7 +81,7 @@ class OpReport:
     note: str = ""
     split: str = ""  # the split-shortcut decision: "split 40+40 (cat(...) > ...)", "not split: why", or "" (no concat behind)
     act_slice_ranges: list[tuple[float, float]] | None = None  # per channel slice of a split op
-    weight_bits: int | None = None  # storage bits per weight (16: kept in full precision by bit allocation)
+    weight_bits: float | None = None  # rate in bits per weight of this group's format (16: kept in full precision by bit allocation)
     outliers: str = ""  # the outlier-split decision of this group's input quantizer(s): "+6.1 dB 0.03%", "no (+0.4 dB)", or ""
 
 
@@ -100,7 +100,7 @@ class InspectReport:
         rows = [
             [
                 r.key, r.op, "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_shape or ())), r.weight_format,
-                "-" if r.weight_bits is None else str(r.weight_bits), r.act_format, _range(r.weight_scale_range, ".1e"),
+                "-" if r.weight_bits is None else f"{r.weight_bits:g}", r.act_format, _range(r.weight_scale_range, ".1e"),
                 " | ".join(_range(a, ".3g") for a in r.act_slice_ranges) if r.act_slice_ranges else _range(r.act_range, ".3g"),
                 _db(r.sqnr_local_db), _db(r.sqnr_cumulative_db), r.note, r.split, r.outliers,
             ]
@@ -134,9 +134,11 @@ class InspectReport:
             head += (
                 f"\nbit allocation ({alloc.estimator}): {alloc.average_bits:.3f} average weight bits for a budget of "
                 f"{alloc.budget_bits:g} over {len(alloc.nodes)} ops; output NMSE predicted {alloc.predicted:.3g}, measured "
-                f"{_g(alloc.measured)}; {alloc.forward_passes} forwards, {alloc.wall_s:.1f} s; one weight format per op for all "
-                f"{self.plan.groups.count} timestep group(s)"
+                f"{_g(alloc.measured)}; {alloc.forward_passes} forwards, {alloc.wall_s:.1f} s; "
+                + (f"bits per op per timestep group below" if alloc.per_group else f"one weight format per op for all {self.plan.groups.count} timestep group(s)")
             )
+            if alloc.per_group:
+                tail = "\n\n".join(filter(None, [tail, bits_table(self.plan)]))
         return "\n".join([head, line(headers), line(["-" * w for w in widths]), *map(line, rows), tail]).rstrip()
 
     def to_dicts(self) -> list[dict[str, Any]]:
@@ -238,11 +240,26 @@ def _outlier_note(a) -> str:
     return " | ".join(one(p) for p in a.parts())
 
 
+def bits_table(plan: QuantPlan) -> str:
+    """Weight bits of every allocated op in every timestep group (per-group bit allocation)."""
+    rec = plan.allocation
+    groups = len(rec.group_weights)
+    keys = [k for k in plan.nodes if k in rec.nodes]
+    width = max(len("node"), *(len(k) for k in keys))
+    lines = [f"weight bits per op per timestep group (4g = int4 g32, f = fp8):", "  ".join(["node".ljust(width), *(f"g{g:<3d}" for g in range(groups)), "avg"])]
+    short = {"int4g32": "4g", "fp8_e4m3": "f", "bf16": "16"}
+    for k in keys:
+        cells = [short.get(c, c.removeprefix("int")).ljust(4) for c in rec.group_choices(k)]
+        lines.append("  ".join([k.ljust(width), *cells, f"{rec.nodes[k]['bits']:.2f}"]))
+    return "\n".join(lines)
+
+
 def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
     rows = []
-    allocated = {} if plan.allocation is None else plan.allocation.nodes
+    rec = plan.allocation
     for n in plan.nodes.values():
-        w, a = n.weight, n.acts[group] if n.quantized else None
+        w = n.weight_for(group)
+        a = n.acts[group] if w is not None else None
         wfmt = "float" if w is None else w.fmt + (f"/g{w.group_size}" if w.group_size else "")
         afmt = "float" if a is None else a.fmt + ("" if a.symmetric else "/asym")
         if a is None and w is not None and plan.act_floor is not None and group in plan.act_floor.a16_groups:
@@ -253,7 +270,7 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
                 None if w is None else (float(w.scale.min()), float(w.scale.max())),
                 None if a is None else (a.lo, a.hi), note=n.reason or "", split=n.split_note or "",
                 act_slice_ranges=None if a is None or a.slices is None else [(p.lo, p.hi) for p in a.slices],
-                weight_bits=allocated[n.key]["bits"] if n.key in allocated else (None if w is None else Format(w.fmt).bits),
+                weight_bits=CANDIDATE_BITS[rec.group_choices(n.key)[group]] if rec is not None and n.key in rec.nodes else (None if w is None else Format(w.fmt).bits),
                 outliers=_outlier_note(a),
             )
         )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import OpKind, QuantConfig, WeightSpec
+from .config import OpKind, QuantConfig, WeightSpec, candidate_holds
 from .errors import PlanFileError, PlanMismatchError
 from .lowering.weights import QuantizedWeight, storage_shape
 from .lowering.formats import FP8_DTYPE
@@ -33,7 +33,7 @@ from .timesteps import TimestepGroups
 FORMAT_VERSION = 2  # 2: outlier-split activation quantizers, activation floor record (version 1 plans load: neither)
 READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "qdiff_plan"
-_STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "int6": torch.int8, "fp8_e4m3": FP8_DTYPE}
+_STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "int6": torch.int8, "int5": torch.int8, "fp8_e4m3": FP8_DTYPE}
 
 
 @dataclass
@@ -55,19 +55,32 @@ class NodePlan:
     smooth: torch.Tensor | None = None  # (in_channels,) float32 smoothing factors (weight holds W * s)
     split: tuple[int, ...] | None = None  # input-channel split points: per-slice act quantizers (acts[g].slices) and weight scales
     split_note: str | None = None  # the channel-provenance decision, for reports (None: no concat behind the input)
+    group_weights: list[QuantizedWeight | None] | None = None  # per timestep group where they differ (per-group bit allocation)
 
     @property
     def quantized(self) -> bool:
+        """Quantized in at least one timestep group (``weight`` is then the first group's quantized weight)."""
         return self.weight is not None
+
+    def weight_for(self, group: int) -> QuantizedWeight | None:
+        """The weight group ``group`` runs with (None: full precision in that group)."""
+        return self.weight if self.group_weights is None else self.group_weights[group]
+
+    def stored_weights(self) -> dict[str, QuantizedWeight]:
+        """Distinct weights by storage label (groups sharing a format share one tensor)."""
+        ws = [self.weight] if self.group_weights is None else self.group_weights
+        return {weight_label(w): w for w in ws if w is not None}
 
     @property
     def signature(self) -> str:
         return f"{self.key}:{self.kind.value}:{'x'.join(map(str, self.weight_shape))}"
 
-    def weight_spec(self) -> WeightSpec | None:
-        if self.weight is None:
+    def weight_spec(self, group: int | None = None) -> WeightSpec | None:
+        """The stored weight's spec (of ``group``'s weight where given)."""
+        w = self.weight if group is None else self.weight_for(group)
+        if w is None:
             return None
-        return WeightSpec(self.weight.fmt, self.weight.group_size, clip_search=False)  # as stored
+        return WeightSpec(w.fmt, w.group_size, clip_search=False)  # as stored
 
     def _json(self) -> dict[str, Any]:
         w = self.weight
@@ -77,7 +90,7 @@ class NodePlan:
             "weight_name": self.weight_name,
             "weight_shape": list(self.weight_shape),
             "conv_args": self.conv_args,
-            "weight": None if w is None else {"fmt": w.fmt, "group_size": w.group_size, **({} if w.splits is None else {"splits": list(w.splits)})},
+            "weight": None if w is None else _weight_json(w),
             "acts": [None if a is None else a.to_dict() for a in self.acts],
             "reason": self.reason,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
@@ -87,7 +100,20 @@ class NodePlan:
             "has_smooth": self.smooth is not None,
             **({} if self.split is None else {"split": list(self.split)}),
             **({} if self.split_note is None else {"split_note": self.split_note}),
+            **({} if self.group_weights is None else {
+                "group_weights": [None if w is None else weight_label(w) for w in self.group_weights],
+                "weights": {label: _weight_json(w) for label, w in self.stored_weights().items()},
+            }),
         }
+
+
+def weight_label(w: QuantizedWeight) -> str:
+    """Storage label of a weight format: ``int6``, ``int4g64``, ``fp8_e4m3`` (tensors ``weight@<label>``)."""
+    return w.fmt + ("" if w.group_size is None else f"g{w.group_size}")
+
+
+def _weight_json(w: QuantizedWeight) -> dict[str, Any]:
+    return {"fmt": w.fmt, "group_size": w.group_size, **({} if w.splits is None else {"splits": list(w.splits)})}
 
 
 def _json_conv_args(d: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +212,11 @@ class QuantPlan:
     def _tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for n in self.nodes.values():
-            if n.weight is not None:
+            if n.group_weights is not None:
+                for label, w in n.stored_weights().items():
+                    out[f"nodes/{n.key}/weight@{label}"] = w.data
+                    out[f"nodes/{n.key}/weight_scale@{label}"] = w.scale
+            elif n.weight is not None:
                 out[f"nodes/{n.key}/weight"] = n.weight.data
                 out[f"nodes/{n.key}/weight_scale"] = n.weight.scale
             if n.call_log is not None:
@@ -268,6 +298,38 @@ def _split_points(nd: dict[str, Any], shape: tuple[int, ...], kind: OpKind, path
     return tuple(split)
 
 
+def _stored_weight(wd: dict[str, Any], tensors: dict[str, torch.Tensor], suffix: str, shape: tuple[int, ...], kind: OpKind,
+                   split: tuple[int, ...] | None, path: Path, key: str) -> QuantizedWeight:
+    """One weight of a node (tensors ``weight<suffix>`` / ``weight_scale<suffix>``), checked against its format."""
+    fmt, gs = wd["fmt"], wd["group_size"]
+    if fmt not in _STORAGE_DTYPES:
+        raise PlanFileError(f"plan file '{path}': node '{key}' has a weight of unknown format {fmt!r}")
+    if (wd.get("splits") is None) != (split is None) or (split is not None and tuple(wd["splits"]) != split):
+        raise PlanFileError(f"plan file '{path}': node '{key}' weight{suffix} has split points {wd.get('splits')}, the node {split}")
+    out = shape[1] if kind is OpKind.CONV_TRANSPOSE else shape[0]
+    dshape, sshape = storage_shape(fmt, out, int(torch.tensor(shape).prod()) // out, gs, split)
+    data = _expect(tensors, f"nodes/{key}/weight{suffix}", _STORAGE_DTYPES[fmt], dshape, path, key)
+    scale = _expect(tensors, f"nodes/{key}/weight_scale{suffix}", torch.float32, sshape, path, key)
+    return QuantizedWeight(fmt, data, scale, shape, kind.value, gs, split)
+
+
+def _group_weights(nd: dict[str, Any], tensors: dict[str, torch.Tensor], shape: tuple[int, ...], kind: OpKind,
+                   split: tuple[int, ...] | None, groups: int, path: Path) -> list[QuantizedWeight | None]:
+    """A node's per-group weights: one stored weight per label, shared by the groups that name it."""
+    key, labels, stored = nd["key"], nd["group_weights"], nd.get("weights")
+    if not isinstance(labels, list) or len(labels) != groups or not isinstance(stored, dict):
+        raise PlanFileError(f"plan file '{path}': node '{key}' has per-group weights {labels!r} for {groups} groups")
+    if set(stored) != {lb for lb in labels if lb is not None}:
+        raise PlanFileError(f"plan file '{path}': node '{key}' stores weights {sorted(stored)} but its groups use {labels}")
+    weights = {}
+    for label, wd in stored.items():
+        w = _stored_weight(wd, tensors, f"@{label}", shape, kind, split, path, key)
+        if weight_label(w) != label:
+            raise PlanFileError(f"plan file '{path}': node '{key}' weight@{label} holds {weight_label(w)}")
+        weights[label] = w
+    return [None if lb is None else weights[lb] for lb in labels]
+
+
 def _allocation(d: dict[str, Any], nodes: dict[str, NodePlan], path: Path) -> AllocationRecord:
     """The allocation record, checked against the nodes: every allocated node exists and holds its chosen format."""
     try:
@@ -278,12 +340,13 @@ def _allocation(d: dict[str, Any], nodes: dict[str, NodePlan], path: Path) -> Al
         node = nodes.get(key)
         if node is None:
             raise PlanFileError(f"plan file '{path}': the bit allocation names node '{key}', which the plan does not have")
-        fmt = None if node.weight is None else node.weight.fmt
-        expected = None if entry["choice"] == "bf16" else entry["choice"]
-        if fmt != expected:
-            raise PlanFileError(
-                f"plan file '{path}': node '{key}' holds {fmt or 'a float'} weight but its bit allocation chose {entry['choice']}"
-            )
+        for g, choice in enumerate(rec.group_choices(key)):
+            w = node.weight_for(g)
+            if not candidate_holds(choice, None if w is None else w.fmt, None if w is None else w.group_size):
+                held = "a float" if w is None else weight_label(w)
+                raise PlanFileError(
+                    f"plan file '{path}': node '{key}' holds {held} weight in group {g} but its bit allocation chose {choice}"
+                )
     return rec
 
 
@@ -323,15 +386,15 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
         nodes: dict[str, NodePlan] = {}
         for nd in doc["nodes"]:
             key, kind, shape = nd["key"], OpKind(nd["kind"]), tuple(nd["weight_shape"])
-            weight = None
+            weight, group_weights = None, None
             split = _split_points(nd, shape, kind, path)
-            if nd["weight"] is not None:
-                fmt, gs = nd["weight"]["fmt"], nd["weight"]["group_size"]
-                out = shape[1] if kind is OpKind.CONV_TRANSPOSE else shape[0]
-                dshape, sshape = storage_shape(fmt, out, int(torch.tensor(shape).prod()) // out, gs, split)
-                data = _expect(tensors, f"nodes/{key}/weight", _STORAGE_DTYPES[fmt], dshape, path, key)
-                scale = _expect(tensors, f"nodes/{key}/weight_scale", torch.float32, sshape, path, key)
-                weight = QuantizedWeight(fmt, data, scale, shape, kind.value, gs, split)
+            if nd.get("group_weights") is not None:
+                group_weights = _group_weights(nd, tensors, shape, kind, split, groups.count, path)
+                weight = next((w for w in group_weights if w is not None), None)
+                if weight is None or (nd["weight"] or {}).get("fmt") != weight.fmt:
+                    raise PlanFileError(f"plan file '{path}': node '{key}' has per-group weights {nd['group_weights']} that do not match its weight {nd['weight']}")
+            elif nd["weight"] is not None:
+                weight = _stored_weight(nd["weight"], tensors, "", shape, kind, split, path, key)
             acts = [None if a is None else ActQParams.from_dict(a) for a in nd["acts"]]
             if len(acts) != groups.count:
                 raise PlanFileError(f"plan file '{path}': node '{key}' has {len(acts)} activation quantizers for {groups.count} groups")
@@ -355,7 +418,7 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
             nodes[key] = NodePlan(
                 key, kind, nd["weight_name"], shape, _json_conv_args(nd["conv_args"]), weight, acts, nd["reason"],
                 None if nd["input_shape"] is None else tuple(nd["input_shape"]), nd["stats"], call_log, corr, smooth,
-                split, nd.get("split_note"),
+                split, nd.get("split_note"), group_weights,
             )
         probe = None
         if doc["probe"] is not None:

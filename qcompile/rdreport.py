@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from .config import CANDIDATE_BITS
+from .passes.allocate import AllocationRecord, RDTable
 from .plan import QuantPlan
 
 
@@ -41,11 +43,36 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson(_ranks(list(x)), _ranks(list(y)))
 
 
-def plot_bits_per_layer(plan: QuantPlan, path: str | Path, title: str | None = None) -> Path:
-    """Bar chart of the weight bits of every allocated op in graph order (bar width ~ log parameters).
+def record_tables(rec: AllocationRecord) -> list[RDTable]:
+    """The allocation's tables rebuilt from a plan's record (per (node, group) pair with ``per_group``)."""
+    w = rec.group_weights
+    if rec.per_group:
+        return [
+            RDTable(f"{k}@{g}", tuple(n["distortion"]), [wg * CANDIDATE_BITS[c] * n["params"] for c in n["distortion"]],
+                    [wg * n["distortion"][c][g] for c in n["distortion"]])
+            for k, n in rec.nodes.items() for g, wg in enumerate(w)
+        ]
+    return [
+        RDTable(k, tuple(n["distortion"]), [CANDIDATE_BITS[c] * n["params"] for c in n["distortion"]],
+                [sum(a * b for a, b in zip(w, n["distortion"][c])) for c in n["distortion"]])
+        for k, n in rec.nodes.items()
+    ]
 
-    One row per timestep group; the plan's weights are shared by all groups, so the rows are equal
-    and the picture says so in its title.
+
+def bits_matrix(plan: QuantPlan) -> tuple[list[str], list[list[str]]]:
+    """(allocated node keys in graph order, candidate per node per timestep group) of a mixed plan."""
+    rec = plan.allocation
+    if rec is None:
+        raise ValueError("the plan has no bit allocation (it was not made with weight_bit_budget)")
+    keys = [k for k in plan.nodes if k in rec.nodes]
+    return keys, [rec.group_choices(k) for k in keys]
+
+
+def plot_bits_per_layer(plan: QuantPlan, path: str | Path, title: str | None = None) -> Path:
+    """Heatmap of the weight bits of every allocated op (columns, graph order) per timestep group (rows).
+
+    Cells are coloured by bits and labelled with the candidate (4 = int4 g64, 4g = int4 g32, 5, 6, 8,
+    f = fp8, 16 = kept in bf16). A shared allocation has equal rows.
     """
     import matplotlib
 
@@ -53,27 +80,30 @@ def plot_bits_per_layer(plan: QuantPlan, path: str | Path, title: str | None = N
     import matplotlib.pyplot as plt
 
     rec = plan.allocation
-    if rec is None:
-        raise ValueError("plot_bits_per_layer needs a plan made with weight_bit_budget (it has no bit allocation)")
-    keys = [k for k in plan.nodes if k in rec.nodes]
-    bits = [rec.nodes[k]["bits"] for k in keys]
-    colors = {4: "#3182bd", 6: "#31a354", 8: "#fd8d3c", 16: "#de2d26"}
-    fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(keys) + 2), 3.6))
-    ax.bar(range(len(keys)), bits, color=[colors.get(b, "#999") for b in bits])
-    for i, k in enumerate(keys):
-        if rec.nodes[k]["choice"] == "fp8_e4m3":
-            ax.text(i, bits[i] + 0.2, "f", ha="center", fontsize=6)
-    ax.axhline(rec.budget_bits, color="k", lw=0.8, ls="--", label=f"budget {rec.budget_bits:g} (avg {rec.average_bits:.2f})")
+    keys, choices = bits_matrix(plan)
+    groups = len(rec.group_weights)
+    bits = [[CANDIDATE_BITS[c[g]] for c in choices] for g in range(groups)]
+    short = {"int4": "4", "int4g32": "4g", "int5": "5", "int6": "6", "int8": "8", "fp8_e4m3": "f", "bf16": "16"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(keys) + 2.5), 1.2 + 0.32 * groups))
+    im = ax.imshow(bits, aspect="auto", cmap="viridis", vmin=4, vmax=max(8, max(max(r) for r in bits)))
+    if len(keys) * groups <= 2500:
+        for g in range(groups):
+            for i, c in enumerate(choices):
+                ax.text(i, g, short.get(c[g], "?"), ha="center", va="center", fontsize=5, color="w" if bits[g][i] < 6 else "k")
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels(keys, rotation=90, fontsize=5)
-    ax.set_ylabel("weight bits")
-    ax.set_yticks([4, 6, 8, 16])
-    groups = plan.groups.count
-    ax.set_title(title or f"{plan.model_class.rsplit('.', 1)[-1]}: bits per layer (same for all {groups} timestep group(s); 'f' = fp8)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_yticks(range(groups))
+    ax.set_yticklabels([f"g{g}" for g in range(groups)], fontsize=6)
+    ax.set_ylabel("timestep group")
+    kind = "per group" if rec.per_group else "shared by all groups"
+    ax.set_title(
+        title or f"{plan.model_class.rsplit('.', 1)[-1]}: weight bits per layer ({kind}); budget {rec.budget_bits:g}, avg {rec.average_bits:.3f}",
+        fontsize=8,
+    )
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, label="bits")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 

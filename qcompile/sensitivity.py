@@ -11,17 +11,18 @@ Two estimators of ``D_n(b)``:
 * ``measured``: the model is captured once by Dynamo with every quantizable op replaced by a
   switch (:class:`SwitchableModel`) that runs the float op or a given quantized op (converted by
   :func:`qcompile.passes.convert.convert`); one forward per node x candidate x kept call.
-* ``fisher``: ``D_n(b) ~ sum_o s_{n,o} e_{n,o}(b)``: the node-output error variance per output
-  channel from the calibration statistics (``sum_k var_k dW_ok^2 + scale^2/12 sum_k W_ok^2``, as
-  the calibration session's own estimate) times the output sensitivity ``s_{n,o}``, the diagonal
-  of ``J^T J`` (Gauss-Newton / Fisher of the output) summed over the channel, estimated with
-  random output projections: ``probes`` backward passes per kept call, whatever the node count.
+* ``fisher`` (first order): ``D_n(b) ~ sum_j s_j (z_b - z)_j^2`` over the elements ``j`` of the node's
+  output ``z``: ``s`` is the diagonal of ``J^T J / |y|^2`` (Gauss-Newton / Fisher of the output),
+  estimated with random output projections (``probes`` backward passes per kept call, whatever the
+  node count), and ``z_b - z`` is the output error of the candidate's converted op on the node's
+  captured input. Both run in the same captured graphs and converted ops as the measurement.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -32,11 +33,10 @@ from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .backend import node_op
-from .config import CANDIDATE_BITS, Estimator, FirstLastPolicy, OpKind
+from .config import CANDIDATE_BITS, Estimator, FirstLastPolicy
 from .errors import CalibrationError
 from .graph import prepare
-from .lowering.weights import smooth_weight, to_matrix
-from .passes.allocate import AllocationRecord, RDTable, lagrangian_allocate
+from .passes.allocate import AllocationRecord, RDTable, exact_allocate, lagrangian_allocate
 from .passes.annotate import Annotation
 from .passes.convert import QuantizedOp, convert
 from .passes.sites import META_KEY, Site
@@ -137,23 +137,32 @@ class SwitchOp(torch.nn.Module):
         self.owner = [owner]  # in a list: not a submodule
         self.site = site
         self.float_op = float_op
-        self.quantized: list[fx.GraphModule] | None = None
+        self.quantized: list[fx.GraphModule | None] | None = None
+        self.candidates: dict[tuple[str, int], fx.GraphModule] = {}  # (candidate, group) -> converted op (first-order estimate)
 
-    def use(self, ops: list[QuantizedOp] | None, device: torch.device) -> None:
+    def use(self, ops: list[QuantizedOp | None] | None, device: torch.device) -> None:
+        """Run ``ops[g]`` in timestep group ``g`` (None, or a None entry: the float op)."""
         if ops is None:
             self.quantized = None
             return
-        self.quantized = [convert(copy.deepcopy(self.float_op), {self.site.key: q}, device) for q in ops]
+        self.quantized = [None if q is None else convert(copy.deepcopy(self.float_op), {self.site.key: q}, device) for q in ops]
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         owner = self.owner[0]
-        op = self.float_op if self.quantized is None else self.quantized[owner.group]
+        op = self.float_op if self.quantized is None or self.quantized[owner.group] is None else self.quantized[owner.group]
         out = op(*inputs)
-        if owner.capture is not None:
-            if not out.requires_grad:
+        if owner.capture is not None:  # first-order estimate: a leaf to differentiate at, and the op's inputs
+            if not out.requires_grad:  # only where no earlier captured op feeds it: paths through later ops stay connected
                 out = out.detach().requires_grad_()
-            owner.capture.append((self.site, out))
+            owner.capture.append((self, tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs), out))
         return out
+
+    def converted(self, candidate: str, group: int, op: QuantizedOp, device: torch.device) -> fx.GraphModule:
+        """The op converted to ``op`` (cached per candidate and group), as :meth:`use` would run it."""
+        key = (candidate, group)
+        if key not in self.candidates:
+            self.candidates[key] = convert(copy.deepcopy(self.float_op), {self.site.key: op}, device)
+        return self.candidates[key]
 
 
 class SwitchableModel:
@@ -169,7 +178,7 @@ class SwitchableModel:
         self.switches: dict[str, list[SwitchOp]] = {}
         self.assignment: dict[str, list[QuantizedOp]] = {}
         self.group = 0
-        self.capture: list[tuple[Site, torch.Tensor]] | None = None
+        self.capture: list[tuple[SwitchOp, tuple, torch.Tensor]] | None = None
         self.forwards = 0
         self.backwards = 0
         self._compiled = torch.compile(model, backend=self._backend)
@@ -194,7 +203,16 @@ class SwitchableModel:
             self.switches.setdefault(site.key, []).append(switch)
         gm.graph.lint()
         gm.recompile()
-        return gm.forward
+
+        def forward(*args: Any) -> Any:
+            # The first-order estimate differentiates through this very graph: grad is enabled inside
+            # it, not around the Dynamo call, which would guard-fail and capture a different graph.
+            if self.capture is None:
+                return gm.forward(*args)
+            with torch.enable_grad():
+                return gm.forward(*args)
+
+        return forward
 
     def run(self, group: int, call: Call) -> torch.Tensor:
         """One forward of a kept call, with group ``group``'s quantized ops where switched."""
@@ -225,36 +243,48 @@ class SwitchableModel:
                 out.append(sum(errs) / len(errs) if errs else 0.0)
         return out
 
-    def output_sensitivity(self, probes: int, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
-        """Per node and group: ``E_v sum_{j in channel o} (d(v.y)/dz_j)^2`` per output channel ``o``.
+    def first_order(self, ops: dict[str, dict[str, list[QuantizedOp] | None]], probes: int, generator: torch.Generator) -> dict[str, dict[str, list[float]]]:
+        """First-order (Fisher / Gauss-Newton diagonal) estimate of ``D_n(b)`` per group, in the measured graphs.
 
-        ``v`` is Gaussian, scaled by ``1/|y|`` per call, so the expectation is the diagonal of
-        ``J^T J / |y|^2``: the normalized output error one unit of error variance at ``z`` causes.
+        Per kept call the float model runs once in the same captured graphs as the measurement, with
+        grad enabled inside them; ``probes`` backward passes of ``v . y`` (``v`` Gaussian, scaled by
+        ``1/|y|``) give ``s = E_v (d(v.y)/dz)^2`` per element of every node output ``z``: the diagonal of
+        ``J^T J / |y|^2``. Each candidate's converted op (the one the measurement switches in) then runs
+        on the node's captured input, and ``D_n(b) ~ sum s * (z_b - z)^2``, averaged over the group's
+        calls. Cost: one forward and ``probes`` backwards per call, plus single-op forwards.
         """
-        sums: dict[str, list[torch.Tensor | None]] = {}
-        for g, group in enumerate(self.calls):
-            for call in group:
-                self.capture = []
-                with torch.enable_grad():
+        out = {key: {c: [0.0] * len(self.calls) for c in per} for key, per in ops.items()}
+        with torch.no_grad():
+            for g, group in enumerate(self.calls):
+                for call in group:
+                    self.capture = []
                     y = self.run(g, call)
                     captured, self.capture = self.capture, None
+                    captured = [item for item in captured if item[0].site.key in ops]
+                    if not y.requires_grad or not captured:
+                        continue
                     norm = y.detach().double().norm().clamp_min(1e-30).float()
-                    outs = [z for _, z in captured]
+                    sens = [torch.zeros_like(z) for _, _, z in captured]
                     for p in range(probes):
                         v = torch.randn(y.shape, generator=generator).to(y.device, y.dtype) / norm
-                        grads = torch.autograd.grad((y * v).sum(), outs, retain_graph=p + 1 < probes, allow_unused=True)
+                        with torch.enable_grad():
+                            grads = torch.autograd.grad((y * v).sum(), [z for _, _, z in captured], retain_graph=p + 1 < probes, allow_unused=True)
                         self.backwards += 1
-                        for (site, z), grad in zip(captured, grads):
-                            if grad is None:
+                        for s_acc, grad in zip(sens, grads):
+                            if grad is not None:
+                                s_acc.add_(grad.pow(2))
+                    for (switch, inputs, z), s_acc in zip(captured, sens):
+                        key = switch.site.key
+                        for c, per_group in ops[key].items():
+                            if per_group is None:
                                 continue
-                            dim = z.dim() - 1 if site.kind is OpKind.LINEAR else 1
-                            per_channel = grad.detach().double().pow(2).sum(dim=[d for d in range(z.dim()) if d != dim]).cpu()
-                            slot = sums.setdefault(site.key, [None] * len(self.calls))
-                            slot[g] = per_channel if slot[g] is None else slot[g] + per_channel
-        return {
-            key: [torch.zeros(0) if s is None else s / (probes * max(len(self.calls[g]), 1)) for g, s in enumerate(per_group)]
-            for key, per_group in sums.items()
-        }
+                            zq = switch.converted(c, g, per_group[g], self.device)(*inputs)
+                            err = (zq.double() - z.detach().double()).pow(2)
+                            out[key][c][g] += float((s_acc.double() * err).sum()) / (probes * len(group))
+        for switches in self.switches.values():
+            for sw in switches:
+                sw.candidates.clear()
+        return out
 
     def close(self) -> None:
         """Drop quantized ops and references (Dynamo's cache may keep the captured graph itself)."""
@@ -266,44 +296,26 @@ class SwitchableModel:
         self.calls = []
 
 
-# -- the analytic node-output error (fisher estimator) -----------------------------------------
-def node_output_error(site: Site, w: torch.Tensor, plan: NodePlan, group_stats: list, mean_removed: bool) -> list[torch.Tensor]:
-    """Per timestep group, the error variance of each output channel of ``plan``'s quantized op.
+# -- the exact optimum, for the Lagrangian's gap ---------------------------------------------
+def exact_check(rd: list[RDTable], budget: float, cells: float = 5e7) -> dict[str, Any]:
+    """The exact DP optimum at the same budget, for the gap report.
 
-    ``sum_k var_k dW_ok^2`` (per input channel ``k``, summed over taps; ``E[x_k^2]`` instead of the
-    variance where no bias correction removes the mean) plus the input rounding noise
-    ``scale^2/12 sum_k W_ok^2``; input features are treated as independent. A transposed
-    convolution spreads its taps over ``prod(stride)`` output positions, so its sums are divided by it.
+    Exact when every rate is a multiple of a common unit (their rational GCD) and the DP table
+    (tables x budget/unit) has at most ``cells`` entries; else at the resolution that fits (rates rounded up).
     """
-    kind = site.kind.value
-    w = w.detach().float().cpu()
-    if plan.smooth is not None:
-        w = smooth_weight(w, kind, plan.smooth)
-        group_stats = [None if s is None else s.smoothed(plan.smooth) for s in group_stats]
-    dw = to_matrix((plan.weight.dequantize() - w).pow(2), kind)
-    w2 = to_matrix(w.pow(2), kind).sum(dim=1)
-    if site.kind is OpKind.CONV_TRANSPOSE:
-        stride = site.conv_args.get("stride", 1)
-        spread = math.prod(stride) if isinstance(stride, (tuple, list)) else stride ** (w.dim() - 2)
-        dw, w2 = dw / spread, w2 / spread
-    conv_groups = site.conv_args.get("groups", 1)
-    out_ch = dw.shape[0]
-    errors = []
-    for g, stats in enumerate(group_stats):
-        var = None if stats is None else stats.channel_variance()
-        err = torch.zeros(out_ch)
-        if var is not None:
-            if not mean_removed:
-                var = var + stats.channel_mean().pow(2)
-            per_group_in = var.numel() // conv_groups
-            per_in = dw.reshape(out_ch, per_group_in, -1).sum(dim=2)  # (out, in/groups)
-            owner = torch.arange(out_ch) // (out_ch // conv_groups)
-            err = (per_in * var.reshape(conv_groups, per_group_in)[owner]).sum(dim=1)
-        act = plan.acts[g]
-        if act is not None:
-            err = err + act.scale**2 / 12 * w2
-        errors.append(err.double())
-    return errors
+    t0 = time.perf_counter()
+    fracs = [Fraction(r).limit_denominator(10_000) for t in rd for r in t.rates]
+    den = math.lcm(*(f.denominator for f in fracs))
+    unit = math.gcd(*(int(f * den) for f in fracs)) / den
+    exact = all(abs(float(f) - r) <= 1e-9 * max(r, 1.0) for f, r in zip(fracs, (r for t in rd for r in t.rates)))
+    if not exact or unit <= 0 or budget / unit * len(rd) > cells:
+        exact, unit = False, budget * len(rd) / cells
+    try:
+        dp = exact_allocate(rd, budget, unit=unit)
+    except ValueError as e:  # rates rounded up to whole units may not fit a tight budget
+        return {"exact_dp_error": str(e)}
+    return {"exact_dp_distortion": dp.distortion, "exact_dp_rate": dp.rate, "exact_dp_unit": unit, "exact_dp_exact": exact,
+            "exact_dp_s": time.perf_counter() - t0}
 
 
 # -- allocation at calibration time -----------------------------------------------------------
@@ -325,7 +337,6 @@ class BitAllocator:
         restricted = self._first_last_keys()
         self.candidates: dict[str, list[str]] = {}
         self.plans: dict[str, dict[str, NodePlan]] = {}
-        self.errors: dict[str, dict[str, list[torch.Tensor]]] = {}
         self.params: dict[str, int] = {}
         annotations = [session.decisions[k] for k in session.sites]
         for ann in tqdm(annotations, desc="qdiff: allocation candidates", unit="op", disable=not progress, leave=False):
@@ -344,7 +355,6 @@ class BitAllocator:
             )
         self.setup_s = time.perf_counter() - t0
         self.tables: dict[str, dict[str, list[float]]] = {}
-        self.unexposed: list[str] = []  # nodes the fisher estimator had to measure
 
     def _first_last_keys(self) -> set[str]:
         """Keys the first/last policy keeps at >= 8 bits (EIGHT_BIT); SKIP'd ones are not quantized at all."""
@@ -372,11 +382,6 @@ class BitAllocator:
         self.candidates[ann.key] = cands
         self.plans[ann.key] = per
         self.params[ann.key] = math.prod(site.weight_shape)
-        stats = [s._group_stats(ann.key, m) for m in members]
-        self.errors[ann.key] = {
-            c: node_output_error(site, s.weights[ann.key], p, stats, cfg.bias_correction and p.bias_correction is not None)
-            for c, p in per.items() if p.quantized
-        }
 
     # -- tables ----------------------------------------------------------------------------
     def measure(self, keys: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
@@ -396,32 +401,26 @@ class BitAllocator:
         return out
 
     def fisher(self) -> dict[str, dict[str, list[float]]]:
-        """``D_n(b)`` per group from output sensitivities (``probes`` backward passes per kept call).
-
-        Nodes the autograd-mode graph does not expose as ops (e.g. PyTorch's eval fast path of
-        ``nn.TransformerEncoderLayer`` becomes a sliced in-projection with grad on) are measured.
-        """
-        sens = self.model.output_sensitivity(self.spec.probes, torch.Generator().manual_seed(self.session.config.calibration.seed))
-        self.unexposed = [k for k in self.ops if k not in sens]
-        out = self.measure(self.unexposed) if self.unexposed else {}
-        for key, per in self.ops.items():
-            if key in out:
-                continue
-            out[key] = {}
-            for c in per:
-                if c not in self.errors[key]:
-                    out[key][c] = [0.0] * len(self.group_weights)
-                    continue
-                out[key][c] = [
-                    float((s * e).sum()) if s.numel() == e.numel() else 0.0 for s, e in zip(sens.get(key, []), self.errors[key][c])
-                ]
-        return out
+        """``D_n(b)`` per group by the first-order estimate (:meth:`SwitchableModel.first_order`)."""
+        return self.model.first_order(self.ops, self.spec.probes, torch.Generator().manual_seed(self.session.config.calibration.seed))
 
     def tables_for(self, estimator: Estimator) -> dict[str, dict[str, list[float]]]:
         return self.measure() if estimator is Estimator.MEASURED else self.fisher()
 
     def rd_tables(self, tables: dict[str, dict[str, list[float]]]) -> list[RDTable]:
-        """Group-weighted ``D_n(b)`` and ``R_n(b) = bits x params`` per node."""
+        """The allocation's tables: per node, group-weighted ``D_n(b)`` and ``R_n(b) = bits x params``.
+
+        With ``per_group`` one table per (node, group) pair, keyed ``node@g``: ``w_g D_{n,g}(b)`` and
+        ``w_g bits(b) params``, so one budget (the call-weighted average bits over groups) spans all groups.
+        """
+        if self.spec.per_group:
+            return [
+                RDTable(
+                    f"{key}@{g}", tuple(cands), [w * CANDIDATE_BITS[c] * self.params[key] for c in cands],
+                    [w * tables[key][c][g] for c in cands],
+                )
+                for key, cands in self.candidates.items() for g, w in enumerate(self.group_weights)
+            ]
         return [
             RDTable(
                 key, tuple(cands), [CANDIDATE_BITS[c] * self.params[key] for c in cands],
@@ -430,17 +429,41 @@ class BitAllocator:
             for key, cands in self.candidates.items()
         ]
 
+    def group_choices(self, options: dict[str, str]) -> dict[str, list[str]]:
+        """Per node, the candidate of every group, from the options chosen for :meth:`rd_tables`' keys."""
+        groups = len(self.group_weights)
+        if self.spec.per_group:
+            return {key: [options[f"{key}@{g}"] for g in range(groups)] for key in self.candidates}
+        return {key: [options[key]] * groups for key in self.candidates}
+
     @property
     def total_params(self) -> int:
         return sum(self.params.values())
 
-    def measure_choice(self, choice: dict[str, str]) -> float:
-        """Measured group-weighted output distortion with every node quantized as ``choice`` says."""
-        for key, c in choice.items():
-            self.model.use(key, self.ops[key][c])
-        per_group = self.model.distortions()
+    def measure_choice(self, choices: dict[str, str | list[str]]) -> float:
+        """Measured group-weighted output distortion with every node quantized as ``choices`` says
+        (a candidate for all groups, or a list of one per group)."""
+        for key, per_group in choices.items():
+            if isinstance(per_group, str):
+                per_group = [per_group] * len(self.group_weights)
+            self.model.use(key, [None if self.ops[key][c] is None else self.ops[key][c][g] for g, c in enumerate(per_group)])
+        per_group_d = self.model.distortions()
         self.model.reset()
-        return sum(w * d for w, d in zip(self.group_weights, per_group))
+        return sum(w * d for w, d in zip(self.group_weights, per_group_d))
+
+    def node_plan(self, key: str, choices: list[str]) -> NodePlan:
+        """The node's plan for one candidate per group: the candidate's own plan where all groups agree,
+        else the groups' weights and bias corrections (groups sharing a candidate share its weight)."""
+        per = self.plans[key]
+        if len(set(choices)) == 1:
+            return per[choices[0]]
+        base = next(per[c] for c in choices if per[c].quantized)
+        corr = None
+        if base.bias_correction is not None:
+            rows = [per[c].bias_correction[g] if per[c].bias_correction is not None else torch.zeros_like(base.bias_correction[g]) for g, c in enumerate(choices)]
+            corr = torch.stack(rows)
+        weights = [per[c].weight for c in choices]
+        return replace(base, weight=next(w for w in weights if w is not None), group_weights=weights, bias_correction=corr)
 
     # -- the whole step ---------------------------------------------------------------------
     def run(self) -> tuple[dict[str, NodePlan], AllocationRecord]:
@@ -461,18 +484,25 @@ class BitAllocator:
                 f"{type(self.session.model).__name__} (first/last ops kept at >= 8 bits by first_last='8bit' count too); "
                 "raise the budget or set first_last='quantize'"
             ) from e
-        choice = alloc.options(rd)
-        measured = self.measure_choice(choice)
+        choices = self.group_choices(alloc.options(rd))
+        alloc_s = time.perf_counter() - t0
+        measured = self.measure_choice(choices)
+        solver = {"lagrangian_rate": alloc.rate, **exact_check(rd, budget)}
+        per_group = self.spec.per_group
         record = AllocationRecord(
             self.budget_bits, estimator.value, list(self.spec.candidates), self.group_weights,
             {
-                key: {"choice": choice[key], "bits": CANDIDATE_BITS[choice[key]], "params": self.params[key], "distortion": self.tables[key]}
+                key: {
+                    "choice": choices[key] if per_group else choices[key][0],
+                    "bits": sum(w * CANDIDATE_BITS[c] for w, c in zip(self.group_weights, choices[key])) if per_group else CANDIDATE_BITS[choices[key][0]],
+                    "params": self.params[key], "distortion": self.tables[key],
+                }
                 for key in self.candidates
             },
             alloc.lam, alloc.distortion, measured, self.model.forwards, self.model.backwards,
-            self.setup_s + time.perf_counter() - t0, [len(g) for g in self.model.calls],
+            self.setup_s + alloc_s, [len(g) for g in self.model.calls], per_group, solver,
         )
-        return {key: self.plans[key][c] for key, c in choice.items()}, record
+        return {key: self.node_plan(key, c) for key, c in choices.items()}, record
 
     def close(self) -> None:
         self.model.close()

@@ -69,3 +69,40 @@ def test_skip_patterns_and_first_last_policy():
     assert plan.nodes["head"].weight.fmt == "int4"
     skip = qcompile.calibrate(model, lambda m: run_steps(m, x), cfg.replace(first_last="skip", skip_names=()), progress=False)
     assert not skip.nodes["patch"].quantized and "first/last" in skip.nodes["unpatch"].reason
+
+
+def test_gptq_weights_calibrate_roundtrip_and_beat_nearest_rounding(tmp_path):
+    import dataclasses
+
+    import torch.nn as nn
+
+    from qcompile import QuantConfig, QuantPlan
+    from qcompile.metrics import sqnr_db
+
+    class TwoLinears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(48, 96), nn.Linear(96, 24)
+
+        def forward(self, x, t):
+            return self.b(torch.tanh(self.a(x))) * (1 + t.reshape(-1, 1))
+
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    mix = 0.5 * torch.randn(48, 48) + torch.eye(48)
+    x = torch.randn(256, 48) @ mix  # correlated input features
+    run = lambda m: [m(x, torch.full((256,), t)) for t in (0.8, 0.2)]  # noqa: E731
+    base = QuantConfig.preset("w4a16").replace(first_last="quantize", bias_correction=False)
+    cfg = base.replace(weight=dataclasses.replace(base.weight, gptq=True))
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    results = {}
+    for name, c in (("rtn", base), ("gptq", cfg)):
+        torch._dynamo.reset()
+        plan = qcompile.calibrate(model, run, c, progress=False)
+        plan = QuantPlan.load(plan.save(tmp_path / f"{name}.qplan"))
+        torch._dynamo.reset()
+        q = torch.compile(model, backend="qdiff", options={"plan": plan})
+        xt = torch.randn(64, 48) @ mix
+        with torch.no_grad():
+            results[name] = sqnr_db(model(xt, torch.full((64,), 0.5)), q(xt, torch.full((64,), 0.5)))
+    assert results["gptq"] > results["rtn"] + 1.0, results

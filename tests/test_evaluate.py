@@ -94,3 +94,21 @@ def test_evaluation_traces_transformer_layers_without_the_fused_fast_path():
     assert seen and not any(seen)
     assert torch.backends.mha.get_fastpath_enabled() == before
     assert 15 < results[0].sqnr_mean_db < 60  # quantized (not an unquantized float layer's ~inf)
+
+
+def test_rate_distortion_variants():
+    from qcompile.config import CANDIDATE_BITS
+    from qcompile.evaluate import experiments
+
+    ex = experiments()
+    nobf16 = ex["mixed-4.5a8-nobf16"]
+    assert "bf16" not in nobf16.allocation.candidates and {"int5", "int4g32"} <= set(nobf16.allocation.candidates)
+    assert nobf16.weight_bit_budget == 4.5 and nobf16.timestep_groups == 1
+    per, shared = ex["mixed-4.5a8-nobf16-k10"], ex["mixed-4.5a8-nobf16-k10-shared"]
+    assert per.timestep_groups == shared.timestep_groups == 10 and per.allocation.per_group and not shared.allocation.per_group
+    assert per.allocation.candidates == shared.allocation.candidates == nobf16.allocation.candidates
+    assert ex["w4a8-k10"].timestep_groups == ex["w6a8-k10"].timestep_groups == 10 and ex["w6a8-k10"].weight.fmt.value == "int6"
+    assert ex["mixed-4.5a8-nobf16-gptq"].weight.gptq and ex["w4a8-gptq"].weight.group_size == 64
+    assert CANDIDATE_BITS["int5"] == 5 and CANDIDATE_BITS["int4g32"] == 4.5
+    for cfg in ex.values():  # every variant survives the plan's config round-trip
+        assert cfg is None or type(cfg).from_dict(cfg.to_dict()) == cfg

@@ -110,17 +110,20 @@ def test_allocation_record_is_validated_on_load(toy, tmp_path):
     def lie(doc, tensors):
         doc["allocation"]["nodes"][key]["choice"] = "int8"
     _rewrite(path, lie)
-    with pytest.raises(PlanFileError, match=f"node '{key}' holds int4 weight but its bit allocation chose int8"):
+    with pytest.raises(PlanFileError, match=f"node '{key}' holds int4g64 weight in group 0 but its bit allocation chose int8"):
         QuantPlan.load(path)
 
 
 def test_fisher_estimate_ranks_like_the_measurement(toy, tmp_path):
     _, plan, allocator = toy
+    allocator.model.distortions()  # (re)captures the graph if an earlier test reset Dynamo
+    switches = sum(map(len, allocator.model.switches.values()))
     fisher = allocator.fisher()
+    # the same captured graphs as the measurement (grad is enabled inside them): no second capture, every node estimated
+    assert sum(map(len, allocator.model.switches.values())) == switches and set(fisher) == set(allocator.tables)
     pairs = [(allocator.tables[k][c][0], fisher[k][c][0]) for k in fisher for c in fisher[k] if c != "bf16"]
-    assert spearman([m for m, _ in pairs], [f for _, f in pairs]) > 0.8
-    # the eval fast path of nn.TransformerEncoderLayer hides the attention projections from autograd: measured
-    assert "enc.self_attn.in_proj" in allocator.unexposed and "enc.linear1" not in allocator.unexposed
+    assert spearman([m for m, _ in pairs], [f for _, f in pairs]) > 0.9
+    assert all(f > 0 for _, f in pairs)
     assert plot_bits_per_layer(plan, tmp_path / "bits.png").stat().st_size > 1000
 
 

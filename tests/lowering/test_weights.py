@@ -106,3 +106,28 @@ def test_int6_uses_the_6_bit_grid_and_sits_between_int4_and_int8():
     assert torch.allclose(qw.scale.squeeze(1), w.abs().amax(dim=1) / 31)
     sqnr = {f: sqnr_db(w, quantize_weight(w, f, "linear", None).dequantize()) for f in ("int4", "int6", "int8")}
     assert sqnr["int4"] + 9 < sqnr["int6"] < sqnr["int8"] - 9  # about 6 dB per bit
+
+
+def test_gptq_rounding_lowers_the_output_error_on_correlated_inputs():
+    from qcompile.lowering.formats import int_range
+    from qcompile.lowering.weights import gptq_round, quantize_weight
+
+    torch.manual_seed(0)
+    k = 96
+    x = torch.randn(3000, k) @ (0.3 * torch.randn(k, k) + torch.eye(k))
+    w = torch.randn(32, k)
+    h = x.T.double() @ x.double() / x.shape[0]
+    for fmt, gs in (("int4", 32), ("int5", None), ("int8", None)):
+        rtn = quantize_weight(w, fmt, "linear", gs)
+        opt = quantize_weight(w, fmt, "linear", gs, hessian=h)
+        assert torch.equal(rtn.scale, opt.scale)  # same grids, other rounding
+        err = lambda q: float((x @ (q.dequantize() - w).T).pow(2).mean())  # noqa: E731
+        assert err(opt) < 0.8 * err(rtn), fmt
+        lo, hi = int_range(fmt, True)
+        if fmt != "int4":
+            assert int(opt.data.min()) >= lo and int(opt.data.max()) <= hi
+    # with an identity Hessian (uncorrelated, equal-variance inputs) there is nothing to compensate: nearest rounding
+    rtn = quantize_weight(w, "int5", "linear", None, clip_search=False)
+    assert torch.equal(gptq_round(w, rtn.scale, "int5", None, torch.eye(k)), rtn.data)
+    with pytest.raises(ValueError, match="gptq rounding takes unsplit linear weights"):
+        quantize_weight(torch.randn(4, 8, 3, 3), "int8", "conv", hessian=torch.eye(72))
