@@ -204,10 +204,11 @@ def evaluate_case(
     each calibrated plan is saved there as ``<model>_<config>.qplan`` (for ``qdiff inspect`` / bit heatmaps).
     """
     with mha_fastpath_off():
-        return _evaluate_case(case, configs, seeds, calib_samples, progress, torch.device(device), lowering)
+        return _evaluate_case(case, configs, seeds, calib_samples, progress, torch.device(device), lowering, plans_dir)
 
 
-def _evaluate_case(case: EvalCase, configs: dict, seeds: int, calib_samples: int, progress: bool, device: torch.device, lowering: str) -> list[EvalResult]:
+def _evaluate_case(case: EvalCase, configs: dict, seeds: int, calib_samples: int, progress: bool, device: torch.device, lowering: str,
+                   plans_dir: Path | None) -> list[EvalResult]:
     model = case.build().eval().to(device)
     noise = torch.randn(seeds, *case.shape, generator=torch.Generator().manual_seed(0)).to(device)
     calib_noise = torch.randn(calib_samples, *case.shape, generator=torch.Generator().manual_seed(10_000)).to(device)
