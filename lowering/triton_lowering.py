@@ -79,7 +79,7 @@ def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, a
 
 
 def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None,
-            splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None, outlier_scale=None):
+            splits=None, outlier_scale=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding).
 
     Split ops (``splits``: per-slice activation and weight scales) and outlier-split inputs (``outlier_scale``) run the
@@ -177,7 +177,7 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
-          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, colsum=None, outlier_scale=None):
+          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, outlier_scale=None, colsum=None):
     """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split and
     outlier-split ops: the reference).
 
