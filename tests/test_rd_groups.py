@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 import qcompile
 from qcompile import AllocationSpec, PlanFileError, QuantConfig, QuantPlan
@@ -16,18 +15,9 @@ from qcompile.lowering.weights import quantize_weight
 from qcompile.passes.allocate import brute_force_allocate, exact_allocate, lagrangian_allocate
 from qcompile.rdreport import bits_matrix, plot_bits_per_layer
 from qcompile.sensitivity import calibrate_with_allocator
-from tests.toy_models import ConvTransformerToy, run_steps
+from tests.toy_models import ConvTransformerToy, TinyMLP, run_steps
 
 NOBF16 = ("int4", "int4g32", "int5", "int6", "int8", "fp8_e4m3")
-
-
-class TinyMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 16)
-
-    def forward(self, x, t):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x))))) * (1 + t.reshape(-1, 1))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 import qcompile
 from qcompile import AllocationSpec, CalibrationError, ConfigError, PlanFileError, QuantConfig, QuantPlan
@@ -10,18 +9,7 @@ from qcompile.plan import NodePlan
 from qcompile.rdreport import pearson, plot_bits_per_layer, spearman
 from qcompile.sensitivity import CallSample, calibrate_with_allocator, nmse
 from qcompile.timesteps import TimestepGroups
-from tests.toy_models import ConvTransformerToy, run_steps
-
-
-class TinyMLP(nn.Module):
-    """Three linears in a row: the smallest model where distortions of different nodes interact."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 16)
-
-    def forward(self, x, t):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x))))) * (1 + t.reshape(-1, 1))
+from tests.toy_models import ConvTransformerToy, TinyMLP, run_steps
 
 
 @pytest.fixture(scope="module")

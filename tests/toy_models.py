@@ -69,3 +69,14 @@ def run_steps(model, x, steps=6):
     for t in torch.linspace(1, 0, steps, device=x.device):
         out = model(x, t.expand(x.shape[0]))
     return out
+
+
+class TinyMLP(nn.Module):
+    """Three linears in a row: the smallest model where distortions of different nodes interact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 16)
+
+    def forward(self, x, t):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))) * (1 + t.reshape(-1, 1))
