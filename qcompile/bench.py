@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import queue
+import shutil
 import statistics
 import subprocess
 import sys
@@ -296,8 +297,8 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     with torch.device(dev):
         model = spec.build()
     model = model.to(dev, dtype).eval()
-    lock = os.environ.get(LOCK_ENV)
-    with torch.no_grad(), _host_lock(lock, exclusive=False):  # build, calibrate, compile: alongside other rows
+    rows_dir = os.environ.get(ROWS_ENV)
+    with torch.no_grad():  # build, calibrate, compile: alongside other rows (paused while one of them times)
         runnable = _prepare_variant(variant, model, spec, dev, dtype, row)
         inputs = spec.inputs(dev, dtype, 500)
         if dev.type == "cuda":
@@ -312,8 +313,9 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         plan = row.extra.pop("qdiff_plan", None)
         if plan is not None:
             row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
-    with torch.no_grad(), _host_lock(lock, exclusive=True):  # timed repeats: nothing else runs on the host
+    with torch.no_grad(), _alone_on_host(rows_dir) as paused:  # timed repeats: nothing else runs on the host
         row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
+    row.extra["rows_paused_while_timing"] = paused
     if dev.type == "cuda":
         row.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
     row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
@@ -332,24 +334,72 @@ def qdiff_kernel_counts(plan: Any) -> dict[str, int]:
     return total
 
 
-LOCK_ENV = "QDIFF_BENCH_LOCK"  # rows measured in parallel compile at once but time alone
+ROWS_ENV = "QDIFF_BENCH_ROWS"  # folder where the rows of one run register (rows compile side by side, time alone)
 
 
 @contextlib.contextmanager
-def _host_lock(lock_path: str | None, exclusive: bool) -> Iterator[None]:
-    """A host-wide reader/writer file lock (if a path is given). Rows build, calibrate and compile under the
-    shared side, alongside each other; timed repeats take the exclusive side, so they wait until no other row
-    is compiling or running and hold the others off meanwhile. (Timing only one row at a time was not enough:
-    other rows' compiles saturate the CPU and a launch-bound model then measures several times slower.)"""
-    if not lock_path:
+def _registered(rows_dir: str | None) -> Iterator[None]:
+    """Register this row process (the leader of its own process group) in ``rows_dir`` while it runs."""
+    if not rows_dir:
         yield
         return
-    import fcntl
+    me = Path(rows_dir) / str(os.getpid())
+    me.write_text("")
+    try:
+        yield
+    finally:
+        me.unlink(missing_ok=True)
 
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+def _row_groups(rows_dir: str) -> list[int]:
+    return [int(p.name) for p in Path(rows_dir).iterdir() if p.name.isdigit()]
+
+
+def _signal_groups(groups: list[int], sig: int) -> None:
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):  # that row has just finished
+            os.killpg(pgid, sig)
+
+
+@contextlib.contextmanager
+def _alone_on_host(rows_dir: str | None) -> Iterator[int]:
+    """Run the timed repeats alone on the host: take the run's timing lock (one row times at a time), stop every
+    other registered row's process group (its compile, Inductor's compile workers, calibration kernels) with
+    SIGSTOP, and continue them afterwards. Yields how many rows were paused.
+
+    (Timing one row at a time was not enough: other rows' compiles saturate the CPU and a launch-bound model then
+    measures several times slower; and a reader/writer lock that waits for the compiles to end can wait for minutes
+    when some row is always compiling.)"""
+    if not rows_dir:
+        yield 0
+        return
+    import fcntl
+    import signal
+
+    with open(Path(rows_dir) / ".timing", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        others = [g for g in _row_groups(rows_dir) if g != os.getpid()]
+        _signal_groups(others, signal.SIGSTOP)
         try:
-            yield
+            time.sleep(0.2)  # let kernels the others queued drain from the GPU
+            yield len(others)
+        finally:
+            _signal_groups(others, signal.SIGCONT)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _resume_if_nobody_times(rows_dir: str) -> None:
+    """Continue every row if no row holds the timing lock (a row killed while timing leaves the others stopped)."""
+    import fcntl
+    import signal
+
+    with open(Path(rows_dir) / ".timing", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a live row is timing: it continues everyone when done
+        try:
+            _signal_groups(_row_groups(rows_dir), signal.SIGCONT)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -371,21 +421,32 @@ def _triton_version() -> str | None:
 # -- orchestrating rows in subprocesses --------------------------------------------------------
 
 
-def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float, lock: str | None = None) -> Row:
+def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float, rows_dir: str | None = None) -> Row:
+    """One row in its own process group (so a time limit kills its compile workers too, and a timing row can pause
+    it: :func:`_alone_on_host`), with a fresh Inductor and Triton cache."""
+    import signal
+
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
         out = Path(tmp) / "row.json"
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"), TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
-        if lock:
-            env[LOCK_ENV] = lock
+        if rows_dir:
+            env[ROWS_ENV] = rows_dir
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         cmd = [sys.executable, "-m", "qcompile.bench", "--row", model, variant, "--device", device, "--budget-s", str(budget_s), "--row-out", str(out)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+            stdout, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            _signal_groups([proc.pid], signal.SIGKILL)
+            proc.communicate()
             return Row(model, variant, status="timeout", error=f"row time limit of {timeout_s:g} s exceeded")
+        finally:
+            if rows_dir:
+                (Path(rows_dir) / str(proc.pid)).unlink(missing_ok=True)
+                _resume_if_nobody_times(rows_dir)
         if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            tail = (stderr or stdout).strip().splitlines()[-6:]
             return Row(model, variant, status="error", error=" | ".join(tail)[-600:])
         return Row(**json.loads(out.read_text()))
 
@@ -407,12 +468,13 @@ def run_bench(
     A row's time limit is cut to what is left of ``total_s``; a row with less than a minute left is
     reported as ``skipped``. Models with a ``variants`` list get only those rows. ``on_row`` gets the rows so far after each one (to save partial results).
     ``jobs_per_gpu`` rows share a GPU at once: their builds, calibrations and compiles overlap, and each
-    row's timed repeats run alone on the host (:func:`_host_lock`); compile times are then measured under load.
+    row's timed repeats run alone on the host, the other rows paused (:func:`_alone_on_host`); compile times are
+    then measured under load.
     """
     deadline = None if total_s is None else time.monotonic() + total_s
     slots = [g for g in range(max(1, gpus)) for _ in range(max(1, jobs_per_gpu))]
 
-    lock_path = None if len(slots) == 1 else str(Path(tempfile.gettempdir()) / f"qdiff-bench-{os.getpid()}.lock")
+    rows_dir = None if len(slots) == 1 else tempfile.mkdtemp(prefix="qdiff-bench-rows-")
     work: queue.Queue[tuple[str, str]] = queue.Queue()
     pairs = [(m, v) for m in models for v in variants if MODELS[m].variants is None or v in MODELS[m].variants]
     for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
@@ -431,7 +493,7 @@ def run_bench(
             if left is not None and left < min(timeout_s, 60.0):
                 row = Row(m, v, status="skipped", error=f"not started: less than {min(timeout_s, 60.0):g} s of the run's --total-s left")
             else:
-                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, lock_path)
+                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, rows_dir)
             row.extra["wall_s"] = round(time.perf_counter() - t0, 1)
             with lock:
                 rows.append(row)
@@ -446,6 +508,8 @@ def run_bench(
         w.start()
     for w in workers:
         w.join()
+    if rows_dir:
+        shutil.rmtree(rows_dir, ignore_errors=True)
     add_ratios(rows)
     order = {pair: i for i, pair in enumerate(pairs)}
     return sorted(rows, key=lambda r: order[(r.model, r.variant)])
@@ -557,6 +621,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if all(r.status == "ok" for r in rows) else 1
 
 
+def _die_with_parent() -> None:
+    """Rows run in their own process group (see :func:`_run_row_subprocess`), so a signal to the orchestrator's
+    group does not reach them: on Linux, ask the kernel to kill this row when the orchestrator dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _row_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m qcompile.bench")
     p.add_argument("--row", nargs=2, metavar=("MODEL", "VARIANT"), required=True)
@@ -564,7 +640,9 @@ def _row_main(argv: list[str]) -> int:
     p.add_argument("--budget-s", type=float, default=10.0)
     p.add_argument("--row-out", required=True)
     a = p.parse_args(argv)
-    row = measure(a.row[0], a.row[1], a.device, a.budget_s)
+    _die_with_parent()
+    with _registered(os.environ.get(ROWS_ENV)):
+        row = measure(a.row[0], a.row[1], a.device, a.budget_s)
     Path(a.row_out).write_text(json.dumps(asdict(row)))
     return 0
 

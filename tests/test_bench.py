@@ -1,6 +1,11 @@
 """qdiff bench: row measurement on CPU with a tiny model, ratios, tables, merging, subprocess limits."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,36 +106,93 @@ def test_models_with_a_variant_list_get_only_those_rows():
     assert [r.variant for r in rows] == ["bf16-eager"]  # torchao is not one of the batch-1 model's variants
 
 
-def test_jobs_per_gpu_share_a_gpu_and_one_host_lock(monkeypatch):
+def test_jobs_per_gpu_share_a_gpu_and_one_rows_folder(monkeypatch):
     calls = []
 
-    def fake_row(model, variant, device, gpu, timeout_s, budget_s, lock=None):
-        calls.append((variant, gpu, lock))
+    def fake_row(model, variant, device, gpu, timeout_s, budget_s, rows_dir=None):
+        calls.append((variant, gpu, rows_dir))
         return bench.Row(model, variant, status="ok", ms=1.0)
 
     monkeypatch.setattr(bench, "_run_row_subprocess", fake_row)
     variants = ["bf16-eager", "bf16-inductor", "qdiff-w8a8-fp8", "qdiff-w4a16", "qdiff-w8a8-int8", "qdiff-w4a8"]
     rows = bench.run_bench(["dit-xl-2-512"], variants, "cuda", gpus=2, timeout_s=60, budget_s=0.1, progress=False, jobs_per_gpu=3)
     assert [r.variant for r in rows] == variants and len(calls) == 6
-    assert len({lock for *_, lock in calls}) == 1 and calls[0][2] is not None  # one lock for the whole host
+    assert len({d for *_, d in calls}) == 1 and calls[0][2] is not None  # one registry for the whole host
+    assert not Path(calls[0][2]).exists()  # removed after the run
 
 
-def test_timed_repeats_wait_for_every_compiling_row(tmp_path):
-    """The host lock: rows compile under its shared side together; a timing (exclusive) waits for all of them."""
-    import threading
-    import time
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
-    lock = str(tmp_path / "bench.lock")
-    events = []
-    with bench._host_lock(lock, exclusive=False), bench._host_lock(lock, exclusive=False):  # two rows compiling
 
-        def time_a_row():
-            with bench._host_lock(lock, exclusive=True):
-                events.append("timed")
+def _busy_row(rows_dir: Path) -> subprocess.Popen:
+    """A stand-in row: its own process group, registered, burning CPU."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    (rows_dir / str(proc.pid)).write_text("")
+    return proc
 
-        t = threading.Thread(target=time_a_row)
-        t.start()
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to read process states")
+def test_timing_pauses_the_other_rows_and_continues_them(tmp_path):
+    """While a row times, every other registered row (its whole process group) is stopped, then continued."""
+    rows = [_busy_row(tmp_path) for _ in range(2)]
+    try:
         time.sleep(0.3)
-        events.append("compiles done")
-    t.join(5)
-    assert events == ["compiles done", "timed"]
+        assert [_state(p.pid) for p in rows] == ["R", "R"]
+        with bench._registered(str(tmp_path)):
+            assert (tmp_path / str(os.getpid())).exists()
+            with bench._alone_on_host(str(tmp_path)) as paused:
+                assert paused == 2  # not itself
+                assert [_state(p.pid) for p in rows] == ["T", "T"]
+            time.sleep(0.1)
+            assert [_state(p.pid) for p in rows] == ["R", "R"]
+        assert not (tmp_path / str(os.getpid())).exists()
+    finally:
+        for p in rows:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to read process states")
+def test_rows_left_stopped_by_a_killed_timer_are_continued(tmp_path):
+    import signal
+
+    row = _busy_row(tmp_path)
+    try:
+        os.killpg(row.pid, signal.SIGSTOP)  # as if a timing row had died holding the others
+        time.sleep(0.1)
+        assert _state(row.pid) == "T"
+        bench._resume_if_nobody_times(str(tmp_path))
+        time.sleep(0.1)
+        assert _state(row.pid) == "R"
+    finally:
+        row.kill()
+        row.wait()
+
+
+def test_a_timed_out_row_is_killed_with_its_process_group(tmp_path):
+    slow = bench._run_row_subprocess("dit-xl-2-512", "bf16-eager", "cpu", None, timeout_s=0.5, budget_s=0.1, rows_dir=str(tmp_path))
+    assert slow.status == "timeout"
+    assert bench._row_groups(str(tmp_path)) == []  # unregistered
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="rows die with the orchestrator through prctl (Linux)")
+def test_rows_die_with_the_orchestrator(tmp_path):
+    """Rows run in their own process groups; killing the orchestrator must not leave them running."""
+    import signal
+
+    cmd = [sys.executable, "-m", "qcompile.cli", "bench", "--device", "cpu", "--models", "bundled-cifar10-ddpm", "bundled-cifar10-dit",
+           "--variants", "bf16-eager", "--jobs-per-gpu", "2", "--out", str(tmp_path / "out")]
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    orchestrator = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(rows) < 2 and time.monotonic() < deadline:
+        rows = [int(p.name) for d in tmp_path.glob("qdiff-bench-rows-*") for p in d.iterdir() if p.name.isdigit()]
+        time.sleep(0.2)
+    assert len(rows) == 2, "the rows did not register in time"
+    orchestrator.send_signal(signal.SIGTERM)
+    orchestrator.wait(10)
+    time.sleep(1.0)
+    alive = [pid for pid in rows if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
+    assert alive == []
