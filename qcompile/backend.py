@@ -195,7 +195,16 @@ def build_quantized_graph(
 
 
 def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None) -> QuantizedGraph:
-    """The Dynamo backend registered as ``"qdiff"``."""
+    """The Dynamo backend registered as ``"qdiff"``.
+
+    ``options``: ``plan`` (required), ``inductor``, ``group``, ``mode``, ``lowering`` (see :class:`BackendOptions`) and
+    ``release_float_weights`` (default False): once a graph is compiled, free the storage of the float weights that no
+    graph of the plan reads any more (ops quantized in every timestep group; biases, norms and full-precision ops keep
+    theirs). Peak memory then holds the quantized weights only, but the eager module can no longer run: its released
+    parameters keep their shape and dtype but have no data (an eager op reading one raises or crashes the process; so
+    would ``state_dict``, ``.to()`` or calibrating it again). Only the compiled module may be called afterwards; a later
+    graph that would read a released weight fails with an error naming it.
+    """
     opts = BackendOptions.parse(options)
     if opts.guarded:
         from .dispatch import guard_on_active_group
