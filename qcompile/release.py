@@ -122,6 +122,8 @@ def plan_release(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantP
             out.kept[qname] = SHARED
         else:
             out.release[i] = qname
+    for qname in sorted(converted - set(names.values())):  # e.g. Inductor freezing: Dynamo keeps parameters as attributes
+        out.kept[qname] = "not a graph input: Dynamo kept it as a graph attribute (torch._inductor.config.freezing?)"
     return out
 
 
