@@ -12,7 +12,8 @@ recompiles; only the data are gone. A parameter is released only when
   precision in one group keeps its weight: that group's graph reads it),
 - its placeholder has no user in the graph being compiled (biases, norms, ops left in full
   precision keep theirs), and
-- no other tensor shares its storage (resizing would empty that tensor too).
+- no other tensor shares its storage (resizing would empty that tensor too), and the storage is
+  resizable (not memory-mapped or borrowed from numpy); weights kept for these reasons are listed in one warning.
 
 Released inputs are removed from the graph handed to Inductor (the runner drops their arguments),
 so AOTAutograd, Inductor and CUDA graphs never see them. Every later compile (new shapes, another
@@ -120,6 +121,8 @@ def plan_release(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantP
             out.kept[qname] = "the graph still reads it (" + ", ".join(sorted(u.name for u in node.users)) + ")"
         elif torch._C._storage_Use_Count(value.untyped_storage()._cdata) > 2:  # its TensorImpl and the storage object asked for
             out.kept[qname] = SHARED
+        elif not value.untyped_storage().resizable():
+            out.kept[qname] = "its storage cannot be freed (memory-mapped, or borrowed from numpy / a buffer)"
         else:
             out.release[i] = qname
     for qname in sorted(converted - set(names.values())):  # e.g. Inductor freezing: Dynamo keeps parameters as attributes

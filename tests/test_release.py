@@ -155,6 +155,16 @@ def test_shared_storage_is_kept_with_one_warning():
     assert released_parameters(model) == [] and not is_released(model.b.weight)
 
 
+def test_borrowed_storage_is_kept_with_one_warning():
+    model = TinyMLP().eval()
+    model.b.weight = nn.Parameter(torch.from_numpy(model.b.weight.detach().numpy().copy()))  # numpy's memory
+    x = torch.randn(8, 16)
+    plan = calibrated(model, x)
+    with pytest.warns(UserWarning, match=r"b.weight: its storage cannot be freed"):
+        compiled_outputs(model, plan, [(x, torch.full((8,), 0.5))], release=True)
+    assert released_parameters(model) == ["a.weight", "c.weight"]
+
+
 def test_option_must_be_a_bool():
     model = TinyMLP().eval()
     x = torch.randn(8, 16)
