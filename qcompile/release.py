@@ -36,6 +36,7 @@ from .passes.sites import META_KEY, parameter_tensors
 from .plan import QuantPlan
 
 SHARED = "its storage is shared with another tensor"
+FLOAT_IN_A_GROUP = "an op reading it stays in full precision in some timestep group"  # expected: not warned about
 
 
 def is_released(t: Any) -> bool:
@@ -116,7 +117,7 @@ def plan_release(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantP
         if qname not in converted or is_released(value):
             continue
         if qname in float_somewhere:
-            out.kept[qname] = "an op reading it stays in full precision in some timestep group"
+            out.kept[qname] = FLOAT_IN_A_GROUP
         elif node.users:
             out.kept[qname] = "the graph still reads it (" + ", ".join(sorted(u.name for u in node.users)) + ")"
         elif torch._C._storage_Use_Count(value.untyped_storage()._cdata) > 2:  # its TensorImpl and the storage object asked for
@@ -141,7 +142,7 @@ def release(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def warn_kept(plan: QuantPlan, kept: dict[str, str]) -> None:
     """One warning per plan for quantized weights that keep their float data for an unexpected reason."""
-    unexpected = {k: r for k, r in kept.items() if not r.startswith("an op reading it stays") and f"kept:{k}" not in plan.warned}
+    unexpected = {k: r for k, r in kept.items() if r != FLOAT_IN_A_GROUP and f"kept:{k}" not in plan.warned}
     if unexpected:
         plan.warned.update(f"kept:{k}" for k in unexpected)
         warnings.warn(
