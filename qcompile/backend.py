@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -25,8 +25,9 @@ from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.act_quant import place_act_quant
 from .passes.fuse_epilogue import fuse_epilogues
 from .plan import NodePlan, QuantPlan
+from .release import ReleasePlan, check_released_unread, dropping_inputs, plan_release, release, warn_kept, without_inputs
 
-_OPTIONS = {"plan", "inductor", "group", "mode", "lowering"}
+_OPTIONS = {"plan", "inductor", "group", "mode", "lowering", "release_float_weights"}
 LOWERINGS = ("auto", "reference", "triton")
 
 HOW_TO_CALIBRATE = (
@@ -47,6 +48,9 @@ class BackendOptions:
     mode: str | None = None  # Inductor mode ("reduce-overhead", "max-autotune"): torch.compile takes mode or options, not both
     lowering: str = "auto"  # auto: Triton kernels for CUDA inputs, the pure-PyTorch reference otherwise
     guarded: bool = False  # group taken from qcompile.dispatch.ACTIVE and guarded on (GroupDispatch)
+    # free the storage of float weights no compiled graph of the plan reads (qcompile/release.py): the eager module
+    # can no longer run afterwards
+    release_float_weights: bool = False
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -78,7 +82,10 @@ class BackendOptions:
         lowering = options.get("lowering", "auto")
         if lowering not in LOWERINGS:
             raise ConfigError(f"options['lowering'] must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
-        return cls(plan, options.get("inductor"), group, options.get("mode"), lowering, guarded)
+        release = options.get("release_float_weights", False)
+        if not isinstance(release, bool):
+            raise ConfigError(f"options['release_float_weights'] must be True or False, got {release!r}")
+        return cls(plan, options.get("inductor"), group, options.get("mode"), lowering, guarded, release)
 
 
 @dataclass
@@ -92,6 +99,7 @@ class QuantizedGraph:
     fused_activations: int = 0  # activations folded into a quantized linear's epilogue
     kernel_pass: Any = None  # the Inductor post-grad pass (its .kernels: qdiff kernels in the compiled graph)
     calls: int = 0  # how often Dynamo ran this graph (the decorator checks that no denoiser call bypassed the plan)
+    released: dict[str, int] = field(default_factory=dict)  # float weights this compile released: name -> bytes freed
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -187,7 +195,16 @@ def build_quantized_graph(
 
 
 def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None) -> QuantizedGraph:
-    """The Dynamo backend registered as ``"qdiff"``."""
+    """The Dynamo backend registered as ``"qdiff"``.
+
+    ``options``: ``plan`` (required), ``inductor``, ``group``, ``mode``, ``lowering`` (see :class:`BackendOptions`) and
+    ``release_float_weights`` (default False): once a graph is compiled, free the storage of the float weights that no
+    graph of the plan reads any more (ops quantized in every timestep group; biases, norms and full-precision ops keep
+    theirs). Peak memory then holds the quantized weights only, but the eager module can no longer run: its released
+    parameters keep their shape and dtype but have no data (an eager op reading one raises or crashes the process; so
+    would ``state_dict``, ``.to()`` or calibrating it again). Only the compiled module may be called afterwards; a later
+    graph that would read a released weight fails with an error naming it.
+    """
     opts = BackendOptions.parse(options)
     if opts.guarded:
         from .dispatch import guard_on_active_group
@@ -202,6 +219,9 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         log_graph("fuse_epilogues", converted)
         converted, _ = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,))
         log_graph("place_act_quant", converted)
+    released = check_released_unread(converted, example_inputs)  # inputs released by an earlier compile: never read
+    freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()
+    drop = released | set(freeing.release)
     use_inductor = opts.inductor if opts.inductor is not None else device.type == "cuda"
     runner: Callable[..., Any] = converted.forward
     kernel_pass = None
@@ -217,7 +237,13 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         # buffers; without it AOTAutograd treats every parameter and buffer as a static input.
         if hasattr(converted, "_param_name_to_source"):
             del converted._param_name_to_source
-        runner = compile_fx(converted, list(example_inputs), config_patches=patches)
-    record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass)
+        # released (or about to be released) weights never reach AOTAutograd / Inductor / CUDA graphs
+        graph, inputs = without_inputs(converted, example_inputs, drop) if drop else (converted, list(example_inputs))
+        runner = compile_fx(graph, inputs, config_patches=patches)
+        if drop:
+            runner = dropping_inputs(runner, drop, len(example_inputs))
+    freed = release({name: example_inputs[i] for i, name in freeing.release.items()})
+    warn_kept(opts.plan, freeing.kept)
+    record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed)
     opts.plan.compiled.append(record)
     return record

@@ -283,7 +283,9 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         row.extra["qdiff_weight_bytes"] = _qdiff_weight_bytes(model, plan)
         row.extra["qdiff_plan"] = plan  # (replaced by its kernel counts once compiled: measure)
         torch._dynamo.reset()
-        return torch.compile(model, backend="qdiff", options={"plan": plan, **({"mode": mode} if mode else {})})
+        # the float weights of the quantized ops are freed once compiled: peak memory holds the quantized storage only
+        options = {"plan": plan, "release_float_weights": True, **({"mode": mode} if mode else {})}
+        return torch.compile(model, backend="qdiff", options=options)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -313,6 +315,11 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         plan = row.extra.pop("qdiff_plan", None)
         if plan is not None:
             row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
+            row.extra["released_float_gb"] = sum(sum(r.released.values()) for r in plan.compiled) / 2**30
+        row.extra["resident_weight_gb"] = _resident_weight_bytes(model, plan) / 2**30
+        if dev.type == "cuda":  # the peak of the first call (compile included); the row's peak is the timed steps'
+            row.extra["first_call_peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            torch.cuda.reset_peak_memory_stats(dev)
     with torch.no_grad(), _alone_on_host(rows_dir) as paused:  # timed repeats: nothing else runs on the host
         row.ms, row.repeats = _time_ms(lambda: _call(runnable, inputs), dev, budget_s)
     row.extra["rows_paused_while_timing"] = paused
@@ -321,6 +328,22 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
     row.weight_gb /= 2**30
     return row
+
+
+def _resident_weight_bytes(model: torch.nn.Module, plan: Any = None) -> int:
+    """Bytes the weights actually hold now: the module's parameter and buffer storages (released ones hold 0) plus
+    the buffers of the plan's compiled graphs (quantized weights, scales), each storage counted once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for record in getattr(plan, "compiled", []):
+        tensors += list(record.converted.buffers())
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if type(t) in (torch.Tensor, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr() or id(t)] = storage.nbytes()
+        else:
+            seen[id(t)] = _tensor_bytes(t)
+    return sum(seen.values())
 
 
 def qdiff_kernel_counts(plan: Any) -> dict[str, int]:
@@ -572,7 +595,8 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             "Command(s): " + "; ".join(f"`{c}`" for c in commands if c),
             "",
             "Median step latency (`triton.testing.do_bench`, median); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
-            "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps; weights = stored "
+            "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps "
+            "(after the first call; qdiff rows compile with `release_float_weights`, so the float weights of quantized ops are freed); weights = stored "
             "parameter bytes (quantized storage + the rest in bf16). Rows: " + ", ".join(f"{m.name} = {m.description}" for m in MODELS.values() if m.name in {r.model for r in all_rows}) + ".",
             "",
             markdown_table(all_rows),

@@ -31,6 +31,7 @@ from .passes.provenance import SplitDecision, apply_split, find_splits, split_no
 from .passes.sites import Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
+from .release import check_not_released
 from .segment import Segmentation, segment_groups
 from .sensitivity import BitAllocator, CallSample
 from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
@@ -60,6 +61,7 @@ class CalibrationSession:
     """State of one calibration run: sites seen, statistics, the call log and the probe."""
 
     def __init__(self, config: QuantConfig, model: torch.nn.Module):
+        check_not_released(model, "calibration")
         self.config = config
         self.model = model
         self.model_class = f"{type(model).__module__}.{type(model).__qualname__}"

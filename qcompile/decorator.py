@@ -116,12 +116,15 @@ def quantize(
     inductor: bool | None = None,
     dynamic: bool | None = None,
     progress: bool = True,
+    release_float_weights: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: run a pipeline function with its denoiser calibrated, quantized and compiled.
 
     ``dynamic`` goes to ``torch.compile``: None (default) lets Dynamo make the batch dimension
     dynamic when it first changes; True compiles dynamic shapes from the first call; False
-    compiles one static graph per input shape.
+    compiles one static graph per input shape. ``release_float_weights``: free the float weights
+    of the quantized ops once compiled (the backend option of that name); the pipeline's denoiser
+    module then can no longer run outside the decorated function (nor be calibrated again).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize needs a QuantConfig, got {type(config).__name__}")
@@ -154,11 +157,11 @@ def quantize(
             if compiled is None:
                 plan = state.plans[model] = plan_for(model, holder, args, kwargs)
                 if plan.groups.count == 1:
-                    options = {"plan": plan, "inductor": inductor}
+                    options = {"plan": plan, "inductor": inductor, "release_float_weights": release_float_weights}
                     compiled = torch.compile(model, backend="qdiff", options=options, dynamic=dynamic, **_ISOLATED)
                     watch_for_float_calls(compiled, model, plan, state, denoiser)
                 else:  # one graph per timestep group, chosen by Dynamo guards
-                    compiled = compile_plan(model, plan, dynamic=dynamic, inductor=inductor)
+                    compiled = compile_plan(model, plan, dynamic=dynamic, inductor=inductor, release_float_weights=release_float_weights)
                 state.compiled[model] = compiled
             with swapped_attribute(holder, denoiser, compiled):
                 return fn(*args, **kwargs)

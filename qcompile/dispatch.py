@@ -159,6 +159,9 @@ def compile(model: torch.nn.Module, plan: QuantPlan | str | os.PathLike, *, dyna
 
     One group: exactly ``torch.compile(model, backend="qdiff", options={"plan": plan, **options})``.
     More: a :class:`GroupDispatch` that compiles one graph per group (per Dynamo frame), chosen by guards.
+    ``options`` are the backend's (``inductor``, ``lowering``, ``release_float_weights``, ...). With
+    ``release_float_weights=True`` the float weights of ops quantized in every group are freed once compiled:
+    ``model`` itself can no longer run (nor be calibrated or inspected) afterwards, only the returned module.
     """
     if not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)

@@ -27,6 +27,7 @@ from .act_floor import describe as describe_floor
 from .groups_report import groups_table, probe_group as _probe_group
 from .plan import QuantPlan
 from .probe import decode
+from .release import check_not_released
 
 
 def plan_of(compiled: Any) -> QuantPlan:
@@ -299,6 +300,7 @@ def inspect(obj: Any, *args: Any, **kwargs: Any) -> InspectReport:
     model = getattr(obj, "_orig_mod", None)
     if model is None:
         raise QdiffError("inspect needs the object returned by torch.compile(model, backend='qdiff', ...)")
+    check_not_released(model, "inspect (its SQNR reference)")
     if not args and not kwargs:
         if plan.probe is None:
             raise QdiffError("the plan holds no probe input; call qcompile.inspect(qmodel, *inputs) with one denoiser call's inputs")

@@ -43,11 +43,15 @@ def test_measure_row_on_cpu(tiny, variant):
     assert row.date and row.device.startswith("cpu") and row.torch == torch.__version__
     float_bytes = sum(p.numel() for p in TinyDenoiser().parameters()) * 2  # bf16
     if variant == "bf16-eager":
-        assert row.weight_gb * 2**30 == float_bytes and row.compile_s is None
+        assert row.weight_gb * 2**30 == float_bytes == row.extra["resident_weight_gb"] * 2**30 and row.compile_s is None
     else:
         assert row.quantized_ops == "2/2 ops" and row.calibration_s > 0 and row.compile_s > 0
         assert row.weight_gb * 2**30 < float_bytes  # int8 / int4 storage, not fp32 fake weights
         assert row.extra["qdiff_kernels"] == {}  # CPU: no Inductor post-grad pass; the plan itself is not kept in the row
+        weights = TinyDenoiser()
+        released = (weights.conv.weight.numel() + weights.proj.weight.numel()) * 2
+        assert row.extra["released_float_gb"] * 2**30 == released  # compiled with release_float_weights
+        assert row.weight_gb <= row.extra["resident_weight_gb"] < float_bytes / 2**30  # + activation scales, bias corrections
         json.dumps(row.extra)
 
 

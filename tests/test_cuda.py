@@ -71,3 +71,35 @@ def test_triton_lowering_through_inductor_matches_reference(preset, mode):
     # activation near an e4m3 rounding boundary may land one step (~6 %) apart from the reference (measured 29.3 dB)
     floor = 25 if preset == "w8a8-fp8" else 30
     assert sqnr_db(ref, outs[-1]) > floor and torch.equal(outs[1], outs[2])
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_release_float_weights_frees_gpu_memory_without_recompiles(mode):
+    import copy
+
+    from qcompile.release import released_parameters
+
+    model = ConvTransformerToy().eval().to("cuda", torch.bfloat16)
+    x = torch.randn(4, 1, 16, 16, device="cuda", dtype=torch.bfloat16)
+    plan = qcompile.calibrate(model, lambda m: run_steps(m, x), QuantConfig.preset("w8a8-fp8"), progress=False)
+    keep = copy.deepcopy(model)
+    t = torch.full((4,), 0.6, device="cuda", dtype=torch.bfloat16)
+    options = {"plan": plan, **({"mode": mode} if mode else {})}
+    deltas, outs = [], []
+    with torch.no_grad():
+        for m, release in ((keep, False), (model, True)):
+            torch._dynamo.reset()
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            compiled = torch.compile(m, backend="qdiff", options={**options, "release_float_weights": release})
+            outs.append([compiled(x, t).clone() for _ in range(3)])
+            torch.cuda.synchronize()
+            deltas.append(torch.cuda.memory_allocated() - before)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            again = compiled(x, t).clone()
+        bigger = compiled(torch.randn(6, 1, 16, 16, device="cuda", dtype=torch.bfloat16), torch.full((6,), 0.6, device="cuda", dtype=torch.bfloat16))
+    released = {k: v for r in plan.compiled for k, v in r.released.items()}
+    assert sorted(released) == sorted(released_parameters(model)) and len(released) == len(plan.quantized_nodes())
+    assert abs((deltas[0] - deltas[1]) - sum(released.values())) <= 512 * len(released)  # allocator blocks: 512 B
+    torch.testing.assert_close(outs[1][-1], outs[0][-1])
+    assert torch.equal(again, outs[1][-1]) and torch.isfinite(bigger).all()

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -84,3 +86,25 @@ def test_diffusers_ddpm_pipeline_end_to_end():
     assert pipe.unet is unet and dict(pipe.config) == config_before
     assert len(generate.qdiff.plans[unet].calls) == 6
     assert generate.qdiff.graphs(unet) == 1  # one batch size: one graph (counts per pipeline: tests/test_pipelines.py)
+
+
+def test_release_float_weights_frees_the_quantized_weights_of_every_frame(tmp_path):
+    from qcompile.release import released_parameters
+
+    path = tmp_path / "toy.qplan"
+    model = GraphBreakToy().eval()
+    keep = Holder(copy.deepcopy(model))
+    x = torch.randn(2, 16)
+
+    def make(release):
+        @qcompile.quantize(QuantConfig.preset("w8a8-int8"), plan_path=path, denoiser="unet", progress=False, release_float_weights=release)
+        def generate(pipe, x):
+            return run_steps(pipe.unet, x, 4)
+
+        return generate
+
+    with torch.no_grad():
+        want = make(False)(keep, x)  # calibrates on the copy and saves the plan
+        got = make(True)(Holder(model), x)  # loads it
+    assert torch.equal(got, want)
+    assert released_parameters(model) == ["a.weight", "b.weight"] and released_parameters(keep.unet) == []
