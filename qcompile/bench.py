@@ -146,6 +146,7 @@ CUDAGRAPHS = "-cudagraphs"  # suffix: the same variant compiled with mode="reduc
 VARIANTS = BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS) + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
+TORCHAO_DIM_MULTIPLE = 16  # and K, N must be multiples of 8 (int8) / 16 (fp8 _scaled_mm): the bundled DiT's 12-wide output
 
 
 @dataclass
@@ -181,6 +182,16 @@ def _sync(device: torch.device) -> None:
 
 def _call(model: Any, inputs: Inputs) -> Any:
     return model(**inputs)
+
+
+def torchao_linears(model: torch.nn.Module, m_of: dict[str, int]) -> set[str]:
+    """The linears torchao's dynamic int8 / fp8 kernels accept: more than 16 rows, K and N multiples of 16."""
+    mods = dict(model.named_modules())
+    return {
+        name
+        for name, m in m_of.items()
+        if m > TORCHAO_MIN_M and mods[name].in_features % TORCHAO_DIM_MULTIPLE == 0 and mods[name].out_features % TORCHAO_DIM_MULTIPLE == 0
+    }
 
 
 def _linear_m(model: torch.nn.Module, inputs: Inputs) -> dict[str, int]:
@@ -258,8 +269,8 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         )
 
         m_of = _linear_m(model, spec.inputs(device, dtype, 500))
-        keep = {name for name, m in m_of.items() if m > TORCHAO_MIN_M}
-        row.quantized_ops = f"{len(keep)}/{len(m_of)} linears (M > {TORCHAO_MIN_M})"
+        keep = torchao_linears(model, m_of)
+        row.quantized_ops = f"{len(keep)}/{len(m_of)} linears (M > {TORCHAO_MIN_M}, K and N multiples of {TORCHAO_DIM_MULTIPLE})"
         cfg = Int8DynamicActivationInt8WeightConfig() if "int8" in variant else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
         t0 = time.perf_counter()
         quantize_(model, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and fqn in keep)
@@ -549,6 +560,11 @@ def _fmt(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _old_peak(r: Row) -> str:
+    """``*`` for a peak measured before peaks were taken over the timed steps only (rows without ``resident_weight_gb``)."""
+    return "*" if r.peak_mem_gb is not None and "resident_weight_gb" not in r.extra else ""
+
+
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
@@ -559,7 +575,7 @@ def markdown_table(rows: list[Row]) -> str:
         status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:160]}"
         lines.append(
             f"| {r.model} | {r.variant} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio_vs_bf16_inductor, '.2f')} | {_fmt(r.compile_s, '.0f')} | "
-            f"{_fmt(r.calibration_s, '.1f')} | {_fmt(r.peak_mem_gb, '.2f')} | {_fmt(r.weight_gb, '.3f')} | {r.quantized_ops or '—'} | {status} |"
+            f"{_fmt(r.calibration_s, '.1f')} | {_fmt(r.peak_mem_gb, '.2f')}{_old_peak(r)} | {_fmt(r.weight_gb, '.3f')} | {r.quantized_ops or '—'} | {status} |"
         )
     return "\n".join(lines)
 
@@ -578,7 +594,7 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
         new = {(r.model, r.variant) for r in rows}
         keep = [d for key, d in old.items() if key not in new]
     for r in rows:
-        r.extra["command"] = command
+        r.extra.setdefault("command", command)  # rows merged from another run keep theirs
     data = keep + [asdict(r) for r in rows]
     all_rows = [Row(**d) for d in data]
     add_ratios(all_rows)
@@ -596,7 +612,8 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             "",
             "Median step latency (`triton.testing.do_bench`, median); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
             "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps "
-            "(after the first call; qdiff rows compile with `release_float_weights`, so the float weights of quantized ops are freed); weights = stored "
+            "(after the first call; qdiff rows compile with `release_float_weights`, so the float weights of quantized ops are freed; a peak "
+            "marked `*` comes from an older `qdiff bench` and includes the first call and, for qdiff rows, the float weights); weights = stored "
             "parameter bytes (quantized storage + the rest in bf16). Rows: " + ", ".join(f"{m.name} = {m.description}" for m in MODELS.values() if m.name in {r.model for r in all_rows}) + ".",
             "",
             markdown_table(all_rows),

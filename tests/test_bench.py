@@ -200,3 +200,9 @@ def test_rows_die_with_the_orchestrator(tmp_path):
     time.sleep(1.0)
     alive = [pid for pid in rows if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
     assert alive == []
+
+
+def test_torchao_rows_skip_linears_its_kernels_reject():
+    model = torch.nn.ModuleDict({"ok": torch.nn.Linear(32, 64), "few_rows": torch.nn.Linear(32, 64), "narrow_out": torch.nn.Linear(32, 12)})
+    keep = bench.torchao_linears(model, {"ok": 128, "few_rows": 16, "narrow_out": 128})
+    assert keep == {"ok"}  # M <= 16, and N = 12 (the bundled DiT's output projection) are left in bf16

@@ -199,7 +199,12 @@ def test_fp8_prequant_route_matches_reference(m, k, n, out_fp8, gen):
     torch.cuda.synchronize()
     if out_fp8:
         assert out.dtype == torch.float8_e4m3fn
-        assert (out.float() == quantize_input_fp8(ref, s_out).float()).float().mean() > 0.97
+        want = quantize_input_fp8(ref, s_out).float()
+        got = out.float()
+        # a different accumulation order flips codes near rounding ties (3 % at K = 4608 on an H200): allow
+        # those flips, but only to a neighbouring e4m3 value (relative step <= 1/8, or the subnormal step)
+        assert (got == want).float().mean() > 0.95
+        assert ((got - want).abs() <= 0.125 * torch.maximum(got.abs(), want.abs()) + 2.0**-9).all()
     else:
         assert torch.isfinite(out).all(), "kernel left output elements unwritten (NaN poison)"
         assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
