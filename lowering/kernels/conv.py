@@ -93,8 +93,12 @@ def conv2d_kernel(
                 iw = iw0 + (tap % KW) * DW
                 inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_ptrs = x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc
-                a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                wt = tl.load(w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None], mask=c_ok[:, None], other=0.0)
+                if EVEN_C:  # every bound on a channel-block edge (the wrapper's EVEN_C covers the split points)
+                    a = tl.load(a_ptrs, mask=inside[:, None], other=0.0).to(tl.float32)
+                    wt = tl.load(w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None])
+                else:
+                    a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                    wt = tl.load(w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None], mask=c_ok[:, None], other=0.0)
                 if HAS_SMOOTH:
                     a = a * tl.load(smooth_ptr + cc, mask=c_ok, other=0.0)[None, :]
                 if A_FP8:
@@ -224,7 +228,7 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], b1, b2, b3,
         A_FP8=a_fp8, QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
         HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        EVEN_C=C % _C_MULTIPLE == 0, NS=ns, INTERPRET=INTERPRET,
+        EVEN_C=all(p % _C_MULTIPLE == 0 for p in (C, b1, b2, b3)), NS=ns, INTERPRET=INTERPRET,
     )
     return out
 

@@ -77,8 +77,12 @@ def fp8_linear_kernel(
             for kt in range(lo // BLOCK_K, tl.cdiv(hi, BLOCK_K)):  # tiles straddling a bound: masked to the slice
                 kk = kt * BLOCK_K + rk
                 k_ok = (kk >= lo) & (kk < hi)
-                a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None], other=0.0)
+                if EVEN_K:  # every bound on a tile edge (the wrapper's EVEN_K covers the split points): no masks
+                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk)
+                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None])
+                else:
+                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None], other=0.0)
                 a = a.to(tl.float32)
                 if HAS_SMOOTH:
                     a = a * tl.load(smooth_ptr + kk, mask=k_ok, other=0.0)[None, :]
@@ -165,7 +169,7 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
         M, N, K,
         x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1), b1, b2, b3,
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        OUT_FP8=out_scale is not None, EVEN_K=K % _K_MULTIPLE == 0, NS=ns, INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, EVEN_K=all(p % _K_MULTIPLE == 0 for p in (K, b1, b2, b3)), NS=ns, INTERPRET=INTERPRET,
     )
     return out
 

@@ -70,8 +70,12 @@ def int8_linear_kernel(
                 kk = kt * BLOCK_K + rk
                 k_ok = (kk >= lo) & (kk < hi)
                 # columns outside the slice load weight 0: whatever their codes, they contribute nothing
-                a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None], other=0)
+                if EVEN_K:  # every bound on a tile edge (the wrapper's EVEN_K covers the split points): no masks
+                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk)
+                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None])
+                else:
+                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None], other=0)
                 a = a.to(tl.float32)
                 if HAS_SMOOTH:
                     a = a * tl.load(smooth_ptr + kk, mask=k_ok, other=0.0)[None, :]
@@ -185,7 +189,7 @@ def _int8_linear(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, act, sp
         x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1), b1, b2, b3,
         QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
         HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        EVEN_K=K % _K_MULTIPLE == 0, NS=ns, INTERPRET=INTERPRET,
+        EVEN_K=all(p % _K_MULTIPLE == 0 for p in (K, b1, b2, b3)), NS=ns, INTERPRET=INTERPRET,
     )
     return out
 

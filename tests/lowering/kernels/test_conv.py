@@ -106,6 +106,16 @@ def test_split_implicit_gemm_conv_matches_reference(wfmt, asym, splits, stride, 
     assert sqnr_db(ref, out) > 45
 
 
+@pytest.mark.parametrize("wfmt,asym", [("int8", True), ("fp8_e4m3", False)])
+def test_split_conv_with_bounds_on_block_edges(wfmt, asym):
+    """C = 256 split 128 + 128: every bound a multiple of every config's BLOCK_K (the unmasked EVEN_C path)."""
+    splits = (0, 128, 256)
+    x = spread_slices(randn(1, 256, 4, 3), splits, 1)
+    args, kw = _split_conv_call(x, 16, 3, wfmt, splits, asym, (1, 1), (1, 1))
+    assert _route(x, kw)[0] == "implicit"
+    assert sqnr_db(reference.qconv(*args, **kw), triton_lowering.qconv(*args, **kw)) > 45
+
+
 @pytest.mark.parametrize("asym", [True, False])
 def test_split_int8_conv_is_exact_with_power_of_two_scales(asym):
     """Integer path: per-slice int8 codes convolved exactly (float64 conv of integers), times power-of-two scales."""

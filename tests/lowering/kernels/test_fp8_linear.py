@@ -124,7 +124,7 @@ def test_producer_quantization_matches_the_reference_quantizer():
 
 # -- split ops (split-shortcut quantization): per-slice scales inside the K loop ----------------------------------
 # The interpreter's BLOCK_K is 32: bounds 20 / 45 / 70 fall inside K tiles (masked to each slice), 32 / 64 on tile edges.
-SPLITS = [(0, 20, 72), (0, 32, 64, 96), (0, 20, 45, 72)]
+SPLITS = [(0, 20, 72), (0, 32, 64, 96), (0, 20, 45, 72), (0, 128, 256)]  # (bounds on 128: the unmasked EVEN_K path)
 
 
 @pytest.mark.parametrize("splits", SPLITS)
