@@ -18,8 +18,8 @@ slices in order, accumulates each slice's partial product separately (tiles stra
 the slice) and adds it to the fp32 accumulator times the slice's activation scale and per-output-channel weight
 scale; the input is quantized in the prologue with the slice's scale (and zero point). Split ops in other formats
 (W4A8, weight-only, more than 4 slices) run the reference and are named by :func:`fallback_reason`, as are
-outlier-split inputs (``outlier_scale``), which have no kernel yet. Everything else (transposed / grouped / 1-D / 3-D convs, weight-only convs other than 1x1, mixed
-fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA
+outlier-split inputs (``outlier_scale``), which have no kernel yet. Everything else (transposed / grouped / 1-D / 3-D
+convs, weight-only convs other than 1x1, mixed fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA
 tensors, and on CPU tensors only when Triton runs in its interpreter (``TRITON_INTERPRET=1``, tests).
 A symmetric int8 quantizer's zero point is 0 by construction (``observers.qparams_from_range``) and is
 not read.
@@ -30,12 +30,12 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .weights import k_bounds
 from .kernels._common import FLOAT_DTYPES, MAX_SLICES, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
 from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
 from .kernels.int8_linear import int8_linear, weight_colsum
 from .kernels.w4_linear import supports_group, w4a8_linear, weight_only_linear
+from .weights import k_bounds
 
 
 # (weight, activation) formats whose kernels take split ops (per-slice scales inside the K loop)

@@ -8,7 +8,9 @@ quantizes to the zero point exactly, so it contributes nothing after the zero-po
 activation is quantized in the prologue (fp8 e4m3 or int8) as in the linear kernels; the weight is
 used in tap-major order ``(N, KH, KW, C)`` (the wrapper reorders the plan's ``(N, C*KH*KW)``
 layout). The output is written as ``(B*OH*OW, N)``, i.e. an NHWC tensor; callers get it back as a
-channels-last NCHW view.
+channels-last NCHW view. Split ops (``splits`` over the input channels, constexpr ``NS`` > 1): per slice, the taps x
+the channel blocks overlapping the slice (masked to it), quantized with the slice's quantizer, the partial product
+added to the fp32 accumulator times the slice's activation and per-output-channel weight scales.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .int8_linear import weight_colsum
-
 from ._common import (
     FLOAT_DTYPES,
     INTERPRET,
@@ -27,19 +27,20 @@ from ._common import (
     autotuned,
     check_launchable,
     check_scalar,
+    check_split_params,
     check_tensor,
+    config,
     direct,
     eager_call,
-    config,
     fused_bias,
     quantize_fp8,
-    check_split_params,
     quantize_int8,
     slice_bound,
     split_args,
     store_output,
     tile_ids,
 )
+from .int8_linear import weight_colsum
 
 
 @triton.jit

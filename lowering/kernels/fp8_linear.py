@@ -8,6 +8,10 @@ tiles accumulates in fp32; the epilogue dequantizes, adds the (pre-summed) bias,
 optional activation and casts to the input's dtype. ``fp8_linear_prequant`` takes an input that a
 producer already quantized to fp8.
 
+Split ops (``splits``, constexpr ``NS`` > 1, interior slice bounds ``B1..B3``): the K loop visits the input-feature
+slices in order, quantizes each with its own scale, accumulates each slice's product separately and adds it to the
+fp32 accumulator times ``a_scale[s] * w_scale[n, s]`` (weight scales ``(N, slices)``); see ``docs/kernels.md``.
+
 Specialization is by ``tl.constexpr`` flags (input already fp8, bias, smoothing, activation, K
 divisible by the tile) and shape-keyed autotuning; scales are tensor arguments, so plans that differ
 only in scales (timestep groups) share the compiled kernels.
@@ -29,6 +33,7 @@ from ._common import (
     autotuned,
     check_launchable,
     check_scalar,
+    check_split_params,
     check_tensor,
     configs_from,
     direct,
@@ -41,7 +46,6 @@ from ._common import (
     rows,
     slice_bound,
     split_args,
-    check_split_params,
     store_tile,
     tile_ids,
 )

@@ -5,6 +5,9 @@ even as ``torch.round``). ``tl.dot`` on int8 tiles accumulates exactly in int32.
 point is removed in the integer domain, ``sum_k (q - zp) w = acc - zp * colsum[n]`` with
 ``colsum[n] = sum_k w_q[n, k]`` (computed by the wrapper from the stored weight), then
 ``* a_scale * w_scale[n] + bias``, optional activation, cast to the input's dtype.
+
+Split ops (``splits``, constexpr ``NS`` > 1): per input-feature slice its own quantizer, an exact int32 partial
+product minus ``zp[s] * colsum[n, s]``, added to an fp32 accumulator times ``a_scale[s] * w_scale[n, s]``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from ._common import (
     autotuned,
     check_launchable,
     check_scalar,
+    check_split_params,
     check_tensor,
+    configs_from,
     direct,
     eager_call,
-    configs_from,
     fused_bias,
-    check_split_params,
     quantize_int8,
     row_major,
     slice_bound,
