@@ -80,9 +80,11 @@ def conv2d_kernel(
             else:
                 s_zp = 0
                 s_zp_f = 0.0
-            if A_FP8:
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            else:
+            c = s_scale * tl.load(ws_ptr + rn_l * NS + s)
+            if A_FP8:  # one fp32 accumulator, in units of this slice's scales (as fp8_linear_kernel)
+                if s > 0:
+                    acc = acc * tl.math.div_rn(c_prev, c)[None, :]  # noqa: F821 (set by the previous, unrolled, slice)
+            else:  # exact int32 partial product per slice (split configs keep both accumulators in registers)
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             cb0 = lo // BLOCK_K
             nb = tl.cdiv(hi, BLOCK_K) - cb0  # channel blocks overlapping the slice (straddling ones masked to it)
@@ -103,12 +105,17 @@ def conv2d_kernel(
                 if HAS_SMOOTH:
                     a = a * tl.load(smooth_ptr + cc, mask=c_ok, other=0.0)[None, :]
                 if A_FP8:
-                    part = tl.dot(quantize_fp8(a * s_inv, INTERPRET), wt, part)
+                    acc = tl.dot(quantize_fp8(a * s_inv, INTERPRET), wt, acc)
                 else:
                     part = tl.dot(quantize_int8(a * s_inv, s_zp_f, QMIN, QMAX, INTERPRET), wt, part, out_dtype=tl.int32)
-            if ASYM:
-                part = part - s_zp * tl.load(colsum_ptr + rn_l * NS + s)[None, :]
-            acc += part.to(tl.float32) * (s_scale * tl.load(ws_ptr + rn_l * NS + s))[None, :]
+            if A_FP8:
+                c_prev = c
+            else:
+                if ASYM:
+                    part = part - s_zp * tl.load(colsum_ptr + rn_l * NS + s)[None, :]
+                acc += part.to(tl.float32) * c[None, :]
+        if A_FP8:
+            acc = acc * c_prev[None, :]
         store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
     else:
         a_scale = tl.load(as_ptr)
@@ -162,11 +169,26 @@ SMALL_M_CONFIGS = [
     config(32, 64, 64, 4, 4),
     config(64, 64, 64, 4, 4),
 ]
+# split ops (NS > 1) at M > SMALL_M: per-slice scales in the K loop (int8: an fp32 accumulator beside each slice's
+# exact int32 one) spill on sm_90 with most tiles above (aot_check); these compile without spills.
+SPLIT_FP8_CONFIGS = [
+    config(128, 256, 64, 3, 8),
+    config(64, 256, 64, 3, 8),
+    config(64, 256, 128, 3, 8),
+    config(64, 128, 64, 4, 4),
+]
+SPLIT_INT8_CONFIGS = [
+    config(64, 256, 64, 3, 8),
+    config(64, 128, 64, 4, 4),
+    config(64, 64, 64, 4, 4),
+]
 SMALL_M = 256
 _KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "ASYM", "HAS_SMOOTH", "ACT", "NS"]
-_C_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS)
+_C_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS + SPLIT_FP8_CONFIGS + SPLIT_INT8_CONFIGS)
 _large = autotuned(conv2d_kernel, LARGE_M_CONFIGS, _KEY)
 _small = autotuned(conv2d_kernel, SMALL_M_CONFIGS, _KEY)
+_large_split_fp8 = autotuned(conv2d_kernel, SPLIT_FP8_CONFIGS, _KEY)
+_large_split_int8 = autotuned(conv2d_kernel, SPLIT_INT8_CONFIGS, _KEY)
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -216,7 +238,7 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    kernel = _small if M <= SMALL_M else _large
+    kernel = _small if M <= SMALL_M else _large if ns == 1 else _large_split_fp8 if a_fp8 else _large_split_int8
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -71,13 +71,17 @@ def fp8_linear_kernel(
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     if NS > 1:  # split op: slice s of K = [B_s, B_s+1) has its own activation scale and weight scales (N, NS)
+        # One fp32 accumulator (a second one would double the registers and spill): it holds the sum so far in units
+        # of the current slice's scales c_s = a_scale[s] * w_scale[:, s], rescaled by c_s-1 / c_s at each slice bound.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in tl.static_range(NS):
             lo = slice_bound(s, NS, K, B1, B2, B3)
             hi = slice_bound(s + 1, NS, K, B1, B2, B3)
             s_scale = tl.load(as_ptr + s)
             s_inv = tl.math.div_rn(1.0, s_scale)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            c = s_scale * tl.load(ws_ptr + rn_l * NS + s)
+            if s > 0:
+                acc = acc * tl.math.div_rn(c_prev, c)[None, :]  # noqa: F821 (set by the previous, unrolled, slice)
             for kt in range(lo // BLOCK_K, tl.cdiv(hi, BLOCK_K)):  # tiles straddling a bound: masked to the slice
                 kk = kt * BLOCK_K + rk
                 k_ok = (kk >= lo) & (kk < hi)
@@ -90,9 +94,9 @@ def fp8_linear_kernel(
                 a = a.to(tl.float32)
                 if HAS_SMOOTH:
                     a = a * tl.load(smooth_ptr + kk, mask=k_ok, other=0.0)[None, :]
-                part = tl.dot(quantize_fp8(a * s_inv, INTERPRET), b, part)
-            acc += part * (s_scale * tl.load(ws_ptr + rn_l * NS + s))[None, :]
-        y = epilogue(acc, rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
+                acc = tl.dot(quantize_fp8(a * s_inv, INTERPRET), b, acc)
+            c_prev = c
+        y = epilogue(acc * c_prev[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
     else:
         x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
         w_ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
@@ -134,19 +138,23 @@ CONFIG_TABLE = {
     ],
     # M <= 64: the sweep's M = 8 winners (bf16 / fp8 input); 64 x 64 covers M up to 64 in one row of tiles (not swept)
     "small": [(16, 64, 128, 4, 4, 8), (16, 32, 128, 4, 4, 8), (64, 64, 128, 4, 4, 8)],
+    # split ops (NS > 1) at M > 64: the "large" rows that compile without spills with the per-slice rescale (aot_check)
+    "split": [(128, 256, 64, 4, 8, 8), (64, 256, 128, 3, 8, 8), (64, 64, 128, 4, 4, 8)],
 }
 SMALL_M = 64  # M at or below this uses the "small" table
 
 LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
 PREQUANT_CONFIGS = configs_from(CONFIG_TABLE["large_prequant"])
 SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
+SPLIT_CONFIGS = configs_from(CONFIG_TABLE["split"])
 
 _KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS"]
 # EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
-_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS)
+_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS + SPLIT_CONFIGS)
 _large = autotuned(fp8_linear_kernel, LARGE_M_CONFIGS, _KEY)
 _large_prequant = autotuned(fp8_linear_kernel, PREQUANT_CONFIGS, _KEY)
 _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
+_large_split = autotuned(fp8_linear_kernel, SPLIT_CONFIGS, _KEY)
 
 
 def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
@@ -162,7 +170,7 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
         return out
     if x_fp8 and fp8_tma.use_tma(x, w):
         return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap)
-    kernel = _small if M <= SMALL_M else (_large_prequant if x_fp8 else _large)
+    kernel = _small if M <= SMALL_M else _large_split if ns > 1 else _large_prequant if x_fp8 else _large
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -56,6 +56,8 @@ def int8_linear_kernel(
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     if NS > 1:  # split op: slice s of K = [B_s, B_s+1) has its own quantizer, weight scales (N, NS), colsums (N, NS)
+        x_base = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_base = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in tl.static_range(NS):
             lo = slice_bound(s, NS, K, B1, B2, B3)
@@ -69,16 +71,20 @@ def int8_linear_kernel(
                 s_zp = 0
                 s_zp_f = 0.0
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            x_ptrs = x_base + (lo // BLOCK_K) * BLOCK_K * stride_xk
+            w_ptrs = w_base + (lo // BLOCK_K) * BLOCK_K
             for kt in range(lo // BLOCK_K, tl.cdiv(hi, BLOCK_K)):  # tiles straddling a bound: masked to the slice
                 kk = kt * BLOCK_K + rk
                 k_ok = (kk >= lo) & (kk < hi)
                 # columns outside the slice load weight 0: whatever their codes, they contribute nothing
                 if EVEN_K:  # every bound on a tile edge (the wrapper's EVEN_K covers the split points): no masks
-                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk)
-                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None])
+                    a = tl.load(x_ptrs)
+                    b = tl.load(w_ptrs)
                 else:
-                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None], other=0)
+                    a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K
                 a = a.to(tl.float32)
                 if HAS_SMOOTH:
                     a = a * tl.load(smooth_ptr + kk, mask=k_ok, other=0.0)[None, :]
@@ -127,15 +133,20 @@ def int8_linear_kernel(
 CONFIG_TABLE = {
     "large": [(128, 256, 128, 3, 8, 8), (128, 256, 128, 3, 8, 16), (128, 256, 64, 4, 8, 8), (16, 64, 128, 4, 4, 8)],
     "small": [(16, 64, 128, 4, 4, 8), (32, 128, 128, 4, 4, 8)],
+    # split ops (NS > 1) at M > 64: an fp32 accumulator beside each slice's exact int32 one. The large tables spill
+    # then on sm_90 (aot_check: 128 x 128 x 128 / 8 warps 728 bytes of stack); these compile without spills.
+    "split": [(64, 256, 128, 3, 8, 8), (64, 128, 64, 4, 4, 8), (64, 64, 128, 4, 4, 8)],
 }
 LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
 SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
+SPLIT_CONFIGS = configs_from(CONFIG_TABLE["split"])
 SMALL_M = 64
 
 _KEY = ["M", "N", "K", "ASYM", "HAS_SMOOTH", "ACT", "NS"]
-_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS)
+_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS + SPLIT_CONFIGS)
 _large = autotuned(int8_linear_kernel, LARGE_M_CONFIGS, _KEY)
 _small = autotuned(int8_linear_kernel, SMALL_M_CONFIGS, _KEY)
+_large_split = autotuned(int8_linear_kernel, SPLIT_CONFIGS, _KEY)
 
 
 def weight_colsum(w: torch.Tensor, k_bounds: list[int] | tuple[int, ...] | None = None) -> torch.Tensor:
@@ -180,7 +191,7 @@ def _int8_linear(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, act, sp
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    kernel = _small if M <= SMALL_M else _large
+    kernel = _small if M <= SMALL_M else (_large_split if ns > 1 else _large)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
