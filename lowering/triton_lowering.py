@@ -14,9 +14,9 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | split op (``splits``, <= 4 slices): fp8 / int8 per channel | fp8_e4m3 / int8 (sym. or asym.), same pair | the same three kernels' split path |
 
 Split ops (split-shortcut quantization) run the W8A8 kernels with ``NS`` > 1: the K loop visits the input-channel
-slices in order, accumulates each slice's partial product separately (tiles straddling a slice bound are masked to
-the slice) and adds it to the fp32 accumulator times the slice's activation scale and per-output-channel weight
-scale; the input is quantized in the prologue with the slice's scale (and zero point). Split ops in other formats
+slices in order (tiles straddling a slice bound are masked to the slice), quantizes the input in the prologue with the
+slice's scale (and zero point) and adds the slice's product to the fp32 result times the slice's activation scale and
+per-output-channel weight scale. Split ops in other formats
 (W4A8, weight-only, more than 4 slices) run the reference and are named by :func:`fallback_reason`, as are
 outlier-split inputs (``outlier_scale``), which have no kernel yet. Everything else (transposed / grouped / 1-D / 3-D
 convs, weight-only convs other than 1x1, mixed fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA

@@ -9,8 +9,9 @@ optional activation and casts to the input's dtype. ``fp8_linear_prequant`` take
 producer already quantized to fp8.
 
 Split ops (``splits``, constexpr ``NS`` > 1, interior slice bounds ``B1..B3``): the K loop visits the input-feature
-slices in order, quantizes each with its own scale, accumulates each slice's product separately and adds it to the
-fp32 accumulator times ``a_scale[s] * w_scale[n, s]`` (weight scales ``(N, slices)``); see ``docs/kernels.md``.
+slices in order and quantizes each with its own scale; the one fp32 accumulator holds the sum in units of the current
+slice's ``a_scale[s] * w_scale[n, s]`` (weight scales ``(N, slices)``), rescaled at each slice bound; see
+``docs/kernels.md``.
 
 Specialization is by ``tl.constexpr`` flags (input already fp8, bias, smoothing, activation, K
 divisible by the tile) and shape-keyed autotuning; scales are tensor arguments, so plans that differ
