@@ -11,9 +11,15 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | int4 / int8 | none | ``qdiff::weight_only_linear`` |
 | conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
 | conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 or int8/int8 | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
+| split op (``splits``, <= 4 slices): fp8 / int8 per channel | fp8_e4m3 / int8 (sym. or asym.), same pair | the same three kernels' split path |
 
-Outlier-split inputs (``outlier_scale``) have no kernel yet and run the reference. Everything else (transposed / grouped / 1-D / 3-D convs, weight-only convs other than 1x1, mixed
-fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA
+Split ops (split-shortcut quantization) run the W8A8 kernels with ``NS`` > 1: the K loop visits the input-channel
+slices in order (tiles straddling a slice bound are masked to the slice), quantizes the input in the prologue with the
+slice's scale (and zero point) and adds the slice's product to the fp32 result times the slice's activation scale and
+per-output-channel weight scale. Split ops in other formats
+(W4A8, weight-only, more than 4 slices) run the reference and are named by :func:`fallback_reason`, as are
+outlier-split inputs (``outlier_scale``), which have no kernel yet. Everything else (transposed / grouped / 1-D / 3-D
+convs, weight-only convs other than 1x1, mixed fp8-int8 pairs, fp8 weight-only, float64 inputs, ...) runs the reference. Kernels run on CUDA
 tensors, and on CPU tensors only when Triton runs in its interpreter (``TRITON_INTERPRET=1``, tests).
 A symmetric int8 quantizer's zero point is 0 by construction (``observers.qparams_from_range``) and is
 not read.
@@ -24,18 +30,39 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .kernels._common import FLOAT_DTYPES, kernels_usable_on
+from .kernels._common import FLOAT_DTYPES, MAX_SLICES, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
 from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
-from .kernels.int8_linear import int8_linear
+from .kernels.int8_linear import int8_linear, weight_colsum
 from .kernels.w4_linear import supports_group, w4a8_linear, weight_only_linear
+from .weights import k_bounds
 
 
-def linear_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, dtype: torch.dtype | None = None) -> str | None:
+# (weight, activation) formats whose kernels take split ops (per-slice scales inside the K loop)
+SPLIT_PAIRS = (("fp8_e4m3", "fp8_e4m3"), ("int8", "int8"))
+
+
+def split_unsupported(wfmt: str, afmt: str | None, group_size: int | None, splits) -> str | None:
+    """Why a split op (``splits``: input-channel split points) has no kernel, or None (also for unsplit ops)."""
+    if splits is None:
+        return None
+    if len(splits) - 1 > MAX_SLICES:
+        return f"split into {len(splits) - 1} input slices (the split kernels take at most {MAX_SLICES}): runs the reference lowering"
+    if (wfmt, afmt) not in SPLIT_PAIRS or group_size is not None:
+        what = f"{wfmt} weight-only" if afmt is None else f"{wfmt} weight / {afmt} activation"
+        return f"split op ({what}; split kernels are W8A8 fp8 / int8 only): runs the reference lowering"
+    return None
+
+
+def linear_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, dtype: torch.dtype | None = None,
+                 splits=None) -> str | None:
     """The kernel a linear with these formats runs on (``fp8``, ``int8``, ``w4a8``, ``weight_only``), or None.
 
-    ``dtype``: route as for an input of this float dtype (an fp8 input stands for its float ``out_dtype``)."""
+    ``dtype``: route as for an input of this float dtype (an fp8 input stands for its float ``out_dtype``).
+    ``splits``: a split op's input-feature split points (only the W8A8 kernels take them)."""
     if not isinstance(x, torch.Tensor) or (dtype or x.dtype) not in FLOAT_DTYPES or not kernels_usable_on(x.device):
+        return None
+    if split_unsupported(wfmt, afmt, group_size, splits) is not None:
         return None
     if wfmt == "int4" and not supports_group(group_size):
         return None
@@ -60,10 +87,12 @@ X_QUANT_MODES = ("prologue", "producer")
 
 
 def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, afmt, asym, bias_corr, act_smooth, act,
-            x_quant=None, out_scale=None, out_dtype=None, colsum=None):
+            x_quant=None, out_scale=None, out_dtype=None, colsum=None, splits=None):
     zp = a_zp if (asym and afmt == "int8") else None
     if route == "fp8":
         w = wdata.view(FP8)
+        if splits is not None:  # per-slice scales: always quantized in the prologue (passes.act_quant skips split ops)
+            return fp8_linear(x, w, wscale, bias, a_scale, act_smooth, act, bias_corr, out_scale, splits=splits)
         if x.dtype == FP8:  # quantized by the previous GEMM's epilogue
             return fp8_linear_prequant(x, w, wscale, bias, a_scale, out_dtype, act, bias_corr, out_scale)
         if (x_quant or FP8_ACT_QUANT_DEFAULT) == "producer":
@@ -71,7 +100,8 @@ def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, a
             return fp8_linear_prequant(xq, w, wscale, bias, a_scale, x.dtype, act, bias_corr, out_scale)
         return fp8_linear(x, w, wscale, bias, a_scale, act_smooth, act, bias_corr, out_scale)
     if route == "int8":
-        return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr, colsum if zp is not None else None)
+        return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr, colsum if zp is not None else None,
+                           splits=splits)
     if route == "w4a8":
         return w4a8_linear(x, wdata, wscale, bias, a_scale, zp, group_size=group_size, afmt=afmt, act_smooth=act_smooth,
                            act=act, bias_corr=bias_corr)
@@ -82,8 +112,8 @@ def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_s
             splits=None, outlier_scale=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding).
 
-    Split ops (``splits``: per-slice activation and weight scales) and outlier-split inputs (``outlier_scale``) run the
-    reference: no kernel takes them yet.
+    Split ops (``splits``: per-slice activation and weight scales) run the W8A8 kernels' split path (fp8 / int8; other
+    formats the reference); outlier-split inputs (``outlier_scale``) run the reference: no kernel takes them yet.
     fp8 GEMMs only (set by ``passes.act_quant``): ``x_quant`` ("prologue" / "producer") places the input's
     quantization; ``out_scale`` returns float8_e4m3fn quantized with the next fp8 GEMM's scale; an fp8 ``x``
     (from such a GEMM) is taken as quantized with ``a_scale``, and ``out_dtype`` is then the output dtype.
@@ -115,8 +145,10 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
         raise ValueError(f"an fp8 input needs an fp8 activation format and a float out_dtype, got afmt={afmt!r}, out_dtype={out_dtype}")
     if out_scale is not None and (wfmt, afmt) != ("fp8_e4m3", "fp8_e4m3"):
         raise ValueError(f"out_scale (fp8 output) is for fp8 GEMMs, got weight {wfmt} / activation {afmt}")
-    route = None if splits is not None or outlier_scale is not None else linear_route(
-        x, wfmt=wfmt, afmt=afmt, group_size=group_size, dtype=out_dtype if fp8_in else None)  # fp8: as its float input
+    if fp8_in and splits is not None:
+        raise ValueError(f"a split op takes a float input (one quantizer per slice), got float8_e4m3fn (split points {tuple(splits)})")
+    route = None if outlier_scale is not None else linear_route(
+        x, wfmt=wfmt, afmt=afmt, group_size=group_size, dtype=out_dtype if fp8_in else None, splits=splits)  # fp8: as its float input
     if route is None:
         if fp8_in:  # exact: the reference re-quantizes the dequantized codes to the same codes
             x = reference.dequantize_activation(x, a_scale, a_zp, out_dtype)
@@ -126,7 +158,7 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
         return y if out_scale is None else quantize_input_fp8(y, out_scale)
     return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
                    bias_corr=bias_corr, act_smooth=act_smooth, act=act, x_quant=x_quant, out_scale=out_scale, out_dtype=out_dtype,
-                   colsum=colsum)
+                   colsum=colsum, splits=splits)
 
 
 def _pair(v, n: int = 2) -> tuple[int, ...] | None:
@@ -154,8 +186,10 @@ IMPLICIT_CONV_CHANNEL_MULTIPLE = 16
 
 
 def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, weight_shape, kind: str,
-               stride, padding, dilation, groups) -> tuple[str, tuple] | None:
-    """``("gemm", (linear route,))`` for 1x1 convs, ``("implicit", (stride, padding, dilation))`` for others, or None."""
+               stride, padding, dilation, groups, splits=None) -> tuple[str, tuple] | None:
+    """``("gemm", (linear route,))`` for 1x1 convs, ``("implicit", (stride, padding, dilation))`` for others, or None.
+
+    ``splits``: a split op's input-channel split points (W8A8 fp8 / int8 only, as :func:`linear_route`)."""
     if kind != "conv" or len(weight_shape) != 4 or groups != 1 or not isinstance(x, torch.Tensor) or x.dim() != 4:
         return None
     st, dil = _pair(stride), _pair(dilation)
@@ -165,9 +199,11 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
     if pad is None or x.shape[1] != weight_shape[1]:
         return None
     if tuple(weight_shape[2:]) == (1, 1) and st == (1, 1) and pad == (0, 0):
-        route = linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size)
+        route = linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, splits=splits)
         return None if route is None else ("gemm", (route,))
     if (wfmt, afmt) not in (("fp8_e4m3", "fp8_e4m3"), ("int8", "int8")) or group_size is not None:
+        return None
+    if split_unsupported(wfmt, afmt, group_size, splits) is not None:
         return None
     if x.dtype not in FLOAT_DTYPES or not kernels_usable_on(x.device):
         return None
@@ -178,12 +214,13 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
           output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, outlier_scale=None, colsum=None):
-    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split and
-    outlier-split ops: the reference).
+    """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the W8A8
+    kernels' split path; outlier-split ops: the reference).
 
-    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
-    route = None if splits is not None or outlier_scale is not None else conv_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride,
-                       padding=padding, dilation=dilation, groups=groups)
+    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`; per slice for split ops), for asymmetric int8 activations."""
+    route = None if outlier_scale is not None else conv_route(
+        x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride, padding=padding,
+        dilation=dilation, groups=groups, splits=splits)
     if route is None:
         return reference.qconv(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                                kind=kind, stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -193,26 +230,30 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
     if how == "gemm":
         nhwc = x.permute(0, 2, 3, 1)  # a view when x is channels-last
         y = _linear(params[0], nhwc, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
-                    bias_corr=bias_corr, act_smooth=act_smooth, act="none", colsum=colsum)
+                    bias_corr=bias_corr, act_smooth=act_smooth, act="none", colsum=colsum, splits=splits)
         return y.permute(0, 3, 1, 2)
     st, pad, dil = params
     zp = a_zp if (asym and afmt == "int8") else None
     w = wdata.view(torch.float8_e4m3fn) if wfmt == "fp8_e4m3" else wdata
     return conv2d_w8a8(x, w, wscale, bias, a_scale, zp, weight_shape=tuple(weight_shape), stride=st, padding=pad, dilation=dil,
-                       act_smooth=act_smooth, bias_corr=bias_corr, colsum=colsum)
+                       act_smooth=act_smooth, bias_corr=bias_corr, colsum=colsum, splits=splits)
 
 
 def fallback_reason(q) -> str | None:
     """Why a converted op (``QuantizedOp``) runs the reference under this lowering whatever its shapes, or None."""
     if q.act_fmt is not None and q.act_outlier_scale is not None:
         return "outlier-split input (no Triton kernel yet): runs the reference lowering"
-    return None
+    w = q.weight
+    return split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits)
 
 
 def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:
     """Per-op tensors computed once at conversion (``Lowering.aux``): the int8 weight's column sums for an
     asymmetric int8 activation quantizer (its zero-point term), instead of a reduction over the weight per call."""
     w = q.weight
-    if q.act_fmt == "int8" and not q.act_symmetric and w.fmt == "int8" and w.group_size is None and w.splits is None and q.act_outlier_scale is None:
-        return {"colsum": w.data.reshape(w.data.shape[0], -1).sum(dim=1, dtype=torch.int32)}
+    if q.act_fmt == "int8" and not q.act_symmetric and w.fmt == "int8" and w.group_size is None and q.act_outlier_scale is None:
+        if w.splits is not None and split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits) is not None:
+            return {}
+        bounds = None if w.splits is None else k_bounds(w.splits, w.k)  # split op: one sum per slice, (N, slices)
+        return {"colsum": weight_colsum(w.data, bounds)}
     return {}

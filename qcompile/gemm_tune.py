@@ -165,9 +165,9 @@ def _fp8_kernel():
 def _fp8_family(name: str, x_key: str) -> Family:
     return Family(
         name=name, kernel=_fp8_kernel,
-        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["bias"], D["out"], D["s8"], M, N, K, K, 1, K, N, 1),
+        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["bias"], D["out"], D["s8"], M, N, K, K, 1, K, N, 1, 0, 0, 0),
         flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=K % c["BLOCK_K"] == 0,
-                                      INTERPRET=_interp()),
+                                      NS=1, INTERPRET=_interp()),
         grid=_tile_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(False), baseline="scaled_mm",
     )
 
@@ -222,9 +222,9 @@ FAMILIES: dict[str, Family] = {
     "int8": Family(
         name="int8", kernel=_int8_kernel,
         args=lambda D, M, K, N: (D["x"], D["wi"], D["wsi"], D["colsum"], D["bias"], D["si"], D["zi"], D["bias"], D["out"],
-                                 M, N, K, K, 1, K, N, 1),
+                                 M, N, K, K, 1, K, N, 1, 0, 0, 0),
         flags=lambda M, K, N, c: dict(QMIN=-128, QMAX=127, ASYM=True, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0,
-                                      EVEN_K=K % c["BLOCK_K"] == 0, INTERPRET=_interp()),
+                                      EVEN_K=K % c["BLOCK_K"] == 0, NS=1, INTERPRET=_interp()),
         grid=_tile_grid, a_bytes=2, b_bytes=1, configs=_w8a8_configs(False), reference="ref_int8", baseline="int_mm",
     ),
     "w4a16": Family(

@@ -160,6 +160,22 @@ def epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS: tl.constexpr, PER_
     return apply_activation(acc, ACT)
 
 
+@triton.jit
+def slice_bound(I: tl.constexpr, NS: tl.constexpr, K, B1, B2, B3):
+    """Start of slice ``I`` of a split K axis (``I == NS``: its end ``K``): 0, B1, B2, B3 (interior bounds), K."""
+    if I == 0:
+        b = K * 0
+    elif I == NS:
+        b = K
+    elif I == 1:
+        b = B1
+    elif I == 2:
+        b = B2
+    else:
+        b = B3
+    return b
+
+
 # ---------------------------------------------------------------------------------------------
 # launching: traced calls go through the triton_op (Inductor inlines the kernel), eager calls launch directly
 
@@ -297,6 +313,39 @@ def row_major(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.stride(-1) != 1 and t.shape[-1] != 1:  # a size-1 dim's stride is never used (torch may leave any value there)
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
     return t
+
+
+# Split ops (split-shortcut quantization): the kernels take up to this many input-channel slices, their interior
+# bounds as scalar arguments B1..B3 (Triton specializes them on divisibility by 16, so aligned slices keep
+# vectorized loads); ops with more slices run the reference.
+MAX_SLICES = 4
+
+
+def split_args(splits, size: int, name: str = "input features") -> tuple[int, int, int, int]:
+    """``(NS, B1, B2, B3)`` kernel arguments of input-channel split points ``[0, c1, ..., size]`` (None: unsplit).
+
+    Checks that the points start at 0, increase strictly and end at ``size``, and that there are at most
+    :data:`MAX_SLICES` slices."""
+    if splits is None:
+        return 1, 0, 0, 0
+    pts = [int(p) for p in splits]
+    if len(pts) < 3 or pts[0] != 0 or pts[-1] != size or any(b <= a for a, b in zip(pts, pts[1:])):
+        raise ValueError(f"split points {tuple(pts)} must increase strictly from 0 to {size} {name} with at least two slices")
+    if len(pts) - 1 > MAX_SLICES:
+        raise ValueError(f"{len(pts) - 1} slices (split points {tuple(pts)}): the kernels take at most {MAX_SLICES}")
+    inner = pts[1:-1] + [0] * (MAX_SLICES - len(pts) + 1)
+    return len(pts) - 1, inner[0], inner[1], inner[2]
+
+
+def check_split_params(w_scale: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None, n: int, ns: int) -> None:
+    """Per-slice scales of a split op: weight scale (N, NS) contiguous fp32, activation scale / zero point NS entries."""
+    check_tensor(w_scale, "weight scale", (torch.float32,))
+    if tuple(w_scale.shape) != (n, ns) or not w_scale.is_contiguous():
+        raise ValueError(f"a split op's weight scale must be contiguous (N, slices) = ({n}, {ns}), got shape {tuple(w_scale.shape)}")
+    for name, t, dtype in (("activation scale", a_scale, torch.float32), ("activation zero point", a_zp, torch.int32)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.numel() != ns):
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} of a split op must be a {dtype} tensor with one entry per slice ({ns}), got {got}")
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

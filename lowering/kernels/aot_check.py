@@ -48,7 +48,8 @@ def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, a
 
 
 def _linear_sig(**ptrs) -> dict:
-    sig = {"M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_xk": I32, "stride_wn": I32, "stride_om": I32, "stride_on": I32}
+    sig = {"M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_xk": I32, "stride_wn": I32, "stride_om": I32, "stride_on": I32,
+           "B1": I32, "B2": I32, "B3": I32}
     return {**ptrs, **sig}
 
 
@@ -59,8 +60,9 @@ def cases(which: set[str]):
     if "fp8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32", out_ptr="*bf16",
                           os_ptr="*fp32")
-        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=True)
+        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=True, NS=1)
         yield "fp8", fp8_linear.fp8_linear_kernel, sig, flags, fp8_linear.LARGE_M_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned
+        yield "fp8 split (2 slices)", fp8_linear.fp8_linear_kernel, sig, dict(flags, NS=2), fp8_linear.SPLIT_CONFIGS, lin_aligned + ["B1"]
         yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.PREQUANT_CONFIGS, lin_aligned
         yield "fp8 prequant, fp8 out", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), dict(flags, X_FP8=True, OUT_FP8=True, ACT=2), \
             fp8_linear.PREQUANT_CONFIGS[:1], lin_aligned
@@ -75,8 +77,9 @@ def cases(which: set[str]):
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")
-        flags = dict(unit, QMIN=-128, QMAX=127, ASYM=True, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, EVEN_K=True)
+        flags = dict(unit, QMIN=-128, QMAX=127, ASYM=True, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, EVEN_K=True, NS=1)
         yield "int8", int8_linear.int8_linear_kernel, sig, flags, int8_linear.LARGE_M_CONFIGS + int8_linear.SMALL_M_CONFIGS, lin_aligned
+        yield "int8 split (2 slices)", int8_linear.int8_linear_kernel, sig, dict(flags, NS=2), int8_linear.SPLIT_CONFIGS, lin_aligned + ["B1"]
     if "w4" in which:
         sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)
         flags = dict(unit, W_INT4=True, GROUP=64, HAS_BIAS=False, ACT=0, EVEN_K=True, FP32_DOT=False)
@@ -91,12 +94,15 @@ def cases(which: set[str]):
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "colsum_ptr": "*i32", "bias_ptr": "*fp32", "as_ptr": "*fp32",
                "zp_ptr": "*i32", "smooth_ptr": "*fp32", "out_ptr": "*bf16"}
         sig.update({n: I32 for n in ("B", "H", "W", "C", "OH", "OW", "N", "KW", "TAPS", "sxb", "sxc", "sxh", "sxw", "stride_wn", "stride_om",
-                                     "stride_on", "SH", "SW", "PH", "PW", "DH", "DW")})
+                                     "stride_on", "SH", "SW", "PH", "PW", "DH", "DW", "B1", "B2", "B3")})
         flags = {"sxc": 1, "stride_on": 1, "INTERPRET": False, "A_FP8": True, "QMIN": -127, "QMAX": 127, "ASYM": False, "HAS_BIAS": True,
-                 "HAS_SMOOTH": False, "ACT": 0, "EVEN_C": True}
+                 "HAS_SMOOTH": False, "ACT": 0, "EVEN_C": True, "NS": 1}
         aligned = ["C", "N", "sxb", "sxh", "sxw", "stride_wn", "stride_om"]
         yield "conv fp8", conv.conv2d_kernel, sig, flags, conv.LARGE_M_CONFIGS + conv.SMALL_M_CONFIGS, aligned
         yield "conv int8", conv.conv2d_kernel, dict(sig, w_ptr="*i8"), dict(flags, A_FP8=False, ASYM=True, QMIN=-128), conv.LARGE_M_CONFIGS, aligned
+        yield "conv fp8 split (2 slices)", conv.conv2d_kernel, sig, dict(flags, NS=2), conv.SPLIT_FP8_CONFIGS, aligned + ["B1"]
+        yield "conv int8 split (2 slices)", conv.conv2d_kernel, dict(sig, w_ptr="*i8"), dict(flags, A_FP8=False, ASYM=True, QMIN=-128, NS=2), \
+            conv.SPLIT_INT8_CONFIGS, aligned + ["B1"]
 
 
 def main(argv: list[str] | None = None) -> int:

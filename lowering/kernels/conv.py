@@ -8,7 +8,9 @@ quantizes to the zero point exactly, so it contributes nothing after the zero-po
 activation is quantized in the prologue (fp8 e4m3 or int8) as in the linear kernels; the weight is
 used in tap-major order ``(N, KH, KW, C)`` (the wrapper reorders the plan's ``(N, C*KH*KW)``
 layout). The output is written as ``(B*OH*OW, N)``, i.e. an NHWC tensor; callers get it back as a
-channels-last NCHW view.
+channels-last NCHW view. Split ops (``splits`` over the input channels, constexpr ``NS`` > 1): per slice, the taps x
+the channel blocks overlapping the slice (masked to it), quantized with the slice's quantizer, the partial product
+added to the fp32 accumulator times the slice's activation and per-output-channel weight scales.
 """
 
 from __future__ import annotations
@@ -25,16 +27,20 @@ from ._common import (
     autotuned,
     check_launchable,
     check_scalar,
+    check_split_params,
     check_tensor,
+    config,
     direct,
     eager_call,
-    config,
     fused_bias,
     quantize_fp8,
     quantize_int8,
+    slice_bound,
+    split_args,
     store_output,
     tile_ids,
 )
+from .int8_linear import weight_colsum
 
 
 @triton.jit
@@ -42,9 +48,10 @@ def conv2d_kernel(
     x_ptr, w_ptr, ws_ptr, colsum_ptr, bias_ptr, as_ptr, zp_ptr, smooth_ptr, out_ptr,
     B, H, W, C, OH, OW, N, KW, TAPS,
     sxb, sxc, sxh, sxw, stride_wn, stride_om, stride_on,
-    SH, SW, PH, PW, DH, DW,
+    SH, SW, PH, PW, DH, DW, B1, B2, B3,
     A_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr, NS: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     M = B * OH * OW
@@ -60,44 +67,95 @@ def conv2d_kernel(
     iw0 = ow * SW - PW
     x_rows = x_ptr + b.to(tl.int64) * sxb
     rc = tl.arange(0, BLOCK_K)
-    a_scale = tl.load(as_ptr)
-    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
-    if ASYM:
-        zp = tl.load(zp_ptr)
-        zp_f = zp.to(tl.float32)
-    else:
-        zp = 0
-        zp_f = 0.0
-    if A_FP8:
+    if NS > 1:  # split op: input channels [B_s, B_s+1) have their own quantizer, weight scales (N, NS), colsums (N, NS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    c_blocks = tl.cdiv(C, BLOCK_K)
-    for ks in range(0, TAPS * c_blocks):
-        tap = ks // c_blocks
-        cc = (ks % c_blocks) * BLOCK_K + rc
-        ih = ih0 + (tap // KW) * DH
-        iw = iw0 + (tap % KW) * DW
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a_ptrs = x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc
-        w_ptrs = w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None]
-        if EVEN_C:
-            a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
-            wt = tl.load(w_ptrs)
-        else:
-            c_ok = cc < C
-            a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
-        a = a.to(tl.float32)
-        if HAS_SMOOTH:
-            a = a * tl.load(smooth_ptr + cc, mask=cc < C, other=0.0)[None, :]
+        for s in tl.static_range(NS):
+            lo = slice_bound(s, NS, C, B1, B2, B3)
+            hi = slice_bound(s + 1, NS, C, B1, B2, B3)
+            s_scale = tl.load(as_ptr + s)
+            s_inv = tl.math.div_rn(1.0, s_scale)
+            if ASYM:
+                s_zp = tl.load(zp_ptr + s)
+                s_zp_f = s_zp.to(tl.float32)
+            else:
+                s_zp = 0
+                s_zp_f = 0.0
+            c = s_scale * tl.load(ws_ptr + rn_l * NS + s)
+            if A_FP8:  # one fp32 accumulator, in units of this slice's scales (as fp8_linear_kernel)
+                if s > 0:
+                    acc = acc * tl.math.div_rn(c_prev, c)[None, :]  # noqa: F821 (set by the previous, unrolled, slice)
+            else:  # exact int32 partial product per slice (split configs keep both accumulators in registers)
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            cb0 = lo // BLOCK_K
+            nb = tl.cdiv(hi, BLOCK_K) - cb0  # channel blocks overlapping the slice (straddling ones masked to it)
+            for ks in range(0, TAPS * nb):
+                tap = ks // nb
+                cc = (cb0 + ks % nb) * BLOCK_K + rc
+                c_ok = (cc >= lo) & (cc < hi)
+                ih = ih0 + (tap // KW) * DH
+                iw = iw0 + (tap % KW) * DW
+                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_ptrs = x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc
+                if EVEN_C:  # every bound on a channel-block edge (the wrapper's EVEN_C covers the split points)
+                    a = tl.load(a_ptrs, mask=inside[:, None], other=0.0).to(tl.float32)
+                    wt = tl.load(w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None])
+                else:
+                    a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                    wt = tl.load(w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None], mask=c_ok[:, None], other=0.0)
+                if HAS_SMOOTH:
+                    a = a * tl.load(smooth_ptr + cc, mask=c_ok, other=0.0)[None, :]
+                if A_FP8:
+                    acc = tl.dot(quantize_fp8(a * s_inv, INTERPRET), wt, acc)
+                else:
+                    part = tl.dot(quantize_int8(a * s_inv, s_zp_f, QMIN, QMAX, INTERPRET), wt, part, out_dtype=tl.int32)
+            if A_FP8:
+                c_prev = c
+            else:
+                if ASYM:
+                    part = part - s_zp * tl.load(colsum_ptr + rn_l * NS + s)[None, :]
+                acc += part.to(tl.float32) * c[None, :]
         if A_FP8:
-            acc = tl.dot(quantize_fp8(a * inv_scale, INTERPRET), wt, acc)
+            acc = acc * c_prev[None, :]
+        store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
+    else:
+        a_scale = tl.load(as_ptr)
+        inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
+        if ASYM:
+            zp = tl.load(zp_ptr)
+            zp_f = zp.to(tl.float32)
         else:
-            acc = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), wt, acc, out_dtype=tl.int32)
-    if ASYM:
-        acc = acc - zp * tl.load(colsum_ptr + rn, mask=rn < N, other=0)[None, :]
-    store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+            zp = 0
+            zp_f = 0.0
+        if A_FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        for ks in range(0, TAPS * c_blocks):
+            tap = ks // c_blocks
+            cc = (ks % c_blocks) * BLOCK_K + rc
+            ih = ih0 + (tap // KW) * DH
+            iw = iw0 + (tap % KW) * DW
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc
+            w_ptrs = w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None]
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+                wt = tl.load(w_ptrs)
+            else:
+                c_ok = cc < C
+                a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
+            a = a.to(tl.float32)
+            if HAS_SMOOTH:
+                a = a * tl.load(smooth_ptr + cc, mask=cc < C, other=0.0)[None, :]
+            if A_FP8:
+                acc = tl.dot(quantize_fp8(a * inv_scale, INTERPRET), wt, acc)
+            else:
+                acc = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), wt, acc, out_dtype=tl.int32)
+        if ASYM:
+            acc = acc - zp * tl.load(colsum_ptr + rn, mask=rn < N, other=0)[None, :]
+        store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
 
 
 LARGE_M_CONFIGS = [
@@ -111,18 +169,34 @@ SMALL_M_CONFIGS = [
     config(32, 64, 64, 4, 4),
     config(64, 64, 64, 4, 4),
 ]
+# split ops (NS > 1) at M > SMALL_M: per-slice scales in the K loop (int8: an fp32 accumulator beside each slice's
+# exact int32 one) spill on sm_90 with most tiles above (aot_check); these compile without spills.
+SPLIT_FP8_CONFIGS = [
+    config(128, 256, 64, 3, 8),
+    config(64, 256, 64, 3, 8),
+    config(64, 256, 128, 3, 8),
+    config(64, 128, 64, 4, 4),
+]
+SPLIT_INT8_CONFIGS = [
+    config(64, 256, 64, 3, 8),
+    config(64, 128, 64, 4, 4),
+    config(64, 64, 64, 4, 4),
+]
 SMALL_M = 256
-_KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "ASYM", "HAS_SMOOTH", "ACT"]
-_C_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS)
+_KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "ASYM", "HAS_SMOOTH", "ACT", "NS"]
+_C_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS + SPLIT_FP8_CONFIGS + SPLIT_INT8_CONFIGS)
 _large = autotuned(conv2d_kernel, LARGE_M_CONFIGS, _KEY)
 _small = autotuned(conv2d_kernel, SMALL_M_CONFIGS, _KEY)
+_large_split_fp8 = autotuned(conv2d_kernel, SPLIT_FP8_CONFIGS, _KEY)
+_large_split_int8 = autotuned(conv2d_kernel, SPLIT_INT8_CONFIGS, _KEY)
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, wrap=wrap_triton):
+def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, splits=None,
+                 wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=4)
     check_tensor(w, "weight", (torch.float8_e4m3fn, torch.int8), dim=2)
     a_fp8 = w.dtype == torch.float8_e4m3fn
@@ -130,18 +204,25 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
     N = w.shape[0]
     if w.shape[1] != kh * kw * C:
         raise ValueError(f"weight has {w.shape[1]} columns, expected KH*KW*C = {kh}*{kw}*{C}")
-    check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N,))
+    ns, b1, b2, b3 = split_args(splits, C, "input channels")
+    asym = a_zp is not None
+    if asym and a_fp8:
+        raise ValueError("fp8 activations have no zero point")
+    if splits is not None:
+        check_split_params(w_scale, a_scale, a_zp, N, ns)
+    else:
+        check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N,))
+        check_scalar(a_scale, "activation scale", torch.float32)
+        if asym:
+            check_scalar(a_zp, "activation zero point", torch.int32)
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
-    check_scalar(a_scale, "activation scale", torch.float32)
-    asym = a_zp is not None
     if asym:
-        if a_fp8:
-            raise ValueError("fp8 activations have no zero point")
-        check_scalar(a_zp, "activation zero point", torch.int32)
         if colsum is None:
             raise ValueError("an asymmetric activation quantizer needs the weight's column sums")
-        check_tensor(colsum, "colsum", (torch.int32,), shape=(N,))
+        check_tensor(colsum, "colsum", (torch.int32,), shape=(N,) if splits is None else (N, ns))
+        if not colsum.is_contiguous():
+            raise ValueError("colsum must be contiguous")
     if act_smooth is not None:
         check_tensor(act_smooth, "act_smooth", (torch.float32,), shape=(C,))
     if not w.is_contiguous():
@@ -157,7 +238,7 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    kernel = _small if M <= SMALL_M else _large
+    kernel = _small if M <= SMALL_M else _large if ns == 1 else _large_split_fp8 if a_fp8 else _large_split_int8
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -167,10 +248,10 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
         a_zp if asym else a_scale, act_smooth if act_smooth is not None else w_scale, out,
         B, H, W, C, OH, OW, N, kw, kh * kw,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), out.stride(0), out.stride(1),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], b1, b2, b3,
         A_FP8=a_fp8, QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
         HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        EVEN_C=C % _C_MULTIPLE == 0, INTERPRET=INTERPRET,
+        EVEN_C=all(p % _C_MULTIPLE == 0 for p in (C, b1, b2, b3)), NS=ns, INTERPRET=INTERPRET,
     )
     return out
 
@@ -179,15 +260,16 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
 def conv2d_w8a8_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor | None,
                    bias: torch.Tensor | None, a_scale: torch.Tensor, a_zp: torch.Tensor | None,
                    act_smooth: torch.Tensor | None, kh: int, kw: int, stride: list[int], padding: list[int],
-                   dilation: list[int], act: int) -> torch.Tensor:
+                   dilation: list[int], act: int, splits: list[int] | None = None) -> torch.Tensor:
     """``x`` (B, C, H, W), any strides (channels-last is the fast one); ``w`` (N, KH*KW*C) tap-major,
     fp8 (fp8 activations) or int8 (int8 activations, asymmetric when ``a_zp`` is given).
-    Returns ``(B*OH*OW, N)``."""
-    return _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act)
+    ``splits``: a split op's input-channel split points (``a_scale`` / ``a_zp`` per slice, ``w_scale`` / ``colsum``
+    (N, slices)). Returns ``(B*OH*OW, N)``."""
+    return _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, splits)
 
 
 @conv2d_w8a8_op.register_fake
-def _(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act):
+def _(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, splits=None):
     B, _, H, W = x.shape
     OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
@@ -203,21 +285,30 @@ def tap_major(wdata: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tenso
 def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
                 a_zp: torch.Tensor | None, *, weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], act_smooth: torch.Tensor | None = None, act: str = "none",
-                bias_corr: torch.Tensor | None = None, colsum: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 conv2d (fp8 weight: fp8 activations; int8 weight: int8, asymmetric if ``a_zp``) -> NCHW (channels-last strides)."""
+                bias_corr: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
+                splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """W8A8 conv2d (fp8 weight: fp8 activations; int8 weight: int8, asymmetric if ``a_zp``) -> NCHW (channels-last strides).
+
+    ``splits`` (split op: input-channel split points): per-slice ``a_scale`` / ``a_zp``, ``w_scale`` (N, slices);
+    ``colsum`` then holds one column sum per slice (N, slices)."""
     n, c, kh, kw = weight_shape
     B, _, H, W = x.shape
     xc = x.contiguous(memory_format=torch.channels_last)
     w = tap_major(wdata, weight_shape)
+    split = None if splits is None else [int(p) for p in splits]
     if a_zp is not None:
-        a_zp = a_zp.to(torch.int32)
-        if colsum is None:  # (the Triton lowering passes it precomputed)
-            colsum = wdata.reshape(n, -1).sum(dim=1, dtype=torch.int32)
+        a_zp = a_zp.to(torch.int32) if split is None else a_zp.to(torch.int32).reshape(-1)
+        if colsum is None:  # (the Triton lowering passes it precomputed); the plan's layout is channel-major
+            colsum = weight_colsum(wdata, None if split is None else [p * kh * kw for p in split])
     else:
         colsum = None
     s = None if act_smooth is None else act_smooth.float().reshape(-1)
-    args = (xc, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, n), a_scale.float(), a_zp, s, kh, kw, list(stride),
-            list(padding), list(dilation), activation_code(act))
+    if split is None:
+        args = (xc, w, w_scale.reshape(-1), colsum, fused_bias(bias, bias_corr, n), a_scale.float(), a_zp, s, kh, kw, list(stride),
+                list(padding), list(dilation), activation_code(act))
+    else:
+        args = (xc, w, w_scale.reshape(n, -1), colsum, fused_bias(bias, bias_corr, n), a_scale.float().reshape(-1), a_zp, s, kh, kw,
+                list(stride), list(padding), list(dilation), activation_code(act), split)
     out = _conv2d_w8a8(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.conv2d_w8a8(*args)
     OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])

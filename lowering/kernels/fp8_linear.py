@@ -8,6 +8,11 @@ tiles accumulates in fp32; the epilogue dequantizes, adds the (pre-summed) bias,
 optional activation and casts to the input's dtype. ``fp8_linear_prequant`` takes an input that a
 producer already quantized to fp8.
 
+Split ops (``splits``, constexpr ``NS`` > 1, interior slice bounds ``B1..B3``): the K loop visits the input-feature
+slices in order and quantizes each with its own scale; the one fp32 accumulator holds the sum in units of the current
+slice's ``a_scale[s] * w_scale[n, s]`` (weight scales ``(N, slices)``), rescaled at each slice bound; see
+``docs/kernels.md``.
+
 Specialization is by ``tl.constexpr`` flags (input already fp8, bias, smoothing, activation, K
 divisible by the tile) and shape-keyed autotuning; scales are tensor arguments, so plans that differ
 only in scales (timestep groups) share the compiled kernels.
@@ -29,6 +34,7 @@ from ._common import (
     autotuned,
     check_launchable,
     check_scalar,
+    check_split_params,
     check_tensor,
     configs_from,
     direct,
@@ -39,6 +45,8 @@ from ._common import (
     quantize_fp8,
     row_major,
     rows,
+    slice_bound,
+    split_args,
     store_tile,
     tile_ids,
 )
@@ -51,9 +59,9 @@ FP8_MAX = 448.0
 def fp8_linear_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, smooth_ptr, out_ptr, os_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+    stride_xm, stride_xk, stride_wn, stride_om, stride_on, B1, B2, B3,
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
-    OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, NS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -63,29 +71,57 @@ def fp8_linear_kernel(
     rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
-    a_scale = tl.load(as_ptr)
-    inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_ok = rk < K - kt * BLOCK_K
-            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if not X_FP8:
-            a = a.to(tl.float32)
-            if HAS_SMOOTH:
+    if NS > 1:  # split op: slice s of K = [B_s, B_s+1) has its own activation scale and weight scales (N, NS)
+        # One fp32 accumulator (a second one would double the registers and spill): it holds the sum so far in units
+        # of the current slice's scales c_s = a_scale[s] * w_scale[:, s], rescaled by c_s-1 / c_s at each slice bound.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(NS):
+            lo = slice_bound(s, NS, K, B1, B2, B3)
+            hi = slice_bound(s + 1, NS, K, B1, B2, B3)
+            s_scale = tl.load(as_ptr + s)
+            s_inv = tl.math.div_rn(1.0, s_scale)
+            c = s_scale * tl.load(ws_ptr + rn_l * NS + s)
+            if s > 0:
+                acc = acc * tl.math.div_rn(c_prev, c)[None, :]  # noqa: F821 (set by the previous, unrolled, slice)
+            for kt in range(lo // BLOCK_K, tl.cdiv(hi, BLOCK_K)):  # tiles straddling a bound: masked to the slice
                 kk = kt * BLOCK_K + rk
-                a = a * tl.load(smooth_ptr + kk, mask=kk < K, other=0.0)[None, :]
-            a = quantize_fp8(a * inv_scale, INTERPRET)
-        acc = tl.dot(a, b, acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K
-    y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+                k_ok = (kk >= lo) & (kk < hi)
+                if EVEN_K:  # every bound on a tile edge (the wrapper's EVEN_K covers the split points): no masks
+                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk)
+                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None])
+                else:
+                    a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None], other=0.0)
+                a = a.to(tl.float32)
+                if HAS_SMOOTH:
+                    a = a * tl.load(smooth_ptr + kk, mask=k_ok, other=0.0)[None, :]
+                acc = tl.dot(quantize_fp8(a * s_inv, INTERPRET), b, acc)
+            c_prev = c
+        y = epilogue(acc * c_prev[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
+    else:
+        x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
+        a_scale = tl.load(as_ptr)
+        inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = rk < K - kt * BLOCK_K
+                a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            if not X_FP8:
+                a = a.to(tl.float32)
+                if HAS_SMOOTH:
+                    kk = kt * BLOCK_K + rk
+                    a = a * tl.load(smooth_ptr + kk, mask=kk < K, other=0.0)[None, :]
+                a = quantize_fp8(a * inv_scale, INTERPRET)
+            acc = tl.dot(a, b, acc)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K
+        y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
     if OUT_FP8:  # quantize for the next fp8 GEMM (its static scale): it reads 1-byte inputs, no quantize pass
         y = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr)), INTERPRET)
     store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
@@ -103,33 +139,39 @@ CONFIG_TABLE = {
     ],
     # M <= 64: the sweep's M = 8 winners (bf16 / fp8 input); 64 x 64 covers M up to 64 in one row of tiles (not swept)
     "small": [(16, 64, 128, 4, 4, 8), (16, 32, 128, 4, 4, 8), (64, 64, 128, 4, 4, 8)],
+    # split ops (NS > 1) at M > 64: the "large" rows that compile without spills with the per-slice rescale (aot_check)
+    "split": [(128, 256, 64, 4, 8, 8), (64, 256, 128, 3, 8, 8), (64, 64, 128, 4, 4, 8)],
 }
 SMALL_M = 64  # M at or below this uses the "small" table
 
 LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
 PREQUANT_CONFIGS = configs_from(CONFIG_TABLE["large_prequant"])
 SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
+SPLIT_CONFIGS = configs_from(CONFIG_TABLE["split"])
 
-_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8"]
+_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS"]
 # EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
-_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS)
+_K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS + SPLIT_CONFIGS)
 _large = autotuned(fp8_linear_kernel, LARGE_M_CONFIGS, _KEY)
 _large_prequant = autotuned(fp8_linear_kernel, PREQUANT_CONFIGS, _KEY)
 _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
+_large_split = autotuned(fp8_linear_kernel, SPLIT_CONFIGS, _KEY)
 
 
 def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
-            out_scale: torch.Tensor | None, wrap) -> torch.Tensor:
+            out_scale: torch.Tensor | None, wrap, splits=None) -> torch.Tensor:
     """Allocate the output and launch: fp8 inputs of large GEMMs on the persistent TMA kernel (:func:`.fp8_tma.use_tma`),
-    everything else on :func:`fp8_linear_kernel`. ``wrap``: ``wrap_triton`` (inside the triton_ops) or :func:`direct`."""
+    everything else on :func:`fp8_linear_kernel`. ``wrap``: ``wrap_triton`` (inside the triton_ops) or :func:`direct`.
+    ``splits``: input-feature split points of a split op (per-slice scales, quantized in the prologue)."""
     M, K = x.shape
+    ns, b1, b2, b3 = split_args(splits, K)
     N = w.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
     if M == 0:
         return out
     if x_fp8 and fp8_tma.use_tma(x, w):
         return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap)
-    kernel = _small if M <= SMALL_M else (_large_prequant if x_fp8 else _large)
+    kernel = _small if M <= SMALL_M else _large_split if ns > 1 else _large_prequant if x_fp8 else _large
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -138,25 +180,28 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
         x, w, w_scale, bias if bias is not None else w_scale, a_scale,
         act_smooth if act_smooth is not None else w_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K,
-        x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1), b1, b2, b3,
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        OUT_FP8=out_scale is not None, EVEN_K=K % _K_MULTIPLE == 0, INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, EVEN_K=all(p % _K_MULTIPLE == 0 for p in (K, b1, b2, b3)), NS=ns, INTERPRET=INTERPRET,
     )
     return out
 
 
-def _check(x, w, w_scale, bias, a_scale, act_smooth, x_dtypes):
+def _check(x, w, w_scale, bias, a_scale, act_smooth, x_dtypes, splits=None):
     check_tensor(x, "x", x_dtypes, dim=2)
     check_tensor(w, "weight", (FP8,), dim=2)
     N, K = w.shape
     if x.shape[1] != K:
         raise ValueError(f"x has {x.shape[1]} input features but the weight has K={K}")
-    check_tensor(w_scale, "weight scale", (torch.float32,))
-    if w_scale.numel() != N or not w_scale.is_contiguous():
-        raise ValueError(f"weight scale must be a contiguous per-output-channel tensor of {N} entries, got {tuple(w_scale.shape)}")
+    if splits is not None:
+        check_split_params(w_scale, a_scale, None, N, split_args(splits, K)[0])
+    else:
+        check_tensor(w_scale, "weight scale", (torch.float32,))
+        if w_scale.numel() != N or not w_scale.is_contiguous():
+            raise ValueError(f"weight scale must be a contiguous per-output-channel tensor of {N} entries, got {tuple(w_scale.shape)}")
+        check_scalar(a_scale, "activation scale", torch.float32)
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
-    check_scalar(a_scale, "activation scale", torch.float32)
     if act_smooth is not None:
         check_tensor(act_smooth, "act_smooth", (torch.float32,), shape=(K,))
     row_major(x, "x")
@@ -172,10 +217,10 @@ def _check_out(out_scale, out_dtype):
         raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
 
 
-def _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, wrap=wrap_triton):
-    _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES)
+def _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits=None, wrap=wrap_triton):
+    _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES, splits)
     _check_out(out_scale, x.dtype)
-    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale, wrap)
+    return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale, wrap, splits)
 
 
 def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, wrap=wrap_triton):
@@ -186,14 +231,16 @@ def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scal
 
 @triton_op("qdiff::fp8_linear", mutates_args=())
 def fp8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  a_scale: torch.Tensor, act_smooth: torch.Tensor | None, act: int, out_scale: torch.Tensor | None) -> torch.Tensor:
+                  a_scale: torch.Tensor, act_smooth: torch.Tensor | None, act: int, out_scale: torch.Tensor | None,
+                  splits: list[int] | None = None) -> torch.Tensor:
     """2-D ``x`` (fp16/bf16/fp32) quantized in the prologue; output in x's dtype, or float8_e4m3fn
-    quantized with ``out_scale`` (the next fp8 GEMM's activation scale) when it is given."""
-    return _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale)
+    quantized with ``out_scale`` (the next fp8 GEMM's activation scale) when it is given. ``splits``: a split op's
+    input-feature split points; ``a_scale`` then has one entry per slice and ``w_scale`` is (N, slices)."""
+    return _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits)
 
 
 @fp8_linear_op.register_fake
-def _(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale):
+def _(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits=None):
     return x.new_empty((x.shape[0], w.shape[0]), dtype=FP8 if out_scale is not None else x.dtype)
 
 
@@ -212,16 +259,23 @@ def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale):
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
                act_smooth: torch.Tensor | None = None, act: str = "none", bias_corr: torch.Tensor | None = None,
-               out_scale: torch.Tensor | None = None) -> torch.Tensor:
+               out_scale: torch.Tensor | None = None, splits: tuple[int, ...] | None = None) -> torch.Tensor:
     """``x`` of shape (..., K) -> (..., N); ``w`` float8 (N, K), ``w_scale`` fp32 per output channel.
 
     ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype.
+    ``splits`` (split op: input-feature split points): ``a_scale`` holds one scale per slice and ``w_scale`` (N, slices);
+    each slice's partial product is scaled by its own scales inside the K loop.
     Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_linear``."""
     N = w.shape[0]
-    args = (rows(x), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale),
+    split = None if splits is None else [int(p) for p in splits]
+    args = (rows(x), w, flat(w_scale) if split is None else w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N),
+            as_float(a_scale) if split is None else flat(as_float(a_scale)),
             None if act_smooth is None else flat(as_float(act_smooth)), activation_code(act),
             None if out_scale is None else as_float(out_scale))
-    out = _fp8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear(*args)
+    if split is None:  # (the unsplit call keeps its exact argument list: no dispatch cost for the extra argument)
+        out = _fp8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear(*args)
+    else:
+        out = _fp8_linear(*args, split, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear(*args, split)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 

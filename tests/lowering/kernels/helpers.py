@@ -35,3 +35,15 @@ def act_qparams(x: torch.Tensor, fmt: str, asym: bool) -> tuple[torch.Tensor, to
 def randn(*shape, dtype=torch.float32, scale=1.0, shift=0.0) -> torch.Tensor:
     """Random test data on the kernel device (generated on CPU, so seeds are device independent)."""
     return (torch.randn(*shape) * scale + shift).to(device=DEVICE, dtype=dtype)
+
+
+def slice_qparams(x: torch.Tensor, splits: tuple[int, ...], fmt: str, asym: bool, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max static quantizers of each channel slice ``[splits[i], splits[i+1])`` of ``x`` along ``dim``: (scales, zero points)."""
+    pairs = [act_qparams(x.narrow(dim, a, b - a), fmt, asym) for a, b in zip(splits, splits[1:])]
+    return torch.stack([s for s, _ in pairs]), torch.stack([z for _, z in pairs])
+
+
+def spread_slices(x: torch.Tensor, splits: tuple[int, ...], dim: int) -> torch.Tensor:
+    """``x`` with each slice on its own range (x1, x8, x1/16, ... and shifted), as a concat of differently scaled parts."""
+    parts = [x.narrow(dim, a, b - a) * (8.0 ** (i % 2) / 4.0 ** (i // 2)) + 0.5 * i for i, (a, b) in enumerate(zip(splits, splits[1:]))]
+    return torch.cat(parts, dim=dim)

@@ -7,7 +7,7 @@ from qcompile.lowering import reference, triton_lowering
 from qcompile.lowering.weights import quantize_weight
 from qcompile.metrics import sqnr_db
 
-from .helpers import DEVICE, act_qparams, needs_kernels, randn
+from .helpers import DEVICE, act_qparams, needs_kernels, randn, slice_qparams, spread_slices
 
 pytestmark = needs_kernels
 
@@ -68,3 +68,78 @@ def test_unsupported_convs_fall_back_to_the_reference(case):
     route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding", "dilation", "groups")})
     assert route is None
     assert torch.equal(triton_lowering.qconv(*args, **kw), reference.qconv(*args, **kw))
+
+
+# -- split ops (split-shortcut quantization): slices over the input channels --------------------------------------
+# The interpreter's BLOCK_K (channels per K step) is 32: bounds 20 / 40 fall inside channel blocks, 16 / 32 do not.
+def _split_conv_call(x, n, ksize, wfmt, splits, asym, stride, padding, smooth=False):
+    c = x.shape[1]
+    qw = quantize_weight(torch.randn(n, c, ksize, ksize), wfmt, "conv", None, clip_search=False, splits=splits)
+    sm = (torch.rand(c) + 0.5).to(DEVICE) if smooth else None
+    s, z = slice_qparams(x if sm is None else x * sm[None, :, None, None], splits, wfmt, asym, 1)
+    kw = dict(wfmt=wfmt, group_size=None, weight_shape=qw.shape, kind="conv", stride=stride, padding=padding, dilation=(1, 1),
+              groups=1, afmt=wfmt, asym=asym, bias_corr=randn(n, scale=0.1), act_smooth=sm, splits=splits)
+    return (x, qw.data.to(DEVICE), qw.scale.to(DEVICE), randn(n), s, z), kw
+
+
+def _route(x, kw):
+    return triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding",
+                                                               "dilation", "groups", "splits")})
+
+
+@pytest.mark.parametrize(
+    "wfmt,asym,splits,stride,padding",
+    [
+        ("fp8_e4m3", False, (0, 20, 48), (1, 1), (1, 1)),
+        ("int8", True, (0, 16, 40, 48), (2, 1), (1, 2)),
+        ("int8", False, (0, 32, 48), (1, 2), (0, 1)),
+        ("fp8_e4m3", False, (0, 16, 20, 48), (2, 2), (1, 1)),
+    ],
+)
+def test_split_implicit_gemm_conv_matches_reference(wfmt, asym, splits, stride, padding):
+    x = spread_slices(randn(2, 48, 7, 9), splits, 1)
+    args, kw = _split_conv_call(x, 20, 3, wfmt, splits, asym, stride, padding, smooth=asym)
+    assert _route(x, kw)[0] == "implicit"
+    out = triton_lowering.qconv(*args, **kw)
+    ref = reference.qconv(*args, **kw)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert sqnr_db(ref, out) > 45
+
+
+@pytest.mark.parametrize("wfmt,asym", [("int8", True), ("fp8_e4m3", False)])
+def test_split_conv_with_bounds_on_block_edges(wfmt, asym):
+    """C = 256 split 128 + 128: every bound a multiple of every config's BLOCK_K (the unmasked EVEN_C path)."""
+    splits = (0, 128, 256)
+    x = spread_slices(randn(1, 256, 4, 3), splits, 1)
+    args, kw = _split_conv_call(x, 16, 3, wfmt, splits, asym, (1, 1), (1, 1))
+    assert _route(x, kw)[0] == "implicit"
+    assert sqnr_db(reference.qconv(*args, **kw), triton_lowering.qconv(*args, **kw)) > 45
+
+
+@pytest.mark.parametrize("asym", [True, False])
+def test_split_int8_conv_is_exact_with_power_of_two_scales(asym):
+    """Integer path: per-slice int8 codes convolved exactly (float64 conv of integers), times power-of-two scales."""
+    splits, n = (0, 20, 48), 16
+    x = spread_slices(torch.randn(2, 48, 6, 5), splits, 1)
+    wq = torch.randint(-127, 128, (n, 48 * 9), dtype=torch.int8)
+    w_scale = 2.0 ** -torch.randint(6, 9, (n, 2)).float()
+    a_scale, a_zp = torch.tensor([2.0**-4, 2.0**-6]), torch.tensor([-9, 4] if asym else [0, 0], dtype=torch.int32)
+    expected = torch.zeros(2, n, 6, 5, dtype=torch.float64)
+    for i, (a, b) in enumerate(zip(splits, splits[1:])):
+        xq = reference.quantize_activation(x[:, a:b], a_scale[i], a_zp[i], "int8", not asym).double() - float(a_zp[i])
+        wi = wq.reshape(n, 48, 3, 3)[:, a:b].double()
+        expected += torch.nn.functional.conv2d(xq, wi, padding=1) * (float(a_scale[i]) * w_scale[:, i].double())[None, :, None, None]
+    kw = dict(wfmt="int8", group_size=None, weight_shape=(n, 48, 3, 3), kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+              groups=1, afmt="int8", asym=asym, splits=splits)
+    out = triton_lowering.qconv(x.to(DEVICE), wq.to(DEVICE), w_scale.to(DEVICE), None, a_scale.to(DEVICE), a_zp.to(DEVICE), **kw)
+    assert torch.equal(out.double().cpu(), expected)
+
+
+@pytest.mark.parametrize("wfmt,asym", [("int8", True), ("fp8_e4m3", False)])
+def test_split_pointwise_conv_runs_on_the_gemm_kernels(wfmt, asym):
+    splits = (0, 12, 40)
+    x = spread_slices(randn(2, 40, 5, 6), splits, 1).contiguous(memory_format=torch.channels_last)
+    args, kw = _split_conv_call(x, 16, 1, wfmt, splits, asym, (1, 1), (0, 0))
+    assert _route(x, kw) == ("gemm", ("int8" if wfmt == "int8" else "fp8",))
+    out = triton_lowering.qconv(*args, **kw)
+    assert sqnr_db(reference.qconv(*args, **kw), out) > 45

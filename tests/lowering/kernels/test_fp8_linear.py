@@ -15,7 +15,7 @@ from qcompile.lowering.reference import qlinear, quantize_activation
 from qcompile.lowering.weights import quantize_weight
 from qcompile.metrics import sqnr_db
 
-from .helpers import DEVICE, act_qparams, needs_kernels, randn
+from .helpers import DEVICE, act_qparams, needs_kernels, randn, slice_qparams, spread_slices
 
 pytestmark = needs_kernels
 
@@ -26,7 +26,7 @@ def _weight(n, k):
 
 
 def _ref(x, qw, w, ws, b, s, **kw):
-    z = torch.zeros((), dtype=torch.int32, device=x.device)
+    z = torch.zeros(s.shape, dtype=torch.int32, device=x.device)  # (one per slice for split ops)
     return qlinear(x, w, ws, b, s, z, wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, afmt="fp8_e4m3", **kw)
 
 
@@ -120,3 +120,58 @@ def test_producer_quantization_matches_the_reference_quantizer():
     s, z = act_qparams(x.float() * smooth, "fp8_e4m3", False)
     xs = x * smooth.to(x.dtype)
     assert torch.equal(quantize_input_fp8(x, s, smooth).float(), quantize_activation(xs, s, z, "fp8_e4m3", True).float())
+
+
+# -- split ops (split-shortcut quantization): per-slice scales inside the K loop ----------------------------------
+# The interpreter's BLOCK_K is 32: bounds 20 / 45 / 70 fall inside K tiles (masked to each slice), 32 / 64 on tile edges.
+SPLITS = [(0, 20, 72), (0, 32, 64, 96), (0, 20, 45, 72), (0, 128, 256)]  # (bounds on 128: the unmasked EVEN_K path)
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+def test_split_fp8_linear_matches_reference(splits):
+    k, n = splits[-1], 40
+    qw = quantize_weight(torch.randn(n, k), "fp8_e4m3", "linear", clip_search=False, splits=splits)
+    w, ws = qw.data.to(DEVICE), qw.scale.to(DEVICE)
+    assert ws.shape == (n, len(splits) - 1)
+    x = spread_slices(randn(3, 7, k), splits, -1)
+    s, _ = slice_qparams(x, splits, "fp8_e4m3", False, -1)
+    b = randn(n)
+    out = fp8_linear(x, w, ws, b, s, splits=splits)
+    ref = _ref(x, qw, w, ws, b, s, splits=splits)
+    assert out.shape == (3, 7, n)
+    assert sqnr_db(ref, out) > 45
+    # one shared scale per slice would be a different (worse) op: the kernel really applies each slice's scales
+    unsplit = _ref(x, qw, w, ws[:, :1].contiguous(), b, s[:1].reshape(()))
+    assert sqnr_db(ref, unsplit) < 30
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter: sigmoid of very negative values
+def test_split_fp8_linear_bf16_smoothing_activation_and_fp8_output():
+    splits, n = (0, 24, 56), 48
+    k = splits[-1]
+    qw = quantize_weight(torch.randn(n, k), "fp8_e4m3", "linear", clip_search=False, splits=splits)
+    w, ws = qw.data.to(DEVICE), qw.scale.to(DEVICE)
+    x = spread_slices(randn(9, k), splits, -1).to(torch.bfloat16)
+    smooth = (torch.rand(k) + 0.5).to(DEVICE)
+    s, _ = slice_qparams(x.float() * smooth, splits, "fp8_e4m3", False, -1)
+    b, corr = randn(n), randn(n, scale=0.1)
+    ref = F.gelu(_ref(x.float(), qw, w, ws, b, s, splits=splits, act_smooth=smooth, bias_corr=corr), approximate="tanh")
+    out = fp8_linear(x, w, ws, b, s, act_smooth=smooth, act="gelu_tanh", bias_corr=corr, splits=splits)
+    assert out.dtype == torch.bfloat16 and sqnr_db(ref, out.float()) > 35
+    o_scale = torch.tensor(float(ref.abs().max()) / 448, device=DEVICE)
+    q = fp8_linear(x, w, ws, b, s, act_smooth=smooth, act="gelu_tanh", bias_corr=corr, out_scale=o_scale, splits=splits)
+    assert q.dtype == torch.float8_e4m3fn and sqnr_db(ref, q.float() * o_scale) > 25
+
+
+def test_split_arguments_are_checked():
+    qw = quantize_weight(torch.randn(8, 32), "fp8_e4m3", "linear", clip_search=False, splits=(0, 16, 32))
+    w, ws, x = qw.data.to(DEVICE), qw.scale.to(DEVICE), randn(4, 32)
+    s = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match="increase strictly from 0 to 32"):
+        fp8_linear(x, w, ws, None, s, splits=(0, 16, 30))
+    with pytest.raises(ValueError, match="at most 4"):
+        fp8_linear(x, w, ws, None, s, splits=(0, 4, 8, 12, 16, 32))
+    with pytest.raises(TypeError, match="one entry per slice"):
+        fp8_linear(x, w, ws, None, torch.ones(3, device=DEVICE), splits=(0, 16, 32))
+    with pytest.raises(ValueError, match=r"\(N, slices\) = \(8, 2\)"):
+        fp8_linear(x, w, ws[:, :1], None, s, splits=(0, 16, 32))

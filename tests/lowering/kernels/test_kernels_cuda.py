@@ -247,3 +247,119 @@ def test_eager_kernels_launch_on_their_tensors_gpu(fmt, gen):
     to1 = lambda t: t.to("cuda:1")  # noqa: E731
     on1 = triton_lowering.qlinear(to1(x), to1(qw.data), to1(qw.scale), None, to1(s), to1(z), **kw)
     assert on1.device == torch.device("cuda:1") and torch.equal(on1.cpu(), on0.cpu())
+
+
+# -- split ops (split-shortcut quantization) at SD 1.5 up-block shapes ----------------------------------------------
+def _split_case(x, w, wfmt, afmt, asym, splits, kind):
+    """Quantize ``w`` per slice and each input slice with its own min/max quantizer (channels: dim 1 for convs)."""
+    qw = quantize_weight(w.cpu(), wfmt, kind, None, clip_search=False, splits=splits)
+    qw.data, qw.scale = qw.data.cuda(), qw.scale.cuda()
+    dim = 1 if kind == "conv" else -1
+    pairs = [_qparams(x.narrow(dim, a, b - a).float(), afmt, asym) for a, b in zip(splits, splits[1:])]
+    return qw, torch.stack([s for s, _ in pairs]), torch.stack([z for _, z in pairs])
+
+
+def _spread(x, splits, dim):
+    """Slices on different ranges (as a skip cat of a wide-range hidden state and a narrow skip), bf16."""
+    parts = [x.narrow(dim, a, b - a) * (4.0 if i % 2 == 0 else 0.25) + 0.3 * i for i, (a, b) in enumerate(zip(splits, splits[1:]))]
+    return torch.cat(parts, dim=dim).to(torch.bfloat16)
+
+
+SPLIT_CONV_SHAPES = [  # (input shape, split points, output channels, kernel size): SD 1.5 up blocks after the skip cat
+    ((2, 2560, 16, 16), (0, 1280, 2560), 1280, 3),
+    ((2, 1920, 32, 32), (0, 1280, 1920), 640, 3),
+    ((2, 960, 64, 64), (0, 640, 960), 320, 3),
+    ((2, 2560, 16, 16), (0, 1280, 2560), 1280, 1),  # the resnet's 1x1 conv_shortcut (GEMM route)
+    ((2, 720, 32, 32), (0, 200, 520, 720), 320, 3),  # three slices, bounds inside channel blocks
+]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("shape,splits,n,ksize", SPLIT_CONV_SHAPES)
+def test_split_conv_kernels_at_sd_shapes(fmt, shape, splits, n, ksize, gen):
+    wfmt, afmt, asym, _ = FORMATS[fmt]
+    c = shape[1]
+    w = torch.randn(n, c, ksize, ksize, device="cuda", generator=gen) * (c * ksize * ksize) ** -0.5
+    x = _spread(torch.randn(*shape, device="cuda", generator=gen), splits, 1).contiguous(memory_format=torch.channels_last)
+    qw, s, z = _split_case(x, w, wfmt, afmt, asym, splits, "conv")
+    pad = ksize // 2
+    kw = dict(wfmt=wfmt, group_size=None, weight_shape=qw.shape, kind="conv", stride=(1, 1), padding=(pad, pad), dilation=(1, 1),
+              groups=1, afmt=afmt, asym=asym, splits=splits)
+    route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding",
+                                                                "dilation", "groups", "splits")})
+    assert route is not None and route[0] == ("gemm" if ksize == 1 else "implicit")
+    poison(x.numel() * 4)
+    out = triton_lowering.qconv(x, qw.data, qw.scale, None, s, z, **kw)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), "kernel left output elements unwritten (NaN poison) or overflowed"
+    ref = reference.qconv(x.float(), qw.data, qw.scale, None, s, z, **kw)
+    e_ref, e_float = rel_err(ref, out), rel_err(F.conv2d(x.float(), w, None, 1, pad), out)
+    print(f"split conv {fmt} {shape} {splits} -> {n} k{ksize}: rel err vs reference {e_ref:.2e}, vs float {e_float:.2e}")
+    assert e_ref < REL_TO_REFERENCE[fmt]
+    assert e_float < REL_TO_FLOAT[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("m,splits,n", [(4096, (0, 1280, 2560), 1280), (4096, (0, 1000, 1700, 2240), 640), (8, (0, 640, 1920), 1280)])
+def test_split_linear_kernels(fmt, m, splits, n, gen):
+    wfmt, afmt, asym, _ = FORMATS[fmt]
+    k = splits[-1]
+    w = torch.randn(n, k, device="cuda", generator=gen) * k**-0.5
+    x = _spread(torch.randn(m, k, device="cuda", generator=gen), splits, -1)
+    qw, s, z = _split_case(x, w, wfmt, afmt, asym, splits, "linear")
+    kw = dict(wfmt=wfmt, group_size=None, weight_shape=qw.shape, afmt=afmt, asym=asym, splits=splits)
+    assert triton_lowering.linear_route(x, wfmt=wfmt, afmt=afmt, group_size=None, splits=splits) == fmt
+    poison(m * n * 2)
+    out = triton_lowering.qlinear(x, qw.data, qw.scale, None, s, z, **kw)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    e_ref = rel_err(reference.qlinear(x.float(), qw.data, qw.scale, None, s, z, **kw), out)
+    print(f"split linear {fmt} {m}x{splits}x{n}: rel err vs reference {e_ref:.2e}")
+    assert e_ref < REL_TO_REFERENCE[fmt]
+    assert rel_err(F.linear(x.float(), w), out) < REL_TO_FLOAT[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_split_conv_costs_about_the_unsplit_kernel(fmt, gen):
+    """The SD up block's most expensive conv (2560 -> 1280, 3x3, 16x16, batch 2): the split path (slice bounds on tile
+    edges) within 1.3x (fp8) / 1.5x (int8: smaller tiles, two accumulators) of the unsplit kernel, and faster than the
+    reference it replaces (dequantize + cuDNN)."""
+    from triton.testing import do_bench
+
+    wfmt, afmt, asym, _ = FORMATS[fmt]
+    shape, splits, n = (2, 2560, 16, 16), (0, 1280, 2560), 1280
+    w = torch.randn(n, 2560, 3, 3, device="cuda", generator=gen) * (2560 * 9) ** -0.5
+    x = _spread(torch.randn(*shape, device="cuda", generator=gen), splits, 1).contiguous(memory_format=torch.channels_last)
+    qw, s, z = _split_case(x, w, wfmt, afmt, asym, splits, "conv")
+    kw = dict(wfmt=wfmt, group_size=None, weight_shape=qw.shape, kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+              groups=1, afmt=afmt, asym=asym)
+    unsplit_scale = qw.scale.amax(dim=1).contiguous()  # (timing only: the unsplit op on the same data)
+    t_split = do_bench(lambda: triton_lowering.qconv(x, qw.data, qw.scale, None, s, z, **kw, splits=splits))
+    t_unsplit = do_bench(lambda: triton_lowering.qconv(x, qw.data, unsplit_scale, None, s[:1].reshape(()), z[:1].reshape(()), **kw))
+    t_ref = do_bench(lambda: reference.qconv(x, qw.data, qw.scale, None, s, z, **kw, splits=splits))
+    print(f"split conv {fmt}: split kernel {t_split * 1e3:.1f} us, unsplit kernel {t_unsplit * 1e3:.1f} us, reference {t_ref * 1e3:.1f} us")
+    assert t_split < {"fp8": 1.3, "int8": 1.5}[fmt] * t_unsplit
+    assert t_split < t_ref
+
+
+def test_split_conv_op_is_inlined_by_inductor(gen):
+    """Compiled, a split conv's op is decomposed into its Triton launch (the kernel QdiffKernelPass counts)."""
+    from torch._inductor.utils import run_and_get_code
+
+    shape, splits, n = (2, 1920, 32, 32), (0, 1280, 1920), 640
+    w = torch.randn(n, 1920, 3, 3, device="cuda", generator=gen) * (1920 * 9) ** -0.5
+    x = _spread(torch.randn(*shape, device="cuda", generator=gen), splits, 1).contiguous(memory_format=torch.channels_last)
+    qw, s, z = _split_case(x, w, "fp8_e4m3", "fp8_e4m3", False, splits, "conv")
+    kw = dict(wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+              groups=1, afmt="fp8_e4m3", splits=splits)
+
+    def f(x):
+        return F.silu(triton_lowering.qconv(F.silu(x), qw.data, qw.scale, None, s, z, **kw))
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
+    code = "\n".join(codes)
+    assert "torch.ops.qdiff" not in code and "conv2d_kernel" in code
+    ref = F.silu(reference.qconv(F.silu(x).float(), qw.data, qw.scale, None, s, z, **kw))
+    assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]

@@ -94,6 +94,38 @@ def test_eager_wrapper_and_the_op_agree():
 
 
 @needs_kernels
+def test_split_ops_eager_and_through_the_ops_and_traced():
+    """Split ops (``splits``): the eager wrappers and the triton_ops agree, and the ops trace (fake implementations
+    with the extra argument), for the three kernels with a split path."""
+    from qcompile.lowering.kernels import conv2d_w8a8, int8_linear
+
+    splits = (0, 20, 48)
+    x = randn(5, 48)
+    q8 = quantize_weight(torch.randn(16, 48), "fp8_e4m3", "linear", clip_search=False, splits=splits)
+    w8, ws8 = q8.data.to(DEVICE).view(FP8), q8.scale.to(DEVICE)
+    s = torch.tensor([0.01, 0.02], device=DEVICE)
+    direct = fp8_linear(x, w8, ws8, None, s, splits=splits)
+    assert torch.equal(direct, torch.ops.qdiff.fp8_linear(x, w8, ws8, None, s, None, 0, None, list(splits)))
+    qi = quantize_weight(torch.randn(16, 48), "int8", "linear", clip_search=False, splits=splits)
+    wi, wsi = qi.data.to(DEVICE), qi.scale.to(DEVICE)
+    zp = torch.tensor([3, -5], dtype=torch.int32, device=DEVICE)
+    direct = int8_linear(x, wi, wsi, None, s, zp, splits=splits)
+    colsum = torch.stack([wi[:, :20].sum(1, dtype=torch.int32), wi[:, 20:].sum(1, dtype=torch.int32)], 1)
+    assert torch.equal(direct, torch.ops.qdiff.int8_linear(x, wi, wsi, colsum, None, s, zp, None, 0, list(splits)))
+    xc = randn(1, 48, 3, 4)
+    qc = quantize_weight(torch.randn(16, 48, 3, 3), "int8", "conv", clip_search=False, splits=splits)
+    out = conv2d_w8a8(xc, qc.data.to(DEVICE), qc.scale.to(DEVICE), None, s, zp, weight_shape=qc.shape, stride=(1, 1), padding=(1, 1),
+                      dilation=(1, 1), splits=splits)
+    assert out.shape == (1, 16, 3, 4)
+    graph = make_fx(lambda x, w, ws, s: fp8_linear(x, w, ws, None, s, splits=splits), tracing_mode="fake")(x, w8, ws8, s)
+    assert any("qdiff.fp8_linear" in str(n.target) for n in graph.graph.nodes)
+    conv = lambda x, w, ws, s, zp: conv2d_w8a8(x, w, ws, None, s, zp, weight_shape=qc.shape, stride=(1, 1),  # noqa: E731
+                                               padding=(1, 1), dilation=(1, 1), splits=splits)
+    graph = make_fx(conv, tracing_mode="fake")(xc, qc.data.to(DEVICE), qc.scale.to(DEVICE), s, zp)
+    assert any("qdiff.conv2d_w8a8" in str(n.target) for n in graph.graph.nodes)
+
+
+@needs_kernels
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 @pytest.mark.skipif(not fp8_tma.HAS_TMA, reason="Triton without tensor descriptors")
 def test_tma_production_launch_with_fp8_output():
