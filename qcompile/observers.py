@@ -73,8 +73,8 @@ class ActivationStats:
         """Add one call's activation ``x``.
 
         Every statistic but the per-feature sums is exact; the passes over ``x`` are few and make no
-        activation-sized temporaries when ``x`` is a contiguous float32 tensor: min/max per row of the
-        last dim (which also give the per-feature extremes and bound the exact tails, see :func:`_tail`),
+        activation-sized temporaries when ``x`` is a contiguous float32 tensor: min/max per row of :meth:`_rows`
+        (which also give the per-feature extremes of convolution inputs and bound the exact tails, see :func:`_tail`),
         and the per-feature sums and sums of squares in float32 within rows of features, accumulated in float64.
         """
         x = x.detach()
@@ -83,7 +83,7 @@ class ActivationStats:
             return
         xf = x.float().contiguous()  # no copy for a contiguous float32 input
         flat = xf.view(-1)
-        rows = flat.view(-1, x.shape[-1]) if x.dim() else flat.view(1, 1)
+        rows = self._rows(xf)
         row_lo, row_hi = rows.amin(dim=1), rows.amax(dim=1)
         lo, hi = float(row_lo.min()), float(row_hi.max())
         if math.isnan(lo) or math.isnan(hi):  # kept: Python's min / max would drop a nan
@@ -115,21 +115,31 @@ class ActivationStats:
             for part, a, b in zip(self.slices, self.split, self.split[1:]):
                 part.update(x.narrow(dim, a, b - a), call_index)
 
+    def _rows(self, xf: torch.Tensor) -> torch.Tensor:
+        """``xf`` (contiguous) as a 2-D view of runs of consecutive values: ``(outer * features, inner)`` when the
+        features come before the last dim (each row within one feature), else ``(-1, last dim)``."""
+        if xf.dim() == 0:
+            return xf.view(1, 1)
+        if self.channel_dim is not None:
+            inner = math.prod(xf.shape[self.channel_dim % xf.dim() + 1 :])
+            if inner > 1:
+                return xf.view(-1, inner)
+        return xf.view(-1, xf.shape[-1])
+
     def _update_channels(self, xf: torch.Tensor, row_lo: torch.Tensor, row_hi: torch.Tensor) -> None:
-        """Per-feature sums, sums of squares and extremes of ``xf`` (float32); ``row_lo`` / ``row_hi``: its
-        min / max over the last dim."""
+        """Per-feature sums, sums of squares and extremes of ``xf`` (float32); ``row_lo`` / ``row_hi``: the
+        min / max of each row of :meth:`_rows`."""
         dim = self.channel_dim % xf.dim()
         c, inner = xf.shape[dim], math.prod(xf.shape[dim + 1 :])
         if inner == 1:  # features last (linear): reduce over the rows
             x2 = xf.reshape(-1, c)
-            sums, sq = x2.sum(dim=0).double(), torch.linalg.vector_norm(x2, dim=0).double().pow(2)
+            sums, sq = x2.sum(dim=0).double(), x2.square().sum(dim=0).double()  # (a column norm is slower and less exact here)
             cmin, cmax = x2.amin(dim=0), x2.amax(dim=0)
         else:  # (outer, c, inner): float32 within each (outer, c) row, float64 across
             x3 = xf.reshape(-1, c, inner)
             sums = x3.sum(dim=2).double().sum(dim=0)
             sq = torch.linalg.vector_norm(x3, dim=2).double().pow(2).sum(dim=0)
-            cmin = row_lo.reshape(x3.shape[0], c, -1).amin(dim=(0, 2))
-            cmax = row_hi.reshape(x3.shape[0], c, -1).amax(dim=(0, 2))
+            cmin, cmax = row_lo.view(-1, c).amin(dim=0), row_hi.view(-1, c).amax(dim=0)
         sums, sq, cmin, cmax = sums.cpu(), sq.cpu(), cmin.cpu(), cmax.cpu()
         self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
         self.channel_sq_sum = sq if self.channel_sq_sum is None else self.channel_sq_sum + sq
