@@ -25,6 +25,7 @@ TAIL = 64  # largest and smallest values kept exactly, so MSE clipping sees the 
 OUTLIER_SHARES = (0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 MAX_OUTLIER_SHARE = 0.02  # candidates whose outlier tensor would hold more (ties at the quantile) are not sparse: refused
 OUTLIER_QMAX = 127  # the outlier tensor is symmetric int8
+ROW_BLOCK = 1 << 16  # values per block of rows whose squares are summed at once (features-last inputs)
 
 
 def _tail(rows: torch.Tensor, row_ext: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -133,7 +134,9 @@ class ActivationStats:
         c, inner = xf.shape[dim], math.prod(xf.shape[dim + 1 :])
         if inner == 1:  # features last (linear): reduce over the rows
             x2 = xf.reshape(-1, c)
-            sums, sq = x2.sum(dim=0).double(), x2.square().sum(dim=0).double()  # (a column norm is slower and less exact here)
+            blocks = x2.split(max(1, ROW_BLOCK // c))  # float32 within blocks of rows (small squares), float64 across
+            sums = torch.stack([b.sum(dim=0) for b in blocks]).double().sum(dim=0)
+            sq = torch.stack([b.square().sum(dim=0) for b in blocks]).double().sum(dim=0)
             cmin, cmax = x2.amin(dim=0), x2.amax(dim=0)
         else:  # (outer, c, inner): float32 within each (outer, c) row, float64 across
             x3 = xf.reshape(-1, c, inner)
