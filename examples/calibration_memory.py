@@ -1,7 +1,7 @@
 """Peak resident memory of calibrating the bundled CIFAR-10 UNet (w8a8-int8, 50 DDIM steps).
 
     python examples/calibration_memory.py 8      # trajectories (batch); prints max RSS and wall time
-    MALLOC_MMAP_THRESHOLD_=131072 python ...    # (before the fix in qcompile/_malloc.py: the same effect from outside)
+    MALLOC_MMAP_THRESHOLD_=131072 python ...    # glibc's mmap threshold fixed from outside (the former qcompile/_malloc.py)
 """
 import resource
 import sys

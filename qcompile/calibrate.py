@@ -18,7 +18,6 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from ._malloc import cap_mmap_threshold
 from .act_floor import apply_act_floor
 from .config import OpKind, QuantConfig
 from .errors import CalibrationError
@@ -81,7 +80,6 @@ class CalibrationSession:
         self.probe: tuple[Any, dict[str, torch.Tensor]] | None = None
         self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
-        cap_mmap_threshold()  # the observers' temporaries would otherwise grow the heap with every call (qcompile/_malloc.py)
         self.kept: CallSample | None = None  # call inputs kept for bit allocation (weight_bit_budget)
         if config.weight_bit_budget is not None or config.group_act_floor_db is not None:  # one call per bin is enough for the floor
             self.kept = CallSample(config.allocation.calls_per_group if config.weight_bit_budget is not None else 1, self.generator)

@@ -25,6 +25,21 @@ TAIL = 64  # largest and smallest values kept exactly, so MSE clipping sees the 
 OUTLIER_SHARES = (0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 MAX_OUTLIER_SHARE = 0.02  # candidates whose outlier tensor would hold more (ties at the quantile) are not sparse: refused
 OUTLIER_QMAX = 127  # the outlier tensor is symmetric int8
+ROW_BLOCK = 1 << 16  # values per block of rows whose squares are summed at once (features-last inputs)
+
+
+def _tail(rows: torch.Tensor, row_ext: torch.Tensor, largest: bool) -> torch.Tensor:
+    """The ``TAIL`` largest (or smallest) values of ``rows``, sorted, given each row's max (or min) ``row_ext``.
+
+    The k-th largest row max bounds the k-th largest value from below (k rows hold a value at least that
+    large), so only the rows reaching it can hold the tail: one top-k over the row extremes and one over
+    those rows replace a top-k over every value (the same values, far faster on CPU).
+    """
+    k = min(TAIL, rows.numel())
+    if row_ext.numel() > k:
+        bound = torch.topk(row_ext, k, largest=largest).values[-1]
+        rows = rows[row_ext >= bound] if largest else rows[row_ext <= bound]
+    return torch.topk(rows.reshape(-1), k, largest=largest).values
 
 
 class ActivationStats:
@@ -56,28 +71,33 @@ class ActivationStats:
         self.call_log: list[tuple[int, float, float]] = []  # (call index, min, max)
 
     def update(self, x: torch.Tensor, call_index: int) -> None:
-        flat = x.detach().reshape(-1).float()
-        n = flat.numel()
+        """Add one call's activation ``x``.
+
+        Every statistic but the per-feature sums is exact; the passes over ``x`` are few and make no
+        activation-sized temporaries when ``x`` is a contiguous float32 tensor: min/max per row of :meth:`_rows`
+        (which also give the per-feature extremes of convolution inputs and bound the exact tails, see :func:`_tail`),
+        and the per-feature sums and sums of squares in float32 within rows of features, accumulated in float64.
+        """
+        x = x.detach()
+        n = x.numel()
         if n == 0:
             return
-        lo, hi = torch.aminmax(flat)
-        lo, hi = float(lo), float(hi)
-        self.amin, self.amax = min(self.amin, lo), max(self.amax, hi)
+        xf = x.float().contiguous()  # no copy for a contiguous float32 input
+        flat = xf.view(-1)
+        rows = self._rows(xf)
+        row_lo, row_hi = rows.amin(dim=1), rows.amax(dim=1)
+        lo, hi = float(row_lo.min()), float(row_hi.max())
+        if math.isnan(lo) or math.isnan(hi):  # kept: Python's min / max would drop a nan
+            self.amin = self.amax = math.nan
+        else:
+            self.amin, self.amax = min(self.amin, lo), max(self.amax, hi)
         self.count += n
         self.call_log.append((call_index, lo, hi))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return  # the caller rejects the statistics (calibrate: a clear error); no sample of nan / inf values
         if self.channel_dim is not None:
-            dim = self.channel_dim % x.dim()
-            xd = x.detach().double()
-            rest = [d for d in range(x.dim()) if d != dim]
-            sums, sq = xd.sum(dim=rest).cpu(), xd.pow(2).sum(dim=rest).cpu()
-            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
-            self.channel_sq_sum = sq if self.channel_sq_sum is None else self.channel_sq_sum + sq
-            self.channel_count += n // x.shape[dim]
-            cmin, cmax = xd.amin(dim=rest).float().cpu(), xd.amax(dim=rest).float().cpu()
-            self.channel_min = cmin if self.channel_min is None else torch.minimum(self.channel_min, cmin)
-            self.channel_max = cmax if self.channel_max is None else torch.maximum(self.channel_max, cmax)
-        k = min(TAIL, n)
-        self._keep_tails(torch.topk(flat, k).values.cpu(), torch.topk(flat, k, largest=False).values.cpu())
+            self._update_channels(xf, row_lo, row_hi)
+        self._keep_tails(_tail(rows, row_hi, True).cpu(), _tail(rows, row_lo, False).cpu())
         m = min(n, self.reservoir_size)
         idx = torch.randint(n, (m,), generator=self.generator, device="cpu")
         sample = flat[idx.to(flat.device)].cpu()
@@ -95,6 +115,40 @@ class ActivationStats:
                 raise ValueError(f"split points {self.split} do not fit an input with {x.shape[dim]} channels (shape {tuple(x.shape)})")
             for part, a, b in zip(self.slices, self.split, self.split[1:]):
                 part.update(x.narrow(dim, a, b - a), call_index)
+
+    def _rows(self, xf: torch.Tensor) -> torch.Tensor:
+        """``xf`` (contiguous) as a 2-D view of runs of consecutive values: ``(outer * features, inner)`` when the
+        features come before the last dim (each row within one feature), else ``(-1, last dim)``."""
+        if xf.dim() == 0:
+            return xf.view(1, 1)
+        if self.channel_dim is not None:
+            inner = math.prod(xf.shape[self.channel_dim % xf.dim() + 1 :])
+            if inner > 1:
+                return xf.view(-1, inner)
+        return xf.view(-1, xf.shape[-1])
+
+    def _update_channels(self, xf: torch.Tensor, row_lo: torch.Tensor, row_hi: torch.Tensor) -> None:
+        """Per-feature sums, sums of squares and extremes of ``xf`` (float32); ``row_lo`` / ``row_hi``: the
+        min / max of each row of :meth:`_rows`."""
+        dim = self.channel_dim % xf.dim()
+        c, inner = xf.shape[dim], math.prod(xf.shape[dim + 1 :])
+        if inner == 1:  # features last (linear): reduce over the rows
+            x2 = xf.reshape(-1, c)
+            blocks = x2.split(max(1, ROW_BLOCK // c))  # float32 within blocks of rows (small squares), float64 across
+            sums = torch.stack([b.sum(dim=0) for b in blocks]).double().sum(dim=0)
+            sq = torch.stack([b.square().sum(dim=0) for b in blocks]).double().sum(dim=0)
+            cmin, cmax = x2.amin(dim=0), x2.amax(dim=0)
+        else:  # (outer, c, inner): float32 within each (outer, c) row, float64 across
+            x3 = xf.reshape(-1, c, inner)
+            sums = x3.sum(dim=2).double().sum(dim=0)
+            sq = torch.linalg.vector_norm(x3, dim=2).double().pow(2).sum(dim=0)
+            cmin, cmax = row_lo.view(-1, c).amin(dim=0), row_hi.view(-1, c).amax(dim=0)
+        sums, sq, cmin, cmax = sums.cpu(), sq.cpu(), cmin.cpu(), cmax.cpu()
+        self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+        self.channel_sq_sum = sq if self.channel_sq_sum is None else self.channel_sq_sum + sq
+        self.channel_count += xf.numel() // c
+        self.channel_min = cmin if self.channel_min is None else torch.minimum(self.channel_min, cmin)
+        self.channel_max = cmax if self.channel_max is None else torch.maximum(self.channel_max, cmax)
 
     def _keep(self, values: torch.Tensor, keys: torch.Tensor, channels: torch.Tensor) -> None:
         """Add sampled values with their keys, keeping the ``reservoir_size`` smallest keys."""

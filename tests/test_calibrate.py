@@ -106,29 +106,3 @@ def test_gptq_weights_calibrate_roundtrip_and_beat_nearest_rounding(tmp_path):
         with torch.no_grad():
             results[name] = sqnr_db(model(xt, torch.full((64,), 0.5)), q(xt, torch.full((64,), 0.5)))
     assert results["gptq"] > results["rtn"] + 1.0, results
-
-
-def test_calibration_fixes_the_glibc_mmap_threshold():
-    """Without it the observers' temporaries grew the bundled UNet's calibration past 24 GB (qcompile/_malloc.py)."""
-    import platform
-
-    from qcompile import _malloc
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    _malloc.cap_mmap_threshold.cache_clear()
-    assert _malloc.cap_mmap_threshold() is True
-    assert _malloc.cap_mmap_threshold.cache_info().currsize == 1
-
-
-def test_every_calibration_session_caps_the_threshold(monkeypatch):
-    import importlib
-
-    from qcompile import QuantConfig
-
-    cal = importlib.import_module("qcompile.calibrate")  # the module (the package exports the function by that name)
-
-    calls = []
-    monkeypatch.setattr(cal, "cap_mmap_threshold", lambda: calls.append(1) or True)
-    cal.CalibrationSession(QuantConfig.preset("w8a8-int8"), torch.nn.Linear(2, 2))
-    assert calls == [1]

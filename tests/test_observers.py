@@ -55,3 +55,70 @@ def test_merge_keeps_bounded_uniform_sample():
     a.merge(b)
     assert a.values.numel() == 4096 and 0.4 < a.values.mean().item() < 0.6
     assert (a.amin, a.amax, a.count) == (0.0, 1.0, 80000)
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 8, 8), (2, 300, 32), (70, 1), (5, 3), (1000,)])
+def test_tails_equal_a_full_topk(shape):
+    """The row-bounded tails are exactly the TAIL largest / smallest values, ties included."""
+    from qcompile.observers import TAIL, _tail
+
+    g = torch.Generator().manual_seed(1)
+    for x in (torch.randn(shape, generator=g), torch.randint(-3, 4, shape, generator=g).float(), torch.relu(torch.randn(shape, generator=g))):
+        rows = x.reshape(-1, x.shape[-1])  # any partition into rows bounds the tails
+        k = min(TAIL, x.numel())
+        assert torch.equal(_tail(rows, rows.amax(dim=1), True), torch.topk(x.reshape(-1), k).values)
+        assert torch.equal(_tail(rows, rows.amin(dim=1), False), torch.topk(x.reshape(-1), k, largest=False).values)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((6, 24, 10, 12), 1), ((3, 40, 48), -1), ((9, 48), -1), ((2, 5, 7, 3, 4), 1)])
+def test_channel_statistics_match_a_float64_reference(shape, channel_dim):
+    """Per-feature extremes and every whole-tensor statistic are exact; the float32 partial sums agree with float64 sums to 1e-6."""
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(shape, generator=g) * 3 + 1 for _ in range(3)]
+    s = ActivationStats(256, torch.Generator().manual_seed(0), channel_dim)
+    for i, x in enumerate(xs):
+        s.update(x, i)
+    dim = channel_dim % len(shape)
+    xd = torch.stack(xs).double().movedim(dim + 1, -1).reshape(-1, shape[dim])
+    assert torch.equal(s.channel_min, xd.amin(dim=0).float()) and torch.equal(s.channel_max, xd.amax(dim=0).float())
+    assert s.channel_count == xd.shape[0] and s.count == xd.numel()
+    torch.testing.assert_close(s.channel_sum, xd.sum(dim=0), rtol=1e-6, atol=1e-6 * xd.abs().sum().item() / xd.shape[1])
+    torch.testing.assert_close(s.channel_sq_sum, xd.pow(2).sum(dim=0), rtol=1e-6, atol=0.0)
+    assert (s.amin, s.amax) == (xd.min().item(), xd.max().item())
+    assert [(lo, hi) for _, lo, hi in s.call_log] == [(x.min().item(), x.max().item()) for x in xs]
+    assert torch.equal(s.top, torch.topk(xd.float().reshape(-1), 64).values)
+
+
+def test_non_contiguous_and_half_inputs_give_the_statistics_of_their_values():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 12, 9, 9, generator=g)
+    for view in (x.transpose(2, 3), x[:, ::2], x.to(torch.bfloat16)):
+        a, b = (ActivationStats(512, torch.Generator().manual_seed(0), 1) for _ in range(2))
+        a.update(view, 0)
+        b.update(view.float().contiguous(), 0)
+        for name in ("values", "keys", "channels", "top", "bottom", "channel_min", "channel_max", "channel_sum", "channel_sq_sum"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert (a.amin, a.amax, a.count) == (b.amin, b.amax, b.count)
+
+
+def test_non_finite_input_marks_the_statistics_not_finite():
+    s = ActivationStats(256, torch.Generator().manual_seed(0), 1)
+    s.update(torch.randn(2, 4, 3, 3), 0)
+    x = torch.randn(2, 4, 3, 3)
+    x[1, 2, 0, 1] = float("nan")
+    s.update(x, 1)
+    assert not s.is_finite()
+
+
+def test_update_makes_no_activation_sized_temporaries():
+    """Calibration memory: the old update's float64 copies and squares grew glibc's heap with every call (the
+    bundled UNet's calibration past 24 GB); a contiguous float32 input is now only read (allocations < 1/8 of it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(16, 64, 32, 32)
+    for channel_dim, shape in ((1, x.shape), (-1, (16 * 64, 1024))):
+        s = ActivationStats(1024, torch.Generator().manual_seed(0), channel_dim)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+            s.update(x.reshape(shape), 0)
+        big = [(e.name, e.cpu_memory_usage) for e in p.events() if e.cpu_memory_usage > x.nbytes // 8]
+        assert not big, big
