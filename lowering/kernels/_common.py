@@ -176,6 +176,20 @@ def slice_bound(I: tl.constexpr, NS: tl.constexpr, K, B1, B2, B3):
     return b
 
 
+@triton.jit
+def slice_quantizer(as_ptr, zp_ptr, s, ASYM: tl.constexpr):
+    """Slice ``s``'s activation quantizer of a split op: (scale, 1 / scale (IEEE), zero point, zero point as fp32)."""
+    scale = tl.load(as_ptr + s)
+    inv = tl.math.div_rn(1.0, scale)
+    if ASYM:
+        zp = tl.load(zp_ptr + s)
+        zp_f = zp.to(tl.float32)
+    else:
+        zp = 0
+        zp_f = 0.0
+    return scale, inv, zp, zp_f
+
+
 # ---------------------------------------------------------------------------------------------
 # launching: traced calls go through the triton_op (Inductor inlines the kernel), eager calls launch directly
 

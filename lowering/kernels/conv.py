@@ -36,6 +36,7 @@ from ._common import (
     quantize_fp8,
     quantize_int8,
     slice_bound,
+    slice_quantizer,
     split_args,
     store_output,
     tile_ids,
@@ -72,14 +73,7 @@ def conv2d_kernel(
         for s in tl.static_range(NS):
             lo = slice_bound(s, NS, C, B1, B2, B3)
             hi = slice_bound(s + 1, NS, C, B1, B2, B3)
-            s_scale = tl.load(as_ptr + s)
-            s_inv = tl.math.div_rn(1.0, s_scale)
-            if ASYM:
-                s_zp = tl.load(zp_ptr + s)
-                s_zp_f = s_zp.to(tl.float32)
-            else:
-                s_zp = 0
-                s_zp_f = 0.0
+            s_scale, s_inv, s_zp, s_zp_f = slice_quantizer(as_ptr, zp_ptr, s, ASYM)
             c = s_scale * tl.load(ws_ptr + rn_l * NS + s)
             if A_FP8:  # one fp32 accumulator, in units of this slice's scales (as fp8_linear_kernel)
                 if s > 0:

@@ -33,6 +33,7 @@ from ._common import (
     quantize_int8,
     row_major,
     slice_bound,
+    slice_quantizer,
     split_args,
     store_output,
     tile_ids,
@@ -62,14 +63,7 @@ def int8_linear_kernel(
         for s in tl.static_range(NS):
             lo = slice_bound(s, NS, K, B1, B2, B3)
             hi = slice_bound(s + 1, NS, K, B1, B2, B3)
-            s_scale = tl.load(as_ptr + s)
-            s_inv = tl.math.div_rn(1.0, s_scale)
-            if ASYM:
-                s_zp = tl.load(zp_ptr + s)
-                s_zp_f = s_zp.to(tl.float32)
-            else:
-                s_zp = 0
-                s_zp_f = 0.0
+            s_scale, s_inv, s_zp, s_zp_f = slice_quantizer(as_ptr, zp_ptr, s, ASYM)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             x_ptrs = x_base + (lo // BLOCK_K) * BLOCK_K * stride_xk
             w_ptrs = w_base + (lo // BLOCK_K) * BLOCK_K
