@@ -306,6 +306,9 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     dev = torch.device(device)
     dtype = torch.bfloat16
     row = Row(model_name, variant, device=_device_name(dev), date=datetime.date.today().isoformat(), triton=_triton_version())
+    if dev.type == "cuda":  # every row's cuDNN convolutions at their best (algorithms benchmarked, not picked by heuristics)
+        torch.backends.cudnn.benchmark = True
+        row.extra["cudnn_benchmark"] = True
     torch.manual_seed(0)
     with torch.device(dev):
         model = spec.build()
