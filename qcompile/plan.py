@@ -163,7 +163,7 @@ class QuantPlan:
         h = hashlib.sha256(json.dumps(self._json(), sort_keys=True).encode())
         for name, t in sorted(self._tensors().items()):
             h.update(name.encode())
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself (contiguous, on CPU): no bytes copy of every weight
         return h.hexdigest()[:16]
 
     def quantized_nodes(self) -> list[NodePlan]:

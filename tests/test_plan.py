@@ -124,3 +124,15 @@ def test_smoothing_option_roundtrips_and_stays_close(tmp_path):
         out = torch.compile(model, backend="qdiff", options={"plan": loaded})(x, torch.full((2,), 0.5))
         ref = model(x, torch.full((2,), 0.5))
     assert sqnr_db(ref, out) > 25
+
+
+def test_digest_hashes_json_then_every_tensor_by_name(plan):
+    """The digest (Inductor's cache key for a plan) is the sha256 of the plan's JSON and each tensor's bytes, by name:
+    hashing the tensors' buffers directly (no bytes copy of every weight) must keep the value."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(plan._json(), sort_keys=True).encode())
+    for name, t in sorted(plan._tensors().items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    assert plan.digest() == h.hexdigest()[:16]
