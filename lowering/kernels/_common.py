@@ -362,6 +362,18 @@ def check_split_params(w_scale: torch.Tensor, a_scale: torch.Tensor, a_zp: torch
             raise TypeError(f"{name} of a split op must be a {dtype} tensor with one entry per slice ({ns}), got {got}")
 
 
+def check_int8_quant_params(w_scale: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None, n: int, ns: int | None) -> None:
+    """Scales of an int8-style op: per-slice ones for a split op (``ns`` slices), else a (N,) fp32 weight scale, a
+    scalar fp32 activation scale and (asymmetric) a scalar int32 zero point."""
+    if ns is not None:
+        check_split_params(w_scale, a_scale, a_zp, n, ns)
+        return
+    check_tensor(w_scale, "weight scale", (torch.float32,), shape=(n,))
+    check_scalar(a_scale, "activation scale", torch.float32)
+    if a_zp is not None:
+        check_scalar(a_zp, "activation zero point", torch.int32)
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -26,8 +26,7 @@ from ._common import (
     activation_code,
     autotuned,
     check_launchable,
-    check_scalar,
-    check_split_params,
+    check_int8_quant_params,
     check_tensor,
     config,
     direct,
@@ -202,13 +201,7 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
     asym = a_zp is not None
     if asym and a_fp8:
         raise ValueError("fp8 activations have no zero point")
-    if splits is not None:
-        check_split_params(w_scale, a_scale, a_zp, N, ns)
-    else:
-        check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N,))
-        check_scalar(a_scale, "activation scale", torch.float32)
-        if asym:
-            check_scalar(a_zp, "activation zero point", torch.int32)
+    check_int8_quant_params(w_scale, a_scale, a_zp, N, ns if splits is not None else None)
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
     if asym:

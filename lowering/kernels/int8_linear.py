@@ -23,8 +23,7 @@ from ._common import (
     activation_code,
     autotuned,
     check_launchable,
-    check_scalar,
-    check_split_params,
+    check_int8_quant_params,
     check_tensor,
     configs_from,
     direct,
@@ -160,13 +159,7 @@ def _int8_linear(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, act, sp
         raise ValueError(f"x has {x.shape[1]} input features but the weight has K={K}")
     ns, b1, b2, b3 = split_args(splits, K)
     asym = a_zp is not None
-    if splits is not None:
-        check_split_params(w_scale, a_scale, a_zp, N, ns)
-    else:
-        check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N,))
-        check_scalar(a_scale, "activation scale", torch.float32)
-        if asym:
-            check_scalar(a_zp, "activation zero point", torch.int32)
+    check_int8_quant_params(w_scale, a_scale, a_zp, N, ns if splits is not None else None)
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
     if asym:
