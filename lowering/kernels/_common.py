@@ -178,7 +178,8 @@ def slice_bound(I: tl.constexpr, NS: tl.constexpr, K, B1, B2, B3):
 
 @triton.jit
 def slice_quantizer(as_ptr, zp_ptr, s, ASYM: tl.constexpr):
-    """Slice ``s``'s activation quantizer of a split op: (scale, 1 / scale (IEEE), zero point, zero point as fp32)."""
+    """Slice ``s``'s activation quantizer (an unsplit op has one, ``s = 0``): (scale, 1 / scale (IEEE: plain "/" is
+    approximate on GPU), zero point, zero point as fp32; 0 without ``ASYM``)."""
     scale = tl.load(as_ptr + s)
     inv = tl.math.div_rn(1.0, scale)
     if ASYM:

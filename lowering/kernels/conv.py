@@ -111,14 +111,7 @@ def conv2d_kernel(
             acc = acc * c_prev[None, :]
         store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
     else:
-        a_scale = tl.load(as_ptr)
-        inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
-        if ASYM:
-            zp = tl.load(zp_ptr)
-            zp_f = zp.to(tl.float32)
-        else:
-            zp = 0
-            zp_f = 0.0
+        a_scale, inv_scale, zp, zp_f = slice_quantizer(as_ptr, zp_ptr, 0, ASYM)  # an unsplit op: one slice
         if A_FP8:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:

@@ -89,14 +89,7 @@ def int8_linear_kernel(
     else:
         x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
         w_ptrs = w_ptr + rn_l[None, :] * stride_wn + rk[:, None]
-        a_scale = tl.load(as_ptr)
-        inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
-        if ASYM:
-            zp = tl.load(zp_ptr)
-            zp_f = zp.to(tl.float32)
-        else:
-            zp = 0
-            zp_f = 0.0
+        a_scale, inv_scale, zp, zp_f = slice_quantizer(as_ptr, zp_ptr, 0, ASYM)  # an unsplit op: one slice
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
