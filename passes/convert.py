@@ -6,6 +6,12 @@ itself becomes a call of a lowering function (by default :mod:`qcompile.lowering
 A split op (the weight has ``splits``) passes its split points to the lowering as ``splits=`` and
 has one activation scale / zero point per slice. An op whose input has an outlier split
 (``QuantizedOp.act_outlier_scale``) passes the outlier quantizer's scale(s) as ``outlier_scale=``.
+
+A bias that is module state (a lifted parameter whose value the backend passes in ``constants``) is
+folded with the op's bias correction into one fp32 buffer at conversion time, as the weight is
+quantized then: the compiled graph computes no ``bias.float() + bias_corr`` per call (one small kernel
+launch per quantized op). Like the quantized weight, it is a snapshot: changing the module's bias
+after compiling does not reach the compiled graph.
 """
 
 from __future__ import annotations
@@ -66,8 +72,25 @@ def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.device, lowering: Lowering = Lowering()) -> fx.GraphModule:
-    """Rewrite every site named in ``ops``; the rest keep their full-precision op."""
+def _folded_bias(bias: Any, q: QuantizedOp, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``bias + bias_correction`` in fp32 when the bias is known now (module state, or absent), else None."""
+    if bias is None:
+        return q.bias_correction
+    if not isinstance(bias, fx.Node) or bias.name not in constants:
+        return None
+    value = constants[bias.name].detach().float().reshape(-1)
+    return value if q.bias_correction is None else value + q.bias_correction.to(value.device)
+
+
+def convert(
+    gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.device, lowering: Lowering = Lowering(),
+    constants: dict[str, torch.Tensor] | None = None,
+) -> fx.GraphModule:
+    """Rewrite every site named in ``ops``; the rest keep their full-precision op.
+
+    ``constants``: values of graph inputs that are module state (placeholder name -> tensor); a quantized op's
+    bias found there is folded with its bias correction into one fp32 buffer."""
+    constants = constants or {}
     for i, node in enumerate(list(gm.graph.nodes)):
         site: Site | None = node.meta.get(META_KEY)
         if site is None or site.key not in ops:
@@ -84,7 +107,11 @@ def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.devic
                 wfmt=q.weight.fmt, group_size=q.weight.group_size, weight_shape=tuple(q.weight.shape),
                 afmt=q.act_fmt, asym=not q.act_symmetric,
             )
-            if q.bias_correction is not None:
+            bias = args["bias"]
+            folded = _folded_bias(bias, q, constants)
+            if folded is not None:
+                bias = _buffer(gm, prefix + "bias", folded.to(device))
+            elif q.bias_correction is not None:
                 common["bias_corr"] = _buffer(gm, prefix + "bias_correction", q.bias_correction.to(device))
             if q.act_smooth is not None:
                 common["act_smooth"] = _buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
@@ -103,7 +130,7 @@ def convert(gm: fx.GraphModule, ops: dict[str, QuantizedOp], device: torch.devic
                 common.update(kind=site.kind.value, **{k: site.conv_args[k] for k in ("stride", "padding", "dilation", "groups")})
                 if site.kind is OpKind.CONV_TRANSPOSE:
                     common["output_padding"] = site.conv_args["output_padding"]
-            new = gm.graph.call_function(fn, (args["input"], wdata, wscale, args["bias"], a_scale, a_zp), common)
+            new = gm.graph.call_function(fn, (args["input"], wdata, wscale, bias, a_scale, a_zp), common)
         new.meta[META_KEY] = site
         new.meta[ANNOTATION_KEY] = node.meta.get(ANNOTATION_KEY)
         new.meta["qdiff_source_node"] = node.name

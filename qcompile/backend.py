@@ -24,6 +24,7 @@ from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.act_quant import place_act_quant
 from .passes.fuse_epilogue import fuse_epilogues
+from .passes.sites import parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .release import ReleasePlan, check_released_unread, dropping_inputs, plan_release, release, warn_kept, without_inputs
 
@@ -189,7 +190,8 @@ def build_quantized_graph(
     _warn_float_ops(plan, [s.key for s in sites], {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported}, fallback)
     if not plan.quantized_nodes():
         warnings.warn(f"qdiff: the plan for {plan.model_class} quantizes nothing; compiling the full-precision graph", stacklevel=2)
-    converted = convert(gm, ops, _device_of(example_inputs), lowering)
+    constants = {name: value for name, (_, value) in parameter_tensors(gm, example_inputs).items()}
+    converted = convert(gm, ops, _device_of(example_inputs), lowering, constants)
     log_graph("convert", converted)
     return prepared, converted
 

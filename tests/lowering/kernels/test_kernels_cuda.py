@@ -203,8 +203,13 @@ def test_fp8_prequant_route_matches_reference(m, k, n, out_fp8, gen):
         got = out.float()
         # a different accumulation order flips codes near rounding ties (3 % at K = 4608 on an H200): allow
         # those flips, but only to a neighbouring e4m3 value (relative step <= 1/8, or the subnormal step)
-        assert (got == want).float().mean() > 0.95
-        assert ((got - want).abs() <= 0.125 * torch.maximum(got.abs(), want.abs()) + 2.0**-9).all()
+        equal = (got == want).float().mean().item()
+        near = (got - want).abs() <= 0.125 * torch.maximum(got.abs(), want.abs()) + 2.0**-9
+        far = (~near).nonzero()[:3].tolist()
+        report = (f"{equal:.4f} equal, {torch.isnan(got).float().mean().item():.4f} NaN (unwritten or overflow), "
+                  f"{(~near).float().mean().item():.2e} not neighbours; e.g. (got, want, ref / s_out) "
+                  f"{[(got[i, j].item(), want[i, j].item(), (ref[i, j] / s_out).item()) for i, j in far]}")
+        assert equal > 0.95 and bool(near.all()), report
     else:
         assert torch.isfinite(out).all(), "kernel left output elements unwritten (NaN poison)"
         assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
