@@ -72,6 +72,31 @@ def _float_dtype(node) -> torch.dtype | None:
     return val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else None
 
 
+_DROPOUTS = {torch.nn.functional.dropout, torch.dropout}
+
+
+def _is_identity_dropout(node: fx.Node) -> bool:
+    """An eval-mode (``training=False``) or ``p == 0`` dropout call: the identity."""
+    if node.op != "call_function" or node.target not in _DROPOUTS:
+        return False
+    args, kw = node.args, node.kwargs
+    p = kw.get("p", args[1] if len(args) > 1 else 0.5)
+    training = kw.get("training", kw.get("train", args[2] if len(args) > 2 else node.target is torch.nn.functional.dropout))
+    return (training is False or p == 0) and not kw.get("inplace", args[3] if len(args) > 3 else False)
+
+
+def bypass_identity_dropouts(gm: fx.GraphModule, targets: set) -> int:
+    """Remove identity dropouts (eval mode, as diffusers' FeedForward has between fc1 and fc2) that read a lowering
+    call, so that the call's consumer sees it directly and the pair can chain through an fp8 epilogue."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if _is_identity_dropout(node) and isinstance(node.args[0], fx.Node) and node.args[0].target in targets:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            count += 1
+    return count
+
+
 def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, extra_fns: tuple = (),
                     policy: str | None = None) -> tuple[fx.GraphModule, Counter]:
     """Mark every fp8 linear call of ``gm`` with where its input is quantized; returns the graph and counts."""
@@ -81,6 +106,8 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
     targets = {linear, fused}
     lowering_fns = targets | set(extra_fns)
     counts: Counter = Counter()
+    if policy != "prologue" and (bypassed := bypass_identity_dropouts(gm, targets)):
+        counts["identity_dropout_removed"] = bypassed
     calls = [n for n in gm.graph.nodes if _is_fp8_call(n, targets)]
     chained = set()
     if policy != "prologue":
@@ -115,4 +142,4 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
     return gm, counts
 
 
-__all__ = ["POLICIES", "generated_producer", "place_act_quant", "policy_from_env"]
+__all__ = ["POLICIES", "bypass_identity_dropouts", "generated_producer", "place_act_quant", "policy_from_env"]

@@ -8,7 +8,7 @@ import qcompile
 from qcompile.backend import build_quantized_graph
 from qcompile.lowering import triton_lowering
 from qcompile.metrics import sqnr_db
-from qcompile.passes.act_quant import place_act_quant
+from qcompile.passes.act_quant import bypass_identity_dropouts, place_act_quant
 from qcompile.passes.convert import Lowering
 from qcompile.passes.fuse_epilogue import fuse_epilogues
 
@@ -23,9 +23,10 @@ class Block(torch.nn.Module):
         self.fc1 = torch.nn.Linear(16, 32)
         self.fc2 = torch.nn.Linear(32, 16)
         self.proj = torch.nn.Linear(16, 16)
+        self.drop = torch.nn.Dropout(0.1)  # identity in eval mode (diffusers' FeedForward has one between fc1 and fc2)
 
     def forward(self, x):
-        h = self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))  # LayerNorm -> fc1 (+GELU) -> fc2
+        h = self.fc2(self.drop(F.gelu(self.fc1(self.norm(x)), approximate="tanh")))  # LayerNorm -> fc1 (+GELU) -> fc2
         a = torch.matmul(torch.softmax(x @ x.transpose(-1, -2), -1), x)  # an extern (matmul) producer
         return h + self.proj(a)
 
@@ -56,7 +57,8 @@ def test_auto_policy_chains_fc1_into_fc2_and_quantizes_in_the_producer_or_prolog
     gm, inputs = _graph()
     before = gm(*inputs)
     gm, counts = place_act_quant(gm, TRITON.linear, TRITON.linear_fused, policy="auto")
-    assert counts == {"epilogue": 1, "producer": 1, "prologue": 1}
+    assert counts == {"epilogue": 1, "producer": 1, "prologue": 1, "identity_dropout_removed": 1}
+    assert not any(n.target is F.dropout for n in gm.graph.nodes)
     calls = {n.kwargs.get("act", "none") + ("/out" if n.kwargs.get("out_scale") is not None else ""): n for n in _calls(gm)}
     fc1 = calls["gelu_tanh/out"]
     fc2 = next(iter(fc1.users))
@@ -67,13 +69,28 @@ def test_auto_policy_chains_fc1_into_fc2_and_quantizes_in_the_producer_or_prolog
     assert sqnr_db(before[0], gm(*inputs)[0]) > 30  # one fewer rounding to float between fc1 and fc2
 
 
-@pytest.mark.parametrize("policy,expected", [("prologue", {"prologue": 3}), ("producer", {"epilogue": 1, "producer": 2})])
+@pytest.mark.parametrize("policy,expected", [("prologue", {"prologue": 3}), ("producer", {"epilogue": 1, "producer": 2, "identity_dropout_removed": 1})])
 def test_fixed_policies(policy, expected):
     gm, inputs = _graph()
     before = gm(*inputs)
     gm, counts = place_act_quant(gm, TRITON.linear, TRITON.linear_fused, policy=policy)
     assert counts == expected
     assert sqnr_db(before[0], gm(*inputs)[0]) > 30
+
+
+def test_only_identity_dropouts_are_removed():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    lin = g.call_function(TRITON.linear, (x,))
+    keep = [g.call_function(F.dropout, (lin, 0.1, True, False)), g.call_function(F.dropout, (lin, 0.1)),
+            g.call_function(F.dropout, (x, 0.1, False, False))]  # training; training by default; not after a lowering call
+    drop = [g.call_function(F.dropout, (lin, 0.1, False, False)), g.call_function(F.dropout, (lin,), {"p": 0.0}),
+            g.call_function(torch.dropout, (lin, 0.5, False))]
+    g.output(tuple(keep + drop))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    assert bypass_identity_dropouts(gm, {TRITON.linear}) == 3
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (F.dropout, torch.dropout)]
+    assert left == keep and list(gm.graph.nodes)[-1].args[0][3:] == (lin, lin, lin)
 
 
 def test_unknown_policy_is_refused(monkeypatch):
