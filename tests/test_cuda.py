@@ -77,6 +77,7 @@ def test_triton_lowering_through_inductor_matches_reference(preset, mode):
 def test_release_float_weights_frees_gpu_memory_without_recompiles(mode):
     import copy
 
+    from qcompile.evaluate import mha_fastpath_off
     from qcompile.release import released_parameters
 
     model = ConvTransformerToy().eval().to("cuda", torch.bfloat16)
@@ -86,7 +87,9 @@ def test_release_float_weights_frees_gpu_memory_without_recompiles(mode):
     t = torch.full((4,), 0.6, device="cuda", dtype=torch.bfloat16)
     options = {"plan": plan, **({"mode": mode} if mode else {})}
     deltas, outs = [], []
-    with torch.no_grad():
+    # the encoder layer's fast path off: on torch 2.11 Dynamo graph-breaks there once the batch is dynamic, and the
+    # layer then runs eagerly on its released weights (the documented hazard of release_float_weights)
+    with torch.no_grad(), mha_fastpath_off():
         for m, release in ((keep, False), (model, True)):
             torch._dynamo.reset()
             torch.cuda.synchronize()
