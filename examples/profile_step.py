@@ -1,0 +1,123 @@
+"""Where one denoising step spends its GPU time: kernel time per category, per bench variant (GPU).
+
+    PYTHONPATH=/tmp/site python examples/profile_step.py dit-xl-2-512 bf16-inductor qdiff-w8a8-fp8 --out prof.json
+
+Each variant is prepared exactly as ``qdiff bench`` prepares its row (same model, inputs, calibration, compile
+options), run until warm, then ``torch.profiler`` records ``--steps`` steps. Kernel names are sorted into
+categories (qdiff GEMM / conv kernels, cuBLAS GEMMs, cuDNN convolutions, attention, Inductor-generated Triton,
+other) and summed per step; ``busy`` is the summed kernel time, ``wall`` the step's host-measured time, so
+``wall - busy`` is time the GPU sat idle (launch / host overhead, or overlap when negative). Prints one table
+per variant plus the top kernels, and writes everything as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+
+import torch
+
+from qcompile import bench
+
+CATEGORIES = (  # first match wins; the names are those of the kernels as the profiler reports them
+    ("qdiff kernels", re.compile(r"fp8_linear|int8_linear|conv2d_kernel|weight_only|w4a8|w4_linear|splitk")),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
+    ("cuBLAS / CUTLASS GEMM", re.compile(r"gemm|nvjet|cutlass|sm90_xmma|cublas", re.I)),
+    ("cuDNN conv", re.compile(r"conv|fprop|implicit_convolve|dgrad|winograd", re.I)),
+    ("Inductor Triton", re.compile(r"^triton_")),
+)
+
+
+def category(name: str) -> str:
+    """The category of one kernel name (``other`` when nothing matches)."""
+    for label, pattern in CATEGORIES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+def profile_variant(model_name: str, variant: str, steps: int, code_out: str | None = None) -> dict:
+    """Prepare one bench row's callable, warm it up and profile ``steps`` steps; ``code_out``: write the
+    Inductor output code of the first (compiling) call there."""
+    spec = bench.MODELS[model_name]
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = spec.build()
+    model = model.to(dev, torch.bfloat16).eval()
+    row = bench.Row(model_name, variant)
+    with torch.no_grad():
+        runnable = bench._prepare_variant(variant, model, spec, dev, torch.bfloat16, row)
+        inputs = spec.inputs(dev, torch.bfloat16, 500)
+        if code_out:
+            from torch._inductor.utils import run_and_get_code
+
+            _, codes = run_and_get_code(runnable, **inputs)
+            with open(code_out, "w") as f:
+                f.write("\n\n# ---- next graph ----\n\n".join(codes))
+        for _ in range(3):
+            runnable(**inputs)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runnable(**inputs)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runnable(**inputs)
+            torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name][0] += ev.device_time / 1e3 / steps  # ms per step
+            per_kernel[ev.name][1] += 1
+    per_cat: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in per_kernel.items():
+        per_cat[category(name)] += ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:20]
+    return {
+        "model": model_name,
+        "variant": variant,
+        "wall_ms": wall_ms,
+        "busy_ms": sum(per_cat.values()),
+        "categories_ms": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
+        "kernels_per_step": sum(c for _, c in per_kernel.values()) / steps,
+        "top_kernels": [{"name": n[:140], "ms": ms, "calls_per_step": c / steps, "category": category(n)} for n, (ms, c) in top],
+        "quantized_ops": row.quantized_ops,
+    }
+
+
+def main() -> None:
+    """Profile each variant of one model and print the tables."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=sorted(bench.MODELS))
+    p.add_argument("variants", nargs="+", choices=bench.VARIANTS)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=None)
+    p.add_argument("--code-dir", default=None, help="write each variant's Inductor output code here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py needs a CUDA GPU")
+    results = []
+    for variant in args.variants:
+        torch._dynamo.reset()
+        code = f"{args.code_dir}/{args.model}.{variant}.py" if args.code_dir else None
+        r = profile_variant(args.model, variant, args.steps, code)
+        results.append(r)
+        print(f"\n## {args.model} {variant}: wall {r['wall_ms']:.2f} ms/step, kernels busy {r['busy_ms']:.2f} ms, "
+              f"{r['kernels_per_step']:.0f} kernels/step, quantized {r['quantized_ops']}")
+        for cat, ms in r["categories_ms"].items():
+            print(f"  {cat:24s} {ms:8.3f} ms")
+        for k in r["top_kernels"][:12]:
+            print(f"    {k['ms']:7.3f} ms  x{k['calls_per_step']:5.1f}  [{k['category']}] {k['name'][:100]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
