@@ -11,9 +11,19 @@ layout). The output is written as ``(B*OH*OW, N)``, i.e. an NHWC tensor; callers
 channels-last NCHW view. Split ops (``splits`` over the input channels, constexpr ``NS`` > 1): per slice, the taps x
 the channel blocks overlapping the slice (masked to it), quantized with the slice's quantizer, the partial product
 added to the fp32 accumulator times the slice's activation and per-output-channel weight scales.
+
+Split-K (constexpr ``SPLIT_K`` > 1, chosen by :func:`split_k_rule` when the output tile grid is too small to fill the
+GPU): a second grid axis partitions the K loop (unsplit: contiguous ranges of the ``taps x channel blocks`` steps; split
+ops: contiguous ranges of taps, every slice's channel blocks in each, so a slice's rescaling stays inside one program).
+Each program writes its partial sum in final units (after the activation and weight scales; the int8 zero-point
+term only in partition 0) to an fp32 workspace ``(SPLIT_K, M, N)``; :func:`conv_splitk_reduce_kernel` sums the
+partitions, adds the bias, applies the activation and writes the output. ``SPLIT_K = 1`` is the single-kernel path.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -44,6 +54,27 @@ from .int8_linear import weight_colsum
 
 
 @triton.jit
+def k_range(total, SPLIT_K: tl.constexpr):
+    """``[lo, hi)``: this program's contiguous share of ``total`` K-loop units (partition ``program_id(1)`` of
+    ``SPLIT_K``; all of them when ``SPLIT_K == 1``)."""
+    lo = 0
+    hi = total
+    if SPLIT_K > 1:
+        pid = tl.program_id(1)
+        lo = total * pid // SPLIT_K
+        hi = total * (pid + 1) // SPLIT_K
+    return lo, hi
+
+
+@triton.jit
+def first_zp(zp, SPLIT_K: tl.constexpr):
+    """The zero point whose ``zp * colsum`` term this program removes: the whole term in partition 0, none elsewhere."""
+    if SPLIT_K > 1:
+        zp = tl.where(tl.program_id(1) == 0, zp, 0)
+    return zp
+
+
+@triton.jit
 def conv2d_kernel(
     x_ptr, w_ptr, ws_ptr, colsum_ptr, bias_ptr, as_ptr, zp_ptr, smooth_ptr, out_ptr,
     B, H, W, C, OH, OW, N, KW, TAPS,
@@ -51,7 +82,7 @@ def conv2d_kernel(
     SH, SW, PH, PW, DH, DW, B1, B2, B3,
     A_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr, NS: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     M = B * OH * OW
@@ -67,8 +98,11 @@ def conv2d_kernel(
     iw0 = ow * SW - PW
     x_rows = x_ptr + b.to(tl.int64) * sxb
     rc = tl.arange(0, BLOCK_K)
+    if SPLIT_K > 1:  # partition program_id(1) writes its own fp32 (M, N) slab of the workspace
+        out_ptr += tl.program_id(1) * M * N
     if NS > 1:  # split op: input channels [B_s, B_s+1) have their own quantizer, weight scales (N, NS), colsums (N, NS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        t_lo, t_hi = k_range(TAPS, SPLIT_K)  # this partition's taps (every slice's channel blocks in each)
         for s in tl.static_range(NS):
             lo = slice_bound(s, NS, C, B1, B2, B3)
             hi = slice_bound(s + 1, NS, C, B1, B2, B3)
@@ -81,7 +115,7 @@ def conv2d_kernel(
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             cb0 = lo // BLOCK_K
             nb = tl.cdiv(hi, BLOCK_K) - cb0  # channel blocks overlapping the slice (straddling ones masked to it)
-            for ks in range(0, TAPS * nb):
+            for ks in range(t_lo * nb, t_hi * nb):
                 tap = ks // nb
                 cc = (cb0 + ks % nb) * BLOCK_K + rc
                 c_ok = (cc >= lo) & (cc < hi)
@@ -105,7 +139,7 @@ def conv2d_kernel(
                 c_prev = c
             else:
                 if ASYM:
-                    part = part - s_zp * tl.load(colsum_ptr + rn_l * NS + s)[None, :]
+                    part = part - first_zp(s_zp, SPLIT_K) * tl.load(colsum_ptr + rn_l * NS + s)[None, :]
                 acc += part.to(tl.float32) * c[None, :]
         if A_FP8:
             acc = acc * c_prev[None, :]
@@ -117,7 +151,8 @@ def conv2d_kernel(
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         c_blocks = tl.cdiv(C, BLOCK_K)
-        for ks in range(0, TAPS * c_blocks):
+        ks_lo, ks_hi = k_range(TAPS * c_blocks, SPLIT_K)
+        for ks in range(ks_lo, ks_hi):
             tap = ks // c_blocks
             cc = (ks % c_blocks) * BLOCK_K + rc
             ih = ih0 + (tap // KW) * DH
@@ -140,8 +175,25 @@ def conv2d_kernel(
             else:
                 acc = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), wt, acc, out_dtype=tl.int32)
         if ASYM:
-            acc = acc - zp * tl.load(colsum_ptr + rn, mask=rn < N, other=0)[None, :]
+            acc = acc - first_zp(zp, SPLIT_K) * tl.load(colsum_ptr + rn, mask=rn < N, other=0)[None, :]
         store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+
+
+@triton.jit
+def conv_splitk_reduce_kernel(
+    part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out[m, n] = act(sum_s part[s, m, n] + bias[n])``: the split-K partitions (fp32, contiguous ``(SPLIT_K, M, N)``,
+    already in final units) summed in order, then the conv kernel's own epilogue (scale 1)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn < N)[None, :]
+    ptrs = part_ptr + rm[:, None] * N + rn[None, :]
+    y = tl.load(ptrs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        y += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
+    store_output(y, rm, rn, M, N, out_ptr, stride_om, stride_on, bias_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
 
 
 LARGE_M_CONFIGS = [
@@ -169,16 +221,53 @@ SPLIT_INT8_CONFIGS = [
     config(64, 64, 64, 4, 4),
 ]
 SMALL_M = 256
-_KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "ASYM", "HAS_SMOOTH", "ACT", "NS"]
+_KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "ASYM", "HAS_SMOOTH", "ACT", "NS", "SPLIT_K"]
 _C_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS + SPLIT_FP8_CONFIGS + SPLIT_INT8_CONFIGS)
 _large = autotuned(conv2d_kernel, LARGE_M_CONFIGS, _KEY)
 _small = autotuned(conv2d_kernel, SMALL_M_CONFIGS, _KEY)
 _large_split_fp8 = autotuned(conv2d_kernel, SPLIT_FP8_CONFIGS, _KEY)
 _large_split_int8 = autotuned(conv2d_kernel, SPLIT_INT8_CONFIGS, _KEY)
+REDUCE_BLOCK = (32, 128)  # (BLOCK_M, BLOCK_N) of the split-K reduce (4 warps: 32 contiguous fp32 per thread)
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# Split-K: a fixed rule (not autotuned, so the workspace size is known before the autotuner picks a tile).
+SPLITK_TILE = 128  # tiles counted as 128 x 128 (the configs' usual output tile)
+SPLITK_MAX = 8
+SPLITK_MIN_STEPS = 4  # K-loop iterations (of BLOCK_K = _C_MULTIPLE channels) each partition keeps at least
+SPLITK_ENV = "QDIFF_CONV_SPLITK"  # "0": never split (A/B switch, read at every call)
+INTERPRET_SMS = 132  # the interpreter's stand-in SM count (an H100 / H200), so small test shapes take the split path
+
+
+def split_k_rule(M: int, N: int, k_steps: int, sms: int, max_split: int = SPLITK_MAX) -> int:
+    """Number of K partitions for an ``M x N`` output whose K loop has ``k_steps`` iterations, on ``sms`` SMs.
+
+    ``min(SPLITK_MAX, SMs // tiles)`` with ``tiles = cdiv(M, 128) * cdiv(N, 128)``, limited so that each partition
+    walks at least :data:`SPLITK_MIN_STEPS` iterations, to ``max_split`` and to a workspace of fewer than 2**31
+    elements; 1 (no split) when the grid already fills the GPU."""
+    tiles = triton.cdiv(M, SPLITK_TILE) * triton.cdiv(N, SPLITK_TILE)
+    split = max(1, min(SPLITK_MAX, max_split, sms // max(tiles, 1), k_steps // SPLITK_MIN_STEPS))
+    while split > 1 and split * M * N >= 2**31:
+        split -= 1
+    return split
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRET_SMS
+
+
+def conv_split_k(M: int, N: int, C: int, taps: int, ns: int, device: torch.device) -> int:
+    """The split-K factor of a conv launch: :func:`split_k_rule` with K steps of the largest ``BLOCK_K``; split ops
+    (``ns`` > 1) partition taps, so at most ``taps`` partitions; 1 when ``QDIFF_CONV_SPLITK=0``."""
+    if os.environ.get(SPLITK_ENV, "1") == "0":
+        return 1
+    return split_k_rule(M, N, taps * triton.cdiv(C, _C_MULTIPLE), _sm_count(device), taps if ns > 1 else SPLITK_MAX)
 
 
 def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, splits=None,
@@ -219,20 +308,30 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
     if M == 0:
         return out
     kernel = _small if M <= SMALL_M else _large if ns == 1 else _large_split_fp8 if a_fp8 else _large_split_int8
+    split = conv_split_k(M, N, C, kh * kw, ns, x.device)
+    # split-K: partitions in final units to an fp32 workspace; bias and activation in the reduce kernel
+    dst = out if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (tiles,) if split == 1 else (tiles, split)
 
     wrap(kernel)[grid](
         x, w, w_scale, colsum if asym else w_scale, bias if bias is not None else w_scale, a_scale,
-        a_zp if asym else a_scale, act_smooth if act_smooth is not None else w_scale, out,
+        a_zp if asym else a_scale, act_smooth if act_smooth is not None else w_scale, dst,
         B, H, W, C, OH, OW, N, kw, kh * kw,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), dst.stride(-2), dst.stride(-1),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], b1, b2, b3,
         A_FP8=a_fp8, QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
-        HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        EVEN_C=all(p % _C_MULTIPLE == 0 for p in (C, b1, b2, b3)), NS=ns, INTERPRET=INTERPRET,
+        HAS_BIAS=bias is not None and split == 1, HAS_SMOOTH=act_smooth is not None, ACT=act if split == 1 else 0,
+        EVEN_C=all(p % _C_MULTIPLE == 0 for p in (C, b1, b2, b3)), NS=ns, SPLIT_K=split, INTERPRET=INTERPRET,
     )
+    if split > 1:
+        bm, bn = REDUCE_BLOCK
+        wrap(conv_splitk_reduce_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            dst, bias if bias is not None else dst, out, M, N, out.stride(0), out.stride(1),
+            SPLIT_K=split, HAS_BIAS=bias is not None, ACT=act, BLOCK_M=bm, BLOCK_N=bn,
+        )
     return out
 
 

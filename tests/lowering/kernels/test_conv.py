@@ -1,5 +1,7 @@
 """W8A8 conv2d as implicit GEMM, 1x1 convs on the GEMM kernels, and the reference fallback."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -143,3 +145,137 @@ def test_split_pointwise_conv_runs_on_the_gemm_kernels(wfmt, asym):
     assert _route(x, kw) == ("gemm", ("int8" if wfmt == "int8" else "fp8",))
     out = triton_lowering.qconv(*args, **kw)
     assert sqnr_db(reference.qconv(*args, **kw), out) > 45
+
+
+# -- split-K (small output grids: a second grid axis over K partitions, an fp32 workspace and a reduce kernel) ---------
+# The interpreter counts 132 SMs, so the rule splits these small shapes by itself; the tests force SPLIT_K to cover
+# several partition counts (up to more partitions than taps: empty partitions) and compare with SPLIT_K = 1.
+conv_kernels = importlib.import_module("qcompile.lowering.kernels.conv")
+
+
+def test_split_k_rule_splits_small_grids_only():
+    rule = conv_kernels.split_k_rule
+    assert rule(512, 1280, 9 * 20, 132) == 3  # SD 1.5 16x16 2560 -> 1280 3x3, batch 2: 40 tiles of 128 x 128
+    assert rule(128, 1280, 9 * 10, 132) == 8  # 8x8 1280 -> 1280: 10 tiles, capped at SPLITK_MAX
+    assert rule(8192, 320, 9 * 3, 132) == 1  # 64x64 320 -> 320: 192 tiles fill the GPU
+    assert rule(2048, 640, 9 * 5, 132) == 1  # 32x32 640 -> 640: 80 tiles, 132 // 80 = 1
+    assert rule(512, 1280, 9, 132) == 2  # every partition keeps >= 4 K steps
+    assert rule(512, 1280, 3, 132) == 1
+    assert rule(512, 1280, 180, 132, max_split=2) == 2
+    assert rule(2**16, 2**14, 1000, 10**9) == 1  # workspace would reach 2**31 elements
+
+
+def test_split_k_choice_on_this_device_and_its_switch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(conv_kernels.SPLITK_ENV, raising=False)
+    assert conv_kernels.conv_split_k(32, 64, 160, 9, 1, cpu) == 4  # interpreter: 132 SMs; 9 * 2 K steps of 128 channels
+    assert conv_kernels.conv_split_k(32, 64, 2560, 9, 2, cpu) == 8
+    assert conv_kernels.conv_split_k(32, 64, 2560, 4, 2, cpu) == 4  # split ops partition taps
+    monkeypatch.setenv(conv_kernels.SPLITK_ENV, "0")
+    assert conv_kernels.conv_split_k(32, 64, 160, 9, 1, cpu) == 1
+
+
+def _int8_codes_case(c, n, splits, asym, stride, hw, seed):
+    """int8 codes, power-of-two scales and a bias on a 1/16 grid: every fp32 step of the kernel is exact, so the
+    result equals a float64 conv of the integer codes (``splits=None``: an unsplit op)."""
+    g = torch.Generator().manual_seed(seed)
+    pts = splits or (0, c)
+    ns = len(pts) - 1
+    x = spread_slices(torch.randn(2, c, *hw, generator=g), pts, 1)
+    wq = torch.randint(-127, 128, (n, c * 9), dtype=torch.int8, generator=g)
+    w_scale = 2.0 ** -torch.randint(6, 9, (n, ns), generator=g).float()
+    a_scale = torch.tensor([2.0**-4, 2.0**-6, 2.0**-5][:ns])
+    a_zp = torch.tensor([-9, 4, 7][:ns] if asym else [0] * ns, dtype=torch.int32)
+    bias = torch.randint(-64, 64, (n,), generator=g).float() / 16
+    expected = bias.double()[None, :, None, None]
+    for i, (a, b) in enumerate(zip(pts, pts[1:])):
+        xq = reference.quantize_activation(x[:, a:b], a_scale[i], a_zp[i], "int8", not asym).double() - float(a_zp[i])
+        wi = wq.reshape(n, c, 3, 3)[:, a:b].double()
+        expected = expected + torch.nn.functional.conv2d(xq, wi, stride=stride, padding=1) * (
+            float(a_scale[i]) * w_scale[:, i].double())[None, :, None, None]
+    if splits is None:
+        w_scale, a_scale, a_zp = w_scale.reshape(n), a_scale.reshape(()), a_zp.reshape(())
+    args = [t.to(DEVICE) for t in (x, wq, w_scale, bias, a_scale)] + [a_zp.to(DEVICE) if asym else None]
+    return args, dict(weight_shape=(n, c, 3, 3), stride=stride, padding=(1, 1), dilation=(1, 1), splits=splits), expected
+
+
+def _with_split_k(monkeypatch, split, fn):
+    monkeypatch.setattr(conv_kernels, "conv_split_k", lambda *a: split)
+    return fn()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # (the interpreter's SiLU at large negative inputs)
+@pytest.mark.parametrize(
+    "c,n,splits,asym,stride,split",
+    [
+        (64, 32, None, False, (1, 1), 2),
+        (160, 96, None, True, (2, 2), 3),  # 8x8 input at stride 2: M = 2x4x4
+        (96, 48, None, True, (1, 1), 64),  # more partitions than K steps (27): empty ones write zeros
+        (64, 40, (0, 20, 64), True, (1, 1), 3),  # 2 slices, bound inside a channel block
+        (96, 32, (0, 32, 64, 96), False, (2, 1), 4),  # 3 slices, bounds on channel blocks
+        (160, 64, (0, 20, 90, 160), True, (1, 1), 12),  # 3 slices, more partitions than taps
+    ],
+)
+def test_split_k_int8_conv_is_exact(monkeypatch, c, n, splits, asym, stride, split):
+    """SPLIT_K > 1: the exact float64 result (zero-point term once, partitions in final units), and equal to SPLIT_K = 1
+    with a fused activation too."""
+    from qcompile.lowering.kernels import conv2d_w8a8
+
+    hw = (8, 8) if stride == (2, 2) else (4, 8) if stride == (2, 1) else (4, 4)
+    args, kw, expected = _int8_codes_case(c, n, splits, asym, stride, hw, seed=c + n + split)
+    out = _with_split_k(monkeypatch, split, lambda: conv2d_w8a8(*args, **kw))
+    assert torch.equal(out.double().cpu(), expected)
+    one = _with_split_k(monkeypatch, 1, lambda: conv2d_w8a8(*args, **kw, act="silu"))
+    many = _with_split_k(monkeypatch, split, lambda: conv2d_w8a8(*args, **kw, act="silu"))
+    assert torch.equal(one, many)
+    assert torch.allclose(many.double().cpu(), torch.nn.functional.silu(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "c,n,splits,stride,split",
+    [
+        (64, 32, None, (1, 1), 2),
+        (160, 96, None, (2, 2), 5),
+        (64, 40, (0, 20, 64), (1, 1), 3),
+        (160, 64, (0, 32, 100, 160), (2, 1), 4),
+    ],
+)
+def test_split_k_fp8_conv_matches_reference(monkeypatch, c, n, splits, stride, split):
+    hw = (8, 8) if stride == (2, 2) else (8, 4) if stride == (2, 1) else (4, 4)
+    x = randn(2, c, *hw, shift=0.3)
+    if splits is None:
+        args, kw = _conv_call(x, (n, c, 3, 3), "fp8_e4m3", "fp8_e4m3", False, stride=stride)
+    else:
+        x = spread_slices(x, splits, 1)
+        args, kw = _split_conv_call(x, n, 3, "fp8_e4m3", splits, False, stride, (1, 1), smooth=True)
+    ref = reference.qconv(*args, **kw)
+    many = _with_split_k(monkeypatch, split, lambda: triton_lowering.qconv(*args, **kw))
+    one = _with_split_k(monkeypatch, 1, lambda: triton_lowering.qconv(*args, **kw))
+    assert many.shape == ref.shape and many.is_contiguous(memory_format=torch.channels_last)
+    assert sqnr_db(ref, many) > 45
+    assert sqnr_db(one, many) > 80  # only the fp32 summation order differs
+
+
+def test_split_k_launches_the_reduce_only_when_split(monkeypatch):
+    """SPLIT_K = 1 is today's single launch (no workspace); SPLIT_K > 1 adds the reduce kernel."""
+    from qcompile.lowering.kernels import conv2d_w8a8
+
+    args, kw, _ = _int8_codes_case(64, 32, None, True, (1, 1), (4, 4), seed=0)
+    launched = []
+    real = conv_kernels.direct
+
+    def spy(kernel):
+        fn = kernel
+        while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> the Python function
+            fn = fn.fn
+        launched.append(fn.__name__)
+        return real(kernel)
+
+    monkeypatch.setattr(conv_kernels, "direct", spy)
+    monkeypatch.setenv(conv_kernels.SPLITK_ENV, "0")
+    conv2d_w8a8(*args, **kw)
+    assert launched == ["conv2d_kernel"]
+    launched.clear()
+    monkeypatch.delenv(conv_kernels.SPLITK_ENV)
+    conv2d_w8a8(*args, **kw)
+    assert launched == ["conv2d_kernel", "conv_splitk_reduce_kernel"]
