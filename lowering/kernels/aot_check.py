@@ -96,13 +96,25 @@ def cases(which: set[str]):
         sig.update({n: I32 for n in ("B", "H", "W", "C", "OH", "OW", "N", "KW", "TAPS", "sxb", "sxc", "sxh", "sxw", "stride_wn", "stride_om",
                                      "stride_on", "SH", "SW", "PH", "PW", "DH", "DW", "B1", "B2", "B3")})
         flags = {"sxc": 1, "stride_on": 1, "INTERPRET": False, "A_FP8": True, "QMIN": -127, "QMAX": 127, "ASYM": False, "HAS_BIAS": True,
-                 "HAS_SMOOTH": False, "ACT": 0, "EVEN_C": True, "NS": 1}
+                 "HAS_SMOOTH": False, "ACT": 0, "EVEN_C": True, "NS": 1, "SPLIT_K": 1}
         aligned = ["C", "N", "sxb", "sxh", "sxw", "stride_wn", "stride_om"]
-        yield "conv fp8", conv.conv2d_kernel, sig, flags, conv.LARGE_M_CONFIGS + conv.SMALL_M_CONFIGS, aligned
-        yield "conv int8", conv.conv2d_kernel, dict(sig, w_ptr="*i8"), dict(flags, A_FP8=False, ASYM=True, QMIN=-128), conv.LARGE_M_CONFIGS, aligned
-        yield "conv fp8 split (2 slices)", conv.conv2d_kernel, sig, dict(flags, NS=2), conv.SPLIT_FP8_CONFIGS, aligned + ["B1"]
-        yield "conv int8 split (2 slices)", conv.conv2d_kernel, dict(sig, w_ptr="*i8"), dict(flags, A_FP8=False, ASYM=True, QMIN=-128, NS=2), \
-            conv.SPLIT_INT8_CONFIGS, aligned + ["B1"]
+        int8 = dict(A_FP8=False, ASYM=True, QMIN=-128)
+        # split-K partitions (SPLIT_K > 1) write fp32 partials: no bias / activation there (the reduce kernel's)
+        for sk in (1, 3):
+            tag = "" if sk == 1 else f", split-K {sk}"
+            out = {} if sk == 1 else {"out_ptr": "*fp32"}
+            f = dict(flags, SPLIT_K=sk) if sk == 1 else dict(flags, SPLIT_K=sk, HAS_BIAS=False)
+            yield f"conv fp8{tag}", conv.conv2d_kernel, dict(sig, **out), f, conv.LARGE_M_CONFIGS + conv.SMALL_M_CONFIGS, aligned
+            yield f"conv int8{tag}", conv.conv2d_kernel, dict(sig, w_ptr="*i8", **out), dict(f, **int8), \
+                conv.LARGE_M_CONFIGS + (conv.SMALL_M_CONFIGS if sk > 1 else []), aligned
+            yield f"conv fp8 split (2 slices){tag}", conv.conv2d_kernel, dict(sig, **out), dict(f, NS=2), conv.SPLIT_FP8_CONFIGS, aligned + ["B1"]
+            yield f"conv int8 split (2 slices){tag}", conv.conv2d_kernel, dict(sig, w_ptr="*i8", **out), dict(f, NS=2, **int8), \
+                conv.SPLIT_INT8_CONFIGS, aligned + ["B1"]
+        bm, bn = conv.REDUCE_BLOCK
+        yield "conv split-K reduce (3)", conv.conv_splitk_reduce_kernel, \
+            {"part_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": I32, "N": I32, "stride_om": I32, "stride_on": I32}, \
+            {"stride_on": 1, "SPLIT_K": 3, "HAS_BIAS": True, "ACT": 1}, [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4)], \
+            ["N", "stride_om"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for name, kernel, sig, flags, configs, aligned in cases(which):
         for cfg in configs:
-            tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            tile = "x".join(str(cfg.kwargs.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             try:
                 smem, usage = compile_one(kernel, sig, flags, cfg, aligned)
                 print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {smem / 1024:.0f} | {usage} |", flush=True)

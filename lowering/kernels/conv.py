@@ -75,6 +75,14 @@ def first_zp(zp, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def partition_out(out_ptr, M, N, SPLIT_K: tl.constexpr):
+    """Where this program stores: the output, or (``SPLIT_K`` > 1) its partition's fp32 ``(M, N)`` workspace slab."""
+    if SPLIT_K > 1:
+        out_ptr += tl.program_id(1) * M * N
+    return out_ptr
+
+
+@triton.jit
 def conv2d_kernel(
     x_ptr, w_ptr, ws_ptr, colsum_ptr, bias_ptr, as_ptr, zp_ptr, smooth_ptr, out_ptr,
     B, H, W, C, OH, OW, N, KW, TAPS,
@@ -98,11 +106,8 @@ def conv2d_kernel(
     iw0 = ow * SW - PW
     x_rows = x_ptr + b.to(tl.int64) * sxb
     rc = tl.arange(0, BLOCK_K)
-    if SPLIT_K > 1:  # partition program_id(1) writes its own fp32 (M, N) slab of the workspace
-        out_ptr += tl.program_id(1) * M * N
     if NS > 1:  # split op: input channels [B_s, B_s+1) have their own quantizer, weight scales (N, NS), colsums (N, NS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        t_lo, t_hi = k_range(TAPS, SPLIT_K)  # this partition's taps (every slice's channel blocks in each)
         for s in tl.static_range(NS):
             lo = slice_bound(s, NS, C, B1, B2, B3)
             hi = slice_bound(s + 1, NS, C, B1, B2, B3)
@@ -115,8 +120,9 @@ def conv2d_kernel(
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             cb0 = lo // BLOCK_K
             nb = tl.cdiv(hi, BLOCK_K) - cb0  # channel blocks overlapping the slice (straddling ones masked to it)
-            for ks in range(t_lo * nb, t_hi * nb):
-                tap = ks // nb
+            t_lo, t_hi = k_range(TAPS, SPLIT_K)  # this partition's taps (every slice's channel blocks in each)
+            for ks in range(0, (t_hi - t_lo) * nb):
+                tap = t_lo + ks // nb
                 cc = (cb0 + ks % nb) * BLOCK_K + rc
                 c_ok = (cc >= lo) & (cc < hi)
                 ih = ih0 + (tap // KW) * DH
@@ -143,7 +149,8 @@ def conv2d_kernel(
                 acc += part.to(tl.float32) * c[None, :]
         if A_FP8:
             acc = acc * c_prev[None, :]
-        store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
+        store_output(acc, rm, rn, M, N, partition_out(out_ptr, M, N, SPLIT_K), stride_om, stride_on, ws_ptr, bias_ptr, 1.0,
+                     HAS_BIAS, False, ACT)
     else:
         a_scale, inv_scale, zp, zp_f = slice_quantizer(as_ptr, zp_ptr, 0, ASYM)  # an unsplit op: one slice
         if A_FP8:
@@ -176,7 +183,8 @@ def conv2d_kernel(
                 acc = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), wt, acc, out_dtype=tl.int32)
         if ASYM:
             acc = acc - first_zp(zp, SPLIT_K) * tl.load(colsum_ptr + rn, mask=rn < N, other=0)[None, :]
-        store_output(acc.to(tl.float32), rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
+        store_output(acc.to(tl.float32), rm, rn, M, N, partition_out(out_ptr, M, N, SPLIT_K), stride_om, stride_on, ws_ptr, bias_ptr,
+                     a_scale, HAS_BIAS, True, ACT)
 
 
 @triton.jit
