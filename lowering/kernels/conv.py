@@ -369,17 +369,14 @@ def tap_major(wdata: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tenso
     return wdata.reshape(n, c, kh, kw).permute(0, 2, 3, 1).reshape(n, kh * kw * c).contiguous()
 
 
-def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
-                a_zp: torch.Tensor | None, *, weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
-                dilation: tuple[int, int], act_smooth: torch.Tensor | None = None, act: str = "none",
-                bias_corr: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
-                splits: tuple[int, ...] | None = None) -> torch.Tensor:
-    """W8A8 conv2d (fp8 weight: fp8 activations; int8 weight: int8, asymmetric if ``a_zp``) -> NCHW (channels-last strides).
-
-    ``splits`` (split op: input-channel split points): per-slice ``a_scale`` / ``a_zp``, ``w_scale`` (N, slices);
-    ``colsum`` then holds one column sum per slice (N, slices)."""
+def conv2d_w8a8_args(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                     a_zp: torch.Tensor | None, *, weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
+                     dilation: tuple[int, int], act_smooth: torch.Tensor | None = None, act: str = "none",
+                     bias_corr: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
+                     splits: tuple[int, ...] | None = None) -> tuple:
+    """The ``conv2d_w8a8`` op's arguments for :func:`conv2d_w8a8`'s inputs (weight reordered tap-major, scales and
+    column sums in the kernel's layout); timing the op on them measures the kernel launches alone."""
     n, c, kh, kw = weight_shape
-    B, _, H, W = x.shape
     xc = x.contiguous(memory_format=torch.channels_last)
     w = tap_major(wdata, weight_shape)
     split = None if splits is None else [int(p) for p in splits]
@@ -396,6 +393,22 @@ def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bia
     else:
         args = (xc, w, w_scale.reshape(n, -1), colsum, fused_bias(bias, bias_corr, n), a_scale.float().reshape(-1), a_zp, s, kh, kw,
                 list(stride), list(padding), list(dilation), activation_code(act), split)
+    return args
+
+
+def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                a_zp: torch.Tensor | None, *, weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int], act_smooth: torch.Tensor | None = None, act: str = "none",
+                bias_corr: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
+                splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """W8A8 conv2d (fp8 weight: fp8 activations; int8 weight: int8, asymmetric if ``a_zp``) -> NCHW (channels-last strides).
+
+    ``splits`` (split op: input-channel split points): per-slice ``a_scale`` / ``a_zp``, ``w_scale`` (N, slices);
+    ``colsum`` then holds one column sum per slice (N, slices)."""
+    n, kh, kw = weight_shape[0], weight_shape[2], weight_shape[3]
+    B, _, H, W = x.shape
+    args = conv2d_w8a8_args(x, wdata, w_scale, bias, a_scale, a_zp, weight_shape=weight_shape, stride=stride, padding=padding,
+                            dilation=dilation, act_smooth=act_smooth, act=act, bias_corr=bias_corr, colsum=colsum, splits=splits)
     out = _conv2d_w8a8(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.conv2d_w8a8(*args)
     OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])

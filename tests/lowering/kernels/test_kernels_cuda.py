@@ -368,3 +368,98 @@ def test_split_conv_op_is_inlined_by_inductor(gen):
     assert "torch.ops.qdiff" not in code and "conv2d_kernel" in code
     ref = F.silu(reference.qconv(F.silu(x).float(), qw.data, qw.scale, None, s, z, **kw))
     assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
+
+
+# -- split-K for small output grids (the UNet's 16x16 and 8x8 convs) -----------------------------------------------
+SPLITK_CONV_SHAPES = [  # (input shape, split points or None, output channels, stride): SD 1.5 512 px, batch 2
+    ((2, 1280, 16, 16), None, 1280, 1),  # down block 2 / up block 1 conv2: M = 512, 40 tiles
+    ((2, 640, 16, 16), None, 1280, 1),  # down block 2's first conv1
+    ((2, 1280, 16, 16), None, 1280, 2),  # down block 2's downsampler: M = 128
+    ((2, 1280, 8, 8), None, 1280, 1),  # down block 3 / mid block: M = 128
+    ((2, 2560, 16, 16), (0, 1280, 2560), 1280, 1),  # up block 1 conv1 after the skip cat (the CUDA test's 269 us conv)
+    ((2, 1920, 16, 16), (0, 1280, 1920), 1280, 1),  # up block 1's last conv1
+    ((2, 2560, 8, 8), (0, 1280, 2560), 1280, 1),  # up block 0 conv1
+    ((2, 640, 32, 32), None, 640, 1),  # 80 tiles: the rule keeps SPLIT_K = 1 (control)
+]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("shape,splits,n,stride", SPLITK_CONV_SHAPES)
+def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypatch):
+    """Split-K on (the rule's SPLIT_K) vs off (``QDIFF_CONV_SPLITK=0``): both match the reference, every element is
+    written (NaN poison), and the op's kernel times are printed (do_bench of the eager launches on prepared arguments)."""
+    from triton.testing import do_bench
+
+    from qcompile.lowering.kernels import conv as conv_kernels
+    from qcompile.lowering.kernels._common import direct
+
+    wfmt, afmt, asym, _ = FORMATS[fmt]
+    c = shape[1]
+    w = torch.randn(n, c, 3, 3, device="cuda", generator=gen) * (c * 9) ** -0.5
+    x = torch.randn(*shape, device="cuda", generator=gen)
+    x = (x.to(torch.bfloat16) if splits is None else _spread(x, splits, 1)).contiguous(memory_format=torch.channels_last)
+    if splits is None:
+        qw = quant(w, wfmt, "conv", None)
+        s, z = _qparams(x.float(), afmt, asym)
+    else:
+        qw, s, z = _split_case(x, w, wfmt, afmt, asym, splits, "conv")
+    kw = dict(wfmt=wfmt, group_size=None, weight_shape=qw.shape, kind="conv", stride=(stride, stride), padding=(1, 1), dilation=(1, 1),
+              groups=1, afmt=afmt, asym=asym, splits=splits)
+    bias = torch.randn(n, device="cuda", generator=gen) * 0.1
+    oh = (shape[2] - 1) // stride + 1
+    m = shape[0] * oh * oh
+    split = conv_kernels.conv_split_k(m, n, c, 9, 1 if splits is None else len(splits) - 1, x.device)
+
+    def run():
+        return triton_lowering.qconv(x, qw.data, qw.scale, bias, s, z, **kw)
+
+    # the kernel launches alone (weight reordered tap-major and column sums computed once, as the compiled graph's buffers)
+    args = conv_kernels.conv2d_w8a8_args(x, qw.data.view(torch.float8_e4m3fn) if fmt == "fp8" else qw.data, qw.scale, bias, s,
+                                         z if asym else None, weight_shape=tuple(qw.shape), stride=(stride, stride), padding=(1, 1),
+                                         dilation=(1, 1), splits=splits)
+
+    def launch():
+        return conv_kernels._conv2d_w8a8(*args, wrap=direct)
+
+    monkeypatch.setenv(conv_kernels.SPLITK_ENV, "0")
+    off = run()
+    t_off = do_bench(launch)
+    monkeypatch.delenv(conv_kernels.SPLITK_ENV)
+    poison(4 * max(m * n * split, x.numel()))
+    on = run()
+    torch.cuda.synchronize()
+    t_on = do_bench(launch)
+    assert torch.isfinite(on).all(), "split-K left output elements unwritten (NaN poison)"
+    ref = reference.qconv(x.float(), qw.data, qw.scale, bias, s, z, **kw)
+    e_on, e_off = rel_err(ref, on), rel_err(ref, off)
+    flop = 2 * m * n * c * 9
+    print(f"conv split-K {fmt} {shape} {splits} -> {n} stride {stride}: SPLIT_K {split}, {t_on * 1e3:.1f} us "
+          f"({flop / t_on * 1e-9:.0f} TFLOP/s) vs SPLIT_K 1 {t_off * 1e3:.1f} us ({flop / t_off * 1e-9:.0f} TFLOP/s); "
+          f"rel err vs reference {e_on:.2e} (off {e_off:.2e})")
+    assert e_on < REL_TO_REFERENCE[fmt] and e_off < REL_TO_REFERENCE[fmt]
+    assert (split > 1) == (shape[2] <= 16)  # the rule splits the 16x16 and 8x8 convs only
+
+
+def test_split_k_conv_is_inlined_by_inductor(gen):
+    """Compiled, a split-K conv is two Triton launches in Inductor's code (the conv kernel and the reduce)."""
+    from torch._inductor.utils import run_and_get_code
+
+    shape, n = (2, 1280, 8, 8), 1280
+    w = torch.randn(n, 1280, 3, 3, device="cuda", generator=gen) * (1280 * 9) ** -0.5
+    x = torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    qw = quant(w, "fp8_e4m3", "conv", None)
+    s, z = _qparams(x.float(), "fp8_e4m3", False)
+    bias = torch.randn(n, device="cuda", generator=gen) * 0.1
+    kw = dict(wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+              groups=1, afmt="fp8_e4m3")
+
+    def f(x):
+        return F.silu(triton_lowering.qconv(F.silu(x), qw.data, qw.scale, bias, s, z, **kw))
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
+    code = "\n".join(codes)
+    assert "torch.ops.qdiff" not in code and "conv2d_kernel" in code and "conv_splitk_reduce_kernel" in code
+    ref = F.silu(reference.qconv(F.silu(x).float(), qw.data, qw.scale, bias, s, z, **kw))
+    assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
