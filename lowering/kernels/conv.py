@@ -255,12 +255,13 @@ def split_k_rule(M: int, N: int, k_steps: int, sms: int, max_split: int = SPLITK
 
     ``min(SPLITK_MAX, SMs // tiles)`` with ``tiles = cdiv(M, 128) * cdiv(N, 128)``, limited so that each partition
     walks at least :data:`SPLITK_MIN_STEPS` iterations, to ``max_split`` and to a workspace of fewer than 2**31
-    elements; 1 (no split) when the grid already fills the GPU."""
+    elements; 1 (no split) when the grid already fills the GPU. The answer is found by comparisons only, so a symbolic
+    ``M`` (a dynamic batch under ``torch.compile``) adds guards on these bounds and the result stays a Python int."""
     tiles = triton.cdiv(M, SPLITK_TILE) * triton.cdiv(N, SPLITK_TILE)
-    split = max(1, min(SPLITK_MAX, max_split, sms // max(tiles, 1), k_steps // SPLITK_MIN_STEPS))
-    while split > 1 and split * M * N >= 2**31:
-        split -= 1
-    return split
+    for split in range(min(SPLITK_MAX, max_split), 1, -1):
+        if split * tiles <= sms and split * SPLITK_MIN_STEPS <= k_steps and split * M * N < 2**31:
+            return split
+    return 1
 
 
 @functools.lru_cache(maxsize=None)

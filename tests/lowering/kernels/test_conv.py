@@ -165,6 +165,17 @@ def test_split_k_rule_splits_small_grids_only():
     assert rule(2**16, 2**14, 1000, 10**9) == 1  # workspace would reach 2**31 elements
 
 
+def test_split_k_rule_with_a_symbolic_batch_gives_an_int():
+    """Under torch.compile with a dynamic batch M is a SymInt: the rule guards on it and returns a plain int (a constexpr)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    m = env.create_symintnode(env.create_symbol(512, source=ConstantSource("M"), dynamic_dim=DimDynamic.DYNAMIC), hint=512)
+    split = conv_kernels.split_k_rule(m, 1280, 180, 132)
+    assert type(split) is int and split == 3
+
+
 def test_split_k_choice_on_this_device_and_its_switch(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv(conv_kernels.SPLITK_ENV, raising=False)
