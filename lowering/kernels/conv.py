@@ -266,6 +266,7 @@ def split_k_rule(M: int, N: int, k_steps: int, sms: int, max_split: int = SPLITK
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (queried once per device); :data:`INTERPRET_SMS` off CUDA (the interpreter)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRET_SMS
