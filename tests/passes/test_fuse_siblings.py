@@ -230,3 +230,18 @@ def test_diffusers_dit_attention_qkv_become_one_call(preset):
     assert count == layers and len(calls(gm)) == n_calls - 2 * layers and groups == qkv
     after = gm(*inputs)
     assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("group_size,expected", [(None, 1), (64, 0)])
+def test_int4_weights_fuse_with_per_channel_scales_only(group_size, expected):
+    from qcompile.config import Format, WeightSpec
+
+    torch.manual_seed(0)
+    model = QKV().eval()
+    cfg = QuantConfig.preset("w4a16").replace(weight=WeightSpec(Format.INT4, group_size=group_size), first_last="quantize")
+    plan = qcompile.calibrate(model, lambda m: [m(torch.randn(2, 8, 32)) for _ in range(3)], cfg, progress=False)
+    gm, inputs = converted(model, plan, (torch.randn(2, 8, 32),))
+    before = gm(*inputs)[0]
+    gm, count = fuse_siblings(gm, reference.qlinear)
+    assert count == expected
+    assert torch.equal(gm(*inputs)[0], before)  # int4 rows (packed along K) are output channels: concatenation is exact
