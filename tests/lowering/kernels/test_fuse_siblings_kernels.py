@@ -5,7 +5,7 @@ import torch
 
 from qcompile.passes.act_quant import place_act_quant
 from qcompile.passes.fuse_siblings import SIBLINGS_KEY, fuse_siblings
-from tests.passes.test_fuse_siblings import QKV, TRITON, biases_as_buffers, calibrated, calls, converted
+from tests.passes.test_fuse_siblings import QKV, TRITON, calibrated, calls, converted
 
 from .helpers import needs_kernels
 
@@ -19,11 +19,9 @@ def test_fused_kernel_call_matches_the_separate_calls(preset):
     x = torch.randn(2, 8, 32)
     plan = calibrated(model, preset)
     gm, inputs = converted(model, plan, (x,), TRITON)
-    gm = biases_as_buffers(gm, inputs, TRITON.linear)
     gm, _ = place_act_quant(gm, TRITON.linear, TRITON.linear_fused)
     before = gm(*inputs)[0]
     gm, _ = converted(model, plan, (x,), TRITON)
-    gm = biases_as_buffers(gm, inputs, TRITON.linear)
     gm, count = fuse_siblings(gm, TRITON.linear)
     gm, placed = place_act_quant(gm, TRITON.linear, TRITON.linear_fused)
     fused = [n for n in calls(gm, TRITON.linear) if SIBLINGS_KEY in n.meta]
