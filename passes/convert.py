@@ -76,9 +76,10 @@ def _folded_bias(bias: Any, q: QuantizedOp, constants: dict[str, torch.Tensor]) 
     """``bias + bias_correction`` in fp32 when the bias is known now (module state, or absent), else None."""
     if bias is None:
         return q.bias_correction
-    if not isinstance(bias, fx.Node) or bias.name not in constants:
+    value = constants.get(bias.name) if isinstance(bias, fx.Node) else None
+    if type(value) not in (torch.Tensor, torch.nn.Parameter) or value.is_meta:  # (fake or subclass tensors: not folded)
         return None
-    value = constants[bias.name].detach().float().reshape(-1)
+    value = value.detach().float().reshape(-1)
     return value if q.bias_correction is None else value + q.bias_correction.to(value.device)
 
 

@@ -24,6 +24,7 @@ from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.act_quant import place_act_quant
 from .passes.fuse_epilogue import fuse_epilogues
+from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
 from .passes.sites import parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .release import ReleasePlan, check_released_unread, dropping_inputs, plan_release, release, warn_kept, without_inputs
@@ -101,6 +102,7 @@ class QuantizedGraph:
     kernel_pass: Any = None  # the Inductor post-grad pass (its .kernels: qdiff kernels in the compiled graph)
     calls: int = 0  # how often Dynamo ran this graph (the decorator checks that no denoiser call bypassed the plan)
     released: dict[str, int] = field(default_factory=dict)  # float weights this compile released: name -> bytes freed
+    fused_siblings: int = 0  # fused calls made of quantized linears reading the same input (passes.fuse_siblings)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -215,8 +217,11 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     device = _device_of(example_inputs)
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
-    fused = 0
+    fused = siblings = 0
     if lowering.linear_fused is not None:
+        if siblings_enabled():
+            converted, siblings = fuse_siblings(converted, lowering.linear)
+            log_graph("fuse_siblings", converted)
         converted, fused = fuse_epilogues(converted, lowering.linear, lowering.linear_fused)
         log_graph("fuse_epilogues", converted)
         converted, _ = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,))
@@ -246,6 +251,6 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
             runner = dropping_inputs(runner, drop, len(example_inputs))
     freed = release({name: example_inputs[i] for i, name in freeing.release.items()})
     warn_kept(opts.plan, freeing.kept)
-    record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed)
+    record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings)
     opts.plan.compiled.append(record)
     return record

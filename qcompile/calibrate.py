@@ -50,6 +50,8 @@ class ActivationObserver(torch.nn.Module):
         self.channel_dim = -1 if site.kind is OpKind.LINEAR else 1
         ann = session.decisions.get(site.key)
         self.split = None if ann is None else ann.splits.get(INPUT_EDGE)  # one statistics per channel slice
+        # sites reading the same tensor share one statistics (and so get the same activation quantizer)
+        self.stats_key = session.stats_key(site.key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.session.observe(self, x)
@@ -86,6 +88,7 @@ class CalibrationSession:
         self.keep_allocator = False  # keep the BitAllocator (tables, switchable model) after finish, for studies
         self.allocator: Any = None
         self.act_cache: dict[tuple, list] = {}
+        self.stats_alias: dict[str, str] = {}  # site key -> the site whose statistics it shares (same input tensor)
         self.grams: dict[str, tuple[torch.Tensor, int]] = {}  # linear input sum of x x^T and row count (gptq weights)
         self.collect_gram = config.weight.gptq
         self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
@@ -108,7 +111,29 @@ class CalibrationSession:
         if signature not in self.subgraphs:
             self.subgraphs.append(signature)
         annotate(gm, self.decisions)
+        self._share_statistics(gm)
         return insert_observers(gm, lambda site, edge: ActivationObserver(self, site)).forward
+
+    def _share_statistics(self, gm: fx.GraphModule) -> None:
+        """Sites that read the same graph node with the same channel dim and split observe it once: the first one
+        (in graph order) keeps the statistics, the others alias it (PT2E's shared quantization spec). Their
+        activation quantizers are then identical, so a producer quantizes once for all of them (q / k / v) and
+        the Triton lowering can fuse them into one GEMM (``passes/fuse_siblings.py``)."""
+        first: dict[tuple, str] = {}
+        for node in gm.graph.nodes:
+            site = node.meta.get("qdiff_site")
+            if site is None or site.unsupported:
+                continue
+            ann = self.decisions.get(site.key)
+            split = None if ann is None else ann.splits.get(INPUT_EDGE)
+            inp = node.args[INPUT_EDGE] if node.args else node.kwargs["input"]
+            group = (inp, site.kind is OpKind.LINEAR, None if split is None else tuple(split))
+            primary = first.setdefault(group, self.stats_alias.get(site.key, site.key))
+            self.stats_alias.setdefault(site.key, primary)  # (a site seen in an earlier graph keeps its alias)
+
+    def stats_key(self, key: str) -> str:
+        """The site whose activation statistics ``key`` uses (itself unless it shares another's)."""
+        return self.stats_alias.get(key, key)
 
     # -- per call --------------------------------------------------------------------------------
     def begin_call(self, signature: pyinspect.Signature, args: tuple, kwargs: dict) -> None:
@@ -153,6 +178,8 @@ class CalibrationSession:
         if self.closed:
             return
         key = observer.key
+        if observer.stats_key != key:  # the site it shares statistics with records this tensor
+            return
         call = len(self.calls) - 1
         stats = self.stats.get((key, self.bin))
         if stats is None:
@@ -172,6 +199,7 @@ class CalibrationSession:
     # -- building the plan -------------------------------------------------------------------
     def _group_stats(self, key: str, members: list[int]) -> ActivationStats | None:
         """Merge the per-bin statistics of one site over the bins of one group (memoized: read-only)."""
+        key = self.stats_key(key)
         memo = (key, tuple(members))
         if memo in self.group_cache:
             return self.group_cache[memo]
@@ -228,7 +256,11 @@ class CalibrationSession:
             return equal_groups(timesteps, k)
         quantized = {key: a.act[0].symmetric for key, a in self.decisions.items() if a.quantized and a.act.get(0) is not None}
         sites = quantized or {key: False for key in self.sites}  # weight-only: segment on all inputs (bias correction)
-        groups, self.segmentation = segment_groups(self.bins.bins, self.stats, sites, k)
+        by_key: dict[str, list] = {}
+        for (key, b), st in self.stats.items():
+            by_key.setdefault(key, []).append((b, st))
+        stats = {(key, b): st for key in sites for b, st in by_key.get(self.stats_key(key), [])}  # shared ones per site
+        groups, self.segmentation = segment_groups(self.bins.bins, stats, sites, k)
         return groups
 
     def _importance(self, site: Site, group_stats: list[ActivationStats | None]) -> torch.Tensor | None:
@@ -263,7 +295,7 @@ class CalibrationSession:
         call_log = torch.tensor([[c, _nan_if_none(self.calls[c]["timestep"]), lo, hi] for c, lo, hi in log], dtype=torch.float32) if log else None
         return NodePlan(
             site.key, site.kind, site.weight_name, site.weight_shape, site.conv_args, weight, acts, reason,
-            self.input_shapes.get(site.key), stats, call_log, corr, smooth,
+            self.input_shapes.get(self.stats_key(site.key)), stats, call_log, corr, smooth,
             split=None if weight is None else weight.splits, split_note=split_note(self.splits.get(site.key), ann if weight is not None else Annotation(site.key, None), self.config.split_shortcuts),
         )
 
@@ -311,9 +343,10 @@ class CalibrationSession:
 
     def _hessian(self, site: Site, ann: Annotation, factors: torch.Tensor | None) -> torch.Tensor | None:
         """``E[x x^T]`` of an unsplit linear's input over all calls (of ``x / factors`` when smoothed); None otherwise."""
-        if site.key not in self.grams or site.kind is not OpKind.LINEAR or ann.splits.get(INPUT_EDGE) is not None:
+        gram_key = self.stats_key(site.key)
+        if gram_key not in self.grams or site.kind is not OpKind.LINEAR or ann.splits.get(INPUT_EDGE) is not None:
             return None
-        gram, n = self.grams[site.key]
+        gram, n = self.grams[gram_key]
         h = gram / max(n, 1)
         return h if factors is None else h / (factors.double()[:, None] * factors.double()[None, :])
 

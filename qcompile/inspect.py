@@ -22,6 +22,7 @@ from .config import CANDIDATE_BITS, Format
 from .errors import QdiffError
 from .metrics import sqnr_db
 from .passes.annotate import ANNOTATION_KEY
+from .passes.fuse_siblings import siblings_of
 from .passes.sites import META_KEY
 from .act_floor import describe as describe_floor
 from .groups_report import groups_table, probe_group as _probe_group
@@ -54,14 +55,19 @@ class _Tap(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
-        self.records: dict[str, tuple[Any, tuple, dict, torch.Tensor]] = {}
+        self.records: dict[str, tuple[Any, tuple, dict, torch.Tensor, slice | None]] = {}  # the columns of a fused call
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         site = n.meta.get(META_KEY)
         if site is not None and n.op == "call_function":
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.records[site.key] = (n.target, args, kwargs, out)
+            members = siblings_of(n)
+            if members is None:
+                self.records[site.key] = (n.target, args, kwargs, out, None)
+            else:  # one fused call of several linears (passes.fuse_siblings): each member's output columns
+                for m in members:
+                    self.records[m.key] = (n.target, args, kwargs, out[..., m.start : m.stop], slice(m.start, m.stop))
         return out
 
 
@@ -324,14 +330,14 @@ def inspect(obj: Any, *args: Any, **kwargs: Any) -> InspectReport:
     rows = _rows(plan, group)
     by_key = {r.key: r for r in rows}
     for float_tap, quant_tap in taps:
-        for key, (_, fargs, _, fout) in float_tap.records.items():
+        for key, (_, fargs, _, fout, _) in float_tap.records.items():
             row = by_key.get(key)
             if row is None or key not in quant_tap.records:
                 continue
-            target, qargs, qkwargs, qout = quant_tap.records[key]
+            target, qargs, qkwargs, qout, cols = quant_tap.records[key]
             if row.weight_format != "float":
                 local = target(fargs[0], *qargs[1:], **qkwargs)
-                row.sqnr_local_db = sqnr_db(fout, local)
+                row.sqnr_local_db = sqnr_db(fout, local if cols is None else local[..., cols])
             row.sqnr_cumulative_db = sqnr_db(fout, qout)
     out_sqnr = None if reference is None or quantized is None else sqnr_db(reference, quantized)
     return InspectReport(plan, rows, out_sqnr, [r.prepared for r in plan.compiled], group)

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from .errors import ConfigError, QdiffError
+from .passes.fuse_siblings import weight_names
 from .passes.sites import META_KEY, parameter_tensors
 from .plan import QuantPlan
 
@@ -109,7 +110,7 @@ def plan_release(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantP
     """The weights of ``gm``'s quantized ops that no graph of ``plan`` reads in float (see the module docstring)."""
     groups = range(plan.groups.count)
     float_somewhere = {n.weight_name for n in plan.nodes.values() if any(n.weight_for(g) is None for g in groups)}
-    converted = {n.meta[META_KEY].weight_name for n in gm.graph.nodes if META_KEY in n.meta and "qdiff_source_node" in n.meta}
+    converted = {w for n in gm.graph.nodes if META_KEY in n.meta and "qdiff_source_node" in n.meta for w in weight_names(n)}
     names = _source_names(gm, example_inputs)
     out = ReleasePlan()
     for i, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):

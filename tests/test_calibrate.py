@@ -106,3 +106,30 @@ def test_gptq_weights_calibrate_roundtrip_and_beat_nearest_rounding(tmp_path):
         with torch.no_grad():
             results[name] = sqnr_db(model(xt, torch.full((64,), 0.5)), q(xt, torch.full((64,), 0.5)))
     assert results["gptq"] > results["rtn"] + 1.0, results
+
+
+class _SharedInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+        self.conv = torch.nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        h = self.norm(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2), -1) @ self.v(h)
+        img = h.transpose(1, 2).unsqueeze(-1)
+        return self.o(a) + self.conv(img).squeeze(-1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("preset", ["w8a8-int8", "w8a8-fp8"])
+def test_sites_reading_one_tensor_share_their_statistics_and_quantizer(preset):
+    """q / k / v read the same LayerNorm output: one observer's statistics, so one activation quantizer (a producer
+    then quantizes once and the Triton lowering fuses the three GEMMs); o reads another tensor."""
+    torch.manual_seed(0)
+    model = _SharedInput().eval()
+    cfg = QuantConfig.preset(preset).replace(first_last="quantize")
+    plan = qcompile.calibrate(model, lambda m: [m(torch.randn(2, 8, 16) * (1 + i)) for i in range(4)], cfg, progress=False)
+    act = {k: plan.nodes[k].acts[0] for k in ("q", "k", "v", "o")}
+    assert act["q"] == act["k"] == act["v"] and act["o"] != act["q"]
+    assert plan.nodes["conv"].acts[0] is not None  # a conv on a view of h: another tensor, its own statistics
