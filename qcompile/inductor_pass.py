@@ -11,13 +11,17 @@ records which kernels, so ``inspect`` and tests can see what actually runs.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 
 import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-PASS_VERSION = 2  # 2: fp8 activation quantization placed by passes.act_quant
+PASS_VERSION = 3  # 2: fp8 activation quantization placed by passes.act_quant; 3: conv split-K
+# environment switches the kernels' wrappers read while the graph is traced: the graph Inductor keys its cache on is
+# the same with either value, so they must be part of the key (switches read by our graph passes change the graph)
+KERNEL_SWITCHES = ("QDIFF_CONV_SPLITK", "QDIFF_FP8_TMA")
 
 
 def _kernel_name(node: fx.Node) -> str | None:
@@ -55,4 +59,5 @@ class QdiffKernelPass(CustomGraphPass):
         self.kernels = Counter(k for k in (_kernel_name(n) for n in graph.nodes) if k is not None)
 
     def uuid(self) -> str:
-        return hashlib.sha256(f"qdiff-kernel-pass:{PASS_VERSION}:{self.lowering}:{self.plan_digest}:{torch.__version__}".encode()).hexdigest()
+        switches = ",".join(f"{k}={os.environ.get(k, '')}" for k in KERNEL_SWITCHES)
+        return hashlib.sha256(f"qdiff-kernel-pass:{PASS_VERSION}:{self.lowering}:{self.plan_digest}:{torch.__version__}:{switches}".encode()).hexdigest()
