@@ -246,7 +246,7 @@ def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
 SPLITK_TILE = 128  # tiles counted as 128 x 128 (the configs' usual output tile)
 SPLITK_MAX = 8
 SPLITK_MIN_STEPS = 4  # K-loop iterations (of BLOCK_K = _C_MULTIPLE channels) each partition keeps at least
-SPLITK_ENV = "QDIFF_CONV_SPLITK"  # "0": never split (A/B switch, read at every call)
+SPLITK_ENV = "QDIFF_CONV_SPLITK"  # "1": split by the rule below (read at every call); off by default, see conv_split_k
 INTERPRET_SMS = 132  # the interpreter's stand-in SM count (an H100 / H200), so small test shapes take the split path
 
 
@@ -274,8 +274,11 @@ def _sm_count(device: torch.device) -> int:
 
 def conv_split_k(M: int, N: int, C: int, taps: int, ns: int, device: torch.device) -> int:
     """The split-K factor of a conv launch: :func:`split_k_rule` with K steps of the largest ``BLOCK_K``; split ops
-    (``ns`` > 1) partition taps, so at most ``taps`` partitions; 1 when ``QDIFF_CONV_SPLITK=0``."""
-    if os.environ.get(SPLITK_ENV, "1") == "0":
+    (``ns`` > 1) partition taps, so at most ``taps`` partitions. Off (1) unless ``QDIFF_CONV_SPLITK=1``: measured on an
+    H200 (2026-12-01, SD 1.5 16x16 / 8x8 conv shapes, docs/kernels.md) the split launches were slower than one kernel
+    at every fp8 shape (1.0-1.6x) and at 3 of 4 int8 shapes; the reduce pass and the workspace traffic cost more than
+    the extra programs gain with these tiles."""
+    if os.environ.get(SPLITK_ENV, "0") != "1":
         return 1
     return split_k_rule(M, N, taps * triton.cdiv(C, _C_MULTIPLE), _sm_count(device), taps if ns > 1 else SPLITK_MAX)
 

@@ -386,7 +386,7 @@ SPLITK_CONV_SHAPES = [  # (input shape, split points or None, output channels, s
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 @pytest.mark.parametrize("shape,splits,n,stride", SPLITK_CONV_SHAPES)
 def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypatch):
-    """Split-K on (the rule's SPLIT_K) vs off (``QDIFF_CONV_SPLITK=0``): both match the reference, every element is
+    """Split-K on (``QDIFF_CONV_SPLITK=1``: the rule's SPLIT_K) vs off (the default): both match the reference, every element is
     written (NaN poison), and the op's kernel times are printed (do_bench of the eager launches on prepared arguments)."""
     from triton.testing import do_bench
 
@@ -424,7 +424,7 @@ def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypat
     monkeypatch.setenv(conv_kernels.SPLITK_ENV, "0")
     off = run()
     t_off = do_bench(launch)
-    monkeypatch.delenv(conv_kernels.SPLITK_ENV)
+    monkeypatch.setenv(conv_kernels.SPLITK_ENV, "1")
     poison(4 * max(m * n * split, x.numel()))
     on = run()
     torch.cuda.synchronize()
@@ -440,9 +440,11 @@ def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypat
     assert (split > 1) == (shape[2] <= 16)  # the rule splits the 16x16 and 8x8 convs only
 
 
-def test_split_k_conv_is_inlined_by_inductor(gen):
+def test_split_k_conv_is_inlined_by_inductor(gen, monkeypatch):
     """Compiled, a split-K conv is two Triton launches in Inductor's code (the conv kernel and the reduce)."""
     from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv(conv_kernels.SPLITK_ENV, "1")  # (off by default)
 
     shape, n = (2, 1280, 8, 8), 1280
     w = torch.randn(n, 1280, 3, 3, device="cuda", generator=gen) * (1280 * 9) ** -0.5
