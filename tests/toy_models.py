@@ -66,7 +66,7 @@ class NanToy(nn.Module):
 def run_steps(model, x, steps=6):
     """A stand-in sampling loop: `steps` denoiser calls with t from 1 down to 0."""
     out = x
-    for t in torch.linspace(1, 0, steps, device=x.device):
+    for t in torch.linspace(1, 0, steps, device=x.device, dtype=x.dtype):  # (an fp32 t would promote a bf16 model's activations)
         out = model(x, t.expand(x.shape[0]))
     return out
 

@@ -201,10 +201,14 @@ def test_fp8_prequant_route_matches_reference(m, k, n, out_fp8, gen):
         assert out.dtype == torch.float8_e4m3fn
         want = quantize_input_fp8(ref, s_out).float()
         got = out.float()
-        # a different accumulation order flips codes near rounding ties (3 % at K = 4608 on an H200): allow
-        # those flips, but only to a neighbouring e4m3 value (relative step <= 1/8, or the subnormal step)
+        # a different accumulation order (and Hopper's fp8 fast accumulation) moves the pre-rounding value by a small
+        # amount relative to the output's range: codes flip near rounding ties (3 % at K = 4608 on an H200), to the
+        # neighbouring e4m3 value for large codes and by a few steps for codes near zero (2026-12-01 run: e.g.
+        # 0.0098 vs 0.043 for 0.042, in units of s_out). Allow one relative step (1/8) plus 1/8 of a unit absolute
+        # (448 units span the range: 3e-4 of it), and bound the error norm
         equal = (got == want).float().mean().item()
-        near = (got - want).abs() <= 0.125 * torch.maximum(got.abs(), want.abs()) + 2.0**-9
+        near = (got - want).abs() <= 0.125 * torch.maximum(got.abs(), want.abs()) + 0.125
+        assert rel_err(want, got) < 0.02, f"fp8 output codes: relative error {rel_err(want, got):.4f}"
         far = (~near).nonzero()[:3].tolist()
         report = (f"{equal:.4f} equal, {torch.isnan(got).float().mean().item():.4f} NaN (unwritten or overflow), "
                   f"{(~near).float().mean().item():.2e} not neighbours; e.g. (got, want, ref / s_out) "
