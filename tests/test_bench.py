@@ -73,6 +73,14 @@ def test_ratios_table_and_merge(tmp_path):
     bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0), not_started], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert {(d["variant"], d["ms"]) for d in data} == {("bf16-inductor", 5.0), ("qdiff-w8a8-fp8", 8.0), ("torchao-fp8-dynamic", None)}
+    # over its time limit: the measured row stays (and says a later attempt ran out of time); an error replaces it
+    late = bench.Row("m", "qdiff-w8a8-fp8", status="timeout", error="total time", date="2026-12-01")
+    bench.write_results([late, bench.Row("m", "bf16-inductor", status="error", error="boom")], tmp_path, "qdiff bench", merge=True)
+    data = {d["variant"]: d for d in json.loads((tmp_path / "benchmarks.json").read_text())}
+    assert data["qdiff-w8a8-fp8"]["ms"] == 8.0 and data["qdiff-w8a8-fp8"]["extra"]["later_attempt"]["status"] == "timeout"
+    assert data["bf16-inductor"]["status"] == "error"
+    bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0)], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert {d["variant"]: d["ratio_vs_bf16_inductor"] for d in data}["qdiff-w8a8-fp8"] == pytest.approx(5.0 / 8.0)
     for key in ("model", "variant", "ms", "ratio_vs_bf16_inductor", "compile_s", "peak_mem_gb", "device", "date"):
         assert all(key in d for d in data)
