@@ -7,7 +7,8 @@ options), run until warm, then ``torch.profiler`` records ``--steps`` steps. Ker
 categories (qdiff GEMM / conv kernels, cuBLAS GEMMs, cuDNN convolutions, attention, Inductor-generated Triton,
 other) and summed per step; ``busy`` is the summed kernel time, ``wall`` the step's host-measured time, so
 ``wall - busy`` is time the GPU sat idle (launch / host overhead, or overlap when negative). Prints one table
-per variant plus the top kernels, and writes everything as JSON.
+per variant plus the top kernels, and writes everything as JSON (``--plot``: a stacked bar chart; ``--replot``
+redraws it from earlier JSON files without a GPU).
 """
 from __future__ import annotations
 
@@ -91,15 +92,48 @@ def profile_variant(model_name: str, variant: str, steps: int, code_out: str | N
     }
 
 
+def plot(results: list[dict], path: str) -> None:
+    """One horizontal bar per profiled variant, stacked by kernel category (ms per step), wall time marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['variant']}" + (f" ({r['note']})" if r.get("note") else "") for r in results]
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.7 * len(results)))
+    left = [0.0] * len(results)
+    for cat in cats:
+        widths = [r["categories_ms"].get(cat, 0.0) for r in results]
+        ax.barh(labels, widths, left=left, label=cat)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.scatter([r["wall_ms"] for r in results], labels, marker="|", s=400, color="black", label="wall (host-timed step)", zorder=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (GPU kernel time by category)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=0.4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     """Profile each variant of one model and print the tables."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", choices=sorted(bench.MODELS))
-    p.add_argument("variants", nargs="+", choices=bench.VARIANTS)
+    p.add_argument("model", nargs="?", choices=sorted(bench.MODELS))
+    p.add_argument("variants", nargs="*", help=f"one or more of {', '.join(bench.VARIANTS)}")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--code-dir", default=None, help="write each variant's Inductor output code here")
+    p.add_argument("--plot", default=None, help="write a stacked bar chart of the categories (PNG)")
+    p.add_argument("--replot", nargs="+", default=None, metavar="JSON", help="only plot earlier --out files (no GPU)")
     args = p.parse_args()
+    if args.replot:
+        plot([r for f in args.replot for r in json.load(open(f))], args.plot or "profile.png")
+        return
+    if not args.model or not args.variants:
+        p.error("give a model and at least one variant (or --replot JSON...)")
+    unknown = [v for v in args.variants if v not in bench.VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(bench.VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU")
     results = []
@@ -117,6 +151,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":
