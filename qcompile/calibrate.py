@@ -243,6 +243,9 @@ class CalibrationSession:
         if self.config.group_act_floor_db is not None and any(n.quantized for n in nodes.values()):
             apply_act_floor(self.model, plan, self.kept.select(groups, BIN_CAP), self.config.group_act_floor_db)
         self.kept = None
+        shared = {k: v for k, v in self.stats_alias.items() if k != v and k in nodes}
+        if shared:  # sites reading one tensor: one statistics, one input quantizer (for inspect)
+            plan.meta["shared_statistics"] = shared
         if self.segmentation is not None:  # the loss curve behind the chosen boundaries, for inspect
             plan.meta["segmentation_loss_db"] = [round(v, 4) for v in self.segmentation.loss_db]
         return plan

@@ -264,6 +264,7 @@ def bits_table(plan: QuantPlan) -> str:
 def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
     rows = []
     rec = plan.allocation
+    shared = plan.meta.get("shared_statistics", {})  # site -> the site whose input statistics (and quantizer) it shares
     for n in plan.nodes.values():
         w = n.weight_for(group)
         a = n.acts[group] if w is not None else None
@@ -275,7 +276,9 @@ def _rows(plan: QuantPlan, group: int) -> list[OpReport]:
             OpReport(
                 n.key, n.kind.value, n.weight_shape, n.input_shape, wfmt, afmt,
                 None if w is None else (float(w.scale.min()), float(w.scale.max())),
-                None if a is None else (a.lo, a.hi), note=n.reason or "", split=n.split_note or "",
+                None if a is None else (a.lo, a.hi),
+                note="; ".join(x for x in (n.reason, f"input quantizer shared with {shared[n.key]}" if n.key in shared else "") if x),
+                split=n.split_note or "",
                 act_slice_ranges=None if a is None or a.slices is None else [(p.lo, p.hi) for p in a.slices],
                 weight_bits=CANDIDATE_BITS[rec.group_choices(n.key)[group]] if rec is not None and n.key in rec.nodes else (None if w is None else Format(w.fmt).bits),
                 outliers=_outlier_note(a),

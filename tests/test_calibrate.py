@@ -133,3 +133,6 @@ def test_sites_reading_one_tensor_share_their_statistics_and_quantizer(preset):
     act = {k: plan.nodes[k].acts[0] for k in ("q", "k", "v", "o")}
     assert act["q"] == act["k"] == act["v"] and act["o"] != act["q"]
     assert plan.nodes["conv"].acts[0] is not None  # a conv on a view of h: another tensor, its own statistics
+    assert plan.meta["shared_statistics"] == {"k": "q", "v": "q"}
+    notes = {r.key: r.note for r in qcompile.inspect(plan).rows}
+    assert "input quantizer shared with q" in notes["v"] and "shared" not in notes["q"] + notes["o"]
