@@ -351,10 +351,21 @@ def test_split_conv_costs_about_the_unsplit_kernel(fmt, gen):
     assert t_split < t_ref
 
 
-def test_split_conv_op_is_inlined_by_inductor(gen):
-    """Compiled, a split conv's op is decomposed into its Triton launch (the kernel QdiffKernelPass counts)."""
+def _compiled_silu_conv(x, qw, bias, s, z, kw):
+    """``silu(qconv(silu(x)))`` compiled with Inductor: (output, Inductor's code, the reference lowering's output)."""
     from torch._inductor.utils import run_and_get_code
 
+    def f(x):
+        return F.silu(triton_lowering.qconv(F.silu(x), qw.data, qw.scale, bias, s, z, **kw))
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
+    return out, "\n".join(codes), F.silu(reference.qconv(F.silu(x).float(), qw.data, qw.scale, bias, s, z, **kw))
+
+
+def test_split_conv_op_is_inlined_by_inductor(gen):
+    """Compiled, a split conv's op is decomposed into its Triton launch (the kernel QdiffKernelPass counts)."""
     shape, splits, n = (2, 1920, 32, 32), (0, 1280, 1920), 640
     w = torch.randn(n, 1920, 3, 3, device="cuda", generator=gen) * (1920 * 9) ** -0.5
     x = _spread(torch.randn(*shape, device="cuda", generator=gen), splits, 1).contiguous(memory_format=torch.channels_last)
@@ -362,15 +373,8 @@ def test_split_conv_op_is_inlined_by_inductor(gen):
     kw = dict(wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1),
               groups=1, afmt="fp8_e4m3", splits=splits)
 
-    def f(x):
-        return F.silu(triton_lowering.qconv(F.silu(x), qw.data, qw.scale, None, s, z, **kw))
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
-    code = "\n".join(codes)
+    out, code, ref = _compiled_silu_conv(x, qw, None, s, z, kw)
     assert "torch.ops.qdiff" not in code and "conv2d_kernel" in code
-    ref = F.silu(reference.qconv(F.silu(x).float(), qw.data, qw.scale, None, s, z, **kw))
     assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
 
 
@@ -446,8 +450,6 @@ def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypat
 
 def test_split_k_conv_is_inlined_by_inductor(gen, monkeypatch):
     """Compiled, a split-K conv is two Triton launches in Inductor's code (the conv kernel and the reduce)."""
-    from torch._inductor.utils import run_and_get_code
-
     monkeypatch.setenv(conv_kernels.SPLITK_ENV, "1")  # (off by default)
 
     shape, n = (2, 1280, 8, 8), 1280
@@ -459,13 +461,6 @@ def test_split_k_conv_is_inlined_by_inductor(gen, monkeypatch):
     kw = dict(wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1),
               groups=1, afmt="fp8_e4m3")
 
-    def f(x):
-        return F.silu(triton_lowering.qconv(F.silu(x), qw.data, qw.scale, bias, s, z, **kw))
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
-    code = "\n".join(codes)
+    out, code, ref = _compiled_silu_conv(x, qw, bias, s, z, kw)
     assert "torch.ops.qdiff" not in code and "conv2d_kernel" in code and "conv_splitk_reduce_kernel" in code
-    ref = F.silu(reference.qconv(F.silu(x).float(), qw.data, qw.scale, bias, s, z, **kw))
     assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
