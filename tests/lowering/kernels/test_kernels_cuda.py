@@ -416,6 +416,7 @@ def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypat
     bias = torch.randn(n, device="cuda", generator=gen) * 0.1
     oh = (shape[2] - 1) // stride + 1
     m = shape[0] * oh * oh
+    monkeypatch.setenv(conv_kernels.SPLITK_ENV, "1")  # the rule's choice (split-K is off by default)
     split = conv_kernels.conv_split_k(m, n, c, 9, 1 if splits is None else len(splits) - 1, x.device)
 
     def run():
@@ -450,7 +451,7 @@ def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypat
 
 def test_split_k_conv_is_inlined_by_inductor(gen, monkeypatch):
     """Compiled, a split-K conv is two Triton launches in Inductor's code (the conv kernel and the reduce)."""
-    monkeypatch.setenv(conv_kernels.SPLITK_ENV, "1")  # (off by default)
+    monkeypatch.setenv("QDIFF_CONV_SPLITK", "1")  # (off by default)
 
     shape, n = (2, 1280, 8, 8), 1280
     w = torch.randn(n, 1280, 3, 3, device="cuda", generator=gen) * (1280 * 9) ** -0.5
