@@ -571,13 +571,16 @@ def _old_peak(r: Row) -> str:
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| model | variant | ms / step | × vs bf16 Inductor | compile s | calib / quantize s | peak mem GB | weights GB | quantized | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | variant | date | ms / step | × vs bf16 Inductor | compile s | calib / quantize s | peak mem GB | weights GB | quantized | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
+    for r in rows:  # (merged tables mix runs: the date says which run a row, and its ratio's numerator, come from)
         status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:160]}"
+        later = r.extra.get("later_attempt")
+        if later:
+            status += f" (a later attempt on {later.get('date') or '?'}: {later.get('status')})"
         lines.append(
-            f"| {r.model} | {r.variant} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio_vs_bf16_inductor, '.2f')} | {_fmt(r.compile_s, '.0f')} | "
+            f"| {r.model} | {r.variant} | {r.date or '—'} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio_vs_bf16_inductor, '.2f')} | {_fmt(r.compile_s, '.0f')} | "
             f"{_fmt(r.calibration_s, '.1f')} | {_fmt(r.peak_mem_gb, '.2f')}{_old_peak(r)} | {_fmt(r.weight_gb, '.3f')} | {r.quantized_ops or '—'} | {status} |"
         )
     return "\n".join(lines)
@@ -617,7 +620,8 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             f"Date(s): {', '.join(sorted({r.date for r in all_rows if r.date}))}. Device(s): {', '.join(devices)}. Versions: {'; '.join(versions)}.",
             "Command(s): " + "; ".join(f"`{c}`" for c in commands if c),
             "",
-            "Median step latency (`triton.testing.do_bench`, median); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
+            "Median step latency (`triton.testing.do_bench`, median); date = the run a row comes from (a merged table mixes runs; "
+            "`×` always divides by the table's bf16 Inductor row of the same model); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
             "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps "
             "(after the first call; qdiff rows compile with `release_float_weights`, so the float weights of quantized ops are freed; a peak "
             "marked `*` comes from an older `qdiff bench` and includes the first call and, for qdiff rows, the float weights); weights = stored "
