@@ -67,7 +67,8 @@ def _check_slices(q: QuantizedOp, node: fx.Node) -> None:
             raise ValueError(f"node '{node.name}': {name} {v} does not match the weight's split points {q.weight.splits}")
 
 
-def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+def add_buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    """Register ``value`` as buffer ``name`` of ``gm`` and return a ``get_attr`` node reading it (at the insert point)."""
     gm.register_buffer(name, value)
     return gm.graph.get_attr(name)
 
@@ -100,10 +101,10 @@ def convert(
         args = bound_args(node)
         prefix = f"qdiff_{i}_"
         with gm.graph.inserting_before(node):
-            wdata = _buffer(gm, prefix + "weight", q.weight.data.to(device))
-            wscale = _buffer(gm, prefix + "weight_scale", q.weight.scale.to(device))
-            a_scale = _buffer(gm, prefix + "act_scale", torch.tensor(q.act_scale, dtype=torch.float32, device=device))
-            a_zp = _buffer(gm, prefix + "act_zero_point", torch.tensor(q.act_zero_point, dtype=torch.int32, device=device))
+            wdata = add_buffer(gm, prefix + "weight", q.weight.data.to(device))
+            wscale = add_buffer(gm, prefix + "weight_scale", q.weight.scale.to(device))
+            a_scale = add_buffer(gm, prefix + "act_scale", torch.tensor(q.act_scale, dtype=torch.float32, device=device))
+            a_zp = add_buffer(gm, prefix + "act_zero_point", torch.tensor(q.act_zero_point, dtype=torch.int32, device=device))
             common: dict[str, Any] = dict(
                 wfmt=q.weight.fmt, group_size=q.weight.group_size, weight_shape=tuple(q.weight.shape),
                 afmt=q.act_fmt, asym=not q.act_symmetric,
@@ -111,18 +112,18 @@ def convert(
             bias = args["bias"]
             folded = _folded_bias(bias, q, constants)
             if folded is not None:
-                bias = _buffer(gm, prefix + "bias", folded.to(device))
+                bias = add_buffer(gm, prefix + "bias", folded.to(device))
             elif q.bias_correction is not None:
-                common["bias_corr"] = _buffer(gm, prefix + "bias_correction", q.bias_correction.to(device))
+                common["bias_corr"] = add_buffer(gm, prefix + "bias_correction", q.bias_correction.to(device))
             if q.act_smooth is not None:
-                common["act_smooth"] = _buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
+                common["act_smooth"] = add_buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
             if q.weight.splits is not None:
                 common["splits"] = q.weight.splits
             if q.act_fmt is not None and q.act_outlier_scale is not None:
-                common["outlier_scale"] = _buffer(gm, prefix + "outlier_scale", torch.tensor(q.act_outlier_scale, dtype=torch.float32, device=device))
+                common["outlier_scale"] = add_buffer(gm, prefix + "outlier_scale", torch.tensor(q.act_outlier_scale, dtype=torch.float32, device=device))
             if lowering.aux is not None:  # stored as buffers: computed once, not per call
                 for name, t in lowering.aux(q, site.kind.value).items():
-                    common[name] = _buffer(gm, prefix + name, t.to(device))
+                    common[name] = add_buffer(gm, prefix + name, t.to(device))
             _check_slices(q, node)
             if site.kind is OpKind.LINEAR:
                 fn = lowering.linear

@@ -27,7 +27,8 @@ import torch
 import torch.fx as fx
 
 from .annotate import ANNOTATION_KEY
-from .sites import META_KEY, Site
+from .convert import add_buffer
+from .sites import META_KEY, Site, fetch_attr
 
 SIBLINGS_KEY = "qdiff_fused_siblings"
 # per-output-channel tensor keywords and whether a member without one contributes zeros (else: all or none)
@@ -75,9 +76,7 @@ def weight_names(node: fx.Node) -> list[str]:
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    t = gm
-    for part in node.target.split("."):
-        t = getattr(t, part, None)
+    t = fetch_attr(gm, node.target)
     return t if isinstance(t, torch.Tensor) else None
 
 
@@ -140,8 +139,7 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], index: int, linear_fn: Cal
     with gm.graph.inserting_before(first):
         for name, value in values.items():
             if value is not None:
-                gm.register_buffer(prefix + name, value)
-                nodes[name] = gm.graph.get_attr(prefix + name)
+                nodes[name] = add_buffer(gm, prefix + name, value)
         kwargs = {key: v for key, v in first.kwargs.items() if key not in _PER_CHANNEL}
         kwargs["weight_shape"] = (sum(ns), k)
         kwargs.update({name: nodes[name] for name in _PER_CHANNEL if name in nodes})

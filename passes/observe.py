@@ -13,6 +13,11 @@ from .sites import META_KEY, Site
 INPUT_EDGE = 0  # the activation input of linear / conv ops
 
 
+def input_of(node: fx.Node) -> fx.Node:
+    """The activation input of a linear / conv site's node (the edge observers sit on)."""
+    return node.args[INPUT_EDGE] if node.args else node.kwargs["input"]
+
+
 def insert_observers(gm: fx.GraphModule, make_observer: Callable[[Site, int], torch.nn.Module]) -> fx.GraphModule:
     """Put ``make_observer(site, edge)`` on the activation input edge of every supported site.
 
@@ -25,7 +30,7 @@ def insert_observers(gm: fx.GraphModule, make_observer: Callable[[Site, int], to
         site: Site | None = node.meta.get(META_KEY)
         if site is None or node.meta.get(ANNOTATION_KEY) is None or site.unsupported:
             continue
-        inp = node.args[INPUT_EDGE] if node.args else node.kwargs["input"]
+        inp = input_of(node)
         name = f"qdiff_observer_{count}"
         count += 1
         gm.add_submodule(name, make_observer(site, INPUT_EDGE))

@@ -88,7 +88,7 @@ def parameter_tensors(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict
             found[node.name] = (qualified_name(src) if src else node.target, value)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 found[node.name] = (node.target, value)
     return found
@@ -99,7 +99,8 @@ def _is_module_state(node: fx.Node) -> bool:
     return "._parameters[" in src or "._buffers[" in src
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    """The attribute a ``get_attr`` target names (dotted path; None if absent)."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part, None)

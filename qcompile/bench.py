@@ -596,11 +596,14 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
     keep: list[dict] = []
     if merge and jpath.exists():
         old = {(d["model"], d["variant"]): d for d in json.loads(jpath.read_text())}
+        finished = []
         for r in rows:  # a row that did not finish (not started, or over a time limit) keeps the measured row it would replace
             before = old.get((r.model, r.variant))
             if r.status in ("skipped", "timeout") and before is not None and before["status"] == "ok":
                 before["extra"]["later_attempt"] = {"date": r.date, "status": r.status, "error": r.error}
-        rows = [r for r in rows if not (r.status in ("skipped", "timeout") and old.get((r.model, r.variant), {}).get("status") == "ok")]
+            else:
+                finished.append(r)
+        rows = finished
         new = {(r.model, r.variant) for r in rows}
         keep = [d for key, d in old.items() if key not in new]
     for r in rows:

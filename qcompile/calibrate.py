@@ -25,7 +25,7 @@ from .graph import prepare
 from .lowering.weights import bias_correction, quantize_weight, smooth_weight, smoothing_factors
 from .observers import ActivationStats, ActQParams, choose_qparams
 from .passes.annotate import Annotation, annotate, apply_first_last, decide
-from .passes.observe import INPUT_EDGE, insert_observers
+from .passes.observe import INPUT_EDGE, input_of, insert_observers
 from .passes.provenance import SplitDecision, apply_split, find_splits, split_note
 from .passes.sites import Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
@@ -126,8 +126,7 @@ class CalibrationSession:
                 continue
             ann = self.decisions.get(site.key)
             split = None if ann is None else ann.splits.get(INPUT_EDGE)
-            inp = node.args[INPUT_EDGE] if node.args else node.kwargs["input"]
-            group = (inp, site.kind is OpKind.LINEAR, None if split is None else tuple(split))
+            group = (input_of(node), site.kind is OpKind.LINEAR, None if split is None else tuple(split))
             primary = first.setdefault(group, self.stats_alias.get(site.key, site.key))
             self.stats_alias.setdefault(site.key, primary)  # (a site seen in an earlier graph keeps its alias)
 
