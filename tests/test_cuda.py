@@ -102,7 +102,8 @@ def test_release_float_weights_frees_gpu_memory_without_recompiles(mode):
             again = compiled(x, t).clone()
         bigger = compiled(torch.randn(6, 1, 16, 16, device="cuda", dtype=torch.bfloat16), torch.full((6,), 0.6, device="cuda", dtype=torch.bfloat16))
     released = {k: v for r in plan.compiled for k, v in r.released.items()}
-    assert sorted(released) == sorted(released_parameters(model)) and len(released) == len(plan.quantized_nodes())
+    # one weight can serve several quantized ops (the encoder's packed in_proj: q, k, v), so compare weight names
+    assert sorted(released) == sorted(released_parameters(model)) == sorted({n.weight_name for n in plan.quantized_nodes()})
     # the released compile holds at least the freed bytes less than the one that kept its float weights (this test
     # first asserted equality within allocator rounding; it failed on an H200 / torch 2.11 in both modes on
     # 2026-11-30, the failing line not recorded: now one-sided, plus each freed storage's size)
