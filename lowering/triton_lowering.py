@@ -10,7 +10,8 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | int4 (per channel or groups of 32k) | int8 / fp8_e4m3 | ``qdiff::w4a8_linear`` |
 | int4 / int8 | none | ``qdiff::weight_only_linear`` |
 | conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
-| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 or int8/int8 | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
+| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 | | im2col (fused into the producer) + ``qdiff::fp8_linear_prequant`` (:mod:`.conv_im2col`) |
+| conv 2-D, groups 1, C_in % 16 == 0, int8/int8 (fp8 with ``QDIFF_CONV_ENGINE=implicit``) | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
 | split op (``splits``, <= 4 slices): fp8 / int8 per channel | fp8_e4m3 / int8 (sym. or asym.), same pair | the same three kernels' split path |
 
 Split ops (split-shortcut quantization) run the W8A8 kernels with ``NS`` > 1: the K loop visits the input-channel
@@ -30,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .conv_im2col import conv2d_fp8_im2col, fp8_engine
 from .kernels._common import FLOAT_DTYPES, MAX_SLICES, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
 from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
@@ -187,7 +189,8 @@ IMPLICIT_CONV_CHANNEL_MULTIPLE = 16
 
 def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, weight_shape, kind: str,
                stride, padding, dilation, groups, splits=None) -> tuple[str, tuple] | None:
-    """``("gemm", (linear route,))`` for 1x1 convs, ``("implicit", (stride, padding, dilation))`` for others, or None.
+    """``("gemm", (linear route,))`` for 1x1 convs; for others ``("im2col", (stride, padding, dilation))`` (fp8 / fp8, see
+    :mod:`.conv_im2col`) or ``("implicit", (stride, padding, dilation))``; None: the reference.
 
     ``splits``: a split op's input-channel split points (W8A8 fp8 / int8 only, as :func:`linear_route`)."""
     if kind != "conv" or len(weight_shape) != 4 or groups != 1 or not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -209,7 +212,8 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
         return None
     if x.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE:
         return None  # unaligned channel strides defeat vectorized loads and pipelining: cuDNN is faster
-    return ("implicit", (st, pad, dil))
+    fp8 = (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3")
+    return ("im2col" if fp8 and fp8_engine() == "im2col" else "implicit", (st, pad, dil))
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
@@ -233,6 +237,9 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
                     bias_corr=bias_corr, act_smooth=act_smooth, act="none", colsum=colsum, splits=splits)
         return y.permute(0, 3, 1, 2)
     st, pad, dil = params
+    if how == "im2col":
+        return conv2d_fp8_im2col(x, wdata.view(torch.float8_e4m3fn), wscale, bias, a_scale, weight_shape=tuple(weight_shape), stride=st,
+                                 padding=pad, dilation=dil, act_smooth=act_smooth, bias_corr=bias_corr, splits=splits)
     zp = a_zp if (asym and afmt == "int8") else None
     w = wdata.view(torch.float8_e4m3fn) if wfmt == "fp8_e4m3" else wdata
     return conv2d_w8a8(x, w, wscale, bias, a_scale, zp, weight_shape=tuple(weight_shape), stride=st, padding=pad, dilation=dil,

@@ -1,4 +1,4 @@
-"""W8A8 conv2d as implicit GEMM, 1x1 convs on the GEMM kernels, and the reference fallback."""
+"""W8A8 conv2d as implicit GEMM and as fp8 im2col + GEMM, 1x1 convs on the GEMM kernels, and the reference fallback."""
 
 import importlib
 
@@ -26,15 +26,31 @@ def _conv_call(x, wshape, wfmt, afmt, asym, group=None, kind="conv", stride=(1, 
     return args, kw
 
 
+ENGINES = ("im2col", "implicit")  # QDIFF_CONV_ENGINE: the fp8 conv engines; int8 convs always take the implicit kernel
+
+
+def _use_engine(monkeypatch, engine: str, wfmt: str) -> str:
+    """Select the fp8 conv engine; the route a conv of ``wfmt`` then takes."""
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", engine)
+    return engine if wfmt == "fp8_e4m3" else "implicit"
+
+
+def _engine_cases(cases):
+    """Each case with both fp8 engines (int8 cases once: they have one)."""
+    return [(*c, e) for c in cases for e in ENGINES if c[0] == "fp8_e4m3" or e == "implicit"]
+
+
 @pytest.mark.parametrize(
-    "wfmt,asym,stride,padding,dilation",
-    [("fp8_e4m3", False, (1, 1), (1, 1), (1, 1)), ("int8", True, (2, 1), (1, 2), (1, 2)), ("int8", False, (1, 2), (0, 1), (2, 1))],
+    "wfmt,asym,stride,padding,dilation,engine",
+    _engine_cases([("fp8_e4m3", False, (1, 1), (1, 1), (1, 1)), ("int8", True, (2, 1), (1, 2), (1, 2)), ("int8", False, (1, 2), (0, 1), (2, 1)),
+                   ("fp8_e4m3", False, (2, 1), (1, 2), (1, 2))]),
 )
-def test_implicit_gemm_conv_matches_reference(wfmt, asym, stride, padding, dilation):
+def test_conv_matches_reference(wfmt, asym, stride, padding, dilation, engine, monkeypatch):
+    expected = _use_engine(monkeypatch, engine, wfmt)
     x = randn(2, 48, 7, 9, shift=0.3)  # C = 48: the channel tail of each tap's last block is masked
     args, kw = _conv_call(x, (20, 48, 3, 3), wfmt, wfmt, asym, stride=stride, padding=padding, dilation=dilation)
     route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding", "dilation", "groups")})
-    assert route is not None and route[0] == "implicit"
+    assert route is not None and route[0] == expected
     out = triton_lowering.qconv(*args, **kw)
     ref = reference.qconv(*args, **kw)
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
@@ -90,18 +106,20 @@ def _route(x, kw):
 
 
 @pytest.mark.parametrize(
-    "wfmt,asym,splits,stride,padding",
-    [
-        ("fp8_e4m3", False, (0, 20, 48), (1, 1), (1, 1)),
-        ("int8", True, (0, 16, 40, 48), (2, 1), (1, 2)),
-        ("int8", False, (0, 32, 48), (1, 2), (0, 1)),
-        ("fp8_e4m3", False, (0, 16, 20, 48), (2, 2), (1, 1)),
-    ],
+    "wfmt,asym,splits,stride,padding,smooth,engine",
+    _engine_cases([
+        ("fp8_e4m3", False, (0, 20, 48), (1, 1), (1, 1), False),
+        ("int8", True, (0, 16, 40, 48), (2, 1), (1, 2), True),
+        ("int8", False, (0, 32, 48), (1, 2), (0, 1), False),
+        ("fp8_e4m3", False, (0, 16, 20, 48), (2, 2), (1, 1), False),
+        ("fp8_e4m3", False, (0, 32, 48), (1, 1), (1, 1), True),
+    ]),
 )
-def test_split_implicit_gemm_conv_matches_reference(wfmt, asym, splits, stride, padding):
+def test_split_conv_matches_reference(wfmt, asym, splits, stride, padding, smooth, engine, monkeypatch):
+    expected = _use_engine(monkeypatch, engine, wfmt)
     x = spread_slices(randn(2, 48, 7, 9), splits, 1)
-    args, kw = _split_conv_call(x, 20, 3, wfmt, splits, asym, stride, padding, smooth=asym)
-    assert _route(x, kw)[0] == "implicit"
+    args, kw = _split_conv_call(x, 20, 3, wfmt, splits, asym, stride, padding, smooth=smooth)
+    assert _route(x, kw)[0] == expected
     out = triton_lowering.qconv(*args, **kw)
     ref = reference.qconv(*args, **kw)
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
@@ -109,8 +127,9 @@ def test_split_implicit_gemm_conv_matches_reference(wfmt, asym, splits, stride, 
 
 
 @pytest.mark.parametrize("wfmt,asym", [("int8", True), ("fp8_e4m3", False)])
-def test_split_conv_with_bounds_on_block_edges(wfmt, asym):
-    """C = 256 split 128 + 128: every bound a multiple of every config's BLOCK_K (the unmasked EVEN_C path)."""
+def test_split_conv_with_bounds_on_block_edges(wfmt, asym, monkeypatch):
+    """C = 256 split 128 + 128: every bound a multiple of every config's BLOCK_K (the implicit kernel's unmasked EVEN_C path)."""
+    _use_engine(monkeypatch, "implicit", wfmt)
     splits = (0, 128, 256)
     x = spread_slices(randn(1, 256, 4, 3), splits, 1)
     args, kw = _split_conv_call(x, 16, 3, wfmt, splits, asym, (1, 1), (1, 1))

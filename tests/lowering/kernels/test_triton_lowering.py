@@ -142,7 +142,7 @@ def _compile_and_spy(monkeypatch, model, x, plan):
     import warnings
 
     calls = []
-    for name in ("conv2d_w8a8", "int8_linear", "fp8_linear"):
+    for name in ("conv2d_w8a8", "conv2d_fp8_im2col", "int8_linear", "fp8_linear"):
         real = getattr(triton_lowering, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -166,7 +166,8 @@ def test_split_ops_of_a_skip_cat_take_the_kernels(skipcat_plans, monkeypatch, pr
     assert plan.nodes["conv"].weight.splits == (0, 16, 32) and plan.nodes["shortcut"].weight.splits == (0, 16, 32)
     out, calls, fallback = _compile_and_spy(monkeypatch, model, x, plan)
     gemm = "int8_linear" if preset == "w8a8-int8" else "fp8_linear"
-    assert ("conv2d_w8a8", (0, 16, 32)) in calls  # the 3x3 conv: implicit GEMM, split path
+    conv = "conv2d_w8a8" if preset == "w8a8-int8" else "conv2d_fp8_im2col"
+    assert (conv, (0, 16, 32)) in calls  # the 3x3 conv: implicit GEMM (int8) / im2col + the fp8 GEMM's split path
     assert (gemm, (0, 16, 32)) in calls  # the 1x1 shortcut: GEMM kernel, split path
     assert fallback == []  # nothing runs the reference
     torch._dynamo.reset()

@@ -1,0 +1,68 @@
+"""W8A8-FP8 2-D convolution as an explicit im2col matrix times the weight, on the fp8 GEMM kernels.
+
+The columns are written in the plan's own weight order, channel-major (``c * KH * KW + tap``, what ``F.unfold``
+produces), so the weight ``(N, C*KH*KW)`` is used as stored (no per-call reorder) and the input-channel slices of a
+split op are contiguous K ranges (``split point * KH * KW``), exactly what the linear kernels' split path takes.
+
+* unsplit: smoothing, im2col and the static fp8 quantization are plain aten ops, which Inductor fuses into one kernel
+  (with the producer's pointwise work: GroupNorm + SiLU in a UNet) that writes the ``(M, K)`` fp8 matrix; the GEMM is
+  ``qdiff::fp8_linear_prequant`` (the persistent TMA kernel for large shapes), bias in its epilogue;
+* split op: the float columns go to ``qdiff::fp8_linear``'s split path (per-slice scales in the prologue).
+
+Why not the implicit-GEMM kernel (:mod:`.kernels.conv`): on an H200 (2026-12-01, ``examples/conv_engines.py``, SD 1.5
+3x3 conv shapes, batch 2) the fp8 GEMM on explicit columns took 0.3-0.45x of the implicit kernel's time at every shape
+(e.g. 34.1 vs 100.8 us at 1280 -> 1280, 16x16), the separately launched im2col 14-35 us more; fused into the producer,
+the columns cost one write and one read of ``KH*KW`` times the (1-byte) input. ``QDIFF_CONV_ENGINE=implicit`` selects
+the implicit kernel again (A/B measurements); int8 convs always take it (no int8 kernel takes a pre-quantized input).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.conv import conv_out_size
+from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
+
+ENGINE_ENV = "QDIFF_CONV_ENGINE"
+ENGINES = ("im2col", "implicit")
+
+
+def fp8_engine() -> str:
+    """The engine of fp8 / fp8 2-D convs: ``QDIFF_CONV_ENGINE`` (``im2col``, the default, or ``implicit``)."""
+    engine = os.environ.get(ENGINE_ENV, "im2col")
+    if engine not in ENGINES:
+        raise ValueError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return engine
+
+
+def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+           dilation: tuple[int, int]) -> torch.Tensor:
+    """``(B*OH*OW, C*KH*KW)`` patches of ``x`` (B, C, H, W), channel-major columns, zero padding."""
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C*KH*KW, OH*OW)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor, *,
+                      weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      act_smooth: torch.Tensor | None = None, bias_corr: torch.Tensor | None = None,
+                      splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """W8A8-FP8 conv2d of ``x`` (B, C, H, W) with the fp8 weight ``w`` (N, C*KH*KW) as stored in the plan.
+
+    ``w_scale``: per output channel, or (N, slices) for a split op (``splits``: input-channel split points, with one
+    ``a_scale`` per slice). Returns NCHW with channels-last strides (the GEMM's ``(M, N)`` output viewed)."""
+    n, c, kh, kw = weight_shape
+    B, _, H, W = x.shape
+    if act_smooth is not None:  # x * s per input channel, before quantization (as the reference)
+        x = x * act_smooth.to(x.dtype).reshape(1, c, 1, 1)
+    cols = im2col(x, (kh, kw), stride, padding, dilation)
+    w2 = w.reshape(n, c * kh * kw)
+    if splits is None:
+        y = fp8_linear_prequant(quantize_input_fp8(cols, a_scale), w2, w_scale, bias, a_scale, x.dtype, bias_corr=bias_corr)
+    else:
+        y = fp8_linear(cols, w2, w_scale, bias, a_scale, None, "none", bias_corr, splits=tuple(p * kh * kw for p in splits))
+    oh = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    return y.view(B, oh, ow, n).permute(0, 3, 1, 2)
