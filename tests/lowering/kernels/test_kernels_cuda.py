@@ -297,7 +297,7 @@ def test_split_conv_kernels_at_sd_shapes(fmt, shape, splits, n, ksize, gen):
               groups=1, afmt=afmt, asym=asym, splits=splits)
     route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding",
                                                                 "dilation", "groups", "splits")})
-    assert route is not None and route[0] == ("gemm" if ksize == 1 else "implicit")
+    assert route is not None and route[0] == ("gemm" if ksize == 1 else "im2col" if fmt == "fp8" else "implicit")
     poison(x.numel() * 4)
     out = triton_lowering.qconv(x, qw.data, qw.scale, None, s, z, **kw)
     torch.cuda.synchronize()
@@ -400,7 +400,10 @@ def test_fp8_conv_im2col_quantizes_in_the_producer(shape, n, stride, gen):
     bias = torch.randn(n, device="cuda", generator=gen) * 0.1
     kw = dict(wfmt="fp8_e4m3", group_size=None, weight_shape=qw.shape, kind="conv", stride=(stride, stride), padding=(1, 1),
               dilation=(1, 1), groups=1, afmt="fp8_e4m3")
-    out, code, ref = _compiled_silu_conv(x, qw, bias, s, z, kw)
+    out, code, _ = _compiled_silu_conv(x, qw, bias, s, z, kw)
+    # Inductor quantizes SiLU's fp32 result (no bf16 rounding in between): so does this reference. Against SiLU rounded
+    # to bf16 first, ~1/32 of the codes differ by one step (the bf16 step is 1/32 of an e4m3 step): 1.2-1.6e-2 on an H200
+    ref = F.silu(reference.qconv(F.silu(x.float()), qw.data, qw.scale, bias, s, z, **kw))
     generated = sorted(set(re.findall(r"def (triton_\w+)\(", code)))
     print(f"im2col conv {shape} -> {n} stride {stride}: Inductor kernels {generated}; rel err {rel_err(ref, out):.2e}")
     assert "torch.ops.qdiff" not in code and "conv2d_kernel" not in code
