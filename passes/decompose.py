@@ -2,7 +2,8 @@
 
 In eval mode ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` may run as one fused op
 (``torch._transformer_encoder_layer_fwd`` / ``torch._native_multi_head_attention``), and Dynamo
-records that op. Its linears are then invisible. This pass replaces each such node with the
+records that op; off the fast path (``qcompile.evaluate.mha_fastpath_off``, training-style calls) Dynamo may record
+``F.multi_head_attention_forward`` as one call instead of tracing into it. Their linears are then invisible. This pass replaces each such node with the
 equivalent ``linear`` / ``scaled_dot_product_attention`` / ``layer_norm`` nodes, so that the
 quantizer finds the in-projection, out-projection and feed-forward linears by what they compute.
 Nodes it cannot rewrite (masks, cross-attention, attention weights requested) are left as they
@@ -11,6 +12,7 @@ are and reported by :func:`fused_attention_leftovers`.
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -30,6 +32,13 @@ _MHA_ARGS = (
     "proj_bias", "mask", "need_weights", "average_attn_weights", "mask_type",
 )
 _MHA_DEFAULTS = {"mask": None, "need_weights": True, "average_attn_weights": True, "mask_type": None}
+_MHA_FORWARD = F.multi_head_attention_forward
+_MHA_FORWARD_ARGS = tuple(inspect.signature(_MHA_FORWARD).parameters)
+_MHA_FORWARD_DEFAULTS = {k: p.default for k, p in inspect.signature(_MHA_FORWARD).parameters.items() if p.default is not p.empty}
+# arguments of F.multi_head_attention_forward the rewrite takes only at these values (self-attention, packed
+# in-projection, no masks, extra keys or dropout)
+_MHA_FORWARD_PLAIN = {"bias_k": None, "bias_v": None, "add_zero_attn": False, "key_padding_mask": None, "attn_mask": None,
+                      "use_separate_proj_weight": False, "static_k": None, "static_v": None, "is_causal": False}
 
 
 def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
@@ -80,12 +89,34 @@ def _rewrite_encoder_layer(g: fx.Graph, node: fx.Node) -> bool:
 
 def _rewrite_native_mha(g: fx.Graph, node: fx.Node) -> bool:
     a = _bind(node, _MHA_ARGS, _MHA_DEFAULTS)
-    self_attn = a["query"] is a["key"] is a["value"]
-    only_output_used = all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
-    if not (self_attn and a["mask"] is None and only_output_used):
+    if not (a["query"] is a["key"] is a["value"] and a["mask"] is None and _only_output_used(node)):
         return False
     with g.inserting_before(node):
         out = _self_attention(g, a["query"], a, a["num_head"], a["embed_dim"])
+    for user in list(node.users):
+        user.replace_all_uses_with(out)
+        g.erase_node(user)
+    g.erase_node(node)
+    return True
+
+
+def _only_output_used(node: fx.Node) -> bool:
+    return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+
+
+def _rewrite_mha_forward(g: fx.Graph, node: fx.Node) -> bool:
+    """``F.multi_head_attention_forward`` on sequence-first ``(L, B, E)`` inputs: self-attention with a packed
+    in-projection and nothing else (:data:`_MHA_FORWARD_PLAIN`, no dropout in training) becomes linear / SDPA / linear."""
+    a = _bind(node, _MHA_FORWARD_ARGS, _MHA_FORWARD_DEFAULTS)
+    plain = all(a[k] is v for k, v in _MHA_FORWARD_PLAIN.items())
+    no_dropout = not a["training"] or a["dropout_p"] == 0
+    if not (a["query"] is a["key"] is a["value"] and plain and no_dropout and _only_output_used(node)):
+        return False
+    parts = {"qkv_weight": a["in_proj_weight"], "qkv_bias": a["in_proj_bias"], "proj_weight": a["out_proj_weight"],
+             "proj_bias": a["out_proj_bias"]}
+    with g.inserting_before(node):
+        x = g.call_method("transpose", (a["query"], 0, 1))  # (B, L, E)
+        out = g.call_method("transpose", (_self_attention(g, x, parts, a["num_heads"], a["embed_dim_to_check"]), 0, 1))
     for user in list(node.users):
         user.replace_all_uses_with(out)
         g.erase_node(user)
@@ -103,6 +134,8 @@ def decompose_fused_attention(gm: fx.GraphModule) -> fx.GraphModule:
             changed |= _rewrite_encoder_layer(gm.graph, node)
         elif node.target is _NATIVE_MHA:
             changed |= _rewrite_native_mha(gm.graph, node)
+        elif node.target is _MHA_FORWARD:
+            changed |= _rewrite_mha_forward(gm.graph, node)
     if changed:
         gm.graph.lint()
         gm.recompile()
@@ -111,4 +144,4 @@ def decompose_fused_attention(gm: fx.GraphModule) -> fx.GraphModule:
 
 def fused_attention_leftovers(gm: fx.GraphModule) -> list[str]:
     """Names of fused attention nodes the rewrite had to leave (their linears stay in float)."""
-    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in (_ENCODER_LAYER, _NATIVE_MHA)]
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in (_ENCODER_LAYER, _NATIVE_MHA, _MHA_FORWARD)]

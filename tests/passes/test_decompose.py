@@ -50,3 +50,43 @@ def test_native_mha_self_attention_is_rewritten():
     out, gm = run_decomposed(SelfAttn(), x)
     assert torch.allclose(out, ref, atol=1e-5)
     assert not fused_attention_leftovers(gm)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_multi_head_attention_forward_off_the_fast_path_is_rewritten(norm_first):
+    """Off the fast path Dynamo records ``F.multi_head_attention_forward`` as one call (torch 2.13): its in- and
+    out-projections must become linears too, or they would silently stay in float."""
+    from qcompile.evaluate import mha_fastpath_off
+
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=norm_first).eval()
+    x = torch.randn(3, 7, 32)
+    with mha_fastpath_off():
+        with torch.no_grad():
+            ref = layer(x)
+        out, gm = run_decomposed(layer, x)
+    assert not fused_attention_leftovers(gm)
+    assert torch.allclose(out, ref, atol=1e-5)
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    assert len(linears) == 4
+
+
+def test_multi_head_attention_forward_with_a_mask_is_left_and_reported():
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    mask = torch.zeros(5, 5, dtype=torch.bool).triu(1)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+    from qcompile.evaluate import mha_fastpath_off
+
+    x = torch.randn(2, 5, 32)
+    with mha_fastpath_off():
+        out, gm = run_decomposed(Masked(), x)
+    kept = [n.name for n in gm.graph.nodes if n.target is torch.nn.functional.multi_head_attention_forward]
+    assert len(kept) == 1 and fused_attention_leftovers(gm) == kept  # (the masked call stays, and is named)
+    assert torch.isfinite(out).all()
