@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -21,12 +23,19 @@ def run_decomposed(model, *args):
 
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
-def test_encoder_layer_fast_path_is_rewritten_exactly(norm_first, activation):
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_encoder_layer_is_rewritten_exactly(norm_first, activation, fast_path):
+    """On the eval fast path Dynamo records one fused op; off it (``mha_fastpath_off``), on torch 2.11 / 2.13, one
+    ``F.multi_head_attention_forward`` call. Either way the in- and out-projections must become linears, or they would
+    silently stay in float."""
+    from qcompile.evaluate import mha_fastpath_off
+
     layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=norm_first, activation=activation).eval()
     x = torch.randn(3, 7, 32)
-    with torch.no_grad():
-        ref = layer(x)
-    out, gm = run_decomposed(layer, x)
+    with contextlib.nullcontext() if fast_path else mha_fastpath_off():
+        with torch.no_grad():
+            ref = layer(x)
+        out, gm = run_decomposed(layer, x)
     assert not fused_attention_leftovers(gm)
     assert torch.allclose(out, ref, atol=1e-5)
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
@@ -50,24 +59,6 @@ def test_native_mha_self_attention_is_rewritten():
     out, gm = run_decomposed(SelfAttn(), x)
     assert torch.allclose(out, ref, atol=1e-5)
     assert not fused_attention_leftovers(gm)
-
-
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_multi_head_attention_forward_off_the_fast_path_is_rewritten(norm_first):
-    """Off the fast path Dynamo records ``F.multi_head_attention_forward`` as one call (torch 2.13): its in- and
-    out-projections must become linears too, or they would silently stay in float."""
-    from qcompile.evaluate import mha_fastpath_off
-
-    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=norm_first).eval()
-    x = torch.randn(3, 7, 32)
-    with mha_fastpath_off():
-        with torch.no_grad():
-            ref = layer(x)
-        out, gm = run_decomposed(layer, x)
-    assert not fused_attention_leftovers(gm)
-    assert torch.allclose(out, ref, atol=1e-5)
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
-    assert len(linears) == 4
 
 
 def test_multi_head_attention_forward_with_a_mask_is_left_and_reported():
