@@ -25,7 +25,7 @@ from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.act_quant import place_act_quant
 from .passes.fuse_epilogue import fuse_epilogues
 from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
-from .passes.sites import parameter_tensors
+from .passes.sites import META_KEY, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .release import ReleasePlan, check_released_unread, dropping_inputs, plan_release, release, warn_kept, without_inputs
 
@@ -164,6 +164,28 @@ def _warn_float_ops(plan: QuantPlan, keys: list[str], unsupported: dict[str, str
         warnings.warn("qdiff: " + "\n".join(parts), stacklevel=2)
 
 
+def planned_weights_read_in_float(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantPlan) -> dict[str, str]:
+    """Plan ops whose weight this graph reads other than through their quantizable call (node key -> why).
+
+    E.g. an attention op Dynamo recorded as one call that the decomposition did not rewrite: the op was calibrated as
+    a site, but here its weight feeds an opaque call, so that use runs in full precision, whatever the plan says."""
+    by_weight: dict[str, list[str]] = {}
+    for n in plan.quantized_nodes():
+        by_weight.setdefault(n.weight_name, []).append(n.key)
+    found = {}
+    for name, (qname, _) in parameter_tensors(gm, example_inputs).items():
+        if qname not in by_weight:
+            continue
+        node = next(n for n in gm.graph.nodes if n.name == name)
+        other = sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users
+                        if getattr(u.meta.get(META_KEY), "weight_name", None) != qname})
+        if other:
+            for key in by_weight[qname]:
+                found[key] = (f"planned, but this graph reads its weight '{qname}' through {', '.join(other)} "
+                              "(not a quantizable call): that use runs in full precision")
+    return found
+
+
 def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
     """The lowering an option names (``auto``: Triton kernels on CUDA, else the reference)."""
     if name == "reference" or (name == "auto" and device.type != "cuda"):
@@ -189,7 +211,9 @@ def build_quantized_graph(
     prepared = copy.deepcopy(gm)
     ops = plan_ops(plan, group)
     fallback = {} if lowering.fallback is None else {k: r for k, q in ops.items() if (r := lowering.fallback(q)) is not None}
-    _warn_float_ops(plan, [s.key for s in sites], {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported}, fallback)
+    unsupported = {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported}
+    opaque = planned_weights_read_in_float(gm, example_inputs, plan)
+    _warn_float_ops(plan, [s.key for s in sites] + sorted(opaque), {**unsupported, **opaque}, fallback)
     if not plan.quantized_nodes():
         warnings.warn(f"qdiff: the plan for {plan.model_class} quantizes nothing; compiling the full-precision graph", stacklevel=2)
     constants = {name: value for name, (_, value) in parameter_tensors(gm, example_inputs).items()}

@@ -60,6 +60,28 @@ def test_unsupported_ops_stay_float_with_one_warning_listing_them():
     assert len(ours) == 1 and "<linear>" in str(ours[0].message) and "computed in the graph" in str(ours[0].message)
 
 
+def test_a_planned_weight_read_by_an_opaque_call_is_named_in_the_warning(monkeypatch):
+    """A plan op whose weight this graph feeds to a call qdiff cannot quantize (here: the MHA call as the decomposition
+    left it before it rewrote ``F.multi_head_attention_forward``) runs in float: the one warning must name it."""
+    from qcompile.evaluate import mha_fastpath_off
+    from qcompile.passes import decompose
+
+    model = ConvTransformerToy().eval()
+    x = torch.randn(4, 1, 16, 16)
+    with mha_fastpath_off():
+        plan = calibrated(model, x)
+        assert "enc.self_attn.in_proj" in plan.nodes and "enc.self_attn.out_proj" in plan.nodes
+        monkeypatch.setattr(decompose, "_rewrite_mha_forward", lambda g, node: False)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.compile(model, backend="qdiff", options={"plan": plan})(x, torch.full((4,), 0.5))
+    ours = [str(w.message) for w in caught if "stay in full precision" in str(w.message)]
+    assert len(ours) == 1
+    for key, weight in (("enc.self_attn.in_proj", "enc.self_attn.in_proj_weight"), ("enc.self_attn.out_proj", "enc.self_attn.out_proj.weight")):
+        assert f"{key}: planned, but this graph reads its weight '{weight}' through multi_head_attention_forward" in ours[0]
+    assert "enc.linear1" not in ours[0]  # quantized as planned
+
+
 def test_nothing_quantizable_compiles_to_float_with_warning():
     model = NothingToQuantize()
     x = torch.randn(2, 8)
