@@ -13,7 +13,8 @@ Why not the implicit-GEMM kernel (:mod:`.kernels.conv`): on an H200 (2026-12-01,
 3x3 conv shapes, batch 2) the fp8 GEMM on explicit columns took 0.3-0.45x of the implicit kernel's time at every shape
 (e.g. 34.1 vs 100.8 us at 1280 -> 1280, 16x16), the separately launched im2col 14-35 us more; fused into the producer,
 the columns cost one write and one read of ``KH*KW`` times the (1-byte) input. ``QDIFF_CONV_ENGINE=implicit`` selects
-the implicit kernel again (A/B measurements); int8 convs always take it (no int8 kernel takes a pre-quantized input).
+the implicit kernel again (A/B measurements); int8 convs always take it (no int8 kernel takes a pre-quantized input),
+and so do convs whose column matrix would exceed :data:`MAX_COLUMN_BYTES` (a bound on the temporary memory).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_
 
 ENGINE_ENV = "QDIFF_CONV_ENGINE"
 ENGINES = ("im2col", "implicit")
+# Larger column matrices take the implicit kernel instead (no columns in memory): SD 1.5 at 512 px needs at most 141 MB
+# (bf16 columns of a split conv at 64x64), a 1024 px model or a large batch can need several GB.
+MAX_COLUMN_BYTES = 512 * 2**20
 
 
 def fp8_engine() -> str:
@@ -36,6 +40,14 @@ def fp8_engine() -> str:
     if engine not in ENGINES:
         raise ValueError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {engine!r}")
     return engine
+
+
+def column_bytes(x: torch.Tensor, weight_shape, stride, padding, dilation, split: bool) -> int:
+    """Bytes of the im2col matrix of ``x``: 1-byte fp8 columns, or ``x``'s float columns for a split op."""
+    n, c, kh, kw = weight_shape
+    oh = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.shape[0] * oh * ow * c * kh * kw * (x.element_size() if split else 1)
 
 
 def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from . import conv_im2col
 from .conv_im2col import conv2d_fp8_im2col, fp8_engine
 from .kernels._common import FLOAT_DTYPES, MAX_SLICES, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
@@ -189,8 +190,9 @@ IMPLICIT_CONV_CHANNEL_MULTIPLE = 16
 
 def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, weight_shape, kind: str,
                stride, padding, dilation, groups, splits=None) -> tuple[str, tuple] | None:
-    """``("gemm", (linear route,))`` for 1x1 convs; for others ``("im2col", (stride, padding, dilation))`` (fp8 / fp8, see
-    :mod:`.conv_im2col`) or ``("implicit", (stride, padding, dilation))``; None: the reference.
+    """``("gemm", (linear route,))`` for 1x1 convs; for others ``("im2col", (stride, padding, dilation))`` (fp8 / fp8 whose
+    column matrix fits :data:`.conv_im2col.MAX_COLUMN_BYTES`, see :mod:`.conv_im2col`) or ``("implicit", (stride, padding,
+    dilation))``; None: the reference.
 
     ``splits``: a split op's input-channel split points (W8A8 fp8 / int8 only, as :func:`linear_route`)."""
     if kind != "conv" or len(weight_shape) != 4 or groups != 1 or not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -212,8 +214,12 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
         return None
     if x.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE:
         return None  # unaligned channel strides defeat vectorized loads and pipelining: cuDNN is faster
-    fp8 = (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3")
-    return ("im2col" if fp8 and fp8_engine() == "im2col" else "implicit", (st, pad, dil))
+    params = (st, pad, dil)
+    if (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3") and fp8_engine() == "im2col":
+        small = conv_im2col.column_bytes(x, weight_shape, *params, split=splits is not None) <= conv_im2col.MAX_COLUMN_BYTES
+        if small:  # (a symbolic batch guards on this bound)
+            return ("im2col", params)
+    return ("implicit", params)
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,

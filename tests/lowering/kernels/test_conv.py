@@ -68,6 +68,20 @@ def test_fp8_im2col_conv_with_non_square_kernels(ksize, stride, padding, monkeyp
     assert out.shape == ref.shape and sqnr_db(ref, out) > 45
 
 
+def test_fp8_conv_with_a_large_column_matrix_takes_the_implicit_kernel(monkeypatch):
+    """Columns above MAX_COLUMN_BYTES are not materialized: the implicit kernel (same result) takes the conv."""
+    from qcompile.lowering import conv_im2col
+
+    x = randn(2, 32, 6, 7, shift=0.2)
+    args, kw = _conv_call(x, (24, 32, 3, 3), "fp8_e4m3", "fp8_e4m3", False)
+    cols = conv_im2col.column_bytes(x, (24, 32, 3, 3), (1, 1), (1, 1), (1, 1), split=False)
+    assert cols == 2 * 6 * 7 * 32 * 9
+    assert _route(x, {**kw, "splits": None})[0] == "im2col"
+    monkeypatch.setattr(conv_im2col, "MAX_COLUMN_BYTES", cols - 1)
+    assert _route(x, {**kw, "splits": None})[0] == "implicit"
+    assert sqnr_db(reference.qconv(*args, **kw), triton_lowering.qconv(*args, **kw)) > 45
+
+
 @pytest.mark.parametrize("wfmt,afmt,group", [("int4", None, 64), ("fp8_e4m3", "fp8_e4m3", None)])
 def test_pointwise_conv_runs_on_the_gemm_kernels(wfmt, afmt, group):
     x = randn(2, 32, 5, 6).contiguous(memory_format=torch.channels_last)
