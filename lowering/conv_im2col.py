@@ -9,7 +9,7 @@ split op are contiguous K ranges (``split point * KH * KW``), exactly what the l
   ``qdiff::fp8_linear_prequant`` (the persistent TMA kernel for large shapes), bias in its epilogue;
 * split op: the float columns go to ``qdiff::fp8_linear``'s split path (per-slice scales in the prologue).
 
-Why not the implicit-GEMM kernel (:mod:`.kernels.conv`): on an H200 (2026-12-01, ``examples/conv_engines.py``, SD 1.5
+Why not the implicit-GEMM kernel (:mod:`.kernels.conv`): on an H200 (2026-12-01, ``examples/op_engines.py --ops conv --timing plain``, SD 1.5
 3x3 conv shapes, batch 2) the fp8 GEMM on explicit columns took 0.3-0.45x of the implicit kernel's time at every shape
 (e.g. 34.1 vs 100.8 us at 1280 -> 1280, 16x16), the separately launched im2col 14-35 us more; fused into the producer,
 the columns cost one write and one read of ``KH*KW`` times the (1-byte) input. ``QDIFF_CONV_ENGINE=implicit`` selects
