@@ -143,7 +143,11 @@ MODELS: dict[str, BenchModel] = {
 BASE_VARIANTS = ("bf16-eager", "bf16-inductor", "torchao-int8-dynamic", "torchao-fp8-dynamic")
 QDIFF_PRESETS = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
 CUDAGRAPHS = "-cudagraphs"  # suffix: the same variant compiled with mode="reduce-overhead" (CUDA graphs, no per-launch host work)
-VARIANTS = BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS) + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
+# suffix (before -cudagraphs): ops whose fp8 kernel is slower than bf16 at their shape kept in bf16 (qcompile.latency)
+LATENCY_GUARD = "-guard"
+VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
+            + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
+            + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
 TORCHAO_DIM_MULTIPLE = 16  # and K, N must be multiples of 8 (int8) / 16 (fp8 _scaled_mm): the bundled DiT's 12-wide output
@@ -280,7 +284,8 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         from .calibrate import calibrate
         from .config import QuantConfig
 
-        cfg = QuantConfig.preset(variant.removeprefix("qdiff-"))
+        guard = variant.endswith(LATENCY_GUARD)
+        cfg = QuantConfig.preset(variant.removeprefix("qdiff-").removesuffix(LATENCY_GUARD))
 
         def run(stand_in: Any) -> None:
             for t in CALIBRATION_TIMESTEPS:
@@ -290,6 +295,13 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         plan = calibrate(model, run, cfg, progress=False, expected_calls=len(CALIBRATION_TIMESTEPS))
         _sync(device)
         row.calibration_s = time.perf_counter() - t0
+        if guard:  # time each fp8 op against bf16 at its shape; keep the slower ones in bf16
+            from .latency import keep_slower_in_float, time_fp8_ops
+
+            t0 = time.perf_counter()
+            timings = time_fp8_ops(plan, device)
+            kept = keep_slower_in_float(plan, timings)
+            row.extra["latency_guard"] = {"timed": len(timings), "kept_in_bf16": kept, "seconds": round(time.perf_counter() - t0, 1)}
         row.quantized_ops = f"{len(plan.quantized_nodes())}/{len(plan.nodes)} ops"
         row.extra["qdiff_weight_bytes"] = _qdiff_weight_bytes(model, plan)
         row.extra["qdiff_plan"] = plan  # (replaced by its kernel counts once compiled: measure)

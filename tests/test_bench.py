@@ -214,3 +214,11 @@ def test_torchao_rows_skip_linears_its_kernels_reject():
     model = torch.nn.ModuleDict({"ok": torch.nn.Linear(32, 64), "few_rows": torch.nn.Linear(32, 64), "narrow_out": torch.nn.Linear(32, 12)})
     keep = bench.torchao_linears(model, {"ok": 128, "few_rows": 16, "narrow_out": 128})
     assert keep == {"ok"}  # M <= 16, and N = 12 (the bundled DiT's output projection) are left in bf16
+
+
+def test_latency_guard_rows_need_a_gpu(tiny):
+    """``qdiff-w8a8-fp8-guard`` times each fp8 op against bf16 on the GPU (qcompile.latency): on CPU the row fails
+    and says why (the orchestrator records it as the row's error), instead of silently running the plain preset."""
+    assert "qdiff-w8a8-fp8-guard" in bench.VARIANTS and "qdiff-w8a8-fp8-guard-cudagraphs" in bench.VARIANTS
+    with pytest.raises(RuntimeError, match="GPU"):
+        bench.measure(tiny, "qdiff-w8a8-fp8-guard", "cpu", budget_s=0.05)

@@ -1,0 +1,151 @@
+"""The latency cost of quantizing an op: our fp8 kernel against the float op at the op's own shapes, on the GPU.
+
+Issue 5: where a quantized op cannot beat bf16 (cuDNN / cuBLAS) at its shape, keep it in bf16. :func:`time_fp8_ops`
+times, per W8A8-FP8 node of a calibrated plan (its calibrated input shape, random data, bf16), in CUDA graphs (no launch
+overhead, as in a compiled ``mode="reduce-overhead"`` step):
+
+* the float op: ``F.linear`` / ``F.conv2d`` (channels-last) in bf16, with bias;
+* the quantized op as the compiled graph runs it: our fp8 GEMM on a pre-quantized input (in a compiled graph the
+  input's quantization is fused into its producer, ``passes/act_quant.py``; a 3x3 conv's im2col columns too,
+  ``lowering/conv_im2col.py``), plus, for im2col convs, a copy of the fp8 column matrix standing in for the extra
+  column write and read the fused producer does. The producer's own work is not counted on either side.
+
+:func:`keep_slower_in_float` then marks the nodes whose quantized time exceeds ``margin`` x the float time as kept in
+full precision, with the two times as the reason (the backend's one warning and ``qdiff inspect`` show it). Other
+formats (int8, W4) and ops no fp8 kernel takes are not timed: they stay as the plan has them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .plan import NodePlan, QuantPlan
+
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class OpTiming:
+    """One node's times (us): our quantized path and the float op, at the node's calibrated input shape."""
+
+    key: str
+    route: str  # "linear", "conv 1x1" or "im2col conv"
+    quantized_us: float
+    float_us: float
+
+    @property
+    def speedup(self) -> float:
+        return self.float_us / self.quantized_us
+
+
+def cuda_graph_timer(fn: Callable[[], object]) -> float:
+    """Median time of ``fn`` in us, replayed in a CUDA graph (``triton.testing.do_bench_cudagraph``)."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()  # compile / autotune outside the graph
+    return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+
+
+def _pair(v) -> tuple[int, int] | None:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and all(isinstance(e, int) for e in v) and len(v) in (1, 2):
+        return tuple(v) * (3 - len(v)) if len(v) == 1 else tuple(v)
+    return None  # e.g. padding="same": not timed
+
+
+def _conv_params(n: NodePlan) -> tuple[tuple[int, int], ...] | None:
+    params = tuple(_pair(n.conv_args.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
+    return None if None in params else params
+
+
+def _fp8_route(n: NodePlan) -> str | None:
+    """How the Triton lowering runs a W8A8-FP8 node (unsplit, on CUDA), or None when this module does not time it."""
+    act = n.acts[0] if n.acts else None
+    w = n.weight_for(0)
+    if w is None or act is None or (w.fmt, act.fmt) != ("fp8_e4m3", "fp8_e4m3") or n.split is not None or n.input_shape is None:
+        return None
+    if n.kind.value == "linear":
+        return "linear"
+    params = _conv_params(n) if n.kind.value == "conv" and len(n.weight_shape) == 4 else None
+    if params is None or n.conv_args.get("groups", 1) != 1 or n.weight_shape[1] % 16:
+        return None
+    return "conv 1x1" if n.weight_shape[2:] == (1, 1) and params[:2] == ((1, 1), (0, 0)) else "im2col conv"
+
+
+def _gemm_mkn(n: NodePlan, route: str) -> tuple[int, int, int]:
+    shape = n.input_shape
+    if route == "linear":
+        return math.prod(shape[:-1]), shape[-1], n.weight_shape[0]
+    nout, c, kh, kw = n.weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = _conv_params(n)
+    oh = (shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return shape[0] * oh * ow, c * kh * kw, nout
+
+
+def time_node(n: NodePlan, device: torch.device, timer: Callable[[Callable[[], object]], float] = cuda_graph_timer) -> OpTiming | None:
+    """:class:`OpTiming` of one W8A8-FP8 node, or None (not an fp8 route this module times)."""
+    from .lowering.kernels.fp8_linear import fp8_linear_prequant
+
+    route = _fp8_route(n)
+    if route is None:
+        return None
+    m, k, nout = _gemm_mkn(n, route)
+    g = torch.Generator(device=device).manual_seed(0)
+    bias = torch.randn(nout, device=device, generator=g)
+    xq = torch.randn(m, k, device=device, generator=g).clamp(-448, 448).to(FP8)
+    wq = torch.randn(nout, k, device=device, generator=g).clamp(-448, 448).to(FP8)
+    w_scale = torch.full((nout, 1), 1e-3, device=device)
+    a_scale = torch.tensor(1e-2, device=device)
+    gemm = lambda: fp8_linear_prequant(xq, wq, w_scale, bias, a_scale, torch.bfloat16)  # noqa: E731
+    quantized = timer(gemm)
+    if route == "im2col conv":  # the fused producer's extra column write and the GEMM's read of it
+        spare = torch.empty_like(xq)
+        quantized += timer(lambda: spare.copy_(xq))
+    b16 = bias.to(torch.bfloat16)
+    if route == "linear":
+        x = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
+        w = torch.randn(nout, k, device=device, generator=g, dtype=torch.bfloat16)
+        float_us = timer(lambda: F.linear(x, w, b16))
+    else:
+        x = torch.randn(*n.input_shape, device=device, generator=g, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(*n.weight_shape, device=device, generator=g, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        args = {k: n.conv_args[k] for k in ("stride", "padding", "dilation", "groups") if k in n.conv_args}
+        float_us = timer(lambda: F.conv2d(x, w, b16, **args))
+    return OpTiming(n.key, route, quantized, float_us)
+
+
+def time_fp8_ops(plan: QuantPlan, device: torch.device | str = "cuda",
+                 timer: Callable[[Callable[[], object]], float] = cuda_graph_timer) -> list[OpTiming]:
+    """:func:`time_node` for every W8A8-FP8 node of ``plan`` (needs CUDA, or Triton's interpreter with a test timer)."""
+    device = torch.device(device)
+    if plan.groups.count > 1 or plan.allocation is not None:
+        raise ValueError("time_fp8_ops / keep_slower_in_float take single-group plans without a bit allocation "
+                         f"(this plan: {plan.groups.count} timestep groups, allocation {'yes' if plan.allocation else 'no'})")
+    if device.type != "cuda" and timer is cuda_graph_timer:
+        raise RuntimeError("time_fp8_ops measures GPU kernels: pass a CUDA device (no GPU here?)")
+    return [t for n in plan.quantized_nodes() if (t := time_node(n, device, timer)) is not None]
+
+
+def keep_slower_in_float(plan: QuantPlan, timings: list[OpTiming], margin: float = 1.0) -> list[str]:
+    """Keep in full precision (all timestep groups) the nodes whose quantized path takes more than ``margin`` x the
+    float op's time; returns their keys. The reason names both times."""
+    if margin <= 0:
+        raise ValueError(f"margin must be positive, got {margin}")
+    kept = []
+    for t in timings:
+        if t.quantized_us > margin * t.float_us:
+            n = plan.nodes[t.key]
+            n.weight, n.group_weights = None, None
+            n.acts = [None] * len(n.acts)
+            n.bias_correction = n.smooth = n.split = None
+            n.reason = (f"latency: fp8 {t.route} {t.quantized_us:.1f} us vs bf16 {t.float_us:.1f} us at this shape "
+                        f"(keep_slower_in_float, margin {margin:g})")
+            kept.append(t.key)
+    return kept
