@@ -5,10 +5,13 @@ times, per W8A8-FP8 node of a calibrated plan (its calibrated input shape, rando
 overhead, as in a compiled ``mode="reduce-overhead"`` step):
 
 * the float op: ``F.linear`` / ``F.conv2d`` (channels-last) in bf16, with bias;
-* the quantized op as the compiled graph runs it: our fp8 GEMM on a pre-quantized input (in a compiled graph the
-  input's quantization is fused into its producer, ``passes/act_quant.py``; a 3x3 conv's im2col columns too,
-  ``lowering/conv_im2col.py``), plus, for im2col convs, a copy of the fp8 column matrix standing in for the extra
-  column write and read the fused producer does. The producer's own work is not counted on either side.
+* the quantized op as the compiled graph runs it: linears and 3x3 convs as our fp8 GEMM on a pre-quantized input (in a
+  compiled graph the input's quantization is fused into its producer, ``passes/act_quant.py``, and a 3x3 conv's
+  im2col columns too, ``lowering/conv_im2col.py``), plus, for im2col convs, a copy of the fp8 column matrix standing
+  in for the extra column write and read the fused producer does; 1x1 convs as the GEMM quantizing in its prologue.
+  The producer's own work is not counted on either side. A linear whose producer is an extern kernel (attention,
+  another GEMM) quantizes in the prologue too; its time here (the pre-quantized path, the TMA kernel for large shapes)
+  is then optimistic, so the guard may keep such an op quantized where bf16 would be faster, never the reverse.
 
 :func:`keep_slower_in_float` then marks the nodes whose quantized time exceeds ``margin`` x the float time as kept in
 full precision, with the two times as the reason (the backend's one warning and ``qdiff inspect`` show it). Other
@@ -91,7 +94,7 @@ def _gemm_mkn(n: NodePlan, route: str) -> tuple[int, int, int]:
 
 def time_node(n: NodePlan, device: torch.device, timer: Callable[[Callable[[], object]], float] = cuda_graph_timer) -> OpTiming | None:
     """:class:`OpTiming` of one W8A8-FP8 node, or None (not an fp8 route this module times)."""
-    from .lowering.kernels.fp8_linear import fp8_linear_prequant
+    from .lowering.kernels.fp8_linear import fp8_linear, fp8_linear_prequant
 
     route = _fp8_route(n)
     if route is None:
@@ -103,7 +106,11 @@ def time_node(n: NodePlan, device: torch.device, timer: Callable[[Callable[[], o
     wq = torch.randn(nout, k, device=device, generator=g).clamp(-448, 448).to(FP8)
     w_scale = torch.full((nout, 1), 1e-3, device=device)
     a_scale = torch.tensor(1e-2, device=device)
-    gemm = lambda: fp8_linear_prequant(xq, wq, w_scale, bias, a_scale, torch.bfloat16)  # noqa: E731
+    if route == "conv 1x1":  # 1x1 convs quantize in the GEMM's prologue (passes/act_quant.py places linears only)
+        xb = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
+        gemm = lambda: fp8_linear(xb, wq, w_scale, bias, a_scale)  # noqa: E731
+    else:
+        gemm = lambda: fp8_linear_prequant(xq, wq, w_scale, bias, a_scale, torch.bfloat16)  # noqa: E731
     quantized = timer(gemm)
     if route == "im2col conv":  # the fused producer's extra column write and the GEMM's read of it
         spare = torch.empty_like(xq)
