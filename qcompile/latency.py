@@ -78,7 +78,12 @@ def _fp8_route(n: NodePlan) -> str | None:
     params = _conv_params(n) if n.kind.value == "conv" and len(n.weight_shape) == 4 else None
     if params is None or n.conv_args.get("groups", 1) != 1 or n.weight_shape[1] % 16:
         return None
-    return "conv 1x1" if n.weight_shape[2:] == (1, 1) and params[:2] == ((1, 1), (0, 0)) else "im2col conv"
+    if n.weight_shape[2:] == (1, 1) and params[:2] == ((1, 1), (0, 0)):
+        return "conv 1x1"
+    from .lowering.conv_im2col import MAX_COLUMN_BYTES
+
+    m, k, _ = _gemm_mkn(n, "im2col conv")
+    return "im2col conv" if m * k <= MAX_COLUMN_BYTES else None  # (larger: the implicit kernel, not timed here)
 
 
 def _gemm_mkn(n: NodePlan, route: str) -> tuple[int, int, int]:
