@@ -7,7 +7,8 @@ split op are contiguous K ranges (``split point * KH * KW``), exactly what the l
 * unsplit: smoothing, im2col and the static fp8 quantization are plain aten ops, which Inductor fuses into one kernel
   (with the producer's pointwise work: GroupNorm + SiLU in a UNet) that writes the ``(M, K)`` fp8 matrix; the GEMM is
   ``qdiff::fp8_linear_prequant`` (the persistent TMA kernel for large shapes), bias in its epilogue;
-* split op: the float columns go to ``qdiff::fp8_linear``'s split path (per-slice scales in the prologue).
+* split op: the same, each slice's columns quantized with its own scale (a per-column scale vector, fused the same
+  way); the GEMM's split path rescales its accumulator at slice bounds (no TMA kernel: it has no split path).
 
 Why not the implicit-GEMM kernel (:mod:`.kernels.conv`): on an H200 (2026-12-01, ``examples/op_engines.py --ops conv --timing plain``, SD 1.5
 3x3 conv shapes, batch 2) the fp8 GEMM on explicit columns took 0.3-0.45x of the implicit kernel's time at every shape
@@ -25,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.conv import conv_out_size
-from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
+from .kernels.fp8_linear import fp8_linear_prequant, quantize_input_fp8, quantize_slices_fp8
 
 ENGINE_ENV = "QDIFF_CONV_ENGINE"
 ENGINES = ("im2col", "implicit")
-# Larger column matrices take the implicit kernel instead (no columns in memory): SD 1.5 at 512 px needs at most 141 MB
-# (bf16 columns of a split conv at 64x64), a 1024 px model or a large batch can need several GB.
+# Larger column matrices take the implicit kernel instead (no columns in memory): SD 1.5 at 512 px needs at most 71 MB
+# (the 960 -> 320 split conv at 64x64), a 1024 px model or a large batch can need several GB.
 MAX_COLUMN_BYTES = 512 * 2**20
 
 
@@ -42,12 +43,12 @@ def fp8_engine() -> str:
     return engine
 
 
-def column_bytes(x: torch.Tensor, weight_shape, stride, padding, dilation, split: bool) -> int:
-    """Bytes of the im2col matrix of ``x``: 1-byte fp8 columns, or ``x``'s float columns for a split op."""
+def column_bytes(x: torch.Tensor, weight_shape, stride, padding, dilation) -> int:
+    """Bytes of the (fp8) im2col matrix of ``x``."""
     n, c, kh, kw = weight_shape
     oh = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     ow = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return x.shape[0] * oh * ow * c * kh * kw * (x.element_size() if split else 1)
+    return x.shape[0] * oh * ow * c * kh * kw
 
 
 def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
@@ -72,9 +73,11 @@ def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     cols = im2col(x, (kh, kw), stride, padding, dilation)
     w2 = w.reshape(n, c * kh * kw)
     if splits is None:
-        y = fp8_linear_prequant(quantize_input_fp8(cols, a_scale), w2, w_scale, bias, a_scale, x.dtype, bias_corr=bias_corr)
-    else:
-        y = fp8_linear(cols, w2, w_scale, bias, a_scale, None, "none", bias_corr, splits=tuple(p * kh * kw for p in splits))
+        xq = quantize_input_fp8(cols, a_scale)
+    else:  # channel-major columns: slice s is the K range [p_s * KH * KW, p_s+1 * KH * KW), quantized with its scale
+        k_splits = tuple(p * kh * kw for p in splits)
+        xq = quantize_slices_fp8(cols, a_scale, k_splits)
+    y = fp8_linear_prequant(xq, w2, w_scale, bias, a_scale, x.dtype, bias_corr=bias_corr, splits=None if splits is None else k_splits)
     oh = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     ow = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
     return y.view(B, oh, ow, n).permute(0, 3, 1, 2)

@@ -216,7 +216,7 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
         return None  # unaligned channel strides defeat vectorized loads and pipelining: cuDNN is faster
     params = (st, pad, dil)
     if (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3") and fp8_engine() == "im2col":
-        small = conv_im2col.column_bytes(x, weight_shape, *params, split=splits is not None) <= conv_im2col.MAX_COLUMN_BYTES
+        small = conv_im2col.column_bytes(x, weight_shape, *params) <= conv_im2col.MAX_COLUMN_BYTES
         if small:  # (a symbolic batch guards on this bound)
             return ("im2col", params)
     return ("implicit", params)

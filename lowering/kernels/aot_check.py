@@ -64,6 +64,11 @@ def cases(which: set[str]):
         yield "fp8", fp8_linear.fp8_linear_kernel, sig, flags, fp8_linear.LARGE_M_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned
         yield "fp8 split (2 slices)", fp8_linear.fp8_linear_kernel, sig, dict(flags, NS=2), fp8_linear.SPLIT_CONFIGS, lin_aligned + ["B1"]
         yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.PREQUANT_CONFIGS, lin_aligned
+        yield "fp8 prequant split (2 slices)", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True, NS=2), \
+            fp8_linear.SPLIT_CONFIGS, lin_aligned + ["B1"]
+        for x_fp8 in (True, False):  # bounds on 64 but not 128 (the unmasked BLOCK_K = 64 table)
+            yield f"fp8 split k64 (3 slices{', prequant' if x_fp8 else ''})", fp8_linear.fp8_linear_kernel, \
+                dict(sig, x_ptr="*fp8e4nv" if x_fp8 else "*bf16"), dict(flags, X_FP8=x_fp8, NS=3), fp8_linear.SPLIT_K64_CONFIGS, lin_aligned + ["B1", "B2"]
         yield "fp8 prequant, fp8 out", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), dict(flags, X_FP8=True, OUT_FP8=True, ACT=2), \
             fp8_linear.PREQUANT_CONFIGS[:1], lin_aligned
     if "tma" in which and fp8_tma.HAS_TMA:  # the production (fp8-input) table, with and without the fp8-output epilogue

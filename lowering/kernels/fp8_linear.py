@@ -92,10 +92,12 @@ def fp8_linear_kernel(
                 else:
                     a = tl.load(x_ptr + rm_l[:, None] * stride_xm + kk[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
                     b = tl.load(w_ptr + rn_l[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None], other=0.0)
-                a = a.to(tl.float32)
-                if HAS_SMOOTH:
-                    a = a * tl.load(smooth_ptr + kk, mask=k_ok, other=0.0)[None, :]
-                acc = tl.dot(quantize_fp8(a * s_inv, INTERPRET), b, acc)
+                if not X_FP8:  # (fp8 input: each slice quantized by its producer with the slice's scale)
+                    a = a.to(tl.float32)
+                    if HAS_SMOOTH:
+                        a = a * tl.load(smooth_ptr + kk, mask=k_ok, other=0.0)[None, :]
+                    a = quantize_fp8(a * s_inv, INTERPRET)
+                acc = tl.dot(a, b, acc)
             c_prev = c
         y = epilogue(acc * c_prev[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, False, ACT)
     else:
@@ -141,6 +143,9 @@ CONFIG_TABLE = {
     "small": [(16, 64, 128, 4, 4, 8), (16, 32, 128, 4, 4, 8), (64, 64, 128, 4, 4, 8)],
     # split ops (NS > 1) at M > 64: the "large" rows that compile without spills with the per-slice rescale (aot_check)
     "split": [(128, 256, 64, 4, 8, 8), (64, 256, 128, 3, 8, 8), (64, 64, 128, 4, 4, 8)],
+    # split ops whose bounds are multiples of 64 but not of 128 (im2col columns of 320 / 960 channels x 9 taps): BLOCK_K
+    # 64 keeps them unmasked; the masked path spills with every split row (aot_check: STACK 8-64), these do not
+    "split_k64": [(128, 256, 64, 4, 8, 8), (64, 256, 64, 3, 8, 8), (64, 128, 64, 4, 4, 8)],
 }
 SMALL_M = 64  # M at or below this uses the "small" table
 
@@ -148,14 +153,31 @@ LARGE_M_CONFIGS = configs_from(CONFIG_TABLE["large"])
 PREQUANT_CONFIGS = configs_from(CONFIG_TABLE["large_prequant"])
 SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
 SPLIT_CONFIGS = configs_from(CONFIG_TABLE["split"])
+SPLIT_K64_CONFIGS = configs_from(CONFIG_TABLE["split_k64"])
 
 _KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS"]
 # EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
 _K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS + SPLIT_CONFIGS)
+_K64_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in SPLIT_K64_CONFIGS)
 _large = autotuned(fp8_linear_kernel, LARGE_M_CONFIGS, _KEY)
 _large_prequant = autotuned(fp8_linear_kernel, PREQUANT_CONFIGS, _KEY)
 _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
 _large_split = autotuned(fp8_linear_kernel, SPLIT_CONFIGS, _KEY)
+_large_split_k64 = autotuned(fp8_linear_kernel, SPLIT_K64_CONFIGS, _KEY)
+
+
+def tile_table(M: int, K: int, bounds: tuple[int, ...], split: bool, x_fp8: bool) -> tuple[str, bool]:
+    """The config table (``CONFIG_TABLE`` name) of a non-TMA launch and whether its K loop needs no masks (``EVEN_K``):
+    every bound (K, split points) a multiple of every BLOCK_K in the table."""
+    if M <= SMALL_M:
+        name = "small"
+    elif split:
+        if any(p % _K_MULTIPLE for p in (K, *bounds)) and not any(p % _K64_MULTIPLE for p in (K, *bounds)):
+            return "split_k64", True
+        name = "split"
+    else:
+        name = "large_prequant" if x_fp8 else "large"
+    return name, all(p % _K_MULTIPLE == 0 for p in (K, *bounds))
 
 
 def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
@@ -169,9 +191,10 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
     out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
     if M == 0:
         return out
-    if x_fp8 and fp8_tma.use_tma(x, w):
+    if x_fp8 and ns == 1 and fp8_tma.use_tma(x, w):
         return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap)
-    kernel = _small if M <= SMALL_M else _large_split if ns > 1 else _large_prequant if x_fp8 else _large
+    table, even_k = tile_table(M, K, (b1, b2, b3), ns > 1, x_fp8)
+    kernel = {"small": _small, "split": _large_split, "split_k64": _large_split_k64, "large_prequant": _large_prequant, "large": _large}[table]
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -182,7 +205,7 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
         M, N, K,
         x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1), b1, b2, b3,
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        OUT_FP8=out_scale is not None, EVEN_K=all(p % _K_MULTIPLE == 0 for p in (K, b1, b2, b3)), NS=ns, INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET,
     )
     return out
 
@@ -223,10 +246,10 @@ def _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits
     return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale, wrap, splits)
 
 
-def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, wrap=wrap_triton):
-    _check(xq, w, w_scale, bias, a_scale, None, (FP8,))
+def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits=None, wrap=wrap_triton):
+    _check(xq, w, w_scale, bias, a_scale, None, (FP8,), splits)
     _check_out(out_scale, out_dtype)
-    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale, wrap)
+    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale, wrap, splits)
 
 
 @triton_op("qdiff::fp8_linear", mutates_args=())
@@ -246,14 +269,17 @@ def _(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits=None):
 
 @triton_op("qdiff::fp8_linear_prequant", mutates_args=())
 def fp8_linear_prequant_op(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                           a_scale: torch.Tensor, act: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None) -> torch.Tensor:
+                           a_scale: torch.Tensor, act: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None,
+                           splits: list[int] | None = None) -> torch.Tensor:
     """2-D ``xq`` already float8_e4m3fn (quantized by its producer with ``a_scale``); output ``out_dtype``,
-    or float8_e4m3fn quantized with ``out_scale`` when it is given. Large GEMMs run the persistent TMA kernel."""
-    return _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale)
+    or float8_e4m3fn quantized with ``out_scale`` when it is given. Large unsplit GEMMs run the persistent TMA kernel.
+    ``splits``: a split op's input-feature split points, each slice of ``xq`` quantized with its own ``a_scale``
+    entry; ``w_scale`` is then (N, slices)."""
+    return _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits)
 
 
 @fp8_linear_prequant_op.register_fake
-def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale):
+def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits=None):
     return xq.new_empty((xq.shape[0], w.shape[0]), dtype=FP8 if out_scale is not None else out_dtype)
 
 
@@ -281,13 +307,27 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
 
 def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
                         out_dtype: torch.dtype, act: str = "none", bias_corr: torch.Tensor | None = None,
-                        out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale``."""
+                        out_scale: torch.Tensor | None = None, splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale`` (split ops: each slice
+    with its own scale, see :func:`quantize_slices_fp8`)."""
     N = w.shape[0]
-    args = (rows(xq), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale), activation_code(act), out_dtype,
+    split = None if splits is None else [int(p) for p in splits]
+    args = (rows(xq), w, flat(w_scale) if split is None else w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N),
+            as_float(a_scale) if split is None else flat(as_float(a_scale)), activation_code(act), out_dtype,
             None if out_scale is None else as_float(out_scale))
-    out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
+    if split is None:  # (the unsplit call keeps its exact argument list)
+        out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
+    else:
+        out = _fp8_linear_prequant(*args, split, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args, split)
     return out if xq.dim() == 2 else out.reshape(*xq.shape[:-1], N)
+
+
+def quantize_slices_fp8(x: torch.Tensor, a_scale: torch.Tensor, splits: tuple[int, ...]) -> torch.Tensor:
+    """Static fp8 quantization of ``x`` (..., K) with one scale per slice ``[splits[i], splits[i+1])`` of its last dim, as
+    aten ops (a per-feature scale vector; Inductor fuses it into the producer), the reference's arithmetic per slice."""
+    scales = a_scale.float().reshape(-1)
+    per_k = torch.cat([scales[i].expand(b - a) for i, (a, b) in enumerate(zip(splits, splits[1:]))])
+    return (x.float() / per_k).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def quantize_input_fp8(x: torch.Tensor, a_scale: torch.Tensor, act_smooth: torch.Tensor | None = None) -> torch.Tensor:

@@ -145,6 +145,43 @@ def test_split_fp8_linear_matches_reference(splits):
     assert sqnr_db(ref, unsplit) < 30
 
 
+@pytest.mark.parametrize("splits", SPLITS + [(0, 64, 192)])
+def test_split_fp8_linear_on_prequantized_slices_matches_reference(splits):
+    """Each slice quantized by its producer with its own scale (``quantize_slices_fp8``, as the im2col conv does):
+    the kernel's split path skips its prologue and gives the same codes' product as the reference."""
+    from qcompile.lowering.kernels.fp8_linear import quantize_slices_fp8
+
+    k, n = splits[-1], 40
+    qw = quantize_weight(torch.randn(n, k), "fp8_e4m3", "linear", clip_search=False, splits=splits)
+    w, ws = qw.data.to(DEVICE), qw.scale.to(DEVICE)
+    x = spread_slices(randn(3, 7, k), splits, -1)
+    s, _ = slice_qparams(x, splits, "fp8_e4m3", False, -1)
+    b = randn(n)
+    xq = quantize_slices_fp8(x, s, splits)
+    z = torch.zeros(s.shape, dtype=torch.int32, device=x.device)
+    for i, (lo, hi) in enumerate(zip(splits, splits[1:])):  # the reference's per-slice codes, exactly
+        assert torch.equal(xq[..., lo:hi].float(), quantize_activation(x[..., lo:hi], s[i], z[i], "fp8_e4m3", True).float())
+    out = fp8_linear_prequant(xq, w, ws, b, s, torch.float32, splits=splits)
+    assert out.shape == (3, 7, n) and sqnr_db(_ref(x, qw, w, ws, b, s, splits=splits), out) > 45
+
+
+def test_split_tile_tables():
+    """Bounds on 128: the split table unmasked; on 64 only (320 / 960 input channels x 9 taps): the BLOCK_K = 64
+    table, unmasked; elsewhere the split table, masked."""
+    table = fp8_linear_module().tile_table
+    assert table(8192, 23040, (11520, 0, 0), True, True) == ("split", True)
+    assert table(8192, 8640, (5760, 0, 0), True, True) == ("split_k64", True)
+    assert table(8192, 72, (20, 0, 0), True, False) == ("split", False)
+    assert table(8192, 1152, (0, 0, 0), False, True) == ("large_prequant", True)
+    assert table(64, 8640, (5760, 0, 0), True, True) == ("small", False)
+
+
+def fp8_linear_module():
+    import importlib
+
+    return importlib.import_module("qcompile.lowering.kernels.fp8_linear")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter: sigmoid of very negative values
 def test_split_fp8_linear_bf16_smoothing_activation_and_fp8_output():
     splits, n = (0, 24, 56), 48
