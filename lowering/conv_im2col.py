@@ -43,12 +43,18 @@ def fp8_engine() -> str:
     return engine
 
 
-def column_bytes(x: torch.Tensor, weight_shape, stride, padding, dilation) -> int:
-    """Bytes of the (fp8) im2col matrix of ``x``."""
+def column_shape(input_shape, weight_shape, stride, padding, dilation) -> tuple[int, int]:
+    """``(M, K)`` of the im2col matrix of an input of ``input_shape`` (B, C, H, W): one row per output pixel."""
     n, c, kh, kw = weight_shape
-    oh = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    ow = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return x.shape[0] * oh * ow * c * kh * kw
+    oh = conv_out_size(input_shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(input_shape[3], kw, stride[1], padding[1], dilation[1])
+    return input_shape[0] * oh * ow, c * kh * kw
+
+
+def column_bytes(input_shape, weight_shape, stride, padding, dilation) -> int:
+    """Bytes of the (fp8) im2col matrix of an input of ``input_shape``."""
+    m, k = column_shape(input_shape, weight_shape, stride, padding, dilation)
+    return m * k
 
 
 def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],

@@ -164,7 +164,8 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
                    colsum=colsum, splits=splits)
 
 
-def _pair(v, n: int = 2) -> tuple[int, ...] | None:
+def pair(v, n: int = 2) -> tuple[int, ...] | None:
+    """``v`` as an ``n``-tuple of ints (an int repeated, a 1-tuple repeated), or None."""
     if isinstance(v, int):
         return (v,) * n
     if isinstance(v, (tuple, list)) and all(isinstance(e, int) for e in v):
@@ -172,14 +173,14 @@ def _pair(v, n: int = 2) -> tuple[int, ...] | None:
     return None
 
 
-def _padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | None:
+def numeric_padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | None:
     """Numeric symmetric padding, or None (asymmetric 'same' padding is left to the reference)."""
     if padding == "valid":
         return (0, 0)
     if padding == "same":
         total = [d * (k - 1) for k, d in zip(kernel, dilation)]
         return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
-    return _pair(padding)
+    return pair(padding)
 
 
 # Implicit-GEMM convs need input channels in multiples of 16 (16-byte aligned channels-last rows);
@@ -197,10 +198,10 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
     ``splits``: a split op's input-channel split points (W8A8 fp8 / int8 only, as :func:`linear_route`)."""
     if kind != "conv" or len(weight_shape) != 4 or groups != 1 or not isinstance(x, torch.Tensor) or x.dim() != 4:
         return None
-    st, dil = _pair(stride), _pair(dilation)
+    st, dil = pair(stride), pair(dilation)
     if st is None or dil is None:
         return None
-    pad = _padding(padding, tuple(weight_shape[2:]), dil)
+    pad = numeric_padding(padding, tuple(weight_shape[2:]), dil)
     if pad is None or x.shape[1] != weight_shape[1]:
         return None
     if tuple(weight_shape[2:]) == (1, 1) and st == (1, 1) and pad == (0, 0):
@@ -216,7 +217,7 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
         return None  # unaligned channel strides defeat vectorized loads and pipelining: cuDNN is faster
     params = (st, pad, dil)
     if (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3") and fp8_engine() == "im2col":
-        small = conv_im2col.column_bytes(x, weight_shape, *params) <= conv_im2col.MAX_COLUMN_BYTES
+        small = conv_im2col.column_bytes(x.shape, weight_shape, *params) <= conv_im2col.MAX_COLUMN_BYTES
         if small:  # (a symbolic batch guards on this bound)
             return ("im2col", params)
     return ("implicit", params)

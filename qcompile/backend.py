@@ -173,10 +173,11 @@ def planned_weights_read_in_float(gm: fx.GraphModule, example_inputs: Sequence[A
     for n in plan.quantized_nodes():
         by_weight.setdefault(n.weight_name, []).append(n.key)
     found = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
     for name, (qname, _) in parameter_tensors(gm, example_inputs).items():
         if qname not in by_weight:
             continue
-        node = next(n for n in gm.graph.nodes if n.name == name)
+        node = nodes[name]
         other = sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users
                         if getattr(u.meta.get(META_KEY), "weight_name", None) != qname})
         if other:

@@ -27,7 +27,7 @@ from .observers import ActivationStats, ActQParams, choose_qparams
 from .passes.annotate import Annotation, annotate, apply_first_last, decide
 from .passes.observe import INPUT_EDGE, input_of, insert_observers
 from .passes.provenance import SplitDecision, apply_split, find_splits, split_note
-from .passes.sites import Site, bound_args, parameter_tensors
+from .passes.sites import META_KEY, Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
 from .release import check_not_released
@@ -104,7 +104,7 @@ class CalibrationSession:
             self.sites.setdefault(site.key, site)
             self.decisions.setdefault(site.key, apply_split(decide(site, self.config), self.splits.get(site.key), self.config.split_shortcuts))
         for node in gm.graph.nodes:
-            site = node.meta.get("qdiff_site")
+            site = node.meta.get(META_KEY)
             if site is not None and not site.unsupported:
                 self.weights.setdefault(site.key, params[bound_args(node)["weight"].name][1])
         signature = [s.key for s in sites]
@@ -121,7 +121,7 @@ class CalibrationSession:
         the Triton lowering can fuse them into one GEMM (``passes/fuse_siblings.py``)."""
         first: dict[tuple, str] = {}
         for node in gm.graph.nodes:
-            site = node.meta.get("qdiff_site")
+            site = node.meta.get(META_KEY)
             if site is None or site.unsupported:
                 continue
             ann = self.decisions.get(site.key)

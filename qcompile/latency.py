@@ -54,21 +54,20 @@ def cuda_graph_timer(fn: Callable[[], object]) -> float:
     return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 
 
-def _pair(v) -> tuple[int, int] | None:
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and all(isinstance(e, int) for e in v) and len(v) in (1, 2):
-        return tuple(v) * (3 - len(v)) if len(v) == 1 else tuple(v)
-    return None  # e.g. padding="same": not timed
+def _conv_params(n: NodePlan) -> tuple[tuple[int, ...], ...] | None:
+    """(stride, padding, dilation) pairs of a 2-D conv node as the Triton lowering reads them, or None."""
+    from .lowering.triton_lowering import numeric_padding, pair
 
-
-def _conv_params(n: NodePlan) -> tuple[tuple[int, int], ...] | None:
-    params = tuple(_pair(n.conv_args.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
-    return None if None in params else params
+    st, dil = pair(n.conv_args.get("stride", 1)), pair(n.conv_args.get("dilation", 1))
+    pad = None if dil is None else numeric_padding(n.conv_args.get("padding", 0), tuple(n.weight_shape[2:]), dil)
+    return None if st is None or pad is None else (st, pad, dil)
 
 
 def _fp8_route(n: NodePlan) -> str | None:
-    """How the Triton lowering runs a W8A8-FP8 node (unsplit, on CUDA), or None when this module does not time it."""
+    """How the Triton lowering runs a W8A8-FP8 node (unsplit, on CUDA), or None when this module does not time it
+    (other formats, split ops, the implicit-GEMM conv: ``QDIFF_CONV_ENGINE=implicit`` or columns over the bound)."""
+    from .lowering.conv_im2col import MAX_COLUMN_BYTES, column_bytes, fp8_engine
+
     act = n.acts[0] if n.acts else None
     w = n.weight_for(0)
     if w is None or act is None or (w.fmt, act.fmt) != ("fp8_e4m3", "fp8_e4m3") or n.split is not None or n.input_shape is None:
@@ -80,21 +79,17 @@ def _fp8_route(n: NodePlan) -> str | None:
         return None
     if n.weight_shape[2:] == (1, 1) and params[:2] == ((1, 1), (0, 0)):
         return "conv 1x1"
-    from .lowering.conv_im2col import MAX_COLUMN_BYTES
-
-    m, k, _ = _gemm_mkn(n, "im2col conv")
-    return "im2col conv" if m * k <= MAX_COLUMN_BYTES else None  # (larger: the implicit kernel, not timed here)
+    small = column_bytes(n.input_shape, n.weight_shape, *params) <= MAX_COLUMN_BYTES
+    return "im2col conv" if fp8_engine() == "im2col" and small else None
 
 
 def _gemm_mkn(n: NodePlan, route: str) -> tuple[int, int, int]:
-    shape = n.input_shape
+    """(M, K, N) of the GEMM the node runs: rows of the flattened input, or of the conv's im2col matrix."""
+    from .lowering.conv_im2col import column_shape
+
     if route == "linear":
-        return math.prod(shape[:-1]), shape[-1], n.weight_shape[0]
-    nout, c, kh, kw = n.weight_shape
-    (sh, sw), (ph, pw), (dh, dw) = _conv_params(n)
-    oh = (shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return shape[0] * oh * ow, c * kh * kw, nout
+        return math.prod(n.input_shape[:-1]), n.input_shape[-1], n.weight_shape[0]
+    return (*column_shape(n.input_shape, n.weight_shape, *_conv_params(n)), n.weight_shape[0])
 
 
 def time_node(n: NodePlan, device: torch.device, timer: Callable[[Callable[[], object]], float] = cuda_graph_timer) -> OpTiming | None:

@@ -164,6 +164,7 @@ _large_prequant = autotuned(fp8_linear_kernel, PREQUANT_CONFIGS, _KEY)
 _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
 _large_split = autotuned(fp8_linear_kernel, SPLIT_CONFIGS, _KEY)
 _large_split_k64 = autotuned(fp8_linear_kernel, SPLIT_K64_CONFIGS, _KEY)
+_KERNELS = {"small": _small, "split": _large_split, "split_k64": _large_split_k64, "large_prequant": _large_prequant, "large": _large}
 
 
 def tile_table(M: int, K: int, bounds: tuple[int, ...], split: bool, x_fp8: bool) -> tuple[str, bool]:
@@ -194,7 +195,7 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
     if x_fp8 and ns == 1 and fp8_tma.use_tma(x, w):
         return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap)
     table, even_k = tile_table(M, K, (b1, b2, b3), ns > 1, x_fp8)
-    kernel = {"small": _small, "split": _large_split, "split_k64": _large_split_k64, "large_prequant": _large_prequant, "large": _large}[table]
+    kernel = _KERNELS[table]
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
