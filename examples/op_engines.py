@@ -21,7 +21,8 @@ Linears (``M`` = rows of the flattened input):
 
 * ``cublas_bf16``: ``F.linear`` in bf16;
 * ``fp8_prologue``: our fp8 GEMM from the bf16 input (quantized in the kernel's prologue);
-* ``fp8_prequant``: our fp8 GEMM on an fp8 input (quantized by its producer: the TMA route for large shapes).
+* ``fp8_prequant``: our fp8 GEMM on an fp8 input (quantized by its producer: the TMA route for large shapes);
+* ``scaled_mm``: ``torch._scaled_mm`` (cuBLAS) on the same fp8 input, row-wise scales (the GEMM-level yardstick).
 
 Each engine's output is checked against the dequantized reference (SQNR, dB). Prints tables with the totals over the
 model's ops (shape time x count) and writes the numbers as JSON. (The 2026-12-01 conv table in docs/kernels.md was
@@ -162,11 +163,19 @@ def measure_linear(shape: tuple, t, dev: torch.device = torch.device("cuda")) ->
     res["fp8_prologue"] = t(lambda: fp8_linear(x, wq, w_scale, bias, a_scale))
     res["fp8_prequant_sqnr"] = _sqnr(ref, fp8_linear_prequant(xq, wq, w_scale, bias, a_scale, torch.bfloat16))
     res["fp8_prequant"] = t(lambda: fp8_linear_prequant(xq, wq, w_scale, bias, a_scale, torch.bfloat16))
+    sa = a_scale.float().expand(M, 1).contiguous()
+    sb = w_scale.float().reshape(1, N).contiguous()
+    try:
+        mm = lambda: torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, bias=b_bf, out_dtype=torch.bfloat16)  # noqa: E731
+        res["scaled_mm_sqnr"] = _sqnr(ref, mm())
+        res["scaled_mm"] = t(mm)
+    except RuntimeError as e:  # cuBLAS rejects some shapes / scale layouts: keep the reason
+        res["scaled_mm_error"] = str(e).splitlines()[0][:200]
     return res
 
 
 CONV_ENGINES = ("cudnn_bf16", "implicit", "im2col", "gemm_triton", "gemm_cublas")
-LINEAR_ENGINES = ("cublas_bf16", "fp8_prologue", "fp8_prequant")
+LINEAR_ENGINES = ("cublas_bf16", "fp8_prologue", "fp8_prequant", "scaled_mm")
 
 
 def _table(title: str, shapes: Counter, measure, engines: tuple[str, ...], label, t) -> tuple[list[dict], dict]:
