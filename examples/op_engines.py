@@ -13,7 +13,8 @@ Convs:
 * ``implicit``: our implicit-GEMM kernel (``qdiff::conv2d_w8a8``, activation quantized in its prologue), the kernel
   launch alone (weight already tap-major, input channels-last);
 * ``im2col``: im2col + static fp8 quantization of the input into the ``(M, C*KH*KW)`` fp8 matrix of
-  ``lowering/conv_im2col.py``, one Inductor-compiled kernel (in a model, fused into the producer);
+  ``lowering/conv_im2col.py`` (tap-major columns, the weight reordered to match), one Inductor-compiled kernel (in a
+  model, fused into the producer);
 * ``gemm_triton``: our fp8 GEMM (``qdiff::fp8_linear_prequant``, the TMA route where it applies) on that matrix;
 * ``gemm_cublas``: ``torch._scaled_mm`` on it (row-wise scales: per-tensor activation x per-channel weight).
 
@@ -98,7 +99,7 @@ def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure_conv(shape: tuple, t, dev: torch.device = torch.device("cuda")) -> dict:
-    from qcompile.lowering.conv_im2col import im2col
+    from qcompile.lowering.conv_im2col import columns_weight, im2col
     from qcompile.lowering.kernels.conv import conv2d_w8a8_args, conv_out_size
     from qcompile.lowering.kernels.fp8_linear import fp8_linear_prequant, quantize_input_fp8
 
@@ -131,12 +132,13 @@ def measure_conv(shape: tuple, t, dev: torch.device = torch.device("cuda")) -> d
                             fullgraph=True)
     cols = columns(x)
     res["im2col"] = t(lambda: columns(x))
-    res["gemm_triton_sqnr"] = _sqnr(ref, nchw(fp8_linear_prequant(cols, wq, w_scale, bias, a_scale, torch.bfloat16)))
-    res["gemm_triton"] = t(lambda: fp8_linear_prequant(cols, wq, w_scale, bias, a_scale, torch.bfloat16))
+    wc = columns_weight(wq, (N, C, kh, kw))  # the column order, as converted graphs store it
+    res["gemm_triton_sqnr"] = _sqnr(ref, nchw(fp8_linear_prequant(cols, wc, w_scale, bias, a_scale, torch.bfloat16)))
+    res["gemm_triton"] = t(lambda: fp8_linear_prequant(cols, wc, w_scale, bias, a_scale, torch.bfloat16))
     sa = a_scale.float().expand(M, 1).contiguous()
     sb = w_scale.float().reshape(1, N).contiguous()
     try:
-        mm = lambda: torch._scaled_mm(cols, wq.t(), scale_a=sa, scale_b=sb, bias=b_bf, out_dtype=torch.bfloat16)  # noqa: E731
+        mm = lambda: torch._scaled_mm(cols, wc.t(), scale_a=sa, scale_b=sb, bias=b_bf, out_dtype=torch.bfloat16)  # noqa: E731
         res["gemm_cublas_sqnr"] = _sqnr(ref, nchw(mm()))
         res["gemm_cublas"] = t(mm)
     except RuntimeError as e:  # cuBLAS rejects some shapes / scale layouts: keep the reason

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from collections import defaultdict
@@ -140,6 +141,8 @@ def main() -> None:
     for variant in args.variants:
         torch._dynamo.reset()
         code = f"{args.code_dir}/{args.model}.{variant}.py" if args.code_dir else None
+        if code:
+            os.makedirs(args.code_dir, exist_ok=True)
         r = profile_variant(args.model, variant, args.steps, code)
         results.append(r)
         print(f"\n## {args.model} {variant}: wall {r['wall_ms']:.2f} ms/step, kernels busy {r['busy_ms']:.2f} ms, "

@@ -1,8 +1,14 @@
 """W8A8-FP8 2-D convolution as an explicit im2col matrix times the weight, on the fp8 GEMM kernels.
 
-The columns are written in the plan's own weight order, channel-major (``c * KH * KW + tap``, what ``F.unfold``
-produces), so the weight ``(N, C*KH*KW)`` is used as stored (no per-call reorder) and the input-channel slices of a
-split op are contiguous K ranges (``split point * KH * KW``), exactly what the linear kernels' split path takes.
+Column order: slice by slice (a split op's input-channel slices; one slice otherwise), and within a slice tap-major
+(``tap * C_slice + c``). Read from a channels-last input, a column row is then ``KH*KW`` contiguous runs of
+channels, so the kernel that writes the columns reads and writes along channels, both coalesced (channel-major
+columns, ``c * KH * KW + tap`` as ``F.unfold`` gives, read the input with stride ``C`` and wrote with stride
+``KH*KW``: on an H200, 2026-12-01, those kernels took 3.4 of the bundled UNet's 4.8 ms step). The weight is stored in
+the same order once, at conversion (:func:`columns_weight`, through ``Lowering.stored_weight``: the plan keeps its
+channel-major layout), and a split op's slices stay contiguous K ranges (``split point * KH * KW``), exactly what the
+linear kernels' split path takes. Other routes of such an op (the reference, the implicit kernel) restore the plan's
+layout per call (:func:`plan_weight`).
 
 * unsplit: smoothing, im2col and the static fp8 quantization are plain aten ops, which Inductor fuses into one kernel
   (with the producer's pointwise work: GroupNorm + SiLU in a UNet) that writes the ``(M, K)`` fp8 matrix; the GEMM is
@@ -57,18 +63,58 @@ def column_bytes(input_shape, weight_shape, stride, padding, dilation) -> int:
     return m * k
 
 
+COLUMNS_LAYOUT = "columns"  # ``weight_layout`` of a conv weight stored by :func:`columns_weight`
+
+
+def _slices(c: int, splits: tuple[int, ...] | None) -> list[tuple[int, int]]:
+    bounds = (0, c) if splits is None else tuple(splits)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _cat_k(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def columns_weight(wdata: torch.Tensor, weight_shape: tuple[int, ...], splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The plan's conv weight ``(N, C*KH*KW)`` (channel-major) in the column order of :func:`im2col` (contiguous)."""
+    n, c, kh, kw = weight_shape
+    w = wdata.reshape(n, c, kh, kw).permute(0, 2, 3, 1)  # (N, KH, KW, C)
+    return _cat_k([w[..., a:b].reshape(n, -1) for a, b in _slices(c, splits)]).contiguous()
+
+
+def plan_weight(wcols: torch.Tensor, weight_shape: tuple[int, ...], splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The inverse of :func:`columns_weight`: the plan's channel-major ``(N, C*KH*KW)``."""
+    n, c, kh, kw = weight_shape
+    parts, k0 = [], 0
+    for a, b in _slices(c, splits):
+        k1 = k0 + kh * kw * (b - a)
+        parts.append(wcols[:, k0:k1].reshape(n, kh, kw, b - a))
+        k0 = k1
+    return torch.cat(parts, dim=3).permute(0, 3, 1, 2).reshape(n, c * kh * kw).contiguous()
+
+
 def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-           dilation: tuple[int, int]) -> torch.Tensor:
-    """``(B*OH*OW, C*KH*KW)`` patches of ``x`` (B, C, H, W), channel-major columns, zero padding."""
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C*KH*KW, OH*OW)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+           dilation: tuple[int, int], splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``(B*OH*OW, C*KH*KW)`` patches of ``x`` (B, C, H, W), zero padding, in :func:`columns_weight`'s order.
+
+    Views (channels-last, pad, two ``unfold``) and one copy, so Inductor writes the columns in one kernel fused with
+    ``x``'s producer."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    B, C, H, W = x.shape
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # (B, H + 2ph, W + 2pw, C)
+    # windows of the dilated extent, every dilation-th element: (B, OH, OW, C, KH, KW)
+    win = xp.unfold(1, (kh - 1) * dh + 1, sh)[..., ::dh].unfold(2, (kw - 1) * dw + 1, sw)[..., ::dw]
+    taps = win.permute(0, 1, 2, 4, 5, 3)  # (B, OH, OW, KH, KW, C)
+    m = taps.shape[0] * taps.shape[1] * taps.shape[2]
+    return _cat_k([taps[..., a:b].reshape(m, -1) for a, b in _slices(C, splits)])
 
 
 def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor, *,
                       weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                       act_smooth: torch.Tensor | None = None, bias_corr: torch.Tensor | None = None,
                       splits: tuple[int, ...] | None = None) -> torch.Tensor:
-    """W8A8-FP8 conv2d of ``x`` (B, C, H, W) with the fp8 weight ``w`` (N, C*KH*KW) as stored in the plan.
+    """W8A8-FP8 conv2d of ``x`` (B, C, H, W) with the fp8 weight ``w`` (N, C*KH*KW) in column order
+    (:func:`columns_weight`).
 
     ``w_scale``: per output channel, or (N, slices) for a split op (``splits``: input-channel split points, with one
     ``a_scale`` per slice). Returns NCHW with channels-last strides (the GEMM's ``(M, N)`` output viewed)."""
@@ -76,11 +122,11 @@ def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     B, _, H, W = x.shape
     if act_smooth is not None:  # x * s per input channel, before quantization (as the reference)
         x = x * act_smooth.to(x.dtype).reshape(1, c, 1, 1)
-    cols = im2col(x, (kh, kw), stride, padding, dilation)
+    cols = im2col(x, (kh, kw), stride, padding, dilation, splits)
     w2 = w.reshape(n, c * kh * kw)
     if splits is None:
         xq = quantize_input_fp8(cols, a_scale)
-    else:  # channel-major columns: slice s is the K range [p_s * KH * KW, p_s+1 * KH * KW), quantized with its scale
+    else:  # slice s is the K range [p_s * KH * KW, p_s+1 * KH * KW), quantized with its scale
         k_splits = tuple(p * kh * kw for p in splits)
         xq = quantize_slices_fp8(cols, a_scale, k_splits)
     y = fp8_linear_prequant(xq, w2, w_scale, bias, a_scale, x.dtype, bias_corr=bias_corr, splits=None if splits is None else k_splits)

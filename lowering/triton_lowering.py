@@ -224,14 +224,22 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
-          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, outlier_scale=None, colsum=None):
+          output_padding=0, afmt=None, asym=False, bias_corr=None, act_smooth=None, splits=None, outlier_scale=None, colsum=None,
+          weight_layout=None):
     """:func:`.reference.qconv` on a Triton kernel where one applies; the output is channels-last (split ops: the W8A8
     kernels' split path; outlier-split ops: the reference).
 
-    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`; per slice for split ops), for asymmetric int8 activations."""
+    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`; per slice for split ops), for asymmetric int8 activations.
+    ``weight_layout``: ``"columns"`` when ``wdata`` was stored in im2col column order (:func:`stored_weight`)."""
     route = None if outlier_scale is not None else conv_route(
         x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride, padding=padding,
         dilation=dilation, groups=groups, splits=splits)
+    if weight_layout not in (None, conv_im2col.COLUMNS_LAYOUT):
+        raise ValueError(f"unknown conv weight layout {weight_layout!r}")
+    wanted = conv_im2col.COLUMNS_LAYOUT if route is not None and route[0] == "im2col" else None
+    if weight_layout != wanted:  # per call: a weight stored for another route (converted graphs store the im2col route's)
+        reorder = conv_im2col.columns_weight if wanted else conv_im2col.plan_weight
+        wdata = reorder(wdata, tuple(weight_shape), splits)
     if route is None:
         return reference.qconv(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                                kind=kind, stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -259,6 +267,17 @@ def fallback_reason(q) -> str | None:
         return "outlier-split input (no Triton kernel yet): runs the reference lowering"
     w = q.weight
     return split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits)
+
+
+def stored_weight(q, kind: str) -> tuple[torch.Tensor, str] | None:
+    """W8A8-FP8 convs with a spatial kernel store their weight in im2col column order (:mod:`.conv_im2col`), read as
+    stored by the GEMM; None for the rest (and with ``QDIFF_CONV_ENGINE=implicit``)."""
+    w = q.weight
+    spatial = kind == "conv" and len(w.shape) == 4 and tuple(w.shape[2:]) != (1, 1) and w.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE == 0
+    fp8 = (w.fmt, q.act_fmt) == ("fp8_e4m3", "fp8_e4m3") and w.group_size is None and q.act_outlier_scale is None
+    if not (spatial and fp8 and fp8_engine() == "im2col") or split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits):
+        return None
+    return conv_im2col.columns_weight(w.data, tuple(w.shape), w.splits), conv_im2col.COLUMNS_LAYOUT
 
 
 def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:

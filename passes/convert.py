@@ -54,6 +54,9 @@ class Lowering:
     aux: Callable[[QuantizedOp, str], dict[str, torch.Tensor]] | None = None
     # why an op has no kernel in this lowering and runs the reference (None: it has one), for the backend's warning
     fallback: Callable[[QuantizedOp], str | None] | None = None
+    # the weight stored in another layout, once, at conversion: (op, kind) -> (tensor, layout name) or None (as planned);
+    # the op is then called with ``weight_layout=`` that name
+    stored_weight: Callable[[QuantizedOp, str], tuple[torch.Tensor, str] | None] | None = None
 
 
 def _check_slices(q: QuantizedOp, node: fx.Node) -> None:
@@ -101,7 +104,8 @@ def convert(
         args = bound_args(node)
         prefix = f"qdiff_{i}_"
         with gm.graph.inserting_before(node):
-            wdata = add_buffer(gm, prefix + "weight", q.weight.data.to(device))
+            stored = lowering.stored_weight(q, site.kind.value) if lowering.stored_weight is not None else None
+            wdata = add_buffer(gm, prefix + "weight", (q.weight.data if stored is None else stored[0]).to(device))
             wscale = add_buffer(gm, prefix + "weight_scale", q.weight.scale.to(device))
             a_scale = add_buffer(gm, prefix + "act_scale", torch.tensor(q.act_scale, dtype=torch.float32, device=device))
             a_zp = add_buffer(gm, prefix + "act_zero_point", torch.tensor(q.act_zero_point, dtype=torch.int32, device=device))
@@ -117,6 +121,8 @@ def convert(
                 common["bias_corr"] = add_buffer(gm, prefix + "bias_correction", q.bias_correction.to(device))
             if q.act_smooth is not None:
                 common["act_smooth"] = add_buffer(gm, prefix + "act_smooth", q.act_smooth.to(device))
+            if stored is not None:
+                common["weight_layout"] = stored[1]
             if q.weight.splits is not None:
                 common["splits"] = q.weight.splits
             if q.act_fmt is not None and q.act_outlier_scale is not None:

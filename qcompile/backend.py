@@ -199,7 +199,8 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
             raise ConfigError(f"options['lowering']='triton' needs CUDA inputs (or TRITON_INTERPRET=1 on CPU); the graph's inputs are on {device}")
         return "reference", Lowering()
     return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
-                              aux=triton_lowering.aux_buffers, fallback=triton_lowering.fallback_reason)
+                              aux=triton_lowering.aux_buffers, fallback=triton_lowering.fallback_reason,
+                              stored_weight=triton_lowering.stored_weight)
 
 
 def build_quantized_graph(

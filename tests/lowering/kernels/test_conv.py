@@ -59,7 +59,8 @@ def test_conv_matches_reference(wfmt, asym, stride, padding, dilation, engine, m
 
 @pytest.mark.parametrize("ksize,stride,padding", [((1, 3), (1, 1), (0, 1)), ((3, 1), (2, 1), (1, 0)), ((2, 2), (2, 2), (0, 0))])
 def test_fp8_im2col_conv_with_non_square_kernels(ksize, stride, padding, monkeypatch):
-    """The im2col engine's columns follow ``F.unfold`` for any kernel shape (a 1x3, a 3x1 and a 2x2 patchify conv)."""
+    """The im2col engine matches the reference for any kernel shape (a 1x3, a 3x1 and a 2x2 patchify conv), the plan's
+    weight reordered to column order per call (converted graphs store it so)."""
     _use_engine(monkeypatch, "im2col", "fp8_e4m3")
     x = randn(2, 32, 6, 7, shift=0.2).contiguous(memory_format=torch.channels_last)
     args, kw = _conv_call(x, (24, 32, *ksize), "fp8_e4m3", "fp8_e4m3", False, stride=stride, padding=padding)

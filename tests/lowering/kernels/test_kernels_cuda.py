@@ -8,6 +8,8 @@ output element the kernel fails to write shows up as NaN) and bounds the relativ
 
 import os
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -347,8 +349,14 @@ def test_split_conv_costs_about_the_unsplit_kernel(fmt, engine, gen, monkeypatch
     kw = dict(wfmt=wfmt, group_size=None, weight_shape=qw.shape, kind="conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1),
               groups=1, afmt=afmt, asym=asym)
     unsplit_scale = qw.scale.amax(dim=1).contiguous()  # (timing only: the unsplit op on the same data)
-    t_split = do_bench(lambda: triton_lowering.qconv(x, qw.data, qw.scale, None, s, z, **kw, splits=splits))
-    t_unsplit = do_bench(lambda: triton_lowering.qconv(x, qw.data, unsplit_scale, None, s[:1].reshape(()), z[:1].reshape(()), **kw))
+
+    def op(scale, a_scale, zp, splits=None):  # the im2col engine compiled, as in a model (columns written by one fused kernel)
+        f = lambda x: triton_lowering.qconv(x, qw.data, scale, None, a_scale, zp, **kw, splits=splits)  # noqa: E731
+        return torch.compile(f, dynamic=False) if engine == "im2col" else f
+
+    torch._dynamo.reset()
+    t_split = do_bench(partial(op(qw.scale, s, z, splits), x))
+    t_unsplit = do_bench(partial(op(unsplit_scale, s[:1].reshape(()), z[:1].reshape(())), x))
     t_ref = do_bench(lambda: reference.qconv(x, qw.data, qw.scale, None, s, z, **kw, splits=splits))
     print(f"split conv {fmt} ({engine}): split kernel {t_split * 1e3:.1f} us, unsplit kernel {t_unsplit * 1e3:.1f} us, reference {t_ref * 1e3:.1f} us")
     if engine == "implicit":
@@ -382,6 +390,9 @@ def test_split_conv_op_is_inlined_by_inductor(engine, kernel, gen, monkeypatch):
               groups=1, afmt="fp8_e4m3", splits=splits)
 
     out, code, ref = _compiled_silu_conv(x, qw, None, s, z, kw)
+    if engine == "im2col":  # the columns are quantized from SiLU's fp32 value in the fused producer, as in
+        # test_fp8_conv_im2col_quantizes_in_the_producer (against bf16-rounded SiLU: 1.03e-2 on an H200, 2026-12-01)
+        ref = F.silu(reference.qconv(F.silu(x.float()), qw.data, qw.scale, None, s, z, **kw))
     assert "torch.ops.qdiff" not in code and kernel in code
     assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
 

@@ -15,8 +15,9 @@ pytestmark = needs_kernels
 
 
 def test_signatures_match_the_reference():
-    # extras: fp8 quantization placement (passes.act_quant) and precomputed buffers (aux_buffers), keyword-only, default None
-    for name, extras in (("qlinear", {"x_quant", "out_scale", "out_dtype", "colsum"}), ("qconv", {"colsum"})):
+    # extras: fp8 quantization placement (passes.act_quant), precomputed buffers (aux_buffers) and the stored weight's
+    # layout (stored_weight), keyword-only, default None
+    for name, extras in (("qlinear", {"x_quant", "out_scale", "out_dtype", "colsum"}), ("qconv", {"colsum", "weight_layout"})):
         ours = inspect.signature(getattr(triton_lowering, name)).parameters
         ref = inspect.signature(getattr(reference, name)).parameters
         assert list(ours)[: len(ref)] == list(ref) and all(ours[k] == ref[k] for k in ref)
@@ -141,15 +142,19 @@ def _compile_and_spy(monkeypatch, model, x, plan):
     """Run the model under the Triton lowering (no Inductor); record which kernel wrappers got split ops."""
     import warnings
 
+    from qcompile.lowering import conv_im2col
+
     calls = []
-    for name in ("conv2d_w8a8", "conv2d_fp8_im2col", "int8_linear", "fp8_linear"):
-        real = getattr(triton_lowering, name)
+    for module, name in [(triton_lowering, n) for n in ("conv2d_w8a8", "conv2d_fp8_im2col", "int8_linear", "fp8_linear")] + [
+        (conv_im2col, "columns_weight"), (conv_im2col, "plan_weight")
+    ]:
+        real = getattr(module, name)
 
         def spy(*a, _real=real, _name=name, **k):
-            calls.append((_name, k.get("splits")))
+            calls.append((_name, k.get("splits", a[2] if _name.endswith("_weight") else None)))
             return _real(*a, **k)
 
-        monkeypatch.setattr(triton_lowering, name, spy)
+        monkeypatch.setattr(module, name, spy)
     torch._dynamo.reset()
     plan.warned.clear()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
@@ -170,6 +175,14 @@ def test_split_ops_of_a_skip_cat_take_the_kernels(skipcat_plans, monkeypatch, pr
     assert (conv, (0, 16, 32)) in calls  # the 3x3 conv: implicit GEMM (int8) / im2col + the fp8 GEMM's split path
     assert (gemm, (0, 16, 32)) in calls  # the 1x1 shortcut: GEMM kernel, split path
     assert fallback == []  # nothing runs the reference
+    # the fp8 conv's weight is stored in column order once, at conversion, and read as stored (no reorder per call)
+    reorders = [c for c in calls if c[0].endswith("_weight")]
+    spatial = [k for k, nd in plan.nodes.items() if nd.weight is not None and len(nd.weight.shape) == 4
+               and tuple(nd.weight.shape[2:]) != (1, 1) and nd.weight.shape[1] % 16 == 0]  # (the 3-channel input conv: cuDNN)
+    if preset == "w8a8-fp8":
+        assert {c[0] for c in reorders} == {"columns_weight"} and len(reorders) == len(spatial) and ("columns_weight", (0, 16, 32)) in reorders
+    else:
+        assert reorders == []
     torch._dynamo.reset()
     with torch.no_grad():
         ref = torch.compile(model, backend="qdiff", options={"plan": plan, "lowering": "reference", "inductor": False})(x, torch.full((2,), 0.5))
