@@ -256,14 +256,57 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float) -> tu
     return statistics.median(times), len(times)
 
 
-def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row) -> Any:
-    """The callable model of one variant (quantized and/or compiled, not yet run)."""
+def _exclusive_first_run(compiled: Callable[..., Any], rows_dir: str | None) -> Callable[..., Any]:
+    """``compiled`` whose first run holds the host alone (:func:`_alone_on_host`): the run in which Inductor and our
+    kernels autotune and cuDNN's benchmark mode picks its algorithms, so that other rows' compiles and calibration
+    kernels do not skew those picks. Later runs go straight through."""
+    pending = [True]
+
+    def run(*args: Any) -> Any:
+        if not pending:
+            return compiled(*args)
+        with _alone_on_host(rows_dir):
+            out = compiled(*args)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        pending.clear()
+        return out
+
+    return run
+
+
+def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: str | None, options: dict | None = None) -> Any:
+    """``torch.compile(model, backend=..., mode=..., options=...)`` (``backend``: ``"inductor"`` or ``"qdiff"``); in a
+    multi-row run (``rows_dir``) the backend's compiled graphs run their first call alone on the host
+    (:func:`_exclusive_first_run`) while compiling still overlaps with other rows."""
+    if rows_dir is None:
+        return torch.compile(model, backend=backend, mode=mode) if backend == "inductor" else torch.compile(model, backend=backend, options=options)
+    if backend == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(mode)) if mode else {}
+        inner = lambda gm, example_inputs: compile_fx(gm, example_inputs, config_patches=patches)  # noqa: E731
+    elif backend == "qdiff":
+        from .backend import qdiff_backend
+
+        inner = lambda gm, example_inputs: qdiff_backend(gm, example_inputs, options=options)  # noqa: E731
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return torch.compile(model, backend=lambda gm, example_inputs: _exclusive_first_run(inner(gm, example_inputs), rows_dir))
+
+
+def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row,
+                     rows_dir: str | None = None) -> Any:
+    """The callable model of one variant (quantized and/or compiled, not yet run). ``rows_dir``: the run's row
+    folder (rows side by side): GPU timings taken while preparing, and each compiled graph's first run, then hold the
+    host alone."""
     mode = "reduce-overhead" if variant.endswith(CUDAGRAPHS) else None
     variant = variant.removesuffix(CUDAGRAPHS)
     if variant == "bf16-eager":
         return model
     if variant == "bf16-inductor":
-        return torch.compile(model, mode=mode)
+        return _compile(model, "inductor", mode, rows_dir)
     if variant.startswith("torchao-"):
         from torchao.quantization import (  # torchao is optional: only these rows need it
             Float8DynamicActivationFloat8WeightConfig,
@@ -279,7 +322,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         t0 = time.perf_counter()
         quantize_(model, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and fqn in keep)
         row.calibration_s = time.perf_counter() - t0  # quantize_ time (no calibration)
-        return torch.compile(model, mode=mode)
+        return _compile(model, "inductor", mode, rows_dir)
     if variant.startswith("qdiff-"):
         from .calibrate import calibrate
         from .config import QuantConfig
@@ -299,7 +342,8 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
             from .latency import keep_slower_in_float, time_fp8_ops
 
             t0 = time.perf_counter()
-            timings = time_fp8_ops(plan, device)
+            with _alone_on_host(rows_dir):  # per-op GPU timings: not beside other rows' work
+                timings = time_fp8_ops(plan, device)
             kept = keep_slower_in_float(plan, timings)
             row.extra["latency_guard"] = {"timed": len(timings), "kept_in_bf16": kept, "seconds": round(time.perf_counter() - t0, 1)}
         row.quantized_ops = f"{len(plan.quantized_nodes())}/{len(plan.nodes)} ops"
@@ -308,7 +352,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         torch._dynamo.reset()
         # the float weights of the quantized ops are freed once compiled: peak memory holds the quantized storage only
         options = {"plan": plan, "release_float_weights": True, **({"mode": mode} if mode else {})}
-        return torch.compile(model, backend="qdiff", options=options)
+        return _compile(model, "qdiff", mode, rows_dir, options)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -326,8 +370,9 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         model = spec.build()
     model = model.to(dev, dtype).eval()
     rows_dir = os.environ.get(ROWS_ENV)
-    with torch.no_grad():  # build, calibrate, compile: alongside other rows (paused while one of them times)
-        runnable = _prepare_variant(variant, model, spec, dev, dtype, row)
+    # build, calibrate, compile: alongside other rows (paused while one of them times or runs a first call)
+    with torch.no_grad():
+        runnable = _prepare_variant(variant, model, spec, dev, dtype, row, rows_dir)
         inputs = spec.inputs(dev, dtype, 500)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -410,6 +455,9 @@ def _signal_groups(groups: list[int], sig: int) -> None:
             os.killpg(pgid, sig)
 
 
+_HOST_HELD: list[str] = []  # non-empty while this process holds the host (flock is not re-entrant across opens)
+
+
 @contextlib.contextmanager
 def _alone_on_host(rows_dir: str | None) -> Iterator[int]:
     """Run the timed repeats alone on the host: take the run's timing lock (one row times at a time), stop every
@@ -419,7 +467,7 @@ def _alone_on_host(rows_dir: str | None) -> Iterator[int]:
     (Timing one row at a time was not enough: other rows' compiles saturate the CPU and a launch-bound model then
     measures several times slower; and a reader/writer lock that waits for the compiles to end can wait for minutes
     when some row is always compiling.)"""
-    if not rows_dir:
+    if not rows_dir or _HOST_HELD:  # (re-entered: a graph compiled while timing runs its first call; the lock is ours)
         yield 0
         return
     import fcntl
@@ -429,10 +477,12 @@ def _alone_on_host(rows_dir: str | None) -> Iterator[int]:
         fcntl.flock(f, fcntl.LOCK_EX)
         others = [g for g in _row_groups(rows_dir) if g != os.getpid()]
         _signal_groups(others, signal.SIGSTOP)
+        _HOST_HELD.append(rows_dir)
         try:
             time.sleep(0.2)  # let kernels the others queued drain from the GPU
             yield len(others)
         finally:
+            _HOST_HELD.pop()
             _signal_groups(others, signal.SIGCONT)
             fcntl.flock(f, fcntl.LOCK_UN)
 

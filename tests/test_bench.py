@@ -166,6 +166,60 @@ def test_timing_pauses_the_other_rows_and_continues_them(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to read process states")
+def test_a_compiled_graph_runs_its_first_call_alone_on_the_host(tmp_path):
+    """In a multi-row run a compiled row's first call (autotuning, cuDNN's algorithm search) pauses the other rows,
+    later calls do not; compiling itself does not; holding the host is re-entrant (a graph first run while timing)."""
+    rows = [_busy_row(tmp_path)]
+    states = []
+
+    def backend(gm, example_inputs):  # stands in for Inductor / qdiff: records the other row's state per call
+        def run(*args):
+            states.append(_state(rows[0].pid))
+            return gm.forward(*args)
+
+        states.append(("compile", _state(rows[0].pid)))
+        return run
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    try:
+        time.sleep(0.3)
+        with torch.no_grad():
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend=lambda gm, ex: bench._exclusive_first_run(backend(gm, ex), str(tmp_path)))
+            x = torch.randn(2, 4)
+            torch.testing.assert_close(compiled(x), model(x))
+            time.sleep(0.1)
+            compiled(x)
+            with bench._alone_on_host(str(tmp_path)) as paused:  # timing: a first run inside does not deadlock
+                assert paused == 1
+                torch._dynamo.reset()
+                again = torch.compile(model, backend=lambda gm, ex: bench._exclusive_first_run(backend(gm, ex), str(tmp_path)))
+                again(x)
+        assert states[0] == ("compile", "R") and states[1] == "T" and states[2] == "R"
+        assert states[-1] == "T"  # (held by the enclosing timing)
+        time.sleep(0.1)
+        assert _state(rows[0].pid) == "R"
+    finally:
+        for p in rows:
+            p.kill()
+            p.wait()
+
+
+def test_bench_compiles_through_the_exclusive_wrapper_only_in_multi_row_runs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    bench._compile(model, "inductor", "reduce-overhead", None)
+    bench._compile(model, "qdiff", None, None, {"plan": "p"})
+    bench._compile(model, "inductor", None, "/rows")
+    assert calls[0] == {"backend": "inductor", "mode": "reduce-overhead"}
+    assert calls[1] == {"backend": "qdiff", "options": {"plan": "p"}}
+    assert set(calls[2]) == {"backend"} and callable(calls[2]["backend"])
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench._compile(model, "tensorrt", None, "/rows")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to read process states")
 def test_rows_left_stopped_by_a_killed_timer_are_continued(tmp_path):
     import signal
 
