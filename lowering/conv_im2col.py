@@ -4,7 +4,8 @@ Column order: slice by slice (a split op's input-channel slices; one slice other
 (``tap * C_slice + c``). Read from a channels-last input, a column row is then ``KH*KW`` contiguous runs of
 channels, so the kernel that writes the columns reads and writes along channels, both coalesced (channel-major
 columns, ``c * KH * KW + tap`` as ``F.unfold`` gives, read the input with stride ``C`` and wrote with stride
-``KH*KW``: on an H200, 2026-12-01, those kernels took 3.4 of the bundled UNet's 4.8 ms step). The weight is stored in
+``KH*KW``: on an H200, 2026-12-01, those kernels took 3.4 of the bundled UNet's 4.8 ms step; what the new order
+measured: docs/kernels.md v6). The weight is stored in
 the same order once, at conversion (:func:`columns_weight`, through ``Lowering.stored_weight``: the plan keeps its
 channel-major layout), and a split op's slices stay contiguous K ranges (``split point * KH * KW``), exactly what the
 linear kernels' split path takes. Other routes of such an op (the reference, the implicit kernel) restore the plan's
