@@ -110,9 +110,15 @@ def fp8_attention_kernel(
     sm_scale, H, SQ, SK,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the wrapper's check): vectorized loads / stores of the head-dim parts even
+    # where Triton's own specialization (integer arguments divisible by 16) does not see it, e.g. contiguous D = 72.
+    stride_qs = tl.multiple_of(stride_qs, ROW_ALIGN)
+    stride_ks = tl.multiple_of(stride_ks, ROW_ALIGN)
+    stride_vs = tl.multiple_of(stride_vs, ROW_ALIGN)
+    stride_os = tl.multiple_of(stride_os, ROW_ALIGN)
     pid_m = tl.program_id(0)  # query tiles of one head run next to each other: its K / V stay in L2
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -222,12 +228,27 @@ def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype):
     return x_fp8
 
 
+def new_output(q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The (B, H, Sq, D) output, stored (B, Sq, H, D): rows of H * D elements (16-divisible strides for the kernel's
+    stores), and the usual ``out.transpose(1, 2).reshape(B, Sq, H * D)`` after attention is a view, no copy."""
+    B, H, SQ, D = q.shape
+    return torch.empty((B, SQ, H, D), device=q.device, dtype=out_dtype).transpose(1, 2)
+
+
+def row_align(*ts: torch.Tensor) -> int:
+    """The largest power of two (<= 16) dividing every row stride (the S dims') of ``ts``: the kernel's load hint."""
+    g = 0
+    for t in ts:
+        g = math.gcd(g, t.stride(2))
+    return math.gcd(g, 16) if g else 16
+
+
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, wrap=wrap_triton) -> torch.Tensor:
     """Check, allocate the (B, H, Sq, D) output and launch."""
     x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype)
     B, H, SQ, D = q.shape
     SK = k.shape[2]
-    out = torch.empty((B, H, SQ, D), device=q.device, dtype=out_dtype)
+    out = new_output(q, out_dtype)
     if out.numel() == 0:
         return out
     d0, dq1, dv1 = head_parts(D)
@@ -240,7 +261,7 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
         sm_scale, H, SQ, SK,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        D=D, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, INTERPRET=INTERPRET,
+        D=D, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, ROW_ALIGN=row_align(q, k, v, out), INTERPRET=INTERPRET,
     )
     return out
 
@@ -255,7 +276,7 @@ def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale:
 
 @fp8_attention_op.register_fake
 def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype):
-    return q.new_empty(q.shape, dtype=out_dtype)
+    return new_output(q, out_dtype)
 
 
 def _scalar(s: torch.Tensor) -> torch.Tensor:
