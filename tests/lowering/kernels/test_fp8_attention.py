@@ -39,7 +39,7 @@ def test_head_parts_split_non_power_of_two_head_dims():
     assert head_parts(64) == (64, 0, 0) and head_parts(128) == (128, 0, 0)
     assert head_parts(40) == (32, 32, 16) and head_parts(80) == (64, 32, 16) and head_parts(160) == (128, 32, 32)
     assert dot_widths(72) == (96, 80)  # 352 FLOPs per (query, key) pair against 512 padded to 128, 288 useful
-    for d in (16, 36, 264):
+    for d in (16, 36, 168, 256):
         with pytest.raises(ValueError, match=f"got {d}"):
             head_parts(d)
 
