@@ -12,6 +12,8 @@ slice (see :mod:`.weights`). With equal scales for every slice this is exactly t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -117,3 +119,36 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
     if kind == "conv_transpose":
         return _CONV_T[nd](x, w, b, stride, padding, output_padding, groups, dilation)
     return _CONV[nd](x, w, b, stride, padding, dilation, groups)
+
+
+ATTN_P_SCALE = 448.0  # softmax probabilities are quantized as 448 * P: the whole e4m3 range
+
+
+def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None):
+    """Non-causal ``softmax(q k^T * sm_scale) v`` of (B, H, S, D) tensors with fp8 e4m3 q, k, v and probabilities, the
+    arithmetic of ``qdiff::fp8_attention`` (:mod:`.kernels.fp8_attention`).
+
+    q, k, v are quantized with their static per-tensor scales (or are float8_e4m3fn codes already quantized with them).
+    Scores in fp32 are taken in base 2, ``S = (q8 k8^T) * q_scale * k_scale * sm_scale * log2 e``; with the row max
+    ``m``, ``P = exp2(S - m + log2 448)`` (in [0, 448]) is quantized to e4m3 for ``P8 v8``, the row sum ``l`` adds the
+    unquantized fp32 P, and ``O = (P8 v8) * v_scale / l`` in ``out_dtype`` (default q's dtype; bf16 for fp8 inputs).
+
+    Where the kernel differs: it quantizes P tile by tile relative to the *running* row max (online softmax), rescaling
+    the accumulated sum when the max grows, while this uses the final max. e4m3 rounding is relative, so the error is
+    statistically the same, but codes differ after a rescale (and tiny P flush to zero at different points); with all
+    keys in one key tile both are the same up to fp32 summation order and the GPU's ``ex2.approx``.
+    """
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+
+    def codes(x, scale):
+        return (x if x.dtype == torch.float8_e4m3fn else quantize_fp8(x, scale)).float()
+
+    q8, k8, v8 = codes(q, q_scale), codes(k, k_scale), codes(v, v_scale)
+    s = (q8 @ k8.transpose(-1, -2)) * (q_scale.float() * k_scale.float() * sm_scale * 1.4426950408889634)
+    p = torch.exp2(s - s.amax(-1, keepdim=True) + math.log2(ATTN_P_SCALE))
+    p8 = p.clamp(max=ATTN_P_SCALE).to(torch.float8_e4m3fn).float()
+    out = (p8 @ v8) * (v_scale.float() / p.sum(-1, keepdim=True))
+    return out.to(out_dtype)

@@ -1,4 +1,5 @@
-"""Triton kernels for quantized linear / conv ops, registered as ``torch.ops.qdiff.*`` triton_ops.
+"""Triton kernels for quantized linear / conv ops, registered as ``torch.ops.qdiff.*`` triton_ops, and an fp8
+attention forward (``qdiff::fp8_attention``, not yet used by the lowering).
 
 Each module holds the ``@triton.jit`` kernel(s), their autotune configs, the checked wrapper and
 the ``torch.library.triton_op`` registration (with a fake implementation, so graphs calling them
@@ -10,11 +11,12 @@ Kernels run on CUDA tensors, or on CPU tensors when Triton runs in its interpret
 
 from ._common import INTERPRET, kernels_usable_on
 from .conv import conv2d_w8a8
+from .fp8_attention import fp8_attention
 from .fp8_linear import fp8_linear, fp8_linear_prequant
 from .int8_linear import int8_linear, weight_colsum
 from .w4_linear import w4a8_linear, weight_only_linear
 
 __all__ = [
-    "INTERPRET", "kernels_usable_on", "conv2d_w8a8", "fp8_linear", "fp8_linear_prequant", "int8_linear",
+    "INTERPRET", "kernels_usable_on", "conv2d_w8a8", "fp8_attention", "fp8_linear", "fp8_linear_prequant", "int8_linear",
     "weight_colsum", "w4a8_linear", "weight_only_linear",
 ]

@@ -1,6 +1,6 @@
 """Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills.
 
-``python -m qcompile.lowering.kernels.aot_check [fp8|tma|int8|w4|conv ...]`` (in a process without
+``python -m qcompile.lowering.kernels.aot_check [fp8|tma|int8|w4|conv|attention ...]`` (in a process without
 ``TRITON_INTERPRET``). The interpreter tests check the kernels' logic; this catches what only the
 GPU compiler sees: unsupported conversions, shared memory over the 227 KB limit, register spills
 (``STACK`` > 0) and loops that did not get software-pipelined (small ``smem``). Pointers and the
@@ -23,8 +23,8 @@ from triton.compiler import ASTSource
 from ._common import INTERPRET
 
 # the package re-exports functions named like their modules, so fetch the modules themselves
-conv, fp8_linear, fp8_tma, int8_linear, w4_linear = (importlib.import_module(f"{__package__}.{m}")
-                                                     for m in ("conv", "fp8_linear", "fp8_tma", "int8_linear", "w4_linear"))
+conv, fp8_attention, fp8_linear, fp8_tma, int8_linear, w4_linear = (
+    importlib.import_module(f"{__package__}.{m}") for m in ("conv", "fp8_attention", "fp8_linear", "fp8_tma", "int8_linear", "w4_linear"))
 
 TARGET = GPUTarget("cuda", 90, 32)
 I32 = "i32"
@@ -120,19 +120,33 @@ def cases(which: set[str]):
             {"part_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": I32, "N": I32, "stride_om": I32, "stride_on": I32}, \
             {"stride_on": 1, "SPLIT_K": 3, "HAS_BIAS": True, "ACT": 1}, [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4)], \
             ["N", "stride_om"]
+    if "attention" in which:  # DiT / PixArt (72), power-of-two heads (64, 128), SD 1.5's (40, 80, 160); fp8 inputs at 72
+        sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "out_ptr": "*bf16",
+               "sm_scale": "fp32"}
+        sig.update({n: I32 for n in ("H", "SQ", "SK", "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks",
+                                     "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os")})
+        aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh"]
+        for d, x_fp8 in ((72, False), (72, True), (64, False), (128, False), (40, False), (80, False), (160, False)):
+            d0, dq1, dv1 = fp8_attention.head_parts(d)
+            flags = dict(D=d, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, ROW_ALIGN=16, INTERPRET=False)
+            s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
+            # row strides (S dim) as the models lay heads out: H * D (q = to_q(x).view(B, S, H, D).transpose(1, 2)) or
+            # 3 * H * D (a packed qkv), 16-divisible at 16 heads; the output's are H * D (new_output)
+            yield f"attention D={d}{' fp8 in' if x_fp8 else ''}", fp8_attention.fp8_attention_kernel, s, flags, fp8_attention.CONFIGS, \
+                aligned + ["stride_qs", "stride_ks", "stride_vs", "stride_os"]
 
 
 def main(argv: list[str] | None = None) -> int:
     if INTERPRET:
         print("aot_check compiles for the GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    which = set(argv if argv else sys.argv[1:]) or {"fp8", "tma", "int8", "w4", "conv"}
+    which = set(argv if argv else sys.argv[1:]) or {"fp8", "tma", "int8", "w4", "conv", "attention"}
     failed = 0
     print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, kernel, sig, flags, configs, aligned in cases(which):
         for cfg in configs:
-            tile = "x".join(str(cfg.kwargs.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            tile = "x".join(str(cfg.kwargs.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))  # (attention: M x N x -)
             try:
                 smem, usage = compile_one(kernel, sig, flags, cfg, aligned)
                 print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {smem / 1024:.0f} | {usage} |", flush=True)

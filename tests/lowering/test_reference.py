@@ -1,7 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from qcompile.lowering.reference import dequantize_activation, qconv, qlinear, quantize_activation
+from qcompile.lowering.formats import fake_quantize, quantize_fp8
+from qcompile.lowering.reference import dequantize_activation, qattention, qconv, qlinear, quantize_activation
 from qcompile.lowering.weights import quantize_weight
 from qcompile.metrics import sqnr_db
 
@@ -75,3 +76,35 @@ def test_int6_conv_is_exactly_the_float_conv_of_the_dequantized_weight():
     out = qconv(x, qw.data, qw.scale, None, torch.tensor(1.0), zero, wfmt="int6", group_size=None, weight_shape=qw.shape,
                 kind="conv", stride=1, padding=1, dilation=1, groups=1)
     assert torch.equal(out, F.conv2d(x, qw.dequantize(), None, 1, 1))
+
+
+def _attn_case(sq=33, sk=47, d=72):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, sq, d), torch.randn(2, 3, sk, d), torch.randn(2, 3, sk, d)
+    return (q, k, v), [torch.tensor(float(t.abs().max()) / 448) for t in (q, k, v)]
+
+
+def test_qattention_quantizes_qkv_and_probabilities():
+    """fp8 q / k / v (same codes from float or fp8 inputs), e4m3 probabilities: close to float attention, and the P
+    quantization is really there (not the float softmax of the fake-quantized inputs)."""
+    (q, k, v), s = _attn_case()
+    out = qattention(q, k, v, *s)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert sqnr_db(F.scaled_dot_product_attention(q, k, v), out) > 22
+    codes = [quantize_fp8(t, sc) for t, sc in zip((q, k, v), s)]
+    assert torch.equal(qattention(*codes, *s, out_dtype=torch.float32), out)
+    assert qattention(*codes, *s).dtype == torch.bfloat16
+    fq = [fake_quantize(t, "fp8_e4m3", sc) for t, sc in zip((q, k, v), s)]
+    float_p = F.scaled_dot_product_attention(*fq)
+    assert 30 < sqnr_db(float_p, out) < 80
+
+
+def test_qattention_uniform_scores_average_the_values():
+    """All scores equal (k = 0): every P is 448 (the e4m3 maximum), so the output is the mean of the quantized values."""
+    v = torch.randn(1, 2, 50, 64)
+    sv = torch.tensor(float(v.abs().max()) / 448)
+    q, k = torch.randn(1, 2, 9, 64), torch.zeros(1, 2, 50, 64)
+    one = torch.tensor(1.0)
+    out = qattention(q, k, v, one, one, sv)
+    mean = fake_quantize(v, "fp8_e4m3", sv).mean(-2, keepdim=True).expand_as(out)
+    torch.testing.assert_close(out, mean, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,302 @@
+"""FP8 e4m3 attention forward (FlashAttention-style, non-causal): ``softmax(Q K^T * sm_scale) V`` with static scales.
+
+Q, K and V (``(B, H, S, D)``, bf16 / fp16 / fp32, unit stride along D) are quantized to float8_e4m3fn tile by tile in
+registers with static per-tensor scales (``x / scale``, saturating at +-448, round to nearest even; ``X_FP8``: the
+inputs are already float8_e4m3fn, quantized by their producer with those scales). One program owns ``BLOCK_M`` query
+rows of one (batch, head) and walks the keys ``BLOCK_N`` at a time with an online softmax in base 2:
+
+- ``S = (q8 @ k8^T) * (q_scale * k_scale * sm_scale * log2 e)`` in fp32 (fp8 ``tl.dot``);
+- ``P = exp2(S - m + log2 448) = 448 * exp2(S - m)`` with ``m`` the running row max, so P lies in [0, 448], the whole
+  e4m3 range (its largest entry is exactly the largest code); P is quantized to e4m3 (round to nearest even) for the fp8
+  ``P @ V`` dot. The row sum ``l`` adds the unquantized fp32 P (same factor 448), so the factor cancels in ``acc / l``;
+- at the end ``O = acc * v_scale / l``, cast to the output dtype (q's, or ``out_dtype`` for fp8 inputs).
+
+Head dims that are not a power of two (DiT / PixArt: 72; SD 1.5: 40, 80, 160) are split: ``D0`` (the largest power of
+two <= D) plus a masked second part, ``DQ1 = max(32, next_pow2(D - D0))`` wide in ``Q K^T`` (an fp8 dot needs K >= 32)
+and ``DV1 = max(16, next_pow2(D - D0))`` wide in ``P @ V`` (its N >= 16); see :func:`head_parts` and docs/kernels.md
+("fp8 attention") for the FLOP counts against padding D to the next power of two. Supported: ``32 <= D <= 160`` with
+``D % 8 == 0``; power-of-two D runs one part.
+
+Keys past the sequence end are handled by one masked tail tile (``S = -inf`` there), so the main loop has no masks;
+query rows past the end load wrapped (valid) rows and only the store is masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import FLOAT_DTYPES, INTERPRET, autotuned, check_launchable, check_scalar, check_tensor, direct, eager_call, quantize_fp8
+
+FP8 = torch.float8_e4m3fn
+P_SCALE = 448.0  # P = exp2(S - m + log2 448) = 448 * exp2(S - m): the whole e4m3 range
+LOG2E = tl.constexpr(1.4426950408889634)
+LOG2_P_SCALE = tl.constexpr(math.log2(P_SCALE))
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 160  # (larger heads: registers; aot_check compiles D = 40 / 64 / 72 / 80 / 128 / 160 spill-free)
+
+
+@triton.jit
+def _quantize_tile(x, inv_scale, X_FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """A loaded Q / K / V tile as e4m3: quantized with ``inv_scale`` (1 / static scale), or as loaded (``X_FP8``)."""
+    if X_FP8:
+        return x
+    else:
+        return quantize_fp8(x.to(tl.float32) * inv_scale, INTERPRET)
+
+
+@triton.jit
+def _quantize_probs(p, INTERPRET: tl.constexpr):
+    """P in [0, 448] (fp32) -> e4m3, round to nearest even. On the GPU one ``cvt.rn.satfinite.e4m3x2.f32`` per pair
+    (satfinite: the rare 448 * (1 + ulp) of ex2.approx saturates to 448); the interpreter rounds on the e4m3 grid first."""
+    if INTERPRET:
+        return quantize_fp8(p, INTERPRET)
+    else:
+        return p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _load_rows(base, rows, stride, cols, n_rows, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A (rows, cols) tile of a row-major (unit column stride) head, masked (to 0) where asked."""
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if MASK_ROWS and MASK_COLS:
+        t = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+    elif MASK_ROWS:
+        t = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    elif MASK_COLS:
+        t = tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0)
+    else:
+        t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, k_inv, v_inv, qk_scale,
+                 D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr,
+                 MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
+    ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
+    rn = start_n + tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    k0 = _quantize_tile(_load_rows(k_base, rn, stride_ks, d0, SK, D, MASKED, False), k_inv, X_FP8, INTERPRET)
+    s = tl.dot(q0, tl.trans(k0))
+    if DQ1 > 0:  # second head-dim part of Q K^T: columns [D0, D0 + DQ1), those past D load as 0
+        dq1 = D0 + tl.arange(0, DQ1)
+        k1 = _quantize_tile(_load_rows(k_base, rn, stride_ks, dq1, SK, D, MASKED, True), k_inv, X_FP8, INTERPRET)
+        s = tl.dot(q1, tl.trans(k1), s)
+    if MASKED:
+        s = tl.where((rn < SK)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (a tail tile has at least one key: m_new is finite)
+    # P = 448 * exp2(S - m): one FMA and one ex2 per score
+    p = tl.math.exp2(s * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p8 = _quantize_probs(p, INTERPRET)
+    v0 = _quantize_tile(_load_rows(v_base, rn, stride_vs, d0, SK, D, MASKED, False), v_inv, X_FP8, INTERPRET)
+    acc0 = tl.dot(p8, v0, acc0 * alpha[:, None])
+    if DV1 > 0:  # second head-dim part of P V: output columns [D0, D0 + DV1)
+        dv1 = D0 + tl.arange(0, DV1)
+        v1 = _quantize_tile(_load_rows(v_base, rn, stride_vs, dv1, SK, D, MASKED, True), v_inv, X_FP8, INTERPRET)
+        acc1 = tl.dot(p8, v1, acc1 * alpha[:, None])
+    return acc0, acc1, l_i, m_new
+
+
+@triton.jit
+def fp8_attention_kernel(
+    q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr,
+    sm_scale, H, SQ, SK,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Row strides are multiples of ROW_ALIGN (the wrapper's check): vectorized loads / stores of the head-dim parts even
+    # where Triton's own specialization (integer arguments divisible by 16) does not see it, e.g. contiguous D = 72.
+    stride_qs = tl.multiple_of(stride_qs, ROW_ALIGN)
+    stride_ks = tl.multiple_of(stride_ks, ROW_ALIGN)
+    stride_vs = tl.multiple_of(stride_vs, ROW_ALIGN)
+    stride_os = tl.multiple_of(stride_os, ROW_ALIGN)
+    pid_m = tl.program_id(0)  # query tiles of one head run next to each other: its K / V stay in L2
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    o_base = out_ptr + b * stride_ob + h * stride_oh
+
+    q_scale = tl.load(qs_ptr)
+    k_scale = tl.load(ks_ptr)
+    v_scale = tl.load(vs_ptr)
+    q_inv = tl.math.div_rn(1.0, q_scale)  # IEEE (plain "/" is approximate on GPU)
+    k_inv = tl.math.div_rn(1.0, k_scale)
+    v_inv = tl.math.div_rn(1.0, v_scale)
+    qk_scale = q_scale * k_scale * sm_scale * LOG2E  # scores in base 2
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm_l = rm % SQ  # rows past the end load valid (wrapped) rows; only the store is masked
+    d0 = tl.arange(0, D0)
+    q0 = _quantize_tile(_load_rows(q_base, rm_l, stride_qs, d0, SQ, D, False, False), q_inv, X_FP8, INTERPRET)
+    if DQ1 > 0:
+        q1 = _quantize_tile(_load_rows(q_base, rm_l, stride_qs, D0 + tl.arange(0, DQ1), SQ, D, False, True), q_inv, X_FP8, INTERPRET)
+    else:
+        q1 = q0  # (unused)
+    acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, DV1 if DV1 > 0 else 16), dtype=tl.float32)  # (unused without a second part)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+
+    full = (SK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs,
+                                            k_inv, v_inv, qk_scale, D, D0, DQ1, DV1, X_FP8, False, INTERPRET, BLOCK_N)
+    if full < SK:
+        acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs,
+                                            k_inv, v_inv, qk_scale, D, D0, DQ1, DV1, X_FP8, True, INTERPRET, BLOCK_N)
+
+    o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
+    row_ok = (rm < SQ)[:, None]
+    tl.store(o_base + rm[:, None] * stride_os + d0[None, :], (acc0 * o_scale[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok)
+    if DV1 > 0:
+        dv1 = D0 + tl.arange(0, DV1)
+        tl.store(o_base + rm[:, None] * stride_os + dv1[None, :], (acc1 * o_scale[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_ok & (dv1 < D)[None, :])
+
+
+def head_parts(d: int) -> tuple[int, int, int]:
+    """``(D0, DQ1, DV1)``: the head dim's power-of-two part and the widths of the masked second part in ``Q K^T`` /
+    ``P V`` (0 when ``d`` is a power of two). Raises for unsupported ``d``."""
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM) or d % 8:
+        raise ValueError(f"fp8_attention supports head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM} that are multiples of 8, got {d}")
+    d0 = 1 << (d.bit_length() - 1)
+    rest = d - d0
+    if rest == 0:
+        return d0, 0, 0
+    width = 1 << (rest - 1).bit_length()
+    return d0, max(32, width), max(16, width)
+
+
+def dot_widths(d: int) -> tuple[int, int]:
+    """Head-dim widths the two dots compute (``Q K^T``, ``P V``) for head dim ``d``: their FLOPs per (query, key) pair
+    are ``2 * width`` each, against ``2 * d`` useful."""
+    d0, dq1, dv1 = head_parts(d)
+    return d0 + dq1, d0 + dv1
+
+
+def _cfg(bm: int, bn: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+
+
+# Autotune table (BLOCK_M, BLOCK_N, num_stages, num_warps). BLOCK_N >= 32 (K of the fp8 P @ V dot). 128 query rows per
+# program (K / V tiles reused by 128 queries, the FlashAttention default) need 8 warps (two warpgroups of 64 rows): with
+# 4 warps the fp32 scores, P and both accumulators exceed 255 registers and spill at D = 72 / 128 / 160 (aot_check).
+# 64 x 64 with 4 warps is for short query sequences (SD 1.5's 64-token mid block: one query tile per head) and small
+# batch x heads grids. 128 x 128 with 3 stages spills at D = 160, so only 2 stages there. Every row compiles for sm_90
+# without spills at D = 40 / 64 / 72 / 80 / 128 / 160 (`python -m qcompile.lowering.kernels.aot_check attention`).
+CONFIG_TABLE = [(128, 64, 3, 8), (128, 128, 2, 8), (128, 64, 2, 8), (64, 64, 3, 4)]
+CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
+INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
+
+_KEY = ["SQ", "SK", "H", "D", "X_FP8"]
+_kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
+
+
+def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype):
+    x_fp8 = q.dtype == FP8
+    dtypes = (FP8,) if x_fp8 else FLOAT_DTYPES
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, dtypes, dim=4)
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k and v must share a dtype, got q {q.dtype} and {name} {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its head dim, got shape {tuple(t.shape)} strides {t.stride()}")
+    B, H, _, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[3] != D or v.shape[3] != D or k.shape[2] != v.shape[2]:
+        raise ValueError(f"q (B, H, Sq, D), k and v (B, H, Sk, D) disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    try:
+        head_parts(D)
+    except ValueError as e:
+        raise ValueError(f"{e} (q shape {tuple(q.shape)})") from None
+    if k.shape[2] == 0:
+        raise ValueError(f"attention over no keys (k shape {tuple(k.shape)})")
+    for name, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
+        check_scalar(s, name, torch.float32)
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
+    check_launchable(q, k, v, q_scale, k_scale, v_scale)
+    return x_fp8
+
+
+def new_output(q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The (B, H, Sq, D) output, stored (B, Sq, H, D): rows of H * D elements (16-divisible strides for the kernel's
+    stores), and the usual ``out.transpose(1, 2).reshape(B, Sq, H * D)`` after attention is a view, no copy."""
+    B, H, SQ, D = q.shape
+    return torch.empty((B, SQ, H, D), device=q.device, dtype=out_dtype).transpose(1, 2)
+
+
+def row_align(*ts: torch.Tensor) -> int:
+    """The largest power of two (<= 16) dividing every row stride (the S dims') of ``ts``: the kernel's load hint."""
+    g = 0
+    for t in ts:
+        g = math.gcd(g, t.stride(2))
+    return math.gcd(g, 16) if g else 16
+
+
+def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, wrap=wrap_triton) -> torch.Tensor:
+    """Check, allocate the (B, H, Sq, D) output and launch."""
+    x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype)
+    B, H, SQ, D = q.shape
+    SK = k.shape[2]
+    out = new_output(q, out_dtype)
+    if out.numel() == 0:
+        return out
+    d0, dq1, dv1 = head_parts(D)
+
+    def grid(meta):
+        return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
+
+    wrap(_kernel)[grid](
+        q, k, v, q_scale, k_scale, v_scale, out,
+        sm_scale, H, SQ, SK,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=D, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, ROW_ALIGN=row_align(q, k, v, out), INTERPRET=INTERPRET,
+    )
+    return out
+
+
+@triton_op("qdiff::fp8_attention", mutates_args=())
+def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                     v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Non-causal attention of (B, H, S, D) q / k / v (float, quantized in registers with the static scales, or
+    float8_e4m3fn already quantized with them) through fp8 dots; (B, H, Sq, D) output of ``out_dtype``."""
+    return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype)
+
+
+@fp8_attention_op.register_fake
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype):
+    return new_output(q, out_dtype)
+
+
+def _scalar(s: torch.Tensor) -> torch.Tensor:
+    return s if s.dtype == torch.float32 and s.dim() == 0 else s.float().reshape(())
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(D)``) with q, k, v quantized to
+    e4m3 with the static per-tensor scales (one-element tensors). q, k, v: (B, H, S, D), fp16 / bf16 / fp32 (quantized
+    in the kernel) or float8_e4m3fn (already quantized). Output (B, H, Sq, D) in ``out_dtype`` (default: q's dtype,
+    bf16 for fp8 inputs). Eager calls launch directly (:func:`._common.eager_call`); traced ones call
+    ``torch.ops.qdiff.fp8_attention``."""
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
+    args = (q, k, v, _scalar(q_scale), _scalar(k_scale), _scalar(v_scale), float(sm_scale), out_dtype)
+    if eager_call(q):
+        return _fp8_attention(*args, wrap=direct)
+    return torch.ops.qdiff.fp8_attention(*args)

@@ -1,0 +1,160 @@
+"""FP8 attention forward (``qdiff::fp8_attention``) against the reference ``qattention`` and float SDPA.
+
+In the interpreter the key tiles are 32 wide (``INTERPRET_CONFIG``), so sequences of 37-70 keys cover the online-softmax
+rescale and the masked tail tile; the fp8 dots are exact there and the probabilities take the fp32 e4m3-grid path. With
+every key in one tile the kernel is the reference's arithmetic (up to fp32 summation order): a tight bound; across tiles
+the online max quantizes P relative to a different max (``qattention``'s docstring), a looser one.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from qcompile.lowering.formats import quantize_fp8
+from qcompile.lowering.kernels.fp8_attention import dot_widths, fp8_attention, head_parts
+from qcompile.lowering.reference import qattention
+from qcompile.metrics import sqnr_db
+
+from .helpers import DEVICE, needs_kernels, randn
+
+FP8 = torch.float8_e4m3fn
+# one key tile: the same arithmetic (interpreter: exact fp8 dots; GPU: ex2.approx and fast fp8 accumulation)
+ONE_TILE_DB = 90 if DEVICE is not None and DEVICE.type == "cpu" else 45
+
+
+def _scales(*ts, shrink=1.0):
+    """Max-abs static scales (0-dim fp32), divided by ``shrink`` (> 1: the largest values saturate at +-448)."""
+    return [torch.tensor(float(t.float().abs().max()) / 448 / shrink, device=t.device) for t in ts]
+
+
+def _qkv(b, h, sq, sk, d, dtype=torch.float32):
+    return randn(b, h, sq, d, dtype=dtype), randn(b, h, sk, d, dtype=dtype), randn(b, h, sk, d, dtype=dtype, scale=2.0)
+
+
+# --- head-dim split (pure Python) -----------------------------------------------------------------
+def test_head_parts_split_non_power_of_two_head_dims():
+    assert head_parts(72) == (64, 32, 16)  # DiT / PixArt: Q K^T 64 + 32, P V 64 + 16
+    assert head_parts(64) == (64, 0, 0) and head_parts(128) == (128, 0, 0)
+    assert head_parts(40) == (32, 32, 16) and head_parts(80) == (64, 32, 16) and head_parts(160) == (128, 32, 32)
+    assert dot_widths(72) == (96, 80)  # 352 FLOPs per (query, key) pair against 512 padded to 128, 288 useful
+    for d in (16, 36, 168, 256):
+        with pytest.raises(ValueError, match=f"got {d}"):
+            head_parts(d)
+
+
+# --- numerics in the interpreter (or on the GPU) --------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("d", [72, 64])
+def test_one_key_tile_is_the_reference_arithmetic(d):
+    q, k, v = _qkv(1, 2, 21, 29, d)
+    s = _scales(q, k, v)
+    out = fp8_attention(q, k, v, *s)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert sqnr_db(qattention(q, k, v, *s), out) > ONE_TILE_DB
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,sq,sk,d", [(1, 37, 50, 72), (2, 20, 45, 64), (1, 33, 70, 40)])
+def test_matches_reference_and_float_attention(b, sq, sk, d):
+    """Several key tiles plus a masked tail, query rows past a tile edge; the kernel is no worse than the reference
+    against float SDPA (fp8 q / k / v quantization dominates: ~26 dB for Gaussian data at max-abs scales)."""
+    q, k, v = _qkv(b, 2, sq, sk, d)
+    s = _scales(q, k, v)
+    out = fp8_attention(q, k, v, *s)
+    ref = qattention(q, k, v, *s)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    assert sqnr_db(ref, out) > 30
+    assert sqnr_db(exact, out) > 22
+    assert sqnr_db(exact, out) > sqnr_db(exact, ref) - 1.0
+
+
+@needs_kernels
+def test_cross_attention_saturation_and_sm_scale():
+    """Sq != Sk (fewer keys than one tile: the masked tail tile alone), q saturating at +-448 like the reference, an
+    explicit sm_scale; and 120 keys against 19 queries at D = 80."""
+    q, k, v = _qkv(2, 2, 40, 13, 72)
+    s = _scales(q, k, v)
+    s[0] = _scales(q, shrink=4.0)[0]
+    out = fp8_attention(q, k, v, *s, sm_scale=0.3)
+    assert sqnr_db(qattention(q, k, v, *s, sm_scale=0.3), out) > ONE_TILE_DB
+    q, k, v = _qkv(1, 2, 19, 120, 80)
+    s = _scales(q, k, v)
+    assert sqnr_db(qattention(q, k, v, *s), fp8_attention(q, k, v, *s)) > 30
+
+
+@needs_kernels
+def test_bf16_heads_in_the_model_layout():
+    """bf16 q / k / v as models produce them (``x.view(B, S, H, D).transpose(1, 2)``: strided heads); the output is
+    (B, H, Sq, D) stored (B, Sq, H, D), so ``transpose(1, 2).reshape(B, Sq, H * D)`` is a view."""
+    b, h, sq, sk, d = 1, 2, 37, 41, 72
+    q, k, v = (randn(b, n, h, d, dtype=torch.bfloat16).transpose(1, 2) for n in (sq, sk, sk))
+    s = _scales(q, k, v)
+    out = fp8_attention(q, k, v, *s)
+    assert out.dtype == torch.bfloat16 and out.shape == (b, h, sq, d) and out.transpose(1, 2).is_contiguous()
+    ref = qattention(q, k, v, *s, out_dtype=torch.float32)
+    assert sqnr_db(ref, out.float()) > 30  # (the interpreter's bf16 store truncates)
+    assert sqnr_db(F.scaled_dot_product_attention(q.float(), k.float(), v.float()), out.float()) > 22
+
+
+@needs_kernels
+def test_prequantized_fp8_inputs():
+    """float8_e4m3fn q / k / v (quantized by their producer with the static scales): the kernel reads the codes; the
+    output defaults to bf16 and is the float-input kernel's result (same codes, same arithmetic)."""
+    q, k, v = _qkv(1, 2, 37, 50, 72)
+    s = _scales(q, k, v)
+    q8, k8, v8 = (quantize_fp8(t, sc) for t, sc in zip((q, k, v), s))
+    out = fp8_attention(q8, k8, v8, *s, out_dtype=torch.float32)
+    assert sqnr_db(fp8_attention(q, k, v, *s), out) > 60
+    assert sqnr_db(qattention(q8, k8, v8, *s), out) > 30
+    assert fp8_attention(q8, k8, v8, *s).dtype == torch.bfloat16
+
+
+@needs_kernels
+def test_bad_arguments_name_the_problem():
+    q, k, v = _qkv(1, 2, 8, 8, 64)
+    s = _scales(q, k, v)
+    with pytest.raises(ValueError, match=r"multiples of 8, got 36 \(q shape \(1, 2, 8, 36\)\)"):
+        fp8_attention(*_qkv(1, 2, 8, 8, 36), *s)
+    with pytest.raises(ValueError, match="got 16"):
+        fp8_attention(*_qkv(1, 2, 8, 8, 16), *s)
+    with pytest.raises(TypeError, match="share a dtype"):
+        fp8_attention(q, k.half(), v, *s)
+    with pytest.raises(ValueError, match="disagree"):
+        fp8_attention(q, k, v[:, :, :5], *s)
+    with pytest.raises(ValueError, match="contiguous in its head dim"):
+        fp8_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, *s)
+    with pytest.raises(TypeError, match="k_scale must be a one-element"):
+        torch.ops.qdiff.fp8_attention(q, k, v, s[0], s[1].double(), s[2], 0.125, torch.float32)
+    with pytest.raises(ValueError, match="no keys"):
+        fp8_attention(q, k[:, :, :0], v[:, :, :0], *s)
+    with pytest.raises(TypeError, match="out_dtype"):
+        fp8_attention(q, k, v, *s, out_dtype=torch.int32)
+
+
+# --- tracing: the op under fake tensors -----------------------------------------------------------
+def test_fake_implementation_gives_shape_dtype_and_layout():
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 16, 100, 72, dtype=torch.bfloat16), torch.empty(2, 16, 120, 72, dtype=torch.bfloat16), \
+            torch.empty(2, 16, 120, 72, dtype=torch.bfloat16)
+        s = torch.empty(())
+        y = torch.ops.qdiff.fp8_attention(q, k, v, s, s, s, 0.1, torch.bfloat16)
+        y8 = torch.ops.qdiff.fp8_attention(q.to(FP8), k.to(FP8), v.to(FP8), s, s, s, 0.1, torch.float16)
+    assert (y.shape, y.dtype) == ((2, 16, 100, 72), torch.bfloat16) and y.transpose(1, 2).is_contiguous()
+    assert (y8.shape, y8.dtype) == ((2, 16, 100, 72), torch.float16)
+
+
+def test_traced_calls_reach_the_op():
+    """Under make_fx's fake tensors (as torch.compile traces) the wrapper calls ``torch.ops.qdiff.fp8_attention``, and
+    the heads' usual merge after attention is a view of its output."""
+    def f(q, k, v, s):
+        return fp8_attention(q, k, v, s, s, s).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    args = (torch.randn(1, 2, 24, 72), torch.randn(1, 2, 40, 72), torch.randn(1, 2, 40, 72), torch.tensor(0.01))
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.qdiff.fp8_attention.default in targets
+    assert torch.ops.aten.clone.default not in targets  # the (B, Sq, H * D) reshape of the output is a view
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert tuple(out.meta["val"].shape) == (1, 24, 144)
