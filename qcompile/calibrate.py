@@ -19,7 +19,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from .act_floor import apply_act_floor
-from .config import OpKind, QuantConfig
+from .config import OpKind, QuantConfig, Rounding
 from .errors import CalibrationError
 from .graph import prepare
 from .lowering.weights import bias_correction, quantize_weight, smooth_weight, smoothing_factors
@@ -36,7 +36,7 @@ from .sensitivity import BitAllocator, CallSample
 from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
-GRAM_MAX_FEATURES = 4096  # gptq: linears with more input features are rounded to nearest
+GRAM_MAX_FEATURES = 4096  # gptq / learned rounding: linears with more input features are rounded to nearest
 
 
 class ActivationObserver(torch.nn.Module):
@@ -89,8 +89,8 @@ class CalibrationSession:
         self.allocator: Any = None
         self.act_cache: dict[tuple, list] = {}
         self.stats_alias: dict[str, str] = {}  # site key -> the site whose statistics it shares (same input tensor)
-        self.grams: dict[str, tuple[torch.Tensor, int]] = {}  # linear input sum of x x^T and row count (gptq weights)
-        self.collect_gram = config.weight.gptq
+        self.grams: dict[str, tuple[torch.Tensor, int]] = {}  # linear input sum of x x^T and row count (gptq / learned rounding)
+        self.collect_gram = config.weight.rounding is not Rounding.NEAREST
         self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
 
     # -- Dynamo backend ------------------------------------------------------------------------
@@ -316,7 +316,8 @@ class CalibrationSession:
         importance = self._importance(site, group_stats)
         weight = quantize_weight(
             w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip, ann.splits.get(INPUT_EDGE),
-            self._hessian(site, ann, factors) if spec.gptq else None,
+            self._hessian(site, ann, factors, group_stats) if spec.rounding is not Rounding.NEAREST else None,
+            spec.rounding.value, spec.rounding_iters,
         )
         corr = None
         means = [None if s is None else s.channel_mean() for s in group_stats]
@@ -343,14 +344,23 @@ class CalibrationSession:
         weight = dataclasses.replace(weight, data=weight.data.cpu(), scale=weight.scale.cpu())
         return weight, corr, acts, error, None if factors is None else factors.cpu()
 
-    def _hessian(self, site: Site, ann: Annotation, factors: torch.Tensor | None) -> torch.Tensor | None:
-        """``E[x x^T]`` of an unsplit linear's input over all calls (of ``x / factors`` when smoothed); None otherwise."""
+    def _hessian(self, site: Site, ann: Annotation, factors: torch.Tensor | None, group_stats: list) -> torch.Tensor | None:
+        """``E[x x^T]`` of an unsplit linear's input over all calls (of ``x / factors`` when smoothed); None otherwise.
+
+        For learned rounding with bias correction, the error that remains after each timestep group's mean output
+        shift is cancelled: ``E[x x^T] - sum_g p_g m_g m_g^T`` (``m_g``: group ``g``'s input mean, ``p_g`` its share),
+        so the rounding is not spent on a mean error the bias correction removes anyway."""
         gram_key = self.stats_key(site.key)
         if gram_key not in self.grams or site.kind is not OpKind.LINEAR or ann.splits.get(INPUT_EDGE) is not None:
             return None
         gram, n = self.grams[gram_key]
         h = gram / max(n, 1)
-        return h if factors is None else h / (factors.double()[:, None] * factors.double()[None, :])
+        h = h if factors is None else h / (factors.double()[:, None] * factors.double()[None, :])
+        present = [(s.count, s.channel_mean()) for s in group_stats if s is not None]  # (already smoothed with factors)
+        if ann.weight.rounding is Rounding.LEARNED and self.config.bias_correction and present and all(m is not None for _, m in present):
+            total = sum(c for c, _ in present)
+            h = h - sum(c / total * torch.outer(m.double().cpu(), m.double().cpu()) for c, m in present)
+        return h
 
     def _smoothing(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list) -> torch.Tensor | None:
         """SmoothQuant factors for a site whose input is quantized (config.smooth_alpha), else None."""

@@ -57,6 +57,14 @@ class FirstLastPolicy(str, enum.Enum):
     SKIP = "skip"  # keep in full precision
 
 
+class Rounding(str, enum.Enum):
+    """How integer weight values are rounded onto their (already chosen) scale grids."""
+
+    NEAREST = "nearest"  # round to nearest
+    GPTQ = "gptq"  # linears: column by column, compensating the error through the inverse input Hessian (GPTQ)
+    LEARNED = "learned"  # linears: down or up per value, learned on the calibration inputs' output error (AdaRound)
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     """Weight quantization: symmetric, per output channel or per group of input features."""
@@ -65,12 +73,16 @@ class WeightSpec:
     group_size: int | None = None  # None: one scale per output channel
     clip_search: bool = True  # search per-channel/group clipping for minimal (importance-weighted) MSE
     min_clip: float = 0.8  # smallest clipping ratio of the absolute maximum the search may pick
-    gptq: bool = False  # integer linear weights: round column by column, compensating the error with the input Hessian
+    rounding: Rounding = Rounding.NEAREST  # integer linear weights with a Gram matrix: GPTQ or learned rounding
+    rounding_iters: int = 500  # learned rounding: optimizer steps per weight (cost ~ iters x out x K^2 per linear)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
-        if self.gptq and not self.fmt.is_int:
-            raise ConfigError(f"gptq applies to integer weights, not {self.fmt.value}")
+        object.__setattr__(self, "rounding", Rounding(self.rounding))
+        if self.rounding is not Rounding.NEAREST and not self.fmt.is_int:
+            raise ConfigError(f"{self.rounding.value} rounding applies to integer weights, not {self.fmt.value}")
+        if isinstance(self.rounding_iters, bool) or not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
+            raise ConfigError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
         if not 0.0 < self.min_clip <= 1.0:
             raise ConfigError(f"min_clip must be in (0, 1], got {self.min_clip}")
         if self.group_size is not None:
@@ -191,7 +203,8 @@ class AllocationSpec:
             return None
         if candidate == "int4" and base.fmt is Format.INT4 and base.group_size:
             group = base.group_size
-        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, base.gptq and Format(fmt).is_int)
+        rounding = base.rounding if Format(fmt).is_int else Rounding.NEAREST  # every candidate is rounded as the final plan
+        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, rounding, base.rounding_iters)
 
 
 _ALL_OPS = frozenset(OpKind)
@@ -223,7 +236,7 @@ class QuantConfig:
     group_act_floor_db: float | None = None
     name: str = "custom"
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4  # 4: WeightSpec.rounding (an enum) replaces the bool WeightSpec.gptq
     PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
 
     def __post_init__(self) -> None:
@@ -333,7 +346,11 @@ class QuantConfig:
             d["timestep_groups"] = d["calibration"].pop("timestep_groups", 1)
             version = 2
         if version == 2:  # version 2 had no outlier split and no activation floor (their defaults: off)
-            version = cls.VERSION
+            version = 3
+        if version == 3:  # version 3 said gptq: bool
+            d["weight"] = dict(d.get("weight", {}))
+            d["weight"]["rounding"] = Rounding.GPTQ.value if d["weight"].pop("gptq", False) else Rounding.NEAREST.value
+            version = 4
         if version != cls.VERSION:
             raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")
         try:

@@ -119,7 +119,7 @@ def test_gptq_rounding_lowers_the_output_error_on_correlated_inputs():
     h = x.T.double() @ x.double() / x.shape[0]
     for fmt, gs in (("int4", 32), ("int5", None), ("int8", None)):
         rtn = quantize_weight(w, fmt, "linear", gs)
-        opt = quantize_weight(w, fmt, "linear", gs, hessian=h)
+        opt = quantize_weight(w, fmt, "linear", gs, hessian=h, rounding="gptq")
         assert torch.equal(rtn.scale, opt.scale)  # same grids, other rounding
         err = lambda q: float((x @ (q.dequantize() - w).T).pow(2).mean())  # noqa: E731
         assert err(opt) < 0.8 * err(rtn), fmt
