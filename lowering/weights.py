@@ -126,7 +126,7 @@ def _decode(q: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
 def quantize_weight(
     w: torch.Tensor, fmt: str, kind: str, group_size: int | None = None, clip_search: bool = True,
     importance: torch.Tensor | None = None, min_clip: float = 0.8, splits: tuple[int, ...] | None = None,
-    hessian: torch.Tensor | None = None, rounding: str = "gptq", iters: int = 500,
+    hessian: torch.Tensor | None = None, rounding: str = "gptq", iters: int = 300,
 ) -> QuantizedWeight:
     """Quantize a float weight symmetrically, choosing each channel/group's clipping.
 
@@ -159,7 +159,7 @@ def quantize_weight(
         if rounding == "gptq":
             q = gptq_round(m, scale, fmt, group_size, hessian.to(m.device))
         elif rounding == "learned":
-            q = learned_round(m, scale, fmt, group_size, hessian.to(m.device), iters)
+            q = best_rounding(m, scale, fmt, group_size, hessian.to(m.device), iters)
         else:
             raise ValueError(f"unknown rounding {rounding!r} with a Hessian; choose gptq or learned")
     data = pack_int4(q) if fmt == "int4" else q
@@ -225,7 +225,7 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 def learned_round(
-    m: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, hessian: torch.Tensor, iters: int = 1000,
+    m: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, hessian: torch.Tensor, iters: int = 300,
     reg: float = 30.0, lr: float = 0.03, warmup: float = 0.2, init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integer values (out, Kpad) of ``m`` (out, K) on fixed ``scale`` grids with each value rounded down or up as
@@ -235,15 +235,21 @@ def learned_round(
     ``v``; Adam runs ``iters`` full-batch steps (the Hessian holds every calibration input) on the output error,
     relative to that of nearest rounding, plus ``reg`` x a term pushing ``h`` to 0 or 1 (off for the first
     ``warmup`` share of the steps, its exponent annealed from 20 to 2). The result is ``floor + (h >= 0.5)``,
-    clamped to the grid. ``init`` (integer values, e.g. from :func:`gptq_round`) sets the starting rounding;
-    otherwise it starts at the fractional parts. Cost: ``iters`` x ~6 ``out x K x K`` multiply-adds.
+    clamped to the grid. With ``init`` (integer values, e.g. from :func:`gptq_round`, which may lie beyond the
+    floor or ceiling) each value chooses between ``init`` and its neighbour towards ``w / s`` instead, starting at
+    ``init``. Cost: ``iters`` x ~6 ``out x K x K`` multiply-adds.
     """
     out, k = m.shape
     qmin, qmax = int_range(fmt, True)
     per_col = scale.float().repeat_interleave(group_size if group_size is not None else k, dim=1)[:, :k]
     x = m.float() / per_col
-    base = torch.floor(x)
-    start = (x - base) if init is None else (init[:, :k].float() - base).clamp(0.0, 1.0)
+    if init is None:  # choose between floor and ceiling, starting at the fractional part
+        base = torch.floor(x)
+        start = x - base
+    else:  # choose between init and its neighbour towards the weight, starting at init
+        init = init[:, :k].float()
+        base = torch.where(x >= init, init, init - 1.0)
+        start = init - base
     target = ((start.clamp(0.0, 1.0) - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
     v = torch.log(target / (1 - target)).requires_grad_()
     h = hessian.float().to(m.device)
@@ -265,6 +271,25 @@ def learned_round(
     q = (base + (_rectified_sigmoid(v.detach()) >= 0.5).float()).clamp(qmin, qmax).to(torch.int8)
     kp = padded_k(k, fmt, group_size)
     return torch.nn.functional.pad(q, (0, kp - k)) if kp != k else q
+
+
+def rounding_error(m: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: int | None, hessian: torch.Tensor) -> float:
+    """``tr(dW H dW^T)`` of integer values ``q`` (out, Kpad) on ``scale`` grids against ``m`` (out, K)."""
+    k = m.shape[1]
+    per_col = scale.double().repeat_interleave(group_size if group_size is not None else k, dim=1)[:, :k]
+    dw = q[:, :k].double() * per_col - m.double()
+    return float((dw @ hessian.double() * dw).sum())
+
+
+def best_rounding(m: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, hessian: torch.Tensor, iters: int) -> torch.Tensor:
+    """Learned rounding as qdiff plans it: :func:`gptq_round`, :func:`learned_round` between floor and ceiling, and
+    :func:`learned_round` around the GPTQ values (``iters`` steps each); the one with the least output error
+    ``tr(dW H dW^T)`` on the calibration inputs is kept. AdaRound's floor / ceiling choice is the better one
+    where the Hessian is well conditioned, GPTQ's compensation (which may move a value past them) where input
+    features are strongly correlated; the third refines the latter."""
+    q_gptq = gptq_round(m, scale, fmt, group_size, hessian)
+    options = [q_gptq, learned_round(m, scale, fmt, group_size, hessian, iters), learned_round(m, scale, fmt, group_size, hessian, iters, init=q_gptq)]
+    return min(options, key=lambda q: rounding_error(m, q, scale, group_size, hessian))
 
 
 def _per_k(importance: torch.Tensor, k: int) -> torch.Tensor:

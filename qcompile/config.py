@@ -74,7 +74,7 @@ class WeightSpec:
     clip_search: bool = True  # search per-channel/group clipping for minimal (importance-weighted) MSE
     min_clip: float = 0.8  # smallest clipping ratio of the absolute maximum the search may pick
     rounding: Rounding = Rounding.NEAREST  # integer linear weights with a Gram matrix: GPTQ or learned rounding
-    rounding_iters: int = 500  # learned rounding: optimizer steps per weight (cost ~ iters x out x K^2 per linear)
+    rounding_iters: int = 300  # learned rounding: optimizer steps per run, two runs per weight (cost ~ 12 x iters x out x K^2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
@@ -349,7 +349,8 @@ class QuantConfig:
             version = 3
         if version == 3:  # version 3 said gptq: bool
             d["weight"] = dict(d.get("weight", {}))
-            d["weight"]["rounding"] = Rounding.GPTQ.value if d["weight"].pop("gptq", False) else Rounding.NEAREST.value
+            if d["weight"].pop("gptq", False):
+                d["weight"]["rounding"] = Rounding.GPTQ.value
             version = 4
         if version != cls.VERSION:
             raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")
