@@ -30,6 +30,7 @@ from .passes.provenance import SplitDecision, apply_split, find_splits, split_no
 from .passes.sites import META_KEY, Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
+from .reconstruct import joint_rounding
 from .release import check_not_released
 from .segment import Segmentation, segment_groups
 from .sensitivity import BitAllocator, CallSample
@@ -37,6 +38,7 @@ from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
 GRAM_MAX_FEATURES = 4096  # gptq / learned rounding: linears with more input features are rounded to nearest
+JOINT_CALLS_PER_BIN = 2  # joint rounding: denoiser calls kept per timestep bin to fit (4/5) and check (1/5) on
 
 
 class ActivationObserver(torch.nn.Module):
@@ -83,8 +85,10 @@ class CalibrationSession:
         self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
         self.kept: CallSample | None = None  # call inputs kept for bit allocation (weight_bit_budget)
-        if config.weight_bit_budget is not None or config.group_act_floor_db is not None:  # one call per bin is enough for the floor
-            self.kept = CallSample(config.allocation.calls_per_group if config.weight_bit_budget is not None else 1, self.generator)
+        self.joint = config.weight.rounding is Rounding.JOINT
+        if config.weight_bit_budget is not None or config.group_act_floor_db is not None or self.joint:  # one call per bin is enough for the floor
+            per_bin = config.allocation.calls_per_group if config.weight_bit_budget is not None else 1
+            self.kept = CallSample(max(per_bin, JOINT_CALLS_PER_BIN) if self.joint else per_bin, self.generator)
         self.keep_allocator = False  # keep the BitAllocator (tables, switchable model) after finish, for studies
         self.allocator: Any = None
         self.act_cache: dict[tuple, list] = {}
@@ -234,6 +238,9 @@ class CalibrationSession:
             nodes[ann.key] = allocated.get(ann.key) or self._node_plan(self.sites[ann.key], ann, members)
         if not any(n.quantized for n in nodes.values()):
             warnings.warn(f"qdiff: nothing quantizable in {self.model_class}; it will run in full precision", stacklevel=3)
+        joint = None
+        if self.joint and any(n.quantized for n in nodes.values()):  # refine the chosen integer linears on the output
+            nodes, joint = self._joint_rounding(nodes, members, groups, progress)
         self.closed = True
         self.stats.clear()
         self.group_cache.clear()
@@ -245,9 +252,23 @@ class CalibrationSession:
         shared = {k: v for k, v in self.stats_alias.items() if k != v and k in nodes}
         if shared:  # sites reading one tensor: one statistics, one input quantizer (for inspect)
             plan.meta["shared_statistics"] = shared
+        if joint is not None:
+            plan.meta["joint_rounding"] = joint
         if self.segmentation is not None:  # the loss curve behind the chosen boundaries, for inspect
             plan.meta["segmentation_loss_db"] = [round(v, 4) for v in self.segmentation.loss_db]
         return plan
+
+    def _joint_rounding(self, nodes: dict[str, NodePlan], members: list[list[int]], groups: TimestepGroups, progress: bool):
+        """``Rounding.JOINT``: :func:`qcompile.reconstruct.joint_rounding` on every kept call (bias correction from
+        each group's input mean, as :meth:`_quantize` computes it)."""
+        means = {}
+        if self.config.bias_correction:
+            for key, n in nodes.items():
+                per_group = [self._group_stats(key, m) for m in members]
+                if n.quantized and n.bias_correction is not None and all(s is not None and s.channel_mean() is not None for s in per_group):
+                    means[key] = [s.channel_mean() for s in per_group]
+        calls = self.kept.select(groups, BIN_CAP * self.kept.per_bin)
+        return joint_rounding(self.model, nodes, self.weights, means, calls, self.config.weight.joint_iters, self.config.calibration.seed, progress)
 
     def _groups(self, timesteps: list[float]) -> TimestepGroups:
         """Timestep groups: equal numbers of steps, or segmented where activation ranges change most."""
@@ -317,7 +338,7 @@ class CalibrationSession:
         weight = quantize_weight(
             w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip, ann.splits.get(INPUT_EDGE),
             self._hessian(site, ann, factors, group_stats) if spec.rounding is not Rounding.NEAREST else None,
-            spec.rounding.value, spec.rounding_iters,
+            spec.rounding.per_layer.value, spec.rounding_iters,
         )
         corr = None
         means = [None if s is None else s.channel_mean() for s in group_stats]
@@ -357,7 +378,7 @@ class CalibrationSession:
         h = gram / max(n, 1)
         h = h if factors is None else h / (factors.double()[:, None] * factors.double()[None, :])
         present = [(s.count, s.channel_mean()) for s in group_stats if s is not None]  # (already smoothed with factors)
-        if ann.weight.rounding is Rounding.LEARNED and self.config.bias_correction and present and all(m is not None for _, m in present):
+        if ann.weight.rounding.per_layer is Rounding.LEARNED and self.config.bias_correction and present and all(m is not None for _, m in present):
             total = sum(c for c, _ in present)
             h = h - sum(c / total * torch.outer(m.double().cpu(), m.double().cpu()) for c, m in present)
         return h

@@ -63,6 +63,12 @@ class Rounding(str, enum.Enum):
     NEAREST = "nearest"  # round to nearest
     GPTQ = "gptq"  # linears: column by column, compensating the error through the inverse input Hessian (GPTQ)
     LEARNED = "learned"  # linears: down or up per value, learned on the calibration inputs' output error (AdaRound)
+    JOINT = "joint"  # LEARNED per linear, then all integer linears refined together on the denoiser output (qcompile.reconstruct)
+
+    @property
+    def per_layer(self) -> "Rounding":
+        """The rounding each weight gets on its own (JOINT: LEARNED; the joint step follows at plan level)."""
+        return Rounding.LEARNED if self is Rounding.JOINT else self
 
 
 @dataclass(frozen=True)
@@ -75,14 +81,17 @@ class WeightSpec:
     min_clip: float = 0.8  # smallest clipping ratio of the absolute maximum the search may pick
     rounding: Rounding = Rounding.NEAREST  # integer linear weights with a Gram matrix: GPTQ or learned rounding
     rounding_iters: int = 300  # learned rounding: optimizer steps per run, two runs per weight (cost ~ 12 x iters x out x K^2)
+    joint_iters: int = 2000  # joint rounding: steps (one kept denoiser call's forward and backward each)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
         object.__setattr__(self, "rounding", Rounding(self.rounding))
         if self.rounding is not Rounding.NEAREST and not self.fmt.is_int:
             raise ConfigError(f"{self.rounding.value} rounding applies to integer weights, not {self.fmt.value}")
-        if isinstance(self.rounding_iters, bool) or not isinstance(self.rounding_iters, int) or self.rounding_iters < 1:
-            raise ConfigError(f"rounding_iters must be a positive int, got {self.rounding_iters!r}")
+        for name in ("rounding_iters", "joint_iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
         if not 0.0 < self.min_clip <= 1.0:
             raise ConfigError(f"min_clip must be in (0, 1], got {self.min_clip}")
         if self.group_size is not None:
@@ -204,7 +213,7 @@ class AllocationSpec:
         if candidate == "int4" and base.fmt is Format.INT4 and base.group_size:
             group = base.group_size
         rounding = base.rounding if Format(fmt).is_int else Rounding.NEAREST  # every candidate is rounded as the final plan
-        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, rounding, base.rounding_iters)
+        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, rounding, base.rounding_iters, base.joint_iters)
 
 
 _ALL_OPS = frozenset(OpKind)

@@ -157,7 +157,7 @@ def _rd_variants(w4: QuantConfig) -> dict[str, QuantConfig]:
     for name, k, per_group in (("mixed-4.5a8-nobf16", 1, False), ("mixed-4.5a8-nobf16-k10", 10, True), ("mixed-4.5a8-nobf16-k10-shared", 10, False)):
         spec = AllocationSpec(candidates=nobf16, per_group=per_group, calls_per_group=4 if k == 1 else 2)  # 20 kept calls with 10 groups
         out[name] = w4.replace(weight_bit_budget=4.5, timestep_groups=k, allocation=spec, name=name)
-    for rounding in (Rounding.GPTQ, Rounding.LEARNED):  # error-compensating / learned rounding of linear weights
+    for rounding in (Rounding.GPTQ, Rounding.LEARNED, Rounding.JOINT):  # error-compensating / learned rounding of linear weights
         r, weight = rounding.value, dataclasses.replace(w4.weight, rounding=rounding)
         out[f"w4a8-{r}"] = w4.replace(weight=weight, name=f"w4a8-{r}")
         out[f"w6a8-{r}"] = w4.replace(weight=WeightSpec(Format.INT6, rounding=rounding), name=f"w6a8-{r}")
