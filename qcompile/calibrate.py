@@ -267,8 +267,13 @@ class CalibrationSession:
                 per_group = [self._group_stats(key, m) for m in members]
                 if n.quantized and n.bias_correction is not None and all(s is not None and s.channel_mean() is not None for s in per_group):
                     means[key] = [s.channel_mean() for s in per_group]
+        hessians = {}
+        for key, n in nodes.items():
+            h = self._hessian(self.sites[key], self.decisions[key], None, [self._group_stats(key, m) for m in members]) if n.quantized and n.smooth is None else None
+            if h is not None:
+                hessians[key] = h
         calls = self.kept.select(groups, BIN_CAP * self.kept.per_bin)
-        return joint_rounding(self.model, nodes, self.weights, means, calls, self.config.weight.joint_iters, self.config.calibration.seed, progress)
+        return joint_rounding(self.model, nodes, self.weights, means, calls, self.config.weight.joint_iters, self.config.calibration.seed, progress, hessians)
 
     def _groups(self, timesteps: list[float]) -> TimestepGroups:
         """Timestep groups: equal numbers of steps, or segmented where activation ranges change most."""

@@ -8,8 +8,12 @@ reconstruction but over the whole network (no block boundaries need to be found)
 by Dynamo with each such linear replaced by :class:`SoftLinear`, whose weight is ``s (base + h(v))`` (AdaRound's
 rectified sigmoid; each value chooses between its current integer and the neighbour towards ``w / s``), with
 each timestep group's bias correction computed from that weight. Adam minimizes the normalized output MSE
-against the float model on the calls calibration kept (one call per step), plus a term pushing ``h`` to 0 or 1.
-A fifth of the kept calls is held out: the refined rounding is kept only if it lowers their output error.
+against the float model on the calls calibration kept (one call per step), plus each layer's own output error
+``tr(dW C dW^T)`` relative to its start (exact over all calibration inputs: an anchor against overfitting the few
+trajectories), plus a term pushing ``h`` to 0 or 1.
+Every fifth batch row of each kept call (every fifth call where batches are smaller than 5) is held out: the
+rounding is checked on them 20 times along the run, and the best state (early stopping: one set of trajectories
+is easy to overfit with this many free choices) is kept, if it lowers their output error at all.
 Scales, formats and storage are unchanged; the plan holds ordinary integer weights.
 """
 
@@ -36,12 +40,13 @@ from .sensitivity import Call, nmse, output_tensor
 REG = 300.0  # weight of the push to 0 / 1, relative to the output error at the start (normalized to 1)
 LR = 0.03
 WARMUP = 0.2  # share of the steps without the push
+LAYER_ANCHOR = 1.0  # weight of each layer's own output error (relative to its start, exact on all calibration inputs) in the loss
 
 
 class _Target:
     """One distinct integer weight under optimization: ``s * clamp(base + h(v))`` in GEMM layout (out, K)."""
 
-    def __init__(self, qw: QuantizedWeight, w: torch.Tensor):
+    def __init__(self, qw: QuantizedWeight, w: torch.Tensor, hessian: torch.Tensor | None = None):
         k = w.shape[1]
         q = (unpack_int4(qw.data) if qw.fmt == "int4" else qw.data)[:, :k].float()
         self.qw, self.k, self.w = qw, k, w.float()
@@ -52,6 +57,15 @@ class _Target:
         self.base = torch.where(x >= q, q, q - 1.0)  # choose between q and its neighbour towards w / s
         start = ((q - self.base - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
         self.v = torch.log(start / (1 - start)).requires_grad_()
+        self.h = None if hessian is None else hessian.float().to(w.device)
+        if self.h is not None:
+            dw = q * self.per_col - self.w
+            self.err0 = float((dw @ self.h * dw).sum().clamp_min(1e-30))
+
+    def layer_error(self) -> torch.Tensor:
+        """The layer's own output error ``tr(dW H dW^T)`` of the soft weight, relative to the start's."""
+        dw = self.weight(False) - self.w
+        return (dw @ self.h * dw).sum() / self.err0
 
     def weight(self, hard: bool) -> torch.Tensor:
         h = (_rectified_sigmoid(self.v) >= 0.5).float() if hard else _rectified_sigmoid(self.v)
@@ -93,7 +107,7 @@ class JointRounding:
     """The denoiser captured with every refinable linear behind a :class:`SoftLinear`; fits and applies the rounding."""
 
     def __init__(self, model: torch.nn.Module, nodes: dict[str, NodePlan], weights: dict[str, torch.Tensor],
-                 means: dict[str, list[torch.Tensor]], calls: list[list[Call]]):
+                 means: dict[str, list[torch.Tensor]], calls: list[list[Call]], hessians: dict[str, torch.Tensor] | None = None):
         self.group, self.hard, self.training, self.reference = 0, True, False, True
         self.targets: dict[str, list[_Target | None]] = {}
         distinct: dict[int, _Target] = {}
@@ -102,14 +116,25 @@ class JointRounding:
                 continue
             w = weights[key].detach()
             per_group = [n.weight_for(g) for g in range(len(n.acts))]
-            self.targets[key] = [None if qw is None else distinct.setdefault(id(qw), _Target(qw, w.reshape(w.shape[0], -1))) for qw in per_group]
+            self.targets[key] = [None if qw is None else distinct.setdefault(id(qw), _Target(qw, w.reshape(w.shape[0], -1), (hessians or {}).get(key))) for qw in per_group]
         self.distinct = list(distinct.values())
         self.means = {k: torch.stack([m.float().to(weights[k].device) for m in ms]) for k, ms in means.items() if k in self.targets}
-        self.calls = [(g, call) for g, group in enumerate(calls) for call in group]
+        self.calls, self.held = [], []  # (group, call) to fit on / to check on
+        for g, group in enumerate(calls):
+            for i, call in enumerate(group):
+                parts = split_rows(call)
+                if parts is not None:
+                    self.calls.append((g, parts[0]))
+                    self.held.append((g, parts[1]))
+                else:
+                    (self.held if i % 5 == 4 else self.calls).append((g, call))
+        if not self.calls:
+            self.calls = list(self.held)
         self.captured: set[str] = set()
         self._compiled = torch.compile(model, backend=self._backend)
         with torch.no_grad():
             self.references = [self._run(g, call).detach() for g, call in self.calls]
+            self.held_references = [self._run(g, call).detach() for g, call in self.held]
         self.reference = False
 
     def _backend(self, gm: fx.GraphModule, example_inputs: Any) -> Any:
@@ -142,19 +167,19 @@ class JointRounding:
         args, kwargs = call
         return output_tensor(self._compiled(*args, **kwargs))
 
-    def error(self, indices: list[int]) -> float:
-        """Mean normalized output MSE of the hard rounding on the kept calls ``indices``."""
+    def error(self, held: bool) -> float:
+        """Mean normalized output MSE of the hard rounding on the fitted or the held-out calls."""
         self.hard, self.training = True, False
+        calls, refs = (self.held, self.held_references) if held else (self.calls, self.references)
         with torch.no_grad():
-            return sum(nmse(self.references[i], self._run(*self.calls[i])) for i in indices) / max(len(indices), 1)
+            return sum(nmse(ref, self._run(*call)) for call, ref in zip(calls, refs)) / max(len(calls), 1)
 
     def fit(self, iters: int, seed: int, progress: bool = True) -> dict[str, Any]:
         """Adam on the rounding variables; returns the record (errors before / after, kept or not)."""
         t0 = time.perf_counter()
-        held = [i for i in range(len(self.calls)) if i % 5 == 4] if len(self.calls) >= 5 else list(range(len(self.calls)))
-        fit = [i for i in range(len(self.calls)) if i not in held] or held
-        start = {"fit": self.error(fit), "held_out": self.error(held)}
-        saved = [t.v.detach().clone() for t in self.distinct]
+        start = {"fit": self.error(False), "held_out": self.error(True)}
+        best, best_step, saved = start["held_out"], 0, [t.v.detach().clone() for t in self.distinct]
+        check = max(iters // 20, 1)
         norm = max(start["fit"], 1e-30)
         opt = torch.optim.Adam([t.v for t in self.distinct], lr=LR)
         gen = torch.Generator().manual_seed(seed)
@@ -162,11 +187,14 @@ class JointRounding:
         self.hard, self.training = False, True
         with torch.no_grad():
             for i in tqdm(range(iters), desc="qdiff: joint rounding", unit="step", disable=not progress, leave=False):
-                idx = fit[int(torch.randint(len(fit), (1,), generator=gen))]
+                idx = int(torch.randint(len(self.calls), (1,), generator=gen))
                 y = self._run(*self.calls[idx])
                 with torch.enable_grad():
                     ref = self.references[idx].double()
                     loss = (y.double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300) / norm
+                    anchored = [t for t in self.distinct if t.h is not None]
+                    if LAYER_ANCHOR > 0 and anchored:
+                        loss = loss + LAYER_ANCHOR * sum(t.layer_error() for t in anchored) / len(anchored)
                     if i >= warm:
                         beta = 2.0 + 18.0 * (1.0 - (i - warm) / max(iters - warm, 1))
                         loss = loss + REG * sum(t.push(beta) for t in self.distinct) / len(self.distinct)
@@ -174,14 +202,18 @@ class JointRounding:
                     for v, g in zip(params, torch.autograd.grad(loss, params)):
                         v.grad = g
                 opt.step()
-        end = {"fit": self.error(fit), "held_out": self.error(held)}
-        kept = end["held_out"] < start["held_out"]
-        if not kept:
-            for t, v in zip(self.distinct, saved):
-                t.v.data.copy_(v)
+                if (i + 1) % check == 0 or i + 1 == iters:  # early stopping on the held-out rows
+                    err = self.error(True)
+                    if err < best:
+                        best, best_step, saved = err, i + 1, [t.v.detach().clone() for t in self.distinct]
+                    self.hard, self.training = False, True
+        for t, v in zip(self.distinct, saved):
+            t.v.data.copy_(v)
+        kept = best_step > 0
+        end = {"fit": self.error(False), "held_out": self.error(True)}
         db = lambda d: round(-10 * math.log10(max(d, 1e-30)), 3)  # noqa: E731  as an SQNR
         return {
-            "iters": iters, "weights": len(self.distinct), "nodes": sorted(self.targets), "calls_fit": len(fit), "calls_held_out": len(held),
+            "iters": iters, "weights": len(self.distinct), "nodes": sorted(self.targets), "calls_fit": len(self.calls), "calls_held_out": len(self.held), "best_step": best_step,
             "sqnr_db_before": {k: db(v) for k, v in start.items()}, "sqnr_db_after": {k: db(v) for k, v in end.items()},
             "kept": kept, "seconds": round(time.perf_counter() - t0, 1),
         }
@@ -203,6 +235,23 @@ class JointRounding:
         return out
 
 
+def split_rows(call: Call, every: int = 5) -> tuple[Call, Call] | None:
+    """(fit, held-out) parts of one call: every ``every``-th row held out of each tensor argument whose first dim is the
+    batch (that of the first tensor argument); None where the batch has fewer than ``every`` rows."""
+    args, kwargs = call
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+    if first is None or first.shape[0] < every:
+        return None
+    rows = torch.arange(first.shape[0])
+    held, fit = rows[rows % every == every - 1], rows[rows % every != every - 1]
+
+    def part(index: torch.Tensor) -> Call:
+        take = lambda a: a[index.to(a.device)] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == first.shape[0] else a  # noqa: E731
+        return tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}
+
+    return part(fit), part(held)
+
+
 def refinable(n: NodePlan) -> bool:
     """Nodes whose rounding the joint step refines: integer, unsplit, unsmoothed linear weights."""
     ws = [n.weight] if n.group_weights is None else n.group_weights
@@ -211,14 +260,15 @@ def refinable(n: NodePlan) -> bool:
 
 
 def joint_rounding(model: torch.nn.Module, nodes: dict[str, NodePlan], weights: dict[str, torch.Tensor], means: dict[str, list[torch.Tensor]],
-                   calls: list[list[Call]], iters: int, seed: int, progress: bool = True) -> tuple[dict[str, NodePlan], dict[str, Any]]:
+                   calls: list[list[Call]], iters: int, seed: int, progress: bool = True,
+                   hessians: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, NodePlan], dict[str, Any]]:
     """Refine the rounding of the plan's refinable linears jointly on the denoiser output (see the module docstring).
 
     ``weights``: each node's float weight; ``means``: per node, each timestep group's input mean (bias correction;
     absent: none); ``calls``: the kept calls per timestep group. Returns the node plans and a record for the plan."""
     if not any(refinable(n) for n in nodes.values()) or not any(calls):
         return nodes, {"skipped": "no integer linear weight to refine" if any(calls) else "no kept calls"}
-    jr = JointRounding(model, nodes, weights, means, calls)
+    jr = JointRounding(model, nodes, weights, means, calls, hessians)
     missing = sorted(set(jr.targets) - jr.captured)
     if missing:  # the re-capture did not reach them (e.g. after a graph break fell back to eager): not refined
         for key in missing:

@@ -62,7 +62,7 @@ def test_joint_rounding_beats_layer_wise_rounding_on_unseen_inputs_and_roundtrip
         plans[rounding] = plan = QuantPlan.load(plan.save(tmp_path / f"{rounding.value}.qplan"))
         sqnr[rounding] = _sqnr(model, plan, x_test)
     record = plans[Rounding.JOINT].meta["joint_rounding"]
-    assert record["kept"] and record["weights"] == 6 and record["calls_held_out"] == 1
+    assert record["kept"] and record["weights"] == 6 and record["calls_held_out"] == record["calls_fit"] == 5  # rows held out
     assert record["sqnr_db_after"]["held_out"] > record["sqnr_db_before"]["held_out"]
     assert sqnr[Rounding.JOINT] > sqnr[Rounding.LEARNED] + 1.0, sqnr
     assert plans[Rounding.JOINT].config.weight.rounding is Rounding.JOINT and "joint_rounding" not in plans[Rounding.LEARNED].meta
