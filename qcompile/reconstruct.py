@@ -199,7 +199,7 @@ class JointRounding:
                         beta = 2.0 + 18.0 * (1.0 - (i - warm) / max(iters - warm, 1))
                         loss = loss + REG * sum(t.push(beta) for t in self.distinct) / len(self.distinct)
                     params = [t.v for t in self.distinct]  # only these: the model's own parameters get no .grad
-                    for v, g in zip(params, torch.autograd.grad(loss, params)):
+                    for v, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):  # unused: not in this group
                         v.grad = g
                 opt.step()
                 if (i + 1) % check == 0 or i + 1 == iters:  # early stopping on the held-out rows
