@@ -87,3 +87,33 @@ def test_joint_rounding_leaves_fp8_and_full_precision_nodes(model):
     assert not plan.nodes["inp"].quantized and not plan.nodes["out"].quantized  # first / last skipped: not refined
     assert sorted(plan.meta["joint_rounding"]["nodes"]) == ["down1", "down2", "up1", "up2"]
     assert not refinable(plan.nodes["inp"]) and all(refinable(plan.nodes[k]) for k in ("up1", "down2"))
+
+
+def test_joint_rounding_refines_per_group_allocations(model):
+    from qcompile import AllocationSpec
+
+    base = QuantConfig.preset("w4a16").replace(first_last="quantize")
+    cfg = base.replace(
+        weight=dataclasses.replace(base.weight, rounding=Rounding.JOINT, rounding_iters=50, joint_iters=60), timestep_groups=2,
+        weight_bit_budget=5.0, allocation=AllocationSpec(candidates=("int4", "int5", "int6"), per_group=True, calls_per_group=2),
+    )
+    torch._dynamo.reset()
+    plan = qcompile.calibrate(model, _run(_data(1, 10)), cfg, progress=False)
+    differs = [n for n in plan.nodes.values() if n.group_weights is not None and n.group_weights[0] is not n.group_weights[1]]
+    assert differs  # some node has other formats in the two groups: each group's weight is refined on its own calls
+    record = plan.meta["joint_rounding"]
+    assert record["weights"] > len(plan.nodes) and record["calls_fit"] == record["calls_held_out"] > 0
+    for n in differs:  # per group: its own weight, its own bias correction row
+        for g in range(2):
+            assert n.weight_for(g).data.dtype in (torch.uint8, torch.int8)
+        assert n.bias_correction.shape[0] == 2
+
+
+def test_split_rows_holds_out_every_fifth_batch_row():
+    from qcompile.reconstruct import split_rows
+
+    x, t, y = torch.arange(10.0).reshape(10, 1), torch.tensor(0.5), torch.arange(10)
+    fit, held = split_rows(((x, t), {"y": y}))
+    assert held[0][0].flatten().tolist() == [4.0, 9.0] and held[1]["y"].tolist() == [4, 9] and held[0][1] is t
+    assert fit[0][0].shape[0] == 8 and fit[1]["y"].tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert split_rows(((torch.zeros(4, 3),), {})) is None  # too few rows: whole calls are held out instead
