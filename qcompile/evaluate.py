@@ -164,6 +164,8 @@ def _rd_variants(w4: QuantConfig) -> dict[str, QuantConfig]:
         out[f"mixed-4.5a8-{r}"] = w4.replace(weight_bit_budget=4.5, weight=weight, name=f"mixed-4.5a8-{r}")
         for name in ("mixed-4.5a8-nobf16", "mixed-4.5a8-nobf16-k10"):
             out[f"{name}-{r}"] = out[name].replace(weight=weight, name=f"{name}-{r}")
+    longer = dataclasses.replace(out["mixed-4.5a8-nobf16-k10-joint"].weight, joint_iters=4000)  # the joint step's budget doubled
+    out["mixed-4.5a8-nobf16-k10-joint4k"] = out["mixed-4.5a8-nobf16-k10"].replace(weight=longer, name="mixed-4.5a8-nobf16-k10-joint4k")
     out["mixed-4.5a8-nobf16-fisher"] = w4.replace(
         weight_bit_budget=4.5, allocation=AllocationSpec(candidates=nobf16, estimator="fisher"), name="mixed-4.5a8-nobf16-fisher"
     )
