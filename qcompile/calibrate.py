@@ -38,7 +38,7 @@ from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
 GRAM_MAX_FEATURES = 4096  # gptq / learned rounding: linears with more input features are rounded to nearest
-JOINT_CALLS_PER_BIN = 2  # joint rounding: denoiser calls kept per timestep bin to fit (4/5) and check (1/5) on
+JOINT_CALLS_PER_BIN = 2  # joint rounding: denoiser calls kept per timestep bin (4 of 5 batch rows fitted, the 5th checked)
 
 
 class ActivationObserver(torch.nn.Module):
@@ -84,7 +84,7 @@ class CalibrationSession:
         self.probe: tuple[Any, dict[str, torch.Tensor]] | None = None
         self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
-        self.kept: CallSample | None = None  # call inputs kept for bit allocation (weight_bit_budget)
+        self.kept: CallSample | None = None  # call inputs kept for bit allocation, the activation floor, joint rounding
         self.joint = config.weight.rounding is Rounding.JOINT
         if config.weight_bit_budget is not None or config.group_act_floor_db is not None or self.joint:  # one call per bin is enough for the floor
             per_bin = config.allocation.calls_per_group if config.weight_bit_budget is not None else 1

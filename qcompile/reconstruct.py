@@ -235,6 +235,12 @@ class JointRounding:
         return out
 
 
+    def close(self) -> None:
+        """Drop the kept calls, references and rounding variables (Dynamo's cache may keep the captured graph)."""
+        self.calls, self.held, self.references, self.held_references = [], [], [], []
+        self.targets, self.distinct, self.means = {}, [], {}
+
+
 def split_rows(call: Call, every: int = 5) -> tuple[Call, Call] | None:
     """(fit, held-out) parts of one call: every ``every``-th row held out of each tensor argument whose first dim is the
     batch (that of the first tensor argument); None where the batch has fewer than ``every`` rows."""
@@ -277,4 +283,6 @@ def joint_rounding(model: torch.nn.Module, nodes: dict[str, NodePlan], weights: 
     record = jr.fit(iters, seed, progress)
     if missing:
         record["not_captured"] = missing
-    return (jr.apply(nodes, weights, means) if record["kept"] else nodes), record
+    out = jr.apply(nodes, weights, means) if record["kept"] else nodes
+    jr.close()
+    return out, record
