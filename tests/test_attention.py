@@ -210,3 +210,20 @@ def test_plan_without_a_site_of_the_graph_is_refused(dit_plans):
         assert f"attention call #1 '{KEYS[1]}'" in str(info.value)
     finally:
         plan.attention.scales.update(scales)
+
+
+# --- variants -------------------------------------------------------------------------------------------------------
+def test_eval_and_bench_variants(monkeypatch):
+    from qcompile import bench, evaluate
+
+    assert evaluate.variants()["w8a8-fp8-attn"] == QuantConfig.preset("w8a8-fp8-attn")
+    assert {"qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn-cudagraphs"} <= set(bench.VARIANTS)
+
+    def inputs(device, dtype, t):
+        args, kwargs = tiny_dit_attn().make_inputs()
+        kwargs = {**kwargs, "timestep": torch.full((2,), t)}
+        return {"hidden_states": args[0].to(device, dtype), **kwargs}
+
+    monkeypatch.setitem(bench.MODELS, "tiny-attn", bench.BenchModel("tiny-attn", "tiny DiT, 32-wide heads", lambda: tiny_dit_attn().model, inputs))
+    row = bench.measure("tiny-attn", "qdiff-w8a8-fp8-attn", "cpu", budget_s=0.05)
+    assert row.status == "ok" and row.ms > 0 and row.calibration_s > 0
