@@ -227,3 +227,12 @@ def test_eval_and_bench_variants(monkeypatch):
     monkeypatch.setitem(bench.MODELS, "tiny-attn", bench.BenchModel("tiny-attn", "tiny DiT, 32-wide heads", lambda: tiny_dit_attn().model, inputs))
     row = bench.measure("tiny-attn", "qdiff-w8a8-fp8-attn", "cpu", budget_s=0.05)
     assert row.status == "ok" and row.ms > 0 and row.calibration_s > 0
+
+
+@pytest.mark.inductor
+def test_inductor_compiles_the_reference_attention(dit_plans):
+    """The converted graph (reference qattention, e4m3 casts) through AOTAutograd + Inductor's CPU backend."""
+    case, plans = dit_plans
+    eager, _ = _compiled(case, plans["w8a8-fp8-attn"])
+    fused, _ = _compiled(case, plans["w8a8-fp8-attn"], inductor=True)
+    assert sqnr_db(eager, fused) > 35
