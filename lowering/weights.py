@@ -126,7 +126,7 @@ def _decode(q: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
 def quantize_weight(
     w: torch.Tensor, fmt: str, kind: str, group_size: int | None = None, clip_search: bool = True,
     importance: torch.Tensor | None = None, min_clip: float = 0.8, splits: tuple[int, ...] | None = None,
-    hessian: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None, rounding: str = "gptq", iters: int = 300,
 ) -> QuantizedWeight:
     """Quantize a float weight symmetrically, choosing each channel/group's clipping.
 
@@ -136,8 +136,9 @@ def quantize_weight(
     the output error's variance, ``sum_k dW_k^2 var(x_k)``); otherwise the maximum itself.
     ``importance`` has one value per input channel (``K / prod(kernel)`` of them). ``splits``
     (input-channel split points) quantizes each slice's K segment with its own scales. With ``hessian``
-    (``E[x x^T]`` of a linear's input, (K, K); integer formats, unsplit) the scales are chosen as above and
-    the values are then rounded by :func:`gptq_round`.
+    (``E[x x^T]`` of a linear's input, or its covariance, (K, K); integer formats, unsplit) the scales are chosen
+    as above and the values are then rounded by :func:`gptq_round` (``rounding="gptq"``) or :func:`learned_round`
+    (``rounding="learned"``, ``iters`` steps).
     """
     if not w.is_floating_point():
         raise TypeError(f"cannot quantize a {w.dtype} weight")
@@ -154,8 +155,13 @@ def quantize_weight(
     scale = torch.cat(scales, dim=1) if len(scales) > 1 else scales[0]
     if hessian is not None:
         if splits is not None or kind != "linear" or fmt == "fp8_e4m3":
-            raise ValueError(f"gptq rounding takes unsplit linear weights in an integer format, got {kind} {fmt} splits={splits}")
-        q = gptq_round(m, scale, fmt, group_size, hessian.to(m.device))
+            raise ValueError(f"{rounding} rounding takes unsplit linear weights in an integer format, got {kind} {fmt} splits={splits}")
+        if rounding == "gptq":
+            q = gptq_round(m, scale, fmt, group_size, hessian.to(m.device))
+        elif rounding == "learned":
+            q = best_rounding(m, scale, fmt, group_size, hessian.to(m.device), iters)
+        else:
+            raise ValueError(f"unknown rounding {rounding!r} with a Hessian; choose gptq or learned")
     data = pack_int4(q) if fmt == "int4" else q
     return QuantizedWeight(fmt, data, scale.contiguous(), tuple(w.shape), kind, group_size, None if splits is None else tuple(splits))
 
@@ -209,6 +215,81 @@ def gptq_round(m: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int |
         w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
     kp = padded_k(k, fmt, group_size)
     return torch.nn.functional.pad(q, (0, kp - k)) if kp != k else q
+
+
+ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (AdaRound): h(v) reaches 0 and 1 exactly
+
+
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def learned_round(
+    m: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, hessian: torch.Tensor, iters: int = 300,
+    reg: float = 30.0, lr: float = 0.03, warmup: float = 0.2, init: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Integer values (out, Kpad) of ``m`` (out, K) on fixed ``scale`` grids with each value rounded down or up as
+    learned by minimizing the layer's output error ``tr(dW H dW^T)`` over the calibration inputs (``H = E[x x^T]``
+    or, where bias correction removes the mean error, the input covariance; (K, K)): AdaRound (Nagel et al. 2020;
+    own implementation). Each value is ``floor(w / s) + h(v)`` with ``h`` a rectified sigmoid of a free variable
+    ``v``; Adam runs ``iters`` full-batch steps (the Hessian holds every calibration input) on the output error,
+    relative to that of nearest rounding, plus ``reg`` x a term pushing ``h`` to 0 or 1 (off for the first
+    ``warmup`` share of the steps, its exponent annealed from 20 to 2). The result is ``floor + (h >= 0.5)``,
+    clamped to the grid. With ``init`` (integer values, e.g. from :func:`gptq_round`, which may lie beyond the
+    floor or ceiling) each value chooses between ``init`` and its neighbour towards ``w / s`` instead, starting at
+    ``init``. Cost: ``iters`` x ~6 ``out x K x K`` multiply-adds.
+    """
+    out, k = m.shape
+    qmin, qmax = int_range(fmt, True)
+    per_col = scale.float().repeat_interleave(group_size if group_size is not None else k, dim=1)[:, :k]
+    x = m.float() / per_col
+    if init is None:  # choose between floor and ceiling, starting at the fractional part
+        base = torch.floor(x)
+        start = x - base
+    else:  # choose between init and its neighbour towards the weight, starting at init
+        init = init[:, :k].float()
+        base = torch.where(x >= init, init, init - 1.0)
+        start = init - base
+    target = ((start.clamp(0.0, 1.0) - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+    v = torch.log(target / (1 - target)).requires_grad_()
+    h = hessian.float().to(m.device)
+    nearest = (torch.round(x).clamp(qmin, qmax) * per_col - m.float())
+    norm = float((nearest @ h * nearest).sum().clamp_min(1e-30))  # the output error of nearest rounding: 1
+    opt = torch.optim.Adam([v], lr=lr)
+    start_reg = int(warmup * iters)
+    with torch.enable_grad():
+        for i in range(iters):
+            soft = (base + _rectified_sigmoid(v)).clamp(qmin, qmax) * per_col
+            dw = soft - m.float()
+            loss = (dw @ h * dw).sum() / norm
+            if i >= start_reg:
+                beta = 2.0 + 18.0 * (1.0 - (i - start_reg) / max(iters - start_reg, 1))
+                loss = loss + reg * (1.0 - (2.0 * _rectified_sigmoid(v) - 1.0).abs().pow(beta)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    q = (base + (_rectified_sigmoid(v.detach()) >= 0.5).float()).clamp(qmin, qmax).to(torch.int8)
+    kp = padded_k(k, fmt, group_size)
+    return torch.nn.functional.pad(q, (0, kp - k)) if kp != k else q
+
+
+def rounding_error(m: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: int | None, hessian: torch.Tensor) -> float:
+    """``tr(dW H dW^T)`` of integer values ``q`` (out, Kpad) on ``scale`` grids against ``m`` (out, K)."""
+    k = m.shape[1]
+    per_col = scale.double().repeat_interleave(group_size if group_size is not None else k, dim=1)[:, :k]
+    dw = q[:, :k].double() * per_col - m.double()
+    return float((dw @ hessian.double() * dw).sum())
+
+
+def best_rounding(m: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int | None, hessian: torch.Tensor, iters: int) -> torch.Tensor:
+    """Learned rounding as qdiff plans it: :func:`gptq_round`, :func:`learned_round` between floor and ceiling, and
+    :func:`learned_round` around the GPTQ values (``iters`` steps each); the one with the least output error
+    ``tr(dW H dW^T)`` on the calibration inputs is kept. AdaRound's floor / ceiling choice is the better one
+    where the Hessian is well conditioned, GPTQ's compensation (which may move a value past them) where input
+    features are strongly correlated; the third refines the latter."""
+    q_gptq = gptq_round(m, scale, fmt, group_size, hessian)
+    options = [q_gptq, learned_round(m, scale, fmt, group_size, hessian, iters), learned_round(m, scale, fmt, group_size, hessian, iters, init=q_gptq)]
+    return min(options, key=lambda q: rounding_error(m, q, scale, group_size, hessian))
 
 
 def _per_k(importance: torch.Tensor, k: int) -> torch.Tensor:

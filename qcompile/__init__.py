@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from .config import ActSpec, AllocationSpec, CalibrationSpec, FirstLastPolicy, Format, OpKind, QuantConfig, RangeMethod, WeightSpec  # noqa: E402
+from .config import ActSpec, AllocationSpec, CalibrationSpec, FirstLastPolicy, Format, OpKind, QuantConfig, RangeMethod, Rounding, WeightSpec  # noqa: E402
 from .errors import CalibrationError, ConfigError, MissingPlanError, PlanFileError, PlanMismatchError, QdiffError  # noqa: E402
 from .plan import QuantPlan  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
@@ -18,7 +18,7 @@ from .decorator import quantize  # noqa: E402
 from .dispatch import GroupDispatch, compile  # noqa: E402
 
 __all__ = [
-    "ActSpec", "AllocationSpec", "CalibrationSpec", "FirstLastPolicy", "Format", "OpKind", "QuantConfig", "RangeMethod", "WeightSpec",
+    "ActSpec", "AllocationSpec", "CalibrationSpec", "FirstLastPolicy", "Format", "OpKind", "QuantConfig", "RangeMethod", "Rounding", "WeightSpec",
     "CalibrationError", "ConfigError", "MissingPlanError", "PlanFileError", "PlanMismatchError", "QdiffError",
     "QuantPlan", "calibrate", "qdiff_backend", "inspect", "quantize", "compile", "GroupDispatch", "__version__",
 ]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .act_floor import apply_act_floor
 from .attention import AttentionCalibration
-from .config import OpKind, QuantConfig
+from .config import OpKind, QuantConfig, Rounding
 from .errors import CalibrationError
 from .graph import prepare
 from .lowering.weights import bias_correction, quantize_weight, smooth_weight, smoothing_factors
@@ -31,13 +31,15 @@ from .passes.provenance import SplitDecision, apply_split, find_splits, split_no
 from .passes.sites import META_KEY, Site, bound_args, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
+from .reconstruct import joint_rounding
 from .release import check_not_released
 from .segment import Segmentation, segment_groups
 from .sensitivity import BitAllocator, CallSample
 from .timesteps import StepBins, TimestepGroups, equal_groups, find_timestep
 
 BIN_CAP = 64  # timestep bins kept during calibration (bins merge past this)
-GRAM_MAX_FEATURES = 4096  # gptq: linears with more input features are rounded to nearest
+GRAM_MAX_FEATURES = 4096  # gptq / learned rounding: linears with more input features are rounded to nearest
+JOINT_CALLS_PER_BIN = 2  # joint rounding: denoiser calls kept per timestep bin (4 of 5 batch rows fitted, the 5th checked)
 
 
 class ActivationObserver(torch.nn.Module):
@@ -83,15 +85,17 @@ class CalibrationSession:
         self.probe: tuple[Any, dict[str, torch.Tensor]] | None = None
         self.segmentation: Segmentation | None = None  # set when groups are segmented
         self.closed = False
-        self.kept: CallSample | None = None  # call inputs kept for bit allocation (weight_bit_budget)
-        if config.weight_bit_budget is not None or config.group_act_floor_db is not None:  # one call per bin is enough for the floor
-            self.kept = CallSample(config.allocation.calls_per_group if config.weight_bit_budget is not None else 1, self.generator)
+        self.kept: CallSample | None = None  # call inputs kept for bit allocation, the activation floor, joint rounding
+        self.joint = config.weight.rounding is Rounding.JOINT
+        if config.weight_bit_budget is not None or config.group_act_floor_db is not None or self.joint:  # one call per bin is enough for the floor
+            per_bin = config.allocation.calls_per_group if config.weight_bit_budget is not None else 1
+            self.kept = CallSample(max(per_bin, JOINT_CALLS_PER_BIN) if self.joint else per_bin, self.generator)
         self.keep_allocator = False  # keep the BitAllocator (tables, switchable model) after finish, for studies
         self.allocator: Any = None
         self.act_cache: dict[tuple, list] = {}
         self.stats_alias: dict[str, str] = {}  # site key -> the site whose statistics it shares (same input tensor)
-        self.grams: dict[str, tuple[torch.Tensor, int]] = {}  # linear input sum of x x^T and row count (gptq weights)
-        self.collect_gram = config.weight.gptq
+        self.grams: dict[str, tuple[torch.Tensor, int]] = {}  # linear input sum of x x^T and row count (gptq / learned rounding)
+        self.collect_gram = config.weight.rounding is not Rounding.NEAREST
         self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
         self.attention = None if config.attention is None else AttentionCalibration()  # q / k / v scales (qcompile/attention.py)
 
@@ -237,6 +241,9 @@ class CalibrationSession:
             nodes[ann.key] = allocated.get(ann.key) or self._node_plan(self.sites[ann.key], ann, members)
         if not any(n.quantized for n in nodes.values()):
             warnings.warn(f"qdiff: nothing quantizable in {self.model_class}; it will run in full precision", stacklevel=3)
+        joint = None
+        if self.joint and any(n.quantized for n in nodes.values()):  # refine the chosen integer linears on the output
+            nodes, joint = self._joint_rounding(nodes, members, groups, progress)
         attention = None if self.attention is None else self.attention.finish(self, members)
         self.closed = True
         self.stats.clear()
@@ -250,9 +257,28 @@ class CalibrationSession:
         shared = {k: v for k, v in self.stats_alias.items() if k != v and k in nodes}
         if shared:  # sites reading one tensor: one statistics, one input quantizer (for inspect)
             plan.meta["shared_statistics"] = shared
+        if joint is not None:
+            plan.meta["joint_rounding"] = joint
         if self.segmentation is not None:  # the loss curve behind the chosen boundaries, for inspect
             plan.meta["segmentation_loss_db"] = [round(v, 4) for v in self.segmentation.loss_db]
         return plan
+
+    def _joint_rounding(self, nodes: dict[str, NodePlan], members: list[list[int]], groups: TimestepGroups, progress: bool):
+        """``Rounding.JOINT``: :func:`qcompile.reconstruct.joint_rounding` on every kept call (bias correction from
+        each group's input mean, as :meth:`_quantize` computes it)."""
+        means = {}
+        if self.config.bias_correction:
+            for key, n in nodes.items():
+                per_group = [self._group_stats(key, m) for m in members]
+                if n.quantized and n.bias_correction is not None and all(s is not None and s.channel_mean() is not None for s in per_group):
+                    means[key] = [s.channel_mean() for s in per_group]
+        hessians = {}
+        for key, n in nodes.items():
+            h = self._hessian(self.sites[key], self.decisions[key], None, [self._group_stats(key, m) for m in members]) if n.quantized and n.smooth is None else None
+            if h is not None:
+                hessians[key] = h
+        calls = self.kept.select(groups, BIN_CAP * self.kept.per_bin)
+        return joint_rounding(self.model, nodes, self.weights, means, calls, self.config.weight.joint_iters, self.config.calibration.seed, progress, hessians)
 
     def _groups(self, timesteps: list[float]) -> TimestepGroups:
         """Timestep groups: equal numbers of steps, or segmented where activation ranges change most."""
@@ -321,7 +347,8 @@ class CalibrationSession:
         importance = self._importance(site, group_stats)
         weight = quantize_weight(
             w, spec.fmt.value, kind, spec.group_size, spec.clip_search, importance, spec.min_clip, ann.splits.get(INPUT_EDGE),
-            self._hessian(site, ann, factors) if spec.gptq else None,
+            self._hessian(site, ann, factors, group_stats) if spec.rounding is not Rounding.NEAREST else None,
+            spec.rounding.per_layer.value, spec.rounding_iters,
         )
         corr = None
         means = [None if s is None else s.channel_mean() for s in group_stats]
@@ -348,14 +375,23 @@ class CalibrationSession:
         weight = dataclasses.replace(weight, data=weight.data.cpu(), scale=weight.scale.cpu())
         return weight, corr, acts, error, None if factors is None else factors.cpu()
 
-    def _hessian(self, site: Site, ann: Annotation, factors: torch.Tensor | None) -> torch.Tensor | None:
-        """``E[x x^T]`` of an unsplit linear's input over all calls (of ``x / factors`` when smoothed); None otherwise."""
+    def _hessian(self, site: Site, ann: Annotation, factors: torch.Tensor | None, group_stats: list) -> torch.Tensor | None:
+        """``E[x x^T]`` of an unsplit linear's input over all calls (of ``x / factors`` when smoothed); None otherwise.
+
+        For learned rounding with bias correction, the error that remains after each timestep group's mean output
+        shift is cancelled: ``E[x x^T] - sum_g p_g m_g m_g^T`` (``m_g``: group ``g``'s input mean, ``p_g`` its share),
+        so the rounding is not spent on a mean error the bias correction removes anyway."""
         gram_key = self.stats_key(site.key)
         if gram_key not in self.grams or site.kind is not OpKind.LINEAR or ann.splits.get(INPUT_EDGE) is not None:
             return None
         gram, n = self.grams[gram_key]
         h = gram / max(n, 1)
-        return h if factors is None else h / (factors.double()[:, None] * factors.double()[None, :])
+        h = h if factors is None else h / (factors.double()[:, None] * factors.double()[None, :])
+        present = [(s.count, s.channel_mean()) for s in group_stats if s is not None]  # (already smoothed with factors)
+        if ann.weight.rounding.per_layer is Rounding.LEARNED and self.config.bias_correction and present and all(m is not None for _, m in present):
+            total = sum(c for c, _ in present)
+            h = h - sum(c / total * torch.outer(m.double().cpu(), m.double().cpu()) for c, m in present)
+        return h
 
     def _smoothing(self, site: Site, ann: Annotation, w: torch.Tensor, group_stats: list) -> torch.Tensor | None:
         """SmoothQuant factors for a site whose input is quantized (config.smooth_alpha), else None."""

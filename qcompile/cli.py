@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="per-step SQNR, PSNR, SSIM and a classifier-feature Fréchet distance of every variant against FP32")
     ev.add_argument("--models", nargs="+", default=["mnist_unet", "mnist_vit"])
-    ev.add_argument("--configs", nargs="*", help="variants to run (default: the presets, bf16 and naive baselines; also w8a8-int8-smooth, w8-int8-weight-only, w8a8-int8-nosplit, w4a8-nosplit, timestep groups w8a8-int8-k{2,5,10}[-seg], w8a8-int8-kauto, w8a8-int8-k10-seg-{outlier,firstlast,outlier-firstlast,outlier-floor25,outlier6-floor25}, w6a8, mixed-4.5a8, mixed-4.5a8-fisher; rate-distortion ablations w5a8, w4g32a8, w4a8-k10, w6a8-k10, mixed-4.5a8-nobf16[-k10[-shared]], mixed-4.5a8-nobf16-fisher, *-gptq)")
+    ev.add_argument("--configs", nargs="*", help="variants to run (default: the presets, bf16 and naive baselines; also w8a8-int8-smooth, w8-int8-weight-only, w8a8-int8-nosplit, w4a8-nosplit, timestep groups w8a8-int8-k{2,5,10}[-seg], w8a8-int8-kauto, w8a8-int8-k10-seg-{outlier,firstlast,outlier-firstlast,outlier-floor25,outlier6-floor25}, w6a8, mixed-4.5a8, mixed-4.5a8-fisher; rate-distortion ablations w5a8, w4g32a8, w4a8-k10, w6a8-k10, mixed-4.5a8-nobf16[-k10[-shared]], mixed-4.5a8-nobf16-fisher, *-gptq / *-learned / *-joint: w4a8-, w6a8-, mixed-4.5a8-, mixed-4.5a8-nobf16[-k10]-)")
     ev.add_argument("--seeds", type=int, default=64, help="evaluation samples, one seed each (default: 64)")
     ev.add_argument("--calib-samples", type=int, default=32, help="calibration trajectories (default: 32)")
     ev.add_argument("--out", default="docs", help="folder for quality.md, quality.json and img/ (default: docs)")

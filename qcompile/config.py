@@ -57,6 +57,20 @@ class FirstLastPolicy(str, enum.Enum):
     SKIP = "skip"  # keep in full precision
 
 
+class Rounding(str, enum.Enum):
+    """How integer weight values are rounded onto their (already chosen) scale grids."""
+
+    NEAREST = "nearest"  # round to nearest
+    GPTQ = "gptq"  # linears: column by column, compensating the error through the inverse input Hessian (GPTQ)
+    LEARNED = "learned"  # linears: down or up per value, learned on the calibration inputs' output error (AdaRound)
+    JOINT = "joint"  # LEARNED per linear, then all integer linears refined together on the denoiser output (qcompile.reconstruct)
+
+    @property
+    def per_layer(self) -> "Rounding":
+        """The rounding each weight gets on its own (JOINT: LEARNED; the joint step follows at plan level)."""
+        return Rounding.LEARNED if self is Rounding.JOINT else self
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     """Weight quantization: symmetric, per output channel or per group of input features."""
@@ -65,12 +79,19 @@ class WeightSpec:
     group_size: int | None = None  # None: one scale per output channel
     clip_search: bool = True  # search per-channel/group clipping for minimal (importance-weighted) MSE
     min_clip: float = 0.8  # smallest clipping ratio of the absolute maximum the search may pick
-    gptq: bool = False  # integer linear weights: round column by column, compensating the error with the input Hessian
+    rounding: Rounding = Rounding.NEAREST  # integer linear weights with a Gram matrix: GPTQ or learned rounding
+    rounding_iters: int = 300  # learned rounding: optimizer steps per run, two runs per weight (cost ~ 12 x iters x out x K^2)
+    joint_iters: int = 2000  # joint rounding: steps (one kept denoiser call's forward and backward each)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format(self.fmt))
-        if self.gptq and not self.fmt.is_int:
-            raise ConfigError(f"gptq applies to integer weights, not {self.fmt.value}")
+        object.__setattr__(self, "rounding", Rounding(self.rounding))
+        if self.rounding is not Rounding.NEAREST and not self.fmt.is_int:
+            raise ConfigError(f"{self.rounding.value} rounding applies to integer weights, not {self.fmt.value}")
+        for name in ("rounding_iters", "joint_iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
         if not 0.0 < self.min_clip <= 1.0:
             raise ConfigError(f"min_clip must be in (0, 1], got {self.min_clip}")
         if self.group_size is not None:
@@ -191,7 +212,8 @@ class AllocationSpec:
             return None
         if candidate == "int4" and base.fmt is Format.INT4 and base.group_size:
             group = base.group_size
-        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, base.gptq and Format(fmt).is_int)
+        rounding = base.rounding if Format(fmt).is_int else Rounding.NEAREST  # every candidate is rounded as the final plan
+        return WeightSpec(Format(fmt), group, base.clip_search, base.min_clip, rounding, base.rounding_iters, base.joint_iters)
 
 
 _ALL_OPS = frozenset(OpKind)
@@ -229,7 +251,8 @@ class QuantConfig:
     group_act_floor_db: float | None = None
     name: str = "custom"
 
-    VERSION: ClassVar[int] = 3
+    # 4: WeightSpec.rounding (an enum) replaces the bool WeightSpec.gptq; `attention` (added in 4, absent in older dicts: None)
+    VERSION: ClassVar[int] = 4
     PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16", "w8a8-fp8-attn")
 
     def __post_init__(self) -> None:
@@ -345,7 +368,12 @@ class QuantConfig:
             d["timestep_groups"] = d["calibration"].pop("timestep_groups", 1)
             version = 2
         if version == 2:  # version 2 had no outlier split and no activation floor (their defaults: off)
-            version = cls.VERSION
+            version = 3
+        if version == 3:  # version 3 said gptq: bool
+            d["weight"] = dict(d.get("weight", {}))
+            if d["weight"].pop("gptq", False):
+                d["weight"]["rounding"] = Rounding.GPTQ.value
+            version = 4
         if version != cls.VERSION:
             raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")
         try:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .calibrate import calibrate
-from .config import AllocationSpec, FirstLastPolicy, Format, QuantConfig, WeightSpec
+from .config import AllocationSpec, FirstLastPolicy, Format, QuantConfig, Rounding, WeightSpec
 from .fdist import fd_fields, fd_reference, fd_report_lines
 from .dispatch import compile as compile_plan
 from .metrics import psnr_db, sqnr_db, ssim
@@ -158,11 +158,15 @@ def _rd_variants(w4: QuantConfig) -> dict[str, QuantConfig]:
     for name, k, per_group in (("mixed-4.5a8-nobf16", 1, False), ("mixed-4.5a8-nobf16-k10", 10, True), ("mixed-4.5a8-nobf16-k10-shared", 10, False)):
         spec = AllocationSpec(candidates=nobf16, per_group=per_group, calls_per_group=4 if k == 1 else 2)  # 20 kept calls with 10 groups
         out[name] = w4.replace(weight_bit_budget=4.5, timestep_groups=k, allocation=spec, name=name)
-    gptq = lambda spec: dataclasses.replace(spec, gptq=True)  # noqa: E731  error-compensating rounding of linear weights
-    out["w4a8-gptq"] = w4.replace(weight=gptq(w4.weight), name="w4a8-gptq")
-    out["w6a8-gptq"] = w4.replace(weight=WeightSpec(Format.INT6, gptq=True), name="w6a8-gptq")
-    for name in ("mixed-4.5a8-nobf16", "mixed-4.5a8-nobf16-k10"):
-        out[f"{name}-gptq"] = out[name].replace(weight=gptq(w4.weight), name=f"{name}-gptq")
+    for rounding in (Rounding.GPTQ, Rounding.LEARNED, Rounding.JOINT):  # error-compensating / learned rounding of linear weights
+        r, weight = rounding.value, dataclasses.replace(w4.weight, rounding=rounding)
+        out[f"w4a8-{r}"] = w4.replace(weight=weight, name=f"w4a8-{r}")
+        out[f"w6a8-{r}"] = w4.replace(weight=WeightSpec(Format.INT6, rounding=rounding), name=f"w6a8-{r}")
+        out[f"mixed-4.5a8-{r}"] = w4.replace(weight_bit_budget=4.5, weight=weight, name=f"mixed-4.5a8-{r}")
+        for name in ("mixed-4.5a8-nobf16", "mixed-4.5a8-nobf16-k10"):
+            out[f"{name}-{r}"] = out[name].replace(weight=weight, name=f"{name}-{r}")
+    longer = dataclasses.replace(out["mixed-4.5a8-nobf16-k10-joint"].weight, joint_iters=4000)  # the joint step's budget doubled
+    out["mixed-4.5a8-nobf16-k10-joint4k"] = out["mixed-4.5a8-nobf16-k10"].replace(weight=longer, name="mixed-4.5a8-nobf16-k10-joint4k")
     out["mixed-4.5a8-nobf16-fisher"] = w4.replace(
         weight_bit_budget=4.5, allocation=AllocationSpec(candidates=nobf16, estimator="fisher"), name="mixed-4.5a8-nobf16-fisher"
     )

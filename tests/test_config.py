@@ -64,3 +64,32 @@ def test_version_1_dicts_move_timestep_groups_out_of_calibration():
     v1 = {**{k: v for k, v in d.items() if k not in ("timestep_groups", "group_boundaries")}, "version": 1}
     v1["calibration"] = {**d["calibration"], "timestep_groups": 4}
     assert QuantConfig.from_dict(v1) == QuantConfig.preset("w8a8-int8").replace(timestep_groups=4)
+
+
+def test_weight_rounding_round_trip_validation_and_version_3_dicts():
+    from qcompile.config import AllocationSpec, Rounding
+
+    for rounding in Rounding:
+        cfg = QuantConfig.preset("w4a8").replace(weight=WeightSpec(Format.INT4, group_size=64, rounding=rounding, rounding_iters=50))
+        d = cfg.to_dict()
+        assert d["version"] == 4 and d["weight"]["rounding"] == rounding.value
+        assert QuantConfig.from_dict(d) == cfg
+    assert WeightSpec("int5", rounding="learned").rounding is Rounding.LEARNED
+    with pytest.raises(ConfigError, match="learned rounding applies to integer weights"):
+        WeightSpec(Format.FP8_E4M3, rounding=Rounding.LEARNED)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="rounding_iters"):
+            WeightSpec(Format.INT4, rounding_iters=bad)
+    with pytest.raises(ValueError):
+        WeightSpec(Format.INT4, rounding="stochastic")
+    # version 3 said gptq: bool
+    for gptq, want in ((True, Rounding.GPTQ), (False, Rounding.NEAREST)):
+        d = QuantConfig.preset("w4a8").to_dict()
+        d["version"] = 3
+        d["weight"] = {k: v for k, v in d["weight"].items() if k not in ("rounding", "rounding_iters")} | {"gptq": gptq}
+        assert QuantConfig.from_dict(d).weight == WeightSpec(Format.INT4, group_size=64, rounding=want)
+    # the allocation's candidates round as the base spec (fp8 and full precision cannot)
+    base = WeightSpec(Format.INT4, group_size=64, rounding=Rounding.LEARNED, rounding_iters=77)
+    spec = AllocationSpec(candidates=("int4g32", "int6", "fp8_e4m3", "bf16"))
+    assert spec.weight_spec("int6", base).rounding is Rounding.LEARNED and spec.weight_spec("int4g32", base).rounding_iters == 77
+    assert spec.weight_spec("fp8_e4m3", base).rounding is Rounding.NEAREST and spec.weight_spec("bf16", base) is None

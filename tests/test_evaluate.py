@@ -97,7 +97,7 @@ def test_evaluation_traces_transformer_layers_without_the_fused_fast_path():
 
 
 def test_rate_distortion_variants():
-    from qcompile.config import CANDIDATE_BITS
+    from qcompile.config import CANDIDATE_BITS, Rounding
     from qcompile.evaluate import experiments
 
     ex = experiments()
@@ -108,7 +108,7 @@ def test_rate_distortion_variants():
     assert per.timestep_groups == shared.timestep_groups == 10 and per.allocation.per_group and not shared.allocation.per_group
     assert per.allocation.candidates == shared.allocation.candidates == nobf16.allocation.candidates
     assert ex["w4a8-k10"].timestep_groups == ex["w6a8-k10"].timestep_groups == 10 and ex["w6a8-k10"].weight.fmt.value == "int6"
-    assert ex["mixed-4.5a8-nobf16-gptq"].weight.gptq and ex["w4a8-gptq"].weight.group_size == 64
+    assert ex["mixed-4.5a8-nobf16-gptq"].weight.rounding is Rounding.GPTQ and ex["w4a8-gptq"].weight.group_size == 64
     assert CANDIDATE_BITS["int5"] == 5 and CANDIDATE_BITS["int4g32"] == 4.5
     for cfg in ex.values():  # every variant survives the plan's config round-trip
         assert cfg is None or type(cfg).from_dict(cfg.to_dict()) == cfg

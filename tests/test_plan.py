@@ -136,3 +136,22 @@ def test_digest_hashes_json_then_every_tensor_by_name(plan):
         h.update(name.encode())
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     assert plan.digest() == h.hexdigest()[:16]
+
+
+def test_plans_with_a_version_3_config_load_with_its_rounding(plan, tmp_path):
+    from qcompile import Rounding
+
+    for gptq, want in ((True, Rounding.GPTQ), (False, Rounding.NEAREST)):
+        path = plan.save(tmp_path / f"v3-{gptq}.qplan")
+
+        def to_v3(doc, tensors):
+            doc["config"]["version"] = 3
+            weight = doc["config"]["weight"]
+            for k in ("rounding", "rounding_iters", "joint_iters"):
+                weight.pop(k)
+            weight["gptq"] = gptq
+
+        _rewrite(path, to_v3)
+        loaded = QuantPlan.load(path)
+        assert loaded.config.weight.rounding is want and loaded.config.replace(weight=plan.config.weight) == plan.config
+        assert all(torch.equal(a.weight.data, b.weight.data) for a, b in zip(loaded.quantized_nodes(), plan.quantized_nodes()))

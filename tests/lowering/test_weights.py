@@ -119,7 +119,7 @@ def test_gptq_rounding_lowers_the_output_error_on_correlated_inputs():
     h = x.T.double() @ x.double() / x.shape[0]
     for fmt, gs in (("int4", 32), ("int5", None), ("int8", None)):
         rtn = quantize_weight(w, fmt, "linear", gs)
-        opt = quantize_weight(w, fmt, "linear", gs, hessian=h)
+        opt = quantize_weight(w, fmt, "linear", gs, hessian=h, rounding="gptq")
         assert torch.equal(rtn.scale, opt.scale)  # same grids, other rounding
         err = lambda q: float((x @ (q.dequantize() - w).T).pow(2).mean())  # noqa: E731
         assert err(opt) < 0.8 * err(rtn), fmt
@@ -131,3 +131,43 @@ def test_gptq_rounding_lowers_the_output_error_on_correlated_inputs():
     assert torch.equal(gptq_round(w, rtn.scale, "int5", None, torch.eye(k)), rtn.data)
     with pytest.raises(ValueError, match="gptq rounding takes unsplit linear weights"):
         quantize_weight(torch.randn(4, 8, 3, 3), "int8", "conv", hessian=torch.eye(72))
+
+
+def _correlated_layer(k: int = 64, out: int = 48, rows: int = 4000, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) @ (0.4 * torch.randn(k, k, generator=g) + torch.eye(k))
+    x[:, :3] *= 6.0  # a few large-variance features, as after a LayerNorm
+    return x, torch.randn(out, k, generator=g)
+
+
+@pytest.mark.parametrize("fmt,gs", [("int4", 32), ("int4", None), ("int5", None)])
+def test_learned_rounding_lowers_the_output_error_and_stays_on_the_grid(fmt, gs):
+    from qcompile.lowering.formats import int_range, unpack_int4
+    from qcompile.lowering.weights import learned_round, quantize_weight, rounding_error
+
+    x, w = _correlated_layer()
+    h = x.T.double() @ x.double() / x.shape[0]
+    rtn = quantize_weight(w, fmt, "linear", gs)
+    learned = quantize_weight(w, fmt, "linear", gs, hessian=h, rounding="learned", iters=300)
+    assert torch.equal(rtn.scale, learned.scale)  # same grids, other rounding
+    err = lambda q: float((x @ (q.dequantize() - w).T).pow(2).mean())  # noqa: E731  output error on the inputs
+    assert err(learned) < 0.5 * err(rtn), fmt  # > 3 dB lower output error
+    gptq = quantize_weight(w, fmt, "linear", gs, hessian=h, rounding="gptq")
+    assert err(learned) <= err(gptq)  # never worse than GPTQ on the same inputs (it is one of the options)
+    # stored values are exact integers in the format's range; the weight is exactly integer x scale
+    q = (unpack_int4(learned.data) if fmt == "int4" else learned.data)[:, : w.shape[1]]
+    lo, hi = int_range(fmt, True)
+    assert q.dtype == torch.int8 and int(q.min()) >= lo and int(q.max()) <= hi
+    per = learned.scale.repeat_interleave(gs or w.shape[1], dim=1)[:, : w.shape[1]]
+    assert torch.equal(learned.dequantize(), (q.float() * per).reshape(w.shape))
+    # the AdaRound run alone picks each value's floor or ceiling (clamped to the grid) and also beats nearest rounding
+    ada = learned_round(w, rtn.scale, fmt, gs, h, 300)[:, : w.shape[1]]
+    floor = torch.floor(w / per).clamp(lo, hi)
+    assert ada.dtype == torch.int8 and bool(((ada.float() - floor == 0) | (ada.float() - floor == 1)).all())
+    assert rounding_error(w, ada, rtn.scale, gs, h) < 0.85 * rounding_error(w, unpack_int4(rtn.data) if fmt == "int4" else rtn.data, rtn.scale, gs, h)
+    # deterministic: the same plan twice
+    assert torch.equal(learned_round(w, rtn.scale, fmt, gs, h, 50), learned_round(w, rtn.scale, fmt, gs, h, 50))
+    with pytest.raises(ValueError, match="learned rounding takes unsplit linear weights"):
+        quantize_weight(torch.randn(4, 8, 3, 3), fmt, "conv", hessian=torch.eye(72), rounding="learned")
+    with pytest.raises(ValueError, match="unknown rounding"):
+        quantize_weight(w, fmt, "linear", gs, hessian=h, rounding="nearest")
