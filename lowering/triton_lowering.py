@@ -290,3 +290,30 @@ def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:
         bounds = None if w.splits is None else k_bounds(w.splits, w.k)  # split op: one sum per slice, (N, slices)
         return {"colsum": weight_colsum(w.data, bounds)}
     return {}
+
+
+def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why ``qdiff::fp8_attention`` cannot take these q / k / v (they then run :func:`.reference.qattention`), or None."""
+    from .kernels.fp8_attention import MAX_HEAD_DIM, MIN_HEAD_DIM
+
+    if not kernels_usable_on(q.device):
+        return f"device {q.device} (kernels need CUDA, or CPU in the Triton interpreter)"
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype} / {k.dtype} / {v.dtype}"
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        return f"shapes {tuple(q.shape)} / {tuple(k.shape)} / {tuple(v.shape)}"
+    d = q.shape[3]
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0) or k.shape[2] == 0:
+        return f"head dim {d} or no keys"
+    return None
+
+
+def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None):
+    """:func:`.reference.qattention`'s signature (the converted graph's attention call): ``qdiff::fp8_attention`` where
+    :func:`attention_route` allows (inputs made contiguous in their head dim), else the reference."""
+    from .kernels.fp8_attention import fp8_attention
+
+    if attention_route(q, k, v) is not None:
+        return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale)

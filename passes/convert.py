@@ -57,6 +57,8 @@ class Lowering:
     # the weight stored in another layout, once, at conversion: (op, kind) -> (tensor, layout name) or None (as planned);
     # the op is then called with ``weight_layout=`` that name
     stored_weight: Callable[[QuantizedOp, str], tuple[torch.Tensor, str] | None] | None = None
+    # fp8 attention (passes/convert_attention.py): (q, k, v, q_scale, k_scale, v_scale, sm_scale=) -> output
+    attention: Callable[..., torch.Tensor] = reference.qattention
 
 
 def _check_slices(q: QuantizedOp, node: fx.Node) -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .attention_sites import HEAD_DIM_META_KEY
+
 _ENCODER_LAYER = torch._transformer_encoder_layer_fwd
 _NATIVE_MHA = torch._native_multi_head_attention
 
@@ -48,14 +50,18 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
     return bound
 
 
-def _self_attention(g: fx.Graph, x, a: dict, num_heads: int, embed_dim: int):
-    """Packed in-projection, SDPA and out-projection on ``x`` (B, L, E); returns (B, L, E)."""
+def _self_attention(g: fx.Graph, x, a: dict, num_heads: int, embed_dim: int, source: fx.Node | None = None):
+    """Packed in-projection, SDPA and out-projection on ``x`` (B, L, E); returns (B, L, E). The SDPA node gets the
+    head dim and ``source``'s module stack in its meta (for :mod:`.attention_sites`: it has no example value)."""
     head_dim = embed_dim // num_heads
     qkv = g.call_function(F.linear, (x, a["qkv_weight"], a["qkv_bias"]))
     qkv = g.call_method("unflatten", (qkv, -1, (3, num_heads, head_dim)))
     qkv = g.call_method("permute", (qkv, 2, 0, 3, 1, 4))  # (3, B, H, L, D)
     q, k, v = (g.call_function(operator.getitem, (qkv, i)) for i in range(3))
     attn = g.call_function(F.scaled_dot_product_attention, (q, k, v))
+    attn.meta[HEAD_DIM_META_KEY] = head_dim
+    if source is not None and "nn_module_stack" in source.meta:
+        attn.meta["nn_module_stack"] = dict(source.meta["nn_module_stack"])
     attn = g.call_method("flatten", (g.call_method("transpose", (attn, 1, 2)), 2))
     return g.call_function(F.linear, (attn, a["proj_weight"], a["proj_bias"]))
 
@@ -77,10 +83,10 @@ def _rewrite_encoder_layer(g: fx.Graph, node: fx.Node) -> bool:
     with g.inserting_before(node):
         src = a["src"]
         if a["norm_first"]:
-            x = g.call_function(operator.add, (src, _self_attention(g, norm(src, 1), a, H, E)))
+            x = g.call_function(operator.add, (src, _self_attention(g, norm(src, 1), a, H, E, node)))
             out = g.call_function(operator.add, (x, ffn(norm(x, 2))))
         else:
-            x = norm(g.call_function(operator.add, (src, _self_attention(g, src, a, H, E))), 1)
+            x = norm(g.call_function(operator.add, (src, _self_attention(g, src, a, H, E, node))), 1)
             out = norm(g.call_function(operator.add, (x, ffn(x))), 2)
     node.replace_all_uses_with(out)
     g.erase_node(node)
@@ -92,7 +98,7 @@ def _rewrite_native_mha(g: fx.Graph, node: fx.Node) -> bool:
     if not (a["query"] is a["key"] is a["value"] and a["mask"] is None and _only_output_used(node)):
         return False
     with g.inserting_before(node):
-        out = _self_attention(g, a["query"], a, a["num_head"], a["embed_dim"])
+        out = _self_attention(g, a["query"], a, a["num_head"], a["embed_dim"], node)
     for user in list(node.users):
         user.replace_all_uses_with(out)
         g.erase_node(user)
@@ -116,7 +122,7 @@ def _rewrite_mha_forward(g: fx.Graph, node: fx.Node) -> bool:
              "proj_bias": a["out_proj_bias"]}
     with g.inserting_before(node):
         x = g.call_method("transpose", (a["query"], 0, 1))  # (B, L, E)
-        out = g.call_method("transpose", (_self_attention(g, x, parts, a["num_heads"], a["embed_dim_to_check"]), 0, 1))
+        out = g.call_method("transpose", (_self_attention(g, x, parts, a["num_heads"], a["embed_dim_to_check"], node), 0, 1))
     for user in list(node.users):
         user.replace_all_uses_with(out)
         g.erase_node(user)

@@ -16,12 +16,14 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .attention import attention_float, attention_ops, attention_sites
 from .debug import log_graph
 from .errors import ConfigError, MissingPlanError
 from .graph import prepare
 from .passes.annotate import Annotation, annotate
 from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
+from .passes.convert_attention import convert_attention
 from .passes.act_quant import place_act_quant
 from .passes.fuse_epilogue import fuse_epilogues
 from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
@@ -200,7 +202,7 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
         return "reference", Lowering()
     return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
                               aux=triton_lowering.aux_buffers, fallback=triton_lowering.fallback_reason,
-                              stored_weight=triton_lowering.stored_weight)
+                              stored_weight=triton_lowering.stored_weight, attention=triton_lowering.qattention)
 
 
 def build_quantized_graph(
@@ -215,11 +217,14 @@ def build_quantized_graph(
     fallback = {} if lowering.fallback is None else {k: r for k, q in ops.items() if (r := lowering.fallback(q)) is not None}
     unsupported = {s.key: f"unsupported: {s.unsupported}" for s in sites if s.unsupported}
     opaque = planned_weights_read_in_float(gm, example_inputs, plan)
-    _warn_float_ops(plan, [s.key for s in sites] + sorted(opaque), {**unsupported, **opaque}, fallback)
+    attn = attention_sites(gm)
+    attn_float = attention_float(plan, attn)  # (plans without attention: none; attention then stays float unmentioned)
+    _warn_float_ops(plan, [s.key for s in sites] + sorted(opaque) + [s.key for s in attn], {**unsupported, **opaque, **attn_float}, fallback)
     if not plan.quantized_nodes():
         warnings.warn(f"qdiff: the plan for {plan.model_class} quantizes nothing; compiling the full-precision graph", stacklevel=2)
     constants = {name: value for name, (_, value) in parameter_tensors(gm, example_inputs).items()}
     converted = convert(gm, ops, _device_of(example_inputs), lowering, constants)
+    converted = convert_attention(converted, attention_ops(plan, group), _device_of(example_inputs), lowering.attention)
     log_graph("convert", converted)
     return prepared, converted
 

@@ -147,7 +147,8 @@ CUDAGRAPHS = "-cudagraphs"  # suffix: the same variant compiled with mode="reduc
 LATENCY_GUARD = "-guard"
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
-            + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS))
+            + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
+            + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS))  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
 TORCHAO_DIM_MULTIPLE = 16  # and K, N must be multiples of 8 (int8) / 16 (fp8 _scaled_mm): the bundled DiT's 12-wide output

@@ -19,6 +19,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from .act_floor import apply_act_floor
+from .attention import AttentionCalibration
 from .config import OpKind, QuantConfig, Rounding
 from .errors import CalibrationError
 from .graph import prepare
@@ -96,6 +97,7 @@ class CalibrationSession:
         self.grams: dict[str, tuple[torch.Tensor, int]] = {}  # linear input sum of x x^T and row count (gptq / learned rounding)
         self.collect_gram = config.weight.rounding is not Rounding.NEAREST
         self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
+        self.attention = None if config.attention is None else AttentionCalibration()  # q / k / v scales (qcompile/attention.py)
 
     # -- Dynamo backend ------------------------------------------------------------------------
     def backend(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -116,7 +118,8 @@ class CalibrationSession:
             self.subgraphs.append(signature)
         annotate(gm, self.decisions)
         self._share_statistics(gm)
-        return insert_observers(gm, lambda site, edge: ActivationObserver(self, site)).forward
+        gm = insert_observers(gm, lambda site, edge: ActivationObserver(self, site))
+        return (gm if self.attention is None else self.attention.observe(self, gm)).forward
 
     def _share_statistics(self, gm: fx.GraphModule) -> None:
         """Sites that read the same graph node with the same channel dim and split observe it once: the first one
@@ -241,11 +244,13 @@ class CalibrationSession:
         joint = None
         if self.joint and any(n.quantized for n in nodes.values()):  # refine the chosen integer linears on the output
             nodes, joint = self._joint_rounding(nodes, members, groups, progress)
+        attention = None if self.attention is None else self.attention.finish(self, members)
         self.closed = True
         self.stats.clear()
         self.group_cache.clear()
         plan = QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
         plan.allocation = allocation
+        plan.attention = attention
         if self.config.group_act_floor_db is not None and any(n.quantized for n in nodes.values()):
             apply_act_floor(self.model, plan, self.kept.select(groups, BIN_CAP), self.config.group_act_floor_db)
         self.kept = None

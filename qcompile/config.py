@@ -217,6 +217,9 @@ class AllocationSpec:
 
 
 _ALL_OPS = frozenset(OpKind)
+# the w8a8-fp8-attn preset's attention quantizer: e4m3 keeps 2^-9 relative precision down to 2^-6 x scale, so the
+# absolute maximum (no clipping) loses little and never saturates a q / k outlier that would dominate the softmax
+ATTENTION_FP8 = ActSpec(Format.FP8_E4M3, range_method=RangeMethod.MINMAX)
 GROUP_BOUNDARIES = ("uniform", "segment")  # equal numbers of steps / data-driven (qcompile.segment)
 
 
@@ -235,6 +238,9 @@ class QuantConfig:
     weight_bit_budget: float | None = None  # average weight bits over the quantized ops (None: uniform `weight`)
     allocation: AllocationSpec = field(default_factory=AllocationSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    # fp8 attention: q / k / v of each supported scaled_dot_product_attention quantized to e4m3 with static per-tensor
+    # scales (per timestep group), fp8 probabilities (passes/attention_sites.py; None: attention stays in full precision)
+    attention: ActSpec | None = None
     timestep_groups: int | str = 1  # activation quantizers per group of timesteps; "auto": chosen by segmentation
     group_boundaries: str = "uniform"  # "uniform" in step index, or "segment" where activation ranges change most
     # int8 activations: a second, sparse quantizer for the values beyond the inlier range where that improves the
@@ -245,8 +251,9 @@ class QuantConfig:
     group_act_floor_db: float | None = None
     name: str = "custom"
 
-    VERSION: ClassVar[int] = 4  # 4: WeightSpec.rounding (an enum) replaces the bool WeightSpec.gptq
-    PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
+    # 4: WeightSpec.rounding (an enum) replaces the bool WeightSpec.gptq; `attention` (added in 4, absent in older dicts: None)
+    VERSION: ClassVar[int] = 4
+    PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16", "w8a8-fp8-attn")
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, WeightSpec):
@@ -291,10 +298,15 @@ class QuantConfig:
                     f"weight_bit_budget {self.weight_bit_budget} is outside [{lo:g}, {hi:g}], the bits of the allocation "
                     f"candidates {list(self.allocation.candidates)}"
                 )
+        if self.attention is not None:
+            if not isinstance(self.attention, ActSpec):
+                raise ConfigError(f"attention must be an ActSpec or None, got {type(self.attention).__name__}")
+            if self.attention.fmt is not Format.FP8_E4M3:
+                raise ConfigError(f"attention quantization is fp8_e4m3 only (the qdiff::fp8_attention kernel), got {self.attention.fmt.value}")
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
-        """A named preset: ``w8a8-int8``, ``w8a8-fp8``, ``w4a8`` or ``w4a16``."""
+        """A named preset: ``w8a8-int8``, ``w8a8-fp8``, ``w4a8``, ``w4a16`` or ``w8a8-fp8-attn`` (w8a8-fp8 plus fp8 attention)."""
         int8_act = ActSpec(Format.INT8, symmetric=False)
         presets = {
             "w8a8-int8": cls(WeightSpec(Format.INT8), int8_act, name="w8a8-int8"),
@@ -312,6 +324,7 @@ class QuantConfig:
                 name="w4a16",
             ),
         }
+        presets["w8a8-fp8-attn"] = presets["w8a8-fp8"].replace(attention=ATTENTION_FP8, name="w8a8-fp8-attn")
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
         return presets[name]
@@ -365,11 +378,13 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")
         try:
             act = d.pop("act")
+            attention = d.pop("attention", None)  # absent in older configs: attention in full precision
             return cls(
                 weight=WeightSpec(**d.pop("weight")),
                 act=None if act is None else ActSpec(**act),
                 calibration=CalibrationSpec(**d.pop("calibration")),
                 allocation=AllocationSpec(**d.pop("allocation", {})),
+                attention=None if attention is None else ActSpec(**attention),
                 **d,
             )
         except (TypeError, KeyError, ValueError) as e:

@@ -111,6 +111,7 @@ def variants() -> dict[str, QuantConfig | None]:
         "naive-w8a8-int8": w8.naive(),
         "w8a8-int8": w8,
         "w8a8-fp8": QuantConfig.preset("w8a8-fp8"),
+        "w8a8-fp8-attn": QuantConfig.preset("w8a8-fp8-attn"),
         "naive-w4a8": w4.naive(),
         "w4a8": w4,
         "w4a16": QuantConfig.preset("w4a16"),

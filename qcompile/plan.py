@@ -27,11 +27,12 @@ from .lowering.weights import QuantizedWeight, storage_shape
 from .lowering.formats import FP8_DTYPE
 from .observers import ActQParams
 from .act_floor import ActFloorRecord
+from .attention import AttentionRecord
 from .passes.allocate import AllocationRecord
 from .timesteps import TimestepGroups
 
-FORMAT_VERSION = 2  # 2: outlier-split activation quantizers, activation floor record (version 1 plans load: neither)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: attention record; 2: outlier-split activation quantizers, activation floor record (older plans load without them)
+READABLE_VERSIONS = (1, 2, 3)
 METADATA_KEY = "qdiff_plan"
 _STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "int6": torch.int8, "int5": torch.int8, "fp8_e4m3": FP8_DTYPE}
 
@@ -148,14 +149,17 @@ class QuantPlan:
         }
         self.allocation: AllocationRecord | None = None  # rate-distortion bit allocation (weight_bit_budget)
         self.act_floor: ActFloorRecord | None = None  # timestep groups kept at unquantized activations (group_act_floor_db)
+        self.attention: AttentionRecord | None = None  # fp8 attention scales per site and group (config.attention)
         self.compiled: list[Any] = []  # runtime only: QuantizedGraph records made by the backend
         self.warned: set[str] = set()  # runtime only: node keys already reported as float
 
     # -- identity ------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        """Hash of the model class and every quantizable op's key, kind and weight shape."""
-        text = "\n".join([self.model_class, *(n.signature for n in self.nodes.values())])
+        """Hash of the model class and every quantizable op's key, kind and weight shape (and attention site keys, in plans
+        with an attention record)."""
+        attention = [] if self.attention is None else [f"{k}:attention" for k in self.attention.keys()]
+        text = "\n".join([self.model_class, *(n.signature for n in self.nodes.values()), *attention])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def digest(self) -> str:
@@ -207,6 +211,7 @@ class QuantPlan:
             "probe": None if self.probe is None else self.probe[0],
             "allocation": None if self.allocation is None else self.allocation.to_dict(),
             "act_floor": None if self.act_floor is None else self.act_floor.to_dict(),
+            "attention": None if self.attention is None else self.attention.to_dict(),
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -379,6 +384,21 @@ def _act_floor(d: dict[str, Any], nodes: dict[str, NodePlan], groups: int, path:
     return rec
 
 
+def _attention(d: dict[str, Any] | None, config: QuantConfig, groups: int, path: Path) -> AttentionRecord | None:
+    """The attention record (absent in older plans), validated and present exactly when the config quantizes attention."""
+    if (d is None) != (config.attention is None):
+        raise PlanFileError(
+            f"plan file '{path}': its config {'quantizes' if config.attention is not None else 'does not quantize'} attention "
+            f"but the plan {'has no' if d is None else 'has an'} attention record"
+        )
+    if d is None:
+        return None
+    try:
+        return AttentionRecord.from_dict(d, groups)
+    except ValueError as e:
+        raise PlanFileError(f"plan file '{path}' has an invalid attention record: {e}") from e
+
+
 def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> QuantPlan:
     try:
         config = QuantConfig.from_dict(doc["config"])
@@ -433,6 +453,7 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
         plan.allocation = _allocation(doc["allocation"], nodes, path)
     if doc.get("act_floor") is not None:
         plan.act_floor = _act_floor(doc["act_floor"], nodes, groups.count, path)
+    plan.attention = _attention(doc.get("attention"), config, groups.count, path)
     if plan.fingerprint != doc["fingerprint"]:
         raise PlanFileError(f"plan file '{path}': stored fingerprint {doc['fingerprint']} does not match its nodes ({plan.fingerprint})")
     if plan.meta.get("torch_version", "").split("+")[0] != torch.__version__.split("+")[0]:

@@ -298,3 +298,25 @@ ALL_FACTORIES: dict[str, Callable[..., TinyCase]] = {
 
 def all_cases(seed: int = 0) -> list[TinyCase]:
     return [f(seed) for f in ALL_FACTORIES.values()]
+
+
+def tiny_dit_attn(seed: int = 0) -> TinyCase:
+    """``tiny_dit`` with heads of 32 (2 layers x 2 heads x 32): head dims the fp8 attention kernel takes (32-160).
+    Not in ``ALL_FACTORIES``."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = _finish(DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=2, sample_size=16,
+        patch_size=2, num_embeds_ada_norm=1000,
+    ))
+
+    def make_inputs(b: int = BATCH, s: int = seed):
+        g = _gen(6000 + s)
+        x = torch.randn(b, 4, 16, 16, generator=g)
+        t = _int_timesteps(g, b)
+        labels = torch.randint(0, 1000, (b,), generator=g, dtype=torch.int64)
+        return (x,), {"timestep": t, "class_labels": labels, "return_dict": False}
+
+    args, kwargs = make_inputs()
+    return TinyCase("dit_attn", model, args, kwargs, "timestep", make_inputs)

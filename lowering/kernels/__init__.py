@@ -1,5 +1,5 @@
 """Triton kernels for quantized linear / conv ops, registered as ``torch.ops.qdiff.*`` triton_ops, and an fp8
-attention forward (``qdiff::fp8_attention``, not yet used by the lowering).
+attention forward (``qdiff::fp8_attention``, reached through ``triton_lowering.qattention`` for ``config.attention``).
 
 Each module holds the ``@triton.jit`` kernel(s), their autotune configs, the checked wrapper and
 the ``torch.library.triton_op`` registration (with a fake implementation, so graphs calling them
