@@ -176,14 +176,14 @@ def tiny_unet2d_condition(seed: int = 0) -> TinyCase:
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_dit(seed: int = 0) -> TinyCase:
-    """``DiTTransformer2DModel``, 4x16x16 latents, patch 2 (64 tokens), 2 layers x 2 heads x 16."""
+def tiny_dit(seed: int = 0, head_dim: int = 16, name: str = "dit", input_seed: int = 3000) -> TinyCase:
+    """``DiTTransformer2DModel``, 4x16x16 latents, patch 2 (64 tokens), 2 layers x 2 heads x ``head_dim``."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
         num_attention_heads=2,
-        attention_head_dim=16,
+        attention_head_dim=head_dim,
         in_channels=4,
         out_channels=4,
         num_layers=2,
@@ -194,14 +194,14 @@ def tiny_dit(seed: int = 0) -> TinyCase:
     model = _finish(model)
 
     def make_inputs(b: int = BATCH, s: int = seed):
-        g = _gen(3000 + s)
+        g = _gen(input_seed + s)
         x = torch.randn(b, 4, 16, 16, generator=g)
         t = _int_timesteps(g, b)
         labels = torch.randint(0, 1000, (b,), generator=g, dtype=torch.int64)
         return (x,), {"timestep": t, "class_labels": labels, "return_dict": False}
 
     args, kwargs = make_inputs()
-    return TinyCase("dit", model, args, kwargs, "timestep", make_inputs)
+    return TinyCase(name, model, args, kwargs, "timestep", make_inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,20 +303,4 @@ def all_cases(seed: int = 0) -> list[TinyCase]:
 def tiny_dit_attn(seed: int = 0) -> TinyCase:
     """``tiny_dit`` with heads of 32 (2 layers x 2 heads x 32): head dims the fp8 attention kernel takes (32-160).
     Not in ``ALL_FACTORIES``."""
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = _finish(DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=2, sample_size=16,
-        patch_size=2, num_embeds_ada_norm=1000,
-    ))
-
-    def make_inputs(b: int = BATCH, s: int = seed):
-        g = _gen(6000 + s)
-        x = torch.randn(b, 4, 16, 16, generator=g)
-        t = _int_timesteps(g, b)
-        labels = torch.randint(0, 1000, (b,), generator=g, dtype=torch.int64)
-        return (x,), {"timestep": t, "class_labels": labels, "return_dict": False}
-
-    args, kwargs = make_inputs()
-    return TinyCase("dit_attn", model, args, kwargs, "timestep", make_inputs)
+    return tiny_dit(seed, head_dim=32, name="dit_attn", input_seed=6000)
