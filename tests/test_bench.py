@@ -55,6 +55,18 @@ def test_measure_row_on_cpu(tiny, variant):
         json.dumps(row.extra)
 
 
+def test_measure_row_in_a_multi_row_run_on_cpu(tiny, tmp_path, monkeypatch):
+    """In a multi-row run (the rows folder set) the qdiff backend is compiled through the first-run wrapper; the row
+    measures the same as in-process (its first run took the host lock: no other rows here to pause)."""
+    monkeypatch.setenv(bench.ROWS_ENV, str(tmp_path))
+    wrapped, real = [], bench._exclusive_first_run
+    monkeypatch.setattr(bench, "_exclusive_first_run", lambda compiled, rows_dir: wrapped.append(rows_dir) or real(compiled, rows_dir))
+    row = bench.measure(tiny, "qdiff-w8a8-int8", "cpu", budget_s=0.05)
+    assert row.status == "ok" and row.ms > 0 and row.quantized_ops == "2/2 ops" and row.compile_s > 0
+    assert wrapped == [str(tmp_path)]  # one graph, compiled by the qdiff backend inside the wrapper
+    assert row.extra["rows_paused_while_timing"] == 0
+
+
 def test_kernel_counts_sum_over_compiled_graphs():
     from types import SimpleNamespace as NS
 
