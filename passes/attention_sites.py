@@ -22,6 +22,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .sites import qualified_name
+
 ATTENTION_META_KEY = "qdiff_attention_site"
 HEAD_DIM_META_KEY = "qdiff_head_dim"  # written by passes/decompose.py on the calls it creates (no example value there)
 SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
@@ -51,8 +53,7 @@ def sdpa_args(node: fx.Node) -> dict[str, Any]:
     return bound
 
 
-_TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\.(\d+)|\['([^']*)'\]|\[(\d+)\]")
-_CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
+_TOP_LEVEL = re.compile(r"[LG]\['[^']*'\]")  # the compiled module itself
 
 
 def module_path(node: fx.Node) -> str:
@@ -63,9 +64,7 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    head = re.match(r"^[LG]\['[^']*'\]", path)
-    rest = path[head.end():] if head else path
-    return ".".join(p for p in ("".join(m) for m in _TOKEN.findall(rest)) if p not in _CONTAINERS)
+    return "" if _TOP_LEVEL.fullmatch(path) else qualified_name(path)
 
 
 def _shape(arg: Any) -> tuple | None:

@@ -52,7 +52,7 @@ class Site:
         return f"{self.key}:{self.kind.value}:{'x'.join(map(str, self.weight_shape))}"
 
 
-_SOURCE_TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\['([^']*)'\]|\[(\d+)\]")
+_SOURCE_TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\.(\d+)|\['([^']*)'\]|\[(\d+)\]")
 _CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
 
 
@@ -60,7 +60,8 @@ def qualified_name(source_name: str) -> str:
     """Dynamo source -> module-relative name.
 
     ``L['self']._modules['conv']._parameters['weight']`` and
-    ``L['self'].__dict__['_modules']['conv']._parameters['weight']`` both give ``conv.weight``.
+    ``L['self'].__dict__['_modules']['conv']._parameters['weight']`` both give ``conv.weight``; numeric attribute
+    tokens are kept (``...['blocks'].0.attn1`` -> ``blocks.0.attn1``, as ``nn_module_stack`` paths write them).
     """
     head = re.match(r"^[LG]\['[^']*'\]", source_name)
     rest = source_name[head.end():] if head else source_name

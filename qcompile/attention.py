@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import CalibrationError, PlanMismatchError
-from .observers import ActivationStats, choose_qparams
+from .errors import PlanMismatchError
+from .observers import choose_qparams
 from .passes.attention_sites import ATTENTION_META_KEY, INPUTS, AttentionSite, insert_attention_observers
 from .passes.convert_attention import QuantizedAttention
 
@@ -45,19 +45,8 @@ class AttentionObserver(torch.nn.Module):
         self.node = site.node
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.session
-        if s.closed:
-            return x
-        call = len(s.calls) - 1
-        stats = s.stats.get((self.key, s.bin))
-        if stats is None:
-            stats = s.stats[(self.key, s.bin)] = ActivationStats(s.bin_size, s.generator, -1)
-        stats.update(x, call)
-        if not stats.is_finite():
-            raise CalibrationError(
-                f"non-finite values (nan/inf) at attention input '{self.key}' (graph node '{self.node}') in calibration "
-                f"call {call} (timestep {s.timestep}); the full-precision model itself produces them"
-            )
+        if not self.session.closed:
+            self.session.record(self.key, x, self.node, "attention input")
         return x
 
 

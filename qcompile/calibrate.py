@@ -186,21 +186,27 @@ class CalibrationSession:
         key = observer.key
         if observer.stats_key != key:  # the site it shares statistics with records this tensor
             return
-        call = len(self.calls) - 1
-        stats = self.stats.get((key, self.bin))
-        if stats is None:
-            stats = self.stats[(key, self.bin)] = ActivationStats(self.bin_size, self.generator, observer.channel_dim, observer.split)
-        stats.update(x, call)
+        self.record(key, x, observer.node, "the input of node", observer.channel_dim, observer.split)
         if self.collect_gram and observer.channel_dim == -1 and x.shape[-1] <= GRAM_MAX_FEATURES:
             rows = x.detach().reshape(-1, x.shape[-1]).double()
             gram, n = self.grams.get(key, (0.0, 0))
             self.grams[key] = ((rows.T @ rows).cpu() + gram, n + rows.shape[0])
+        self.input_shapes[key] = tuple(x.shape)
+
+    def record(self, key: str, x: torch.Tensor, node: str, what: str, channel_dim: int = -1,
+               split: tuple[int, ...] | None = None) -> None:
+        """Add ``x`` to statistics ``key`` of the current timestep bin; non-finite values are an error naming
+        ``what`` ``key`` and its graph node (weight-op inputs here, attention's q / k / v in :mod:`.attention`)."""
+        call = len(self.calls) - 1
+        stats = self.stats.get((key, self.bin))
+        if stats is None:
+            stats = self.stats[(key, self.bin)] = ActivationStats(self.bin_size, self.generator, channel_dim, split)
+        stats.update(x, call)
         if not stats.is_finite():
             raise CalibrationError(
-                f"non-finite values (nan/inf) at the input of node '{key}' (graph node '{observer.node}') in "
+                f"non-finite values (nan/inf) at {what} '{key}' (graph node '{node}') in "
                 f"calibration call {call} (timestep {self.timestep}); the full-precision model itself produces them"
             )
-        self.input_shapes[key] = tuple(x.shape)
 
     # -- building the plan -------------------------------------------------------------------
     def _group_stats(self, key: str, members: list[int]) -> ActivationStats | None:
