@@ -11,11 +11,19 @@ channel-major layout), and a split op's slices stay contiguous K ranges (``split
 linear kernels' split path takes. Other routes of such an op (the reference, the implicit kernel) restore the plan's
 layout per call (:func:`plan_weight`).
 
-* unsplit: smoothing, im2col and the static fp8 quantization are plain aten ops, which Inductor fuses into one kernel
-  (with the producer's pointwise work: GroupNorm + SiLU in a UNet) that writes the ``(M, K)`` fp8 matrix; the GEMM is
-  ``qdiff::fp8_linear_prequant`` (the persistent TMA kernel for large shapes), bias in its epilogue;
-* split op: the same, each slice's columns quantized with its own scale (a per-column scale vector, fused the same
-  way); the GEMM's split path rescales its accumulator at slice bounds (no TMA kernel: it has no split path).
+Columns (``QDIFF_IM2COL_WRITER``, :func:`column_writer`):
+
+* ``kernel`` (default): smoothing and the static fp8 quantization are aten pointwise ops on the channels-last view,
+  which Inductor fuses into the producer's kernel (GroupNorm + SiLU in a UNet): it writes the fp8 activation once,
+  ``(B, H, W, C)``; ``qdiff::im2col`` (:mod:`.kernels.im2col`) then copies it into the ``(M, K)`` columns in 2-D tiles;
+* ``inductor``: smoothing, im2col (pad / unfold views) and the quantization all as aten ops, so Inductor writes the
+  columns in one flat kernel fused with the producer. That kernel recomputes the producer's work for each of the
+  ``KH*KW`` copies of every value and indexes per byte: 3.47 of the bundled UNet's 4.78 ms step on an H200
+  (2026-12-01; docs/kernels.md v7).
+
+A split op's slices are quantized each with its own scale (a per-channel scale vector, fused the same way). The GEMM is
+``qdiff::fp8_linear_prequant`` (the persistent TMA kernel for large unsplit shapes), bias in its epilogue; for a split op
+its split path rescales the accumulator at slice bounds.
 
 Why not the implicit-GEMM kernel (:mod:`.kernels.conv`): on an H200 (2026-12-01, ``examples/op_engines.py --ops conv --timing plain``, SD 1.5
 3x3 conv shapes, batch 2) the fp8 GEMM on explicit columns took 0.3-0.45x of the implicit kernel's time at every shape
@@ -32,11 +40,14 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .kernels.im2col import gather_columns
 from .kernels.conv import conv_out_size
 from .kernels.fp8_linear import fp8_linear_prequant, quantize_input_fp8, quantize_slices_fp8
 
 ENGINE_ENV = "QDIFF_CONV_ENGINE"
 ENGINES = ("im2col", "implicit")
+WRITER_ENV = "QDIFF_IM2COL_WRITER"
+WRITERS = ("kernel", "inductor")
 # Larger column matrices take the implicit kernel instead (no columns in memory): SD 1.5 at 512 px needs at most 71 MB
 # (the 960 -> 320 split conv at 64x64), a 1024 px model or a large batch can need several GB.
 MAX_COLUMN_BYTES = 512 * 2**20
@@ -48,6 +59,14 @@ def fp8_engine() -> str:
     if engine not in ENGINES:
         raise ValueError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {engine!r}")
     return engine
+
+
+def column_writer() -> str:
+    """Who writes an im2col conv's columns: ``QDIFF_IM2COL_WRITER`` (``kernel``, the default, or ``inductor``)."""
+    writer = os.environ.get(WRITER_ENV, "kernel")
+    if writer not in WRITERS:
+        raise ValueError(f"{WRITER_ENV} must be one of {', '.join(WRITERS)}, got {writer!r}")
+    return writer
 
 
 def column_shape(input_shape, weight_shape, stride, padding, dilation) -> tuple[int, int]:
@@ -123,14 +142,17 @@ def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     B, _, H, W = x.shape
     if act_smooth is not None:  # x * s per input channel, before quantization (as the reference)
         x = x * act_smooth.to(x.dtype).reshape(1, c, 1, 1)
-    cols = im2col(x, (kh, kw), stride, padding, dilation, splits)
+    k_splits = None if splits is None else tuple(p * kh * kw for p in splits)
+    if column_writer() == "kernel":  # quantize once (fused into the producer), then gather the fp8 bytes
+        nhwc = x.permute(0, 2, 3, 1)
+        xq = quantize_input_fp8(nhwc, a_scale) if splits is None else quantize_slices_fp8(nhwc, a_scale, tuple(splits))
+        cols = gather_columns(xq.contiguous(), (kh, kw), stride, padding, dilation, splits)
+    else:
+        cols = im2col(x, (kh, kw), stride, padding, dilation, splits)
+        # a split op's slice s is the K range [p_s * KH * KW, p_s+1 * KH * KW), quantized with its scale
+        cols = quantize_input_fp8(cols, a_scale) if splits is None else quantize_slices_fp8(cols, a_scale, k_splits)
     w2 = w.reshape(n, c * kh * kw)
-    if splits is None:
-        xq = quantize_input_fp8(cols, a_scale)
-    else:  # slice s is the K range [p_s * KH * KW, p_s+1 * KH * KW), quantized with its scale
-        k_splits = tuple(p * kh * kw for p in splits)
-        xq = quantize_slices_fp8(cols, a_scale, k_splits)
-    y = fp8_linear_prequant(xq, w2, w_scale, bias, a_scale, x.dtype, bias_corr=bias_corr, splits=None if splits is None else k_splits)
+    y = fp8_linear_prequant(cols, w2, w_scale, bias, a_scale, x.dtype, bias_corr=bias_corr, splits=None if splits is None else k_splits)
     oh = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     ow = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
     return y.view(B, oh, ow, n).permute(0, 3, 1, 2)

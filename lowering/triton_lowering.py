@@ -10,7 +10,7 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | int4 (per channel or groups of 32k) | int8 / fp8_e4m3 | ``qdiff::w4a8_linear`` |
 | int4 / int8 | none | ``qdiff::weight_only_linear`` |
 | conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
-| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 | | im2col (fused into the producer) + ``qdiff::fp8_linear_prequant`` (:mod:`.conv_im2col`) |
+| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 | | fp8 quantization fused into the producer, ``qdiff::im2col`` columns + ``qdiff::fp8_linear_prequant`` (:mod:`.conv_im2col`) |
 | conv 2-D, groups 1, C_in % 16 == 0, int8/int8 (fp8 with ``QDIFF_CONV_ENGINE=implicit``) | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
 | split op (``splits``, <= 4 slices): fp8 / int8 per channel | fp8_e4m3 / int8 (sym. or asym.), same pair | the same three kernels' split path |
 

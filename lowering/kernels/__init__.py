@@ -13,10 +13,11 @@ from ._common import INTERPRET, kernels_usable_on
 from .conv import conv2d_w8a8
 from .fp8_attention import fp8_attention
 from .fp8_linear import fp8_linear, fp8_linear_prequant
+from .im2col import gather_columns
 from .int8_linear import int8_linear, weight_colsum
 from .w4_linear import w4a8_linear, weight_only_linear
 
 __all__ = [
-    "INTERPRET", "kernels_usable_on", "conv2d_w8a8", "fp8_attention", "fp8_linear", "fp8_linear_prequant", "int8_linear",
+    "INTERPRET", "kernels_usable_on", "conv2d_w8a8", "fp8_attention", "fp8_linear", "fp8_linear_prequant", "gather_columns", "int8_linear",
     "weight_colsum", "w4a8_linear", "weight_only_linear",
 ]

@@ -69,6 +69,27 @@ def test_fp8_im2col_conv_with_non_square_kernels(ksize, stride, padding, monkeyp
     assert out.shape == ref.shape and sqnr_db(ref, out) > 45
 
 
+@pytest.mark.parametrize("splits", [None, (0, 16, 48)])
+def test_fp8_im2col_column_writers_agree(splits, monkeypatch):
+    """``qdiff::im2col`` on the once-quantized activation and the all-aten columns (``QDIFF_IM2COL_WRITER=inductor``)
+    give the same codes, so the same output."""
+    _use_engine(monkeypatch, "im2col", "fp8_e4m3")
+    x = randn(2, 48, 6, 7, shift=0.2)
+    if splits is None:
+        args, kw = _conv_call(x, (24, 48, 3, 3), "fp8_e4m3", "fp8_e4m3", False, stride=(2, 1))
+    else:  # smoothing too: it is applied before the quantization on both paths
+        args, kw = _split_conv_call(spread_slices(x, splits, 1), 24, 3, "fp8_e4m3", splits, False, (2, 1), (1, 1), smooth=True)
+    outs = {}
+    for writer in ("kernel", "inductor"):
+        monkeypatch.setenv("QDIFF_IM2COL_WRITER", writer)
+        outs[writer] = triton_lowering.qconv(*args, **kw)
+    assert torch.equal(outs["kernel"], outs["inductor"])
+    assert sqnr_db(reference.qconv(*args, **kw), outs["kernel"]) > 45
+    monkeypatch.setenv("QDIFF_IM2COL_WRITER", "nope")
+    with pytest.raises(ValueError, match="QDIFF_IM2COL_WRITER must be one of kernel, inductor"):
+        triton_lowering.qconv(*args, **kw)
+
+
 def test_fp8_conv_with_a_large_column_matrix_takes_the_implicit_kernel(monkeypatch):
     """Columns above MAX_COLUMN_BYTES are not materialized: the implicit kernel (same result) takes the conv."""
     from qcompile.lowering import conv_im2col

@@ -397,12 +397,15 @@ def test_split_conv_op_is_inlined_by_inductor(engine, kernel, gen, monkeypatch):
     assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
 
 
+@pytest.mark.parametrize("writer", ["kernel", "inductor"])
 @pytest.mark.parametrize("shape,n,stride", [((2, 320, 64, 64), 320, 1), ((2, 1280, 16, 16), 1280, 2), ((2, 640, 32, 32), 1280, 1)])
-def test_fp8_conv_im2col_quantizes_in_the_producer(shape, n, stride, gen):
-    """The default fp8 conv engine, compiled: Inductor fuses SiLU, im2col and the fp8 quantization into the kernel(s)
-    before our fp8 GEMM (TMA or tiled), which reads 1-byte columns; no implicit-GEMM kernel, no Python op."""
+def test_fp8_conv_im2col_quantizes_in_the_producer(shape, n, stride, writer, gen, monkeypatch):
+    """The default fp8 conv engine, compiled: Inductor fuses SiLU and the fp8 quantization into the producer kernel;
+    ``qdiff::im2col`` copies its bytes into the columns (``QDIFF_IM2COL_WRITER=inductor``: Inductor writes the columns
+    in that same fused kernel); our fp8 GEMM (TMA or tiled) reads them. No implicit-GEMM kernel, no Python op."""
     import re
 
+    monkeypatch.setenv("QDIFF_IM2COL_WRITER", writer)
     c = shape[1]
     w = torch.randn(n, c, 3, 3, device="cuda", generator=gen) * (c * 9) ** -0.5
     x = torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -416,10 +419,11 @@ def test_fp8_conv_im2col_quantizes_in_the_producer(shape, n, stride, gen):
     # to bf16 first, ~1/32 of the codes differ by one step (the bf16 step is 1/32 of an e4m3 step): 1.2-1.6e-2 on an H200
     ref = F.silu(reference.qconv(F.silu(x.float()), qw.data, qw.scale, bias, s, z, **kw))
     generated = sorted(set(re.findall(r"def (triton_\w+)\(", code)))
-    print(f"im2col conv {shape} -> {n} stride {stride}: Inductor kernels {generated}; rel err {rel_err(ref, out):.2e}")
+    print(f"im2col conv {shape} -> {n} stride {stride} ({writer}): Inductor kernels {generated}; rel err {rel_err(ref, out):.2e}")
     assert "torch.ops.qdiff" not in code and "conv2d_kernel" not in code
     assert "fp8_linear_tma_kernel" in code or "fp8_linear_kernel" in code
-    assert len(generated) <= 3, f"expected the pre-GEMM fusion (SiLU + im2col + quantize) and the final SiLU, got {generated}"
+    assert ("im2col_kernel" in code) == (writer == "kernel")
+    assert len(generated) <= 3, f"expected the pre-GEMM fusion (SiLU + quantize [+ im2col]) and the final SiLU, got {generated}"
     assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
 
 
