@@ -179,6 +179,7 @@ def sibling_groups(plan: QuantPlan, timings: list[OpTiming]) -> list[list[OpTimi
 
 
 def _keep_in_float(n: NodePlan, reason: str) -> None:
+    """Drop ``n``'s quantization (weights, activation quantizers and their extras) and record why."""
     n.weight, n.group_weights = None, None
     n.acts = [None] * len(n.acts)
     n.bias_correction = n.smooth = n.split = None
