@@ -13,9 +13,28 @@ overhead, as in a compiled ``mode="reduce-overhead"`` step):
   another GEMM) quantizes in the prologue too; its time here (the pre-quantized path, the TMA kernel for large shapes)
   is then optimistic, so the guard may keep such an op quantized where bf16 would be faster, never the reverse.
 
-:func:`keep_slower_in_float` then marks the nodes whose quantized time exceeds ``margin`` x the float time as kept in
-full precision, with the two times as the reason (the backend's one warning and ``qdiff inspect`` show it). Other
-formats (int8, W4) and ops no fp8 kernel takes are not timed: they stay as the plan has them.
+Sibling linears, linears reading the same input tensor with the same input quantizer (q / k / v of an attention
+block), are one GEMM in the compiled graph (``passes/fuse_siblings.py``) on one quantized copy of the input made by
+its producer (``passes/act_quant.py``). :func:`sibling_groups` finds them from the plan's ``shared_statistics``
+metadata (calibration's record of sites reading one graph node, the node the fusion pass groups by), and
+:func:`keep_slower_in_float` decides per group: the summed quantized time against ``margin`` x the summed float time,
+the whole group quantized or the whole group kept in full precision (keeping one member in float would break the fused
+GEMM and make the producer write a float copy as well); the reason names the group and both sums. An op with no
+timed sibling keeps the per-op rule: its quantized time against ``margin`` x its float time, the two times as the
+reason. The backend's one warning and ``qdiff inspect`` show the reasons. Other formats (int8, W4) and ops no fp8
+kernel takes are not timed: they stay as the plan has them.
+
+Not counted:
+
+* the fused GEMM itself: this module times each member's GEMM alone and sums them; one GEMM with the summed N
+  usually takes less than the sum (more output tiles on the GPU, one launch), so a group's quantized side is
+  pessimistic and the guard may keep a group in float that the fused GEMM would have made faster;
+* the float copy a producer writes when some of its consumers stay in float while others read its quantized copy
+  (the float op's read of that copy is in its float time, the producer's extra write is on neither side). Within a
+  sibling group the guard never splits a group, so this arises only between consumers the plan does not link: a
+  linear and a conv on one tensor, members with different input quantizers (smoothing, an input split, other
+  formats) or untimed members; convs are not grouped at all (the fusion pass fuses linears only, and each conv
+  quantizes its own input or columns).
 """
 
 from __future__ import annotations
@@ -140,19 +159,51 @@ def time_fp8_ops(plan: QuantPlan, device: torch.device | str = "cuda",
     return [t for n in plan.quantized_nodes() if (t := time_node(n, device, timer)) is not None]
 
 
+def sibling_groups(plan: QuantPlan, timings: list[OpTiming]) -> list[list[OpTiming]]:
+    """``timings`` grouped by sibling group (module docstring), in the order of each group's first member; an op with
+    no timed sibling is a group of one. Linears group when the plan records that they read one input tensor
+    (``plan.meta["shared_statistics"]``) and quantize it alike: the same activation quantizer, no smoothing, no
+    outlier split, per-channel weight scales (what the fusion pass also needs, as the plan records it). Convs and
+    everything else stay alone."""
+    shared = plan.meta.get("shared_statistics", {})  # site -> the site whose input statistics it shares
+    groups: dict[object, list[OpTiming]] = {}
+    for t in timings:
+        n = plan.nodes[t.key]
+        act = n.acts[0]
+        if t.route == "linear" and n.smooth is None and act.outlier is None and n.weight.group_size is None:
+            key = ("input", shared.get(t.key, t.key), act)
+        else:
+            key = ("alone", t.key)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def _keep_in_float(n: NodePlan, reason: str) -> None:
+    """Drop ``n``'s quantization (weights, activation quantizers and their extras) and record why."""
+    n.weight, n.group_weights = None, None
+    n.acts = [None] * len(n.acts)
+    n.bias_correction = n.smooth = n.split = None
+    n.reason = reason
+
+
 def keep_slower_in_float(plan: QuantPlan, timings: list[OpTiming], margin: float = 1.0) -> list[str]:
-    """Keep in full precision (all timestep groups) the nodes whose quantized path takes more than ``margin`` x the
-    float op's time; returns their keys. The reason names both times."""
+    """Keep in full precision (all timestep groups) what is slower quantized than ``margin`` x float: a sibling group
+    (:func:`sibling_groups`) as a whole by its summed times, any other op by its own; returns the kept keys. The
+    reason names both times (a group's: its members and both sums)."""
     if margin <= 0:
         raise ValueError(f"margin must be positive, got {margin}")
     kept = []
-    for t in timings:
-        if t.quantized_us > margin * t.float_us:
-            n = plan.nodes[t.key]
-            n.weight, n.group_weights = None, None
-            n.acts = [None] * len(n.acts)
-            n.bias_correction = n.smooth = n.split = None
-            n.reason = (f"latency: fp8 {t.route} {t.quantized_us:.1f} us vs bf16 {t.float_us:.1f} us at this shape "
-                        f"(keep_slower_in_float, margin {margin:g})")
+    for group in sibling_groups(plan, timings):
+        quantized, float_ = sum(t.quantized_us for t in group), sum(t.float_us for t in group)
+        if quantized <= margin * float_:
+            continue
+        names = ", ".join(t.key for t in group)
+        for t in group:
+            if len(group) == 1:
+                reason = f"latency: fp8 {t.route} {t.quantized_us:.1f} us vs bf16 {t.float_us:.1f} us at this shape"
+            else:
+                reason = (f"latency: sibling group {names} (one input, one fused GEMM): fp8 {quantized:.1f} us vs bf16 "
+                          f"{float_:.1f} us summed (this op: {t.quantized_us:.1f} vs {t.float_us:.1f} us)")
+            _keep_in_float(plan.nodes[t.key], f"{reason} (keep_slower_in_float, margin {margin:g})")
             kept.append(t.key)
     return kept

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import qcompile
 from qcompile import QuantConfig
-from qcompile.latency import keep_slower_in_float, time_fp8_ops
+from qcompile.latency import keep_slower_in_float, sibling_groups, time_fp8_ops
 from qcompile.plan import QuantPlan
 
 
@@ -86,6 +86,81 @@ def test_slower_ops_are_kept_in_float_with_both_times(fp8_plan, tmp_path):
         out = torch.compile(model, backend="qdiff", options={"plan": again})(x, torch.full((3,), 0.5))
     ours = [str(w.message) for w in caught if "stay in full precision" in str(w.message)]
     assert len(ours) == 1 and "fc: latency: fp8 linear 3.0 us vs bf16 2.0 us" in ours[0]
+    assert torch.isfinite(out).all()
+
+
+class SiblingToy(nn.Module):
+    """q / k / v read one LayerNorm output (one sibling group, fused into one GEMM when compiled); o reads another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2), -1) @ self.v(h)
+        return self.o(a)
+
+
+@pytest.fixture(scope="module")
+def sibling_plan(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SiblingToy().eval()
+    x = torch.randn(2, 8, 16)
+    cfg = QuantConfig.preset("w8a8-fp8").replace(first_last="quantize")
+    plan = qcompile.calibrate(model, lambda m: [m(x * (1 + i)) for i in range(3)], cfg, progress=False)
+    assert plan.meta["shared_statistics"] == {"k": "q", "v": "q"}
+    return model, x, plan.save(tmp_path_factory.mktemp("siblings") / "p.qplan")
+
+
+def _sibling_timings(path, script):
+    """A fresh copy of the sibling plan and its scripted timings (per linear: quantized, then float)."""
+    plan = QuantPlan.load(path)
+    order = [n.key for n in plan.quantized_nodes()]
+    timer = ScriptedTimer([v for k in order for v in script[k]])
+    timings = time_fp8_ops(plan, "cpu", timer)
+    assert not timer.times and [t.route for t in timings] == ["linear"] * 4
+    return plan, timings
+
+
+def test_siblings_are_grouped_by_shared_input(sibling_plan):
+    _, _, path = sibling_plan
+    plan, timings = _sibling_timings(path, {k: [1.0, 1.0] for k in "qkvo"})
+    assert [[t.key for t in g] for g in sibling_groups(plan, timings)] == [["q", "k", "v"], ["o"]]
+
+
+def test_a_group_faster_in_sum_stays_quantized_whole_and_a_lone_op_is_decided_alone(sibling_plan):
+    _, _, path = sibling_plan
+    # q alone is slower quantized (5 vs 4 us), the group is faster (9 vs 12 us); o, alone, is slower (3 vs 2 us)
+    plan, timings = _sibling_timings(path, {"q": [5.0, 4.0], "k": [2.0, 4.0], "v": [2.0, 4.0], "o": [3.0, 2.0]})
+    assert keep_slower_in_float(plan, timings) == ["o"]
+    assert sorted(n.key for n in plan.quantized_nodes()) == ["k", "q", "v"]
+    assert plan.nodes["o"].reason.startswith("latency: fp8 linear 3.0 us vs bf16 2.0 us at this shape")
+
+
+def test_a_group_slower_in_sum_is_kept_in_float_whole_with_both_sums(sibling_plan):
+    model, x, path = sibling_plan
+    # v alone is faster quantized (3 vs 4 us), the group is slower (12 vs 10 us); o is faster
+    plan, timings = _sibling_timings(path, {"q": [5.0, 3.0], "k": [4.0, 3.0], "v": [3.0, 4.0], "o": [1.0, 2.0]})
+    assert keep_slower_in_float(plan, timings) == ["q", "k", "v"]
+    assert [n.key for n in plan.quantized_nodes()] == ["o"]
+    for key, own in (("q", "5.0 vs 3.0"), ("k", "4.0 vs 3.0"), ("v", "3.0 vs 4.0")):
+        reason = plan.nodes[key].reason
+        assert reason.startswith("latency: sibling group q, k, v (one input, one fused GEMM): fp8 12.0 us vs bf16 10.0 us summed")
+        assert f"this op: {own} us" in reason and "margin 1" in reason
+    # a margin decides on the sums: 12 <= 1.25 x 10 keeps the group quantized
+    plan, timings = _sibling_timings(path, {"q": [5.0, 3.0], "k": [4.0, 3.0], "v": [3.0, 4.0], "o": [1.0, 2.0]})
+    assert keep_slower_in_float(plan, timings, margin=1.25) == []
+    # the kept group compiles; the one warning names the group for each member
+    plan, timings = _sibling_timings(path, {"q": [5.0, 3.0], "k": [4.0, 3.0], "v": [3.0, 4.0], "o": [1.0, 2.0]})
+    keep_slower_in_float(plan, timings)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="qdiff", options={"plan": plan})(x)
+    ours = [str(w.message) for w in caught if "stay in full precision" in str(w.message)]
+    assert len(ours) == 1 and all(f"{k}: latency: sibling group q, k, v" in ours[0] for k in "qkv")
     assert torch.isfinite(out).all()
 
 
