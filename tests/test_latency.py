@@ -115,13 +115,24 @@ def sibling_plan(tmp_path_factory):
 
 
 def _sibling_timings(path, script):
-    """A fresh copy of the sibling plan and its scripted timings (per linear: quantized, then float)."""
+    """A fresh copy of the sibling plan and its scripted timings (per linear: quantized, then float; each timed, though
+    the four linears share one shape)."""
     plan = QuantPlan.load(path)
     order = [n.key for n in plan.quantized_nodes()]
     timer = ScriptedTimer([v for k in order for v in script[k]])
-    timings = time_fp8_ops(plan, "cpu", timer)
+    timings = time_fp8_ops(plan, "cpu", timer, reuse=False)
     assert not timer.times and [t.route for t in timings] == ["linear"] * 4
     return plan, timings
+
+
+def test_ops_of_one_shape_are_timed_once(sibling_plan):
+    """q / k / v / o share one shape: one quantized and one float timing serve all four (``reuse=False`` times each)."""
+    plan = QuantPlan.load(sibling_plan[2])
+    timer = ScriptedTimer([4.0, 2.0])
+    timings = time_fp8_ops(plan, "cpu", timer)
+    assert timer.calls == 2 and [(t.key, t.quantized_us, t.float_us) for t in timings] == [(k, 4.0, 2.0) for k in "qkvo"]
+    timer = ScriptedTimer([1.0] * 8)
+    assert len(time_fp8_ops(plan, "cpu", timer, reuse=False)) == 4 and timer.calls == 8
 
 
 def test_siblings_are_grouped_by_shared_input(sibling_plan):
