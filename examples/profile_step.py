@@ -24,11 +24,12 @@ import torch
 from qcompile import bench
 
 CATEGORIES = (  # first match wins; the names are those of the kernels as the profiler reports them
-    ("qdiff kernels", re.compile(r"fp8_linear|int8_linear|conv2d_kernel|weight_only|w4a8|w4_linear|splitk")),
+    ("qdiff kernels", re.compile(r"fp8_linear|int8_linear|conv2d_kernel|weight_only|w4a8|w4_linear|splitk|im2col_kernel|fp8_attention")),
+    # Inductor's names list the fused aten ops ("..._convolution_..." when a conv's epilogue is fused): before cuDNN's
+    ("Inductor Triton", re.compile(r"^triton_(poi|red|per|tem)_")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
     ("cuBLAS / CUTLASS GEMM", re.compile(r"gemm|nvjet|cutlass|sm90_xmma|cublas", re.I)),
     ("cuDNN conv", re.compile(r"conv|fprop|implicit_convolve|dgrad|winograd", re.I)),
-    ("Inductor Triton", re.compile(r"^triton_")),
 )
 
 

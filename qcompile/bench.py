@@ -615,11 +615,23 @@ def run_bench(
     return sorted(rows, key=lambda r: order[(r.model, r.variant)])
 
 
+CUDAGRAPHS = "-cudagraphs"
+
+
+def baseline_variant(variant: str) -> str:
+    """The bf16 Inductor row a variant's ratio is taken against: in the same mode (``-cudagraphs`` rows against
+    ``bf16-inductor-cudagraphs``: a CUDA-graph row against a launch-bound default-mode row would credit the graphs'
+    saved launches to quantization)."""
+    return "bf16-inductor" + (CUDAGRAPHS if variant.endswith(CUDAGRAPHS) else "")
+
+
 def add_ratios(rows: list[Row]) -> None:
-    """``ratio_vs_bf16_inductor`` = bf16 Inductor ms / row ms, per model (None where unmeasured)."""
-    base = {r.model: r.ms for r in rows if r.variant == "bf16-inductor" and r.ms}
+    """``ratio_vs_bf16_inductor`` = bf16 Inductor ms / row ms, per model, against :func:`baseline_variant` (None where
+    either is unmeasured)."""
+    base = {(r.model, r.variant): r.ms for r in rows if r.variant.startswith("bf16-inductor") and r.ms}
     for r in rows:
-        r.ratio_vs_bf16_inductor = None if r.ms is None or r.model not in base else base[r.model] / r.ms
+        b = base.get((r.model, baseline_variant(r.variant)))
+        r.ratio_vs_bf16_inductor = None if r.ms is None or b is None else b / r.ms
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -634,7 +646,7 @@ def _old_peak(r: Row) -> str:
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| model | variant | date | ms / step | × vs bf16 Inductor | compile s | calib / quantize s | peak mem GB | weights GB | quantized | status |",
+        "| model | variant | date | ms / step | × vs bf16 Inductor (same mode) | compile s | calib / quantize s | peak mem GB | weights GB | quantized | status |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:  # (merged tables mix runs: the date says which run a row, and its ratio's numerator, come from)
@@ -687,7 +699,8 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             "Command(s): " + "; ".join(f"`{c}`" for c in commands if c),
             "",
             "Median step latency (`triton.testing.do_bench`, median); date = the run a row comes from (a merged table mixes runs; "
-            "`×` always divides by the table's bf16 Inductor row of the same model); `×` = bf16 Inductor ms / row ms (above 1 is faster); "
+            "`×` always divides by the table's bf16 Inductor row of the same model and mode); `×` = bf16 Inductor ms / row ms (above 1 is faster; "
+            "`-cudagraphs` rows against `bf16-inductor-cudagraphs`); "
             "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps "
             "(after the first call; qdiff rows compile with `release_float_weights`, so the float weights of quantized ops are freed; a peak "
             "marked `*` comes from an older `qdiff bench` and includes the first call and, for qdiff rows, the float weights); weights = stored "

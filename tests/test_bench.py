@@ -79,6 +79,10 @@ def test_ratios_table_and_merge(tmp_path):
     rows = [bench.Row("m", "bf16-inductor", ms=10.0), bench.Row("m", "qdiff-w8a8-fp8", ms=8.0), bench.Row("m", "torchao-fp8-dynamic", status="timeout", error="row time limit")]
     bench.add_ratios(rows)
     assert [r.ratio_vs_bf16_inductor for r in rows] == [1.0, 1.25, None]
+    graphs = [bench.Row("m", "bf16-inductor-cudagraphs", ms=4.0), bench.Row("m", "qdiff-w8a8-fp8-cudagraphs", ms=5.0),
+              bench.Row("n", "qdiff-w8a8-fp8-cudagraphs", ms=5.0), bench.Row("n", "bf16-inductor", ms=10.0)]
+    bench.add_ratios(rows + graphs)  # CUDA-graph rows against bf16 Inductor with CUDA graphs, none without one
+    assert [r.ratio_vs_bf16_inductor for r in graphs] == [1.0, 0.8, None, 1.0]
     bench.write_results(rows, tmp_path, "qdiff bench --models m", merge=False)
     (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nintro\n\n" + (tmp_path / "benchmarks.md").read_text().split("\n", 2)[2] + "\ntail\n")
     not_started = bench.Row("m", "qdiff-w8a8-fp8", status="skipped", error="not started")  # keeps the measured row
