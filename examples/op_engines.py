@@ -14,7 +14,9 @@ Convs:
   launch alone (weight already tap-major, input channels-last);
 * ``im2col``: im2col + static fp8 quantization of the input into the ``(M, C*KH*KW)`` fp8 matrix of
   ``lowering/conv_im2col.py`` (tap-major columns, the weight reordered to match), one Inductor-compiled kernel (in a
-  model, fused into the producer);
+  model, fused into the producer: ``QDIFF_IM2COL_WRITER=inductor``);
+* ``gather``: the default column writer, ``qdiff::im2col`` copying the once-quantized fp8 NHWC activation into the
+  same matrix (checked byte-equal to ``im2col``'s); the producer's quantization itself is not timed;
 * ``gemm_triton``: our fp8 GEMM (``qdiff::fp8_linear_prequant``, the TMA route where it applies) on that matrix;
 * ``gemm_cublas``: ``torch._scaled_mm`` on it (row-wise scales: per-tensor activation x per-channel weight).
 
@@ -102,6 +104,7 @@ def measure_conv(shape: tuple, t, dev: torch.device = torch.device("cuda")) -> d
     from qcompile.lowering.conv_im2col import columns_weight, im2col
     from qcompile.lowering.kernels.conv import conv2d_w8a8_args, conv_out_size
     from qcompile.lowering.kernels.fp8_linear import fp8_linear_prequant, quantize_input_fp8
+    from qcompile.lowering.kernels.im2col import gather_columns
 
     B, C, H, W, N, kh, kw, st, pad = shape
     g = torch.Generator(device=dev).manual_seed(0)
@@ -132,6 +135,12 @@ def measure_conv(shape: tuple, t, dev: torch.device = torch.device("cuda")) -> d
                             fullgraph=True)
     cols = columns(x)
     res["im2col"] = t(lambda: columns(x))
+    # the default column writer: the producer quantizes once (fp8 NHWC), qdiff::im2col copies the columns
+    xq_nhwc = quantize_input_fp8(x.permute(0, 2, 3, 1), a_scale).contiguous()
+    kernel_cols = gather_columns(xq_nhwc, (kh, kw), (st, st), (pad, pad), (1, 1))
+    if not torch.equal(kernel_cols.view(torch.uint8), cols.view(torch.uint8)):
+        raise AssertionError(f"qdiff::im2col columns differ from the aten columns at {shape}")
+    res["gather"] = t(lambda: gather_columns(xq_nhwc, (kh, kw), (st, st), (pad, pad), (1, 1)))
     wc = columns_weight(wq, (N, C, kh, kw))  # the column order, as converted graphs store it
     res["gemm_triton_sqnr"] = _sqnr(ref, nchw(fp8_linear_prequant(cols, wc, w_scale, bias, a_scale, torch.bfloat16)))
     res["gemm_triton"] = t(lambda: fp8_linear_prequant(cols, wc, w_scale, bias, a_scale, torch.bfloat16))
@@ -176,7 +185,7 @@ def measure_linear(shape: tuple, t, dev: torch.device = torch.device("cuda")) ->
     return res
 
 
-CONV_ENGINES = ("cudnn_bf16", "implicit", "im2col", "gemm_triton", "gemm_cublas")
+CONV_ENGINES = ("cudnn_bf16", "implicit", "im2col", "gather", "gemm_triton", "gemm_cublas")
 LINEAR_ENGINES = ("cublas_bf16", "fp8_prologue", "fp8_prequant", "scaled_mm")
 
 
