@@ -309,9 +309,12 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
                    x.dtype, False, wrap)
 
 
+XQ_NAME = "xq (the producer-quantized activation, (B, H, W, C))"
+
+
 def _conv2d_fp8_prequant(xq, w, w_scale, bias, a_scale, kh, kw, stride, padding, dilation, act, out_dtype, splits=None,
                          wrap=wrap_triton):
-    check_tensor(xq, "xq (the producer-quantized activation, (B, H, W, C))", (torch.float8_e4m3fn,), dim=4)
+    check_tensor(xq, XQ_NAME, (torch.float8_e4m3fn,), dim=4)
     check_tensor(w, "weight", (torch.float8_e4m3fn,), dim=2)
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {out_dtype}")
@@ -487,6 +490,7 @@ def conv2d_fp8_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     ``a_scale`` per slice for a split op (``splits``: input-channel split points). Eager calls launch directly; traced
     ones call ``torch.ops.qdiff.conv2d_fp8_prequant``."""
     kh, kw = (int(k) for k in kernel)
+    check_tensor(xq, XQ_NAME, (torch.float8_e4m3fn,), dim=4)
     B, H, W, _ = xq.shape
     n = w.shape[0]
     split = None if splits is None else [int(p) for p in splits]
