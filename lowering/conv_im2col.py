@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.im2col import gather_columns
-from .kernels.conv import conv_out_size
+from .kernels.conv import conv2d_fp8_prequant, conv_out_size
 from .kernels.fp8_linear import fp8_linear_prequant, quantize_input_fp8, quantize_slices_fp8
 
 ENGINE_ENV = "QDIFF_CONV_ENGINE"
-ENGINES = ("im2col", "implicit")
+ENGINES = ("im2col", "implicit", "direct")
 WRITER_ENV = "QDIFF_IM2COL_WRITER"
 WRITERS = ("kernel", "inductor")
 # Larger column matrices take the implicit kernel instead (no columns in memory): SD 1.5 at 512 px needs at most 71 MB
@@ -54,7 +54,7 @@ MAX_COLUMN_BYTES = 512 * 2**20
 
 
 def fp8_engine() -> str:
-    """The engine of fp8 / fp8 2-D convs: ``QDIFF_CONV_ENGINE`` (``im2col``, the default, or ``implicit``)."""
+    """The engine of fp8 / fp8 2-D convs: ``QDIFF_CONV_ENGINE`` (``im2col``, the default, ``implicit`` or ``direct``)."""
     engine = os.environ.get(ENGINE_ENV, "im2col")
     if engine not in ENGINES:
         raise ValueError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -129,6 +129,18 @@ def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
     return _cat_k([taps[..., a:b].reshape(m, -1) for a, b in _slices(C, splits)])
 
 
+def quantized_nhwc(x: torch.Tensor, a_scale: torch.Tensor, act_smooth: torch.Tensor | None = None,
+                   splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``x`` (B, C, H, W) smoothed and statically quantized to fp8 (per slice of ``splits``: each with its
+    ``a_scale`` entry) as aten pointwise ops on the channels-last view, contiguous ``(B, H, W, C)``: under
+    ``torch.compile`` Inductor fuses it into ``x``'s producer, which then writes the fp8 activation once."""
+    if act_smooth is not None:  # x * s per input channel, before quantization (as the reference)
+        x = x * act_smooth.to(x.dtype).reshape(1, x.shape[1], 1, 1)
+    nhwc = x.permute(0, 2, 3, 1)
+    xq = quantize_input_fp8(nhwc, a_scale) if splits is None else quantize_slices_fp8(nhwc, a_scale, tuple(splits))
+    return xq.contiguous()
+
+
 def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor, *,
                       weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                       act_smooth: torch.Tensor | None = None, bias_corr: torch.Tensor | None = None,
@@ -140,14 +152,13 @@ def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     ``a_scale`` per slice). Returns NCHW with channels-last strides (the GEMM's ``(M, N)`` output viewed)."""
     n, c, kh, kw = weight_shape
     B, _, H, W = x.shape
-    if act_smooth is not None:  # x * s per input channel, before quantization (as the reference)
-        x = x * act_smooth.to(x.dtype).reshape(1, c, 1, 1)
     k_splits = None if splits is None else tuple(p * kh * kw for p in splits)
     if column_writer() == "kernel":  # quantize once (fused into the producer), then gather the fp8 bytes
-        nhwc = x.permute(0, 2, 3, 1)
-        xq = quantize_input_fp8(nhwc, a_scale) if splits is None else quantize_slices_fp8(nhwc, a_scale, tuple(splits))
-        cols = gather_columns(xq.contiguous(), (kh, kw), stride, padding, dilation, splits)
+        xq = quantized_nhwc(x, a_scale, act_smooth, splits)
+        cols = gather_columns(xq, (kh, kw), stride, padding, dilation, splits)
     else:
+        if act_smooth is not None:  # x * s per input channel, before quantization (as the reference)
+            x = x * act_smooth.to(x.dtype).reshape(1, c, 1, 1)
         cols = im2col(x, (kh, kw), stride, padding, dilation, splits)
         # a split op's slice s is the K range [p_s * KH * KW, p_s+1 * KH * KW), quantized with its scale
         cols = quantize_input_fp8(cols, a_scale) if splits is None else quantize_slices_fp8(cols, a_scale, k_splits)
@@ -156,3 +167,17 @@ def conv2d_fp8_im2col(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     oh = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     ow = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
     return y.view(B, oh, ow, n).permute(0, 3, 1, 2)
+
+
+def conv2d_fp8_direct(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor, *,
+                      weight_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      act_smooth: torch.Tensor | None = None, bias_corr: torch.Tensor | None = None,
+                      splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The ``direct`` engine: :func:`conv2d_fp8_im2col`'s arguments (``w`` in the same column order), the producer's
+    fp8 activation (:func:`quantized_nhwc`) read by ``qdiff::conv2d_fp8_prequant``, an implicit GEMM over it (no
+    column matrix). Returns NCHW with channels-last strides."""
+    n, c, kh, kw = weight_shape
+    xq = quantized_nhwc(x, a_scale, act_smooth, splits)
+    y = conv2d_fp8_prequant(xq, w.reshape(n, c * kh * kw), w_scale, bias, a_scale, x.dtype, kernel=(kh, kw), stride=stride,
+                            padding=padding, dilation=dilation, bias_corr=bias_corr, splits=splits)
+    return y.permute(0, 3, 1, 2)

@@ -11,7 +11,8 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | int4 / int8 | none | ``qdiff::weight_only_linear`` |
 | conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
 | conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 | | fp8 quantization fused into the producer, ``qdiff::im2col`` columns + ``qdiff::fp8_linear_prequant`` (:mod:`.conv_im2col`) |
-| conv 2-D, groups 1, C_in % 16 == 0, int8/int8 (fp8 with ``QDIFF_CONV_ENGINE=implicit``) | | ``qdiff::conv2d_w8a8`` (implicit GEMM) |
+| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 with ``QDIFF_CONV_ENGINE=direct`` | | fp8 quantization fused into the producer, ``qdiff::conv2d_fp8_prequant`` (implicit GEMM on the fp8 NHWC activation, no columns) |
+| conv 2-D, groups 1, C_in % 16 == 0, int8/int8 (fp8 with ``QDIFF_CONV_ENGINE=implicit``) | | ``qdiff::conv2d_w8a8`` (implicit GEMM, quantizing in the prologue) |
 | split op (``splits``, <= 4 slices): fp8 / int8 per channel | fp8_e4m3 / int8 (sym. or asym.), same pair | the same three kernels' split path |
 
 Split ops (split-shortcut quantization) run the W8A8 kernels with ``NS`` > 1: the K loop visits the input-channel
@@ -32,7 +33,7 @@ import torch
 
 from . import reference
 from . import conv_im2col
-from .conv_im2col import conv2d_fp8_im2col, fp8_engine
+from .conv_im2col import conv2d_fp8_direct, conv2d_fp8_im2col, fp8_engine
 from .kernels._common import FLOAT_DTYPES, MAX_SLICES, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
 from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
@@ -192,8 +193,9 @@ IMPLICIT_CONV_CHANNEL_MULTIPLE = 16
 def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, weight_shape, kind: str,
                stride, padding, dilation, groups, splits=None) -> tuple[str, tuple] | None:
     """``("gemm", (linear route,))`` for 1x1 convs; for others ``("im2col", (stride, padding, dilation))`` (fp8 / fp8 whose
-    column matrix fits :data:`.conv_im2col.MAX_COLUMN_BYTES`, see :mod:`.conv_im2col`) or ``("implicit", (stride, padding,
-    dilation))``; None: the reference.
+    column matrix fits :data:`.conv_im2col.MAX_COLUMN_BYTES`, see :mod:`.conv_im2col`), ``("direct", ...)`` (fp8 / fp8 with
+    ``QDIFF_CONV_ENGINE=direct``: the implicit GEMM on the producer's fp8 activation, no columns) or ``("implicit",
+    (stride, padding, dilation))``; None: the reference.
 
     ``splits``: a split op's input-channel split points (W8A8 fp8 / int8 only, as :func:`linear_route`)."""
     if kind != "conv" or len(weight_shape) != 4 or groups != 1 or not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -216,7 +218,10 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
     if x.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE:
         return None  # unaligned channel strides defeat vectorized loads and pipelining: cuDNN is faster
     params = (st, pad, dil)
-    if (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3") and fp8_engine() == "im2col":
+    engine = fp8_engine() if (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3") else "implicit"
+    if engine == "direct":
+        return ("direct", params)
+    if engine == "im2col":
         small = conv_im2col.column_bytes(x.shape, weight_shape, *params) <= conv_im2col.MAX_COLUMN_BYTES
         if small:  # (a symbolic batch guards on this bound)
             return ("im2col", params)
@@ -230,13 +235,14 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
     kernels' split path; outlier-split ops: the reference).
 
     ``colsum``: the int8 weight's column sums (:func:`aux_buffers`; per slice for split ops), for asymmetric int8 activations.
-    ``weight_layout``: ``"columns"`` when ``wdata`` was stored in im2col column order (:func:`stored_weight`)."""
+    ``weight_layout``: ``"columns"`` when ``wdata`` was stored in im2col column order (:func:`stored_weight`; the order the
+    ``im2col`` and ``direct`` routes read), else the plan's channel-major order (the reference and ``implicit`` routes')."""
     route = None if outlier_scale is not None else conv_route(
         x, wfmt=wfmt, afmt=afmt, group_size=group_size, weight_shape=weight_shape, kind=kind, stride=stride, padding=padding,
         dilation=dilation, groups=groups, splits=splits)
     if weight_layout not in (None, conv_im2col.COLUMNS_LAYOUT):
         raise ValueError(f"unknown conv weight layout {weight_layout!r}")
-    wanted = conv_im2col.COLUMNS_LAYOUT if route is not None and route[0] == "im2col" else None
+    wanted = conv_im2col.COLUMNS_LAYOUT if route is not None and route[0] in ("im2col", "direct") else None
     if weight_layout != wanted:  # per call: a weight stored for another route (converted graphs store the im2col route's)
         reorder = conv_im2col.columns_weight if wanted else conv_im2col.plan_weight
         wdata = reorder(wdata, tuple(weight_shape), splits)
@@ -252,6 +258,9 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
                     bias_corr=bias_corr, act_smooth=act_smooth, act="none", colsum=colsum, splits=splits)
         return y.permute(0, 3, 1, 2)
     st, pad, dil = params
+    if how == "direct":
+        return conv2d_fp8_direct(x, wdata.view(torch.float8_e4m3fn), wscale, bias, a_scale, weight_shape=tuple(weight_shape), stride=st,
+                                 padding=pad, dilation=dil, act_smooth=act_smooth, bias_corr=bias_corr, splits=splits)
     if how == "im2col":
         return conv2d_fp8_im2col(x, wdata.view(torch.float8_e4m3fn), wscale, bias, a_scale, weight_shape=tuple(weight_shape), stride=st,
                                  padding=pad, dilation=dil, act_smooth=act_smooth, bias_corr=bias_corr, splits=splits)
@@ -271,11 +280,12 @@ def fallback_reason(q) -> str | None:
 
 def stored_weight(q, kind: str) -> tuple[torch.Tensor, str] | None:
     """W8A8-FP8 convs with a spatial kernel store their weight in im2col column order (:mod:`.conv_im2col`), read as
-    stored by the GEMM; None for the rest (and with ``QDIFF_CONV_ENGINE=implicit``)."""
+    stored by the GEMM of the ``im2col`` engine and by the ``direct`` engine's kernel; None for the rest (and with
+    ``QDIFF_CONV_ENGINE=implicit``)."""
     w = q.weight
     spatial = kind == "conv" and len(w.shape) == 4 and tuple(w.shape[2:]) != (1, 1) and w.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE == 0
     fp8 = (w.fmt, q.act_fmt) == ("fp8_e4m3", "fp8_e4m3") and w.group_size is None and q.act_outlier_scale is None
-    if not (spatial and fp8 and fp8_engine() == "im2col") or split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits):
+    if not (spatial and fp8 and fp8_engine() in ("im2col", "direct")) or split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits):
         return None
     return conv_im2col.columns_weight(w.data, tuple(w.shape), w.splits), conv_im2col.COLUMNS_LAYOUT
 

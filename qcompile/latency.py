@@ -84,7 +84,9 @@ def _conv_params(n: NodePlan) -> tuple[tuple[int, ...], ...] | None:
 
 def _fp8_route(n: NodePlan) -> str | None:
     """How the Triton lowering runs a W8A8-FP8 node (unsplit, on CUDA), or None when this module does not time it
-    (other formats, split ops, the implicit-GEMM conv: ``QDIFF_CONV_ENGINE=implicit`` or columns over the bound)."""
+    (other formats, split ops, the implicit-GEMM convs: ``QDIFF_CONV_ENGINE=implicit`` or columns over the bound, and
+    ``QDIFF_CONV_ENGINE=direct``'s ``qdiff::conv2d_fp8_prequant``, not timed yet: such convs are left to the guard's
+    other checks)."""
     from .lowering.conv_im2col import MAX_COLUMN_BYTES, column_bytes, fp8_engine
 
     act = n.acts[0] if n.acts else None

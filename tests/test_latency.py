@@ -67,6 +67,18 @@ def test_routes_and_times_per_fp8_node(fp8_plan):
     assert timings["fc"].route == "linear" and timings["fc"].speedup == pytest.approx(2 / 3)
 
 
+def test_direct_engine_convs_are_not_timed(fp8_plan, monkeypatch):
+    """``QDIFF_CONV_ENGINE=direct``: the 3x3 conv (qdiff::conv2d_fp8_prequant) is not timed; the others are, as before."""
+    _, _, plan = fp8_plan
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", "direct")
+    order = [n.key for n in plan.quantized_nodes() if n.key != "c3"]
+    script = {"c1": [5.0, 4.0], "fc": [3.0, 2.0]}
+    timer = ScriptedTimer([v for k in order for v in script[k]])
+    timings = time_fp8_ops(plan, "cpu", timer)
+    assert {t.key: t.route for t in timings} == {"c1": "conv 1x1", "fc": "linear"}
+    assert timer.calls == 4 and not timer.times
+
+
 def test_slower_ops_are_kept_in_float_with_both_times(fp8_plan, tmp_path):
     model, x, plan = fp8_plan
     plan = QuantPlan.load(plan.save(tmp_path / "p.qplan"))  # (a copy: the fixture's plan stays whole)

@@ -18,6 +18,13 @@ ops: contiguous ranges of taps, every slice's channel blocks in each, so a slice
 Each program writes its partial sum in final units (after the activation and weight scales; the int8 zero-point
 term only in partition 0) to an fp32 workspace ``(SPLIT_K, M, N)``; :func:`conv_splitk_reduce_kernel` sums the
 partitions, adds the bias, applies the activation and writes the output. ``SPLIT_K = 1`` is the single-kernel path.
+
+Pre-quantized input (constexpr ``X_FP8``, the op ``qdiff::conv2d_fp8_prequant``, ``QDIFF_CONV_ENGINE=direct``): ``x``
+holds float8_e4m3fn codes that its producer quantized with ``a_scale`` (split ops: each slice with its own, after
+smoothing), so the A tile goes to ``tl.dot`` as loaded, fp8 (no conversion, smoothing or quantization in the loop); the
+epilogue, the split path's per-slice rescale and split-K are unchanged. Its weight is in im2col column order
+(constexpr ``W_COLUMNS``: slice by slice, tap-major within a slice, :func:`qcompile.lowering.conv_im2col.columns_weight`;
+for an unsplit op that is the tap-major order), so the direct and im2col engines share one stored weight.
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ def conv2d_kernel(
     B, H, W, C, OH, OW, N, KW, TAPS,
     sxb, sxc, sxh, sxw, stride_wn, stride_om, stride_on,
     SH, SW, PH, PW, DH, DW, B1, B2, B3,
-    A_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr,
+    A_FP8: tl.constexpr, X_FP8: tl.constexpr, W_COLUMNS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr, NS: tl.constexpr,
     SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -129,18 +136,26 @@ def conv2d_kernel(
                 iw = iw0 + (tap % KW) * DW
                 inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_ptrs = x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc
+                if W_COLUMNS:  # column order: the slice's K range starts at lo * TAPS, tap-major within it
+                    w_ptrs = w_ptr + rn_l[None, :] * stride_wn + (lo * TAPS + tap * (hi - lo) + (cc - lo))[:, None]
+                else:
+                    w_ptrs = w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None]
                 if EVEN_C:  # every bound on a channel-block edge (the wrapper's EVEN_C covers the split points)
-                    a = tl.load(a_ptrs, mask=inside[:, None], other=0.0).to(tl.float32)
-                    wt = tl.load(w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None])
+                    a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+                    wt = tl.load(w_ptrs)
                 else:
-                    a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                    wt = tl.load(w_ptr + rn_l[None, :] * stride_wn + (tap * C + cc)[:, None], mask=c_ok[:, None], other=0.0)
-                if HAS_SMOOTH:
-                    a = a * tl.load(smooth_ptr + cc, mask=c_ok, other=0.0)[None, :]
-                if A_FP8:
-                    acc = tl.dot(quantize_fp8(a * s_inv, INTERPRET), wt, acc)
+                    a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
+                    wt = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
+                if X_FP8:  # the slice's fp8 codes, quantized by the producer with this slice's scale
+                    acc = tl.dot(a, wt, acc)
                 else:
-                    part = tl.dot(quantize_int8(a * s_inv, s_zp_f, QMIN, QMAX, INTERPRET), wt, part, out_dtype=tl.int32)
+                    a = a.to(tl.float32)
+                    if HAS_SMOOTH:
+                        a = a * tl.load(smooth_ptr + cc, mask=c_ok, other=0.0)[None, :]
+                    if A_FP8:
+                        acc = tl.dot(quantize_fp8(a * s_inv, INTERPRET), wt, acc)
+                    else:
+                        part = tl.dot(quantize_int8(a * s_inv, s_zp_f, QMIN, QMAX, INTERPRET), wt, part, out_dtype=tl.int32)
             if A_FP8:
                 c_prev = c
             else:
@@ -174,13 +189,16 @@ def conv2d_kernel(
                 c_ok = cc < C
                 a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
                 wt = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
-            a = a.to(tl.float32)
-            if HAS_SMOOTH:
-                a = a * tl.load(smooth_ptr + cc, mask=cc < C, other=0.0)[None, :]
-            if A_FP8:
-                acc = tl.dot(quantize_fp8(a * inv_scale, INTERPRET), wt, acc)
+            if X_FP8:  # fp8 codes quantized by the producer: straight into the dot
+                acc = tl.dot(a, wt, acc)
             else:
-                acc = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), wt, acc, out_dtype=tl.int32)
+                a = a.to(tl.float32)
+                if HAS_SMOOTH:
+                    a = a * tl.load(smooth_ptr + cc, mask=cc < C, other=0.0)[None, :]
+                if A_FP8:
+                    acc = tl.dot(quantize_fp8(a * inv_scale, INTERPRET), wt, acc)
+                else:
+                    acc = tl.dot(quantize_int8(a * inv_scale, zp_f, QMIN, QMAX, INTERPRET), wt, acc, out_dtype=tl.int32)
         if ASYM:
             acc = acc - first_zp(zp, SPLIT_K) * tl.load(colsum_ptr + rn, mask=rn < N, other=0)[None, :]
         store_output(acc.to(tl.float32), rm, rn, M, N, partition_out(out_ptr, M, N, SPLIT_K), stride_om, stride_on, ws_ptr, bias_ptr,
@@ -229,7 +247,7 @@ SPLIT_INT8_CONFIGS = [
     config(64, 64, 64, 4, 4),
 ]
 SMALL_M = 256
-_KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "ASYM", "HAS_SMOOTH", "ACT", "NS", "SPLIT_K"]
+_KEY = ["B", "H", "W", "C", "N", "TAPS", "A_FP8", "X_FP8", "ASYM", "HAS_SMOOTH", "ACT", "NS", "SPLIT_K"]
 _C_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + SMALL_M_CONFIGS + SPLIT_FP8_CONFIGS + SPLIT_INT8_CONFIGS)
 _large = autotuned(conv2d_kernel, LARGE_M_CONFIGS, _KEY)
 _small = autotuned(conv2d_kernel, SMALL_M_CONFIGS, _KEY)
@@ -287,6 +305,28 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
                  wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=4)
     check_tensor(w, "weight", (torch.float8_e4m3fn, torch.int8), dim=2)
+    return _launch(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, splits,
+                   x.dtype, False, wrap)
+
+
+XQ_NAME = "xq (the producer-quantized activation, (B, H, W, C))"
+
+
+def _conv2d_fp8_prequant(xq, w, w_scale, bias, a_scale, kh, kw, stride, padding, dilation, act, out_dtype, splits=None,
+                         wrap=wrap_triton):
+    check_tensor(xq, XQ_NAME, (torch.float8_e4m3fn,), dim=4)
+    check_tensor(w, "weight", (torch.float8_e4m3fn,), dim=2)
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {out_dtype}")
+    # the kernel indexes an NCHW view (any strides): a view of the NHWC tensor
+    return _launch(xq.permute(0, 3, 1, 2), w, w_scale, None, bias, a_scale, None, None, kh, kw, stride, padding, dilation, act,
+                   splits, out_dtype, True, wrap)
+
+
+def _launch(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, padding, dilation, act, splits,
+            out_dtype, x_fp8, wrap):
+    """Check the shapes and quantizer arguments shared by both ops and launch :func:`conv2d_kernel` (and the split-K
+    reduce): ``x`` an NCHW view (any strides), fp8 codes when ``x_fp8`` (then ``w`` is in im2col column order)."""
     a_fp8 = w.dtype == torch.float8_e4m3fn
     B, C, H, W = x.shape
     N = w.shape[0]
@@ -317,7 +357,7 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
     if OH <= 0 or OW <= 0:
         raise ValueError(f"convolution output would be empty ({OH}x{OW}) for input {H}x{W}")
     M = B * OH * OW
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = torch.empty((M, N), device=x.device, dtype=out_dtype)
     if M == 0:
         return out
     kernel = _small if M <= SMALL_M else _large if ns == 1 else _large_split_fp8 if a_fp8 else _large_split_int8
@@ -335,7 +375,7 @@ def _conv2d_w8a8(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw,
         B, H, W, C, OH, OW, N, kw, kh * kw,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), dst.stride(-2), dst.stride(-1),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], b1, b2, b3,
-        A_FP8=a_fp8, QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
+        A_FP8=a_fp8, X_FP8=x_fp8, W_COLUMNS=x_fp8, QMIN=-128 if asym else -127, QMAX=127, ASYM=asym,
         HAS_BIAS=bias is not None and split == 1, HAS_SMOOTH=act_smooth is not None, ACT=act if split == 1 else 0,
         EVEN_C=all(p % _C_MULTIPLE == 0 for p in (C, b1, b2, b3)), NS=ns, SPLIT_K=split, INTERPRET=INTERPRET,
     )
@@ -366,6 +406,25 @@ def _(x, w, w_scale, colsum, bias, a_scale, a_zp, act_smooth, kh, kw, stride, pa
     OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
     return x.new_empty((B * OH * OW, w.shape[0]))
+
+
+@triton_op("qdiff::conv2d_fp8_prequant", mutates_args=())
+def conv2d_fp8_prequant_op(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                           a_scale: torch.Tensor, kh: int, kw: int, stride: list[int], padding: list[int], dilation: list[int],
+                           act: int, out_dtype: torch.dtype, splits: list[int] | None = None) -> torch.Tensor:
+    """``xq`` (B, H, W, C) float8_e4m3fn, already quantized by its producer with ``a_scale`` (split ops: slice ``s`` of
+    the channels with ``a_scale[s]``), any strides (contiguous channels are the fast ones); ``w`` (N, KH*KW*C) fp8 in
+    im2col column order (:func:`qcompile.lowering.conv_im2col.columns_weight`: tap-major, slice by slice for split ops).
+    Returns ``(B*OH*OW, N)`` in ``out_dtype``."""
+    return _conv2d_fp8_prequant(xq, w, w_scale, bias, a_scale, kh, kw, stride, padding, dilation, act, out_dtype, splits)
+
+
+@conv2d_fp8_prequant_op.register_fake
+def _(xq, w, w_scale, bias, a_scale, kh, kw, stride, padding, dilation, act, out_dtype, splits=None):
+    B, H, W, _ = xq.shape
+    OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    return xq.new_empty((B * OH * OW, w.shape[0]), dtype=out_dtype)
 
 
 def tap_major(wdata: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
@@ -418,3 +477,30 @@ def conv2d_w8a8(x: torch.Tensor, wdata: torch.Tensor, w_scale: torch.Tensor, bia
     OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
     return out.view(B, OH, OW, n).permute(0, 3, 1, 2)
+
+
+def conv2d_fp8_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                        out_dtype: torch.dtype, *, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                        dilation: tuple[int, int], act: str = "none", bias_corr: torch.Tensor | None = None,
+                        splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """W8A8-FP8 conv2d of ``xq`` (B, H, W, C), float8_e4m3fn codes quantized by the producer with ``a_scale``, as an
+    implicit GEMM that feeds the fp8 tiles to the dot (no column matrix, no prologue quantization) -> (B, OH, OW, N).
+
+    ``w``: (N, KH*KW*C) fp8 in im2col column order; ``w_scale`` per output channel, or (N, slices) with one
+    ``a_scale`` per slice for a split op (``splits``: input-channel split points). Eager calls launch directly; traced
+    ones call ``torch.ops.qdiff.conv2d_fp8_prequant``."""
+    kh, kw = (int(k) for k in kernel)
+    check_tensor(xq, XQ_NAME, (torch.float8_e4m3fn,), dim=4)
+    B, H, W, _ = xq.shape
+    n = w.shape[0]
+    split = None if splits is None else [int(p) for p in splits]
+    args = (xq, w, w_scale.reshape(-1) if split is None else w_scale.reshape(n, -1), fused_bias(bias, bias_corr, n),
+            a_scale.float() if split is None else a_scale.float().reshape(-1), kh, kw, [int(e) for e in stride],
+            [int(e) for e in padding], [int(e) for e in dilation], activation_code(act), out_dtype)
+    if split is None:
+        out = _conv2d_fp8_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.conv2d_fp8_prequant(*args)
+    else:
+        out = _conv2d_fp8_prequant(*args, split, wrap=direct) if eager_call(xq) else torch.ops.qdiff.conv2d_fp8_prequant(*args, split)
+    OH = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    return out.view(B, OH, OW, n)

@@ -26,7 +26,7 @@ def _conv_call(x, wshape, wfmt, afmt, asym, group=None, kind="conv", stride=(1, 
     return args, kw
 
 
-ENGINES = ("im2col", "implicit")  # QDIFF_CONV_ENGINE: the fp8 conv engines; int8 convs always take the implicit kernel
+ENGINES = ("im2col", "implicit", "direct")  # QDIFF_CONV_ENGINE: the fp8 conv engines; int8 convs always take the implicit kernel
 
 
 def _use_engine(monkeypatch, engine: str, wfmt: str) -> str:
@@ -36,7 +36,7 @@ def _use_engine(monkeypatch, engine: str, wfmt: str) -> str:
 
 
 def _engine_cases(cases):
-    """Each case with both fp8 engines (int8 cases once: they have one)."""
+    """Each case with every fp8 engine (int8 cases once: they have one)."""
     return [(*c, e) for c in cases for e in ENGINES if c[0] == "fp8_e4m3" or e == "implicit"]
 
 
@@ -57,14 +57,15 @@ def test_conv_matches_reference(wfmt, asym, stride, padding, dilation, engine, m
     assert sqnr_db(ref, out) > 45
 
 
+@pytest.mark.parametrize("engine", ["im2col", "direct"])
 @pytest.mark.parametrize("ksize,stride,padding", [((1, 3), (1, 1), (0, 1)), ((3, 1), (2, 1), (1, 0)), ((2, 2), (2, 2), (0, 0))])
-def test_fp8_im2col_conv_with_non_square_kernels(ksize, stride, padding, monkeypatch):
-    """The im2col engine matches the reference for any kernel shape (a 1x3, a 3x1 and a 2x2 patchify conv), the plan's
-    weight reordered to column order per call (converted graphs store it so)."""
-    _use_engine(monkeypatch, "im2col", "fp8_e4m3")
+def test_fp8_im2col_conv_with_non_square_kernels(ksize, stride, padding, engine, monkeypatch):
+    """The im2col and direct engines match the reference for any kernel shape (a 1x3, a 3x1 and a 2x2 patchify conv),
+    the plan's weight reordered to column order per call (converted graphs store it so)."""
+    _use_engine(monkeypatch, engine, "fp8_e4m3")
     x = randn(2, 32, 6, 7, shift=0.2).contiguous(memory_format=torch.channels_last)
     args, kw = _conv_call(x, (24, 32, *ksize), "fp8_e4m3", "fp8_e4m3", False, stride=stride, padding=padding)
-    assert _route(x, {**kw, "splits": None})[0] == "im2col"
+    assert _route(x, {**kw, "splits": None})[0] == engine
     out, ref = triton_lowering.qconv(*args, **kw), reference.qconv(*args, **kw)
     assert out.shape == ref.shape and sqnr_db(ref, out) > 45
 
@@ -88,6 +89,118 @@ def test_fp8_im2col_column_writers_agree(splits, monkeypatch):
     monkeypatch.setenv("QDIFF_IM2COL_WRITER", "nope")
     with pytest.raises(ValueError, match="QDIFF_IM2COL_WRITER must be one of kernel, inductor"):
         triton_lowering.qconv(*args, **kw)
+
+
+# The direct engine (QDIFF_CONV_ENGINE=direct): the producer's fp8 codes are the im2col engine's (same aten ops), and
+# its K loop walks taps x channel blocks of BLOCK_K channels, i.e. the column GEMM's K tiles whenever the channel count
+# and every slice bound are multiples of BLOCK_K (32 in the interpreter): then the same products are summed in the same
+# order and the outputs are equal bit for bit. Otherwise a K tile of the columns spans two taps where the direct kernel
+# masks each tap's last channel block, so only the fp32 summation order differs. (On a GPU the two autotuners pick
+# their own tiles: the same tolerance applies.)
+@pytest.mark.parametrize(
+    "c,splits,smooth,exact",
+    [(64, None, True, True), (64, (0, 32, 64), True, True), (96, (0, 32, 64, 96), False, True),
+     (48, None, True, False), (48, (0, 20, 48), True, False), (48, (0, 16, 20, 48), False, False)],
+)
+def test_fp8_direct_engine_agrees_with_im2col(c, splits, smooth, exact, monkeypatch):
+    x = randn(2, c, 6, 7, shift=0.2)
+    if splits is None:
+        args, kw = _conv_call(x, (24, c, 3, 3), "fp8_e4m3", "fp8_e4m3", False, stride=(2, 1), smooth=smooth)
+    else:
+        args, kw = _split_conv_call(spread_slices(x, splits, 1), 24, 3, "fp8_e4m3", splits, False, (1, 2), (1, 1), smooth=smooth)
+    outs = {}
+    for engine in ("im2col", "direct"):
+        _use_engine(monkeypatch, engine, "fp8_e4m3")
+        assert _route(args[0], {"splits": None, **kw})[0] == engine
+        outs[engine] = triton_lowering.qconv(*args, **kw)
+    assert outs["direct"].is_contiguous(memory_format=torch.channels_last)
+    if exact and DEVICE.type == "cpu":
+        assert torch.equal(outs["direct"], outs["im2col"])
+    else:
+        torch.testing.assert_close(outs["direct"], outs["im2col"], rtol=1e-5, atol=1e-5)
+    assert sqnr_db(reference.qconv(*args, **kw), outs["direct"]) > 45
+
+
+def test_fp8_direct_engine_reads_the_stored_column_weight(monkeypatch):
+    """A weight stored for the im2col engine (column order, slice by slice) is the direct engine's too: no per-call
+    reorder; given in the plan's order it is reordered per call (same result)."""
+    from qcompile.lowering import conv_im2col
+
+    _use_engine(monkeypatch, "direct", "fp8_e4m3")
+    splits = (0, 20, 48)
+    args, kw = _split_conv_call(spread_slices(randn(2, 48, 5, 6), splits, 1), 16, 3, "fp8_e4m3", splits, False, (1, 1), (1, 1))
+    stored = conv_im2col.columns_weight(args[1], tuple(kw["weight_shape"]), splits)
+    calls, real = [], conv_im2col.columns_weight
+    monkeypatch.setattr(conv_im2col, "columns_weight", lambda *a: calls.append(a) or real(*a))
+    a = triton_lowering.qconv(args[0], stored, *args[2:], **kw, weight_layout=conv_im2col.COLUMNS_LAYOUT)
+    assert calls == []
+    b = triton_lowering.qconv(*args, **kw)
+    assert len(calls) == 1 and torch.equal(a, b)
+
+
+def _prequant_args(c=32, n=16, splits=None, dtype=torch.float8_e4m3fn):
+    from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
+
+    xq = quantize_input_fp8(randn(2, 5, 6, c), torch.tensor(0.01, device=DEVICE)) if dtype == torch.float8_e4m3fn else randn(2, 5, 6, c).to(dtype)
+    w = randn(n, 9 * c).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ns = 1 if splits is None else len(splits) - 1
+    w_scale = torch.full((n,) if splits is None else (n, ns), 1e-3, device=DEVICE)
+    a_scale = torch.tensor(0.01, device=DEVICE) if splits is None else torch.full((ns,), 0.01, device=DEVICE)
+    return xq, w, w_scale, None, a_scale
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(dtype=torch.bfloat16), r"xq \(the producer-quantized activation.*float8_e4m3fn.*got torch.bfloat16"),
+        (dict(weight=torch.int8), r"weight must be one of \['torch.float8_e4m3fn'\]"),
+        (dict(out_dtype=torch.float8_e4m3fn), r"out_dtype must be one of"),
+        (dict(weight_cols=8 * 32), r"weight has 256 columns, expected KH\*KW\*C = 3\*3\*32"),
+        (dict(splits=(0, 8, 16)), r"split points \(0, 8, 16\) must increase strictly from 0 to 32 input channels"),
+        (dict(nhwc=False), r"xq \(the producer-quantized activation, \(B, H, W, C\)\).*4 dims"),
+    ],
+)
+def test_fp8_prequant_conv_refuses_bad_arguments(change, match):
+    from qcompile.lowering.kernels import conv2d_fp8_prequant
+
+    xq, w, w_scale, bias, a_scale = _prequant_args(dtype=change.get("dtype", torch.float8_e4m3fn))
+    if "weight" in change:
+        w = torch.zeros(w.shape, dtype=change["weight"], device=DEVICE)
+    if "weight_cols" in change:
+        w = w[:, : change["weight_cols"]].contiguous()
+    if change.get("nhwc") is False:
+        xq = xq.reshape(2, 30, 32)
+    splits = change.get("splits")
+    if splits is not None:
+        w_scale, a_scale = w_scale[:, None].expand(-1, 2).contiguous(), a_scale.reshape(1).expand(2).contiguous()
+    with pytest.raises((TypeError, ValueError), match=match):
+        conv2d_fp8_prequant(xq, w, w_scale, bias, a_scale, change.get("out_dtype", torch.float32), kernel=(3, 3), stride=(1, 1),
+                            padding=(1, 1), dilation=(1, 1), splits=splits)
+
+
+@pytest.mark.parametrize("splits", [None, (0, 16, 32)])
+def test_fp8_prequant_conv_traced_calls_reach_the_op(splits):
+    """Under make_fx's fake tensors (as torch.compile traces) the wrapper calls ``torch.ops.qdiff.conv2d_fp8_prequant``,
+    whose fake implementation gives the (B, OH, OW, N) output in ``out_dtype``; the traced graph computes the eager result."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qcompile.lowering.kernels import conv2d_fp8_prequant
+
+    xq, w, w_scale, bias, a_scale = _prequant_args(splits=splits)
+
+    def f(t, w, w_scale, a_scale):
+        return conv2d_fp8_prequant(t, w, w_scale, bias, a_scale, torch.bfloat16, kernel=(3, 3), stride=(2, 2), padding=(1, 1),
+                                   dilation=(1, 1), act="silu", splits=splits)
+
+    inputs = (xq, w, w_scale, a_scale)
+    gm = make_fx(f, tracing_mode="fake")(*inputs)
+    nodes = [n for n in gm.graph.nodes if n.target == torch.ops.qdiff.conv2d_fp8_prequant.default]
+    assert len(nodes) == 1
+    val = nodes[0].meta["val"]
+    assert tuple(val.shape) == (2 * 3 * 3, 16) and val.dtype == torch.bfloat16
+    out = f(*inputs)
+    assert out.shape == (2, 3, 3, 16) and out.dtype == torch.bfloat16
+    assert torch.equal(gm(*inputs), out)
 
 
 def test_fp8_conv_with_a_large_column_matrix_takes_the_implicit_kernel(monkeypatch):
@@ -310,6 +423,7 @@ def test_split_k_int8_conv_is_exact(monkeypatch, c, n, splits, asym, stride, spl
     assert torch.allclose(many.double().cpu(), torch.nn.functional.silu(expected), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["implicit", "direct"])  # (the default im2col engine has no split-K)
 @pytest.mark.parametrize(
     "c,n,splits,stride,split",
     [
@@ -319,7 +433,8 @@ def test_split_k_int8_conv_is_exact(monkeypatch, c, n, splits, asym, stride, spl
         (160, 64, (0, 32, 100, 160), (2, 1), 4),
     ],
 )
-def test_split_k_fp8_conv_matches_reference(monkeypatch, c, n, splits, stride, split):
+def test_split_k_fp8_conv_matches_reference(monkeypatch, c, n, splits, stride, split, engine):
+    _use_engine(monkeypatch, engine, "fp8_e4m3")
     hw = (8, 8) if stride == (2, 2) else (8, 4) if stride == (2, 1) else (4, 4)
     x = randn(2, c, *hw, shift=0.3)
     if splits is None:
