@@ -17,6 +17,9 @@ Convs:
   model, fused into the producer: ``QDIFF_IM2COL_WRITER=inductor``);
 * ``gather``: the default column writer, ``qdiff::im2col`` copying the once-quantized fp8 NHWC activation into the
   same matrix (checked byte-equal to ``im2col``'s); the producer's quantization itself is not timed;
+* ``direct``: ``QDIFF_CONV_ENGINE=direct``'s ``qdiff::conv2d_fp8_prequant``, the implicit GEMM reading that
+  once-quantized fp8 NHWC activation directly (no columns; weight in the same column order); compare it with
+  ``gather`` + ``gemm_triton``;
 * ``gemm_triton``: our fp8 GEMM (``qdiff::fp8_linear_prequant``, the TMA route where it applies) on that matrix;
 * ``gemm_cublas``: ``torch._scaled_mm`` on it (row-wise scales: per-tensor activation x per-channel weight).
 
@@ -102,7 +105,7 @@ def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def measure_conv(shape: tuple, t, dev: torch.device = torch.device("cuda")) -> dict:
     from qcompile.lowering.conv_im2col import columns_weight, im2col
-    from qcompile.lowering.kernels.conv import conv2d_w8a8_args, conv_out_size
+    from qcompile.lowering.kernels.conv import conv2d_fp8_prequant, conv2d_w8a8_args, conv_out_size
     from qcompile.lowering.kernels.fp8_linear import fp8_linear_prequant, quantize_input_fp8
     from qcompile.lowering.kernels.im2col import gather_columns
 
@@ -142,6 +145,10 @@ def measure_conv(shape: tuple, t, dev: torch.device = torch.device("cuda")) -> d
         raise AssertionError(f"qdiff::im2col columns differ from the aten columns at {shape}")
     res["gather"] = t(lambda: gather_columns(xq_nhwc, (kh, kw), (st, st), (pad, pad), (1, 1)))
     wc = columns_weight(wq, (N, C, kh, kw))  # the column order, as converted graphs store it
+    direct = lambda: conv2d_fp8_prequant(xq_nhwc, wc, w_scale.reshape(N), bias, a_scale, torch.bfloat16, kernel=(kh, kw),  # noqa: E731
+                                         stride=(st, st), padding=(pad, pad), dilation=(1, 1))
+    res["direct_sqnr"] = _sqnr(ref, direct().permute(0, 3, 1, 2))
+    res["direct"] = t(direct)
     res["gemm_triton_sqnr"] = _sqnr(ref, nchw(fp8_linear_prequant(cols, wc, w_scale, bias, a_scale, torch.bfloat16)))
     res["gemm_triton"] = t(lambda: fp8_linear_prequant(cols, wc, w_scale, bias, a_scale, torch.bfloat16))
     sa = a_scale.float().expand(M, 1).contiguous()
@@ -185,7 +192,7 @@ def measure_linear(shape: tuple, t, dev: torch.device = torch.device("cuda")) ->
     return res
 
 
-CONV_ENGINES = ("cudnn_bf16", "implicit", "im2col", "gather", "gemm_triton", "gemm_cublas")
+CONV_ENGINES = ("cudnn_bf16", "implicit", "im2col", "gather", "direct", "gemm_triton", "gemm_cublas")
 LINEAR_ENGINES = ("cublas_bf16", "fp8_prologue", "fp8_prequant", "scaled_mm")
 
 

@@ -145,10 +145,13 @@ QDIFF_PRESETS = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16")
 CUDAGRAPHS = "-cudagraphs"  # suffix: the same variant compiled with mode="reduce-overhead" (CUDA graphs, no per-launch host work)
 # suffix (before -cudagraphs): ops whose fp8 kernel is slower than bf16 at their shape kept in bf16 (qcompile.latency)
 LATENCY_GUARD = "-guard"
+# suffix (before -cudagraphs): the row's process runs fp8 convs on the direct engine (QDIFF_CONV_ENGINE=direct)
+CONV_DIRECT = "-direct"
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
-            + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS))  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8
+            + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS)  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8
+            + ("qdiff-w8a8-fp8" + CONV_DIRECT, "qdiff-w8a8-fp8" + CONV_DIRECT + CUDAGRAPHS))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
 TORCHAO_DIM_MULTIPLE = 16  # and K, N must be multiples of 8 (int8) / 16 (fp8 _scaled_mm): the bundled DiT's 12-wide output
@@ -328,6 +331,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         from .calibrate import calibrate
         from .config import QuantConfig
 
+        variant = variant.removesuffix(CONV_DIRECT)  # (the row's environment selects the engine: row_environment)
         guard = variant.endswith(LATENCY_GUARD)
         cfg = QuantConfig.preset(variant.removeprefix("qdiff-").removesuffix(LATENCY_GUARD))
 
@@ -358,7 +362,13 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
 
 
 def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float = 20.0) -> Row:
-    """Build, prepare, compile and time one row (in this process)."""
+    """Build, prepare, compile and time one row (in this process, whose environment must hold the variant's
+    kernel switches: :func:`row_environment`, set by the row's subprocess)."""
+    switches = row_environment(variant)
+    unset = {k: v for k, v in switches.items() if os.environ.get(k) != v}
+    if unset:
+        raise RuntimeError(f"variant {variant!r} needs {', '.join(f'{k}={v}' for k, v in unset.items())} in its process environment "
+                           "(qdiff bench sets it for the row's subprocess)")
     spec = MODELS[model_name]
     dev = torch.device(device)
     dtype = torch.bfloat16
@@ -366,6 +376,8 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     if dev.type == "cuda":  # every row's cuDNN convolutions at their best (algorithms benchmarked, not picked by heuristics)
         torch.backends.cudnn.benchmark = True
         row.extra["cudnn_benchmark"] = True
+    if switches:
+        row.extra["kernel_switches"] = switches
     torch.manual_seed(0)
     with torch.device(dev):
         model = spec.build()
@@ -521,6 +533,14 @@ def _triton_version() -> str | None:
 # -- orchestrating rows in subprocesses --------------------------------------------------------
 
 
+def row_environment(variant: str) -> dict[str, str]:
+    """Kernel switches a variant sets in its row's process (``-direct``: ``QDIFF_CONV_ENGINE=direct``); the
+    Inductor pass's uuid includes them, so cached kernels of another engine are not reused."""
+    from .lowering.conv_im2col import ENGINE_ENV
+
+    return {ENGINE_ENV: "direct"} if variant.removesuffix(CUDAGRAPHS).endswith(CONV_DIRECT) else {}
+
+
 def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float, rows_dir: str | None = None) -> Row:
     """One row in its own process group (so a time limit kills its compile workers too, and a timing row can pause
     it: :func:`_alone_on_host`), with a fresh Inductor and Triton cache."""
@@ -529,6 +549,7 @@ def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, 
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
         out = Path(tmp) / "row.json"
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"), TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
+        env.update(row_environment(variant))
         if rows_dir:
             env[ROWS_ENV] = rows_dir
         if gpu is not None:

@@ -292,3 +292,16 @@ def test_latency_guard_rows_need_a_gpu(tiny):
     assert "qdiff-w8a8-fp8-guard" in bench.VARIANTS and "qdiff-w8a8-fp8-guard-cudagraphs" in bench.VARIANTS
     with pytest.raises(RuntimeError, match="GPU"):
         bench.measure(tiny, "qdiff-w8a8-fp8-guard", "cpu", budget_s=0.05)
+
+
+def test_direct_conv_rows_run_with_the_engine_switch_in_their_process(tiny, monkeypatch):
+    """``qdiff-w8a8-fp8-direct`` is the w8a8-fp8 preset with ``QDIFF_CONV_ENGINE=direct`` set for its row's process
+    (recorded in the row); measured in a process without it, the row refuses instead of timing the default engine."""
+    assert bench.row_environment("qdiff-w8a8-fp8-direct-cudagraphs") == {"QDIFF_CONV_ENGINE": "direct"}
+    assert bench.row_environment("qdiff-w8a8-fp8-cudagraphs") == {}
+    monkeypatch.delenv("QDIFF_CONV_ENGINE", raising=False)
+    with pytest.raises(RuntimeError, match="QDIFF_CONV_ENGINE=direct"):
+        bench.measure(tiny, "qdiff-w8a8-fp8-direct", "cpu", budget_s=0.05)
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", "direct")
+    row = bench.measure(tiny, "qdiff-w8a8-fp8-direct", "cpu", budget_s=0.05)
+    assert row.status == "ok" and row.quantized_ops == "2/2 ops" and row.extra["kernel_switches"] == {"QDIFF_CONV_ENGINE": "direct"}
