@@ -45,7 +45,7 @@ from .kernels.conv import conv2d_fp8_prequant, conv_out_size
 from .kernels.fp8_linear import fp8_linear_prequant, quantize_input_fp8, quantize_slices_fp8
 
 ENGINE_ENV = "QDIFF_CONV_ENGINE"
-ENGINES = ("im2col", "implicit", "direct")
+ENGINES = ("auto", "im2col", "implicit", "direct")
 WRITER_ENV = "QDIFF_IM2COL_WRITER"
 WRITERS = ("kernel", "inductor")
 # Larger column matrices take the implicit kernel instead (no columns in memory): SD 1.5 at 512 px needs at most 71 MB
@@ -54,10 +54,45 @@ MAX_COLUMN_BYTES = 512 * 2**20
 
 
 def fp8_engine() -> str:
-    """The engine of fp8 / fp8 2-D convs: ``QDIFF_CONV_ENGINE`` (``im2col``, the default, ``implicit`` or ``direct``)."""
-    engine = os.environ.get(ENGINE_ENV, "im2col")
+    """The engine switch of fp8 / fp8 2-D convs: ``QDIFF_CONV_ENGINE`` (``auto``, the default: :func:`auto_engine` per
+    shape; ``im2col``, ``implicit`` or ``direct`` for every conv)."""
+    engine = os.environ.get(ENGINE_ENV, "auto")
     if engine not in ENGINES:
         raise ValueError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return engine
+
+
+# ``auto``: the direct engine where it beat gather + GEMM on an H200 (2026-12-02, ``examples/op_engines.py --ops conv``,
+# CUDA-graph timing, 6 bundled-UNet and 19 SD 1.5 3x3 shapes; docs/kernels.md v9): many output pixels and few output
+# channels, where the columns' extra write and read cost more than the direct kernel's slower K loop (bundled UNet,
+# batch 64: 27.0 vs 27.5 + 33.5 us at 128 -> 128, 32x32; SD's 960 -> 320 at 64x64: 71.7 vs 26.3 + 60.2 us). With wide
+# outputs or few pixels the TMA GEMM on columns wins (SD's 1280 -> 1280 at 16x16: 56.3 vs 3.4 + 21.0 us).
+AUTO_DIRECT_MIN_PIXELS = 8192  # output pixels (B * OH * OW, the GEMM's M)
+AUTO_DIRECT_MAX_NARROW_N = 128  # output channels taken direct whatever the input channels
+AUTO_DIRECT_MIN_C_OVER_N = 2  # wider outputs: direct when C_in >= 2 * N (the column matrix is large against the output)
+
+
+def auto_engine(input_shape, weight_shape, stride, padding, dilation) -> str:
+    """``direct`` or ``im2col`` for one fp8 conv under ``QDIFF_CONV_ENGINE=auto``: direct for at least
+    :data:`AUTO_DIRECT_MIN_PIXELS` output pixels with ``N <= 128`` or ``C_in >= 2 N``, and whenever the column matrix
+    would exceed :data:`MAX_COLUMN_BYTES`; im2col otherwise. (A symbolic batch guards on the pixel bound.)"""
+    m, _ = column_shape(input_shape, weight_shape, stride, padding, dilation)
+    n, c = weight_shape[0], weight_shape[1]
+    if column_bytes(input_shape, weight_shape, stride, padding, dilation) > MAX_COLUMN_BYTES:
+        return "direct"
+    if m >= AUTO_DIRECT_MIN_PIXELS and (n <= AUTO_DIRECT_MAX_NARROW_N or c >= AUTO_DIRECT_MIN_C_OVER_N * n):
+        return "direct"
+    return "im2col"
+
+
+def conv_engine(input_shape, weight_shape, stride, padding, dilation) -> str:
+    """The engine that runs one fp8 / fp8 2-D conv: ``im2col``, ``direct`` or ``implicit``, from :func:`fp8_engine`
+    (``auto``: :func:`auto_engine`; ``im2col`` with a column matrix over :data:`MAX_COLUMN_BYTES`: ``implicit``)."""
+    engine = fp8_engine()
+    if engine == "auto":
+        return auto_engine(input_shape, weight_shape, stride, padding, dilation)
+    if engine == "im2col" and column_bytes(input_shape, weight_shape, stride, padding, dilation) > MAX_COLUMN_BYTES:
+        return "implicit"
     return engine
 
 

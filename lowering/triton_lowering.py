@@ -10,8 +10,8 @@ device, and to the pure-PyTorch reference otherwise, so results are never silent
 | int4 (per channel or groups of 32k) | int8 / fp8_e4m3 | ``qdiff::w4a8_linear`` |
 | int4 / int8 | none | ``qdiff::weight_only_linear`` |
 | conv 1x1, stride 1, no padding | as linear | the linear kernels on the channels-last view |
-| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 | | fp8 quantization fused into the producer, ``qdiff::im2col`` columns + ``qdiff::fp8_linear_prequant`` (:mod:`.conv_im2col`) |
-| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8 with ``QDIFF_CONV_ENGINE=direct`` | | fp8 quantization fused into the producer, ``qdiff::conv2d_fp8_prequant`` (implicit GEMM on the fp8 NHWC activation, no columns) |
+| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8, engine ``im2col`` (per shape under ``QDIFF_CONV_ENGINE=auto``, the default: :func:`.conv_im2col.auto_engine`) | | fp8 quantization fused into the producer, ``qdiff::im2col`` columns + ``qdiff::fp8_linear_prequant`` (:mod:`.conv_im2col`) |
+| conv 2-D, groups 1, C_in % 16 == 0, fp8/fp8, engine ``direct`` (many pixels, narrow outputs under ``auto``) | | fp8 quantization fused into the producer, ``qdiff::conv2d_fp8_prequant`` (implicit GEMM on the fp8 NHWC activation, no columns) |
 | conv 2-D, groups 1, C_in % 16 == 0, int8/int8 (fp8 with ``QDIFF_CONV_ENGINE=implicit``) | | ``qdiff::conv2d_w8a8`` (implicit GEMM, quantizing in the prologue) |
 | split op (``splits``, <= 4 slices): fp8 / int8 per channel | fp8_e4m3 / int8 (sym. or asym.), same pair | the same three kernels' split path |
 
@@ -192,10 +192,9 @@ IMPLICIT_CONV_CHANNEL_MULTIPLE = 16
 
 def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int | None, weight_shape, kind: str,
                stride, padding, dilation, groups, splits=None) -> tuple[str, tuple] | None:
-    """``("gemm", (linear route,))`` for 1x1 convs; for others ``("im2col", (stride, padding, dilation))`` (fp8 / fp8 whose
-    column matrix fits :data:`.conv_im2col.MAX_COLUMN_BYTES`, see :mod:`.conv_im2col`), ``("direct", ...)`` (fp8 / fp8 with
-    ``QDIFF_CONV_ENGINE=direct``: the implicit GEMM on the producer's fp8 activation, no columns) or ``("implicit",
-    (stride, padding, dilation))``; None: the reference.
+    """``("gemm", (linear route,))`` for 1x1 convs; for other fp8 / fp8 convs the engine of
+    :func:`.conv_im2col.conv_engine` (``"im2col"``, ``"direct"`` or ``"implicit"``) with ``(stride, padding, dilation)``;
+    ``("implicit", ...)`` for int8 / int8; None: the reference.
 
     ``splits``: a split op's input-channel split points (W8A8 fp8 / int8 only, as :func:`linear_route`)."""
     if kind != "conv" or len(weight_shape) != 4 or groups != 1 or not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -218,14 +217,9 @@ def conv_route(x: torch.Tensor, *, wfmt: str, afmt: str | None, group_size: int 
     if x.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE:
         return None  # unaligned channel strides defeat vectorized loads and pipelining: cuDNN is faster
     params = (st, pad, dil)
-    engine = fp8_engine() if (wfmt, afmt) == ("fp8_e4m3", "fp8_e4m3") else "implicit"
-    if engine == "direct":
-        return ("direct", params)
-    if engine == "im2col":
-        small = conv_im2col.column_bytes(x.shape, weight_shape, *params) <= conv_im2col.MAX_COLUMN_BYTES
-        if small:  # (a symbolic batch guards on this bound)
-            return ("im2col", params)
-    return ("implicit", params)
+    if (wfmt, afmt) != ("fp8_e4m3", "fp8_e4m3"):
+        return ("implicit", params)
+    return (conv_im2col.conv_engine(x.shape, weight_shape, *params), params)  # (a symbolic batch guards on its bounds)
 
 
 def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, kind, stride, padding, dilation, groups,
@@ -285,7 +279,7 @@ def stored_weight(q, kind: str) -> tuple[torch.Tensor, str] | None:
     w = q.weight
     spatial = kind == "conv" and len(w.shape) == 4 and tuple(w.shape[2:]) != (1, 1) and w.shape[1] % IMPLICIT_CONV_CHANNEL_MULTIPLE == 0
     fp8 = (w.fmt, q.act_fmt) == ("fp8_e4m3", "fp8_e4m3") and w.group_size is None and q.act_outlier_scale is None
-    if not (spatial and fp8 and fp8_engine() in ("im2col", "direct")) or split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits):
+    if not (spatial and fp8 and fp8_engine() != "implicit") or split_unsupported(w.fmt, q.act_fmt, w.group_size, w.splits):
         return None
     return conv_im2col.columns_weight(w.data, tuple(w.shape), w.splits), conv_im2col.COLUMNS_LAYOUT
 

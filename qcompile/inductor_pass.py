@@ -18,8 +18,9 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-PASS_VERSION = 6  # 2: fp8 activation quantization placed by passes.act_quant; 3: conv split-K; 4: fp8 conv engine (im2col);
-# 5: im2col columns written by qdiff::im2col; 6: the direct fp8 conv engine (qdiff::conv2d_fp8_prequant)
+PASS_VERSION = 7  # 2: fp8 activation quantization placed by passes.act_quant; 3: conv split-K; 4: fp8 conv engine (im2col);
+# 5: im2col columns written by qdiff::im2col; 6: the direct fp8 conv engine (qdiff::conv2d_fp8_prequant); 7: fp8 conv
+# engine auto (per shape) by default
 # environment switches the kernels' wrappers read while the graph is traced: the graph Inductor keys its cache on is
 # the same with either value, so they must be part of the key (switches read by our graph passes change the graph)
 KERNEL_SWITCHES = ("QDIFF_CONV_SPLITK", "QDIFF_FP8_TMA", "QDIFF_CONV_ENGINE", "QDIFF_IM2COL_WRITER")

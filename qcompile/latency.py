@@ -8,7 +8,9 @@ overhead, as in a compiled ``mode="reduce-overhead"`` step):
 * the quantized op as the compiled graph runs it: linears and 3x3 convs as our fp8 GEMM on a pre-quantized input (in a
   compiled graph the input's quantization is fused into its producer, ``passes/act_quant.py``, and a 3x3 conv's
   im2col columns too, ``lowering/conv_im2col.py``), plus, for im2col convs, a copy of the fp8 column matrix standing
-  in for the extra column write and read the fused producer does; 1x1 convs as the GEMM quantizing in its prologue.
+  in for the extra column write and read the fused producer does; ``direct`` convs (:func:`..lowering.conv_im2col.
+  conv_engine`, per shape under the default ``auto``) as ``qdiff::conv2d_fp8_prequant`` on an fp8 NHWC activation;
+  1x1 convs as the GEMM quantizing in its prologue.
   The producer's own work is not counted on either side. A linear whose producer is an extern kernel (attention,
   another GEMM) quantizes in the prologue too; its time here (the pre-quantized path, the TMA kernel for large shapes)
   is then optimistic, so the guard may keep such an op quantized where bf16 would be faster, never the reverse.
@@ -56,7 +58,7 @@ class OpTiming:
     """One node's times (us): our quantized path and the float op, at the node's calibrated input shape."""
 
     key: str
-    route: str  # "linear", "conv 1x1" or "im2col conv"
+    route: str  # "linear", "conv 1x1", "im2col conv" or "direct conv"
     quantized_us: float
     float_us: float
 
@@ -83,11 +85,11 @@ def _conv_params(n: NodePlan) -> tuple[tuple[int, ...], ...] | None:
 
 
 def _fp8_route(n: NodePlan) -> str | None:
-    """How the Triton lowering runs a W8A8-FP8 node (unsplit, on CUDA), or None when this module does not time it
-    (other formats, split ops, the implicit-GEMM convs: ``QDIFF_CONV_ENGINE=implicit`` or columns over the bound, and
-    ``QDIFF_CONV_ENGINE=direct``'s ``qdiff::conv2d_fp8_prequant``, not timed yet: such convs are left to the guard's
-    other checks)."""
-    from .lowering.conv_im2col import MAX_COLUMN_BYTES, column_bytes, fp8_engine
+    """How the Triton lowering runs a W8A8-FP8 node (unsplit, on CUDA): ``linear``, ``conv 1x1``, ``im2col conv`` or
+    ``direct conv`` (the engine of :func:`..lowering.conv_im2col.conv_engine`); None when this module does not time it
+    (other formats, split ops, the implicit-GEMM convs of ``QDIFF_CONV_ENGINE=implicit`` or of ``im2col`` with columns
+    over the bound: such convs are left to the guard's other checks)."""
+    from .lowering.conv_im2col import conv_engine
 
     act = n.acts[0] if n.acts else None
     w = n.weight_for(0)
@@ -100,8 +102,8 @@ def _fp8_route(n: NodePlan) -> str | None:
         return None
     if n.weight_shape[2:] == (1, 1) and params[:2] == ((1, 1), (0, 0)):
         return "conv 1x1"
-    small = column_bytes(n.input_shape, n.weight_shape, *params) <= MAX_COLUMN_BYTES
-    return "im2col conv" if fp8_engine() == "im2col" and small else None
+    engine = conv_engine(n.input_shape, n.weight_shape, *params)
+    return None if engine == "implicit" else f"{engine} conv"
 
 
 def _gemm_mkn(n: NodePlan, route: str) -> tuple[int, int, int]:
@@ -135,6 +137,7 @@ def _signature(n: NodePlan, route: str) -> tuple:
 
 def time_node(n: NodePlan, device: torch.device, timer: Callable[[Callable[[], object]], float] = cuda_graph_timer) -> OpTiming | None:
     """:class:`OpTiming` of one W8A8-FP8 node, or None (not an fp8 route this module times)."""
+    from .lowering.kernels.conv import conv2d_fp8_prequant
     from .lowering.kernels.fp8_linear import fp8_linear, fp8_linear_prequant
 
     route = _fp8_route(n)
@@ -150,6 +153,12 @@ def time_node(n: NodePlan, device: torch.device, timer: Callable[[Callable[[], o
     if route == "conv 1x1":  # 1x1 convs quantize in the GEMM's prologue (passes/act_quant.py places linears only)
         xb = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
         gemm = lambda: fp8_linear(xb, wq, w_scale, bias, a_scale)  # noqa: E731
+    elif route == "direct conv":  # the implicit GEMM on the producer's fp8 NHWC activation (no columns)
+        b, c, h, w = n.input_shape
+        act = torch.randn(b, h, w, c, device=device, generator=g).clamp(-448, 448).to(FP8)
+        stride, padding, dilation = _conv_params(n)
+        gemm = lambda: conv2d_fp8_prequant(act, wq, w_scale, bias, a_scale, torch.bfloat16,  # noqa: E731
+                                           kernel=tuple(n.weight_shape[2:]), stride=stride, padding=padding, dilation=dilation)
     else:
         gemm = lambda: fp8_linear_prequant(xq, wq, w_scale, bias, a_scale, torch.bfloat16)  # noqa: E731
     quantized = timer(gemm)

@@ -67,16 +67,27 @@ def test_routes_and_times_per_fp8_node(fp8_plan):
     assert timings["fc"].route == "linear" and timings["fc"].speedup == pytest.approx(2 / 3)
 
 
-def test_direct_engine_convs_are_not_timed(fp8_plan, monkeypatch):
-    """``QDIFF_CONV_ENGINE=direct``: the 3x3 conv (qdiff::conv2d_fp8_prequant) is not timed; the others are, as before."""
+def test_direct_engine_convs_are_timed_on_the_direct_kernel(fp8_plan, monkeypatch):
+    """``QDIFF_CONV_ENGINE=direct``: the 3x3 conv is timed as qdiff::conv2d_fp8_prequant alone (no column copy)."""
     _, _, plan = fp8_plan
     monkeypatch.setenv("QDIFF_CONV_ENGINE", "direct")
-    order = [n.key for n in plan.quantized_nodes() if n.key != "c3"]
-    script = {"c1": [5.0, 4.0], "fc": [3.0, 2.0]}
+    order = [n.key for n in plan.quantized_nodes()]
+    script = {"c3": [10.0, 20.0], "c1": [5.0, 4.0], "fc": [3.0, 2.0]}
     timer = ScriptedTimer([v for k in order for v in script[k]])
-    timings = time_fp8_ops(plan, "cpu", timer)
-    assert {t.key: t.route for t in timings} == {"c1": "conv 1x1", "fc": "linear"}
-    assert timer.calls == 4 and not timer.times
+    timings = {t.key: t for t in time_fp8_ops(plan, "cpu", timer)}
+    assert {k: t.route for k, t in timings.items()} == {"c3": "direct conv", "c1": "conv 1x1", "fc": "linear"}
+    assert timings["c3"].quantized_us == 10.0 and timings["c3"].float_us == 20.0
+    assert timer.calls == 6 and not timer.times
+
+
+@pytest.mark.parametrize("engine,route", [("implicit", None), ("im2col", "im2col conv"), ("auto", "im2col conv")])
+def test_the_timed_route_follows_the_conv_engine(fp8_plan, monkeypatch, engine, route):
+    """The guard times what the lowering runs: implicit-GEMM convs are not timed; ``auto`` picks per shape (the toy's
+    48 output pixels: the column GEMM)."""
+    from qcompile.latency import _fp8_route
+
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", engine)
+    assert _fp8_route(fp8_plan[2].nodes["c3"]) == route
 
 
 def test_slower_ops_are_kept_in_float_with_both_times(fp8_plan, tmp_path):
@@ -222,6 +233,10 @@ def test_real_timings_on_the_gpu():
     plan = qcompile.calibrate(model, run, QuantConfig.preset("w8a8-fp8").replace(first_last="quantize"), progress=False)
     timings = time_fp8_ops(plan, "cuda")
     assert {t.key: t.route for t in timings} == {"c3": "im2col conv", "c1": "conv 1x1", "fc": "linear"}
+    with pytest.MonkeyPatch.context() as mp:  # the direct engine's kernel, timed at the same shape
+        mp.setenv("QDIFF_CONV_ENGINE", "direct")
+        direct = time_node(plan.nodes["c3"], torch.device("cuda"))
+    assert direct.route == "direct conv" and 0 < direct.quantized_us < 1e4, direct
     assert all(0 < t.quantized_us < 1e4 and 0 < t.float_us < 1e4 for t in timings), timings
     print({t.key: (round(t.quantized_us, 1), round(t.float_us, 1)) for t in timings})
     assert keep_slower_in_float(plan, timings, margin=1e9) == []

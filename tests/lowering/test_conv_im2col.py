@@ -45,3 +45,45 @@ def test_weight_reorder_round_trips_exactly(splits):
     assert cols.is_contiguous() and cols.dtype == torch.uint8
     assert not torch.equal(cols, data)
     assert torch.equal(conv_im2col.plan_weight(cols, shape, splits), data)
+
+
+# auto_engine against the 2026-12-02 H200 table it was drawn from (examples/op_engines.py, docs/kernels.md v9):
+# (input B, C, H, W), N, stride -> the faster of direct and gather + GEMM there (us: direct vs gather + GEMM)
+MEASURED = [
+    ((64, 128, 32, 32), 128, 1, "direct"),  # 27.0 vs 61.0 (bundled UNet)
+    ((64, 192, 32, 32), 64, 1, "direct"),  # 27.3 vs 100.2
+    ((64, 64, 32, 32), 64, 2, "direct"),  # 7.0 vs 9.4
+    ((64, 128, 16, 16), 128, 2, "im2col"),  # 9.1 vs 7.6: 4096 pixels
+    ((64, 256, 16, 16), 128, 1, "direct"),  # 15.1 vs 22.0
+    ((2, 960, 64, 64), 320, 1, "direct"),  # 71.7 vs 86.5 (SD 1.5)
+    ((2, 640, 64, 64), 320, 1, "direct"),  # 49.0 vs 57.7
+    ((2, 1280, 32, 32), 1280, 1, "im2col"),  # 91.6 vs 69.4
+    ((2, 640, 64, 64), 640, 1, "im2col"),  # 88.2 vs 77.9
+    ((2, 1280, 16, 16), 1280, 1, "im2col"),  # 56.3 vs 24.4
+    ((2, 320, 64, 64), 320, 2, "im2col"),  # 16.6 vs 14.6
+    ((2, 2560, 8, 8), 1280, 1, "im2col"),  # 85.9 vs 42.0
+]
+
+
+@pytest.mark.parametrize("shape,n,stride,faster", MEASURED)
+def test_auto_engine_picks_the_faster_measured_engine(shape, n, stride, faster):
+    args = (shape, (n, shape[1], 3, 3), (stride, stride), (1, 1), (1, 1))
+    assert conv_im2col.auto_engine(*args) == faster
+
+
+def test_conv_engine_switch(monkeypatch):
+    """``QDIFF_CONV_ENGINE``: auto by default, one engine for every conv otherwise; columns over the memory bound take
+    the direct kernel under auto and the implicit one under im2col; a bad value is named."""
+    big = ((64, 1280, 64, 64), (1280, 1280, 3, 3), (1, 1), (1, 1), (1, 1))  # 2.9 GB of columns, 1280 outputs
+    small = ((2, 1280, 16, 16), (1280, 1280, 3, 3), (1, 1), (1, 1), (1, 1))
+    assert conv_im2col.column_bytes(*big) > conv_im2col.MAX_COLUMN_BYTES
+    monkeypatch.delenv("QDIFF_CONV_ENGINE", raising=False)
+    assert conv_im2col.fp8_engine() == "auto"
+    assert (conv_im2col.conv_engine(*big), conv_im2col.conv_engine(*small)) == ("direct", "im2col")
+    expected = {"im2col": ("implicit", "im2col"), "direct": ("direct", "direct"), "implicit": ("implicit", "implicit")}
+    for engine, (on_big, on_small) in expected.items():
+        monkeypatch.setenv("QDIFF_CONV_ENGINE", engine)
+        assert (conv_im2col.conv_engine(*big), conv_im2col.conv_engine(*small)) == (on_big, on_small), engine
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", "fast")
+    with pytest.raises(ValueError, match="QDIFF_CONV_ENGINE must be one of auto, im2col, implicit, direct, got 'fast'"):
+        conv_im2col.conv_engine(*small)

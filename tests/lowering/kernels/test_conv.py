@@ -428,7 +428,40 @@ def test_split_k_int8_conv_is_exact(monkeypatch, c, n, splits, asym, stride, spl
     assert torch.allclose(many.double().cpu(), torch.nn.functional.silu(expected), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("engine", ["implicit", "direct"])  # (the default im2col engine has no split-K)
+def test_auto_engine_routes_each_conv_by_its_shape(monkeypatch):
+    """The default ``QDIFF_CONV_ENGINE=auto``: 8192 output pixels into 16 channels take the direct kernel, a small
+    input the column GEMM (conv_im2col.auto_engine; the small one run against the reference, the large one is slow in
+    the interpreter: the direct kernel's own tests cover it)."""
+    monkeypatch.delenv("QDIFF_CONV_ENGINE", raising=False)
+    for shape, engine in (((2, 16, 64, 64), "direct"), ((2, 16, 6, 7), "im2col")):
+        args, kw = _conv_call(randn(*shape, shift=0.2), (16, 16, 3, 3), "fp8_e4m3", "fp8_e4m3", False)
+        assert _route(args[0], {"splits": None, **kw})[0] == engine
+    assert sqnr_db(reference.qconv(*args, **kw), triton_lowering.qconv(*args, **kw)) > 45
+
+
+def test_latency_guard_times_the_direct_kernel(monkeypatch):
+    """qcompile.latency's ``direct conv`` timing runs qdiff::conv2d_fp8_prequant at the node's shape (here, once)."""
+    import qcompile
+    from qcompile.latency import time_node
+
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", "direct")
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(32, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 16, 5, 6)
+    plan = qcompile.calibrate(model, lambda m: m(x), qcompile.QuantConfig.preset("w8a8-fp8").replace(first_last="quantize"),
+                              progress=False)
+    outputs = []
+
+    def run_once(fn):
+        outputs.append(fn())
+        return 1.0
+
+    node = next(n for n in plan.quantized_nodes() if tuple(n.weight_shape) == (8, 32, 3, 3))
+    timing = time_node(node, DEVICE, run_once)
+    assert timing.route == "direct conv" and (timing.quantized_us, timing.float_us) == (1.0, 1.0)
+    assert outputs[0].shape == (2, 5, 6, 8) and outputs[0].dtype == torch.bfloat16 and torch.isfinite(outputs[0].float()).all()
+
+
+@pytest.mark.parametrize("engine", ["implicit", "direct"])  # (the im2col engine has no split-K)
 @pytest.mark.parametrize(
     "c,n,splits,stride,split",
     [
