@@ -31,7 +31,8 @@ Linears (``M`` = rows of the flattened input):
 * ``scaled_mm``: ``torch._scaled_mm`` (cuBLAS) on the same fp8 input, row-wise scales (the GEMM-level yardstick).
 
 Each engine's output is checked against the dequantized reference (SQNR, dB). Prints tables with the totals over the
-model's ops (shape time x count) and writes the numbers as JSON. (The 2026-12-01 conv table in docs/kernels.md was
+model's ops (shape time x count) and writes the numbers as JSON, after every row (a run stopped by a time limit keeps
+the rows it measured). Conv rows name the engine ``QDIFF_CONV_ENGINE=auto`` picks for the shape in brackets. (The 2026-12-01 conv table in docs/kernels.md was
 taken with ``plain`` timing, by this script's earlier version ``examples/conv_engines.py``, with tap-major columns.)
 """
 
@@ -200,8 +201,9 @@ CONV_ENGINES = ("cudnn_bf16", "implicit", "im2col", "gather", "direct", "gemm_tr
 LINEAR_ENGINES = ("cublas_bf16", "fp8_prologue", "fp8_prequant", "scaled_mm")
 
 
-def _table(title: str, shapes: Counter, measure, engines: tuple[str, ...], label, t) -> tuple[list[dict], dict]:
-    """Measure every shape (largest first), print a markdown table as it goes; the rows and per-engine totals."""
+def _table(title: str, shapes: Counter, measure, engines: tuple[str, ...], label, t, on_row) -> tuple[list[dict], dict]:
+    """Measure every shape (largest first), print a markdown table as it goes and pass the rows so far to ``on_row``
+    after each (a run stopped by a time limit keeps what it measured); the rows and per-engine totals."""
     print(f"\n{title}\n\n| shape | count | GFLOP | " + " | ".join(f"{e} us" for e in engines) + " | SQNR dB |")
     print("|" + " --- |" * (len(engines) + 4))
     rows = []
@@ -211,6 +213,7 @@ def _table(title: str, shapes: Counter, measure, engines: tuple[str, ...], label
         cells = " | ".join(f"{r[e]:.1f}" if e in r else "-" for e in engines)
         sqnr = " / ".join(str(v) for k, v in r.items() if k.endswith("_sqnr"))
         print(f"| {label(shape)} | {count} | {r['gflop']} | {cells} | {sqnr} |", flush=True)
+        on_row(rows)
     totals = {e: round(sum(r[e] * r["count"] for r in rows if e in r), 1) for e in engines}
     print("totals (us per model step):", json.dumps(totals))
     return rows, totals
@@ -228,14 +231,35 @@ def main() -> None:
     t = _timer(a.timing, warmup=25, rep=100)
     convs, linears = op_shapes(a.model)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "timing": a.timing}
+
+    def write() -> None:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+    def save(key: str):
+        def on_row(rows: list[dict]) -> None:
+            out[key] = rows
+            write()
+        return on_row
+
     if "conv" in a.ops:
         out["conv_rows"], out["conv_totals_us"] = _table(
-            f"{a.model}: 2-D convs (not 1x1)", convs, measure_conv, CONV_ENGINES, lambda s: f"{s[:4]} -> {s[4]}, {s[5]}x{s[6]}, s{s[7]}", t)
+            f"{a.model}: 2-D convs (not 1x1); the engine QDIFF_CONV_ENGINE=auto picks in brackets", convs, measure_conv, CONV_ENGINES,
+            _conv_label, t, save("conv_rows"))
     if "linear" in a.ops:
         out["linear_rows"], out["linear_totals_us"] = _table(
-            f"{a.model}: linears (M x K x N)", linears, measure_linear, LINEAR_ENGINES, lambda s: "x".join(map(str, s)), t)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+            f"{a.model}: linears (M x K x N)", linears, measure_linear, LINEAR_ENGINES, lambda s: "x".join(map(str, s)), t,
+            save("linear_rows"))
+    write()  # with the totals
+
+
+def _conv_label(shape: tuple) -> str:
+    """``(B, C, H, W) -> N, KHxKW, s<stride> [auto engine]``."""
+    from qcompile.lowering.conv_im2col import auto_engine
+
+    B, C, H, W, N, kh, kw, st, pad = shape
+    engine = auto_engine((B, C, H, W), (N, C, kh, kw), (st, st), (pad, pad), (1, 1))
+    return f"{shape[:4]} -> {N}, {kh}x{kw}, s{st} [{engine}]"
 
 
 if __name__ == "__main__":
