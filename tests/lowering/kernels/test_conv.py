@@ -208,17 +208,20 @@ def test_fp8_prequant_conv_traced_calls_reach_the_op(splits):
     assert torch.equal(gm(*inputs), out)
 
 
-def test_fp8_conv_with_a_large_column_matrix_takes_the_implicit_kernel(monkeypatch):
-    """Columns above MAX_COLUMN_BYTES are not materialized: the implicit kernel (same result) takes the conv."""
+@pytest.mark.parametrize("engine,instead", [("auto", "direct"), ("im2col", "implicit")])
+def test_fp8_conv_with_a_large_column_matrix_takes_a_kernel_without_columns(monkeypatch, engine, instead):
+    """Columns above MAX_COLUMN_BYTES are not materialized: the direct kernel (``auto``, the default) or the implicit
+    one (``im2col`` forced) takes the conv, with the same result."""
     from qcompile.lowering import conv_im2col
 
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", engine)
     x = randn(2, 32, 6, 7, shift=0.2)
     args, kw = _conv_call(x, (24, 32, 3, 3), "fp8_e4m3", "fp8_e4m3", False)
     cols = conv_im2col.column_bytes(x.shape, (24, 32, 3, 3), (1, 1), (1, 1), (1, 1))
     assert cols == 2 * 6 * 7 * 32 * 9
     assert _route(x, {**kw, "splits": None})[0] == "im2col"
     monkeypatch.setattr(conv_im2col, "MAX_COLUMN_BYTES", cols - 1)
-    assert _route(x, {**kw, "splits": None})[0] == "implicit"
+    assert _route(x, {**kw, "splits": None})[0] == instead
     assert sqnr_db(reference.qconv(*args, **kw), triton_lowering.qconv(*args, **kw)) > 45
 
 

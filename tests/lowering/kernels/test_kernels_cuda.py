@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qcompile.lowering import reference, triton_lowering
+from qcompile.lowering import conv_im2col, reference, triton_lowering
 from qcompile.lowering.weights import quantize_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -299,7 +299,8 @@ def test_split_conv_kernels_at_sd_shapes(fmt, shape, splits, n, ksize, gen):
               groups=1, afmt=afmt, asym=asym, splits=splits)
     route = triton_lowering.conv_route(x, **{k: kw[k] for k in ("wfmt", "afmt", "group_size", "weight_shape", "kind", "stride", "padding",
                                                                 "dilation", "groups", "splits")})
-    assert route is not None and route[0] == ("gemm" if ksize == 1 else "im2col" if fmt == "fp8" else "implicit")
+    fp8_engine = conv_im2col.conv_engine(x.shape, (n, c, ksize, ksize), (1, 1), (pad, pad), (1, 1))  # auto: per shape (direct at 960 -> 320, 64x64)
+    assert route is not None and route[0] == ("gemm" if ksize == 1 else fp8_engine if fmt == "fp8" else "implicit")
     poison(x.numel() * 4)
     out = triton_lowering.qconv(x, qw.data, qw.scale, None, s, z, **kw)
     torch.cuda.synchronize()
@@ -400,12 +401,13 @@ def test_split_conv_op_is_inlined_by_inductor(engine, kernel, gen, monkeypatch):
 @pytest.mark.parametrize("writer", ["kernel", "inductor"])
 @pytest.mark.parametrize("shape,n,stride", [((2, 320, 64, 64), 320, 1), ((2, 1280, 16, 16), 1280, 2), ((2, 640, 32, 32), 1280, 1)])
 def test_fp8_conv_im2col_quantizes_in_the_producer(shape, n, stride, writer, gen, monkeypatch):
-    """The default fp8 conv engine, compiled: Inductor fuses SiLU and the fp8 quantization into the producer kernel;
+    """The im2col fp8 conv engine (auto's choice at these shapes), compiled: Inductor fuses SiLU and the fp8 quantization into the producer kernel;
     ``qdiff::im2col`` copies its bytes into the columns (``QDIFF_IM2COL_WRITER=inductor``: Inductor writes the columns
     in that same fused kernel); our fp8 GEMM (TMA or tiled) reads them. No implicit-GEMM kernel, no Python op."""
     import re
 
     monkeypatch.setenv("QDIFF_IM2COL_WRITER", writer)
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", "im2col")
     c = shape[1]
     w = torch.randn(n, c, 3, 3, device="cuda", generator=gen) * (c * 9) ** -0.5
     x = torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -465,7 +467,7 @@ def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypat
     bias = torch.randn(n, device="cuda", generator=gen) * 0.1
     oh = (shape[2] - 1) // stride + 1
     m = shape[0] * oh * oh
-    monkeypatch.setenv("QDIFF_CONV_ENGINE", "implicit")  # (fp8 convs take im2col + GEMM by default)
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", "implicit")  # (by default fp8 convs take im2col + GEMM or the direct kernel)
     monkeypatch.setenv(conv_kernels.SPLITK_ENV, "1")  # the rule's choice (split-K is off by default)
     split = conv_kernels.conv_split_k(m, n, c, 9, 1 if splits is None else len(splits) - 1, x.device)
 
@@ -502,7 +504,7 @@ def test_conv_split_k_at_sd_shapes(fmt, shape, splits, n, stride, gen, monkeypat
 def test_split_k_conv_is_inlined_by_inductor(gen, monkeypatch):
     """Compiled, a split-K conv is two Triton launches in Inductor's code (the conv kernel and the reduce)."""
     monkeypatch.setenv("QDIFF_CONV_SPLITK", "1")  # (off by default)
-    monkeypatch.setenv("QDIFF_CONV_ENGINE", "implicit")  # (fp8 convs take im2col + GEMM by default)
+    monkeypatch.setenv("QDIFF_CONV_ENGINE", "implicit")  # (by default fp8 convs take im2col + GEMM or the direct kernel)
 
     shape, n = (2, 1280, 8, 8), 1280
     w = torch.randn(n, 1280, 3, 3, device="cuda", generator=gen) * (1280 * 9) ** -0.5
