@@ -28,9 +28,12 @@ its split path rescales the accumulator at slice bounds.
 Why not the implicit-GEMM kernel (:mod:`.kernels.conv`): on an H200 (2026-12-01, ``examples/op_engines.py --ops conv --timing plain``, SD 1.5
 3x3 conv shapes, batch 2) the fp8 GEMM on explicit columns took 0.3-0.45x of the implicit kernel's time at every shape
 (e.g. 34.1 vs 100.8 us at 1280 -> 1280, 16x16), the separately launched im2col 14-35 us more; fused into the producer,
-the columns cost one write and one read of ``KH*KW`` times the (1-byte) input. ``QDIFF_CONV_ENGINE=implicit`` selects
-the implicit kernel again (A/B measurements); int8 convs always take it (no int8 kernel takes a pre-quantized input),
-and so do convs whose column matrix would exceed :data:`MAX_COLUMN_BYTES` (a bound on the temporary memory).
+the columns cost one write and one read of ``KH*KW`` times the (1-byte) input. The ``direct`` engine
+(:func:`conv2d_fp8_direct`) runs an implicit GEMM on the producer's fp8 activation instead (no columns); the default
+``QDIFF_CONV_ENGINE=auto`` picks between the two per conv shape (:func:`auto_engine`) and takes the direct engine for
+convs whose column matrix would exceed :data:`MAX_COLUMN_BYTES` (a bound on the temporary memory).
+``QDIFF_CONV_ENGINE=implicit`` selects the older implicit kernel quantizing in its prologue (A/B measurements); int8
+convs always take it (no int8 kernel takes a pre-quantized input), and so do oversized convs under a forced ``im2col``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ ENGINE_ENV = "QDIFF_CONV_ENGINE"
 ENGINES = ("auto", "im2col", "implicit", "direct")
 WRITER_ENV = "QDIFF_IM2COL_WRITER"
 WRITERS = ("kernel", "inductor")
-# Larger column matrices take the implicit kernel instead (no columns in memory): SD 1.5 at 512 px needs at most 71 MB
+# Larger column matrices are never written (auto: the direct kernel; im2col forced: the implicit one): SD 1.5 at 512 px needs at most 71 MB
 # (the 960 -> 320 split conv at 64x64), a 1024 px model or a large batch can need several GB.
 MAX_COLUMN_BYTES = 512 * 2**20
 
