@@ -100,8 +100,9 @@ def cases(which: set[str]):
                "zp_ptr": "*i32", "smooth_ptr": "*fp32", "out_ptr": "*bf16"}
         sig.update({n: I32 for n in ("B", "H", "W", "C", "OH", "OW", "N", "KW", "TAPS", "sxb", "sxc", "sxh", "sxw", "stride_wn", "stride_om",
                                      "stride_on", "SH", "SW", "PH", "PW", "DH", "DW", "B1", "B2", "B3")})
-        flags = {"sxc": 1, "stride_on": 1, "INTERPRET": False, "A_FP8": True, "QMIN": -127, "QMAX": 127, "ASYM": False, "HAS_BIAS": True,
-                 "HAS_SMOOTH": False, "ACT": 0, "EVEN_C": True, "NS": 1, "SPLIT_K": 1}
+        flags = {"sxc": 1, "stride_on": 1, "INTERPRET": False, "A_FP8": True, "X_FP8": False, "W_COLUMNS": False, "QMIN": -127,
+                 "QMAX": 127, "ASYM": False, "HAS_BIAS": True, "HAS_SMOOTH": False, "ACT": 0, "EVEN_C": True, "NS": 1, "SPLIT_K": 1}
+        direct = dict(X_FP8=True, W_COLUMNS=True)  # qdiff::conv2d_fp8_prequant: fp8 NHWC input, column-order weight
         aligned = ["C", "N", "sxb", "sxh", "sxw", "stride_wn", "stride_om"]
         int8 = dict(A_FP8=False, ASYM=True, QMIN=-128)
         # split-K partitions (SPLIT_K > 1) write fp32 partials: no bias / activation there (the reduce kernel's)
@@ -115,6 +116,10 @@ def cases(which: set[str]):
             yield f"conv fp8 split (2 slices){tag}", conv.conv2d_kernel, dict(sig, **out), dict(f, NS=2), conv.SPLIT_FP8_CONFIGS, aligned + ["B1"]
             yield f"conv int8 split (2 slices){tag}", conv.conv2d_kernel, dict(sig, w_ptr="*i8", **out), dict(f, NS=2, **int8), \
                 conv.SPLIT_INT8_CONFIGS, aligned + ["B1"]
+            yield f"conv fp8 direct{tag}", conv.conv2d_kernel, dict(sig, x_ptr="*fp8e4nv", **out), dict(f, **direct), \
+                conv.LARGE_M_CONFIGS + conv.SMALL_M_CONFIGS, aligned
+            yield f"conv fp8 direct split (2 slices){tag}", conv.conv2d_kernel, dict(sig, x_ptr="*fp8e4nv", **out), \
+                dict(f, NS=2, **direct), conv.SPLIT_FP8_CONFIGS, aligned + ["B1"]
         bm, bn = conv.REDUCE_BLOCK
         yield "conv split-K reduce (3)", conv.conv_splitk_reduce_kernel, \
             {"part_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": I32, "N": I32, "stride_om": I32, "stride_on": I32}, \

@@ -1,0 +1,32 @@
+"""The ahead-of-time compile check's case list binds every argument of every kernel it compiles.
+
+(Compiling for sm_90 is left to ``python -m qcompile.lowering.kernels.aot_check``: minutes on a CPU. This catches the
+case list falling behind a kernel's signature, e.g. a new constexpr, which made every conv case fail to compile.)"""
+
+import inspect
+
+from qcompile.lowering.kernels import aot_check
+
+ALL = {"fp8", "tma", "int8", "w4", "conv", "attention"}
+
+
+def _arguments(kernel) -> tuple[set[str], set[str]]:
+    """(constexpr arguments without a default, other arguments) of a Triton kernel (JIT or interpreted)."""
+    params = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
+    constexpr = {p.name for p in params if str(p.annotation).endswith("constexpr") and p.default is inspect.Parameter.empty}
+    runtime = {p.name for p in params if not str(p.annotation).endswith("constexpr")}
+    return constexpr, runtime
+
+
+def test_every_case_binds_every_kernel_argument():
+    names = []
+    for name, kernel, sig, flags, configs, aligned in aot_check.cases(ALL):
+        constexpr, runtime = _arguments(kernel)
+        assert constexpr, f"{name}: no constexpr arguments found (kernel signature not read)"
+        for cfg in configs:
+            bound = set(flags) | set(cfg.kwargs)
+            assert constexpr <= bound, f"{name} {cfg}: constexprs without a value: {sorted(constexpr - bound)}"
+            assert runtime - bound <= set(sig), f"{name}: arguments without a type: {sorted(runtime - bound - set(sig))}"
+        assert set(aligned) <= runtime | set(flags), f"{name}: aligned names that are not arguments: {sorted(set(aligned) - runtime)}"
+        names.append(name)
+    assert {"conv fp8 direct", "conv fp8 direct split (2 slices)", "conv fp8 direct, split-K 3"} <= set(names)
