@@ -115,14 +115,19 @@ def _gemm_mkn(n: NodePlan, route: str) -> tuple[int, int, int]:
     return (*column_shape(n.input_shape, n.weight_shape, *_conv_params(n)), n.weight_shape[0])
 
 
+def _fp8_nhwc_input(n: NodePlan, device: torch.device, g: torch.Generator) -> torch.Tensor:
+    """Random fp8 codes in the layout a conv node's producer writes them: (B, H, W, C)."""
+    b, c, h, w = n.input_shape
+    return torch.randn(b, h, w, c, device=device, generator=g).clamp(-448, 448).to(FP8)
+
+
 def _column_writer(n: NodePlan, xq: torch.Tensor, device: torch.device, g: torch.Generator) -> Callable[[], object]:
     """The extra work of an im2col conv's columns, as the lowering writes them (:func:`..lowering.conv_im2col.column_writer`)."""
     from .lowering.conv_im2col import column_writer
     from .lowering.kernels.im2col import gather_columns
 
     if column_writer() == "kernel":
-        b, c, h, w = n.input_shape
-        act = torch.randn(b, h, w, c, device=device, generator=g).clamp(-448, 448).to(FP8)
+        act = _fp8_nhwc_input(n, device, g)
         stride, padding, dilation = _conv_params(n)
         return lambda: gather_columns(act, tuple(n.weight_shape[2:]), stride, padding, dilation)
     spare = torch.empty_like(xq)
@@ -154,8 +159,7 @@ def time_node(n: NodePlan, device: torch.device, timer: Callable[[Callable[[], o
         xb = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
         gemm = lambda: fp8_linear(xb, wq, w_scale, bias, a_scale)  # noqa: E731
     elif route == "direct conv":  # the implicit GEMM on the producer's fp8 NHWC activation (no columns)
-        b, c, h, w = n.input_shape
-        act = torch.randn(b, h, w, c, device=device, generator=g).clamp(-448, 448).to(FP8)
+        act = _fp8_nhwc_input(n, device, g)
         stride, padding, dilation = _conv_params(n)
         gemm = lambda: conv2d_fp8_prequant(act, wq, w_scale, bias, a_scale, torch.bfloat16,  # noqa: E731
                                            kernel=tuple(n.weight_shape[2:]), stride=stride, padding=padding, dilation=dilation)
