@@ -79,9 +79,9 @@ def auto_engine(input_shape, weight_shape, stride, padding, dilation) -> str:
     """``direct`` or ``im2col`` for one fp8 conv under ``QDIFF_CONV_ENGINE=auto``: direct for at least
     :data:`AUTO_DIRECT_MIN_PIXELS` output pixels with ``N <= 128`` or ``C_in >= 2 N``, and whenever the column matrix
     would exceed :data:`MAX_COLUMN_BYTES`; im2col otherwise. (A symbolic batch guards on the pixel bound.)"""
-    m, _ = column_shape(input_shape, weight_shape, stride, padding, dilation)
+    m, k = column_shape(input_shape, weight_shape, stride, padding, dilation)
     n, c = weight_shape[0], weight_shape[1]
-    if column_bytes(input_shape, weight_shape, stride, padding, dilation) > MAX_COLUMN_BYTES:
+    if m * k > MAX_COLUMN_BYTES:  # (column_bytes: one fp8 byte per element)
         return "direct"
     if m >= AUTO_DIRECT_MIN_PIXELS and (n <= AUTO_DIRECT_MAX_NARROW_N or c >= AUTO_DIRECT_MIN_C_OVER_N * n):
         return "direct"
