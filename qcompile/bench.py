@@ -153,6 +153,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS)  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8
             + ("qdiff-w8a8-fp8" + CONV_DIRECT, "qdiff-w8a8-fp8" + CONV_DIRECT + CUDAGRAPHS))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
+TORCHAO_INDUCTOR_CONFIG = "Inductor defaults (set_inductor_config=False: no coordinate-descent tuning, as in every other row)"
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
 TORCHAO_DIM_MULTIPLE = 16  # and K, N must be multiples of 8 (int8) / 16 (fp8 _scaled_mm): the bundled DiT's 12-wide output
 
@@ -260,29 +261,42 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float) -> tu
     return statistics.median(times), len(times)
 
 
-def _exclusive_first_run(compiled: Callable[..., Any], rows_dir: str | None) -> Callable[..., Any]:
-    """``compiled`` whose first run holds the host alone (:func:`_alone_on_host`): the run in which Inductor and our
-    kernels autotune and cuDNN's benchmark mode picks its algorithms, so that other rows' compiles and calibration
-    kernels do not skew those picks. Later runs go straight through."""
+FIRST_CALL_ALONE_S = 120.0  # how long a compiled graph's first call may hold the host alone (see _exclusive_first_run)
+
+
+def _exclusive_first_run(compiled: Callable[..., Any], rows_dir: str | None, first_calls_s: list[float] | None = None,
+                         alone_s: float = FIRST_CALL_ALONE_S) -> Callable[..., Any]:
+    """``compiled`` whose first run holds the host alone (:func:`_alone_on_host`) for at most ``alone_s`` seconds:
+    the run in which Inductor and our kernels autotune and cuDNN's benchmark mode picks its algorithms, so that other
+    rows' compiles and calibration kernels do not skew those picks. Later runs go straight through. Each first run's
+    duration goes to ``first_calls_s``.
+
+    The bound: on torch 2.11 a torchao row's first run compiled its Triton kernels one by one in the row's process
+    (minutes, 2026-12-02), and holding the host that long stopped every other row past its time limit. Past the
+    bound the run goes on beside the others (and pauses while another row times)."""
     pending = [True]
 
     def run(*args: Any) -> Any:
         if not pending:
             return compiled(*args)
-        with _alone_on_host(rows_dir):
+        t0 = time.perf_counter()
+        with _alone_on_host(rows_dir, max_s=alone_s):
             out = compiled(*args)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         pending.clear()
+        if first_calls_s is not None:
+            first_calls_s.append(round(time.perf_counter() - t0, 1))
         return out
 
     return run
 
 
-def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: str | None, options: dict | None = None) -> Any:
+def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: str | None, options: dict | None = None,
+             first_calls_s: list[float] | None = None) -> Any:
     """``torch.compile(model, backend=..., mode=..., options=...)`` (``backend``: ``"inductor"`` or ``"qdiff"``); in a
     multi-row run (``rows_dir``) the backend's compiled graphs run their first call alone on the host
-    (:func:`_exclusive_first_run`) while compiling still overlaps with other rows."""
+    (:func:`_exclusive_first_run`, durations to ``first_calls_s``) while compiling still overlaps with other rows."""
     if rows_dir is None:
         return torch.compile(model, backend=backend, mode=mode) if backend == "inductor" else torch.compile(model, backend=backend, options=options)
     if backend == "inductor":
@@ -297,7 +311,7 @@ def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: s
         inner = lambda gm, example_inputs: qdiff_backend(gm, example_inputs, options=options)  # noqa: E731
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    return torch.compile(model, backend=lambda gm, example_inputs: _exclusive_first_run(inner(gm, example_inputs), rows_dir))
+    return torch.compile(model, backend=lambda gm, example_inputs: _exclusive_first_run(inner(gm, example_inputs), rows_dir, first_calls_s))
 
 
 def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row,
@@ -310,7 +324,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
     if variant == "bf16-eager":
         return model
     if variant == "bf16-inductor":
-        return _compile(model, "inductor", mode, rows_dir)
+        return _compile(model, "inductor", mode, rows_dir, first_calls_s=row.extra.setdefault("first_calls_s", []))
     if variant.startswith("torchao-"):
         from torchao.quantization import (  # torchao is optional: only these rows need it
             Float8DynamicActivationFloat8WeightConfig,
@@ -322,11 +336,16 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         m_of = _linear_m(model, spec.inputs(device, dtype, 500))
         keep = torchao_linears(model, m_of)
         row.quantized_ops = f"{len(keep)}/{len(m_of)} linears (M > {TORCHAO_MIN_M}, K and N multiples of {TORCHAO_DIM_MULTIPLE})"
-        cfg = Int8DynamicActivationInt8WeightConfig() if "int8" in variant else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        # set_inductor_config=False: every row compiles with Inductor's defaults. torchao's default turns on Inductor's
+        # coordinate-descent tuning process-wide, which tunes each generated kernel at its first run, compiling
+        # variants one by one in the row's process (2026-12-02: minutes on the bundled UNet, past every time limit).
+        cfg = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False) if "int8" in variant
+               else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
+        row.extra["torchao_inductor_config"] = TORCHAO_INDUCTOR_CONFIG
         t0 = time.perf_counter()
         quantize_(model, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and fqn in keep)
         row.calibration_s = time.perf_counter() - t0  # quantize_ time (no calibration)
-        return _compile(model, "inductor", mode, rows_dir)
+        return _compile(model, "inductor", mode, rows_dir, first_calls_s=row.extra.setdefault("first_calls_s", []))
     if variant.startswith("qdiff-"):
         from .calibrate import calibrate
         from .config import QuantConfig
@@ -357,7 +376,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         torch._dynamo.reset()
         # the float weights of the quantized ops are freed once compiled: peak memory holds the quantized storage only
         options = {"plan": plan, "release_float_weights": True, **({"mode": mode} if mode else {})}
-        return _compile(model, "qdiff", mode, rows_dir, options)
+        return _compile(model, "qdiff", mode, rows_dir, options, first_calls_s=row.extra.setdefault("first_calls_s", []))
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -472,10 +491,11 @@ _HOST_HELD: list[str] = []  # non-empty while this process holds the host (flock
 
 
 @contextlib.contextmanager
-def _alone_on_host(rows_dir: str | None) -> Iterator[int]:
+def _alone_on_host(rows_dir: str | None, max_s: float | None = None) -> Iterator[int]:
     """Run the timed repeats alone on the host: take the run's timing lock (one row times at a time), stop every
     other registered row's process group (its compile, Inductor's compile workers, calibration kernels) with
-    SIGSTOP, and continue them afterwards. Yields how many rows were paused.
+    SIGSTOP, and continue them afterwards, or after ``max_s`` seconds if that comes first (the block then goes on
+    beside the others). Yields how many rows were paused.
 
     (Timing one row at a time was not enough: other rows' compiles saturate the CPU and a launch-bound model then
     measures several times slower; and a reader/writer lock that waits for the compiles to end can wait for minutes
@@ -491,13 +511,28 @@ def _alone_on_host(rows_dir: str | None) -> Iterator[int]:
         others = [g for g in _row_groups(rows_dir) if g != os.getpid()]
         _signal_groups(others, signal.SIGSTOP)
         _HOST_HELD.append(rows_dir)
+        released = threading.Lock()
+
+        def release() -> None:  # once: at the end of the block or when max_s runs out, whichever comes first
+            if not released.acquire(blocking=False):
+                return
+            _HOST_HELD.remove(rows_dir)
+            _signal_groups(others, signal.SIGCONT)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+        timer = None
+        if max_s is not None:
+            timer = threading.Timer(max_s, release)
+            timer.daemon = True
+            timer.start()
         try:
             time.sleep(0.2)  # let kernels the others queued drain from the GPU
             yield len(others)
         finally:
-            _HOST_HELD.pop()
-            _signal_groups(others, signal.SIGCONT)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if timer is not None:
+                timer.cancel()
+                timer.join()  # (a release under way finishes before the lock file closes)
+            release()
 
 
 def _resume_if_nobody_times(rows_dir: str) -> None:
@@ -541,14 +576,44 @@ def row_environment(variant: str) -> dict[str, str]:
     return {ENGINE_ENV: "direct"} if variant.removesuffix(CUDAGRAPHS).endswith(CONV_DIRECT) else {}
 
 
-def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float, rows_dir: str | None = None) -> Row:
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"  # Inductor's compile worker processes per row
+
+
+def compile_threads_per_row(rows_at_once: int, cpus: int | None = None) -> int:
+    """Inductor compile workers for each of ``rows_at_once`` rows compiling side by side: the host's CPUs shared out
+    (at least 2). Inductor's own default is one worker per CPU in every process, so six rows on 16 cores started 96
+    workers (~1 GB each): the host ran out of memory and killed rows mid-compile (2026-12-02)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(2, cpus // max(1, rows_at_once))
+
+
+def _row_failure(returncode: int, stderr: str, stdout: str) -> str:
+    """Why a row's process failed, for the table: a signal's name (SIGKILL without a time limit: most likely the
+    host's out-of-memory killer), else the last exception of its output (not the warnings printed after it)."""
+    import signal
+
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (not our time limit: most likely the host's out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    lines = (stderr or stdout).strip().splitlines()
+    start = max((i for i, line in enumerate(lines) if line.startswith("Traceback")), default=len(lines) - 6)
+    tail = [line for line in lines[start:] if line.strip()]
+    return " | ".join(tail[:1] + tail[-3:] if len(tail) > 4 else tail)[-600:]
+
+
+def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, timeout_s: float, budget_s: float, rows_dir: str | None = None,
+                        compile_threads: int | None = None) -> Row:
     """One row in its own process group (so a time limit kills its compile workers too, and a timing row can pause
-    it: :func:`_alone_on_host`), with a fresh Inductor and Triton cache."""
+    it: :func:`_alone_on_host`), with a fresh Inductor and Triton cache and ``compile_threads`` Inductor compile
+    workers (unless the caller's environment sets them)."""
     import signal
 
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
         out = Path(tmp) / "row.json"
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"), TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
+        if compile_threads is not None:
+            env.setdefault(COMPILE_THREADS_ENV, str(compile_threads))
         env.update(row_environment(variant))
         if rows_dir:
             env[ROWS_ENV] = rows_dir
@@ -566,10 +631,9 @@ def _run_row_subprocess(model: str, variant: str, device: str, gpu: int | None, 
             if rows_dir:
                 (Path(rows_dir) / str(proc.pid)).unlink(missing_ok=True)
                 _resume_if_nobody_times(rows_dir)
-        if proc.returncode != 0 or not out.exists():
-            tail = (stderr or stdout).strip().splitlines()[-6:]
-            return Row(model, variant, status="error", error=" | ".join(tail)[-600:])
-        return Row(**json.loads(out.read_text()))
+        if out.exists():  # (a row that raised wrote its error here: _row_main)
+            return Row(**json.loads(out.read_text()))
+        return Row(model, variant, status="error", error=_row_failure(proc.returncode, stderr, stdout))
 
 
 def run_bench(
@@ -614,7 +678,9 @@ def run_bench(
             if left is not None and left < min(timeout_s, 60.0):
                 row = Row(m, v, status="skipped", error=f"not started: less than {min(timeout_s, 60.0):g} s of the run's --total-s left")
             else:
-                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, rows_dir)
+                row = _run_row_subprocess(m, v, device, gpu, timeout_s if left is None else min(timeout_s, left), budget_s, rows_dir,
+                                          compile_threads_per_row(len(slots)))
+            row.date = row.date or datetime.date.today().isoformat()  # (rows that did not finish: the day they were tried)
             row.extra["wall_s"] = round(time.perf_counter() - t0, 1)
             with lock:
                 rows.append(row)
@@ -674,7 +740,8 @@ def markdown_table(rows: list[Row]) -> str:
         status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:160]}"
         later = r.extra.get("later_attempt")
         if later:
-            status += f" (a later attempt on {later.get('date') or '?'}: {later.get('status')})"
+            why = f": {later['error'][:80]}" if later.get("status") == "error" and later.get("error") else ""
+            status += f" (a later attempt on {later.get('date') or '?'}: {later.get('status')}{why})"
         lines.append(
             f"| {r.model} | {r.variant} | {r.date or '—'} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio_vs_bf16_inductor, '.2f')} | {_fmt(r.compile_s, '.0f')} | "
             f"{_fmt(r.calibration_s, '.1f')} | {_fmt(r.peak_mem_gb, '.2f')}{_old_peak(r)} | {_fmt(r.weight_gb, '.3f')} | {r.quantized_ops or '—'} | {status} |"
@@ -693,9 +760,9 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
     if merge and jpath.exists():
         old = {(d["model"], d["variant"]): d for d in json.loads(jpath.read_text())}
         finished = []
-        for r in rows:  # a row that did not finish (not started, or over a time limit) keeps the measured row it would replace
+        for r in rows:  # a row that did not finish (not started, over a time limit, failed) keeps the measured row it would replace
             before = old.get((r.model, r.variant))
-            if r.status in ("skipped", "timeout") and before is not None and before["status"] == "ok":
+            if r.status != "ok" and before is not None and before["status"] == "ok":
                 before["extra"]["later_attempt"] = {"date": r.date, "status": r.status, "error": r.error}
             else:
                 finished.append(r)
@@ -794,9 +861,26 @@ def _row_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     _die_with_parent()
     with _registered(os.environ.get(ROWS_ENV)):
-        row = measure(a.row[0], a.row[1], a.device, a.budget_s)
+        try:
+            row = measure(a.row[0], a.row[1], a.device, a.budget_s)
+        except Exception as e:  # the row's error goes into the table (with where it was raised); the traceback to stderr
+            import traceback
+
+            traceback.print_exc()
+            row = Row(a.row[0], a.row[1], status="error", error=exception_summary(e), date=datetime.date.today().isoformat())
     Path(a.row_out).write_text(json.dumps(asdict(row)))
-    return 0
+    return 0 if row.status == "ok" else 1
+
+
+def exception_summary(e: BaseException) -> str:
+    """``Type: message (file:line in function)`` of the frame that raised ``e``, first line of the message only,
+    at most 600 characters."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}{where}"[:600]
 
 
 if __name__ == "__main__":

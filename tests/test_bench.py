@@ -60,10 +60,11 @@ def test_measure_row_in_a_multi_row_run_on_cpu(tiny, tmp_path, monkeypatch):
     measures the same as in-process (its first run took the host lock: no other rows here to pause)."""
     monkeypatch.setenv(bench.ROWS_ENV, str(tmp_path))
     wrapped, real = [], bench._exclusive_first_run
-    monkeypatch.setattr(bench, "_exclusive_first_run", lambda compiled, rows_dir: wrapped.append(rows_dir) or real(compiled, rows_dir))
+    monkeypatch.setattr(bench, "_exclusive_first_run", lambda compiled, rows_dir, first: wrapped.append(rows_dir) or real(compiled, rows_dir, first))
     row = bench.measure(tiny, "qdiff-w8a8-int8", "cpu", budget_s=0.05)
     assert row.status == "ok" and row.ms > 0 and row.quantized_ops == "2/2 ops" and row.compile_s > 0
     assert wrapped == [str(tmp_path)]  # one graph, compiled by the qdiff backend inside the wrapper
+    assert len(row.extra["first_calls_s"]) == 1 and 0 < row.extra["first_calls_s"][0] <= row.compile_s
     assert row.extra["rows_paused_while_timing"] == 0
 
 
@@ -89,12 +90,16 @@ def test_ratios_table_and_merge(tmp_path):
     bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0), not_started], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert {(d["variant"], d["ms"]) for d in data} == {("bf16-inductor", 5.0), ("qdiff-w8a8-fp8", 8.0), ("torchao-fp8-dynamic", None)}
-    # over its time limit: the measured row stays (and says a later attempt ran out of time); an error replaces it
+    # over its time limit or failed: the measured row stays and says what the later attempt did; a row never measured
+    # takes the error
     late = bench.Row("m", "qdiff-w8a8-fp8", status="timeout", error="total time", date="2026-12-01")
-    bench.write_results([late, bench.Row("m", "bf16-inductor", status="error", error="boom")], tmp_path, "qdiff bench", merge=True)
+    crashed = bench.Row("m", "bf16-inductor", status="error", error="killed by SIGSEGV", date="2026-12-02")
+    bench.write_results([late, crashed, bench.Row("m", "new-variant", status="error", error="boom")], tmp_path, "qdiff bench", merge=True)
     data = {d["variant"]: d for d in json.loads((tmp_path / "benchmarks.json").read_text())}
     assert data["qdiff-w8a8-fp8"]["ms"] == 8.0 and data["qdiff-w8a8-fp8"]["extra"]["later_attempt"]["status"] == "timeout"
-    assert data["bf16-inductor"]["status"] == "error"
+    assert data["bf16-inductor"]["ms"] == 5.0 and data["bf16-inductor"]["extra"]["later_attempt"]["error"] == "killed by SIGSEGV"
+    assert data["new-variant"]["status"] == "error"
+    assert "a later attempt on 2026-12-02: error: killed by SIGSEGV" in (tmp_path / "benchmarks.md").read_text()
     bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0)], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert {d["variant"]: d["ratio_vs_bf16_inductor"] for d in data}["qdiff-w8a8-fp8"] == pytest.approx(5.0 / 8.0)
@@ -109,6 +114,23 @@ def test_subprocess_row_reports_errors_and_time_limits():
     assert err.status == "error" and "no-such-variant" in err.error
     slow = bench._run_row_subprocess("dit-xl-2-512", "bf16-eager", "cpu", None, timeout_s=0.5, budget_s=0.1)
     assert slow.status == "timeout" and "0.5 s" in slow.error and slow.ms is None
+
+
+def test_a_row_that_raises_reports_its_exception_and_where():
+    err = bench._run_row_subprocess("dit-xl-2-512", "no-such-variant", "cpu", None, timeout_s=120, budget_s=0.1)
+    assert err.error.startswith(("KeyError", "ValueError", "RuntimeError")) and "bench.py:" in err.error, err.error
+
+
+def test_a_row_killed_by_a_signal_or_failing_after_warnings_says_why():
+    assert "SIGKILL" in bench._row_failure(-9, "UserWarning: x\n", "") and "out-of-memory" in bench._row_failure(-9, "", "")
+    stderr = "Traceback (most recent call last):\n  File a\n  File b\n  File c\nValueError: the cause\n\nUserWarning: later noise\n  warn_once("
+    why = bench._row_failure(1, stderr, "")
+    assert why.startswith("Traceback") and "ValueError: the cause" in why
+
+
+def test_rows_side_by_side_share_the_compile_workers():
+    assert bench.compile_threads_per_row(6, cpus=16) == 2 and bench.compile_threads_per_row(1, cpus=16) == 16
+    assert bench.compile_threads_per_row(4, cpus=16) == 4 and bench.compile_threads_per_row(32, cpus=16) == 2
 
 
 def test_cli_refuses_unknown_names_and_missing_gpu(capsys):
@@ -137,8 +159,9 @@ def test_models_with_a_variant_list_get_only_those_rows():
 def test_jobs_per_gpu_share_a_gpu_and_one_rows_folder(monkeypatch):
     calls = []
 
-    def fake_row(model, variant, device, gpu, timeout_s, budget_s, rows_dir=None):
+    def fake_row(model, variant, device, gpu, timeout_s, budget_s, rows_dir=None, compile_threads=None):
         calls.append((variant, gpu, rows_dir))
+        assert compile_threads == bench.compile_threads_per_row(6)
         return bench.Row(model, variant, status="ok", ms=1.0)
 
     monkeypatch.setattr(bench, "_run_row_subprocess", fake_row)
@@ -175,6 +198,32 @@ def test_timing_pauses_the_other_rows_and_continues_them(tmp_path):
             time.sleep(0.1)
             assert [_state(p.pid) for p in rows] == ["R", "R"]
         assert not (tmp_path / str(os.getpid())).exists()
+    finally:
+        for p in rows:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to read process states")
+def test_holding_the_host_ends_after_its_bound_while_the_block_goes_on(tmp_path):
+    """A first call that outlasts its window (a torchao row compiling its kernels one by one) continues the others
+    and frees the timing lock for them; the block itself goes on, and a first call's duration is recorded."""
+    import fcntl
+
+    rows = [_busy_row(tmp_path)]
+    try:
+        time.sleep(0.3)
+        with bench._alone_on_host(str(tmp_path), max_s=0.6) as paused:
+            assert paused == 1 and _state(rows[0].pid) == "T"
+            time.sleep(1.0)
+            assert _state(rows[0].pid) == "R" and not bench._HOST_HELD
+            with open(tmp_path / ".timing", "a") as f:  # another row may take the lock now
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+        assert _state(rows[0].pid) == "R"
+        first_calls = []
+        slow = bench._exclusive_first_run(lambda x: time.sleep(0.5) or x, str(tmp_path), first_calls, alone_s=0.2)
+        assert slow(3) == 3 and slow(4) == 4 and len(first_calls) == 1 and first_calls[0] >= 0.5
     finally:
         for p in rows:
             p.kill()
@@ -284,6 +333,34 @@ def test_torchao_rows_skip_linears_its_kernels_reject():
     model = torch.nn.ModuleDict({"ok": torch.nn.Linear(32, 64), "few_rows": torch.nn.Linear(32, 64), "narrow_out": torch.nn.Linear(32, 12)})
     keep = bench.torchao_linears(model, {"ok": 128, "few_rows": 16, "narrow_out": 128})
     assert keep == {"ok"}  # M <= 16, and N = 12 (the bundled DiT's output projection) are left in bf16
+
+
+class TinyLinearDenoiser(torch.nn.Module):
+    """A linear torchao's kernels accept (M = 128 > 16; K, N multiples of 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, sample, timestep):
+        return self.proj(sample.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + timestep.to(sample.dtype).view(-1, 1, 1, 1) / 1000
+
+
+def test_torchao_rows_compile_with_inductor_defaults(monkeypatch):
+    """torchao's configs turn on Inductor's coordinate-descent tuning process-wide by default (each kernel tuned at its
+    first run: minutes of serial compiles on a GPU); the bench's torchao rows keep Inductor's defaults, like every row."""
+    pytest.importorskip("torchao", reason="torchao is optional (the bench's torchao rows; not a test dependency)")
+    import torch._inductor.config as inductor_config
+
+    def inputs(device, dtype, t):
+        return {"sample": torch.randn(2, 32, 8, 8).to(device, dtype), "timestep": torch.full((2,), t, device=device)}
+
+    monkeypatch.setitem(bench.MODELS, "tiny-linear", bench.BenchModel("tiny-linear", "one linear", TinyLinearDenoiser, inputs))
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)  # (restored whatever torchao does)
+    row = bench.measure("tiny-linear", "torchao-int8-dynamic", "cpu", budget_s=0.05)
+    assert row.status == "ok" and row.ms > 0 and row.quantized_ops.startswith("1/1 linears")
+    assert row.extra["torchao_inductor_config"] == bench.TORCHAO_INDUCTOR_CONFIG
+    assert inductor_config.coordinate_descent_tuning is False
 
 
 def test_latency_guard_rows_need_a_gpu(tiny):
