@@ -860,6 +860,7 @@ def _row_main(argv: list[str]) -> int:
     p.add_argument("--row-out", required=True)
     a = p.parse_args(argv)
     _die_with_parent()
+    stacks = _dump_stacks_periodically(a.row[0], a.row[1])
     with _registered(os.environ.get(ROWS_ENV)):
         try:
             row = measure(a.row[0], a.row[1], a.device, a.budget_s)
@@ -869,7 +870,31 @@ def _row_main(argv: list[str]) -> int:
             traceback.print_exc()
             row = Row(a.row[0], a.row[1], status="error", error=exception_summary(e), date=datetime.date.today().isoformat())
     Path(a.row_out).write_text(json.dumps(asdict(row)))
+    if stacks is not None:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+        stacks.close()
     return 0 if row.status == "ok" else 1
+
+
+STACKS_ENV = "QDIFF_BENCH_STACKS"  # "DIR" or "DIR:SECONDS": each row writes its Python stacks there periodically
+
+
+def _dump_stacks_periodically(model: str, variant: str) -> Any:
+    """With ``QDIFF_BENCH_STACKS=DIR[:SECONDS]`` set, this row writes every thread's Python stack to
+    ``DIR/stacks-MODEL-VARIANT.txt`` every SECONDS (default 30) of its own running time (a paused row writes none): where
+    a slow row spends its time. This found torchao's coordinate-descent tuning (2026-12-02). Returns the open file."""
+    spec = os.environ.get(STACKS_ENV)
+    if not spec:
+        return None
+    import faulthandler
+
+    folder, _, every = spec.partition(":")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    f = open(Path(folder) / f"stacks-{model}-{variant}.txt", "w")  # noqa: SIM115 (closed by _row_main)
+    faulthandler.dump_traceback_later(float(every or 30), repeat=True, file=f)
+    return f
 
 
 def exception_summary(e: BaseException) -> str:

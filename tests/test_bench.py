@@ -133,6 +133,14 @@ def test_rows_side_by_side_share_the_compile_workers():
     assert bench.compile_threads_per_row(4, cpus=16) == 4 and bench.compile_threads_per_row(32, cpus=16) == 2
 
 
+def test_rows_can_write_their_stacks_periodically(tmp_path, monkeypatch):
+    monkeypatch.setenv(bench.STACKS_ENV, f"{tmp_path}:0.2")
+    slow = bench._run_row_subprocess("dit-xl-2-512", "bf16-eager", "cpu", None, timeout_s=10, budget_s=0.1)
+    assert slow.status == "timeout"  # (building DiT-XL/2 on CPU takes longer)
+    text = (tmp_path / "stacks-dit-xl-2-512-bf16-eager.txt").read_text()
+    assert text.count("Timeout (0:00:00.200000)!") >= 3 and "_row_main" in text
+
+
 def test_cli_refuses_unknown_names_and_missing_gpu(capsys):
     from qcompile.cli import main
 
