@@ -10,6 +10,7 @@ Uses Triton's compiler API (``ASTSource``, ``GPUTarget``) and the bundled ``cuob
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import subprocess
@@ -27,6 +28,7 @@ conv, fp8_attention, fp8_linear, fp8_tma, int8_linear, w4_linear = (
     importlib.import_module(f"{__package__}.{m}") for m in ("conv", "fp8_attention", "fp8_linear", "fp8_tma", "int8_linear", "w4_linear"))
 
 TARGET = GPUTarget("cuda", 90, 32)
+GROUPS = ("fp8", "tma", "int8", "w4", "conv", "attention")  # the kernel families cases() knows
 I32 = "i32"
 
 
@@ -142,10 +144,16 @@ def cases(which: set[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Compile the chosen kernel families' configs and print one table row each; 1 if any config failed to compile."""
+    p = argparse.ArgumentParser(prog="python -m qcompile.lowering.kernels.aot_check",
+                                description="Compile the kernels' autotune configs for sm_90 (no GPU needed); print smem and registers.")
+    p.add_argument("groups", nargs="*", metavar="GROUP", help=f"kernel families to compile (default: all of {', '.join(GROUPS)})")
+    which = set(p.parse_args(argv).groups or GROUPS)
+    if which - set(GROUPS):  # (argparse's choices reject the empty default of nargs="*" on Python < 3.12)
+        p.error(f"unknown kernel group(s) {', '.join(sorted(which - set(GROUPS)))}: choose from {', '.join(GROUPS)}")
     if INTERPRET:
         print("aot_check compiles for the GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    which = set(argv if argv else sys.argv[1:]) or {"fp8", "tma", "int8", "w4", "conv", "attention"}
     failed = 0
     print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -5,9 +5,11 @@ case list falling behind a kernel's signature, e.g. a new constexpr, which made 
 
 import inspect
 
+import pytest
+
 from qcompile.lowering.kernels import aot_check
 
-ALL = {"fp8", "tma", "int8", "w4", "conv", "attention"}
+ALL = set(aot_check.GROUPS)
 
 
 def _arguments(kernel) -> tuple[set[str], set[str]]:
@@ -30,3 +32,14 @@ def test_every_case_binds_every_kernel_argument():
         assert set(aligned) <= runtime | set(flags), f"{name}: aligned names that are not arguments: {sorted(set(aligned) - runtime)}"
         names.append(name)
     assert {"conv fp8 direct", "conv fp8 direct split (2 slices)", "conv fp8 direct, split-K 3"} <= set(names)
+
+
+def test_every_group_has_cases_and_unknown_groups_are_refused(capsys):
+    with_cases = ALL if aot_check.fp8_tma.HAS_TMA else ALL - {"tma"}  # (the TMA kernels need a Triton with tensor descriptors)
+    assert all(next(aot_check.cases({g}), None) is not None for g in with_cases)
+    with pytest.raises(SystemExit) as e:
+        aot_check.main(["fp8", "--help-me"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        aot_check.main(["fp8", "nope"])
+    assert "unknown kernel group(s) nope" in capsys.readouterr().err
