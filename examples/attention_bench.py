@@ -1,14 +1,17 @@
 """bf16 SDPA against qdiff's fp8 attention kernel at DiT-XL/2, PixArt-alpha and SD 1.5 attention shapes (CUDA).
 
-    python examples/attention_bench.py --out attention_bench.json
+    python examples/attention_bench.py --out attention_bench.json [--models dit,pixart]
 
 Per shape: ``F.scaled_dot_product_attention`` on bf16 (whatever backend torch picks: cuDNN / flash on Hopper) and
-``qdiff::fp8_attention`` with bf16 inputs (quantized in the kernel) and with float8_e4m3fn inputs (quantized by their
-producer, not timed), each the median of CUDA-graph replays (``qcompile.latency.cuda_graph_timer``; the fp8 kernel
-autotunes before the graph is captured). Heads are laid out as models produce them (``x.view(B, S, H, D).transpose(1,
-2)``); static scales are the inputs' max-abs / 448. SQNR (dB) of each fp8 output against the bf16 SDPA output and
-against the pure-PyTorch reference ``qattention`` (the same quantized arithmetic: checks the kernel on the GPU).
-Random Gaussian inputs (scores ~ N(0, 1) after the 1 / sqrt(D) scale): the timing does not depend on the data.
+``qdiff::fp8_attention`` with bf16 inputs (quantized in the kernel), with float8_e4m3fn inputs in the heads' layout
+(quantized by their producer, not timed), with float8_e4m3fn inputs as ``quantize_heads`` stores them (rows padded to
+16 bytes, V with its keys contiguous: the kernel's ``V_T`` path, not timed), and the Triton lowering's attention call
+compiled by Inductor (``triton_lowering.qattention``: the quantize pass Inductor generates plus the kernel: what a
+quantized model runs). Each time is the median of CUDA-graph replays (``qcompile.latency.cuda_graph_timer``; the fp8
+kernel autotunes before the graph is captured). Heads are laid out as models produce them (``x.view(B, S, H,
+D).transpose(1, 2)``); static scales are the inputs' max-abs / 448. SQNR (dB) of fp8 outputs against the bf16 SDPA
+output and against the pure-PyTorch reference ``qattention`` (the same quantized arithmetic: checks the kernel on the
+GPU). Random Gaussian inputs (scores ~ N(0, 1) after the 1 / sqrt(D) scale): the timing does not depend on the data.
 Prints a markdown table and writes JSON.
 """
 
@@ -43,41 +46,50 @@ def _heads(b: int, h: int, s: int, d: int, dev: torch.device) -> torch.Tensor:
 def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch.device) -> dict:
     """Times (us) and SQNRs (dB) of one attention shape."""
     from qcompile.latency import cuda_graph_timer
+    from qcompile.lowering import triton_lowering
     from qcompile.lowering.formats import quantize_fp8
-    from qcompile.lowering.kernels.fp8_attention import fp8_attention
+    from qcompile.lowering.kernels.fp8_attention import fp8_attention, quantize_heads
     from qcompile.lowering.reference import qattention
     from qcompile.metrics import sqnr_db
 
     q, k, v = _heads(b, h, sq, d, dev), _heads(b, h, sk, d, dev), _heads(b, h, sk, d, dev)
     s = [(t.float().abs().amax() / 448).reshape(()) for t in (q, k, v)]
     q8, k8, v8 = (quantize_fp8(t, sc) for t, sc in zip((q, k, v), s))
+    q8p, k8p, v8t = quantize_heads(q, s[0]), quantize_heads(k, s[1]), quantize_heads(v, s[2], keys_contiguous=True)
+    torch._dynamo.reset()
+    lowering = torch.compile(lambda q, k, v: triton_lowering.qattention(q, k, v, *s), fullgraph=True)
     ref_bf16 = F.scaled_dot_product_attention(q, k, v).float()
     ref_q = qattention(q, k, v, *s).float()
-    out = fp8_attention(q, k, v, *s)
-    out8 = fp8_attention(q8, k8, v8, *s)
-    t_sdpa = cuda_graph_timer(lambda: F.scaled_dot_product_attention(q, k, v))
-    t_fp8 = cuda_graph_timer(lambda: fp8_attention(q, k, v, *s))
-    t_fp8_in = cuda_graph_timer(lambda: fp8_attention(q8, k8, v8, *s))
+    outs = {"fp8": fp8_attention(q, k, v, *s), "fp8_in": fp8_attention(q8, k8, v8, *s), "fp8_vt": fp8_attention(q8p, k8p, v8t, *s),
+            "lowering": lowering(q, k, v)}
+    times = {"sdpa_bf16_us": cuda_graph_timer(lambda: F.scaled_dot_product_attention(q, k, v)),
+             "fp8_us": cuda_graph_timer(lambda: fp8_attention(q, k, v, *s)),
+             "fp8_from_fp8_us": cuda_graph_timer(lambda: fp8_attention(q8, k8, v8, *s)),
+             "fp8_vt_us": cuda_graph_timer(lambda: fp8_attention(q8p, k8p, v8t, *s)),
+             "lowering_compiled_us": cuda_graph_timer(lambda: lowering(q, k, v))}
     flops = 4 * b * h * sq * sk * d  # Q K^T and P V, useful head dims
-    return {
-        "model": model, "shape": [b, h, sq, sk, d],
-        "sdpa_bf16_us": round(t_sdpa, 1), "fp8_us": round(t_fp8, 1), "fp8_from_fp8_us": round(t_fp8_in, 1),
-        "speedup": round(t_sdpa / t_fp8, 2), "speedup_from_fp8": round(t_sdpa / t_fp8_in, 2),
-        "sdpa_tflops": round(flops / t_sdpa / 1e6, 1), "fp8_tflops": round(flops / t_fp8 / 1e6, 1),
-        "fp8_from_fp8_tflops": round(flops / t_fp8_in / 1e6, 1),
-        "sqnr_vs_bf16_db": round(sqnr_db(ref_bf16, out.float()), 1), "sqnr_fp8_in_vs_bf16_db": round(sqnr_db(ref_bf16, out8.float()), 1),
-        "sqnr_vs_reference_db": round(sqnr_db(ref_q, out.float()), 1),
-    }
+    row = {"model": model, "shape": [b, h, sq, sk, d], **{key: round(t, 1) for key, t in times.items()}}
+    for key, t in times.items():
+        if key != "sdpa_bf16_us":
+            row["speedup_" + key.removesuffix("_us")] = round(times["sdpa_bf16_us"] / t, 2)
+        row[key.removesuffix("_us") + "_tflops"] = round(flops / t / 1e6, 1)
+    row.update({f"sqnr_{name}_vs_bf16_db": round(sqnr_db(ref_bf16, out.float()), 1) for name, out in outs.items()})
+    row.update({f"sqnr_{name}_vs_reference_db": round(sqnr_db(ref_q, out.float()), 1) for name, out in outs.items()})
+    return row
+
+
+COLUMNS = [("fp8", "bf16 in"), ("fp8_from_fp8", "fp8 in"), ("fp8_vt", "fp8 in, V^T"), ("lowering_compiled", "lowering, compiled")]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | B, H, Sq, Sk, D | SDPA bf16 us | fp8 us (bf16 in) | fp8 us (fp8 in) | speedup (bf16 in / fp8 in) | "
-             "TFLOP/s SDPA / fp8 / fp8 in | SQNR vs bf16 dB (bf16 in / fp8 in) | SQNR vs qattention dB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head = " | ".join(f"fp8 {label} us (x SDPA)" for _, label in COLUMNS)
+    lines = [f"| model | B, H, Sq, Sk, D | SDPA bf16 us | {head} | TFLOP/s SDPA / lowering | SQNR vs bf16 dB (lowering) | "
+             "SQNR vs qattention dB (bf16 in / lowering) |", "| --- | --- | --- |" + " --- |" * (len(COLUMNS) + 3)]
     for r in rows:
-        lines.append(f"| {r['model']} | {', '.join(map(str, r['shape']))} | {r['sdpa_bf16_us']} | {r['fp8_us']} | {r['fp8_from_fp8_us']} | "
-                     f"{r['speedup']} / {r['speedup_from_fp8']} | {r['sdpa_tflops']} / {r['fp8_tflops']} / {r['fp8_from_fp8_tflops']} | "
-                     f"{r['sqnr_vs_bf16_db']} / {r['sqnr_fp8_in_vs_bf16_db']} | {r['sqnr_vs_reference_db']} |")
+        cells = " | ".join(f"{r[key + '_us']} ({r['speedup_' + key]})" for key, _ in COLUMNS)
+        lines.append(f"| {r['model']} | {', '.join(map(str, r['shape']))} | {r['sdpa_bf16_us']} | {cells} | "
+                     f"{r['sdpa_bf16_tflops']} / {r['lowering_compiled_tflops']} | {r['sqnr_lowering_vs_bf16_db']} | "
+                     f"{r['sqnr_fp8_vs_reference_db']} / {r['sqnr_lowering_vs_reference_db']} |")
     return "\n".join(lines)
 
 

@@ -314,10 +314,13 @@ def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 
 def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None):
     """:func:`.reference.qattention`'s signature (the converted graph's attention call): ``qdiff::fp8_attention`` where
-    :func:`attention_route` allows (inputs made contiguous in their head dim), else the reference."""
-    from .kernels.fp8_attention import fp8_attention
+    :func:`attention_route` allows, else the reference. q / k / v are quantized before the kernel by plain aten ops
+    (:func:`.kernels.fp8_attention.quantize_heads`, fused by Inductor into one pass over the producer's output), V stored
+    with its keys contiguous: once per tensor instead of once per query tile in the kernel, and the kernel's fp8
+    ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2")."""
+    from .kernels.fp8_attention import fp8_attention, quantize_heads
 
     if attention_route(q, k, v) is not None:
         return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+    q8, k8, v8 = quantize_heads(q, q_scale), quantize_heads(k, k_scale), quantize_heads(v, v_scale, keys_contiguous=True)
+    return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype=q.dtype)

@@ -1,4 +1,4 @@
-"""Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills.
+"""Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills, byte stores.
 
 ``python -m qcompile.lowering.kernels.aot_check [fp8|tma|int8|w4|conv|attention ...]`` (in a process without
 ``TRITON_INTERPRET``). The interpreter tests check the kernels' logic; this catches what only the
@@ -32,8 +32,10 @@ GROUPS = ("fp8", "tma", "int8", "w4", "conv", "attention")  # the kernel familie
 I32 = "i32"
 
 
-def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, aligned: list[str]) -> tuple[int, str]:
-    """(shared memory bytes, cuobjdump resource line) of one kernel / config for sm_90."""
+def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, aligned: list[str]) -> tuple[int, str, int]:
+    """(shared memory bytes, cuobjdump resource line, byte-wise shared-memory stores in the PTX) of one kernel / config
+    for sm_90. Byte stores (``st.shared.b8``) are how Triton transposes an 8-bit tile in shared memory (e.g. fp8 V for
+    ``P @ V`` when V's head dim is contiguous): a cost a register count does not show."""
     consts = {**constexprs, **cfg.kwargs}
     full = {n: "constexpr" if n in consts else signature[n] for n in kernel.arg_names}
     div16 = set(aligned) | {n for n, t in full.items() if t.startswith("*")}
@@ -46,7 +48,8 @@ def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, a
         f.flush()
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     usage = next((line.strip() for line in out.splitlines() if "REG:" in line), "")
-    return compiled.metadata.shared, " ".join(usage.split()[:2])
+    byte_stores = sum(line.lstrip().startswith(("st.shared.b8", "st.shared.u8", "st.shared.s8")) for line in compiled.asm["ptx"].splitlines())
+    return compiled.metadata.shared, " ".join(usage.split()[:2]), byte_stores
 
 
 def _linear_sig(**ptrs) -> dict:
@@ -131,16 +134,21 @@ def cases(which: set[str]):
         sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "out_ptr": "*bf16",
                "sm_scale": "fp32"}
         sig.update({n: I32 for n in ("H", "SQ", "SK", "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks",
-                                     "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os")})
-        aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh"]
-        for d, x_fp8 in ((72, False), (72, True), (64, False), (128, False), (40, False), (80, False), (160, False)):
+                                     "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_ob", "stride_oh", "stride_os")})
+        aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh", "stride_qs",
+                   "stride_ks", "stride_os"]
+        for d, x_fp8, v_t in ((72, False, False), (72, True, False), (72, True, True), (64, False, False), (128, False, False),
+                              (40, False, False), (40, True, True), (80, False, False), (160, False, False)):
             d0, dq1, dv1 = fp8_attention.head_parts(d)
-            flags = dict(D=d, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, ROW_ALIGN=16, INTERPRET=False)
+            flags = dict(D=d, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=16, INTERPRET=False)
+            # V's unit stride specialized as a real launch specializes it (an integer argument equal to 1)
+            flags.update({"stride_vs": 1} if v_t else {"stride_vd": 1})
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             # row strides (S dim) as the models lay heads out: H * D (q = to_q(x).view(B, S, H, D).transpose(1, 2)) or
-            # 3 * H * D (a packed qkv), 16-divisible at 16 heads; the output's are H * D (new_output)
-            yield f"attention D={d}{' fp8 in' if x_fp8 else ''}", fp8_attention.fp8_attention_kernel, s, flags, fp8_attention.CONFIGS, \
-                aligned + ["stride_qs", "stride_ks", "stride_vs", "stride_os"]
+            # 3 * H * D (a packed qkv), 16-divisible at 16 heads; the output's are H * D (new_output); transposed V
+            # (B, H, D, S) rows of S keys (fp8_attention.quantize_heads pads them to 16)
+            yield f"attention D={d}{' fp8 in' if x_fp8 else ''}{', V^T' if v_t else ''}", fp8_attention.fp8_attention_kernel, s, flags, \
+                fp8_attention.CONFIGS, aligned + ["stride_vd" if v_t else "stride_vs"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,17 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         print("aot_check compiles for the GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     failed = 0
-    print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack | smem byte stores (PTX) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, kernel, sig, flags, configs, aligned in cases(which):
         for cfg in configs:
             tile = "x".join(str(cfg.kwargs.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))  # (attention: M x N x -)
             try:
-                smem, usage = compile_one(kernel, sig, flags, cfg, aligned)
-                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {smem / 1024:.0f} | {usage} |", flush=True)
+                smem, usage, byte_stores = compile_one(kernel, sig, flags, cfg, aligned)
+                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {smem / 1024:.0f} | {usage} | {byte_stores} |", flush=True)
             except Exception as e:  # report every failing config, then exit non-zero
                 failed += 1
-                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} |", flush=True)
+                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} | |", flush=True)
     return 1 if failed else 0
 
 

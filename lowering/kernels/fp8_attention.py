@@ -17,6 +17,11 @@ and ``DV1 = max(16, next_pow2(D - D0))`` wide in ``P @ V`` (its N >= 16); see :f
 ("fp8 attention") for the FLOP counts against padding D to the next power of two. Supported: ``32 <= D <= 160`` with
 ``D % 8 == 0``; power-of-two D runs one part.
 
+V may be stored transposed, (B, H, D, S) with its keys contiguous (``V_T``, chosen from V's strides: a
+``v_t.transpose(-1, -2)`` view): the fp8 ``P @ V`` dot then takes V from shared memory as loaded, where row-major V is
+transposed byte by byte in shared memory. :func:`quantize_heads` writes fp8 heads that way (the Triton lowering's
+attention call quantizes q / k / v with it before the kernel, docs/kernels.md "fp8 attention v2").
+
 Keys past the sequence end are handled by one masked tail tile (``S = -inf`` there), so the main loop has no masks;
 query rows past the end load wrapped (valid) rows and only the store is masked.
 """
@@ -59,9 +64,10 @@ def _quantize_probs(p, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, stride, cols, n_rows, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
-    """A (rows, cols) tile of a row-major (unit column stride) head, masked (to 0) where asked."""
-    ptrs = base + rows[:, None] * stride + cols[None, :]
+def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A (rows, cols) tile (of a head: rows are keys or queries, cols head dims), masked (to 0) where asked. One of
+    the strides is the literal 1: Q / K and row-major V have contiguous head dims, transposed V (``V_T``) contiguous keys."""
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
     if MASK_ROWS and MASK_COLS:
         t = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
     elif MASK_ROWS:
@@ -74,18 +80,18 @@ def _load_rows(base, rows, stride, cols, n_rows, n_cols, MASK_ROWS: tl.constexpr
 
 
 @triton.jit
-def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, k_inv, v_inv, qk_scale,
+def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
                  D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr,
                  MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
     ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
-    k0 = _quantize_tile(_load_rows(k_base, rn, stride_ks, d0, SK, D, MASKED, False), k_inv, X_FP8, INTERPRET)
+    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, d0, 1, SK, D, MASKED, False), k_inv, X_FP8, INTERPRET)
     s = tl.dot(q0, tl.trans(k0))
     if DQ1 > 0:  # second head-dim part of Q K^T: columns [D0, D0 + DQ1), those past D load as 0
         dq1 = D0 + tl.arange(0, DQ1)
-        k1 = _quantize_tile(_load_rows(k_base, rn, stride_ks, dq1, SK, D, MASKED, True), k_inv, X_FP8, INTERPRET)
+        k1 = _quantize_tile(_load_tile(k_base, rn, stride_ks, dq1, 1, SK, D, MASKED, True), k_inv, X_FP8, INTERPRET)
         s = tl.dot(q1, tl.trans(k1), s)
     if MASKED:
         s = tl.where((rn < SK)[None, :], s, float("-inf"))
@@ -95,11 +101,11 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p8 = _quantize_probs(p, INTERPRET)
-    v0 = _quantize_tile(_load_rows(v_base, rn, stride_vs, d0, SK, D, MASKED, False), v_inv, X_FP8, INTERPRET)
+    v0 = _quantize_tile(_load_tile(v_base, rn, stride_vs, d0, stride_vd, SK, D, MASKED, False), v_inv, X_FP8, INTERPRET)
     acc0 = tl.dot(p8, v0, acc0 * alpha[:, None])
     if DV1 > 0:  # second head-dim part of P V: output columns [D0, D0 + DV1)
         dv1 = D0 + tl.arange(0, DV1)
-        v1 = _quantize_tile(_load_rows(v_base, rn, stride_vs, dv1, SK, D, MASKED, True), v_inv, X_FP8, INTERPRET)
+        v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, D, MASKED, True), v_inv, X_FP8, INTERPRET)
         acc1 = tl.dot(p8, v1, acc1 * alpha[:, None])
     return acc0, acc1, l_i, m_new
 
@@ -108,16 +114,22 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
 def fp8_attention_kernel(
     q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr,
     sm_scale, H, SQ, SK,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os,
-    D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr, V_T: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Row strides are multiples of ROW_ALIGN (the wrapper's check): vectorized loads / stores of the head-dim parts even
     # where Triton's own specialization (integer arguments divisible by 16) does not see it, e.g. contiguous D = 72.
+    # V's unit stride is stride_vd (row-major heads) or stride_vs (V_T: stored (B, H, D, S), keys contiguous).
     stride_qs = tl.multiple_of(stride_qs, ROW_ALIGN)
     stride_ks = tl.multiple_of(stride_ks, ROW_ALIGN)
-    stride_vs = tl.multiple_of(stride_vs, ROW_ALIGN)
+    if V_T:  # V stored (B, H, D, S): keys contiguous
+        stride_vd = tl.multiple_of(stride_vd, ROW_ALIGN)
+        stride_vs = 1
+    else:
+        stride_vs = tl.multiple_of(stride_vs, ROW_ALIGN)
+        stride_vd = 1
     stride_os = tl.multiple_of(stride_os, ROW_ALIGN)
     pid_m = tl.program_id(0)  # query tiles of one head run next to each other: its K / V stay in L2
     bh = tl.program_id(1)
@@ -139,9 +151,9 @@ def fp8_attention_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm_l = rm % SQ  # rows past the end load valid (wrapped) rows; only the store is masked
     d0 = tl.arange(0, D0)
-    q0 = _quantize_tile(_load_rows(q_base, rm_l, stride_qs, d0, SQ, D, False, False), q_inv, X_FP8, INTERPRET)
+    q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, d0, 1, SQ, D, False, False), q_inv, X_FP8, INTERPRET)
     if DQ1 > 0:
-        q1 = _quantize_tile(_load_rows(q_base, rm_l, stride_qs, D0 + tl.arange(0, DQ1), SQ, D, False, True), q_inv, X_FP8, INTERPRET)
+        q1 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, D0 + tl.arange(0, DQ1), 1, SQ, D, False, True), q_inv, X_FP8, INTERPRET)
     else:
         q1 = q0  # (unused)
     acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
@@ -151,10 +163,10 @@ def fp8_attention_kernel(
 
     full = (SK // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
-        acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs,
+        acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
                                             k_inv, v_inv, qk_scale, D, D0, DQ1, DV1, X_FP8, False, INTERPRET, BLOCK_N)
     if full < SK:
-        acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs,
+        acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
                                             k_inv, v_inv, qk_scale, D, D0, DQ1, DV1, X_FP8, True, INTERPRET, BLOCK_N)
 
     o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
@@ -200,7 +212,7 @@ CONFIG_TABLE = [(128, 64, 3, 8), (128, 128, 2, 8), (128, 64, 2, 8), (64, 64, 3, 
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "D", "X_FP8"]
+_KEY = ["SQ", "SK", "H", "D", "X_FP8", "V_T"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
 
 
@@ -211,8 +223,9 @@ def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype):
         check_tensor(t, name, dtypes, dim=4)
         if t.dtype != q.dtype:
             raise TypeError(f"q, k and v must share a dtype, got q {q.dtype} and {name} {t.dtype}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its head dim, got shape {tuple(t.shape)} strides {t.stride()}")
+        if t.stride(-1) != 1 and not (name == "v" and keys_contiguous(t)):
+            raise ValueError(f"{name} must be contiguous in its head dim{' (v: or in its keys)' if name == 'v' else ''}, got shape "
+                             f"{tuple(t.shape)} strides {t.stride()}")
     B, H, _, D = q.shape
     if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[3] != D or v.shape[3] != D or k.shape[2] != v.shape[2]:
         raise ValueError(f"q (B, H, Sq, D), k and v (B, H, Sk, D) disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -237,12 +250,44 @@ def new_output(q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((B, SQ, H, D), device=q.device, dtype=out_dtype).transpose(1, 2)
 
 
-def row_align(*ts: torch.Tensor) -> int:
-    """The largest power of two (<= 16) dividing every row stride (the S dims') of ``ts``: the kernel's load hint."""
+def keys_contiguous(v: torch.Tensor) -> bool:
+    """Whether (B, H, S, D) ``v`` is stored transposed, (B, H, D, S) with unit stride along the keys (the kernel's
+    ``V_T``: fp8 ``P @ V`` reads it straight into shared memory). A single key or head dim counts as row-major."""
+    return v.stride(2) == 1 and v.stride(3) != 1 and v.shape[2] > 1
+
+
+def row_align(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> int:
+    """The largest power of two (<= 16) dividing every non-unit stride between rows of a head (the S dims', V's D dim
+    when :func:`keys_contiguous`): the kernel's load hint."""
     g = 0
-    for t in ts:
-        g = math.gcd(g, t.stride(2))
+    for stride in (q.stride(2), k.stride(2), v.stride(3) if keys_contiguous(v) else v.stride(2), out.stride(2)):
+        g = math.gcd(g, stride)
     return math.gcd(g, 16) if g else 16
+
+
+HEAD_ROW_BYTES = 16  # quantize_heads pads the rows of its fp8 heads to a multiple of this: 16-byte loads (cp.async)
+
+
+def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool = False) -> torch.Tensor:
+    """(B, H, S, D) float heads -> float8_e4m3fn codes with the static per-tensor ``scale`` (the arithmetic of
+    :func:`..formats.quantize_fp8`, so the codes equal :func:`..reference.qattention`'s), as plain aten ops: under
+    Inductor they fuse into one pass over the producer's output. The result is a (B, H, S, D) view whose storage rows
+    are padded with zeros to a multiple of 16 bytes (D = 72 / 40 heads; Sk = 77 / 120 key rows), and with
+    ``keys_contiguous`` stored (B, H, D, S): V as the kernel's ``P @ V`` reads it without a transpose (:func:`keys_contiguous`).
+    """
+    from ..formats import quantize_fp8 as quantize_tensor
+
+    t = x.transpose(-1, -2) if keys_contiguous else x
+    n = t.shape[-1]
+    pad = -n % HEAD_ROW_BYTES
+    if pad:  # a new, padded storage (F.pad writes it contiguous)
+        t = torch.nn.functional.pad(t, (0, pad))
+    elif keys_contiguous:
+        t = t.contiguous()
+    codes = quantize_tensor(t, scale.float())
+    if pad:
+        codes = codes[..., :n]
+    return codes.transpose(-1, -2) if keys_contiguous else codes
 
 
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, wrap=wrap_triton) -> torch.Tensor:
@@ -261,9 +306,9 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out,
         sm_scale, H, SQ, SK,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        D=D, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, ROW_ALIGN=row_align(q, k, v, out), INTERPRET=INTERPRET,
+        D=D, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, V_T=keys_contiguous(v), ROW_ALIGN=row_align(q, k, v, out), INTERPRET=INTERPRET,
     )
     return out
 

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.lowering.formats import quantize_fp8
-from qcompile.lowering.kernels.fp8_attention import dot_widths, fp8_attention, head_parts
+from qcompile.lowering.kernels.fp8_attention import HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous, quantize_heads
 from qcompile.lowering.reference import qattention
 from qcompile.metrics import sqnr_db
 
@@ -112,6 +112,41 @@ def test_prequantized_fp8_inputs():
 
 
 @needs_kernels
+@pytest.mark.parametrize("sk,d", [(77, 72), (64, 40), (45, 128)])
+def test_values_stored_by_keys_give_the_same_result(sk, d):
+    """V stored (B, H, D, S) with its keys contiguous (``V_T``: the fp8 ``P @ V`` reads it without a transpose) gives
+    exactly the row-major result, for fp8 inputs (``quantize_heads``' padded rows) and for float inputs."""
+    q, k, v = _qkv(1, 2, 37, sk, d)
+    s = _scales(q, k, v)
+    q8, k8 = quantize_heads(q, s[0]), quantize_heads(k, s[1])
+    v8, v8_t = quantize_heads(v, s[2]), quantize_heads(v, s[2], keys_contiguous=True)
+    assert not keys_contiguous(v8) and keys_contiguous(v8_t) and torch.equal(v8.float(), v8_t.float())
+    by_rows = fp8_attention(q8, k8, v8, *s, out_dtype=torch.float32)
+    v_t = v.transpose(2, 3).contiguous().transpose(2, 3)
+    pairs = [(fp8_attention(q8, k8, v8_t, *s, out_dtype=torch.float32), by_rows), (fp8_attention(q, k, v_t, *s), fp8_attention(q, k, v, *s))]
+    for by_keys, rows in pairs:  # (on a GPU each layout autotunes on its own: the key tiles, hence P's codes, may differ)
+        assert torch.equal(by_keys, rows) if DEVICE.type == "cpu" else sqnr_db(rows, by_keys) > 30
+    assert sqnr_db(qattention(q, k, v, *s), by_rows) > 30
+
+
+def test_quantize_heads_gives_the_reference_codes_in_padded_rows():
+    """The codes are ``formats.quantize_fp8``'s (so the reference's); rows are padded with zeros to 16 bytes (D = 72,
+    77 keys), V's storage is (B, H, D, S); the result's shape and values are the heads'."""
+    x = torch.randn(2, 77, 3, 72).transpose(1, 2)  # (B, H, S, D) as models lay heads out
+    scale = torch.tensor(0.01)
+    for by_keys in (False, True):
+        y = quantize_heads(x, scale, keys_contiguous=by_keys)
+        assert y.dtype == FP8 and y.shape == x.shape and torch.equal(y.float(), quantize_fp8(x, scale).float())
+        row = y.stride(3) if by_keys else y.stride(2)
+        assert keys_contiguous(y) == by_keys and row % HEAD_ROW_BYTES == 0 and row == (80 if by_keys else 80)
+        storage = torch.as_strided(y, (2, 3, 72, 80) if by_keys else (2, 3, 77, 80), (y.stride(0), y.stride(1), row, 1))
+        assert torch.all(storage.float()[..., 77 if by_keys else 72:] == 0)
+    aligned = torch.randn(1, 2, 64, 64)
+    assert quantize_heads(aligned, scale).stride() == aligned.stride()  # nothing to pad: the layout is kept
+    assert quantize_heads(aligned, scale, keys_contiguous=True).stride() == (8192, 4096, 1, 64)
+
+
+@needs_kernels
 def test_bad_arguments_name_the_problem():
     q, k, v = _qkv(1, 2, 8, 8, 64)
     s = _scales(q, k, v)
@@ -125,6 +160,8 @@ def test_bad_arguments_name_the_problem():
         fp8_attention(q, k, v[:, :, :5], *s)
     with pytest.raises(ValueError, match="contiguous in its head dim"):
         fp8_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, *s)
+    with pytest.raises(ValueError, match=r"v must be contiguous in its head dim \(v: or in its keys\)"):
+        fp8_attention(q, k, torch.cat([v, v], -1)[..., ::2], *s)  # neither the head dim nor the keys contiguous
     with pytest.raises(TypeError, match="k_scale must be a one-element"):
         torch.ops.qdiff.fp8_attention(q, k, v, s[0], s[1].double(), s[2], 0.125, torch.float32)
     with pytest.raises(ValueError, match="no keys"):
