@@ -318,9 +318,12 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None):
     (:func:`.kernels.fp8_attention.quantize_heads`, fused by Inductor into one pass over the producer's output), V stored
     with its keys contiguous: once per tensor instead of once per query tile in the kernel, and the kernel's fp8
     ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2")."""
-    from .kernels.fp8_attention import fp8_attention, quantize_heads
+    from .kernels.fp8_attention import fp8_attention, qk_width, quantize_heads
 
     if attention_route(q, k, v) is not None:
         return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
-    q8, k8, v8 = quantize_heads(q, q_scale), quantize_heads(k, k_scale), quantize_heads(v, v_scale, keys_contiguous=True)
-    return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype=q.dtype)
+    d = q.shape[-1]
+    width = qk_width(d)  # (D = 40: q / k padded to 64 with zero columns, one Q K^T dot)
+    q8, k8 = quantize_heads(q, q_scale, width=width), quantize_heads(k, k_scale, width=width)
+    v8 = quantize_heads(v, v_scale, keys_contiguous=True)
+    return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, d ** -0.5 if sm_scale is None else sm_scale, out_dtype=q.dtype)

@@ -137,17 +137,22 @@ def cases(which: set[str]):
                                      "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_ob", "stride_oh", "stride_os")})
         aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh", "stride_qs",
                    "stride_ks", "stride_os"]
-        for d, x_fp8, v_t in ((72, False, False), (72, True, False), (72, True, True), (64, False, False), (128, False, False),
-                              (40, False, False), (40, True, True), (80, False, False), (160, False, False)):
-            d0, dq1, dv1 = fp8_attention.head_parts(d)
-            flags = dict(D=d, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=16, INTERPRET=False)
+        # (head dim of q / k, of v, fp8 inputs, V stored by keys): the v1 cases, and v2's as the lowering calls it
+        # (quantize_heads: fp8, V^T, q / k padded to qk_width: D = 40 -> 64), plus D = 72 with q / k padded to 128
+        for dk, dv, x_fp8, v_t in ((72, 72, False, False), (72, 72, True, False), (72, 72, True, True), (128, 72, True, True),
+                                   (64, 64, False, False), (128, 128, False, False), (40, 40, False, False), (64, 40, True, True),
+                                   (80, 80, False, False), (160, 160, False, False)):
+            dk0, dk1, _ = fp8_attention.head_parts(dk)
+            dv0, _, dv1 = fp8_attention.head_parts(dv)
+            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=16, INTERPRET=False)
             # V's unit stride specialized as a real launch specializes it (an integer argument equal to 1)
             flags.update({"stride_vs": 1} if v_t else {"stride_vd": 1})
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             # row strides (S dim) as the models lay heads out: H * D (q = to_q(x).view(B, S, H, D).transpose(1, 2)) or
             # 3 * H * D (a packed qkv), 16-divisible at 16 heads; the output's are H * D (new_output); transposed V
             # (B, H, D, S) rows of S keys (fp8_attention.quantize_heads pads them to 16)
-            yield f"attention D={d}{' fp8 in' if x_fp8 else ''}{', V^T' if v_t else ''}", fp8_attention.fp8_attention_kernel, s, flags, \
+            dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk})"
+            yield f"attention {dims}{' fp8 in' if x_fp8 else ''}{', V^T' if v_t else ''}", fp8_attention.fp8_attention_kernel, s, flags, \
                 fp8_attention.CONFIGS, aligned + ["stride_vd" if v_t else "stride_vs"]
 
 

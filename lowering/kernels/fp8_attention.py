@@ -15,7 +15,9 @@ Head dims that are not a power of two (DiT / PixArt: 72; SD 1.5: 40, 80, 160) ar
 two <= D) plus a masked second part, ``DQ1 = max(32, next_pow2(D - D0))`` wide in ``Q K^T`` (an fp8 dot needs K >= 32)
 and ``DV1 = max(16, next_pow2(D - D0))`` wide in ``P @ V`` (its N >= 16); see :func:`head_parts` and docs/kernels.md
 ("fp8 attention") for the FLOP counts against padding D to the next power of two. Supported: ``32 <= D <= 160`` with
-``D % 8 == 0``; power-of-two D runs one part.
+``D % 8 == 0``; power-of-two D runs one part. Q / K may have another head dim than V (``Dk``, ``Dv``): the
+lowering pads q / k with zero columns to a power of two where the split computes that width anyway (:func:`qk_width`:
+D = 40 -> 64, one ``Q K^T`` dot).
 
 V may be stored transposed, (B, H, D, S) with its keys contiguous (``V_T``, chosen from V's strides: a
 ``v_t.transpose(-1, -2)`` view): the fp8 ``P @ V`` dot then takes V from shared memory as loaded, where row-major V is
@@ -81,17 +83,16 @@ def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: 
 
 @triton.jit
 def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
-                 D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr,
-                 MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+                 X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
     ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
-    d0 = tl.arange(0, D0)
-    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, d0, 1, SK, D, MASKED, False), k_inv, X_FP8, INTERPRET)
+    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, False), k_inv, X_FP8, INTERPRET)
     s = tl.dot(q0, tl.trans(k0))
-    if DQ1 > 0:  # second head-dim part of Q K^T: columns [D0, D0 + DQ1), those past D load as 0
-        dq1 = D0 + tl.arange(0, DQ1)
-        k1 = _quantize_tile(_load_tile(k_base, rn, stride_ks, dq1, 1, SK, D, MASKED, True), k_inv, X_FP8, INTERPRET)
+    if DK1 > 0:  # second head-dim part of Q K^T: columns [DK0, DK0 + DK1), those past DK load as 0
+        dk1 = DK0 + tl.arange(0, DK1)
+        k1 = _quantize_tile(_load_tile(k_base, rn, stride_ks, dk1, 1, SK, DK, MASKED, True), k_inv, X_FP8, INTERPRET)
         s = tl.dot(q1, tl.trans(k1), s)
     if MASKED:
         s = tl.where((rn < SK)[None, :], s, float("-inf"))
@@ -101,11 +102,11 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p8 = _quantize_probs(p, INTERPRET)
-    v0 = _quantize_tile(_load_tile(v_base, rn, stride_vs, d0, stride_vd, SK, D, MASKED, False), v_inv, X_FP8, INTERPRET)
+    v0 = _quantize_tile(_load_tile(v_base, rn, stride_vs, tl.arange(0, DV0), stride_vd, SK, DV, MASKED, False), v_inv, X_FP8, INTERPRET)
     acc0 = tl.dot(p8, v0, acc0 * alpha[:, None])
-    if DV1 > 0:  # second head-dim part of P V: output columns [D0, D0 + DV1)
-        dv1 = D0 + tl.arange(0, DV1)
-        v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, D, MASKED, True), v_inv, X_FP8, INTERPRET)
+    if DV1 > 0:  # second head-dim part of P V: output columns [DV0, DV0 + DV1)
+        dv1 = DV0 + tl.arange(0, DV1)
+        v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, DV, MASKED, True), v_inv, X_FP8, INTERPRET)
         acc1 = tl.dot(p8, v1, acc1 * alpha[:, None])
     return acc0, acc1, l_i, m_new
 
@@ -116,9 +117,12 @@ def fp8_attention_kernel(
     sm_scale, H, SQ, SK,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os,
-    D: tl.constexpr, D0: tl.constexpr, DQ1: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr, V_T: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    X_FP8: tl.constexpr, V_T: tl.constexpr, ROW_ALIGN: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    # Q / K head dim DK, V / output head dim DV (usually equal; quantize_heads may pad Q / K with zero columns to a
+    # power of two so that Q K^T is one dot). Parts: DK0 + DK1 and DV0 + DV1 (head_parts).
     # Row strides are multiples of ROW_ALIGN (the wrapper's check): vectorized loads / stores of the head-dim parts even
     # where Triton's own specialization (integer arguments divisible by 16) does not see it, e.g. contiguous D = 72.
     # V's unit stride is stride_vd (row-major heads) or stride_vs (V_T: stored (B, H, D, S), keys contiguous).
@@ -150,13 +154,12 @@ def fp8_attention_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm_l = rm % SQ  # rows past the end load valid (wrapped) rows; only the store is masked
-    d0 = tl.arange(0, D0)
-    q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, d0, 1, SQ, D, False, False), q_inv, X_FP8, INTERPRET)
-    if DQ1 > 0:
-        q1 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, D0 + tl.arange(0, DQ1), 1, SQ, D, False, True), q_inv, X_FP8, INTERPRET)
+    q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, tl.arange(0, DK0), 1, SQ, DK, False, False), q_inv, X_FP8, INTERPRET)
+    if DK1 > 0:
+        q1 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, DK0 + tl.arange(0, DK1), 1, SQ, DK, False, True), q_inv, X_FP8, INTERPRET)
     else:
         q1 = q0  # (unused)
-    acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, DV0), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, DV1 if DV1 > 0 else 16), dtype=tl.float32)  # (unused without a second part)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -164,18 +167,19 @@ def fp8_attention_kernel(
     full = (SK // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, D, D0, DQ1, DV1, X_FP8, False, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
     if full < SK:
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, D, D0, DQ1, DV1, X_FP8, True, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
 
     o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
     row_ok = (rm < SQ)[:, None]
-    tl.store(o_base + rm[:, None] * stride_os + d0[None, :], (acc0 * o_scale[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok)
+    dv0 = tl.arange(0, DV0)
+    tl.store(o_base + rm[:, None] * stride_os + dv0[None, :], (acc0 * o_scale[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok)
     if DV1 > 0:
-        dv1 = D0 + tl.arange(0, DV1)
+        dv1 = DV0 + tl.arange(0, DV1)
         tl.store(o_base + rm[:, None] * stride_os + dv1[None, :], (acc1 * o_scale[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=row_ok & (dv1 < D)[None, :])
+                 mask=row_ok & (dv1 < DV)[None, :])
 
 
 def head_parts(d: int) -> tuple[int, int, int]:
@@ -212,7 +216,7 @@ CONFIG_TABLE = [(128, 64, 3, 8), (128, 128, 2, 8), (128, 64, 2, 8), (64, 64, 3, 
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "D", "X_FP8", "V_T"]
+_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
 
 
@@ -226,13 +230,15 @@ def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype):
         if t.stride(-1) != 1 and not (name == "v" and keys_contiguous(t)):
             raise ValueError(f"{name} must be contiguous in its head dim{' (v: or in its keys)' if name == 'v' else ''}, got shape "
                              f"{tuple(t.shape)} strides {t.stride()}")
-    B, H, _, D = q.shape
-    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[3] != D or v.shape[3] != D or k.shape[2] != v.shape[2]:
-        raise ValueError(f"q (B, H, Sq, D), k and v (B, H, Sk, D) disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    try:
-        head_parts(D)
-    except ValueError as e:
-        raise ValueError(f"{e} (q shape {tuple(q.shape)})") from None
+    B, H, _, DK = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[3] != DK or k.shape[2] != v.shape[2]:
+        raise ValueError(f"q (B, H, Sq, Dk), k (B, H, Sk, Dk) and v (B, H, Sk, Dv) disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    for name, t in (("q", q), ("v", v)):
+        try:
+            head_parts(t.shape[3])
+        except ValueError as e:
+            raise ValueError(f"{e} ({name} shape {tuple(t.shape)})") from None
     if k.shape[2] == 0:
         raise ValueError(f"attention over no keys (k shape {tuple(k.shape)})")
     for name, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
@@ -243,11 +249,11 @@ def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype):
     return x_fp8
 
 
-def new_output(q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The (B, H, Sq, D) output, stored (B, Sq, H, D): rows of H * D elements (16-divisible strides for the kernel's
-    stores), and the usual ``out.transpose(1, 2).reshape(B, Sq, H * D)`` after attention is a view, no copy."""
-    B, H, SQ, D = q.shape
-    return torch.empty((B, SQ, H, D), device=q.device, dtype=out_dtype).transpose(1, 2)
+def new_output(q: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The (B, H, Sq, Dv) output, stored (B, Sq, H, Dv): rows of H * Dv elements (16-divisible strides for the kernel's
+    stores), and the usual ``out.transpose(1, 2).reshape(B, Sq, H * Dv)`` after attention is a view, no copy."""
+    B, H, SQ, _ = q.shape
+    return torch.empty((B, SQ, H, v.shape[3]), device=q.device, dtype=out_dtype).transpose(1, 2)
 
 
 def keys_contiguous(v: torch.Tensor) -> bool:
@@ -268,15 +274,22 @@ def row_align(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 HEAD_ROW_BYTES = 16  # quantize_heads pads the rows of its fp8 heads to a multiple of this: 16-byte loads (cp.async)
 
 
-def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool = False) -> torch.Tensor:
+def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool = False, width: int | None = None) -> torch.Tensor:
     """(B, H, S, D) float heads -> float8_e4m3fn codes with the static per-tensor ``scale`` (the arithmetic of
     :func:`..formats.quantize_fp8`, so the codes equal :func:`..reference.qattention`'s), as plain aten ops: under
     Inductor they fuse into one pass over the producer's output. The result is a (B, H, S, D) view whose storage rows
     are padded with zeros to a multiple of 16 bytes (D = 72 / 40 heads; Sk = 77 / 120 key rows), and with
     ``keys_contiguous`` stored (B, H, D, S): V as the kernel's ``P @ V`` reads it without a transpose (:func:`keys_contiguous`).
+    ``width`` (q / k only): pad the head dim with zero columns to ``width`` and return (B, H, S, width): the same
+    scores (the zeros add nothing to ``q k^T``), one ``Q K^T`` dot where ``width`` is a power of two (:func:`qk_width`).
     """
-    from ..formats import quantize_fp8 as quantize_tensor
+    from ..formats import quantize_fp8 as quantize_tensor_fp8
 
+    if width is not None and width != x.shape[-1]:
+        if keys_contiguous or width < x.shape[-1]:
+            raise ValueError(f"quantize_heads: width pads q / k (row-major) to at least their head dim, got width {width} for "
+                             f"shape {tuple(x.shape)}{' with keys_contiguous' if keys_contiguous else ''}")
+        return quantize_tensor_fp8(torch.nn.functional.pad(x, (0, width - x.shape[-1])), scale.float())
     t = x.transpose(-1, -2) if keys_contiguous else x
     n = t.shape[-1]
     pad = -n % HEAD_ROW_BYTES
@@ -284,21 +297,31 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
         t = torch.nn.functional.pad(t, (0, pad))
     elif keys_contiguous:
         t = t.contiguous()
-    codes = quantize_tensor(t, scale.float())
+    codes = quantize_tensor_fp8(t, scale.float())
     if pad:
         codes = codes[..., :n]
     return codes.transpose(-1, -2) if keys_contiguous else codes
 
 
+def qk_width(d: int) -> int:
+    """The head dim :func:`quantize_heads` pads q / k to for head dim ``d``: the next power of two where the split
+    ``Q K^T`` (:func:`head_parts`) computes that width anyway (D = 40 / 48 / 56 -> 64, 112 -> 128: one dot instead of two,
+    the same FLOPs, no masked loads), else ``d`` (72 / 80 / 160 stay split: padding to 128 / 256 would add dot FLOPs;
+    ``examples/attention_bench.py`` times both)."""
+    d0, dk1, _ = head_parts(d)
+    return d0 + dk1 if dk1 and (d0 + dk1) & (d0 + dk1 - 1) == 0 else d
+
+
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, wrap=wrap_triton) -> torch.Tensor:
     """Check, allocate the (B, H, Sq, D) output and launch."""
     x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype)
-    B, H, SQ, D = q.shape
-    SK = k.shape[2]
-    out = new_output(q, out_dtype)
+    B, H, SQ, DK = q.shape
+    SK, DV = v.shape[2], v.shape[3]
+    out = new_output(q, v, out_dtype)
     if out.numel() == 0:
         return out
-    d0, dq1, dv1 = head_parts(D)
+    dk0, dk1, _ = head_parts(DK)
+    dv0, _, dv1 = head_parts(DV)
 
     def grid(meta):
         return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
@@ -308,7 +331,8 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
         sm_scale, H, SQ, SK,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        D=D, D0=d0, DQ1=dq1, DV1=dv1, X_FP8=x_fp8, V_T=keys_contiguous(v), ROW_ALIGN=row_align(q, k, v, out), INTERPRET=INTERPRET,
+        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=keys_contiguous(v), ROW_ALIGN=row_align(q, k, v, out),
+        INTERPRET=INTERPRET,
     )
     return out
 
@@ -316,14 +340,14 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
 @triton_op("qdiff::fp8_attention", mutates_args=())
 def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
                      v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """Non-causal attention of (B, H, S, D) q / k / v (float, quantized in registers with the static scales, or
-    float8_e4m3fn already quantized with them) through fp8 dots; (B, H, Sq, D) output of ``out_dtype``."""
+    """Non-causal attention of (B, H, S, Dk) q / k and (B, H, Sk, Dv) v (float, quantized in registers with the static
+    scales, or float8_e4m3fn already quantized with them) through fp8 dots; (B, H, Sq, Dv) output of ``out_dtype``."""
     return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype)
 
 
 @fp8_attention_op.register_fake
 def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype):
-    return new_output(q, out_dtype)
+    return new_output(q, v, out_dtype)
 
 
 def _scalar(s: torch.Tensor) -> torch.Tensor:
@@ -332,9 +356,10 @@ def _scalar(s: torch.Tensor) -> torch.Tensor:
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
                   sm_scale: float | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(D)``) with q, k, v quantized to
-    e4m3 with the static per-tensor scales (one-element tensors). q, k, v: (B, H, S, D), fp16 / bf16 / fp32 (quantized
-    in the kernel) or float8_e4m3fn (already quantized). Output (B, H, Sq, D) in ``out_dtype`` (default: q's dtype,
+    """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(Dk)``) with q, k, v quantized to
+    e4m3 with the static per-tensor scales (one-element tensors). q, k: (B, H, S, Dk), v: (B, H, Sk, Dv) (Dk != Dv: e.g.
+    q / k padded with zero columns, :func:`quantize_heads`), fp16 / bf16 / fp32 (quantized in the kernel) or
+    float8_e4m3fn (already quantized). Output (B, H, Sq, Dv) in ``out_dtype`` (default: q's dtype,
     bf16 for fp8 inputs). Eager calls launch directly (:func:`._common.eager_call`); traced ones call
     ``torch.ops.qdiff.fp8_attention``."""
     if sm_scale is None:

@@ -1,6 +1,8 @@
 """The Triton lowering's attention call: ``qdiff::fp8_attention`` where it can, the reference elsewhere; a tiny DiT
 compiled with ``w8a8-fp8-attn`` under the Triton lowering matches the reference lowering."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -35,6 +37,21 @@ def test_qattention_takes_the_kernel_and_matches_the_reference(monkeypatch):
     assert "head dim 16" in triton_lowering.attention_route(*narrow)
     triton_lowering.qattention(*narrow, *_scales(q, k, v))
     assert calls == [1]  # unsupported shapes run the reference
+
+
+def test_qattention_pads_queries_and_keys_of_head_dim_40(monkeypatch):
+    """SD 1.5's D = 40 heads: the lowering quantizes q / k into 64 columns (the split's Q K^T width: one dot) and v
+    stored by keys, and keeps the default softmax scale of D = 40."""
+    module = importlib.import_module("qcompile.lowering.kernels.fp8_attention")  # (the package re-exports the function)
+
+    q, k, v = (randn(1, 2, 24, 40) for _ in range(3))
+    seen = []
+    real = module.fp8_attention
+    monkeypatch.setattr(module, "fp8_attention", lambda *a, **kw: seen.append((a[0].shape[-1], module.keys_contiguous(a[2]))) or real(*a, **kw))
+    out = triton_lowering.qattention(q, k, v, *_scales(q, k, v))
+    assert seen == [(64, True)] and out.shape == v.shape
+    ref = reference.qattention(q, k, v, *_scales(q, k, v))
+    assert sqnr_db(ref, out) > (60 if q.device.type == "cpu" else 40)
 
 
 def test_triton_lowering_runs_fp8_attention_in_the_model(monkeypatch):

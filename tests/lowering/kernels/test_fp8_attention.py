@@ -13,7 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.lowering.formats import quantize_fp8
-from qcompile.lowering.kernels.fp8_attention import HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous, quantize_heads
+from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous, qk_width,
+                                                      quantize_heads)
 from qcompile.lowering.reference import qattention
 from qcompile.metrics import sqnr_db
 
@@ -127,6 +128,44 @@ def test_values_stored_by_keys_give_the_same_result(sk, d):
     for by_keys, rows in pairs:  # (on a GPU each layout autotunes on its own: the key tiles, hence P's codes, may differ)
         assert torch.equal(by_keys, rows) if DEVICE.type == "cpu" else sqnr_db(rows, by_keys) > 30
     assert sqnr_db(qattention(q, k, v, *s), by_rows) > 30
+
+
+@needs_kernels
+@pytest.mark.parametrize("d,width", [(40, 64), (72, 128)])
+def test_queries_and_keys_padded_with_zero_columns_give_the_same_attention(d, width):
+    """q / k padded to a power-of-two head dim (one ``Q K^T`` dot instead of the 32 + 32 / 64 + 32 split) attend as the
+    unpadded ones; v keeps its head dim, and so does the output. ``sm_scale`` is the unpadded head dim's."""
+    q, k, v = _qkv(1, 2, 37, 45, d)
+    s = _scales(q, k, v)
+    qp, kp = quantize_heads(q, s[0], width=width), quantize_heads(k, s[1], width=width)
+    assert qp.shape[-1] == width and torch.all(qp[..., d:].float() == 0)
+    v8 = quantize_heads(v, s[2], keys_contiguous=True)
+    padded = fp8_attention(qp, kp, v8, *s, sm_scale=d ** -0.5, out_dtype=torch.float32)
+    split = fp8_attention(quantize_heads(q, s[0]), quantize_heads(k, s[1]), v8, *s, out_dtype=torch.float32)
+    assert padded.shape == v.shape[:2] + (37, d) and sqnr_db(split, padded) > ONE_TILE_DB  # (fp32 sums in another order)
+
+
+@needs_kernels
+def test_value_head_dim_may_differ_from_the_query_key_head_dim():
+    """q / k of head dim 64 and v of 40 (as SDPA allows): the reference's arithmetic, output (B, H, Sq, 40)."""
+    q, k, _ = _qkv(2, 2, 20, 29, 64)
+    v = randn(2, 2, 29, 40, scale=2.0)
+    s = _scales(q, k, v)
+    out = fp8_attention(q, k, v, *s, sm_scale=0.1)
+    assert out.shape == (2, 2, 20, 40) and out.transpose(1, 2).is_contiguous()
+    assert sqnr_db(qattention(q, k, v, *s, sm_scale=0.1), out) > ONE_TILE_DB
+
+
+def test_qk_width_pads_only_where_the_split_computes_the_power_of_two_anyway():
+    assert {d: qk_width(d) for d in (32, 40, 48, 64, 72, 80, 112, 128, 160)} == \
+        {32: 32, 40: 64, 48: 64, 64: 64, 72: 72, 80: 80, 112: 128, 128: 128, 160: 160}
+    for d in (40, 112):
+        assert dot_widths(d)[0] == qk_width(d)  # no more Q K^T FLOPs than the split
+    x = torch.randn(1, 2, 8, 40)
+    with pytest.raises(ValueError, match="width pads q / k"):
+        quantize_heads(x, torch.tensor(0.1), width=32)
+    with pytest.raises(ValueError, match="keys_contiguous"):
+        quantize_heads(x, torch.tensor(0.1), keys_contiguous=True, width=64)
 
 
 def test_quantize_heads_gives_the_reference_codes_in_padded_rows():
