@@ -11,11 +11,17 @@ After :mod:`.convert` and :mod:`.fuse_epilogue`, each fp8 x fp8 linear is a call
    GEMM, which Inductor fuses into the kernel it generates for the producer (LayerNorm + modulate, SiLU,
    a layout copy); the GEMM reads 1-byte A tiles;
 3. **prologue** (``x_quant="prologue"``): inside the GEMM, when the producer is an extern kernel
-   (attention, another GEMM or conv, a graph input): a separate quantize kernel would cost a full extra
-   read and write of the activation.
+   (attention, another GEMM or conv, a graph input) and the GEMM is narrow: a separate quantize kernel would cost
+   a full extra read and write of the activation. A large, wide GEMM (``N >= pass_min_n``, default
+   :data:`PASS_MIN_N`, and at least :data:`PASS_MIN_M` input rows) quantizes each input tile in its prologue once
+   per 128-column output tile, so there the
+   input gets a separate quantize pass (Inductor-generated, mode 2) and the GEMM reads fp8: at DiT's attention
+   output (8192 x 1152 x 1152, 9 output tiles) the prologue route took 49.4 us against 26.3 us for the fp8-input
+   route, and the pass moves 28 MB (~7 us) (docs/kernels.md, "GEMM level at DiT shapes").
 
 ``QDIFF_FP8_ACT_QUANT`` = ``auto`` (default, the rules above), ``producer`` (1 and 2 for all), ``prologue``
-(3 for all: the v1 behaviour) selects the policy for A/B measurements.
+(3 for all: the v1 behaviour) selects the policy for A/B measurements; ``QDIFF_FP8_PASS_MIN_N`` (an integer, or
+``off``: the placement before 2026-12-02) the width from which ``auto`` adds the pass after an extern kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import torch
 import torch.fx as fx
 
 POLICIES = ("auto", "producer", "prologue")
+PASS_MIN_N = 1024  # auto: a separate quantize pass after an extern producer for GEMMs at least this wide
+PASS_MIN_M = 4096  # and with at least this many input rows (smaller GEMMs: the pass's launch is not paid back)
+PASS_MIN_N_ENV = "QDIFF_FP8_PASS_MIN_N"
 _VIEW_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "unsqueeze", "squeeze", "unflatten"}
 _VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unsqueeze, torch.squeeze}
 # producers Inductor does not generate (extern kernels): quantizing after them would be a separate pass
@@ -39,6 +48,30 @@ def policy_from_env() -> str:
     if p not in POLICIES:
         raise ValueError(f"QDIFF_FP8_ACT_QUANT must be one of {', '.join(POLICIES)}, got {p!r}")
     return p
+
+
+def pass_min_n_from_env() -> int | None:
+    """``QDIFF_FP8_PASS_MIN_N``: an integer, ``off`` (None: never a separate pass after an extern producer), or
+    unset (:data:`PASS_MIN_N`)."""
+    value = os.environ.get(PASS_MIN_N_ENV, str(PASS_MIN_N))
+    if value == "off":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{PASS_MIN_N_ENV} must be an integer or 'off', got {value!r}") from None
+
+
+def _wide_and_large(node: fx.Node, min_n: int | None) -> bool:
+    """Whether the GEMM ``node`` has at least ``min_n`` output features and :data:`PASS_MIN_M` input rows (its input's
+    example value; unknown shapes: no)."""
+    shape = node.kwargs.get("weight_shape")
+    val = node.args[0].meta.get("example_value", node.args[0].meta.get("val")) if isinstance(node.args[0], fx.Node) else None
+    if min_n is None or not shape or not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return False
+    if not all(isinstance(d, int) for d in val.shape) or val.shape[-1] == 0:  # (symbolic sizes: no guard added here)
+        return False
+    return int(shape[0]) >= min_n and val.numel() // val.shape[-1] >= PASS_MIN_M
 
 
 def _is_fp8_call(node: fx.Node, targets: set) -> bool:
@@ -98,9 +131,12 @@ def bypass_identity_dropouts(gm: fx.GraphModule, targets: set) -> int:
 
 
 def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, extra_fns: tuple = (),
-                    policy: str | None = None) -> tuple[fx.GraphModule, Counter]:
-    """Mark every fp8 linear call of ``gm`` with where its input is quantized; returns the graph and counts."""
+                    policy: str | None = None, pass_min_n: int | None | str = "env") -> tuple[fx.GraphModule, Counter]:
+    """Mark every fp8 linear call of ``gm`` with where its input is quantized; returns the graph and counts
+    (``producer_pass``: calls after an extern producer given a separate quantize pass, counted in ``producer`` too).
+    ``pass_min_n``: see the module docstring (``"env"``: ``QDIFF_FP8_PASS_MIN_N``; None: never)."""
     policy = policy or policy_from_env()
+    pass_min_n = pass_min_n_from_env() if pass_min_n == "env" else pass_min_n
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     targets = {linear, fused}
@@ -130,8 +166,12 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
     for n in calls:
         if n in chained:
             continue
+        wide = _wide_and_large(n, pass_min_n)
         if policy == "producer" or (policy == "auto" and generated_producer(n.args[0], lowering_fns)):
             mode = "producer"
+        elif policy == "auto" and wide:
+            mode = "producer"
+            counts["producer_pass"] += 1
         else:
             mode = "prologue"
         n.kwargs = {**n.kwargs, "x_quant": mode}
@@ -142,4 +182,5 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
     return gm, counts
 
 
-__all__ = ["POLICIES", "bypass_identity_dropouts", "generated_producer", "place_act_quant", "policy_from_env"]
+__all__ = ["PASS_MIN_M", "PASS_MIN_N", "POLICIES", "bypass_identity_dropouts", "generated_producer", "pass_min_n_from_env", "place_act_quant",
+           "policy_from_env"]

@@ -105,6 +105,7 @@ class QuantizedGraph:
     calls: int = 0  # how often Dynamo ran this graph (the decorator checks that no denoiser call bypassed the plan)
     released: dict[str, int] = field(default_factory=dict)  # float weights this compile released: name -> bytes freed
     fused_siblings: int = 0  # fused calls made of quantized linears reading the same input (passes.fuse_siblings)
+    act_quant: dict[str, int] = field(default_factory=dict)  # where fp8 GEMM inputs are quantized (passes.act_quant counts)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -249,13 +250,15 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
     fused = siblings = 0
+    placed: dict[str, int] = {}
     if lowering.linear_fused is not None:
         if siblings_enabled():
             converted, siblings = fuse_siblings(converted, lowering.linear)
             log_graph("fuse_siblings", converted)
         converted, fused = fuse_epilogues(converted, lowering.linear, lowering.linear_fused)
         log_graph("fuse_epilogues", converted)
-        converted, _ = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,))
+        converted, counts = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,))
+        placed = dict(counts)
         log_graph("place_act_quant", converted)
     released = check_released_unread(converted, example_inputs)  # inputs released by an earlier compile: never read
     freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()
@@ -282,6 +285,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
             runner = dropping_inputs(runner, drop, len(example_inputs))
     freed = release({name: example_inputs[i] for i, name in freeing.release.items()})
     warn_kept(opts.plan, freeing.kept)
-    record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings)
+    record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings,
+                            act_quant=placed)
     opts.plan.compiled.append(record)
     return record

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -147,11 +148,17 @@ CUDAGRAPHS = "-cudagraphs"  # suffix: the same variant compiled with mode="reduc
 LATENCY_GUARD = "-guard"
 # suffix (before -cudagraphs): the row's process runs fp8 convs on the direct engine (QDIFF_CONV_ENGINE=direct)
 CONV_DIRECT = "-direct"
+# suffix (before -cudagraphs): the row's process quantizes the inputs of fp8 GEMMs after extern kernels in the GEMM's
+# prologue at every width (QDIFF_FP8_PASS_MIN_N=off: the placement before 2026-12-02), the A/B of passes/act_quant's rule
+EXTERN_PROLOGUE = "-extern-prologue"
+# the environment each row-process suffix sets (row_environment); measure() strips them
+ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
             + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS)  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8
-            + ("qdiff-w8a8-fp8" + CONV_DIRECT, "qdiff-w8a8-fp8" + CONV_DIRECT + CUDAGRAPHS))
+            + ("qdiff-w8a8-fp8" + CONV_DIRECT, "qdiff-w8a8-fp8" + CONV_DIRECT + CUDAGRAPHS)
+            + ("qdiff-w8a8-fp8" + EXTERN_PROLOGUE, "qdiff-w8a8-fp8" + EXTERN_PROLOGUE + CUDAGRAPHS))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_INDUCTOR_CONFIG = "Inductor defaults (set_inductor_config=False: no coordinate-descent tuning, as in every other row)"
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
@@ -350,7 +357,8 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         from .calibrate import calibrate
         from .config import QuantConfig
 
-        variant = variant.removesuffix(CONV_DIRECT)  # (the row's environment selects the engine: row_environment)
+        for suffix in ROW_ENV_SUFFIXES:  # (the row's environment carries these: row_environment)
+            variant = variant.removesuffix(suffix)
         guard = variant.endswith(LATENCY_GUARD)
         cfg = QuantConfig.preset(variant.removeprefix("qdiff-").removesuffix(LATENCY_GUARD))
 
@@ -418,6 +426,7 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
         plan = row.extra.pop("qdiff_plan", None)
         if plan is not None:
             row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
+            row.extra["act_quant"] = dict(sum((Counter(r.act_quant) for r in plan.compiled), Counter()))
             row.extra["released_float_gb"] = sum(sum(r.released.values()) for r in plan.compiled) / 2**30
         row.extra["resident_weight_gb"] = _resident_weight_bytes(model, plan) / 2**30
         if dev.type == "cuda":  # the peak of the first call (compile included); the row's peak is the timed steps'
@@ -569,11 +578,12 @@ def _triton_version() -> str | None:
 
 
 def row_environment(variant: str) -> dict[str, str]:
-    """Kernel switches a variant sets in its row's process (``-direct``: ``QDIFF_CONV_ENGINE=direct``); the
-    Inductor pass's uuid includes them, so cached kernels of another engine are not reused."""
-    from .lowering.conv_im2col import ENGINE_ENV
-
-    return {ENGINE_ENV: "direct"} if variant.removesuffix(CUDAGRAPHS).endswith(CONV_DIRECT) else {}
+    """Kernel switches a variant sets in its row's process (:data:`ROW_ENV_SUFFIXES`: ``-direct``:
+    ``QDIFF_CONV_ENGINE=direct``; ``-extern-prologue``: ``QDIFF_FP8_PASS_MIN_N=off``); the Inductor pass's uuid
+    includes the conv engine, and the act-quant placement changes the graph itself, so cached kernels of another
+    setting are not reused."""
+    base = variant.removesuffix(CUDAGRAPHS)
+    return dict(env for suffix, env in ROW_ENV_SUFFIXES.items() if base.endswith(suffix))
 
 
 COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"  # Inductor's compile worker processes per row

@@ -398,3 +398,20 @@ def test_direct_conv_rows_run_with_the_engine_switch_in_their_process(tiny, monk
     monkeypatch.setenv("QDIFF_CONV_ENGINE", "direct")
     row = bench.measure(tiny, "qdiff-w8a8-fp8-direct", "cpu", budget_s=0.05)
     assert row.status == "ok" and row.quantized_ops == "2/2 ops" and row.extra["kernel_switches"] == {"QDIFF_CONV_ENGINE": "direct"}
+
+
+def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, monkeypatch):
+    """``qdiff-w8a8-fp8-extern-prologue`` is w8a8-fp8 with ``QDIFF_FP8_PASS_MIN_N=off`` (the act-quant placement
+    before the separate pass after extern kernels): the A/B row of passes/act_quant's rule. The suffixes' variables
+    are the ones the code reads."""
+    from qcompile.lowering.conv_im2col import ENGINE_ENV
+    from qcompile.passes.act_quant import PASS_MIN_N_ENV
+
+    assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV}
+    assert bench.row_environment("qdiff-w8a8-fp8-extern-prologue-cudagraphs") == {PASS_MIN_N_ENV: "off"}
+    monkeypatch.delenv(PASS_MIN_N_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="QDIFF_FP8_PASS_MIN_N=off"):
+        bench.measure(tiny, "qdiff-w8a8-fp8-extern-prologue", "cpu", budget_s=0.05)
+    monkeypatch.setenv(PASS_MIN_N_ENV, "off")
+    row = bench.measure(tiny, "qdiff-w8a8-fp8-extern-prologue", "cpu", budget_s=0.05)
+    assert row.status == "ok" and row.extra["kernel_switches"] == {PASS_MIN_N_ENV: "off"}

@@ -78,6 +78,36 @@ def test_fixed_policies(policy, expected):
     assert sqnr_db(before[0], gm(*inputs)[0]) > 30
 
 
+def _extern_then_linear(rows: int, n: int) -> torch.fx.GraphModule:
+    """x -> matmul (an extern producer) -> an fp8 linear with ``n`` output features over ``rows`` input rows."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["example_value"] = torch.empty(rows, 64)
+    a = g.call_function(torch.matmul, (x, x))
+    a.meta["example_value"] = torch.empty(rows, 64)
+    lin = g.call_function(TRITON.linear, (a, None, None, None, None, None),
+                          {"wfmt": "fp8_e4m3", "afmt": "fp8_e4m3", "weight_shape": (n, 64), "group_size": None})
+    g.output(lin)
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+@pytest.mark.parametrize("rows,n,env,mode", [(8192, 1152, None, "producer"), (8192, 320, None, "prologue"),
+                                             (512, 1280, None, "prologue"), (8192, 1152, "off", "prologue"),
+                                             (8192, 320, "256", "producer")])
+def test_wide_gemms_after_extern_kernels_get_a_quantize_pass(rows, n, env, mode, monkeypatch):
+    """After an extern producer (attention, matmul), a GEMM of at least PASS_MIN_N outputs and PASS_MIN_M rows reads
+    fp8 written by a separate (Inductor-generated) quantize pass: its prologue would requantize each input tile once
+    per output tile (DiT's attention output: 9 times). ``QDIFF_FP8_PASS_MIN_N`` moves the width (``off``: never)."""
+    if env is not None:
+        monkeypatch.setenv("QDIFF_FP8_PASS_MIN_N", env)
+    gm, counts = place_act_quant(_extern_then_linear(rows, n), TRITON.linear, TRITON.linear_fused, policy="auto")
+    (lin,) = _calls(gm)
+    assert lin.kwargs["x_quant"] == mode and counts["producer_pass"] == (mode == "producer")
+    monkeypatch.setenv("QDIFF_FP8_PASS_MIN_N", "wide")
+    with pytest.raises(ValueError, match="QDIFF_FP8_PASS_MIN_N must be an integer or 'off'"):
+        place_act_quant(_extern_then_linear(rows, n), TRITON.linear, TRITON.linear_fused, policy="auto")
+
+
 def test_only_identity_dropouts_are_removed():
     g = torch.fx.Graph()
     x = g.placeholder("x")
