@@ -881,9 +881,6 @@ def _row_main(argv: list[str]) -> int:
             row = Row(a.row[0], a.row[1], status="error", error=exception_summary(e), date=datetime.date.today().isoformat())
     Path(a.row_out).write_text(json.dumps(asdict(row)))
     if stacks is not None:
-        import faulthandler
-
-        faulthandler.cancel_dump_traceback_later()
         stacks.close()
     return 0 if row.status == "ok" else 1
 
@@ -891,20 +888,52 @@ def _row_main(argv: list[str]) -> int:
 STACKS_ENV = "QDIFF_BENCH_STACKS"  # "DIR" or "DIR:SECONDS": each row writes its Python stacks there periodically
 
 
-def _dump_stacks_periodically(model: str, variant: str) -> Any:
+class StackSampler:
+    """Writes every thread's Python stack to ``path`` every ``every_s`` seconds from a daemon thread, through
+    ``sys._current_frames()`` under the GIL. (``faulthandler.dump_traceback_later`` walks other threads' frames without
+    the GIL: on 2026-12-02 it killed busy rows with SIGSEGV, in CI and here, at a 0.2 s period.)"""
+
+    def __init__(self, path: Path, every_s: float):
+        self._file = open(path, "w")  # noqa: SIM115 (closed by close())
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="qdiff-bench-stacks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import traceback
+
+        n = 0
+        while not self._stop.wait(self._every_s):
+            n += 1
+            names = {t.ident: t.name for t in threading.enumerate()}
+            lines = [f"--- stacks {n}, {time.monotonic() - self._t0:.1f} s into the row ---\n"]
+            for ident, frame in sys._current_frames().items():
+                if ident != threading.get_ident():
+                    lines.append(f"Thread {names.get(ident, '?')} ({ident}), most recent call last:\n")
+                    lines.extend(traceback.format_stack(frame))
+            self._file.write("".join(lines))
+            self._file.flush()
+
+    def close(self) -> None:
+        """Stop sampling (waits for a sample being written) and close the file."""
+        self._stop.set()
+        self._thread.join()
+        self._file.close()
+
+
+def _dump_stacks_periodically(model: str, variant: str) -> StackSampler | None:
     """With ``QDIFF_BENCH_STACKS=DIR[:SECONDS]`` set, this row writes every thread's Python stack to
-    ``DIR/stacks-MODEL-VARIANT.txt`` every SECONDS (default 30) of its own running time (a paused row writes none): where
-    a slow row spends its time. This found torchao's coordinate-descent tuning (2026-12-02). Returns the open file."""
+    ``DIR/stacks-MODEL-VARIANT.txt`` every SECONDS (default 30; a paused row writes none while paused): where a slow
+    row spends its time. This found torchao's coordinate-descent tuning (2026-12-02). A thread holding the GIL in a
+    long C call delays the next sample until it returns."""
     spec = os.environ.get(STACKS_ENV)
     if not spec:
         return None
-    import faulthandler
-
     folder, _, every = spec.partition(":")
     Path(folder).mkdir(parents=True, exist_ok=True)
-    f = open(Path(folder) / f"stacks-{model}-{variant}.txt", "w")  # noqa: SIM115 (closed by _row_main)
-    faulthandler.dump_traceback_later(float(every or 30), repeat=True, file=f)
-    return f
+    return StackSampler(Path(folder) / f"stacks-{model}-{variant}.txt", float(every or 30))
 
 
 def exception_summary(e: BaseException) -> str:
