@@ -14,7 +14,8 @@ kernel autotunes before the graph is captured). Heads are laid out as models pro
 D).transpose(1, 2)``); static scales are the inputs' max-abs / 448. SQNR (dB) of fp8 outputs against the bf16 SDPA
 output and against the pure-PyTorch reference ``qattention`` (the same quantized arithmetic: checks the kernel on the
 GPU). Random Gaussian inputs (scores ~ N(0, 1) after the 1 / sqrt(D) scale): the timing does not depend on the data.
-Prints a markdown table and writes JSON.
+Prints a markdown table and writes JSON (after every shape). A column that raises records its error in the row
+(``NAME_error``; "failed" in the table), the other columns still run, and the script exits 1 at the end.
 """
 
 from __future__ import annotations
@@ -68,11 +69,17 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
              "fp8_vt": lambda: fp8_attention(q8p, k8p, v8t, *s), "lowering_compiled": lambda: lowering(q, k, v)}
     if qk_pow2 is not None:
         calls["fp8_vt_qk_pow2"] = lambda: fp8_attention(*qk_pow2, v8t, *s, sm_scale=d ** -0.5)
-    outs = {name: call() for name, call in calls.items()}
-    times = {"sdpa_bf16_us": cuda_graph_timer(lambda: F.scaled_dot_product_attention(q, k, v)),
-             **{f"{name}_us": cuda_graph_timer(call) for name, call in calls.items()}}
+    row: dict = {"model": model, "shape": [b, h, sq, sk, d]}
+    outs, times = {}, {"sdpa_bf16_us": cuda_graph_timer(lambda: F.scaled_dot_product_attention(q, k, v))}
+    for name, call in calls.items():  # a column that fails says why in its row and the others still run (one GPU call)
+        try:
+            outs[name] = call()
+            times[f"{name}_us"] = cuda_graph_timer(call)
+        except Exception as e:  # noqa: BLE001 (recorded in the row and printed, not swallowed)
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            print(f"{model} {row['shape']} {name}: {row[name + '_error']}", file=sys.stderr, flush=True)
     flops = 4 * b * h * sq * sk * d  # Q K^T and P V, useful head dims
-    row = {"model": model, "shape": [b, h, sq, sk, d], **{key: round(t, 1) for key, t in times.items()}}
+    row.update({key: round(t, 1) for key, t in times.items()})
     for key, t in times.items():
         if key != "sdpa_bf16_us":
             row["speedup_" + key.removesuffix("_us")] = round(times["sdpa_bf16_us"] / t, 2)
@@ -88,13 +95,22 @@ COLUMNS = [("fp8", "bf16 in"), ("fp8_from_fp8", "fp8 in"), ("fp8_vt", "fp8 in, V
 
 def table(rows: list[dict]) -> str:
     head = " | ".join(f"fp8 {label} us (x SDPA)" for _, label in COLUMNS)
+
+    def cell(r: dict, key: str) -> str:
+        if key + "_us" in r:
+            return f"{r[key + '_us']} ({r['speedup_' + key]})"
+        return "failed" if key + "_error" in r else "-"
+
+    def value(r: dict, key: str) -> str:
+        return str(r.get(key, "-"))
+
     lines = [f"| model | B, H, Sq, Sk, D | SDPA bf16 us | {head} | TFLOP/s SDPA / lowering | SQNR vs bf16 dB (lowering) | "
              "SQNR vs qattention dB (bf16 in / lowering) |", "| --- | --- | --- |" + " --- |" * (len(COLUMNS) + 3)]
     for r in rows:
-        cells = " | ".join(f"{r[key + '_us']} ({r['speedup_' + key]})" if key + "_us" in r else "-" for key, _ in COLUMNS)
+        cells = " | ".join(cell(r, key) for key, _ in COLUMNS)
         lines.append(f"| {r['model']} | {', '.join(map(str, r['shape']))} | {r['sdpa_bf16_us']} | {cells} | "
-                     f"{r['sdpa_bf16_tflops']} / {r['lowering_compiled_tflops']} | {r['sqnr_lowering_compiled_vs_bf16_db']} | "
-                     f"{r['sqnr_fp8_vs_reference_db']} / {r['sqnr_lowering_compiled_vs_reference_db']} |")
+                     f"{r['sdpa_bf16_tflops']} / {value(r, 'lowering_compiled_tflops')} | {value(r, 'sqnr_lowering_compiled_vs_bf16_db')} | "
+                     f"{value(r, 'sqnr_fp8_vs_reference_db')} / {value(r, 'sqnr_lowering_compiled_vs_reference_db')} |")
     return "\n".join(lines)
 
 
@@ -109,20 +125,20 @@ def main() -> int:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     wanted = [w.strip().lower() for w in a.models.split(",") if w.strip()]
+    import triton
+
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "triton": triton.__version__, "command": " ".join(["python", *sys.argv])}
     rows = []
     for shape in SHAPES:
         if wanted and not any(w in shape[0].lower() for w in wanted):
             continue
         rows.append(bench_shape(*shape, dev))
         print(json.dumps(rows[-1]), flush=True)
-    import triton
-
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "triton": triton.__version__, "command": " ".join(["python", *sys.argv])}
-    with open(a.out, "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=1)
+        with open(a.out, "w") as f:  # after every shape: a run cut by a time limit keeps what it measured
+            json.dump({**meta, "rows": rows}, f, indent=1)
     print(table(rows))
-    return 0
+    return 1 if any(key.endswith("_error") for r in rows for key in r) else 0
 
 
 if __name__ == "__main__":
