@@ -62,11 +62,15 @@ def pass_min_n_from_env() -> int | None:
         raise ValueError(f"{PASS_MIN_N_ENV} must be an integer or 'off', got {value!r}") from None
 
 
+def _example_value(node) -> object:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
 def _wide_and_large(node: fx.Node, min_n: int | None) -> bool:
     """Whether the GEMM ``node`` has at least ``min_n`` output features and :data:`PASS_MIN_M` input rows (its input's
     example value; unknown shapes: no)."""
     shape = node.kwargs.get("weight_shape")
-    val = node.args[0].meta.get("example_value", node.args[0].meta.get("val")) if isinstance(node.args[0], fx.Node) else None
+    val = _example_value(node.args[0])
     if min_n is None or not shape or not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
     if not all(isinstance(d, int) for d in val.shape) or val.shape[-1] == 0:  # (symbolic sizes: no guard added here)
@@ -101,7 +105,7 @@ def generated_producer(node, lowering_fns: set) -> bool:
 
 
 def _float_dtype(node) -> torch.dtype | None:
-    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    val = _example_value(node)
     return val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else None
 
 
@@ -131,12 +135,12 @@ def bypass_identity_dropouts(gm: fx.GraphModule, targets: set) -> int:
 
 
 def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, extra_fns: tuple = (),
-                    policy: str | None = None, pass_min_n: int | None | str = "env") -> tuple[fx.GraphModule, Counter]:
+                    policy: str | None = None) -> tuple[fx.GraphModule, Counter]:
     """Mark every fp8 linear call of ``gm`` with where its input is quantized; returns the graph and counts
-    (``producer_pass``: calls after an extern producer given a separate quantize pass, counted in ``producer`` too).
-    ``pass_min_n``: see the module docstring (``"env"``: ``QDIFF_FP8_PASS_MIN_N``; None: never)."""
+    (``producer_pass``: calls after an extern producer given a separate quantize pass, counted in ``producer`` too;
+    the width from which that pass is added: ``QDIFF_FP8_PASS_MIN_N``, see the module docstring)."""
     policy = policy or policy_from_env()
-    pass_min_n = pass_min_n_from_env() if pass_min_n == "env" else pass_min_n
+    pass_min_n = pass_min_n_from_env()
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     targets = {linear, fused}
@@ -166,10 +170,9 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
     for n in calls:
         if n in chained:
             continue
-        wide = _wide_and_large(n, pass_min_n)
         if policy == "producer" or (policy == "auto" and generated_producer(n.args[0], lowering_fns)):
             mode = "producer"
-        elif policy == "auto" and wide:
+        elif policy == "auto" and _wide_and_large(n, pass_min_n):
             mode = "producer"
             counts["producer_pass"] += 1
         else:

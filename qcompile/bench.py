@@ -870,7 +870,7 @@ def _row_main(argv: list[str]) -> int:
     p.add_argument("--row-out", required=True)
     a = p.parse_args(argv)
     _die_with_parent()
-    stacks = _dump_stacks_periodically(a.row[0], a.row[1])
+    stacks = _sample_stacks(a.row[0], a.row[1])
     with _registered(os.environ.get(ROWS_ENV)):
         try:
             row = measure(a.row[0], a.row[1], a.device, a.budget_s)
@@ -923,7 +923,7 @@ class StackSampler:
         self._file.close()
 
 
-def _dump_stacks_periodically(model: str, variant: str) -> StackSampler | None:
+def _sample_stacks(model: str, variant: str) -> StackSampler | None:
     """With ``QDIFF_BENCH_STACKS=DIR[:SECONDS]`` set, this row writes every thread's Python stack to
     ``DIR/stacks-MODEL-VARIANT.txt`` every SECONDS (default 30; a paused row writes none while paused): where a slow
     row spends its time. This found torchao's coordinate-descent tuning (2026-12-02). A thread holding the GIL in a

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .. import formats
 from ._common import FLOAT_DTYPES, INTERPRET, autotuned, check_launchable, check_scalar, check_tensor, direct, eager_call, quantize_fp8
 
 FP8 = torch.float8_e4m3fn
@@ -283,23 +284,22 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
     ``width`` (q / k only): pad the head dim with zero columns to ``width`` and return (B, H, S, width): the same
     scores (the zeros add nothing to ``q k^T``), one ``Q K^T`` dot where ``width`` is a power of two (:func:`qk_width`).
     """
-    from ..formats import quantize_fp8 as quantize_tensor_fp8
-
-    if width is not None and width != x.shape[-1]:
-        if keys_contiguous or width < x.shape[-1]:
-            raise ValueError(f"quantize_heads: width pads q / k (row-major) to at least their head dim, got width {width} for "
-                             f"shape {tuple(x.shape)}{' with keys_contiguous' if keys_contiguous else ''}")
-        return quantize_tensor_fp8(torch.nn.functional.pad(x, (0, width - x.shape[-1])), scale.float())
     t = x.transpose(-1, -2) if keys_contiguous else x
     n = t.shape[-1]
-    pad = -n % HEAD_ROW_BYTES
-    if pad:  # a new, padded storage (F.pad writes it contiguous)
-        t = torch.nn.functional.pad(t, (0, pad))
+    if width is not None and width != n:  # zero columns that stay in the result
+        if keys_contiguous or width < n:
+            raise ValueError(f"quantize_heads: width pads q / k (row-major) to at least their head dim, got width {width} for "
+                             f"shape {tuple(x.shape)}{' with keys_contiguous' if keys_contiguous else ''}")
+        stored = kept = width
+    else:  # zero columns only in the storage rows
+        stored, kept = n + (-n % HEAD_ROW_BYTES), n
+    if stored != n:  # a new, padded storage (F.pad writes it contiguous)
+        t = torch.nn.functional.pad(t, (0, stored - n))
     elif keys_contiguous:
         t = t.contiguous()
-    codes = quantize_tensor_fp8(t, scale.float())
-    if pad:
-        codes = codes[..., :n]
+    codes = formats.quantize_fp8(t, scale.float())
+    if kept != stored:
+        codes = codes[..., :kept]
     return codes.transpose(-1, -2) if keys_contiguous else codes
 
 
