@@ -1,4 +1,4 @@
-"""Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills, byte stores.
+"""Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills, byte stores, MMA waits.
 
 ``python -m qcompile.lowering.kernels.aot_check [fp8|tma|int8|w4|conv|attention ...]`` (in a process without
 ``TRITON_INTERPRET``). The interpreter tests check the kernels' logic; this catches what only the
@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -32,10 +34,21 @@ GROUPS = ("fp8", "tma", "int8", "w4", "conv", "attention")  # the kernel familie
 I32 = "i32"
 
 
-def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, aligned: list[str]) -> tuple[int, str, int]:
-    """(shared memory bytes, cuobjdump resource line, byte-wise shared-memory stores in the PTX) of one kernel / config
-    for sm_90. Byte stores (``st.shared.b8``) are how Triton transposes an 8-bit tile in shared memory (e.g. fp8 V for
-    ``P @ V`` when V's head dim is contiguous): a cost a register count does not show."""
+class CompileReport(NamedTuple):
+    """What one kernel / config compiles to for sm_90. ``byte_stores``: byte-wise shared-memory stores in the PTX
+    (``st.shared.b8``: how Triton transposes an 8-bit tile in shared memory, e.g. fp8 V for ``P @ V`` when V's head dim
+    is contiguous), ``mma_waits``: ``wgmma.wait_group`` instructions in the whole kernel (each waits for the tensor
+    cores): costs a register count does not show."""
+
+    smem: int  # bytes
+    usage: str  # cuobjdump's "REG:n STACK:n"
+    byte_stores: int
+    mma_waits: int
+    ptx: str
+
+
+def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, aligned: list[str]) -> CompileReport:
+    """Compile one kernel / config for sm_90 (:class:`CompileReport`)."""
     consts = {**constexprs, **cfg.kwargs}
     full = {n: "constexpr" if n in consts else signature[n] for n in kernel.arg_names}
     div16 = set(aligned) | {n for n, t in full.items() if t.startswith("*")}
@@ -48,8 +61,11 @@ def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, a
         f.flush()
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     usage = next((line.strip() for line in out.splitlines() if "REG:" in line), "")
-    byte_stores = sum(line.lstrip().startswith(("st.shared.b8", "st.shared.u8", "st.shared.s8")) for line in compiled.asm["ptx"].splitlines())
-    return compiled.metadata.shared, " ".join(usage.split()[:2]), byte_stores
+    ptx = compiled.asm["ptx"]
+    lines = [line.lstrip() for line in ptx.splitlines()]
+    return CompileReport(compiled.metadata.shared, " ".join(usage.split()[:2]),
+                         sum(line.startswith(("st.shared.b8", "st.shared.u8", "st.shared.s8")) for line in lines),
+                         sum(line.startswith("wgmma.wait_group") for line in lines), ptx)
 
 
 def _linear_sig(**ptrs) -> dict:
@@ -161,24 +177,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qcompile.lowering.kernels.aot_check",
                                 description="Compile the kernels' autotune configs for sm_90 (no GPU needed); print smem and registers.")
     p.add_argument("groups", nargs="*", metavar="GROUP", help=f"kernel families to compile (default: all of {', '.join(GROUPS)})")
-    which = set(p.parse_args(argv).groups or GROUPS)
+    p.add_argument("--ptx-dir", type=Path, help="also write each config's PTX there (to read a kernel's main loop)")
+    a = p.parse_args(argv)
+    which = set(a.groups or GROUPS)
     if which - set(GROUPS):  # (argparse's choices reject the empty default of nargs="*" on Python < 3.12)
         p.error(f"unknown kernel group(s) {', '.join(sorted(which - set(GROUPS)))}: choose from {', '.join(GROUPS)}")
     if INTERPRET:
         print("aot_check compiles for the GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     failed = 0
-    print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack | smem byte stores (PTX) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    if a.ptx_dir:
+        a.ptx_dir.mkdir(parents=True, exist_ok=True)
+    print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack | smem byte stores (PTX) | wgmma waits (PTX) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, kernel, sig, flags, configs, aligned in cases(which):
         for cfg in configs:
             tile = "x".join(str(cfg.kwargs.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))  # (attention: M x N x -)
             try:
-                smem, usage, byte_stores = compile_one(kernel, sig, flags, cfg, aligned)
-                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {smem / 1024:.0f} | {usage} | {byte_stores} |", flush=True)
+                r = compile_one(kernel, sig, flags, cfg, aligned)
+                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {r.smem / 1024:.0f} | {r.usage} | {r.byte_stores} | "
+                      f"{r.mma_waits} |", flush=True)
+                if a.ptx_dir:
+                    stem = "".join(c if c.isalnum() else "_" for c in f"{name} {tile} s{cfg.num_stages} w{cfg.num_warps}")
+                    (a.ptx_dir / f"{stem}.ptx").write_text(r.ptx)
             except Exception as e:  # report every failing config, then exit non-zero
                 failed += 1
-                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
     return 1 if failed else 0
 
 
