@@ -657,8 +657,10 @@ def run_bench(
     on_row: Callable[[list[Row]], None] | None = None,
     progress: bool = True,
     jobs_per_gpu: int = 1,
+    pairs: list[tuple[str, str]] | None = None,
 ) -> list[Row]:
     """Measure every (model, variant), each row in its own subprocess; rows are spread over ``gpus`` GPUs of one host.
+    ``pairs``, when given, are the rows to run instead of ``models`` x ``variants``, in their order.
 
     A row's time limit is cut to what is left of ``total_s``; a row with less than a minute left is
     reported as ``skipped``. Models with a ``variants`` list get only those rows. ``on_row`` gets the rows so far after each one (to save partial results).
@@ -671,8 +673,10 @@ def run_bench(
 
     rows_dir = None if len(slots) == 1 else tempfile.mkdtemp(prefix="qdiff-bench-rows-")
     work: queue.Queue[tuple[str, str]] = queue.Queue()
-    pairs = [(m, v) for m in models for v in variants if MODELS[m].variants is None or v in MODELS[m].variants]
-    for pair in sorted(pairs, key=lambda p: variants.index(p[1])):  # variant-major: every model gets its baselines first
+    if pairs is None:
+        matrix = [(m, v) for m in models for v in variants if MODELS[m].variants is None or v in MODELS[m].variants]
+        pairs = sorted(matrix, key=lambda p: variants.index(p[1]))  # variant-major: every model gets its baselines first
+    for pair in pairs:
         work.put(pair)
     rows: list[Row] = []
     lock = threading.Lock()
@@ -829,11 +833,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="docs", help="folder for benchmarks.md / benchmarks.json (default: docs)")
     p.add_argument("--total-s", type=float, help="stop starting rows when a row could not finish before this many seconds (rows left are 'skipped')")
     p.add_argument("--merge", action="store_true", help="keep rows of other (model, variant) pairs already in benchmarks.json")
+    p.add_argument("--rows", nargs="+", metavar="MODEL:VARIANT", help="run just these rows, in this order (instead of --models x --variants)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark matrix and write the results."""
-    unknown = [m for m in args.models if m not in MODELS] + [v for v in args.variants if v not in VARIANTS]
+    pairs = None if args.rows is None else [tuple(r.split(":", 1)) for r in args.rows]
+    if pairs is not None and any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"qdiff bench: --rows takes MODEL:VARIANT items, got {args.rows}")
+    models = args.models if pairs is None else [m for m, _ in pairs]
+    variants = args.variants if pairs is None else [v for _, v in pairs]
+    unknown = [m for m in models if m not in MODELS] + [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"qdiff bench: unknown model/variant {unknown}; models: {', '.join(MODELS)}; variants: {', '.join(VARIANTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -844,7 +854,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         add_ratios(rows)
         write_results(rows, Path(args.out), command, args.merge)
 
-    rows = run_bench(args.models, args.variants, args.device, args.gpus, args.row_timeout, args.budget_s, args.total_s, on_row=save, jobs_per_gpu=args.jobs_per_gpu)
+    rows = run_bench(models, variants, args.device, args.gpus, args.row_timeout, args.budget_s, args.total_s, on_row=save,
+                     jobs_per_gpu=args.jobs_per_gpu, pairs=pairs)
     save(rows)
     print(markdown_table(rows))
     return 0 if all(r.status == "ok" for r in rows) else 1

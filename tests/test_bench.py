@@ -168,6 +168,26 @@ def test_cli_refuses_unknown_names_and_missing_gpu(capsys):
             main(["bench", "--models", "bundled-cifar10-dit"])
 
 
+def test_cli_rows_runs_just_the_named_pairs_in_order(monkeypatch, tmp_path):
+    from qcompile.cli import main
+
+    with pytest.raises(SystemExit, match="MODEL:VARIANT"):
+        main(["bench", "--rows", "dit-xl-2-512", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown model/variant"):
+        main(["bench", "--rows", "dit-xl-2-512:nope", "--device", "cpu", "--out", str(tmp_path)])
+    ran = []
+
+    def fake_row(model, variant, device, gpu, timeout_s, budget_s, rows_dir=None, compile_threads=None):
+        ran.append((model, variant))
+        return bench.Row(model, variant, status="ok", ms=1.0)
+
+    monkeypatch.setattr(bench, "_run_row_subprocess", fake_row)
+    rows = ["sd15-unet-512:torchao-fp8-dynamic", "bundled-cifar10-ddpm:qdiff-w8a8-int8", "sd15-unet-512:bf16-inductor"]
+    assert main(["bench", "--rows", *rows, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert ran == [tuple(r.split(":")) for r in rows]  # not the 2 x 3 product of their models and variants
+    assert {(r["model"], r["variant"]) for r in json.loads((tmp_path / "benchmarks.json").read_text())} == set(ran)
+
+
 def test_run_bench_parallel_rows_report_each_row(monkeypatch):
     rows = bench.run_bench(["dit-xl-2-512"], ["no-such-variant", "also-missing"], "cpu", gpus=2, timeout_s=120, budget_s=0.1, progress=False)
     assert [(r.variant, r.status) for r in rows] == [("no-such-variant", "error"), ("also-missing", "error")]
