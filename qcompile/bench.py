@@ -899,6 +899,21 @@ def _row_main(argv: list[str]) -> int:
 STACKS_ENV = "QDIFF_BENCH_STACKS"  # "DIR" or "DIR:SECONDS": each row writes its Python stacks there periodically
 
 
+def _other_threads_stacks() -> str:
+    """Every other thread's Python stack as text. The frames are released on return: a frame kept between samples
+    keeps its locals alive, and on 2026-12-02 the tensors of a returned CUDA-graph warm-up frame, held that way by the
+    sampler, failed cudagraph trees' live-allocation check ("tensors in the cudagraph pool not tracked as outputs")."""
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        if ident != threading.get_ident():
+            lines.append(f"Thread {names.get(ident, '?')} ({ident}), most recent call last:\n")
+            lines.extend(traceback.format_stack(frame))
+    return "".join(lines)
+
+
 class StackSampler:
     """Writes every thread's Python stack to ``path`` every ``every_s`` seconds from a daemon thread, through
     ``sys._current_frames()`` under the GIL. (``faulthandler.dump_traceback_later`` walks other threads' frames without
@@ -913,18 +928,10 @@ class StackSampler:
         self._thread.start()
 
     def _run(self) -> None:
-        import traceback
-
         n = 0
         while not self._stop.wait(self._every_s):
             n += 1
-            names = {t.ident: t.name for t in threading.enumerate()}
-            lines = [f"--- stacks {n}, {time.monotonic() - self._t0:.1f} s into the row ---\n"]
-            for ident, frame in sys._current_frames().items():
-                if ident != threading.get_ident():
-                    lines.append(f"Thread {names.get(ident, '?')} ({ident}), most recent call last:\n")
-                    lines.extend(traceback.format_stack(frame))
-            self._file.write("".join(lines))
+            self._file.write(f"--- stacks {n}, {time.monotonic() - self._t0:.1f} s into the row ---\n" + _other_threads_stacks())
             self._file.flush()
 
     def close(self) -> None:

@@ -149,6 +149,34 @@ def test_rows_can_write_their_stacks_periodically(tmp_path, monkeypatch):
     assert (tmp_path / "stacks-some-model-some-variant.txt").read_text() == text
 
 
+def test_stack_sampler_keeps_no_frame_alive_between_samples(tmp_path):
+    """A frame held by the sampler until its next sample keeps the frame's locals alive: on a GPU, CUDA-graph warm-up
+    tensors, which cudagraph trees then reports as untracked live allocations."""
+    import gc
+    import weakref
+
+    class Local:
+        pass
+
+    refs = []
+    out = tmp_path / "stacks.txt"
+
+    def sampled_while_running() -> None:
+        obj = Local()
+        refs.append(weakref.ref(obj))
+        t0 = time.monotonic()
+        while "sampled_while_running" not in out.read_text() and time.monotonic() - t0 < 30:
+            time.sleep(0.01)
+
+    sampler = bench.StackSampler(out, every_s=1.0)
+    try:
+        sampled_while_running()  # returns right after the first sample; the next one is a second away
+        gc.collect()
+        assert refs[0]() is None, "the sampler still holds the returned frame (and its locals)"
+    finally:
+        sampler.close()
+
+
 def test_sampling_stacks_does_not_crash_a_busy_row(tmp_path, monkeypatch):
     """A row building DiT-XL/2 on CPU while its stacks are sampled every 0.2 s runs into its time limit; the former
     faulthandler-based dump killed it with SIGSEGV within seconds (2026-12-02, CI and locally)."""
