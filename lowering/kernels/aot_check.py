@@ -74,6 +74,17 @@ def _linear_sig(**ptrs) -> dict:
     return {**ptrs, **sig}
 
 
+def inductor_variants(kernel, signature: dict, constexprs: dict) -> list[tuple[str, dict, dict]]:
+    """``(label, signature, constexprs)`` of a case as Inductor compiles a user-defined kernel: Python floats as fp64
+    (its type for a float scalar; integers equal to 1 as constexprs, which the cases already specialize where a real
+    launch does), and as torch 2.11's mutation analysis traces it: every scalar a constexpr. A kernel that fails these
+    fails under Inductor only (2026-12-02: ``tl.multiple_of`` on a scalar, and an fp64 ``sm_scale`` that changed a
+    loop-carried type); the analysis failing also makes Inductor treat every tensor argument as mutated."""
+    scalars = {n: t for n, t in signature.items() if n in kernel.arg_names and n not in constexprs and not t.startswith("*")}
+    return [("float scalars fp64", {n: "fp64" if t == "fp32" and n in scalars else t for n, t in signature.items()}, constexprs),
+            ("every scalar a constexpr", signature, {**constexprs, **{n: 0.5 if t.startswith("fp") else 3 for n, t in scalars.items()}})]
+
+
 def cases(which: set[str]):
     """(name, kernel, signature, constexprs, configs, aligned int args) to compile."""
     unit = {"stride_xk": 1, "stride_on": 1, "INTERPRET": False}
@@ -149,10 +160,10 @@ def cases(which: set[str]):
     if "attention" in which:  # DiT / PixArt (72), power-of-two heads (64, 128), SD 1.5's (40, 80, 160); fp8 inputs at 72
         sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "out_ptr": "*bf16",
                "sm_scale": "fp32"}
-        sig.update({n: I32 for n in ("H", "SQ", "SK", "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks",
-                                     "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_ob", "stride_oh", "stride_os")})
-        aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh", "stride_qs",
-                   "stride_ks", "stride_os"]
+        sig.update({n: I32 for n in ("H", "SQ", "SK", "stride_qb", "stride_qh", "row_q", "stride_kb", "stride_kh", "row_k",
+                                     "stride_vb", "stride_vh", "row_v", "stride_ob", "stride_oh", "row_o")})
+        # (row_q / row_k / row_v / row_o count rows in units of ROW_ALIGN elements: no divisibility of their own)
+        aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh"]
         # (head dim of q / k, of v, fp8 inputs, V stored by keys): the v1 cases, and v2's as the lowering calls it
         # (quantize_heads: fp8, V^T, q / k padded to qk_width: D = 40 -> 64), plus D = 72 with q / k padded to 128
         for dk, dv, x_fp8, v_t in ((72, 72, False, False), (72, 72, True, False), (72, 72, True, True), (128, 72, True, True),
@@ -161,15 +172,13 @@ def cases(which: set[str]):
             dk0, dk1, _ = fp8_attention.head_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
             flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=16, INTERPRET=False)
-            # V's unit stride specialized as a real launch specializes it (an integer argument equal to 1)
-            flags.update({"stride_vs": 1} if v_t else {"stride_vd": 1})
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
-            # row strides (S dim) as the models lay heads out: H * D (q = to_q(x).view(B, S, H, D).transpose(1, 2)) or
-            # 3 * H * D (a packed qkv), 16-divisible at 16 heads; the output's are H * D (new_output); transposed V
-            # (B, H, D, S) rows of S keys (fp8_attention.quantize_heads pads them to 16)
+            # batch / head strides as the models lay heads out: multiples of H * D (q = to_q(x).view(B, S, H, D).transpose(1, 2))
+            # or 3 * H * D (a packed qkv), 16-divisible at 16 heads; row strides 16-aligned (ROW_ALIGN: quantize_heads pads
+            # fp8 rows to 16 bytes, bf16 rows of H * D are 16-divisible at 16 heads)
             dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk})"
             yield f"attention {dims}{' fp8 in' if x_fp8 else ''}{', V^T' if v_t else ''}", fp8_attention.fp8_attention_kernel, s, flags, \
-                fp8_attention.CONFIGS, aligned + ["stride_vd" if v_t else "stride_vs"]
+                fp8_attention.CONFIGS, aligned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Compile the kernels' autotune configs for sm_90 (no GPU needed); print smem and registers.")
     p.add_argument("groups", nargs="*", metavar="GROUP", help=f"kernel families to compile (default: all of {', '.join(GROUPS)})")
     p.add_argument("--ptx-dir", type=Path, help="also write each config's PTX there (to read a kernel's main loop)")
+    p.add_argument("--inductor-args", action="store_true", help="instead: compile each case's first config with the argument "
+                   "types Inductor gives a user-defined kernel (inductor_variants)")
     a = p.parse_args(argv)
     which = set(a.groups or GROUPS)
     if which - set(GROUPS):  # (argparse's choices reject the empty default of nargs="*" on Python < 3.12)
@@ -185,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if INTERPRET:
         print("aot_check compiles for the GPU: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
+    if a.inductor_args:
+        return _check_inductor_args(which)
     failed = 0
     if a.ptx_dir:
         a.ptx_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +216,21 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # report every failing config, then exit non-zero
                 failed += 1
                 print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
+    return 1 if failed else 0
+
+
+def _check_inductor_args(which: set[str]) -> int:
+    failed = 0
+    print("| kernel | argument types | compiles |")
+    print("| --- | --- | --- |")
+    for name, kernel, sig, flags, configs, aligned in cases(which):
+        for label, s, c in inductor_variants(kernel, sig, flags):
+            try:
+                compile_one(kernel, s, c, configs[0], [n for n in aligned if n not in c])
+                print(f"| {name} | {label} | ok |", flush=True)
+            except Exception as e:  # report every failing case, then exit non-zero
+                failed += 1
+                print(f"| {name} | {label} | FAILED: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]} |", flush=True)
     return 1 if failed else 0
 
 

@@ -116,26 +116,28 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
 def fp8_attention_kernel(
     q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr,
     sm_scale, H, SQ, SK,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ob, stride_oh, stride_os,
+    stride_qb, stride_qh, row_q, stride_kb, stride_kh, row_k, stride_vb, stride_vh, row_v, stride_ob, stride_oh, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     X_FP8: tl.constexpr, V_T: tl.constexpr, ROW_ALIGN: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal; quantize_heads may pad Q / K with zero columns to a
     # power of two so that Q K^T is one dot). Parts: DK0 + DK1 and DV0 + DV1 (head_parts).
-    # Row strides are multiples of ROW_ALIGN (the wrapper's check): vectorized loads / stores of the head-dim parts even
-    # where Triton's own specialization (integer arguments divisible by 16) does not see it, e.g. contiguous D = 72.
-    # V's unit stride is stride_vd (row-major heads) or stride_vs (V_T: stored (B, H, D, S), keys contiguous).
-    stride_qs = tl.multiple_of(stride_qs, ROW_ALIGN)
-    stride_ks = tl.multiple_of(stride_ks, ROW_ALIGN)
-    if V_T:  # V stored (B, H, D, S): keys contiguous
-        stride_vd = tl.multiple_of(stride_vd, ROW_ALIGN)
+    # row_q / row_k / row_o: the strides between query / key / output rows, row_v: V's non-unit stride (between keys,
+    # or under V_T, V stored (B, H, D, S) with its keys contiguous, between head dims), all in units of ROW_ALIGN
+    # elements (row_align): multiplied back by the constexpr, they tell the compiler the rows' alignment (vectorized
+    # loads / stores of the head-dim parts where Triton's own specialization, integers divisible by 16, does not see
+    # it, e.g. contiguous D = 72). (Not tl.multiple_of: under Inductor a scalar may arrive as a constexpr, an integer
+    # equal to 1 always and every scalar in torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.)
+    stride_qs = row_q * ROW_ALIGN
+    stride_ks = row_k * ROW_ALIGN
+    if V_T:
+        stride_vd = row_v * ROW_ALIGN
         stride_vs = 1
     else:
-        stride_vs = tl.multiple_of(stride_vs, ROW_ALIGN)
+        stride_vs = row_v * ROW_ALIGN
         stride_vd = 1
-    stride_os = tl.multiple_of(stride_os, ROW_ALIGN)
+    stride_os = row_o * ROW_ALIGN
     pid_m = tl.program_id(0)  # query tiles of one head run next to each other: its K / V stay in L2
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -151,7 +153,7 @@ def fp8_attention_kernel(
     q_inv = tl.math.div_rn(1.0, q_scale)  # IEEE (plain "/" is approximate on GPU)
     k_inv = tl.math.div_rn(1.0, k_scale)
     v_inv = tl.math.div_rn(1.0, v_scale)
-    qk_scale = q_scale * k_scale * sm_scale * LOG2E  # scores in base 2
+    qk_scale = q_scale * k_scale * tl.cast(sm_scale, tl.float32) * LOG2E  # scores in base 2, fp32
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm_l = rm % SQ  # rows past the end load valid (wrapped) rows; only the store is masked
@@ -322,6 +324,8 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
         return out
     dk0, dk1, _ = head_parts(DK)
     dv0, _, dv1 = head_parts(DV)
+    align, v_t = row_align(q, k, v, out), keys_contiguous(v)
+    v_row = v.stride(3) if v_t else v.stride(2)
 
     def grid(meta):
         return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
@@ -329,9 +333,9 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out,
         sm_scale, H, SQ, SK,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-        out.stride(0), out.stride(1), out.stride(2),
-        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=keys_contiguous(v), ROW_ALIGN=row_align(q, k, v, out),
+        q.stride(0), q.stride(1), q.stride(2) // align, k.stride(0), k.stride(1), k.stride(2) // align,
+        v.stride(0), v.stride(1), v_row // align, out.stride(0), out.stride(1), out.stride(2) // align,
+        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=align,
         INTERPRET=INTERPRET,
     )
     return out

@@ -43,3 +43,26 @@ def test_every_group_has_cases_and_unknown_groups_are_refused(capsys):
     with pytest.raises(SystemExit):
         aot_check.main(["fp8", "nope"])
     assert "unknown kernel group(s) nope" in capsys.readouterr().err
+
+
+def test_attention_kernel_compiles_with_the_argument_types_inductor_gives_it():
+    """The lowering's attention cases (fp8 q / k / v, V stored by keys) compile for sm_90 with an fp64 ``sm_scale`` and
+    with every scalar a constexpr (:func:`aot_check.inductor_variants`). On 2026-12-02 the kernel compiled in every direct
+    launch and failed under Inductor on the GPU: ``tl.multiple_of`` on a constexpr stride, and an fp64 loop-carried
+    accumulator. Compiling needs a process without the interpreter: a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from qcompile.lowering.kernels import aot_check\n"
+        "for name, kernel, sig, flags, configs, aligned in aot_check.cases({'attention'}):\n"
+        "    if 'V^T' in name:\n"
+        "        for label, s, c in aot_check.inductor_variants(kernel, sig, flags):\n"
+        "            aot_check.compile_one(kernel, s, c, configs[0], [n for n in aligned if n not in c])\n"
+        "            print(name, label, 'ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(" ok") == 6, r.stdout  # 3 V^T cases x 2 argument typings
