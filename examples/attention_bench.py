@@ -6,8 +6,8 @@ Per shape: ``F.scaled_dot_product_attention`` on bf16 (whatever backend torch pi
 ``qdiff::fp8_attention`` with bf16 inputs (quantized in the kernel), with float8_e4m3fn inputs in the heads' layout
 (quantized by their producer, not timed), with float8_e4m3fn inputs as ``quantize_heads`` stores them (rows padded to
 16 bytes, V with its keys contiguous: the kernel's ``V_T`` path, not timed), the same with q / k padded by zero
-columns to the next power of two (one ``Q K^T`` dot: 72 -> 128, 40 -> 64; the lowering pads only where that adds no
-FLOPs, ``qk_width``), and the Triton lowering's attention call
+columns to the next power of two (one ``Q K^T`` dot: 72 -> 128, 40 -> 64; the lowering pads the same way up to 128,
+``qk_width``), and the Triton lowering's attention call
 compiled by Inductor (``triton_lowering.qattention``: the quantize pass Inductor generates plus the kernel: what a
 quantized model runs). Each time is the median of CUDA-graph replays (``qcompile.latency.cuda_graph_timer``; the fp8
 kernel autotunes before the graph is captured). Heads are laid out as models produce them (``x.view(B, S, H,

@@ -323,7 +323,7 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None):
     if attention_route(q, k, v) is not None:
         return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
     d = q.shape[-1]
-    width = qk_width(d)  # (D = 40: q / k padded to 64 with zero columns, one Q K^T dot)
+    width = qk_width(d)  # (D = 40 / 72: q / k padded to 64 / 128 with zero columns, one Q K^T dot)
     q8, k8 = quantize_heads(q, q_scale, width=width), quantize_heads(k, k_scale, width=width)
     v8 = quantize_heads(v, v_scale, keys_contiguous=True)
     return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, d ** -0.5 if sm_scale is None else sm_scale, out_dtype=q.dtype)

@@ -165,7 +165,7 @@ def cases(which: set[str]):
         # (row_q / row_k / row_v / row_o count rows in units of ROW_ALIGN elements: no divisibility of their own)
         aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh"]
         # (head dim of q / k, of v, fp8 inputs, V stored by keys): the v1 cases, and v2's as the lowering calls it
-        # (quantize_heads: fp8, V^T, q / k padded to qk_width: D = 40 -> 64), plus D = 72 with q / k padded to 128
+        # (quantize_heads: fp8, V^T, q / k padded to qk_width: D = 40 -> 64, 72 -> 128)
         for dk, dv, x_fp8, v_t in ((72, 72, False, False), (72, 72, True, False), (72, 72, True, True), (128, 72, True, True),
                                    (64, 64, False, False), (128, 128, False, False), (40, 40, False, False), (64, 40, True, True),
                                    (80, 80, False, False), (160, 160, False, False)):

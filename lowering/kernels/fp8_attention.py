@@ -16,8 +16,8 @@ two <= D) plus a masked second part, ``DQ1 = max(32, next_pow2(D - D0))`` wide i
 and ``DV1 = max(16, next_pow2(D - D0))`` wide in ``P @ V`` (its N >= 16); see :func:`head_parts` and docs/kernels.md
 ("fp8 attention") for the FLOP counts against padding D to the next power of two. Supported: ``32 <= D <= 160`` with
 ``D % 8 == 0``; power-of-two D runs one part. Q / K may have another head dim than V (``Dk``, ``Dv``): the
-lowering pads q / k with zero columns to a power of two where the split computes that width anyway (:func:`qk_width`:
-D = 40 -> 64, one ``Q K^T`` dot).
+lowering pads q / k with zero columns to the next power of two up to 128 (:func:`qk_width`: D = 40 -> 64, 72 -> 128,
+one ``Q K^T`` dot).
 
 V may be stored transposed, (B, H, D, S) with its keys contiguous (``V_T``, chosen from V's strides: a
 ``v_t.transpose(-1, -2)`` view): the fp8 ``P @ V`` dot then takes V from shared memory as loaded, where row-major V is
@@ -274,6 +274,7 @@ def row_align(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     return math.gcd(g, 16) if g else 16
 
 
+QK_PAD_MAX = 128  # qk_width pads q / k head dims up to this power of two
 HEAD_ROW_BYTES = 16  # quantize_heads pads the rows of its fp8 heads to a multiple of this: 16-byte loads (cp.async)
 
 
@@ -306,12 +307,13 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
 
 
 def qk_width(d: int) -> int:
-    """The head dim :func:`quantize_heads` pads q / k to for head dim ``d``: the next power of two where the split
-    ``Q K^T`` (:func:`head_parts`) computes that width anyway (D = 40 / 48 / 56 -> 64, 112 -> 128: one dot instead of two,
-    the same FLOPs, no masked loads), else ``d`` (72 / 80 / 160 stay split: padding to 128 / 256 would add dot FLOPs;
-    ``examples/attention_bench.py`` times both)."""
-    d0, dk1, _ = head_parts(d)
-    return d0 + dk1 if dk1 and (d0 + dk1) & (d0 + dk1 - 1) == 0 else d
+    """The head dim :func:`quantize_heads` pads q / k to for head dim ``d``: the next power of two up to
+    ``QK_PAD_MAX`` (D = 40 -> 64, 72 / 80 -> 128: one ``Q K^T`` dot instead of the split's two), else ``d``. Measured
+    on an H200 (2026-12-02, ``examples/attention_bench.py``, docs/kernels.md): D = 72 padded to 128 is 1.11-1.16x
+    faster than the split 64 + 32 at DiT / PixArt self-attention, though the dot computes 128 columns instead of 96.
+    D = 160 stays split (a 256-wide Q tile would not fit the registers)."""
+    pow2 = 1 << (d - 1).bit_length()
+    return pow2 if pow2 <= QK_PAD_MAX else d
 
 
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, wrap=wrap_triton) -> torch.Tensor:

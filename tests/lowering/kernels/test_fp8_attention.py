@@ -156,11 +156,11 @@ def test_value_head_dim_may_differ_from_the_query_key_head_dim():
     assert sqnr_db(qattention(q, k, v, *s, sm_scale=0.1), out) > ONE_TILE_DB
 
 
-def test_qk_width_pads_only_where_the_split_computes_the_power_of_two_anyway():
-    assert {d: qk_width(d) for d in (32, 40, 48, 64, 72, 80, 112, 128, 160)} == \
-        {32: 32, 40: 64, 48: 64, 64: 64, 72: 72, 80: 80, 112: 128, 128: 128, 160: 160}
-    for d in (40, 112):
-        assert dot_widths(d)[0] == qk_width(d)  # no more Q K^T FLOPs than the split
+def test_qk_width_pads_to_the_next_power_of_two_up_to_128():
+    assert {d: qk_width(d) for d in (32, 40, 48, 64, 72, 80, 112, 128, 144, 160)} == \
+        {32: 32, 40: 64, 48: 64, 64: 64, 72: 128, 80: 128, 112: 128, 128: 128, 144: 144, 160: 160}
+    for d in (40, 72, 112):
+        assert head_parts(qk_width(d))[1] == 0  # one Q K^T dot
     x = torch.randn(1, 2, 8, 40)
     with pytest.raises(ValueError, match="width pads q / k"):
         quantize_heads(x, torch.tensor(0.1), width=32)
