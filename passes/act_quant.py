@@ -19,9 +19,17 @@ After :mod:`.convert` and :mod:`.fuse_epilogue`, each fp8 x fp8 linear is a call
    output (8192 x 1152 x 1152, 9 output tiles) the prologue route took 49.4 us against 26.3 us for the fp8-input
    route, and the pass moves 28 MB (~7 us) (docs/kernels.md, "GEMM level at DiT shapes").
 
+An extern producer reached through a no-op ``.to`` (same dtype: diffusers' attention processors cast SDPA's output to
+the query's dtype, so every attention output projection of DiT / PixArt / SD) also gets the separate pass, whatever
+its width: until 2026-12-02 (eighth session) the cast was taken for an Inductor-generated producer, so these GEMMs got
+a separate pass in every measured row. That is kept, and counted as ``producer_pass``, until a GPU A/B of the prologue
+route at the narrow ones (SD 1.5's N = 320 / 640, the bench's ``-extern-prologue`` variants). The rule of
+``PASS_MIN_N`` thus changed nothing on DiT / PixArt, whose attention outputs had the pass already.
+
 ``QDIFF_FP8_ACT_QUANT`` = ``auto`` (default, the rules above), ``producer`` (1 and 2 for all), ``prologue``
 (3 for all: the v1 behaviour) selects the policy for A/B measurements; ``QDIFF_FP8_PASS_MIN_N`` (an integer, or
-``off``: the placement before 2026-12-02) the width from which ``auto`` adds the pass after an extern kernel.
+``off``: no separate pass after an extern kernel, the cast rule included) the width from which ``auto`` adds the pass
+after an extern kernel.
 """
 
 from __future__ import annotations
@@ -95,9 +103,28 @@ def _through_views(node):
     return node
 
 
+def _noop_cast_input(node) -> fx.Node | None:
+    """The input of ``node`` if ``node`` is a ``.to(...)`` that keeps its input's dtype and device (diffusers' attention
+    processors cast SDPA's output to the query's dtype): Inductor generates no kernel for it. Else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to" and node.args
+            and isinstance(node.args[0], fx.Node)):
+        return None
+    out, inp = _example_value(node), _example_value(node.args[0])
+    same = isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and (out.dtype, out.device) == (inp.dtype, inp.device)
+    return node.args[0] if same else None
+
+
+def _behind_noop_cast(node) -> bool:
+    """Whether ``node`` (through views) is a no-op ``.to`` (:func:`_noop_cast_input`)."""
+    return _noop_cast_input(_through_views(node)) is not None
+
+
 def generated_producer(node, lowering_fns: set) -> bool:
-    """Whether ``node`` (through views) is computed by a kernel Inductor generates (so it can absorb a pointwise op)."""
+    """Whether ``node`` (through views and no-op casts) is computed by a kernel Inductor generates (so it can absorb a
+    pointwise op)."""
     p = _through_views(node)
+    while (inner := _noop_cast_input(p)) is not None:
+        p = _through_views(inner)
     if not isinstance(p, fx.Node) or p.op not in ("call_function", "call_method") or p.target in lowering_fns:
         return False
     name = (p.target if isinstance(p.target, str) else getattr(p.target, "__name__", str(p.target))).lower()
@@ -172,8 +199,8 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
             continue
         if policy == "producer" or (policy == "auto" and generated_producer(n.args[0], lowering_fns)):
             mode = "producer"
-        elif policy == "auto" and _wide_and_large(n, pass_min_n):
-            mode = "producer"
+        elif policy == "auto" and pass_min_n is not None and (_wide_and_large(n, pass_min_n) or _behind_noop_cast(n.args[0])):
+            mode = "producer"  # a separate quantize pass after the extern producer (see the module docstring)
             counts["producer_pass"] += 1
         else:
             mode = "prologue"

@@ -108,6 +108,35 @@ def test_wide_gemms_after_extern_kernels_get_a_quantize_pass(rows, n, env, mode,
         place_act_quant(_extern_then_linear(rows, n), TRITON.linear, TRITON.linear_fused, policy="auto")
 
 
+def _extern_cast_linear(cast_to: torch.dtype) -> torch.fx.GraphModule:
+    """x (bf16) -> matmul (extern) -> .to(cast_to) -> reshape -> a narrow fp8 linear (SD 1.5's attention output: N = 320)."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["example_value"] = torch.empty(8192, 64, dtype=torch.bfloat16)
+    a = g.call_function(torch.matmul, (x, x))
+    a.meta["example_value"] = torch.empty(8192, 64, dtype=torch.bfloat16)
+    c = g.call_method("to", (a, cast_to))
+    c.meta["example_value"] = torch.empty(8192, 64, dtype=cast_to)
+    r = g.call_method("reshape", (c, 2, 4096, 64))
+    lin = g.call_function(TRITON.linear, (r, None, None, None, None, None),
+                          {"wfmt": "fp8_e4m3", "afmt": "fp8_e4m3", "weight_shape": (320, 64), "group_size": None})
+    g.output(lin)
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+@pytest.mark.parametrize("cast_to,env,mode,passes", [(torch.bfloat16, None, "producer", 1), (torch.bfloat16, "off", "prologue", 0),
+                                                     (torch.float32, None, "producer", 0), (torch.float32, "off", "producer", 0)])
+def test_a_no_op_cast_after_an_extern_kernel_is_seen_through(cast_to, env, mode, passes, monkeypatch):
+    """diffusers casts SDPA's output to the query's dtype: a no-op ``.to``, no Inductor kernel to fuse into. The GEMM
+    after it keeps the separate quantize pass its measured rows had (now counted as one), ``off`` moves it to the
+    prologue; a real cast is a generated producer."""
+    if env is not None:
+        monkeypatch.setenv("QDIFF_FP8_PASS_MIN_N", env)
+    gm, counts = place_act_quant(_extern_cast_linear(cast_to), TRITON.linear, TRITON.linear_fused, policy="auto")
+    (lin,) = _calls(gm)
+    assert lin.kwargs["x_quant"] == mode and counts["producer_pass"] == passes
+
+
 def test_only_identity_dropouts_are_removed():
     g = torch.fx.Graph()
     x = g.placeholder("x")
