@@ -125,7 +125,7 @@ def fp8_attention_kernel(
     # power of two so that Q K^T is one dot). Parts: DK0 + DK1 and DV0 + DV1 (head_parts).
     # row_q / row_k / row_o: the strides between query / key / output rows, row_v: V's non-unit stride (between keys,
     # or under V_T, V stored (B, H, D, S) with its keys contiguous, between head dims), all in units of ROW_ALIGN
-    # elements (row_align): multiplied back by the constexpr, they tell the compiler the rows' alignment (vectorized
+    # elements (row_strides / row_align): multiplied back by the constexpr, they tell the compiler the rows' alignment (vectorized
     # loads / stores of the head-dim parts where Triton's own specialization, integers divisible by 16, does not see
     # it, e.g. contiguous D = 72). (Not tl.multiple_of: under Inductor a scalar may arrive as a constexpr, an integer
     # equal to 1 always and every scalar in torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.)
@@ -265,11 +265,16 @@ def keys_contiguous(v: torch.Tensor) -> bool:
     return v.stride(2) == 1 and v.stride(3) != 1 and v.shape[2] > 1
 
 
-def row_align(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> int:
-    """The largest power of two (<= 16) dividing every non-unit stride between rows of a head (the S dims', V's D dim
-    when :func:`keys_contiguous`): the kernel's load hint."""
+def row_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> tuple[int, int, int, int]:
+    """The strides between rows of a head (the S dims'; V's D dim when :func:`keys_contiguous`): the kernel's
+    ``row_q``, ``row_k``, ``row_v``, ``row_o`` times ``ROW_ALIGN``."""
+    return q.stride(2), k.stride(2), v.stride(3) if keys_contiguous(v) else v.stride(2), out.stride(2)
+
+
+def row_align(rows: tuple[int, ...]) -> int:
+    """The largest power of two (<= 16) dividing every row stride (:func:`row_strides`): the kernel's load hint."""
     g = 0
-    for stride in (q.stride(2), k.stride(2), v.stride(3) if keys_contiguous(v) else v.stride(2), out.stride(2)):
+    for stride in rows:
         g = math.gcd(g, stride)
     return math.gcd(g, 16) if g else 16
 
@@ -326,8 +331,9 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
         return out
     dk0, dk1, _ = head_parts(DK)
     dv0, _, dv1 = head_parts(DV)
-    align, v_t = row_align(q, k, v, out), keys_contiguous(v)
-    v_row = v.stride(3) if v_t else v.stride(2)
+    rows = row_strides(q, k, v, out)
+    align = row_align(rows)
+    row_q, row_k, row_v, row_o = (r // align for r in rows)
 
     def grid(meta):
         return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
@@ -335,9 +341,9 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out,
         sm_scale, H, SQ, SK,
-        q.stride(0), q.stride(1), q.stride(2) // align, k.stride(0), k.stride(1), k.stride(2) // align,
-        v.stride(0), v.stride(1), v_row // align, out.stride(0), out.stride(1), out.stride(2) // align,
-        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=align,
+        q.stride(0), q.stride(1), row_q, k.stride(0), k.stride(1), row_k, v.stride(0), v.stride(1), row_v,
+        out.stride(0), out.stride(1), row_o,
+        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=keys_contiguous(v), ROW_ALIGN=align,
         INTERPRET=INTERPRET,
     )
     return out
