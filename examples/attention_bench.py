@@ -6,8 +6,8 @@ Per shape: ``F.scaled_dot_product_attention`` on bf16 (whatever backend torch pi
 ``qdiff::fp8_attention`` with bf16 inputs (quantized in the kernel), with float8_e4m3fn inputs in the heads' layout
 (quantized by their producer, not timed), with float8_e4m3fn inputs as ``quantize_heads`` stores them (rows padded to
 16 bytes, V with its keys contiguous: the kernel's ``V_T`` path, not timed), the same with q / k padded by zero
-columns to the next power of two (one ``Q K^T`` dot: 72 -> 128, 40 -> 64; the lowering pads the same way up to 128,
-``qk_width``), and the Triton lowering's attention call
+columns to the next power of two up to 128 as the lowering pads them (``qk_width``: one ``Q K^T`` dot, 72 -> 128,
+40 -> 64), and the Triton lowering's attention call
 compiled by Inductor (``triton_lowering.qattention``: the quantize pass Inductor generates plus the kernel: what a
 quantized model runs). Each time is the median of CUDA-graph replays (``qcompile.latency.cuda_graph_timer``; the fp8
 kernel autotunes before the graph is captured). Heads are laid out as models produce them (``x.view(B, S, H,
@@ -51,7 +51,7 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
     from qcompile.latency import cuda_graph_timer
     from qcompile.lowering import triton_lowering
     from qcompile.lowering.formats import quantize_fp8
-    from qcompile.lowering.kernels.fp8_attention import MAX_HEAD_DIM, fp8_attention, quantize_heads
+    from qcompile.lowering.kernels.fp8_attention import fp8_attention, qk_width, quantize_heads
     from qcompile.lowering.reference import qattention
     from qcompile.metrics import sqnr_db
 
@@ -59,8 +59,8 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
     s = [(t.float().abs().amax() / 448).reshape(()) for t in (q, k, v)]
     q8, k8, v8 = (quantize_fp8(t, sc) for t, sc in zip((q, k, v), s))
     q8p, k8p, v8t = quantize_heads(q, s[0]), quantize_heads(k, s[1]), quantize_heads(v, s[2], keys_contiguous=True)
-    pow2 = 1 << (d - 1).bit_length()
-    qk_pow2 = [quantize_heads(t, sc, width=pow2) for t, sc in ((q, s[0]), (k, s[1]))] if pow2 <= MAX_HEAD_DIM else None
+    width = qk_width(d)  # (the lowering's padding: the column is the kernel as the lowering calls it)
+    qk_pow2 = [quantize_heads(t, sc, width=width) for t, sc in ((q, s[0]), (k, s[1]))] if width != d else None
     torch._dynamo.reset()
     lowering = torch.compile(lambda q, k, v: triton_lowering.qattention(q, k, v, *s), fullgraph=True)
     ref_bf16 = F.scaled_dot_product_attention(q, k, v).float()

@@ -74,12 +74,12 @@ def _example_value(node) -> object:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
-def _wide_and_large(node: fx.Node, min_n: int | None) -> bool:
+def _wide_and_large(node: fx.Node, min_n: int) -> bool:
     """Whether the GEMM ``node`` has at least ``min_n`` output features and :data:`PASS_MIN_M` input rows (its input's
     example value; unknown shapes: no)."""
     shape = node.kwargs.get("weight_shape")
     val = _example_value(node.args[0])
-    if min_n is None or not shape or not isinstance(val, torch.Tensor) or val.dim() == 0:
+    if not shape or not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
     if not all(isinstance(d, int) for d in val.shape) or val.shape[-1] == 0:  # (symbolic sizes: no guard added here)
         return False
@@ -90,17 +90,6 @@ def _is_fp8_call(node: fx.Node, targets: set) -> bool:
     kw = node.kwargs
     return (node.op == "call_function" and node.target in targets and kw.get("wfmt") == "fp8_e4m3"
             and kw.get("afmt") == "fp8_e4m3" and kw.get("splits") is None and kw.get("outlier_scale") is None)
-
-
-def _through_views(node):
-    while isinstance(node, fx.Node):
-        if node.op == "call_method" and node.target in _VIEW_METHODS:
-            node = node.args[0]
-        elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
-            node = node.args[0]
-        else:
-            return node
-    return node
 
 
 def _noop_cast_input(node) -> fx.Node | None:
@@ -114,17 +103,24 @@ def _noop_cast_input(node) -> fx.Node | None:
     return node.args[0] if same else None
 
 
-def _behind_noop_cast(node) -> bool:
-    """Whether ``node`` (through views) is a no-op ``.to`` (:func:`_noop_cast_input`)."""
-    return _noop_cast_input(_through_views(node)) is not None
+def _producer(node) -> tuple[object, bool]:
+    """The node that computes ``node``'s data, through views and no-op casts (:func:`_noop_cast_input`), and whether a
+    no-op cast was on the way."""
+    cast = False
+    while isinstance(node, fx.Node):
+        if (node.op == "call_method" and node.target in _VIEW_METHODS) or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS):
+            node = node.args[0]
+        elif (inner := _noop_cast_input(node)) is not None:
+            node, cast = inner, True
+        else:
+            break
+    return node, cast
 
 
 def generated_producer(node, lowering_fns: set) -> bool:
     """Whether ``node`` (through views and no-op casts) is computed by a kernel Inductor generates (so it can absorb a
     pointwise op)."""
-    p = _through_views(node)
-    while (inner := _noop_cast_input(p)) is not None:
-        p = _through_views(inner)
+    p, _ = _producer(node)
     if not isinstance(p, fx.Node) or p.op not in ("call_function", "call_method") or p.target in lowering_fns:
         return False
     name = (p.target if isinstance(p.target, str) else getattr(p.target, "__name__", str(p.target))).lower()
@@ -199,7 +195,7 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
             continue
         if policy == "producer" or (policy == "auto" and generated_producer(n.args[0], lowering_fns)):
             mode = "producer"
-        elif policy == "auto" and pass_min_n is not None and (_wide_and_large(n, pass_min_n) or _behind_noop_cast(n.args[0])):
+        elif policy == "auto" and pass_min_n is not None and (_wide_and_large(n, pass_min_n) or _producer(n.args[0])[1]):
             mode = "producer"  # a separate quantize pass after the extern producer (see the module docstring)
             counts["producer_pass"] += 1
         else:
