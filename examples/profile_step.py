@@ -9,6 +9,11 @@ other) and summed per step; ``busy`` is the summed kernel time, ``wall`` the ste
 ``wall - busy`` is time the GPU sat idle (launch / host overhead, or overlap when negative). Prints one table
 per variant plus the top kernels, and writes everything as JSON (``--plot``: a stacked bar chart; ``--replot``
 redraws it from earlier JSON files without a GPU).
+
+Several profiles can run side by side (one GPU): give them one ``QDIFF_BENCH_ROWS`` folder and start each with
+``setsid`` (its own process group), and each profiled window then runs alone, the others paused, as ``qdiff bench``
+times its rows; graphs' first calls hold the host too (autotuning). ``busy_median_ms`` sums each kernel's median
+duration times its calls, which a stray overlap does not move.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import time
 from collections import defaultdict
 
@@ -52,8 +58,9 @@ def profile_variant(model_name: str, variant: str, steps: int, code_out: str | N
         model = spec.build()
     model = model.to(dev, torch.bfloat16).eval()
     row = bench.Row(model_name, variant)
+    rows_dir = os.environ.get(bench.ROWS_ENV)
     with torch.no_grad():
-        runnable = bench._prepare_variant(variant, model, spec, dev, torch.bfloat16, row)
+        runnable = bench._prepare_variant(variant, model, spec, dev, torch.bfloat16, row, rows_dir)
         inputs = spec.inputs(dev, torch.bfloat16, 500)
         if code_out:
             from torch._inductor.utils import run_and_get_code
@@ -64,32 +71,34 @@ def profile_variant(model_name: str, variant: str, steps: int, code_out: str | N
         for _ in range(3):
             runnable(**inputs)
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            runnable(**inputs)
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with bench._alone_on_host(rows_dir):  # (no-op without QDIFF_BENCH_ROWS)
+            t0 = time.perf_counter()
             for _ in range(steps):
                 runnable(**inputs)
             torch.cuda.synchronize()
-    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+            wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    runnable(**inputs)
+                torch.cuda.synchronize()
+    durations: dict[str, list[float]] = defaultdict(list)  # ms of each launch
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name][0] += ev.device_time / 1e3 / steps  # ms per step
-            per_kernel[ev.name][1] += 1
+            durations[ev.name].append(ev.device_time / 1e3)
+    per_kernel = {name: [sum(ds) / steps, len(ds)] for name, ds in durations.items()}  # ms per step, launches
     per_cat: dict[str, float] = defaultdict(float)
     for name, (ms, _) in per_kernel.items():
         per_cat[category(name)] += ms
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:20]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:40]
     return {
         "model": model_name,
         "variant": variant,
         "wall_ms": wall_ms,
         "busy_ms": sum(per_cat.values()),
+        "busy_median_ms": sum(statistics.median(ds) * len(ds) for ds in durations.values()) / steps,
         "categories_ms": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
         "kernels_per_step": sum(c for _, c in per_kernel.values()) / steps,
-        "top_kernels": [{"name": n[:140], "ms": ms, "calls_per_step": c / steps, "category": category(n)} for n, (ms, c) in top],
+        "top_kernels": [{"name": n[:140], "ms": ms, "median_us": statistics.median(durations[n]) * 1e3, "calls_per_step": c / steps, "category": category(n)} for n, (ms, c) in top],
         "quantized_ops": row.quantized_ops,
     }
 
@@ -139,6 +148,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU")
     results = []
+    with bench._registered(os.environ.get(bench.ROWS_ENV)):
+        _profile_all(args, results)
+    if args.plot:
+        plot(results, args.plot)
+
+
+def _profile_all(args: argparse.Namespace, results: list[dict]) -> None:
     for variant in args.variants:
         torch._dynamo.reset()
         code = f"{args.code_dir}/{args.model}.{variant}.py" if args.code_dir else None
@@ -146,17 +162,16 @@ def main() -> None:
             os.makedirs(args.code_dir, exist_ok=True)
         r = profile_variant(args.model, variant, args.steps, code)
         results.append(r)
-        print(f"\n## {args.model} {variant}: wall {r['wall_ms']:.2f} ms/step, kernels busy {r['busy_ms']:.2f} ms, "
+        print(f"\n## {args.model} {variant}: wall {r['wall_ms']:.2f} ms/step, kernels busy {r['busy_ms']:.2f} ms "
+              f"(medians x calls: {r['busy_median_ms']:.2f} ms), "
               f"{r['kernels_per_step']:.0f} kernels/step, quantized {r['quantized_ops']}")
         for cat, ms in r["categories_ms"].items():
             print(f"  {cat:24s} {ms:8.3f} ms")
         for k in r["top_kernels"][:12]:
             print(f"    {k['ms']:7.3f} ms  x{k['calls_per_step']:5.1f}  [{k['category']}] {k['name'][:100]}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.plot:
-        plot(results, args.plot)
+        if args.out:  # (after each variant: a later one may run out of time)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

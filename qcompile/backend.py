@@ -230,6 +230,25 @@ def build_quantized_graph(
     return prepared, converted
 
 
+MULTI_KERNEL_ENV = "QDIFF_MULTI_KERNEL"
+
+
+def multi_kernel_from_env(default: bool) -> bool:
+    """``QDIFF_MULTI_KERNEL`` (``1`` / ``0``; unset: ``default``): compile with Inductor's multi-kernel reductions
+    (``triton.multi_kernel``): row reductions up to 16x wider than Inductor's default bound (1024) also get a persistent
+    kernel (one read of the row), and the faster of the two is picked by timing at the first call. Our graphs' LayerNorm
+    + modulate + quantize kernels over DiT / PixArt's 1152-wide rows are looped reductions by default: 37-59 us each on
+    an H200, ~3x their bytes' time (examples/profile_step.py, docs/benchmarks.md). Measured with CUDA graphs on an H200
+    (2026-12-02): DiT-XL/2 W8A8-FP8 + fp8 attention 15.22 ms with it, 15.26 ms without; bf16 Inductor 18.49 vs 18.70 ms:
+    no gain worth its compile time, so off by default (the bench's ``-multikernel`` / ``-single-kernel`` rows)."""
+    value = os.environ.get(MULTI_KERNEL_ENV)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{MULTI_KERNEL_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None) -> QuantizedGraph:
     """The Dynamo backend registered as ``"qdiff"``.
 
@@ -274,6 +293,8 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         patches = dict(list_mode_options(mode)) if mode else {}
         kernel_pass = QdiffKernelPass(opts.plan.digest(), lowering_name)
         patches["post_grad_custom_post_pass"] = kernel_pass
+        if multi_kernel_from_env(False):
+            patches["triton.multi_kernel"] = 1
         # Dynamo's map from lifted parameters to guard sources does not know our quantized
         # buffers; without it AOTAutograd treats every parameter and buffer as a static input.
         if hasattr(converted, "_param_name_to_source"):

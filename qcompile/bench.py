@@ -151,14 +151,21 @@ CONV_DIRECT = "-direct"
 # suffix (before -cudagraphs): the row's process quantizes the inputs of fp8 GEMMs after extern kernels in the GEMM's
 # prologue at every width (QDIFF_FP8_PASS_MIN_N=off: the placement before 2026-12-02), the A/B of passes/act_quant's rule
 EXTERN_PROLOGUE = "-extern-prologue"
+# suffixes (before -cudagraphs): Inductor's multi-kernel reductions on / off in the row (QDIFF_MULTI_KERNEL, read by the
+# qdiff backend and by bf16 Inductor rows; default off, Inductor's own default), the A/B of that patch
+MULTI_KERNEL = "-multikernel"
+SINGLE_KERNEL = "-single-kernel"
 # the environment each row-process suffix sets (row_environment); measure() strips them
-ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off")}
+ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
+                    MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
             + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS)  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8
             + ("qdiff-w8a8-fp8" + CONV_DIRECT, "qdiff-w8a8-fp8" + CONV_DIRECT + CUDAGRAPHS)
-            + ("qdiff-w8a8-fp8" + EXTERN_PROLOGUE, "qdiff-w8a8-fp8" + EXTERN_PROLOGUE + CUDAGRAPHS))
+            + ("qdiff-w8a8-fp8" + EXTERN_PROLOGUE, "qdiff-w8a8-fp8" + EXTERN_PROLOGUE + CUDAGRAPHS)
+            + ("bf16-inductor" + MULTI_KERNEL, "bf16-inductor" + MULTI_KERNEL + CUDAGRAPHS)
+            + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_INDUCTOR_CONFIG = "Inductor defaults (set_inductor_config=False: no coordinate-descent tuning, as in every other row)"
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
@@ -304,14 +311,19 @@ def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: s
     """``torch.compile(model, backend=..., mode=..., options=...)`` (``backend``: ``"inductor"`` or ``"qdiff"``); in a
     multi-row run (``rows_dir``) the backend's compiled graphs run their first call alone on the host
     (:func:`_exclusive_first_run`, durations to ``first_calls_s``) while compiling still overlaps with other rows."""
-    if rows_dir is None:
-        return torch.compile(model, backend=backend, mode=mode) if backend == "inductor" else torch.compile(model, backend=backend, options=options)
     if backend == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = dict(list_mode_options(mode)) if mode else {}
+        from .backend import multi_kernel_from_env
+
+        multi = {"triton.multi_kernel": 1} if multi_kernel_from_env(False) else {}
+        patches = {**(list_mode_options(mode) if mode else {}), **multi}
+        if rows_dir is None:  # (torch.compile takes a mode or options, not both)
+            return torch.compile(model, backend="inductor", options=patches) if multi else torch.compile(model, backend="inductor", mode=mode)
         inner = lambda gm, example_inputs: compile_fx(gm, example_inputs, config_patches=patches)  # noqa: E731
+    elif rows_dir is None:
+        return torch.compile(model, backend=backend, options=options)
     elif backend == "qdiff":
         from .backend import qdiff_backend
 
@@ -328,6 +340,8 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
     host alone."""
     mode = "reduce-overhead" if variant.endswith(CUDAGRAPHS) else None
     variant = variant.removesuffix(CUDAGRAPHS)
+    for suffix in ROW_ENV_SUFFIXES:  # (the row's environment carries these: row_environment)
+        variant = variant.removesuffix(suffix)
     if variant == "bf16-eager":
         return model
     if variant == "bf16-inductor":
@@ -357,8 +371,6 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
         from .calibrate import calibrate
         from .config import QuantConfig
 
-        for suffix in ROW_ENV_SUFFIXES:  # (the row's environment carries these: row_environment)
-            variant = variant.removesuffix(suffix)
         guard = variant.endswith(LATENCY_GUARD)
         cfg = QuantConfig.preset(variant.removeprefix("qdiff-").removesuffix(LATENCY_GUARD))
 
@@ -956,13 +968,15 @@ def _sample_stacks(model: str, variant: str) -> StackSampler | None:
 
 def exception_summary(e: BaseException) -> str:
     """``Type: message (file:line in function)`` of the frame that raised ``e``, first line of the message only,
-    at most 600 characters."""
+    at most 600 characters (a long message is cut, the place is kept)."""
     import traceback
 
     frames = traceback.extract_tb(e.__traceback__)
     where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
     first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}{where}"[:600]
+    head = f"{type(e).__name__}: {first}"
+    limit = 600 - len(where)
+    return (head if len(head) <= limit else head[: limit - 3] + "...") + where
 
 
 if __name__ == "__main__":

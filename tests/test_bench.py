@@ -461,10 +461,11 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
     """``qdiff-w8a8-fp8-extern-prologue`` is w8a8-fp8 with ``QDIFF_FP8_PASS_MIN_N=off`` (the act-quant placement
     before the separate pass after extern kernels): the A/B row of passes/act_quant's rule. The suffixes' variables
     are the ones the code reads."""
+    from qcompile.backend import MULTI_KERNEL_ENV
     from qcompile.lowering.conv_im2col import ENGINE_ENV
     from qcompile.passes.act_quant import PASS_MIN_N_ENV
 
-    assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV}
+    assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV}
     assert bench.row_environment("qdiff-w8a8-fp8-extern-prologue-cudagraphs") == {PASS_MIN_N_ENV: "off"}
     monkeypatch.delenv(PASS_MIN_N_ENV, raising=False)
     with pytest.raises(RuntimeError, match="QDIFF_FP8_PASS_MIN_N=off"):
@@ -472,3 +473,25 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
     monkeypatch.setenv(PASS_MIN_N_ENV, "off")
     row = bench.measure(tiny, "qdiff-w8a8-fp8-extern-prologue", "cpu", budget_s=0.05)
     assert row.status == "ok" and row.extra["kernel_switches"] == {PASS_MIN_N_ENV: "off"}
+
+
+def test_multi_kernel_rows_patch_inductor_in_their_process(tiny, monkeypatch):
+    """``-multikernel`` / ``-single-kernel`` set ``QDIFF_MULTI_KERNEL`` for the row (default off, Inductor's default),
+    which reaches Inductor's config patches."""
+    from qcompile.backend import MULTI_KERNEL_ENV, multi_kernel_from_env
+
+    assert bench.row_environment("bf16-inductor-multikernel-cudagraphs") == {MULTI_KERNEL_ENV: "1"}
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-single-kernel") == {MULTI_KERNEL_ENV: "0"}
+    monkeypatch.delenv(MULTI_KERNEL_ENV, raising=False)
+    assert multi_kernel_from_env(True) and not multi_kernel_from_env(False)
+    monkeypatch.setenv(MULTI_KERNEL_ENV, "yes")
+    with pytest.raises(ValueError, match="QDIFF_MULTI_KERNEL must be 0 or 1"):
+        multi_kernel_from_env(True)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    monkeypatch.setenv(MULTI_KERNEL_ENV, "1")
+    bench._compile(torch.nn.Linear(2, 2), "inductor", "reduce-overhead", None)
+    monkeypatch.setenv(MULTI_KERNEL_ENV, "0")
+    bench._compile(torch.nn.Linear(2, 2), "inductor", None, None)
+    assert seen == [{"backend": "inductor", "options": {"triton.cudagraphs": True, "triton.multi_kernel": 1}},
+                    {"backend": "inductor", "mode": None}]

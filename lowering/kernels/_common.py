@@ -147,6 +147,31 @@ def store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on):
 
 
 @triton.jit
+def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr,
+                HEAD_D: tl.constexpr, HEAD_W: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store a GEMM tile as fp8 attention heads (:mod:`..heads`, the layout): ``y`` (fp32, M = B * SEQ rows) is quantized
+    per column with the static scales ``os_ptr[n]``; columns ``[0, N_RM)`` (q / k heads of HEAD_D) go to rows of
+    ``N_RM / HEAD_D`` heads of HEAD_W bytes, zero-padded from HEAD_D (columns ``d < HEAD_W - HEAD_D`` also write the zero
+    at ``d + HEAD_D``), columns ``[N_RM, N)`` (V) to ``(B, N - N_RM, SEQ_PAD)`` after them, keys contiguous."""
+    n_ok = rn < N
+    y8 = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr + rn, mask=n_ok, other=1.0))[None, :], INTERPRET)
+    row_ok = (rm < M)[:, None]
+    rm64 = rm.to(tl.int64)
+    row_len: tl.constexpr = (N_RM // HEAD_D) * HEAD_W
+    if N_RM > 0:
+        h = rn // HEAD_D
+        d = rn - h * HEAD_D
+        offs = rm64[:, None] * row_len + (h * HEAD_W + d)[None, :]
+        is_rm = row_ok & (rn < N_RM)[None, :]
+        tl.store(out_ptr + offs, y8, mask=is_rm)
+        if HEAD_W > HEAD_D:
+            tl.store(out_ptr + offs + HEAD_D, tl.zeros_like(y8), mask=is_rm & (d < HEAD_W - HEAD_D)[None, :])
+    b = rm64 // SEQ
+    v_rows = (rm64 * 0 + M) * row_len + b * ((N - N_RM) * SEQ_PAD) + (rm64 - b * SEQ)  # (the V region starts after M rows)
+    tl.store(out_ptr + v_rows[:, None] + ((rn - N_RM) * SEQ_PAD)[None, :], y8, mask=row_ok & (n_ok & (rn >= N_RM))[None, :])
+
+
+@triton.jit
 def epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS: tl.constexpr, PER_CHANNEL_SCALE: tl.constexpr, ACT: tl.constexpr):
     """fp32 ``acc * a_scale * w_scale[n] (if per-channel) + bias[n]``, then the activation."""
     mask_n = rn < N
