@@ -75,6 +75,10 @@ class HeadsLayout:
     def numel(self) -> int:
         return self.vt_offset + self.batch * self.n_vt * self.seq_pad
 
+    def fields(self) -> tuple[int, ...]:
+        """``(batch, seq, n_rm, n_vt, head_dim, head_width)``: ``HeadsLayout(*fields)`` is this layout."""
+        return (self.batch, self.seq, self.n_rm, self.n_vt, self.head_dim, self.head_width)
+
     def kernel_args(self) -> dict[str, int]:
         """The GEMM kernels' constexprs for this layout (:func:`.kernels._common.store_heads`)."""
         return {"N_RM": self.n_rm, "SEQ": self.seq, "SEQ_PAD": self.seq_pad, "HEAD_D": self.head_dim, "HEAD_W": self.head_width}
@@ -105,3 +109,9 @@ def reference_heads(y: torch.Tensor, out_scale: torch.Tensor, layout: HeadsLayou
     vt = buf[layout.vt_offset :].view(layout.batch, layout.n_vt, layout.seq_pad)
     vt[:, :, : layout.seq] = codes[:, n_rm:].reshape(layout.batch, layout.seq, layout.n_vt).transpose(1, 2)
     return buf
+
+
+def heads_view(buf: torch.Tensor, heads: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    """:meth:`HeadsLayout.view` of ``HeadsLayout(*heads)``: the call a rewritten graph makes for each of q / k / v
+    (graphs carry the layout as its :meth:`HeadsLayout.fields`, plain ints)."""
+    return HeadsLayout(*heads).view(buf, start, stop)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import dequantize_fp8, dequantize_int, int_range, quantize_fp8, quantize_int
+from .heads import HeadsLayout, reference_heads
 from .weights import dequantize_weight
 
 
@@ -152,3 +153,11 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     p8 = p.clamp(max=ATTN_P_SCALE).to(torch.float8_e4m3fn).float()
     out = (p8 @ v8) * (v_scale.float() / p.sum(-1, keepdim=True))
     return out.to(out_dtype)
+
+
+def qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, *, heads: tuple[int, ...], out_scale, **linear_kwargs):
+    """A q / k / v projection (:func:`qlinear`'s arguments) whose output is quantized per column with ``out_scale[n]``
+    and laid out as fp8 attention heads (``HeadsLayout(*heads)``, :mod:`.heads`): what ``qdiff::fp8_linear_heads``
+    computes."""
+    y = qlinear(x, wdata, wscale, bias, a_scale, a_zp, **linear_kwargs)
+    return reference_heads(y.reshape(-1, y.shape[-1]), out_scale, HeadsLayout(*heads))

@@ -34,6 +34,7 @@ import torch
 from . import reference
 from . import conv_im2col
 from .conv_im2col import conv2d_fp8_direct, conv2d_fp8_im2col, fp8_engine
+from .heads import HeadsLayout
 from .kernels._common import FLOAT_DTYPES, MAX_SLICES, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
 from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
@@ -297,33 +298,60 @@ def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:
 
 
 def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why ``qdiff::fp8_attention`` cannot take these q / k / v (they then run :func:`.reference.qattention`), or None."""
-    from .kernels.fp8_attention import MAX_HEAD_DIM, MIN_HEAD_DIM
+    """Why ``qdiff::fp8_attention`` cannot take these q / k / v (they then run :func:`.reference.qattention`), or None.
+
+    Each of q / k / v is float (quantized here) or already float8_e4m3fn heads written by its projection
+    (``passes.attention_heads``: q / k then padded to :func:`.kernels.fp8_attention.qk_width` of V's head dim)."""
+    from .kernels.fp8_attention import MAX_HEAD_DIM, MIN_HEAD_DIM, qk_width
 
     if not kernels_usable_on(q.device):
         return f"device {q.device} (kernels need CUDA, or CPU in the Triton interpreter)"
-    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    floats = {t.dtype for t in (q, k, v) if t.dtype != FP8}
+    if len(floats) > 1 or not floats <= set(FLOAT_DTYPES):
         return f"dtypes {q.dtype} / {k.dtype} / {v.dtype}"
-    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+    d = v.shape[-1] if v.dim() == 4 else 0
+    widths_ok = all(t.shape[3] == (qk_width(d) if t.dtype == FP8 else d) for t in (q, k))
+    if q.dim() != 4 or k.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[:2] != q.shape[:2] or not widths_ok:
         return f"shapes {tuple(q.shape)} / {tuple(k.shape)} / {tuple(v.shape)}"
-    d = q.shape[3]
     if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0) or k.shape[2] == 0:
         return f"head dim {d} or no keys"
     return None
 
 
-def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None):
+def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None):
     """:func:`.reference.qattention`'s signature (the converted graph's attention call): ``qdiff::fp8_attention`` where
     :func:`attention_route` allows, else the reference. q / k / v are quantized before the kernel by plain aten ops
     (:func:`.kernels.fp8_attention.quantize_heads`, fused by Inductor into one pass over the producer's output), V stored
     with its keys contiguous: once per tensor instead of once per query tile in the kernel, and the kernel's fp8
-    ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2")."""
+    ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2"). q / k / v already float8_e4m3fn (fp8
+    heads written by their projection, ``passes.attention_heads``) are taken as they are; fp8 q needs ``sm_scale`` and
+    ``out_dtype``."""
     from .kernels.fp8_attention import fp8_attention, qk_width, quantize_heads
 
+    if q.dtype == FP8 and (sm_scale is None or out_dtype is None):
+        raise ValueError("fp8 q heads (padded by their projection) need an explicit sm_scale and out_dtype")
     if attention_route(q, k, v) is not None:
-        return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
-    d = q.shape[-1]
+        return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype)
+    d = v.shape[-1]
     width = qk_width(d)  # (D = 40 / 72: q / k padded to 64 / 128 with zero columns, one Q K^T dot)
-    q8, k8 = quantize_heads(q, q_scale, width=width), quantize_heads(k, k_scale, width=width)
-    v8 = quantize_heads(v, v_scale, keys_contiguous=True)
-    return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, d ** -0.5 if sm_scale is None else sm_scale, out_dtype=q.dtype)
+    q8 = q if q.dtype == FP8 else quantize_heads(q, q_scale, width=width)
+    k8 = k if k.dtype == FP8 else quantize_heads(k, k_scale, width=width)
+    v8 = v if v.dtype == FP8 else quantize_heads(v, v_scale, keys_contiguous=True)
+    return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
+                         out_dtype=out_dtype or q.dtype)
+
+
+def qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, *, heads, out_scale, wfmt, group_size, weight_shape, afmt=None, asym=False,
+                  bias_corr=None, act_smooth=None, x_quant=None):
+    """:func:`.reference.qlinear_heads` (a q / k / v projection written as fp8 attention heads, ``heads``: the
+    :meth:`.heads.HeadsLayout.fields`) on
+    ``qdiff::fp8_linear_heads`` where the fp8 kernel takes it, else the reference. ``x_quant``: as :func:`qlinear`."""
+    from .kernels.fp8_linear import fp8_linear_heads
+
+    if linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size) != "fp8" or act_smooth is not None:
+        return reference.qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, heads=heads, out_scale=out_scale, wfmt=wfmt,
+                                       group_size=group_size, weight_shape=weight_shape, afmt=afmt, asym=asym, bias_corr=bias_corr,
+                                       act_smooth=act_smooth)
+    if (x_quant or FP8_ACT_QUANT_DEFAULT) == "producer":
+        x = quantize_input_fp8(x, a_scale)
+    return fp8_linear_heads(x, wdata.view(FP8), wscale, bias, a_scale, out_scale, HeadsLayout(*heads), bias_corr)

@@ -59,6 +59,8 @@ class Lowering:
     stored_weight: Callable[[QuantizedOp, str], tuple[torch.Tensor, str] | None] | None = None
     # fp8 attention (passes/convert_attention.py): (q, k, v, q_scale, k_scale, v_scale, sm_scale=) -> output
     attention: Callable[..., torch.Tensor] = reference.qattention
+    # a q / k / v projection written as fp8 attention heads (passes/attention_heads.py), if the lowering has it
+    linear_heads: Callable[..., torch.Tensor] | None = None
 
 
 def _check_slices(q: QuantizedOp, node: fx.Node) -> None:

@@ -25,6 +25,7 @@ from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.convert_attention import convert_attention
 from .passes.act_quant import place_act_quant
+from .passes.attention_heads import enabled_from_env as heads_enabled, fuse_attention_heads
 from .passes.fuse_epilogue import fuse_epilogues
 from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
 from .passes.sites import META_KEY, parameter_tensors
@@ -106,6 +107,7 @@ class QuantizedGraph:
     released: dict[str, int] = field(default_factory=dict)  # float weights this compile released: name -> bytes freed
     fused_siblings: int = 0  # fused calls made of quantized linears reading the same input (passes.fuse_siblings)
     act_quant: dict[str, int] = field(default_factory=dict)  # where fp8 GEMM inputs are quantized (passes.act_quant counts)
+    attention_heads: int = 0  # q / k / v projections writing fp8 attention heads (passes.attention_heads)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -203,7 +205,8 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
         return "reference", Lowering()
     return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
                               aux=triton_lowering.aux_buffers, fallback=triton_lowering.fallback_reason,
-                              stored_weight=triton_lowering.stored_weight, attention=triton_lowering.qattention)
+                              stored_weight=triton_lowering.stored_weight, attention=triton_lowering.qattention,
+                              linear_heads=triton_lowering.qlinear_heads)
 
 
 def build_quantized_graph(
@@ -268,7 +271,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     device = _device_of(example_inputs)
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
-    fused = siblings = 0
+    fused = siblings = heads = 0
     placed: dict[str, int] = {}
     if lowering.linear_fused is not None:
         if siblings_enabled():
@@ -279,6 +282,9 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         converted, counts = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,))
         placed = dict(counts)
         log_graph("place_act_quant", converted)
+        if lowering.linear_heads is not None and heads_enabled():
+            converted, heads = fuse_attention_heads(converted, lowering.linear, lowering.attention, lowering.linear_heads)
+            log_graph("fuse_attention_heads", converted)
     released = check_released_unread(converted, example_inputs)  # inputs released by an earlier compile: never read
     freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()
     drop = released | set(freeing.release)
@@ -307,6 +313,6 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     freed = release({name: example_inputs[i] for i, name in freeing.release.items()})
     warn_kept(opts.plan, freeing.kept)
     record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings,
-                            act_quant=placed)
+                            act_quant=placed, attention_heads=heads)
     opts.plan.compiled.append(record)
     return record

@@ -156,6 +156,12 @@ def _w8a8_configs(tma: bool):
     return pick
 
 
+def _no_heads() -> dict:
+    from .lowering.kernels.fp8_linear import NO_HEADS
+
+    return NO_HEADS
+
+
 def _fp8_kernel():
     from .lowering.kernels.fp8_linear import fp8_linear_kernel
 
@@ -167,7 +173,7 @@ def _fp8_family(name: str, x_key: str) -> Family:
         name=name, kernel=_fp8_kernel,
         args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["bias"], D["out"], D["s8"], M, N, K, K, 1, K, N, 1, 0, 0, 0),
         flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=K % c["BLOCK_K"] == 0,
-                                      NS=1, INTERPRET=_interp()),
+                                      NS=1, INTERPRET=_interp(), **_no_heads()),
         grid=_tile_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(False), baseline="scaled_mm",
     )
 
@@ -191,7 +197,7 @@ def _tma_family(name: str, x_key: str) -> Family:
         name=name, kernel=_tma_kernel,
         args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], D["s8"], M, N, K, K, N),
         flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=_interp(),
-                                                FLATTEN=c.get("FLATTEN", False), WARP_SPEC=c.get("WARP_SPEC", False)),
+                                                FLATTEN=c.get("FLATTEN", False), WARP_SPEC=c.get("WARP_SPEC", False), **_no_heads()),
         grid=_persistent_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(True), baseline="scaled_mm",
         available=_tma_available, needs_tma=True,
     )

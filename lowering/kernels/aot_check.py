@@ -85,6 +85,10 @@ def inductor_variants(kernel, signature: dict, constexprs: dict) -> list[tuple[s
             ("every scalar a constexpr", signature, {**constexprs, **{n: 0.5 if t.startswith("fp") else 3 for n, t in scalars.items()}})]
 
 
+# DiT-XL/2's q / k / v projection written as fp8 heads (lowering/heads.py): 1024 tokens, q / k 2 x 16 heads of 72 padded to 128
+DIT_HEADS = {"HEADS": True, "N_RM": 2304, "SEQ": 1024, "SEQ_PAD": 1024, "HEAD_D": 72, "HEAD_W": 128}
+
+
 def cases(which: set[str]):
     """(name, kernel, signature, constexprs, configs, aligned int args) to compile."""
     unit = {"stride_xk": 1, "stride_on": 1, "INTERPRET": False}
@@ -92,7 +96,7 @@ def cases(which: set[str]):
     if "fp8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32", out_ptr="*bf16",
                           os_ptr="*fp32")
-        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=True, NS=1)
+        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=True, NS=1, **fp8_linear.NO_HEADS)
         yield "fp8", fp8_linear.fp8_linear_kernel, sig, flags, fp8_linear.LARGE_M_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned
         yield "fp8 split (2 slices)", fp8_linear.fp8_linear_kernel, sig, dict(flags, NS=2), fp8_linear.SPLIT_CONFIGS, lin_aligned + ["B1"]
         yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.PREQUANT_CONFIGS, lin_aligned
@@ -103,14 +107,18 @@ def cases(which: set[str]):
                 dict(sig, x_ptr="*fp8e4nv" if x_fp8 else "*bf16"), dict(flags, X_FP8=x_fp8, NS=3), fp8_linear.SPLIT_K64_CONFIGS, lin_aligned + ["B1", "B2"]
         yield "fp8 prequant, fp8 out", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), dict(flags, X_FP8=True, OUT_FP8=True, ACT=2), \
             fp8_linear.PREQUANT_CONFIGS[:1], lin_aligned
+        yield "fp8 prequant, heads out (DiT q / k / v)", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), \
+            dict(flags, X_FP8=True, OUT_FP8=True, **DIT_HEADS), fp8_linear.PREQUANT_CONFIGS[:2], lin_aligned
     if "tma" in which and fp8_tma.HAS_TMA:  # the production (fp8-input) table, with and without the fp8-output epilogue
         sig = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "as_ptr": "*fp32", "out_ptr": "*bf16",
                "os_ptr": "*fp32", "M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_om": I32}
-        flags = dict(X_FP8=True, HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=False, NUM_SMS=132, WARP_SPEC=False)
+        flags = dict(X_FP8=True, HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=False, NUM_SMS=132, WARP_SPEC=False, **fp8_tma.NO_HEADS)
         aligned = ["M", "N", "K", "stride_xm", "stride_om"]
         yield "fp8 tma", fp8_tma.fp8_linear_tma_kernel, sig, flags, fp8_tma.PROD_CONFIGS, aligned
         yield "fp8 tma, fp8 out", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, ACT=2), \
             fp8_tma.PROD_CONFIGS, aligned
+        yield "fp8 tma, heads out (DiT q / k / v)", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), \
+            dict(flags, OUT_FP8=True, **DIT_HEADS), fp8_tma.PROD_CONFIGS, aligned
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")

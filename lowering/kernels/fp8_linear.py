@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..heads import HeadsLayout
 from . import fp8_tma
 from ._common import (
     FLOAT_DTYPES,
@@ -47,6 +48,7 @@ from ._common import (
     rows,
     slice_bound,
     split_args,
+    store_heads,
     store_tile,
     tile_ids,
 )
@@ -62,6 +64,7 @@ def fp8_linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_om, stride_on, B1, B2, B3,
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
     OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, NS: tl.constexpr, INTERPRET: tl.constexpr,
+    HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -124,9 +127,12 @@ def fp8_linear_kernel(
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K
         y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
-    if OUT_FP8:  # quantize for the next fp8 GEMM (its static scale): it reads 1-byte inputs, no quantize pass
-        y = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr)), INTERPRET)
-    store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
+    if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
+        store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
+    else:
+        if OUT_FP8:  # quantize for the next fp8 GEMM (its static scale): it reads 1-byte inputs, no quantize pass
+            y = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr)), INTERPRET)
+        store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
 
 
 # Autotune tables: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, GROUP_M) per M regime: the winners of the
@@ -155,7 +161,8 @@ SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
 SPLIT_CONFIGS = configs_from(CONFIG_TABLE["split"])
 SPLIT_K64_CONFIGS = configs_from(CONFIG_TABLE["split_k64"])
 
-_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS"]
+_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS", "HEADS"]
+NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1}  # a plain (M, N) output
 # EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
 _K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS + SPLIT_CONFIGS)
 _K64_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in SPLIT_K64_CONFIGS)
@@ -182,18 +189,24 @@ def tile_table(M: int, K: int, bounds: tuple[int, ...], split: bool, x_fp8: bool
 
 
 def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
-            out_scale: torch.Tensor | None, wrap, splits=None) -> torch.Tensor:
+            out_scale: torch.Tensor | None, wrap, splits=None, heads: HeadsLayout | None = None) -> torch.Tensor:
     """Allocate the output and launch: fp8 inputs of large GEMMs on the persistent TMA kernel (:func:`.fp8_tma.use_tma`),
     everything else on :func:`fp8_linear_kernel`. ``wrap``: ``wrap_triton`` (inside the triton_ops) or :func:`direct`.
-    ``splits``: input-feature split points of a split op (per-slice scales, quantized in the prologue)."""
+    ``splits``: input-feature split points of a split op (per-slice scales, quantized in the prologue). ``heads``: the
+    output is the flat fp8 attention-heads buffer of that layout, ``out_scale`` one scale per column."""
     M, K = x.shape
     ns, b1, b2, b3 = split_args(splits, K)
     N = w.shape[0]
-    out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
+    if heads is not None:
+        out = torch.empty((heads.numel,), device=x.device, dtype=FP8)
+        layout = {"HEADS": True, **heads.kernel_args()}
+    else:
+        out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
+        layout = NO_HEADS
     if M == 0:
         return out
     if x_fp8 and ns == 1 and fp8_tma.use_tma(x, w):
-        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap)
+        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap, layout)
     table, even_k = tile_table(M, K, (b1, b2, b3), ns > 1, x_fp8)
     kernel = _KERNELS[table]
 
@@ -204,9 +217,10 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
         x, w, w_scale, bias if bias is not None else w_scale, a_scale,
         act_smooth if act_smooth is not None else w_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K,
-        x.stride(0), x.stride(1), w.stride(0), out.stride(0), out.stride(1), b1, b2, b3,
+        x.stride(0), x.stride(1), w.stride(0), N if heads is not None else out.stride(0), 1 if heads is not None else out.stride(1),
+        b1, b2, b3,
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        OUT_FP8=out_scale is not None, EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET, **layout,
     )
     return out
 
@@ -321,6 +335,43 @@ def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     else:
         out = _fp8_linear_prequant(*args, split, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args, split)
     return out if xq.dim() == 2 else out.reshape(*xq.shape[:-1], N)
+
+
+def _fp8_linear_heads(x, w, w_scale, bias, a_scale, out_scale, heads: list[int], wrap=wrap_triton):
+    x_fp8 = x.dtype == FP8
+    _check(x, w, w_scale, bias, a_scale, None, (FP8,) if x_fp8 else FLOAT_DTYPES)
+    layout = HeadsLayout(*heads)
+    if (layout.rows, layout.columns) != (x.shape[0], w.shape[0]):
+        raise ValueError(f"heads layout {layout} does not match the GEMM's ({x.shape[0]}, {w.shape[0]}) output")
+    check_tensor(out_scale, "per-column output scale", (torch.float32,), shape=(w.shape[0],))
+    if not out_scale.is_contiguous():
+        raise ValueError("the per-column output scale must be contiguous")
+    return _launch(x, w, w_scale, bias, a_scale, None, 0, torch.float32, x_fp8, out_scale, wrap, heads=layout)
+
+
+@triton_op("qdiff::fp8_linear_heads", mutates_args=())
+def fp8_linear_heads_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                        a_scale: torch.Tensor, out_scale: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """2-D ``x`` (float, quantized in the prologue, or float8_e4m3fn quantized by its producer with ``a_scale``) times
+    the fp8 weight, each output column quantized with ``out_scale[n]`` and stored as fp8 attention heads: the flat
+    buffer of ``HeadsLayout(*heads)`` (``lowering/heads.py``)."""
+    return _fp8_linear_heads(x, w, w_scale, bias, a_scale, out_scale, heads)
+
+
+@fp8_linear_heads_op.register_fake
+def _(x, w, w_scale, bias, a_scale, out_scale, heads):
+    return x.new_empty((HeadsLayout(*heads).numel,), dtype=FP8)
+
+
+def fp8_linear_heads(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
+                     out_scale: torch.Tensor, layout: HeadsLayout, bias_corr: torch.Tensor | None = None) -> torch.Tensor:
+    """The q / k / v projection ``x`` (..., K) -> the flat fp8 heads buffer of ``layout`` (:mod:`..heads`), each output
+    column quantized with ``out_scale[n]``. Eager calls launch directly; traced ones call
+    ``torch.ops.qdiff.fp8_linear_heads``."""
+    N = w.shape[0]
+    heads = [layout.batch, layout.seq, layout.n_rm, layout.n_vt, layout.head_dim, layout.head_width]
+    args = (rows(x), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale), flat(as_float(out_scale)), heads)
+    return _fp8_linear_heads(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear_heads(*args)
 
 
 def quantize_slices_fp8(x: torch.Tensor, a_scale: torch.Tensor, splits: tuple[int, ...]) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotuned, config, epilogue, grouped_tile, quantize_fp8, store_tile
+from ._common import INTERPRET, autotuned, config, epilogue, grouped_tile, quantize_fp8, store_heads, store_tile
 
 HAS_TMA: bool = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
@@ -40,13 +40,14 @@ def fp8_linear_tma_kernel(
     stride_xm, stride_om,
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
+    HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     a_scale = tl.load(as_ptr)
     inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
-    inv_out = tl.math.div_rn(1.0, tl.load(os_ptr))  # (os_ptr is as_ptr when not OUT_FP8)
+    inv_out = tl.math.div_rn(1.0, tl.load(os_ptr))  # (os_ptr is as_ptr when not OUT_FP8; HEADS: per-column scales)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -64,9 +65,12 @@ def fp8_linear_tma_kernel(
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
-        if OUT_FP8:  # quantized for the next fp8 GEMM (its static scale)
-            y = quantize_fp8(y * inv_out, INTERPRET)
-        store_tile(y, rm, rn, M, N, out_ptr, stride_om, 1)
+        if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
+            store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
+        else:
+            if OUT_FP8:  # quantized for the next fp8 GEMM (its static scale)
+                y = quantize_fp8(y * inv_out, INTERPRET)
+            store_tile(y, rm, rn, M, N, out_ptr, stride_om, 1)
 
 
 def tma_compatible(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -145,13 +149,16 @@ def _with_flatten(c: triton.Config) -> triton.Config:
 
 
 PROD_CONFIGS = [_with_flatten(config(*row)) for row in CONFIG_TABLE]
-_prod = autotuned(fp8_linear_tma_kernel, PROD_CONFIGS, ["M", "N", "K", "ACT", "OUT_FP8"],
+NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1}  # a plain (M, N) output
+_prod = autotuned(fp8_linear_tma_kernel, PROD_CONFIGS, ["M", "N", "K", "ACT", "OUT_FP8", "HEADS"],
                   interpret_config=_with_flatten(config(16, 32, 32, 1, 4, 2)))
 
 
-def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wrap) -> torch.Tensor:
+def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wrap, layout: dict | None = None) -> torch.Tensor:
     """The production launch (autotuned over :data:`CONFIG_TABLE`) for fp8 ``x``; ``wrap``: ``wrap_triton`` inside a
-    ``triton_op`` (Inductor inlines the kernel), the identity in eager."""
+    ``triton_op`` (Inductor inlines the kernel), the identity in eager. ``layout``: the heads constexprs
+    (:data:`NO_HEADS`: ``out`` is (M, N); else ``out`` is the flat heads buffer of ``lowering/heads.py``)."""
+    layout = NO_HEADS if layout is None else layout
     if x.device.type == "cuda":
         ensure_allocator()
     M, K = x.shape
@@ -163,9 +170,9 @@ def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wra
 
     wrap(_prod)[grid](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale, out, out_scale if out_scale is not None else a_scale,
-        M, N, K, x.stride(0), out.stride(0),
+        M, N, K, x.stride(0), N if layout["HEADS"] else out.stride(0),
         X_FP8=True, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
-        NUM_SMS=sms, WARP_SPEC=False,
+        NUM_SMS=sms, WARP_SPEC=False, **layout,
     )
     return out
 
@@ -187,7 +194,7 @@ def launch(x, w, w_scale, bias, a_scale, out, act: int, *, block_m: int, block_n
         x, w, w_scale, bias if bias is not None else w_scale, a_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K, x.stride(0), out.stride(0),
         X_FP8=x.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
-        NUM_SMS=sms, FLATTEN=flatten, WARP_SPEC=warp_spec,
+        NUM_SMS=sms, FLATTEN=flatten, WARP_SPEC=warp_spec, **NO_HEADS,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -1,0 +1,190 @@
+"""Quantized attention's q / k / v written as fp8 heads by their projection GEMM (Triton lowering).
+
+After :mod:`.convert_attention`, :mod:`.fuse_siblings` and :mod:`.act_quant`, a quantized attention call reads its
+q / k / v from quantized linears through ``split`` -> ``reshape(B, S, H, D)`` -> ``transpose(1, 2)``, and the lowering
+quantizes them in a separate pass before its kernel (~43 us per DiT-XL/2 layer, 1.4 ms per step on an H200,
+docs/kernels.md). This pass gives such a projection the attention's static q / k / v scales, one per output column,
+and makes it ``linear_heads(..., heads=HeadsLayout.fields(), out_scale=...)``: its GEMM epilogue writes the fp8 heads in the
+layout the attention kernel reads (:mod:`..lowering.heads`), and the attention call gets views of that buffer.
+
+A projection is rewritten when all of it feeds attention calls this way (every column; q / k sections before V
+sections), it is a plain fp8 x fp8 linear (no split op, smoothing, activation or fp8 input / output, its input a float
+tensor) and its heads are whole heads of one head dim; a role that does not qualify keeps its float input, which the
+attention call quantizes as before (the lowering takes mixed inputs). ``QDIFF_ATTN_HEADS=0`` turns the pass off (A/B).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..lowering.heads import HeadsLayout, heads_view
+from ..lowering.kernels.fp8_attention import qk_width
+from .convert import add_buffer
+from .sites import fetch_attr
+
+ENV = "QDIFF_ATTN_HEADS"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PLAIN_KWARGS = {"wfmt", "group_size", "weight_shape", "afmt", "asym", "bias_corr", "x_quant"}
+
+
+def enabled_from_env() -> bool:
+    """``QDIFF_ATTN_HEADS`` (default 1): 0 keeps the separate quantize pass before fp8 attention (A/B measurements)."""
+    v = os.environ.get(ENV, "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"{ENV} must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+@dataclass(frozen=True)
+class Section:
+    """Columns ``[start, stop)`` of a projection that are one attention call's q, k or v (``role`` 0 / 1 / 2)."""
+
+    attention: fx.Node
+    role: int
+    start: int
+    stop: int
+    chain: tuple[fx.Node, ...]  # the split's getitem, the reshape and the transpose (single-user nodes), last first
+
+
+def _value(node) -> torch.Tensor | None:
+    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _is(node, names: set[str]) -> bool:
+    if node.op == "call_method":
+        return node.target in names
+    return node.op == "call_function" and getattr(node.target, "__name__", None) in names and node.target.__module__.startswith("torch")
+
+
+def _trace(arg: fx.Node) -> tuple[fx.Node, int, int, tuple[fx.Node, ...]] | None:
+    """``(projection, start, stop, chain)`` when ``arg`` is ``transpose(1, 2)`` of ``reshape(B, S, H, D)`` of columns
+    ``[start, stop)`` of a projection (a ``split`` getitem or the whole output), every step used once."""
+    value = _value(arg)
+    if value is None or value.dim() != 4 or not _is(arg, {"transpose"}) or len(arg.users) != 1:
+        return None
+    if sorted(int(d) % 4 for d in arg.args[1:3]) != [1, 2]:
+        return None
+    shaped = arg.args[0]
+    if not isinstance(shaped, fx.Node) or not _is(shaped, {"reshape", "view"}) or len(shaped.users) != 1:
+        return None
+    cols = shaped.args[0]
+    chain = (arg, shaped)
+    if isinstance(cols, fx.Node) and cols.op == "call_function" and cols.target is operator.getitem and len(cols.users) == 1:
+        split, index = cols.args
+        if not (isinstance(split, fx.Node) and _is(split, {"split"}) and isinstance(split.args[1], (list, tuple))):
+            return None
+        if split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0) not in (-1, _ndim(split.args[0]) - 1):
+            return None
+        sizes = [int(s) for s in split.args[1]]
+        start = sum(sizes[:index])
+        return split.args[0], start, start + sizes[index], chain + (cols,)
+    n = _value(cols).shape[-1] if isinstance(cols, fx.Node) and _value(cols) is not None else None
+    return (cols, 0, n, chain) if n is not None else None
+
+
+def _ndim(node) -> int:
+    v = _value(node)
+    return v.dim() if v is not None else -1
+
+
+def _plain_fp8_linear(node: fx.Node, linear_fn: Callable) -> bool:
+    kw = node.kwargs
+    x = _value(node.args[0]) if node.args else None
+    return (node.op == "call_function" and node.target is linear_fn and set(kw) <= _PLAIN_KWARGS and kw.get("group_size") is None
+            and (kw.get("wfmt"), kw.get("afmt")) == ("fp8_e4m3", "fp8_e4m3") and x is not None and x.dtype in FLOAT_DTYPES)
+
+
+def _sections(gm: fx.GraphModule, attention_fn: Callable) -> dict[fx.Node, list[Section]]:
+    """Every projection column range feeding a float q / k / v of an attention call, by projection."""
+    found: dict[fx.Node, list[Section]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not attention_fn:
+            continue
+        for role, arg in enumerate(node.args[:3]):
+            traced = _trace(arg) if isinstance(arg, fx.Node) and _value(arg) is not None and _value(arg).dtype in FLOAT_DTYPES else None
+            if traced is not None:
+                proj, start, stop, chain = traced
+                found.setdefault(proj, []).append(Section(node, role, start, stop, chain))
+    return found
+
+
+def _layout(proj: fx.Node, sections: list[Section]) -> HeadsLayout | None:
+    """The heads layout of a projection whose every column is in ``sections`` (q / k first, V last), or None."""
+    heads = [_value(s.chain[0]) for s in sections]  # (B, H, S, D) each
+    n = proj.kwargs.get("weight_shape", (None,))[0]
+    if any(h is None for h in heads) or n is None:
+        return None
+    b, _, s, d = heads[0].shape
+    if any((h.shape[0], h.shape[2], h.shape[3]) != (b, s, d) for h in heads):
+        return None
+    ordered = sorted(sections, key=lambda x: x.start)
+    bounds = [0] + [x.stop for x in ordered]
+    if [x.start for x in ordered] != bounds[:-1] or bounds[-1] != n:
+        return None  # not every column feeds attention
+    is_v = [x.role == 2 for x in ordered]
+    if is_v != sorted(is_v):
+        return None  # a V section before a q / k section
+    n_rm = sum(x.stop - x.start for x in ordered if x.role != 2)
+    try:
+        return HeadsLayout(batch=b, seq=s, n_rm=n_rm, n_vt=n - n_rm, head_dim=d, head_width=qk_width(d))
+    except ValueError:
+        return None
+
+
+def _only_feeds(proj: fx.Node, sections: list[Section]) -> bool:
+    """Whether the projection's output goes nowhere but through ``sections``' chains (one split, or one reshape)."""
+    tops = {sec.chain[-1] for sec in sections}
+    if all(len(sec.chain) == 3 for sec in sections):  # split -> getitems
+        splits = {top.args[0] for top in tops}
+        return len(splits) == 1 and set(proj.users) == splits and set(next(iter(splits)).users) == tops
+    return len(sections) == 1 and set(proj.users) == tops
+
+
+def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: Callable, heads_fn: Callable) -> tuple[fx.GraphModule, int]:
+    """Rewrite projections feeding quantized attention into ``heads_fn`` calls (module docstring); returns the graph
+    and how many projections now write fp8 heads."""
+    found = _sections(gm, attention_fn)
+    # each attention call's original (float) q: its head dim (the default softmax scale) and the output dtype
+    q_of = {sec.attention: _value(sec.attention.args[0]) for secs in found.values() for sec in secs}
+    views: dict[fx.Node, dict[int, fx.Node]] = {}  # attention call -> role -> its fp8 heads view
+    count = 0
+    for proj, sections in found.items():
+        layout = _layout(proj, sections) if _plain_fp8_linear(proj, linear_fn) and _only_feeds(proj, sections) else None
+        if layout is None:
+            continue
+        scales = torch.empty(layout.columns, dtype=torch.float32)
+        for sec in sections:
+            scales[sec.start:sec.stop] = float(fetch_attr(gm, sec.attention.args[3 + sec.role].target))
+        device = fetch_attr(gm, proj.args[2].target).device  # (the weight scale's)
+        with gm.graph.inserting_before(proj):
+            buf = add_buffer(gm, f"qdiff_heads_{count}_out_scale", scales.to(device))
+            new = gm.graph.call_function(heads_fn, proj.args, {**proj.kwargs, "heads": layout.fields(), "out_scale": buf})
+            for sec in sections:
+                views.setdefault(sec.attention, {})[sec.role] = gm.graph.call_function(heads_view, (new, layout.fields(), sec.start, sec.stop))
+        new.meta.update({k: v for k, v in proj.meta.items() if k not in ("example_value", "val", "tensor_meta")})
+        for sec in sections:  # detach the float chain from the attention call (rebuilt below), then delete it
+            args = list(sec.attention.args)
+            args[sec.role] = views[sec.attention][sec.role]
+            sec.attention.args = tuple(args)
+        for node in [n for sec in sections for n in sec.chain] + [n for n in {sec.chain[-1].args[0] for sec in sections} if n is not proj]:
+            gm.graph.erase_node(node)
+        gm.graph.erase_node(proj)
+        count += 1
+    for attention in views:
+        q = q_of[attention]
+        sm_scale = attention.kwargs.get("sm_scale")
+        attention.kwargs = {**attention.kwargs, "sm_scale": q.shape[-1] ** -0.5 if sm_scale is None else sm_scale, "out_dtype": q.dtype}
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return gm, count
+
+
+__all__ = ["ENV", "enabled_from_env", "fuse_attention_heads"]

@@ -1,0 +1,57 @@
+"""passes/attention_heads.py: quantized attention's q / k / v projections write fp8 heads (Triton lowering, in the
+interpreter on CPU), with the same result as the separate quantize pass; what does not qualify is left alone."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import QuantConfig
+from qcompile.lowering import triton_lowering
+from qcompile.lowering.heads import heads_view
+from qcompile.metrics import sqnr_db
+from qcompile.passes.attention_heads import ENV, enabled_from_env
+from tests.lowering.kernels.helpers import DEVICE, needs_kernels
+from tests.tiny_models import tiny_dit_attn
+
+
+def _compiled_outputs(monkeypatch, case, plan, args, kwargs):
+    outs, graphs = {}, {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(ENV, on)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(case.model, backend="qdiff", options={"plan": plan, "lowering": "triton", "inductor": False})
+            outs[on] = case.output(compiled(*args, **{**kwargs, "timestep": torch.full((2,), 400, device=DEVICE)}))
+        graphs[on] = plan.compiled[-1]
+    return outs, graphs
+
+
+@needs_kernels
+def test_projections_write_fp8_heads_with_the_separate_pass_result(monkeypatch):
+    case = tiny_dit_attn()
+    case.model.to(DEVICE)
+    args = tuple(a.to(DEVICE) for a in case.args)
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
+
+    def run(m):
+        for t in (900, 400, 50):
+            m(*args, **{**kwargs, "timestep": torch.full((2,), t, device=DEVICE)})
+
+    plan = qcompile.calibrate(case.model, run, QuantConfig.preset("w8a8-fp8-attn"), progress=False)
+    outs, graphs = _compiled_outputs(monkeypatch, case, plan, args, kwargs)
+    on, off = graphs["1"], graphs["0"]
+    assert (on.attention_heads, off.attention_heads) == (2, 0)  # both blocks' fused q / k / v projections
+    targets = [n.target for n in on.converted.graph.nodes if n.op == "call_function"]
+    assert targets.count(triton_lowering.qlinear_heads) == 2 and targets.count(heads_view) == 6
+    attention = [n for n in on.converted.graph.nodes if n.target is triton_lowering.qattention]
+    assert all(n.kwargs["out_dtype"] == torch.float32 and n.kwargs["sm_scale"] == pytest.approx(32 ** -0.5) for n in attention)
+    # the same codes either way (the interpreter sums in fp32 in both): equal up to the GEMM's summation order
+    assert sqnr_db(outs["0"], outs["1"]) > (80 if DEVICE.type == "cpu" else 40)
+
+
+def test_the_switch_reads_only_0_or_1(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert enabled_from_env()
+    monkeypatch.setenv(ENV, "off")
+    with pytest.raises(ValueError, match="QDIFF_ATTN_HEADS must be 0 or 1"):
+        enabled_from_env()
