@@ -10,7 +10,13 @@ layout the attention kernel reads (:mod:`..lowering.heads`), and the attention c
 A projection is rewritten when all of it feeds attention calls this way (every column; q / k sections before V
 sections), it is a plain fp8 x fp8 linear (no split op, smoothing, activation or fp8 input / output, its input a float
 tensor) and its heads are whole heads of one head dim; a role that does not qualify keeps its float input, which the
-attention call quantizes as before (the lowering takes mixed inputs). ``QDIFF_ATTN_HEADS=0`` turns the pass off (A/B).
+attention call quantizes as before (the lowering takes mixed inputs).
+
+**Off by default** (``QDIFF_ATTN_HEADS=1`` turns it on): on an H200 (2026-12-02) the tiled GEMM kernel's heads epilogue
+(the route of projections with M < 1024 or N, K < 512) lost V entries (every odd column of some row groups; exact in
+Triton's interpreter), and its first version lost them on the persistent TMA route too; after the V stores were
+transposed the TMA route's exact test passes on the GPU and the tiled route's does not. DiT-XL/2 with the first
+version and CUDA graphs: 14.15 ms against 15.00 ms without (docs/benchmarks.md), a timing of a kernel then wrong.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ _PLAIN_KWARGS = {"wfmt", "group_size", "weight_shape", "afmt", "asym", "bias_cor
 
 
 def enabled_from_env() -> bool:
-    """``QDIFF_ATTN_HEADS`` (default 1): 0 keeps the separate quantize pass before fp8 attention (A/B measurements)."""
-    v = os.environ.get(ENV, "1")
+    """``QDIFF_ATTN_HEADS`` (default 0, see the module docstring): 1 has the projections write fp8 heads."""
+    v = os.environ.get(ENV, "0")
     if v not in ("0", "1"):
         raise ValueError(f"{ENV} must be 0 or 1, got {v!r}")
     return v == "1"

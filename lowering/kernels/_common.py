@@ -168,7 +168,10 @@ def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, SEQ: tl.co
             tl.store(out_ptr + offs + HEAD_D, tl.zeros_like(y8), mask=is_rm & (d < HEAD_W - HEAD_D)[None, :])
     b = rm64 // SEQ
     v_rows = (rm64 * 0 + M) * row_len + b * ((N - N_RM) * SEQ_PAD) + (rm64 - b * SEQ)  # (the V region starts after M rows)
-    tl.store(out_ptr + v_rows[:, None] + ((rn - N_RM) * SEQ_PAD)[None, :], y8, mask=row_ok & (n_ok & (rn >= N_RM))[None, :])
+    # stored transposed, (columns, rows) with the rows (keys) last: the tile's (rows, columns) order lost every odd
+    # column's stores of some row groups on an H200 (triton 3.6; the interpreter was right), this order does not
+    v_ok = (n_ok & (rn >= N_RM))[:, None] & (rm < M)[None, :]
+    tl.store(out_ptr + ((rn - N_RM) * SEQ_PAD)[:, None] + v_rows[None, :], tl.trans(y8), mask=v_ok)
 
 
 @triton.jit
