@@ -66,7 +66,8 @@ def _value(node) -> torch.Tensor | None:
 def _is(node, names: set[str]) -> bool:
     if node.op == "call_method":
         return node.target in names
-    return node.op == "call_function" and getattr(node.target, "__name__", None) in names and node.target.__module__.startswith("torch")
+    return (node.op == "call_function" and getattr(node.target, "__name__", None) in names
+            and (getattr(node.target, "__module__", None) or "").startswith("torch"))
 
 
 def _trace(arg: fx.Node) -> tuple[fx.Node, int, int, tuple[fx.Node, ...]] | None:

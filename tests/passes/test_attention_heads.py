@@ -4,14 +4,11 @@ interpreter on CPU), with the same result as the separate quantize pass; what do
 import pytest
 import torch
 
-import qcompile
-from qcompile import QuantConfig
 from qcompile.lowering import triton_lowering
 from qcompile.lowering.heads import heads_view
 from qcompile.metrics import sqnr_db
 from qcompile.passes.attention_heads import ENV, enabled_from_env
-from tests.lowering.kernels.helpers import DEVICE, needs_kernels
-from tests.tiny_models import tiny_dit_attn
+from tests.lowering.kernels.helpers import DEVICE, calibrated_tiny_dit_attn, needs_kernels
 
 
 def _compiled_outputs(monkeypatch, case, plan, args, kwargs):
@@ -30,16 +27,7 @@ def _compiled_outputs(monkeypatch, case, plan, args, kwargs):
 @pytest.mark.xfail(DEVICE is not None and DEVICE.type == "cuda", strict=True,
                    reason="the tiled GEMM's heads epilogue loses V entries on an H200 (passes/attention_heads.py: off by default)")
 def test_projections_write_fp8_heads_with_the_separate_pass_result(monkeypatch):
-    case = tiny_dit_attn()
-    case.model.to(DEVICE)
-    args = tuple(a.to(DEVICE) for a in case.args)
-    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
-
-    def run(m):
-        for t in (900, 400, 50):
-            m(*args, **{**kwargs, "timestep": torch.full((2,), t, device=DEVICE)})
-
-    plan = qcompile.calibrate(case.model, run, QuantConfig.preset("w8a8-fp8-attn"), progress=False)
+    case, args, kwargs, plan = calibrated_tiny_dit_attn()
     outs, graphs = _compiled_outputs(monkeypatch, case, plan, args, kwargs)
     on, off = graphs["1"], graphs["0"]
     assert (on.attention_heads, off.attention_heads) == (2, 0)  # both blocks' fused q / k / v projections

@@ -53,3 +53,22 @@ def spread_slices(x: torch.Tensor, splits: tuple[int, ...], dim: int) -> torch.T
     """``x`` with each slice on its own range (x1, x8, x1/16, ... and shifted), as a concat of differently scaled parts."""
     parts = [x.narrow(dim, a, b - a) * (8.0 ** (i % 2) / 4.0 ** (i // 2)) + 0.5 * i for i, (a, b) in enumerate(zip(splits, splits[1:]))]
     return torch.cat(parts, dim=dim)
+
+
+def calibrated_tiny_dit_attn():
+    """``tests.tiny_models.tiny_dit_attn`` on the kernel device with its ``w8a8-fp8-attn`` plan (three timesteps):
+    ``(case, args, kwargs, plan)``."""
+    import qcompile
+    from qcompile import QuantConfig
+    from tests.tiny_models import tiny_dit_attn
+
+    case = tiny_dit_attn()
+    case.model.to(DEVICE)
+    args = tuple(a.to(DEVICE) for a in case.args)
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
+
+    def run(m):
+        for t in (900, 400, 50):
+            m(*args, **{**kwargs, "timestep": torch.full((2,), t, device=DEVICE)})
+
+    return case, args, kwargs, qcompile.calibrate(case.model, run, QuantConfig.preset("w8a8-fp8-attn"), progress=False)

@@ -6,13 +6,10 @@ import importlib
 import pytest
 import torch
 
-import qcompile
-from qcompile import QuantConfig
 from qcompile.lowering import reference, triton_lowering
 from qcompile.metrics import sqnr_db
-from tests.tiny_models import tiny_dit_attn
 
-from .helpers import DEVICE, needs_kernels, randn
+from .helpers import DEVICE, calibrated_tiny_dit_attn, needs_kernels, randn
 
 pytestmark = needs_kernels
 
@@ -55,16 +52,7 @@ def test_qattention_pads_queries_and_keys_of_head_dim_40(monkeypatch):
 
 
 def test_triton_lowering_runs_fp8_attention_in_the_model(monkeypatch):
-    case = tiny_dit_attn()
-    case.model.to(DEVICE)
-    args = tuple(a.to(DEVICE) for a in case.args)
-    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
-
-    def run(m):
-        for t in (900, 400, 50):
-            m(*args, **{**kwargs, "timestep": torch.full((2,), t, device=DEVICE)})
-
-    plan = qcompile.calibrate(case.model, run, QuantConfig.preset("w8a8-fp8-attn"), progress=False)
+    case, args, kwargs, plan = calibrated_tiny_dit_attn()
     launched = []
     real = triton_lowering.qattention
     monkeypatch.setattr(triton_lowering, "qattention", lambda *a, **kw: launched.append(triton_lowering.attention_route(*a[:3])) or real(*a, **kw))
