@@ -341,6 +341,19 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
                          out_dtype=out_dtype or q.dtype)
 
 
+def heads_unsupported(m: int, n: int, k: int) -> str | None:
+    """Why an (m, k) x (n, k) projection should not write fp8 heads with ``qdiff::fp8_linear_heads``, or None: only
+    the persistent TMA kernel's heads epilogue is right on an H200 (2026-12-02, triton 3.6; the tiled kernel's lost V
+    entries there, docs/kernels.md "fp8 heads from the projection"), so only GEMMs on that route (fp8 input,
+    M >= 1024, N, K >= 512) take it."""
+    from .kernels import fp8_tma
+
+    if fp8_tma.tma_eligible(m, n, k, k, 0, has_tma=True, capability=(9, 0)):
+        return None
+    return (f"{m} x {k} x {n} is not on the persistent TMA route (M >= {fp8_tma.TMA_MIN_M}, N, K >= {fp8_tma.TMA_MIN_NK}), "
+            "whose heads epilogue alone is right on the GPU")
+
+
 def qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, *, heads, out_scale, wfmt, group_size, weight_shape, afmt=None, asym=False,
                   bias_corr=None, act_smooth=None, x_quant=None):
     """:func:`.reference.qlinear_heads` (a q / k / v projection written as fp8 attention heads, ``heads``: the
@@ -348,7 +361,8 @@ def qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, *, heads, out_scale, wf
     ``qdiff::fp8_linear_heads`` where the fp8 kernel takes it, else the reference. ``x_quant``: as :func:`qlinear`."""
     from .kernels.fp8_linear import fp8_linear_heads
 
-    if linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size) != "fp8" or act_smooth is not None:
+    on_gpu_tiled = x.device.type == "cuda" and heads_unsupported(x.numel() // x.shape[-1], weight_shape[0], weight_shape[1]) is not None
+    if linear_route(x, wfmt=wfmt, afmt=afmt, group_size=group_size) != "fp8" or act_smooth is not None or on_gpu_tiled:
         return reference.qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, heads=heads, out_scale=out_scale, wfmt=wfmt,
                                        group_size=group_size, weight_shape=weight_shape, afmt=afmt, asym=asym, bias_corr=bias_corr,
                                        act_smooth=act_smooth)

@@ -15,8 +15,10 @@ attention call quantizes as before (the lowering takes mixed inputs).
 **Off by default** (``QDIFF_ATTN_HEADS=1`` turns it on): on an H200 (2026-12-02) the tiled GEMM kernel's heads epilogue
 (the route of projections with M < 1024 or N, K < 512) lost V entries (every odd column of some row groups; exact in
 Triton's interpreter), and its first version lost them on the persistent TMA route too; after the V stores were
-transposed the TMA route's exact test passes on the GPU and the tiled route's does not. DiT-XL/2 with the first
-version and CUDA graphs: 14.15 ms against 15.00 ms without (docs/benchmarks.md), a timing of a kernel then wrong.
+transposed the TMA route's exact test passes on the GPU and the tiled route's does not. So the lowering's
+``heads_unsupported`` keeps projections off the TMA route out of this pass (DiT / PixArt's q / k / v projections are
+on it; PixArt's text k / v and SD 1.5's narrow ones are not). DiT-XL/2 with the first version and CUDA graphs: 14.15 ms
+against 15.00 ms without (docs/benchmarks.md), a timing of a kernel then wrong; not re-timed since.
 """
 
 from __future__ import annotations
@@ -154,9 +156,11 @@ def _only_feeds(proj: fx.Node, sections: list[Section]) -> bool:
     return len(sections) == 1 and set(proj.users) == tops
 
 
-def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: Callable, heads_fn: Callable) -> tuple[fx.GraphModule, int]:
+def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: Callable, heads_fn: Callable,
+                         unsupported: Callable[[int, int, int], str | None] | None = None) -> tuple[fx.GraphModule, int]:
     """Rewrite projections feeding quantized attention into ``heads_fn`` calls (module docstring); returns the graph
-    and how many projections now write fp8 heads."""
+    and how many projections now write fp8 heads. ``unsupported(M, N, K)``: why a projection of that GEMM shape must
+    keep the separate pass (the lowering's rule; None: it may be rewritten)."""
     found = _sections(gm, attention_fn)
     # each attention call's original (float) q: its head dim (the default softmax scale) and the output dtype
     q_of = {sec.attention: _value(sec.attention.args[0]) for secs in found.values() for sec in secs}
@@ -164,7 +168,7 @@ def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: 
     count = 0
     for proj, sections in found.items():
         layout = _layout(proj, sections) if _plain_fp8_linear(proj, linear_fn) and _only_feeds(proj, sections) else None
-        if layout is None:
+        if layout is None or (unsupported is not None and unsupported(layout.rows, layout.columns, proj.kwargs["weight_shape"][1])):
             continue
         scales = torch.empty(layout.columns, dtype=torch.float32)
         for sec in sections:

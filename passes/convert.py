@@ -59,8 +59,10 @@ class Lowering:
     stored_weight: Callable[[QuantizedOp, str], tuple[torch.Tensor, str] | None] | None = None
     # fp8 attention (passes/convert_attention.py): (q, k, v, q_scale, k_scale, v_scale, sm_scale=) -> output
     attention: Callable[..., torch.Tensor] = reference.qattention
-    # a q / k / v projection written as fp8 attention heads (passes/attention_heads.py), if the lowering has it
+    # a q / k / v projection written as fp8 attention heads (passes/attention_heads.py), if the lowering has it, and
+    # why an (M, N, K) projection should not take it (None: it may)
     linear_heads: Callable[..., torch.Tensor] | None = None
+    heads_unsupported: Callable[[int, int, int], str | None] | None = None
 
 
 def _check_slices(q: QuantizedOp, node: fx.Node) -> None:

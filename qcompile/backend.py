@@ -206,7 +206,7 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
     return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
                               aux=triton_lowering.aux_buffers, fallback=triton_lowering.fallback_reason,
                               stored_weight=triton_lowering.stored_weight, attention=triton_lowering.qattention,
-                              linear_heads=triton_lowering.qlinear_heads)
+                              linear_heads=triton_lowering.qlinear_heads, heads_unsupported=triton_lowering.heads_unsupported)
 
 
 def build_quantized_graph(
@@ -283,7 +283,8 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         placed = dict(counts)
         log_graph("place_act_quant", converted)
         if lowering.linear_heads is not None and heads_enabled():
-            converted, heads = fuse_attention_heads(converted, lowering.linear, lowering.attention, lowering.linear_heads)
+            converted, heads = fuse_attention_heads(converted, lowering.linear, lowering.attention, lowering.linear_heads,
+                                                    lowering.heads_unsupported)
             log_graph("fuse_attention_heads", converted)
     released = check_released_unread(converted, example_inputs)  # inputs released by an earlier compile: never read
     freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()

@@ -27,6 +27,9 @@ def _compiled_outputs(monkeypatch, case, plan, args, kwargs):
 @pytest.mark.xfail(DEVICE is not None and DEVICE.type == "cuda", strict=True,
                    reason="the tiled GEMM's heads epilogue loses V entries on an H200 (passes/attention_heads.py: off by default)")
 def test_projections_write_fp8_heads_with_the_separate_pass_result(monkeypatch):
+    # the tiny DiT's projections are far below the TMA route the lowering allows on a GPU: let them in (the pass's
+    # mechanics; the rule itself is tested below)
+    monkeypatch.setattr(triton_lowering, "heads_unsupported", lambda m, n, k: None)
     case, args, kwargs, plan = calibrated_tiny_dit_attn()
     outs, graphs = _compiled_outputs(monkeypatch, case, plan, args, kwargs)
     on, off = graphs["1"], graphs["0"]
@@ -45,3 +48,12 @@ def test_the_switch_reads_only_0_or_1(monkeypatch):
     monkeypatch.setenv(ENV, "off")
     with pytest.raises(ValueError, match="QDIFF_ATTN_HEADS must be 0 or 1"):
         enabled_from_env()
+
+
+def test_only_projections_on_the_tma_route_write_heads():
+    """DiT-XL/2's fused q / k / v (8192 x 1152 x 3456) and PixArt's cross-attention q take the persistent TMA kernel,
+    whose heads epilogue passed its exact GPU test; PixArt's text k / v (240 rows) and SD 1.5's (K = 320) do not."""
+    assert triton_lowering.heads_unsupported(8192, 3456, 1152) is None
+    assert triton_lowering.heads_unsupported(8192, 1152, 1152) is None
+    assert "TMA route" in triton_lowering.heads_unsupported(240, 2304, 4096)
+    assert "TMA route" in triton_lowering.heads_unsupported(8192, 960, 320)
