@@ -125,7 +125,7 @@ def qconv(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_sha
 ATTN_P_SCALE = 448.0  # softmax probabilities are quantized as 448 * P: the whole e4m3 range
 
 
-def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None):
+def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None, out_scale=None):
     """Non-causal ``softmax(q k^T * sm_scale) v`` of (B, H, S, D) tensors with fp8 e4m3 q, k, v and probabilities, the
     arithmetic of ``qdiff::fp8_attention`` (:mod:`.kernels.fp8_attention`).
 
@@ -135,7 +135,8 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     unquantized fp32 P, and ``O = (P8 v8) * v_scale / l`` in ``out_dtype`` (default q's dtype; bf16 for fp8 inputs).
 
     Where the kernel differs: it quantizes P tile by tile relative to the *running* row max (online softmax), rescaling
-    the accumulated sum when the max grows, while this uses the final max. e4m3 rounding is relative, so the error is
+    the accumulated sum when the max grows, while this uses the final max. ``out_scale``: the output as float8_e4m3fn
+    codes quantized with it (the output projection's static scale), as ``qdiff::fp8_attention`` writes them. e4m3 rounding is relative, so the error is
     statistically the same, but codes differ after a rescale (and tiny P flush to zero at different points); with all
     keys in one key tile both are the same up to fp32 summation order and the GPU's ``ex2.approx``.
     """
@@ -152,7 +153,7 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     p = torch.exp2(s - s.amax(-1, keepdim=True) + math.log2(ATTN_P_SCALE))
     p8 = p.clamp(max=ATTN_P_SCALE).to(torch.float8_e4m3fn).float()
     out = (p8 @ v8) * (v_scale.float() / p.sum(-1, keepdim=True))
-    return out.to(out_dtype)
+    return out.to(out_dtype) if out_scale is None else quantize_fp8(out, out_scale)
 
 
 def qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, *, heads: tuple[int, ...], out_scale, **linear_kwargs):

@@ -26,6 +26,12 @@ a separate pass in every measured row. That is kept, and counted as ``producer_p
 route at the narrow ones (SD 1.5's N = 320 / 640, the bench's ``-extern-prologue`` variants). The rule of
 ``PASS_MIN_N`` thus changed nothing on DiT / PixArt, whose attention outputs had the pass already.
 
+4. **attention's epilogue** (opt-in: ``QDIFF_ATTN_FP8_OUT=1``; ``out_scale`` on the lowering's attention call): when
+   the input is a quantized attention call's output reached through views and no-op casts only, each used once, the
+   attention kernel writes fp8 codes with this GEMM's scale (the no-op casts are removed: on fp8 codes they would
+   convert). This replaces the separate pass after attention (DiT-XL/2: 28 x 8.4 us per step, PixArt-alpha: 56 x 8.3 us,
+   docs/benchmarks.md ninth session); built on CPU, not yet timed on a GPU, hence off by default.
+
 ``QDIFF_FP8_ACT_QUANT`` = ``auto`` (default, the rules above), ``producer`` (1 and 2 for all), ``prologue``
 (3 for all: the v1 behaviour) selects the policy for A/B measurements; ``QDIFF_FP8_PASS_MIN_N`` (an integer, or
 ``off``: no separate pass after an extern kernel, the cast rule included) the width from which ``auto`` adds the pass
@@ -68,6 +74,17 @@ def pass_min_n_from_env() -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"{PASS_MIN_N_ENV} must be an integer or 'off', got {value!r}") from None
+
+
+ATTN_FP8_OUT_ENV = "QDIFF_ATTN_FP8_OUT"
+
+
+def attention_fp8_out_from_env() -> bool:
+    """``QDIFF_ATTN_FP8_OUT`` (default 0): 1 lets quantized attention write its output as fp8 for the next GEMM."""
+    value = os.environ.get(ATTN_FP8_OUT_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ATTN_FP8_OUT_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _example_value(node) -> object:
@@ -117,6 +134,42 @@ def _producer(node) -> tuple[object, bool]:
     return node, cast
 
 
+def _single_use_path(node) -> tuple[object, list[fx.Node]]:
+    """As :func:`_producer`, but stops at a node with more than one user; returns the producer and the no-op casts
+    passed on the way."""
+    casts = []
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        if (node.op == "call_method" and node.target in _VIEW_METHODS) or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS):
+            node = node.args[0]
+        elif (inner := _noop_cast_input(node)) is not None:
+            casts.append(node)
+            node = inner
+        else:
+            break
+    return node, casts
+
+
+def _attention_epilogue(gm: fx.GraphModule, n: fx.Node, attention_fns: set) -> bool:
+    """Give the attention call producing ``n``'s input (views and no-op casts only, each used once) ``n``'s input scale
+    as its ``out_scale``, and ``n`` the float ``out_dtype`` (case 4 of the module docstring); False if it does not
+    apply."""
+    attention, casts = _single_use_path(n.args[0])
+    scale = n.args[4] if len(n.args) > 4 else None
+    dtype = _float_dtype(n.args[0])
+    if (not isinstance(attention, fx.Node) or attention.target not in attention_fns or len(attention.users) != 1
+            or attention.kwargs.get("out_scale") is not None or n.kwargs.get("act_smooth") is not None or dtype is None
+            or not isinstance(scale, fx.Node) or scale.op != "get_attr"):
+        return False
+    for cast in casts:  # (a no-op on the float output; on fp8 codes it would convert them)
+        cast.replace_all_uses_with(cast.args[0])
+        gm.graph.erase_node(cast)
+    with gm.graph.inserting_before(attention):
+        out_scale = gm.graph.get_attr(scale.target)
+    attention.kwargs = {**attention.kwargs, "out_scale": out_scale}
+    n.kwargs = {**n.kwargs, "out_dtype": dtype}
+    return True
+
+
 def generated_producer(node, lowering_fns: set) -> bool:
     """Whether ``node`` (through views and no-op casts) is computed by a kernel Inductor generates (so it can absorb a
     pointwise op)."""
@@ -158,10 +211,11 @@ def bypass_identity_dropouts(gm: fx.GraphModule, targets: set) -> int:
 
 
 def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, extra_fns: tuple = (),
-                    policy: str | None = None) -> tuple[fx.GraphModule, Counter]:
+                    policy: str | None = None, attention_fns: tuple = ()) -> tuple[fx.GraphModule, Counter]:
     """Mark every fp8 linear call of ``gm`` with where its input is quantized; returns the graph and counts
     (``producer_pass``: calls after an extern producer given a separate quantize pass, counted in ``producer`` too;
-    the width from which that pass is added: ``QDIFF_FP8_PASS_MIN_N``, see the module docstring)."""
+    the width from which that pass is added: ``QDIFF_FP8_PASS_MIN_N``, see the module docstring;
+    ``attention_epilogue``: inputs written as fp8 by ``attention_fns``' calls, with ``QDIFF_ATTN_FP8_OUT=1``)."""
     policy = policy or policy_from_env()
     pass_min_n = pass_min_n_from_env()
     if policy not in POLICIES:
@@ -190,6 +244,11 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
             u.kwargs = {**u.kwargs, "out_dtype": dtype}
             chained.add(u)
             counts["epilogue"] += 1
+    if policy != "prologue" and attention_fns and attention_fp8_out_from_env():
+        for n in calls:
+            if n not in chained and _attention_epilogue(gm, n, set(attention_fns)):
+                chained.add(n)
+                counts["attention_epilogue"] += 1
     for n in calls:
         if n in chained:
             continue
@@ -208,5 +267,5 @@ def place_act_quant(gm: fx.GraphModule, linear: Callable, fused: Callable, *, ex
     return gm, counts
 
 
-__all__ = ["PASS_MIN_M", "PASS_MIN_N", "POLICIES", "bypass_identity_dropouts", "generated_producer", "pass_min_n_from_env", "place_act_quant",
+__all__ = ["ATTN_FP8_OUT_ENV", "PASS_MIN_M", "attention_fp8_out_from_env", "PASS_MIN_N", "POLICIES", "bypass_identity_dropouts", "generated_producer", "pass_min_n_from_env", "place_act_quant",
            "policy_from_env"]

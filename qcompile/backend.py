@@ -279,7 +279,8 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
             log_graph("fuse_siblings", converted)
         converted, fused = fuse_epilogues(converted, lowering.linear, lowering.linear_fused)
         log_graph("fuse_epilogues", converted)
-        converted, counts = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,))
+        converted, counts = place_act_quant(converted, lowering.linear, lowering.linear_fused, extra_fns=(lowering.conv,),
+                                            attention_fns=(lowering.attention,))
         placed = dict(counts)
         log_graph("place_act_quant", converted)
         if lowering.linear_heads is not None and heads_enabled():

@@ -159,10 +159,12 @@ SINGLE_KERNEL = "-single-kernel"
 # (QDIFF_ATTN_HEADS=1: passes/attention_heads.py, off by default) or quantized by a separate pass (=0), its A/B
 HEADS = "-heads"
 SEPARATE_HEADS = "-separate-heads"
+# suffix (before -cudagraphs): quantized attention writes fp8 for the output projection (QDIFF_ATTN_FP8_OUT=1, off by default)
+ATTN_FP8_OUT = "-fp8-out"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
-                    HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0")}
+                    HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0"), ATTN_FP8_OUT: ("QDIFF_ATTN_FP8_OUT", "1")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
@@ -171,7 +173,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + ("qdiff-w8a8-fp8" + EXTERN_PROLOGUE, "qdiff-w8a8-fp8" + EXTERN_PROLOGUE + CUDAGRAPHS)
             + ("bf16-inductor" + MULTI_KERNEL, "bf16-inductor" + MULTI_KERNEL + CUDAGRAPHS)
             + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS)
-            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS) for c in ("", CUDAGRAPHS)))
+            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT) for c in ("", CUDAGRAPHS)))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_INDUCTOR_CONFIG = "Inductor defaults (set_inductor_config=False: no coordinate-descent tuning, as in every other row)"
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16

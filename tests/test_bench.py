@@ -463,10 +463,11 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
     are the ones the code reads."""
     from qcompile.backend import MULTI_KERNEL_ENV
     from qcompile.lowering.conv_im2col import ENGINE_ENV
-    from qcompile.passes.act_quant import PASS_MIN_N_ENV
+    from qcompile.passes.act_quant import ATTN_FP8_OUT_ENV, PASS_MIN_N_ENV
     from qcompile.passes.attention_heads import ENV as HEADS_ENV
 
-    assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV, HEADS_ENV}
+    assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV, HEADS_ENV, ATTN_FP8_OUT_ENV}
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-out-cudagraphs") == {ATTN_FP8_OUT_ENV: "1"}
     assert bench.row_environment("qdiff-w8a8-fp8-extern-prologue-cudagraphs") == {PASS_MIN_N_ENV: "off"}
     monkeypatch.delenv(PASS_MIN_N_ENV, raising=False)
     with pytest.raises(RuntimeError, match="QDIFF_FP8_PASS_MIN_N=off"):

@@ -166,7 +166,7 @@ def cases(which: set[str]):
             {"stride_on": 1, "SPLIT_K": 3, "HAS_BIAS": True, "ACT": 1}, [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4)], \
             ["N", "stride_om"]
     if "attention" in which:  # DiT / PixArt (72), power-of-two heads (64, 128), SD 1.5's (40, 80, 160); fp8 inputs at 72
-        sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "out_ptr": "*bf16",
+        sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "out_ptr": "*bf16", "os_ptr": "*fp32",
                "sm_scale": "fp32"}
         sig.update({n: I32 for n in ("H", "SQ", "SK", "stride_qb", "stride_qh", "row_q", "stride_kb", "stride_kh", "row_k",
                                      "stride_vb", "stride_vh", "row_v", "stride_ob", "stride_oh", "row_o")})
@@ -179,7 +179,7 @@ def cases(which: set[str]):
                                    (80, 80, False, False), (160, 160, False, False)):
             dk0, dk1, _ = fp8_attention.head_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
-            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=16, INTERPRET=False)
+            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=16, OUT_FP8=False, INTERPRET=False)
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             # batch / head strides as the models lay heads out: multiples of H * D (q = to_q(x).view(B, S, H, D).transpose(1, 2))
             # or 3 * H * D (a packed qkv), 16-divisible at 16 heads; row strides 16-aligned (ROW_ALIGN: quantize_heads pads
@@ -187,6 +187,9 @@ def cases(which: set[str]):
             dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk})"
             yield f"attention {dims}{' fp8 in' if x_fp8 else ''}{', V^T' if v_t else ''}", fp8_attention.fp8_attention_kernel, s, flags, \
                 fp8_attention.CONFIGS, aligned
+            if (dk, dv, x_fp8, v_t) == (128, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
+                yield "attention D=72 (q / k padded to 128) fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
+                    dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, aligned
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,12 +114,12 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
 
 @triton.jit
 def fp8_attention_kernel(
-    q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr, os_ptr,
     sm_scale, H, SQ, SK,
     stride_qb, stride_qh, row_q, stride_kb, stride_kh, row_k, stride_vb, stride_vh, row_v, stride_ob, stride_oh, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    X_FP8: tl.constexpr, V_T: tl.constexpr, ROW_ALIGN: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    X_FP8: tl.constexpr, V_T: tl.constexpr, ROW_ALIGN: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal; quantize_heads may pad Q / K with zero columns to a
     # power of two so that Q K^T is one dot). Parts: DK0 + DK1 and DV0 + DV1 (head_parts).
@@ -176,13 +176,24 @@ def fp8_attention_kernel(
                                             k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
 
     o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
+    if OUT_FP8:  # quantized for the next fp8 GEMM (the output projection's static scale)
+        o_scale = o_scale * tl.math.div_rn(1.0, tl.load(os_ptr))
     row_ok = (rm < SQ)[:, None]
     dv0 = tl.arange(0, DV0)
-    tl.store(o_base + rm[:, None] * stride_os + dv0[None, :], (acc0 * o_scale[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(o_base + rm[:, None] * stride_os + dv0[None, :], _output(acc0 * o_scale[:, None], out_ptr, OUT_FP8, INTERPRET), mask=row_ok)
     if DV1 > 0:
         dv1 = DV0 + tl.arange(0, DV1)
-        tl.store(o_base + rm[:, None] * stride_os + dv1[None, :], (acc1 * o_scale[:, None]).to(out_ptr.dtype.element_ty),
+        tl.store(o_base + rm[:, None] * stride_os + dv1[None, :], _output(acc1 * o_scale[:, None], out_ptr, OUT_FP8, INTERPRET),
                  mask=row_ok & (dv1 < DV)[None, :])
+
+
+@triton.jit
+def _output(o, out_ptr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """An fp32 output tile in the output's type: e4m3 codes (``OUT_FP8``, already divided by the output scale) or float."""
+    if OUT_FP8:
+        return quantize_fp8(o, INTERPRET)
+    else:
+        return o.to(out_ptr.dtype.element_ty)
 
 
 def head_parts(d: int) -> tuple[int, int, int]:
@@ -219,11 +230,11 @@ CONFIG_TABLE = [(128, 64, 3, 8), (128, 128, 2, 8), (128, 64, 2, 8), (64, 64, 3, 
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T"]
+_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
 
 
-def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype):
+def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale=None):
     x_fp8 = q.dtype == FP8
     dtypes = (FP8,) if x_fp8 else FLOAT_DTYPES
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -248,7 +259,9 @@ def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype):
         check_scalar(s, name, torch.float32)
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
-    check_launchable(q, k, v, q_scale, k_scale, v_scale)
+    if out_scale is not None:
+        check_scalar(out_scale, "out_scale", torch.float32)
+    check_launchable(q, k, v, q_scale, k_scale, v_scale, *([] if out_scale is None else [out_scale]))
     return x_fp8
 
 
@@ -321,12 +334,13 @@ def qk_width(d: int) -> int:
     return pow2 if pow2 <= QK_PAD_MAX else d
 
 
-def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, wrap=wrap_triton) -> torch.Tensor:
-    """Check, allocate the (B, H, Sq, D) output and launch."""
-    x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype)
+def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None,
+                   wrap=wrap_triton) -> torch.Tensor:
+    """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch."""
+    x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale)
     B, H, SQ, DK = q.shape
     SK, DV = v.shape[2], v.shape[3]
-    out = new_output(q, v, out_dtype)
+    out = new_output(q, v, FP8 if out_scale is not None else out_dtype)
     if out.numel() == 0:
         return out
     dk0, dk1, _ = head_parts(DK)
@@ -339,27 +353,28 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
         return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
 
     wrap(_kernel)[grid](
-        q, k, v, q_scale, k_scale, v_scale, out,
+        q, k, v, q_scale, k_scale, v_scale, out, out_scale if out_scale is not None else v_scale,
         sm_scale, H, SQ, SK,
         q.stride(0), q.stride(1), row_q, k.stride(0), k.stride(1), row_k, v.stride(0), v.stride(1), row_v,
         out.stride(0), out.stride(1), row_o,
         DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=keys_contiguous(v), ROW_ALIGN=align,
-        INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
     )
     return out
 
 
 @triton_op("qdiff::fp8_attention", mutates_args=())
 def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                     v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+                     v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention of (B, H, S, Dk) q / k and (B, H, Sk, Dv) v (float, quantized in registers with the static
-    scales, or float8_e4m3fn already quantized with them) through fp8 dots; (B, H, Sq, Dv) output of ``out_dtype``."""
-    return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype)
+    scales, or float8_e4m3fn already quantized with them) through fp8 dots; (B, H, Sq, Dv) output of ``out_dtype``, or
+    float8_e4m3fn quantized with ``out_scale`` (the next fp8 GEMM's static scale) when it is given."""
+    return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale)
 
 
 @fp8_attention_op.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype):
-    return new_output(q, v, out_dtype)
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale=None):
+    return new_output(q, v, FP8 if out_scale is not None else out_dtype)
 
 
 def _scalar(s: torch.Tensor) -> torch.Tensor:
@@ -367,18 +382,20 @@ def _scalar(s: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(Dk)``) with q, k, v quantized to
     e4m3 with the static per-tensor scales (one-element tensors). q, k: (B, H, S, Dk), v: (B, H, Sk, Dv) (Dk != Dv: e.g.
     q / k padded with zero columns, :func:`quantize_heads`), fp16 / bf16 / fp32 (quantized in the kernel) or
     float8_e4m3fn (already quantized). Output (B, H, Sq, Dv) in ``out_dtype`` (default: q's dtype,
-    bf16 for fp8 inputs). Eager calls launch directly (:func:`._common.eager_call`); traced ones call
-    ``torch.ops.qdiff.fp8_attention``."""
+    bf16 for fp8 inputs); ``out_scale``: float8_e4m3fn output quantized with it (the output projection's static scale).
+    Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_attention``."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if out_dtype is None:
         out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
     args = (q, k, v, _scalar(q_scale), _scalar(k_scale), _scalar(v_scale), float(sm_scale), out_dtype)
+    if out_scale is not None:  # (without it the call keeps its exact argument list)
+        args = (*args, _scalar(out_scale))
     if eager_call(q):
         return _fp8_attention(*args, wrap=direct)
     return torch.ops.qdiff.fp8_attention(*args)

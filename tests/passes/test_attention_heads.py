@@ -11,10 +11,11 @@ from qcompile.passes.attention_heads import ENV, enabled_from_env
 from tests.lowering.kernels.helpers import DEVICE, calibrated_tiny_dit_attn, needs_kernels
 
 
-def _compiled_outputs(monkeypatch, case, plan, args, kwargs):
+def _compiled_outputs(monkeypatch, case, plan, args, kwargs, env=ENV):
+    """The tiny DiT compiled with the Triton lowering (no Inductor) with ``env`` set to 1 and to 0: outputs and records."""
     outs, graphs = {}, {}
     for on in ("1", "0"):
-        monkeypatch.setenv(ENV, on)
+        monkeypatch.setenv(env, on)
         torch._dynamo.reset()
         with torch.no_grad():
             compiled = torch.compile(case.model, backend="qdiff", options={"plan": plan, "lowering": "triton", "inductor": False})
@@ -57,3 +58,22 @@ def test_only_projections_on_the_tma_route_write_heads():
     assert triton_lowering.heads_unsupported(8192, 1152, 1152) is None
     assert "TMA route" in triton_lowering.heads_unsupported(240, 2304, 4096)
     assert "TMA route" in triton_lowering.heads_unsupported(8192, 960, 320)
+
+
+@needs_kernels
+def test_attention_writes_fp8_for_the_output_projection_when_asked(monkeypatch):
+    """``QDIFF_ATTN_FP8_OUT=1`` (passes/act_quant.py, case 4): each quantized attention call gets its output projection's
+    input scale as ``out_scale``, the no-op cast between them is gone, and the model's output is that of the separate
+    quantize pass up to the rounding of the two quantizations (same codes but for the 1 / scale product)."""
+    from qcompile.passes.act_quant import ATTN_FP8_OUT_ENV
+
+    case, args, kwargs, plan = calibrated_tiny_dit_attn()
+    outs, records = _compiled_outputs(monkeypatch, case, plan, args, kwargs, env=ATTN_FP8_OUT_ENV)
+    for on, record in records.items():
+        attention = [n for n in record.converted.graph.nodes if n.target is triton_lowering.qattention]
+        if on == "1":
+            assert record.act_quant["attention_epilogue"] == 2 and all(n.kwargs.get("out_scale") is not None for n in attention)
+            assert not any(n.op == "call_method" and n.target == "to" for u in attention for n in u.users)
+        else:
+            assert "attention_epilogue" not in record.act_quant and all("out_scale" not in n.kwargs for n in attention)
+    assert sqnr_db(outs["0"], outs["1"]) > 30

@@ -113,6 +113,27 @@ def test_prequantized_fp8_inputs():
 
 
 @needs_kernels
+def test_fp8_output_is_the_float_output_quantized_with_the_next_scale():
+    """``out_scale``: the kernel writes e4m3 codes of its output divided by the output projection's scale (what a
+    separate quantize pass makes of the fp32 output, up to the one rounding of multiplying by 1 / scale), stored like
+    the float output (the heads' merge stays a view); the reference does the same."""
+    q, k, v = _qkv(1, 2, 37, 50, 72)
+    s = _scales(q, k, v)
+    o = fp8_attention(q, k, v, *s, out_dtype=torch.float32)
+    os_ = torch.tensor(float(o.abs().max()) / 448 * 0.8, device=DEVICE)  # (the largest outputs saturate)
+    o8 = fp8_attention(q, k, v, *s, out_scale=os_)
+    assert o8.dtype == FP8 and o8.shape == o.shape and o8.stride() == o.stride()
+    want = quantize_fp8(o, os_)
+    assert (o8.float() == want.float()).float().mean() > 0.99 and sqnr_db(want.float(), o8.float()) > 40
+    ref = qattention(q, k, v, *s, out_scale=os_)
+    assert ref.dtype == FP8 and sqnr_db(ref.float(), o8.float()) > 25
+    with FakeTensorMode():
+        fake = torch.ops.qdiff.fp8_attention(torch.empty(1, 2, 8, 72), torch.empty(1, 2, 8, 72), torch.empty(1, 2, 8, 72),
+                                             torch.empty(()), torch.empty(()), torch.empty(()), 0.1, torch.float32, torch.empty(()))
+    assert fake.dtype == FP8
+
+
+@needs_kernels
 @pytest.mark.parametrize("sk,d", [(77, 72), (64, 40), (45, 128)])
 def test_values_stored_by_keys_give_the_same_result(sk, d):
     """V stored (B, H, D, S) with its keys contiguous (``V_T``: the fp8 ``P @ V`` reads it without a transpose) gives
