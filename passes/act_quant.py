@@ -120,25 +120,11 @@ def _noop_cast_input(node) -> fx.Node | None:
     return node.args[0] if same else None
 
 
-def _producer(node) -> tuple[object, bool]:
-    """The node that computes ``node``'s data, through views and no-op casts (:func:`_noop_cast_input`), and whether a
-    no-op cast was on the way."""
-    cast = False
-    while isinstance(node, fx.Node):
-        if (node.op == "call_method" and node.target in _VIEW_METHODS) or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS):
-            node = node.args[0]
-        elif (inner := _noop_cast_input(node)) is not None:
-            node, cast = inner, True
-        else:
-            break
-    return node, cast
-
-
-def _single_use_path(node) -> tuple[object, list[fx.Node]]:
-    """As :func:`_producer`, but stops at a node with more than one user; returns the producer and the no-op casts
-    passed on the way."""
+def _walk(node, single_use: bool) -> tuple[object, list[fx.Node]]:
+    """The node that computes ``node``'s data, through views and no-op casts (:func:`_noop_cast_input`), and the casts
+    passed; ``single_use``: stop at a node with more than one user."""
     casts = []
-    while isinstance(node, fx.Node) and len(node.users) == 1:
+    while isinstance(node, fx.Node) and (not single_use or len(node.users) == 1):
         if (node.op == "call_method" and node.target in _VIEW_METHODS) or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS):
             node = node.args[0]
         elif (inner := _noop_cast_input(node)) is not None:
@@ -149,11 +135,17 @@ def _single_use_path(node) -> tuple[object, list[fx.Node]]:
     return node, casts
 
 
+def _producer(node) -> tuple[object, bool]:
+    """The node that computes ``node``'s data (:func:`_walk`) and whether a no-op cast was on the way."""
+    p, casts = _walk(node, single_use=False)
+    return p, bool(casts)
+
+
 def _attention_epilogue(gm: fx.GraphModule, n: fx.Node, attention_fns: set) -> bool:
     """Give the attention call producing ``n``'s input (views and no-op casts only, each used once) ``n``'s input scale
     as its ``out_scale``, and ``n`` the float ``out_dtype`` (case 4 of the module docstring); False if it does not
     apply."""
-    attention, casts = _single_use_path(n.args[0])
+    attention, casts = _walk(n.args[0], single_use=True)
     scale = n.args[4] if len(n.args) > 4 else None
     dtype = _float_dtype(n.args[0])
     if (not isinstance(attention, fx.Node) or attention.target not in attention_fns or len(attention.users) != 1
