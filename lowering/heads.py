@@ -28,6 +28,8 @@ from .formats import quantize_fp8
 
 FP8 = torch.float8_e4m3fn
 ROW_BYTES = 16  # rows of the V region (keys) are padded to this many bytes: 16-byte loads in the attention kernel
+# the GEMM kernels' heads constexprs for a plain (M, N) output (HeadsLayout.kernel_args and HEADS=True: heads)
+NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1}
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from .sites import example_tensor
+
 POLICIES = ("auto", "producer", "prologue")
 PASS_MIN_N = 1024  # auto: a separate quantize pass after an extern producer for GEMMs at least this wide
 PASS_MIN_M = 4096  # and with at least this many input rows (smaller GEMMs: the pass's launch is not paid back)
@@ -87,15 +89,11 @@ def attention_fp8_out_from_env() -> bool:
     return value == "1"
 
 
-def _example_value(node) -> object:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
 def _wide_and_large(node: fx.Node, min_n: int) -> bool:
     """Whether the GEMM ``node`` has at least ``min_n`` output features and :data:`PASS_MIN_M` input rows (its input's
     example value; unknown shapes: no)."""
     shape = node.kwargs.get("weight_shape")
-    val = _example_value(node.args[0])
+    val = example_tensor(node.args[0])
     if not shape or not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
     if not all(isinstance(d, int) for d in val.shape) or val.shape[-1] == 0:  # (symbolic sizes: no guard added here)
@@ -115,7 +113,7 @@ def _noop_cast_input(node) -> fx.Node | None:
     if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to" and node.args
             and isinstance(node.args[0], fx.Node)):
         return None
-    out, inp = _example_value(node), _example_value(node.args[0])
+    out, inp = example_tensor(node), example_tensor(node.args[0])
     same = isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and (out.dtype, out.device) == (inp.dtype, inp.device)
     return node.args[0] if same else None
 
@@ -173,7 +171,7 @@ def generated_producer(node, lowering_fns: set) -> bool:
 
 
 def _float_dtype(node) -> torch.dtype | None:
-    val = _example_value(node)
+    val = example_tensor(node)
     return val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else None
 
 

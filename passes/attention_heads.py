@@ -32,12 +32,13 @@ import torch
 import torch.fx as fx
 
 from ..lowering.heads import HeadsLayout, heads_view
+from ..lowering.kernels._common import FLOAT_DTYPES
 from ..lowering.kernels.fp8_attention import qk_width
 from .convert import add_buffer
-from .sites import fetch_attr
+from .fuse_siblings import SHAPE_META
+from .sites import example_tensor, fetch_attr
 
 ENV = "QDIFF_ATTN_HEADS"
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PLAIN_KWARGS = {"wfmt", "group_size", "weight_shape", "afmt", "asym", "bias_corr", "x_quant"}
 
 
@@ -60,11 +61,6 @@ class Section:
     chain: tuple[fx.Node, ...]  # the split's getitem, the reshape and the transpose (single-user nodes), last first
 
 
-def _value(node) -> torch.Tensor | None:
-    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _is(node, names: set[str]) -> bool:
     if node.op == "call_method":
         return node.target in names
@@ -75,7 +71,7 @@ def _is(node, names: set[str]) -> bool:
 def _trace(arg: fx.Node) -> tuple[fx.Node, int, int, tuple[fx.Node, ...]] | None:
     """``(projection, start, stop, chain)`` when ``arg`` is ``transpose(1, 2)`` of ``reshape(B, S, H, D)`` of columns
     ``[start, stop)`` of a projection (a ``split`` getitem or the whole output), every step used once."""
-    value = _value(arg)
+    value = example_tensor(arg)
     if value is None or value.dim() != 4 or not _is(arg, {"transpose"}) or len(arg.users) != 1:
         return None
     if sorted(int(d) % 4 for d in arg.args[1:3]) != [1, 2]:
@@ -94,18 +90,18 @@ def _trace(arg: fx.Node) -> tuple[fx.Node, int, int, tuple[fx.Node, ...]] | None
         sizes = [int(s) for s in split.args[1]]
         start = sum(sizes[:index])
         return split.args[0], start, start + sizes[index], chain + (cols,)
-    n = _value(cols).shape[-1] if isinstance(cols, fx.Node) and _value(cols) is not None else None
+    n = example_tensor(cols).shape[-1] if isinstance(cols, fx.Node) and example_tensor(cols) is not None else None
     return (cols, 0, n, chain) if n is not None else None
 
 
 def _ndim(node) -> int:
-    v = _value(node)
+    v = example_tensor(node)
     return v.dim() if v is not None else -1
 
 
 def _plain_fp8_linear(node: fx.Node, linear_fn: Callable) -> bool:
     kw = node.kwargs
-    x = _value(node.args[0]) if node.args else None
+    x = example_tensor(node.args[0]) if node.args else None
     return (node.op == "call_function" and node.target is linear_fn and set(kw) <= _PLAIN_KWARGS and kw.get("group_size") is None
             and (kw.get("wfmt"), kw.get("afmt")) == ("fp8_e4m3", "fp8_e4m3") and x is not None and x.dtype in FLOAT_DTYPES)
 
@@ -117,7 +113,7 @@ def _sections(gm: fx.GraphModule, attention_fn: Callable) -> dict[fx.Node, list[
         if node.op != "call_function" or node.target is not attention_fn:
             continue
         for role, arg in enumerate(node.args[:3]):
-            traced = _trace(arg) if isinstance(arg, fx.Node) and _value(arg) is not None and _value(arg).dtype in FLOAT_DTYPES else None
+            traced = _trace(arg) if isinstance(arg, fx.Node) and example_tensor(arg) is not None and example_tensor(arg).dtype in FLOAT_DTYPES else None
             if traced is not None:
                 proj, start, stop, chain = traced
                 found.setdefault(proj, []).append(Section(node, role, start, stop, chain))
@@ -126,7 +122,7 @@ def _sections(gm: fx.GraphModule, attention_fn: Callable) -> dict[fx.Node, list[
 
 def _layout(proj: fx.Node, sections: list[Section]) -> HeadsLayout | None:
     """The heads layout of a projection whose every column is in ``sections`` (q / k first, V last), or None."""
-    heads = [_value(s.chain[0]) for s in sections]  # (B, H, S, D) each
+    heads = [example_tensor(s.chain[0]) for s in sections]  # (B, H, S, D) each
     n = proj.kwargs.get("weight_shape", (None,))[0]
     if any(h is None for h in heads) or n is None:
         return None
@@ -163,7 +159,7 @@ def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: 
     keep the separate pass (the lowering's rule; None: it may be rewritten)."""
     found = _sections(gm, attention_fn)
     # each attention call's original (float) q: its head dim (the default softmax scale) and the output dtype
-    q_of = {sec.attention: _value(sec.attention.args[0]) for secs in found.values() for sec in secs}
+    q_of = {sec.attention: example_tensor(sec.attention.args[0]) for secs in found.values() for sec in secs}
     views: dict[fx.Node, dict[int, fx.Node]] = {}  # attention call -> role -> its fp8 heads view
     count = 0
     for proj, sections in found.items():
@@ -179,7 +175,7 @@ def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: 
             new = gm.graph.call_function(heads_fn, proj.args, {**proj.kwargs, "heads": layout.fields(), "out_scale": buf})
             for sec in sections:
                 views.setdefault(sec.attention, {})[sec.role] = gm.graph.call_function(heads_view, (new, layout.fields(), sec.start, sec.stop))
-        new.meta.update({k: v for k, v in proj.meta.items() if k not in ("example_value", "val", "tensor_meta")})
+        new.meta.update({k: v for k, v in proj.meta.items() if k not in SHAPE_META})
         for sec in sections:  # detach the float chain from the attention call (rebuilt below), then delete it
             args = list(sec.attention.args)
             args[sec.role] = views[sec.attention][sec.role]

@@ -34,7 +34,7 @@ SIBLINGS_KEY = "qdiff_fused_siblings"
 # per-output-channel tensor keywords and whether a member without one contributes zeros (else: all or none)
 _PER_CHANNEL = {"bias_corr": True, "colsum": False}
 _PLAIN = {"wfmt", "group_size", "weight_shape", "afmt", "asym"}
-_SHAPE_META = ("example_value", "val", "tensor_meta")
+SHAPE_META = ("example_value", "val", "tensor_meta")  # node meta that records the tensor (not copied to a new node)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _fuse(gm: fx.GraphModule, members: list[fx.Node], index: int, linear_fn: Cal
         fused = gm.graph.call_function(linear_fn, (x, nodes["weight"], nodes["weight_scale"], nodes.get("bias"), a_scale, a_zp), kwargs)
         parts = gm.graph.call_function(torch.split, (fused, ns), {"dim": -1})
         outs = [gm.graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
-    fused.meta.update({k_: v for k_, v in first.meta.items() if k_ not in _SHAPE_META})
+    fused.meta.update({k_: v for k_, v in first.meta.items() if k_ not in SHAPE_META})
     fused.meta[ANNOTATION_KEY] = first.meta.get(ANNOTATION_KEY)
     bounds = [0]
     for n in ns:

@@ -100,6 +100,13 @@ def _is_module_state(node: fx.Node) -> bool:
     return "._parameters[" in src or "._buffers[" in src
 
 
+def example_tensor(node: Any) -> torch.Tensor | None:
+    """The tensor Dynamo / make_fx recorded for ``node`` (``example_value`` or ``val`` meta), or None (not a node, no
+    record, or not a tensor)."""
+    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
 def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     """The attribute a ``get_attr`` target names (dotted path; None if absent)."""
     obj: Any = gm

@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from .lowering.heads import NO_HEADS
+
 # (tag, M, K, N): DiT-XL/2 b8 512 px (PixArt-alpha 1024 px b2 has the same token count and widths)
 W8A8_SHAPES = [
     ("dit qkv", 8192, 1152, 3456),
@@ -156,12 +158,6 @@ def _w8a8_configs(tma: bool):
     return pick
 
 
-def _no_heads() -> dict:
-    from .lowering.kernels.fp8_linear import NO_HEADS
-
-    return NO_HEADS
-
-
 def _fp8_kernel():
     from .lowering.kernels.fp8_linear import fp8_linear_kernel
 
@@ -173,7 +169,7 @@ def _fp8_family(name: str, x_key: str) -> Family:
         name=name, kernel=_fp8_kernel,
         args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["bias"], D["out"], D["s8"], M, N, K, K, 1, K, N, 1, 0, 0, 0),
         flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=K % c["BLOCK_K"] == 0,
-                                      NS=1, INTERPRET=_interp(), **_no_heads()),
+                                      NS=1, INTERPRET=_interp(), **NO_HEADS),
         grid=_tile_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(False), baseline="scaled_mm",
     )
 
@@ -197,7 +193,7 @@ def _tma_family(name: str, x_key: str) -> Family:
         name=name, kernel=_tma_kernel,
         args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], D["s8"], M, N, K, K, N),
         flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=_interp(),
-                                                FLATTEN=c.get("FLATTEN", False), WARP_SPEC=c.get("WARP_SPEC", False), **_no_heads()),
+                                                FLATTEN=c.get("FLATTEN", False), WARP_SPEC=c.get("WARP_SPEC", False), **NO_HEADS),
         grid=_persistent_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(True), baseline="scaled_mm",
         available=_tma_available, needs_tma=True,
     )

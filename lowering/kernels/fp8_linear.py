@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..heads import HeadsLayout
+from ..heads import NO_HEADS, HeadsLayout
 from . import fp8_tma
 from ._common import (
     FLOAT_DTYPES,
@@ -162,7 +162,6 @@ SPLIT_CONFIGS = configs_from(CONFIG_TABLE["split"])
 SPLIT_K64_CONFIGS = configs_from(CONFIG_TABLE["split_k64"])
 
 _KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS", "HEADS"]
-NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1}  # a plain (M, N) output
 # EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
 _K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS + SPLIT_CONFIGS)
 _K64_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in SPLIT_K64_CONFIGS)
@@ -369,8 +368,7 @@ def fp8_linear_heads(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bi
     column quantized with ``out_scale[n]``. Eager calls launch directly; traced ones call
     ``torch.ops.qdiff.fp8_linear_heads``."""
     N = w.shape[0]
-    heads = [layout.batch, layout.seq, layout.n_rm, layout.n_vt, layout.head_dim, layout.head_width]
-    args = (rows(x), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale), flat(as_float(out_scale)), heads)
+    args = (rows(x), w, flat(w_scale), fused_bias(bias, bias_corr, N), as_float(a_scale), flat(as_float(out_scale)), list(layout.fields()))
     return _fp8_linear_heads(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear_heads(*args)
 
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..heads import NO_HEADS
 from ._common import INTERPRET, autotuned, config, epilogue, grouped_tile, quantize_fp8, store_heads, store_tile
 
 HAS_TMA: bool = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
@@ -149,7 +150,6 @@ def _with_flatten(c: triton.Config) -> triton.Config:
 
 
 PROD_CONFIGS = [_with_flatten(config(*row)) for row in CONFIG_TABLE]
-NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1}  # a plain (M, N) output
 _prod = autotuned(fp8_linear_tma_kernel, PROD_CONFIGS, ["M", "N", "K", "ACT", "OUT_FP8", "HEADS"],
                   interpret_config=_with_flatten(config(16, 32, 32, 1, 4, 2)))
 
