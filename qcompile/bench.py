@@ -173,7 +173,8 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + ("qdiff-w8a8-fp8" + EXTERN_PROLOGUE, "qdiff-w8a8-fp8" + EXTERN_PROLOGUE + CUDAGRAPHS)
             + ("bf16-inductor" + MULTI_KERNEL, "bf16-inductor" + MULTI_KERNEL + CUDAGRAPHS)
             + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS)
-            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT) for c in ("", CUDAGRAPHS)))
+            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
+                    for c in ("", CUDAGRAPHS)))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_INDUCTOR_CONFIG = "Inductor defaults (set_inductor_config=False: no coordinate-descent tuning, as in every other row)"
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
@@ -347,9 +348,7 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
     folder (rows side by side): GPU timings taken while preparing, and each compiled graph's first run, then hold the
     host alone."""
     mode = "reduce-overhead" if variant.endswith(CUDAGRAPHS) else None
-    variant = variant.removesuffix(CUDAGRAPHS)
-    for suffix in ROW_ENV_SUFFIXES:  # (the row's environment carries these: row_environment)
-        variant = variant.removesuffix(suffix)
+    variant, _ = _split_row_suffixes(variant.removesuffix(CUDAGRAPHS))  # (the row's environment carries them: row_environment)
     if variant == "bf16-eager":
         return model
     if variant == "bf16-inductor":
@@ -599,12 +598,22 @@ def _triton_version() -> str | None:
 
 
 def row_environment(variant: str) -> dict[str, str]:
-    """Kernel switches a variant sets in its row's process (:data:`ROW_ENV_SUFFIXES`: ``-direct``:
-    ``QDIFF_CONV_ENGINE=direct``; ``-extern-prologue``: ``QDIFF_FP8_PASS_MIN_N=off``); the Inductor pass's uuid
+    """Kernel switches a variant sets in its row's process (:data:`ROW_ENV_SUFFIXES`, stacked: ``-direct``:
+    ``QDIFF_CONV_ENGINE=direct``; ``-extern-prologue``: ``QDIFF_FP8_PASS_MIN_N=off``; ``-heads-fp8-out``: both attention
+    epilogues); the Inductor pass's uuid
     includes the conv engine, and the act-quant placement changes the graph itself, so cached kernels of another
     setting are not reused."""
-    base = variant.removesuffix(CUDAGRAPHS)
-    return dict(env for suffix, env in ROW_ENV_SUFFIXES.items() if base.endswith(suffix))
+    return _split_row_suffixes(variant.removesuffix(CUDAGRAPHS))[1]
+
+
+def _split_row_suffixes(variant: str) -> tuple[str, dict[str, str]]:
+    """``variant`` without its trailing row-process suffixes (they stack: ``-heads-fp8-out``) and their environment."""
+    env: dict[str, str] = {}
+    while suffix := next((s for s in ROW_ENV_SUFFIXES if variant.endswith(s)), None):
+        name, value = ROW_ENV_SUFFIXES[suffix]
+        env.setdefault(name, value)  # (the last suffix wins, as it did when only one was allowed)
+        variant = variant.removesuffix(suffix)
+    return variant, env
 
 
 COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"  # Inductor's compile worker processes per row

@@ -468,6 +468,9 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
 
     assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV, HEADS_ENV, ATTN_FP8_OUT_ENV}
     assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-out-cudagraphs") == {ATTN_FP8_OUT_ENV: "1"}
+    # suffixes stack (both fp8-attention epilogues in one row)
+    assert "qdiff-w8a8-fp8-attn-heads-fp8-out-cudagraphs" in bench.VARIANTS
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-heads-fp8-out-cudagraphs") == {ATTN_FP8_OUT_ENV: "1", HEADS_ENV: "1"}
     assert bench.row_environment("qdiff-w8a8-fp8-extern-prologue-cudagraphs") == {PASS_MIN_N_ENV: "off"}
     monkeypatch.delenv(PASS_MIN_N_ENV, raising=False)
     with pytest.raises(RuntimeError, match="QDIFF_FP8_PASS_MIN_N=off"):

@@ -176,18 +176,20 @@ def tiny_unet2d_condition(seed: int = 0) -> TinyCase:
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_dit(seed: int = 0, head_dim: int = 16, name: str = "dit", input_seed: int = 3000) -> TinyCase:
-    """``DiTTransformer2DModel``, 4x16x16 latents, patch 2 (64 tokens), 2 layers x 2 heads x ``head_dim``."""
+def tiny_dit(seed: int = 0, head_dim: int = 16, name: str = "dit", input_seed: int = 3000, heads: int = 2,
+             size: int = 16) -> TinyCase:
+    """``DiTTransformer2DModel``, 4 x ``size`` x ``size`` latents (default 16: 64 tokens), patch 2, 2 layers x ``heads``
+    (default 2) x ``head_dim``."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
-        num_attention_heads=2,
+        num_attention_heads=heads,
         attention_head_dim=head_dim,
         in_channels=4,
         out_channels=4,
         num_layers=2,
-        sample_size=16,
+        sample_size=size,
         patch_size=2,
         num_embeds_ada_norm=1000,
     )
@@ -195,7 +197,7 @@ def tiny_dit(seed: int = 0, head_dim: int = 16, name: str = "dit", input_seed: i
 
     def make_inputs(b: int = BATCH, s: int = seed):
         g = _gen(input_seed + s)
-        x = torch.randn(b, 4, 16, 16, generator=g)
+        x = torch.randn(b, 4, size, size, generator=g)
         t = _int_timesteps(g, b)
         labels = torch.randint(0, 1000, (b,), generator=g, dtype=torch.int64)
         return (x,), {"timestep": t, "class_labels": labels, "return_dict": False}

@@ -43,6 +43,19 @@ def test_projections_write_fp8_heads_with_the_separate_pass_result(monkeypatch):
     assert sqnr_db(outs["0"], outs["1"]) > (80 if DEVICE.type == "cpu" else 40)
 
 
+@pytest.mark.skipif(DEVICE is None or DEVICE.type != "cuda", reason="the persistent TMA GEMM runs on a GPU only")
+def test_projections_on_the_tma_route_write_fp8_heads_with_the_separate_pass_result(monkeypatch):
+    """The route the pass takes on a GPU (no patched rule): a DiT 8 heads x 64 wide with 2 x 1024 tokens, whose fused
+    q / k / v projections (2048 x 1536 x 512) are on the TMA route, gives the unfused run's output."""
+    from tests.tiny_models import tiny_dit
+
+    case = tiny_dit(head_dim=64, heads=8, size=64, name="dit_tma", input_seed=6100)
+    case, args, kwargs, plan = calibrated_tiny_dit_attn(case)
+    outs, graphs = _compiled_outputs(monkeypatch, case, plan, args, kwargs)
+    assert (graphs["1"].attention_heads, graphs["0"].attention_heads) == (2, 0)
+    assert sqnr_db(outs["0"], outs["1"]) > 40
+
+
 def test_the_switch_reads_only_0_or_1(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert not enabled_from_env()  # off by default until the tiled kernel's heads epilogue is right on the GPU

@@ -55,14 +55,14 @@ def spread_slices(x: torch.Tensor, splits: tuple[int, ...], dim: int) -> torch.T
     return torch.cat(parts, dim=dim)
 
 
-def calibrated_tiny_dit_attn():
-    """``tests.tiny_models.tiny_dit_attn`` on the kernel device with its ``w8a8-fp8-attn`` plan (three timesteps):
-    ``(case, args, kwargs, plan)``."""
+def calibrated_tiny_dit_attn(case=None):
+    """``case`` (default ``tests.tiny_models.tiny_dit_attn``) on the kernel device with its ``w8a8-fp8-attn`` plan
+    (three timesteps): ``(case, args, kwargs, plan)``."""
     import qcompile
     from qcompile import QuantConfig
     from tests.tiny_models import tiny_dit_attn
 
-    case = tiny_dit_attn()
+    case = case or tiny_dit_attn()
     case.model.to(DEVICE)
     args = tuple(a.to(DEVICE) for a in case.args)
     kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.kwargs.items()}
