@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ..switches import env_switch
 from .sites import example_tensor
 
 POLICIES = ("auto", "producer", "prologue")
@@ -83,10 +84,7 @@ ATTN_FP8_OUT_ENV = "QDIFF_ATTN_FP8_OUT"
 
 def attention_fp8_out_from_env() -> bool:
     """``QDIFF_ATTN_FP8_OUT`` (default 0): 1 lets quantized attention write its output as fp8 for the next GEMM."""
-    value = os.environ.get(ATTN_FP8_OUT_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{ATTN_FP8_OUT_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch(ATTN_FP8_OUT_ENV, False)
 
 
 def _wide_and_large(node: fx.Node, min_n: int) -> bool:

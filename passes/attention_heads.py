@@ -24,7 +24,6 @@ against 15.00 ms without (docs/benchmarks.md), a timing of a kernel then wrong; 
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from ..lowering.heads import HeadsLayout, heads_view
+from ..switches import env_switch
 from ..lowering.kernels._common import FLOAT_DTYPES
 from ..lowering.kernels.fp8_attention import qk_width
 from .convert import add_buffer
@@ -44,10 +44,7 @@ _PLAIN_KWARGS = {"wfmt", "group_size", "weight_shape", "afmt", "asym", "bias_cor
 
 def enabled_from_env() -> bool:
     """``QDIFF_ATTN_HEADS`` (default 0, see the module docstring): 1 has the projections write fp8 heads."""
-    v = os.environ.get(ENV, "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"{ENV} must be 0 or 1, got {v!r}")
-    return v == "1"
+    return env_switch(ENV, False)
 
 
 @dataclass(frozen=True)

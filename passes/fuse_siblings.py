@@ -19,13 +19,13 @@ Run it right after ``convert``. ``QDIFF_FUSE_SIBLINGS=0`` turns it off (read by 
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
+from ..switches import env_switch
 from .annotate import ANNOTATION_KEY
 from .convert import add_buffer
 from .sites import META_KEY, Site, fetch_attr
@@ -53,10 +53,7 @@ class Sibling:
 
 def enabled_from_env() -> bool:
     """``QDIFF_FUSE_SIBLINGS`` (default 1): 0 turns sibling fusion off, for A/B measurements."""
-    v = os.environ.get("QDIFF_FUSE_SIBLINGS", "1")
-    if v not in ("0", "1"):
-        raise ValueError(f"QDIFF_FUSE_SIBLINGS must be 0 or 1, got {v!r}")
-    return v == "1"
+    return env_switch("QDIFF_FUSE_SIBLINGS", True)
 
 
 def siblings_of(node: fx.Node) -> tuple[Sibling, ...] | None:

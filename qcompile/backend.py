@@ -30,6 +30,7 @@ from .passes.fuse_epilogue import fuse_epilogues
 from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
 from .passes.sites import META_KEY, parameter_tensors
 from .plan import NodePlan, QuantPlan
+from .switches import env_switch
 from .release import ReleasePlan, check_released_unread, dropping_inputs, plan_release, release, warn_kept, without_inputs
 
 _OPTIONS = {"plan", "inductor", "group", "mode", "lowering", "release_float_weights"}
@@ -244,12 +245,24 @@ def multi_kernel_from_env(default: bool) -> bool:
     an H200, ~3x their bytes' time (examples/profile_step.py, docs/benchmarks.md). Measured with CUDA graphs on an H200
     (2026-12-02): DiT-XL/2 W8A8-FP8 + fp8 attention 15.22 ms with it, 15.26 ms without; bf16 Inductor 18.49 vs 18.70 ms:
     no gain worth its compile time, so off by default (the bench's ``-multikernel`` / ``-single-kernel`` rows)."""
-    value = os.environ.get(MULTI_KERNEL_ENV)
-    if value is None:
-        return default
-    if value not in ("0", "1"):
-        raise ValueError(f"{MULTI_KERNEL_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch(MULTI_KERNEL_ENV, default)
+
+
+COORDINATE_DESCENT_ENV = "QDIFF_COORDINATE_DESCENT"
+
+
+def inductor_patches_from_env() -> dict[str, object]:
+    """Inductor config patches the environment's switches ask for (default none), for the qdiff backend and the
+    bench's bf16 Inductor rows alike: ``QDIFF_MULTI_KERNEL=1`` (:func:`multi_kernel_from_env`) and
+    ``QDIFF_COORDINATE_DESCENT=1``: Inductor tunes each generated kernel's block sizes and warps by timing
+    (``coordinate_descent_tuning``; its default takes one heuristic config for row reductions such as our graphs'
+    LayerNorm + modulate + quantize kernels), at the cost of compile time."""
+    patches: dict[str, object] = {}
+    if multi_kernel_from_env(False):
+        patches["triton.multi_kernel"] = 1
+    if env_switch(COORDINATE_DESCENT_ENV, False):
+        patches["coordinate_descent_tuning"] = True
+    return patches
 
 
 def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None) -> QuantizedGraph:
@@ -301,8 +314,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         patches = dict(list_mode_options(mode)) if mode else {}
         kernel_pass = QdiffKernelPass(opts.plan.digest(), lowering_name)
         patches["post_grad_custom_post_pass"] = kernel_pass
-        if multi_kernel_from_env(False):
-            patches["triton.multi_kernel"] = 1
+        patches.update(inductor_patches_from_env())
         # Dynamo's map from lifted parameters to guard sources does not know our quantized
         # buffers; without it AOTAutograd treats every parameter and buffer as a static input.
         if hasattr(converted, "_param_name_to_source"):

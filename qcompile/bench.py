@@ -158,13 +158,16 @@ SINGLE_KERNEL = "-single-kernel"
 # suffixes (before -cudagraphs): fp8 attention's q / k / v written as fp8 heads by their projection's GEMM
 # (QDIFF_ATTN_HEADS=1: passes/attention_heads.py, off by default) or quantized by a separate pass (=0), its A/B
 HEADS = "-heads"
+# suffix (before -cudagraphs): Inductor's coordinate-descent tuning of its generated kernels (QDIFF_COORDINATE_DESCENT=1)
+COORDINATE_DESCENT = "-cdtune"
 SEPARATE_HEADS = "-separate-heads"
 # suffix (before -cudagraphs): quantized attention writes fp8 for the output projection (QDIFF_ATTN_FP8_OUT=1, off by default)
 ATTN_FP8_OUT = "-fp8-out"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
-                    HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0"), ATTN_FP8_OUT: ("QDIFF_ATTN_FP8_OUT", "1")}
+                    HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0"), ATTN_FP8_OUT: ("QDIFF_ATTN_FP8_OUT", "1"),
+                    COORDINATE_DESCENT: ("QDIFF_COORDINATE_DESCENT", "1")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
@@ -172,6 +175,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + ("qdiff-w8a8-fp8" + CONV_DIRECT, "qdiff-w8a8-fp8" + CONV_DIRECT + CUDAGRAPHS)
             + ("qdiff-w8a8-fp8" + EXTERN_PROLOGUE, "qdiff-w8a8-fp8" + EXTERN_PROLOGUE + CUDAGRAPHS)
             + ("bf16-inductor" + MULTI_KERNEL, "bf16-inductor" + MULTI_KERNEL + CUDAGRAPHS)
+            + tuple(v + COORDINATE_DESCENT + c for v in ("bf16-inductor", "qdiff-w8a8-fp8-attn-heads-fp8-out") for c in ("", CUDAGRAPHS))
             + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS)
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
                     for c in ("", CUDAGRAPHS)))
@@ -324,12 +328,12 @@ def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: s
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        from .backend import multi_kernel_from_env
+        from .backend import inductor_patches_from_env
 
-        multi = {"triton.multi_kernel": 1} if multi_kernel_from_env(False) else {}
-        patches = {**(list_mode_options(mode) if mode else {}), **multi}
+        switched = inductor_patches_from_env()
+        patches = {**(list_mode_options(mode) if mode else {}), **switched}
         if rows_dir is None:  # (torch.compile takes a mode or options, not both)
-            return torch.compile(model, backend="inductor", options=patches) if multi else torch.compile(model, backend="inductor", mode=mode)
+            return torch.compile(model, backend="inductor", options=patches) if switched else torch.compile(model, backend="inductor", mode=mode)
         inner = lambda gm, example_inputs: compile_fx(gm, example_inputs, config_patches=patches)  # noqa: E731
     elif rows_dir is None:
         return torch.compile(model, backend=backend, options=options)

@@ -461,12 +461,13 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
     """``qdiff-w8a8-fp8-extern-prologue`` is w8a8-fp8 with ``QDIFF_FP8_PASS_MIN_N=off`` (the act-quant placement
     before the separate pass after extern kernels): the A/B row of passes/act_quant's rule. The suffixes' variables
     are the ones the code reads."""
-    from qcompile.backend import MULTI_KERNEL_ENV
+    from qcompile.backend import COORDINATE_DESCENT_ENV, MULTI_KERNEL_ENV
     from qcompile.lowering.conv_im2col import ENGINE_ENV
     from qcompile.passes.act_quant import ATTN_FP8_OUT_ENV, PASS_MIN_N_ENV
     from qcompile.passes.attention_heads import ENV as HEADS_ENV
 
-    assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV, HEADS_ENV, ATTN_FP8_OUT_ENV}
+    assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV, HEADS_ENV, ATTN_FP8_OUT_ENV,
+                                                                 COORDINATE_DESCENT_ENV}
     assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-out-cudagraphs") == {ATTN_FP8_OUT_ENV: "1"}
     # suffixes stack (both fp8-attention epilogues in one row)
     assert "qdiff-w8a8-fp8-attn-heads-fp8-out-cudagraphs" in bench.VARIANTS
@@ -498,5 +499,9 @@ def test_multi_kernel_rows_patch_inductor_in_their_process(tiny, monkeypatch):
     bench._compile(torch.nn.Linear(2, 2), "inductor", "reduce-overhead", None)
     monkeypatch.setenv(MULTI_KERNEL_ENV, "0")
     bench._compile(torch.nn.Linear(2, 2), "inductor", None, None)
+    monkeypatch.setenv("QDIFF_COORDINATE_DESCENT", "1")  # (-cdtune rows)
+    bench._compile(torch.nn.Linear(2, 2), "inductor", None, None)
     assert seen == [{"backend": "inductor", "options": {"triton.cudagraphs": True, "triton.multi_kernel": 1}},
-                    {"backend": "inductor", "mode": None}]
+                    {"backend": "inductor", "mode": None},
+                    {"backend": "inductor", "options": {"coordinate_descent_tuning": True}}]
+    assert bench.row_environment("bf16-inductor-cdtune-cudagraphs") == {"QDIFF_COORDINATE_DESCENT": "1"}
