@@ -42,6 +42,7 @@ def fp8_linear_tma_kernel(
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
     HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
+    V_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -67,7 +68,7 @@ def fp8_linear_tma_kernel(
         rn = off_n + tl.arange(0, BLOCK_N)
         y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
         if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
-            store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
+            store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, V_F32, INTERPRET)
         else:
             if OUT_FP8:  # quantized for the next fp8 GEMM (its static scale)
                 y = quantize_fp8(y * inv_out, INTERPRET)

@@ -1,0 +1,124 @@
+"""Which GEMM configs write fp8 attention heads correctly on this GPU (lowering/heads.py, ``store_heads``). GPU, ~1 min:
+
+    PYTHONPATH=/tmp/site python examples/heads_store_check.py [--out heads_check.json]
+
+The exact case of ``tests/lowering/kernels/test_fp8_linear_heads.py`` (integer codes, power-of-two scales: every step
+exact, so the buffer must equal the reference byte for byte) on each config of the tiled kernel's tables and of the
+persistent TMA kernel (with and without FLATTEN), with the V tile transposed as bytes after quantizing
+(``V_F32=False``) and in fp32 before (``V_F32=True``). Each autotuned kernel is given one config at a time, so the
+launch is the production one. Prints, per run, the wrong bytes in the q / k region and in the V region and the first
+wrong V position (batch, V column, key); the output is pre-filled with 0x7f (fp8 NaN) so unwritten bytes count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import torch
+import triton
+
+from qcompile.lowering.heads import FP8, HeadsLayout, reference_heads
+from qcompile.lowering.kernels import fp8_tma
+
+fp8_linear = importlib.import_module("qcompile.lowering.kernels.fp8_linear")  # (the package exports a function of that name)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (cpu: Triton's interpreter, TRITON_INTERPRET=1, a check of the script)
+
+
+def exact_case(M: int, K: int, N: int, seed: int = 0):
+    """Integer codes in [-3, 3] and power-of-two scales: products and sums exact in fp32, outputs on the e4m3 grid."""
+    g = torch.Generator().manual_seed(seed)
+    x8 = torch.randint(-3, 4, (M, K), generator=g).float()
+    w8 = torch.randint(-3, 4, (N, K), generator=g).float()
+    ws = 2.0 ** torch.randint(-3, 1, (N,), generator=g).float()
+    bias = torch.randint(-4, 5, (N,), generator=g).float() / 4
+    a_scale = torch.tensor(0.5)
+    out_scale = 2.0 ** torch.randint(-1, 3, (N,), generator=g).float()
+    y = (x8 @ w8.T) * a_scale * ws + bias
+    return [t.to(DEVICE) for t in (x8, w8, ws, bias, a_scale, out_scale, y)]
+
+
+def wrong_bytes(got: torch.Tensor, want: torch.Tensor, lay: HeadsLayout) -> dict:
+    """Wrong bytes of the q / k region and of the V region (key padding excluded), and the first wrong V entry."""
+    bad = got.view(torch.uint8) != want.view(torch.uint8)
+    vt = bad[lay.vt_offset:].view(lay.batch, lay.n_vt, lay.seq_pad)[:, :, : lay.seq]
+    first = vt.nonzero()[:1].tolist()
+    return {"qk_wrong": int(bad[: lay.vt_offset].sum()), "v_wrong": int(vt.sum()), "first_v_wrong": first[0] if first else None}
+
+
+def run(kernel, cfg: triton.Config, lay: HeadsLayout, case, x_fp8: bool, v_f32: bool, launch) -> dict:
+    """One launch of ``kernel`` (an autotuner) restricted to ``cfg``; wrong bytes against the reference."""
+    x8, w8, ws, bias, a_scale, out_scale, y = case
+    kernel.configs, saved = [cfg], kernel.configs
+    kernel.cache.clear()
+    try:
+        got = launch(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8, v_f32)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
+    return wrong_bytes(got, reference_heads(y, out_scale, lay), lay)
+
+
+def _layout_args(lay: HeadsLayout, v_f32: bool) -> dict:
+    return {"HEADS": True, **lay.kernel_args(v_f32)}
+
+
+def launch_tiled(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8, v_f32):
+    x = x8.to(FP8) if x_fp8 else (x8 * a_scale).to(torch.bfloat16)
+    M, K = x.shape
+    N = w8.shape[0]
+    out = torch.full((lay.numel,), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8)
+    table, even_k = fp8_linear.tile_table(M, K, (0, 0, 0), False, x_fp8)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    fp8_linear._KERNELS[table][grid](
+        x, w8.to(FP8), ws, bias, a_scale, ws, out, out_scale, M, N, K, x.stride(0), x.stride(1), K, N, 1, 0, 0, 0,
+        X_FP8=x_fp8, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=True, EVEN_K=even_k, NS=1, INTERPRET=fp8_linear.INTERPRET,
+        **_layout_args(lay, v_f32))
+    return out
+
+
+def launch_tma(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8, v_f32):
+    out = torch.full((lay.numel,), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8)
+    return fp8_tma.launch_autotuned(x8.to(FP8), w8.to(FP8), ws, bias, a_scale, out, 0, out_scale, lambda k: k, _layout_args(lay, v_f32))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+    results = []
+    small = HeadsLayout(batch=2, seq=20, n_rm=2 * 72, n_vt=72, head_dim=72, head_width=128)  # tiled: 40 x 64 x 216
+    big = HeadsLayout(batch=2, seq=1024, n_rm=2 * 4 * 72, n_vt=4 * 72, head_dim=72, head_width=128)  # TMA: 2048 x 512 x 864
+    runs = []
+    for name, table in (("small", fp8_linear.SMALL_M_CONFIGS), ("large_prequant", fp8_linear.PREQUANT_CONFIGS[:2])):
+        lay = small if name == "small" else big
+        for cfg in table:
+            runs += [("tiled " + name, fp8_linear._KERNELS[name], cfg, lay, True, launch_tiled)]
+    for cfg in fp8_tma.PROD_CONFIGS:
+        for flatten in (True, False):
+            c = triton.Config({**cfg.kwargs, "FLATTEN": flatten}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            runs += [("tma", fp8_tma._prod, c, big, True, launch_tma)]
+    cases = {lay: exact_case(lay.rows, 64 if lay is small else 512, lay.columns) for lay in (small, big)}
+    if DEVICE == "cuda":
+        fp8_tma.ensure_allocator()
+    for kind, kernel, cfg, lay, x_fp8, launch in runs:
+        for v_f32 in (False, True):
+            try:
+                r = run(kernel, cfg, lay, cases[lay], x_fp8, v_f32, launch)
+            except Exception as e:  # noqa: BLE001 (a config that fails to compile or launch is reported, not fatal)
+                r = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            row = {"kernel": kind, "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                   "M": lay.rows, "V_F32": v_f32, **r}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
