@@ -162,3 +162,22 @@ def qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, *, heads: tuple[int, ..
     computes."""
     y = qlinear(x, wdata, wscale, bias, a_scale, a_zp, **linear_kwargs)
     return reference_heads(y.reshape(-1, y.shape[-1]), out_scale, HeadsLayout(*heads))
+
+
+def add_norm_modulate_fp8(h: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, scale: torch.Tensor,
+                          shift: torch.Tensor, a_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`.kernels.norm_quant.add_norm_modulate_fp8`: ``x = h + gate[b] * y`` in fp32 rounded to h's
+    dtype (the first output; empty without ``y``), then ``LayerNorm(x) * (1 + scale[b]) + shift[b]`` in fp32 quantized
+    to e4m3 with the static scale. h, y: (B, S, C); gate / scale / shift: (B, C) or (B, 1, C)."""
+    B, S, C = h.shape
+
+    def per_batch(t: torch.Tensor) -> torch.Tensor:
+        return t.float().reshape(B, 1, C)
+
+    x = h.float()
+    h_out = h.new_empty((0,))
+    if y is not None:
+        h_out = (x + y.float() * (per_batch(gate) if gate is not None else 1.0)).to(h.dtype)
+        x = h_out.float()
+    m = F.layer_norm(x, (C,), eps=eps) * (1.0 + per_batch(scale)) + per_batch(shift)
+    return h_out, quantize_fp8(m, a_scale)

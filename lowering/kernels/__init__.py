@@ -15,9 +15,10 @@ from .fp8_attention import fp8_attention
 from .fp8_linear import fp8_linear, fp8_linear_prequant
 from .im2col import gather_columns
 from .int8_linear import int8_linear, weight_colsum
+from .norm_quant import add_norm_modulate_fp8
 from .w4_linear import w4a8_linear, weight_only_linear
 
 __all__ = [
-    "INTERPRET", "kernels_usable_on", "conv2d_fp8_prequant", "conv2d_w8a8", "fp8_attention", "fp8_linear", "fp8_linear_prequant", "gather_columns", "int8_linear",
+    "INTERPRET", "kernels_usable_on", "add_norm_modulate_fp8", "conv2d_fp8_prequant", "conv2d_w8a8", "fp8_attention", "fp8_linear", "fp8_linear_prequant", "gather_columns", "int8_linear",
     "weight_colsum", "w4a8_linear", "weight_only_linear",
 ]
