@@ -63,6 +63,8 @@ class Lowering:
     # why an (M, N, K) projection should not take it (None: it may)
     linear_heads: Callable[..., torch.Tensor] | None = None
     heads_unsupported: Callable[[int, int, int], str | None] | None = None
+    # residual add + LayerNorm + modulation + fp8 quantization in one call (passes/norm_quant.py), if the lowering has it
+    norm_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _check_slices(q: QuantizedOp, node: fx.Node) -> None:

@@ -28,6 +28,7 @@ from .passes.act_quant import place_act_quant
 from .passes.attention_heads import enabled_from_env as heads_enabled, fuse_attention_heads
 from .passes.fuse_epilogue import fuse_epilogues
 from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
+from .passes.norm_quant import enabled_from_env as norm_quant_enabled, fuse_norm_quant
 from .passes.sites import META_KEY, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .switches import env_switch
@@ -109,6 +110,7 @@ class QuantizedGraph:
     fused_siblings: int = 0  # fused calls made of quantized linears reading the same input (passes.fuse_siblings)
     act_quant: dict[str, int] = field(default_factory=dict)  # where fp8 GEMM inputs are quantized (passes.act_quant counts)
     attention_heads: int = 0  # q / k / v projections writing fp8 attention heads (passes.attention_heads)
+    norm_quant: int = 0  # block boundaries computed by one add + LayerNorm + modulate + quantize call (passes.norm_quant)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -199,6 +201,7 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
         return "reference", Lowering()
     from .lowering import triton_lowering
     from .lowering.kernels._common import kernels_usable_on
+    from .lowering.kernels.norm_quant import add_norm_modulate_fp8
 
     if not kernels_usable_on(device):
         if name == "triton":
@@ -207,7 +210,8 @@ def choose_lowering(name: str, device: torch.device) -> tuple[str, Lowering]:
     return "triton", Lowering(linear=triton_lowering.qlinear, conv=triton_lowering.qconv, linear_fused=triton_lowering.qlinear_fused,
                               aux=triton_lowering.aux_buffers, fallback=triton_lowering.fallback_reason,
                               stored_weight=triton_lowering.stored_weight, attention=triton_lowering.qattention,
-                              linear_heads=triton_lowering.qlinear_heads, heads_unsupported=triton_lowering.heads_unsupported)
+                              linear_heads=triton_lowering.qlinear_heads, heads_unsupported=triton_lowering.heads_unsupported,
+                              norm_quant=add_norm_modulate_fp8)
 
 
 def build_quantized_graph(
@@ -284,7 +288,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     device = _device_of(example_inputs)
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
-    fused = siblings = heads = 0
+    fused = siblings = heads = norm_quant = 0
     placed: dict[str, int] = {}
     if lowering.linear_fused is not None:
         if siblings_enabled():
@@ -300,6 +304,10 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
             converted, heads = fuse_attention_heads(converted, lowering.linear, lowering.attention, lowering.linear_heads,
                                                     lowering.heads_unsupported)
             log_graph("fuse_attention_heads", converted)
+        if lowering.norm_quant is not None and norm_quant_enabled():
+            converted, norm_quant = fuse_norm_quant(converted, (lowering.linear, lowering.linear_fused), lowering.norm_quant,
+                                                    example_inputs)
+            log_graph("fuse_norm_quant", converted)
     released = check_released_unread(converted, example_inputs)  # inputs released by an earlier compile: never read
     freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()
     drop = released | set(freeing.release)
@@ -327,6 +335,6 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     freed = release({name: example_inputs[i] for i, name in freeing.release.items()})
     warn_kept(opts.plan, freeing.kept)
     record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings,
-                            act_quant=placed, attention_heads=heads)
+                            act_quant=placed, attention_heads=heads, norm_quant=norm_quant)
     opts.plan.compiled.append(record)
     return record

@@ -158,6 +158,9 @@ SINGLE_KERNEL = "-single-kernel"
 # suffixes (before -cudagraphs): fp8 attention's q / k / v written as fp8 heads by their projection's GEMM
 # (QDIFF_ATTN_HEADS=1: passes/attention_heads.py, off by default) or quantized by a separate pass (=0), its A/B
 HEADS = "-heads"
+# suffix (before -cudagraphs): block boundaries (residual add + LayerNorm + modulate + quantize) as one kernel
+# (QDIFF_NORM_QUANT=1: passes/norm_quant.py, off by default)
+NORM_QUANT = "-normq"
 # suffix (before -cudagraphs): Inductor's coordinate-descent tuning of its generated kernels (QDIFF_COORDINATE_DESCENT=1)
 COORDINATE_DESCENT = "-cdtune"
 SEPARATE_HEADS = "-separate-heads"
@@ -167,7 +170,7 @@ ATTN_FP8_OUT = "-fp8-out"
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
                     HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0"), ATTN_FP8_OUT: ("QDIFF_ATTN_FP8_OUT", "1"),
-                    COORDINATE_DESCENT: ("QDIFF_COORDINATE_DESCENT", "1")}
+                    COORDINATE_DESCENT: ("QDIFF_COORDINATE_DESCENT", "1"), NORM_QUANT: ("QDIFF_NORM_QUANT", "1")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
@@ -176,6 +179,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + ("qdiff-w8a8-fp8" + EXTERN_PROLOGUE, "qdiff-w8a8-fp8" + EXTERN_PROLOGUE + CUDAGRAPHS)
             + ("bf16-inductor" + MULTI_KERNEL, "bf16-inductor" + MULTI_KERNEL + CUDAGRAPHS)
             + tuple(v + COORDINATE_DESCENT + c for v in ("bf16-inductor", "qdiff-w8a8-fp8-attn-heads-fp8-out") for c in ("", CUDAGRAPHS))
+            + tuple(f"qdiff-w8a8-fp8-attn{s}{NORM_QUANT}{c}" for s in ("", ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT) for c in ("", CUDAGRAPHS))
             + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS)
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
                     for c in ("", CUDAGRAPHS)))
@@ -451,6 +455,7 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
             row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
             row.extra["act_quant"] = dict(sum((Counter(r.act_quant) for r in plan.compiled), Counter()))
             row.extra["attention_heads"] = sum(r.attention_heads for r in plan.compiled)  # projections writing fp8 heads
+            row.extra["norm_quant"] = sum(r.norm_quant for r in plan.compiled)  # block boundaries in one kernel
             row.extra["released_float_gb"] = sum(sum(r.released.values()) for r in plan.compiled) / 2**30
         row.extra["resident_weight_gb"] = _resident_weight_bytes(model, plan) / 2**30
         if dev.type == "cuda":  # the peak of the first call (compile included); the row's peak is the timed steps'
