@@ -4,9 +4,8 @@
 
 The exact case of ``tests/lowering/kernels/test_fp8_linear_heads.py`` (integer codes, power-of-two scales: every step
 exact, so the buffer must equal the reference byte for byte) on each config of the tiled kernel's tables and of the
-persistent TMA kernel (with and without FLATTEN), with the V tile transposed as bytes after quantizing
-(``V_F32=False``) and in fp32 before (``V_F32=True``). Each autotuned kernel is given one config at a time, so the
-launch is the production one. Prints, per run, the wrong bytes in the q / k region and in the V region and the first
+persistent TMA kernel (with and without FLATTEN). Each autotuned kernel is given one config at a time, so the launch is
+the production one (the TMA heads launch's autotuner, ``fp8_tma._prod_heads``, is given every production config). Prints, per run, the wrong bytes in the q / k region and in the V region and the first
 wrong V position (batch, V column, key); the output is pre-filled with 0x7f (fp8 NaN) so unwritten bytes count.
 """
 
@@ -48,13 +47,13 @@ def wrong_bytes(got: torch.Tensor, want: torch.Tensor, lay: HeadsLayout) -> dict
     return {"qk_wrong": int(bad[: lay.vt_offset].sum()), "v_wrong": int(vt.sum()), "first_v_wrong": first[0] if first else None}
 
 
-def run(kernel, cfg: triton.Config, lay: HeadsLayout, case, x_fp8: bool, v_f32: bool, launch) -> dict:
+def run(kernel, cfg: triton.Config, lay: HeadsLayout, case, x_fp8: bool, launch) -> dict:
     """One launch of ``kernel`` (an autotuner) restricted to ``cfg``; wrong bytes against the reference."""
     x8, w8, ws, bias, a_scale, out_scale, y = case
     kernel.configs, saved = [cfg], kernel.configs
     kernel.cache.clear()
     try:
-        got = launch(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8, v_f32)
+        got = launch(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
     finally:
@@ -63,11 +62,11 @@ def run(kernel, cfg: triton.Config, lay: HeadsLayout, case, x_fp8: bool, v_f32: 
     return wrong_bytes(got, reference_heads(y, out_scale, lay), lay)
 
 
-def _layout_args(lay: HeadsLayout, v_f32: bool) -> dict:
-    return {"HEADS": True, **lay.kernel_args(v_f32)}
+def _layout_args(lay: HeadsLayout) -> dict:
+    return {"HEADS": True, **lay.kernel_args()}
 
 
-def launch_tiled(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8, v_f32):
+def launch_tiled(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8):
     x = x8.to(FP8) if x_fp8 else (x8 * a_scale).to(torch.bfloat16)
     M, K = x.shape
     N = w8.shape[0]
@@ -77,13 +76,13 @@ def launch_tiled(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8, v_f32):
     fp8_linear._KERNELS[table][grid](
         x, w8.to(FP8), ws, bias, a_scale, ws, out, out_scale, M, N, K, x.stride(0), x.stride(1), K, N, 1, 0, 0, 0,
         X_FP8=x_fp8, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=True, EVEN_K=even_k, NS=1, INTERPRET=fp8_linear.INTERPRET,
-        **_layout_args(lay, v_f32))
+        **_layout_args(lay))
     return out
 
 
-def launch_tma(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8, v_f32):
+def launch_tma(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8):
     out = torch.full((lay.numel,), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8)
-    return fp8_tma.launch_autotuned(x8.to(FP8), w8.to(FP8), ws, bias, a_scale, out, 0, out_scale, lambda k: k, _layout_args(lay, v_f32))
+    return fp8_tma.launch_autotuned(x8.to(FP8), w8.to(FP8), ws, bias, a_scale, out, 0, out_scale, lambda k: k, _layout_args(lay))
 
 
 def main() -> None:
@@ -101,20 +100,18 @@ def main() -> None:
     for cfg in fp8_tma.PROD_CONFIGS:
         for flatten in (True, False):
             c = triton.Config({**cfg.kwargs, "FLATTEN": flatten}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            runs += [("tma", fp8_tma._prod, c, big, True, launch_tma)]
+            runs += [("tma", fp8_tma._prod_heads, c, big, True, launch_tma)]
     cases = {lay: exact_case(lay.rows, 64 if lay is small else 512, lay.columns) for lay in (small, big)}
     if DEVICE == "cuda":
         fp8_tma.ensure_allocator()
     for kind, kernel, cfg, lay, x_fp8, launch in runs:
-        for v_f32 in (False, True):
-            try:
-                r = run(kernel, cfg, lay, cases[lay], x_fp8, v_f32, launch)
-            except Exception as e:  # noqa: BLE001 (a config that fails to compile or launch is reported, not fatal)
-                r = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            row = {"kernel": kind, "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                   "M": lay.rows, "V_F32": v_f32, **r}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+        try:
+            r = run(kernel, cfg, lay, cases[lay], x_fp8, launch)
+        except Exception as e:  # noqa: BLE001 (a config that fails to compile or launch is reported, not fatal)
+            r = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        row = {"kernel": kind, "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, "M": lay.rows, **r}
+        results.append(row)
+        print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -29,9 +29,7 @@ from .formats import quantize_fp8
 FP8 = torch.float8_e4m3fn
 ROW_BYTES = 16  # rows of the V region (keys) are padded to this many bytes: 16-byte loads in the attention kernel
 # the GEMM kernels' heads constexprs for a plain (M, N) output (HeadsLayout.kernel_args and HEADS=True: heads)
-NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1, "V_F32": False}
-# how the GEMM epilogue transposes the V tile (store_heads' V_F32): fp32, then quantized (bytes: lost stores on an H200)
-V_TRANSPOSE_F32 = True
+NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1}
 
 
 @dataclass(frozen=True)
@@ -83,10 +81,9 @@ class HeadsLayout:
         """``(batch, seq, n_rm, n_vt, head_dim, head_width)``: ``HeadsLayout(*fields)`` is this layout."""
         return (self.batch, self.seq, self.n_rm, self.n_vt, self.head_dim, self.head_width)
 
-    def kernel_args(self, v_f32: bool = V_TRANSPOSE_F32) -> dict[str, int]:
+    def kernel_args(self) -> dict[str, int]:
         """The GEMM kernels' constexprs for this layout (:func:`.kernels._common.store_heads`)."""
-        return {"N_RM": self.n_rm, "SEQ": self.seq, "SEQ_PAD": self.seq_pad, "HEAD_D": self.head_dim, "HEAD_W": self.head_width,
-                "V_F32": v_f32}
+        return {"N_RM": self.n_rm, "SEQ": self.seq, "SEQ_PAD": self.seq_pad, "HEAD_D": self.head_dim, "HEAD_W": self.head_width}
 
     def view(self, buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Columns ``[start, stop)`` of the projection (whole heads, all q / k or all V) as ``(B, H, S, D)`` heads of

@@ -148,15 +148,13 @@ def store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on):
 
 @triton.jit
 def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr,
-                HEAD_D: tl.constexpr, HEAD_W: tl.constexpr, V_F32: tl.constexpr, INTERPRET: tl.constexpr):
+                HEAD_D: tl.constexpr, HEAD_W: tl.constexpr, INTERPRET: tl.constexpr):
     """Store a GEMM tile as fp8 attention heads (:mod:`..heads`, the layout): ``y`` (fp32, M = B * SEQ rows) is quantized
     per column with the static scales ``os_ptr[n]``; columns ``[0, N_RM)`` (q / k heads of HEAD_D) go to rows of
     ``N_RM / HEAD_D`` heads of HEAD_W bytes, zero-padded from HEAD_D (columns ``d < HEAD_W - HEAD_D`` also write the zero
-    at ``d + HEAD_D``), columns ``[N_RM, N)`` (V) to ``(B, N - N_RM, SEQ_PAD)`` after them, keys contiguous. ``V_F32``:
-    the V tile is transposed in fp32 and quantized after (else quantized, then transposed: a layout conversion of bytes)."""
+    at ``d + HEAD_D``), columns ``[N_RM, N)`` (V) to ``(B, N - N_RM, SEQ_PAD)`` after them, keys contiguous."""
     n_ok = rn < N
-    scaled = y * tl.math.div_rn(1.0, tl.load(os_ptr + rn, mask=n_ok, other=1.0))[None, :]
-    y8 = quantize_fp8(scaled, INTERPRET)
+    y8 = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr + rn, mask=n_ok, other=1.0))[None, :], INTERPRET)
     row_ok = (rm < M)[:, None]
     rm64 = rm.to(tl.int64)
     row_len: tl.constexpr = (N_RM // HEAD_D) * HEAD_W
@@ -173,11 +171,7 @@ def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, SEQ: tl.co
     # stored transposed, (columns, rows) with the rows (keys) last: the tile's (rows, columns) order lost every odd
     # column's stores of some row groups on an H200 (triton 3.6; the interpreter was right), this order does not
     v_ok = (n_ok & (rn >= N_RM))[:, None] & (rm < M)[None, :]
-    if V_F32:
-        vt8 = quantize_fp8(tl.trans(scaled), INTERPRET)
-    else:
-        vt8 = tl.trans(y8)
-    tl.store(out_ptr + ((rn - N_RM) * SEQ_PAD)[:, None] + v_rows[None, :], vt8, mask=v_ok)
+    tl.store(out_ptr + ((rn - N_RM) * SEQ_PAD)[:, None] + v_rows[None, :], tl.trans(y8), mask=v_ok)
 
 
 @triton.jit

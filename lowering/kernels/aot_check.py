@@ -86,7 +86,7 @@ def inductor_variants(kernel, signature: dict, constexprs: dict) -> list[tuple[s
 
 
 # DiT-XL/2's q / k / v projection written as fp8 heads (lowering/heads.py): 1024 tokens, q / k 2 x 16 heads of 72 padded to 128
-DIT_HEADS = {"HEADS": True, "N_RM": 2304, "SEQ": 1024, "SEQ_PAD": 1024, "HEAD_D": 72, "HEAD_W": 128, "V_F32": True}
+DIT_HEADS = {"HEADS": True, "N_RM": 2304, "SEQ": 1024, "SEQ_PAD": 1024, "HEAD_D": 72, "HEAD_W": 128}
 
 
 def cases(which: set[str]):

@@ -12,7 +12,7 @@ def test_layout_sizes_and_validation():
     lay = HeadsLayout(batch=2, seq=20, n_rm=160, n_vt=80, head_dim=40, head_width=64)
     assert (lay.rows, lay.columns, lay.rm_heads, lay.seq_pad) == (40, 240, 4, 32)
     assert lay.vt_offset == 40 * 4 * 64 and lay.numel == lay.vt_offset + 2 * 80 * 32
-    assert lay.kernel_args() == {"N_RM": 160, "SEQ": 20, "SEQ_PAD": 32, "HEAD_D": 40, "HEAD_W": 64, "V_F32": True}
+    assert lay.kernel_args() == {"N_RM": 160, "SEQ": 20, "SEQ_PAD": 32, "HEAD_D": 40, "HEAD_W": 64}
     for bad, match in [(dict(n_rm=150), "whole heads"), (dict(head_width=96), r"\[head dim, 2 \* head dim\]"),
                        (dict(head_width=32), "head dim"), (dict(n_rm=0, n_vt=0), "some columns"), (dict(seq=0), "positive")]:
         with pytest.raises(ValueError, match=match):
