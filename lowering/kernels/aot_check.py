@@ -26,11 +26,12 @@ from triton.compiler import ASTSource
 from ._common import INTERPRET
 
 # the package re-exports functions named like their modules, so fetch the modules themselves
-conv, fp8_attention, fp8_linear, fp8_tma, int8_linear, w4_linear = (
-    importlib.import_module(f"{__package__}.{m}") for m in ("conv", "fp8_attention", "fp8_linear", "fp8_tma", "int8_linear", "w4_linear"))
+conv, fp8_attention, fp8_linear, fp8_tma, int8_linear, norm_quant, w4_linear = (
+    importlib.import_module(f"{__package__}.{m}")
+    for m in ("conv", "fp8_attention", "fp8_linear", "fp8_tma", "int8_linear", "norm_quant", "w4_linear"))
 
 TARGET = GPUTarget("cuda", 90, 32)
-GROUPS = ("fp8", "tma", "int8", "w4", "conv", "attention")  # the kernel families cases() knows
+GROUPS = ("fp8", "tma", "int8", "w4", "conv", "attention", "norm")  # the kernel families cases() knows
 I32 = "i32"
 
 
@@ -190,6 +191,14 @@ def cases(which: set[str]):
             if (dk, dv, x_fp8, v_t) == (128, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
                 yield "attention D=72 (q / k padded to 128) fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
                     dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, aligned
+    if "norm" in which:  # DiT / PixArt block boundaries: rows of 1152 (BLOCK_C 2048), adaLN vectors as chunk views
+        sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "sc_ptr": "*bf16", "sh_ptr": "*bf16", "as_ptr": "*fp32",
+               "hout_ptr": "*bf16", "q_ptr": "*fp8e4nv", "M": I32, "C": I32, "SEQ": I32, "stride_g": I32, "stride_sc": I32, "stride_sh": I32}
+        flags = dict(HAS_Y=True, HAS_GATE=True, EPS=1e-6, INTERPRET=False, BLOCK_C=2048)
+        aligned = ["M", "C", "SEQ", "stride_g", "stride_sc", "stride_sh"]
+        yield "add + LayerNorm + modulate + fp8 (C = 1152)", norm_quant.add_norm_modulate_fp8_kernel, sig, flags, norm_quant.CONFIGS, aligned
+        yield "LayerNorm + modulate + fp8, no residual add", norm_quant.add_norm_modulate_fp8_kernel, sig, \
+            dict(flags, HAS_Y=False, HAS_GATE=False), norm_quant.CONFIGS, aligned
 
 
 def main(argv: list[str] | None = None) -> int:
