@@ -15,7 +15,10 @@ attention call quantizes as before (the lowering takes mixed inputs).
 **Off by default** (``QDIFF_ATTN_HEADS=1`` turns it on): on an H200 (2026-12-02) the tiled GEMM kernel's heads epilogue
 (the route of projections with M < 1024 or N, K < 512) lost V entries (every odd column of some row groups; exact in
 Triton's interpreter), and its first version lost them on the persistent TMA route too; after the V stores were
-transposed the TMA route's exact test passes on the GPU and the tiled route's does not. So the lowering's
+transposed the TMA route's exact test passed on the GPU and the tiled route's did not. On 2026-12-03 the TMA test failed
+with another autotuned config: ``examples/heads_store_check.py`` found the V stores exact for 128 x 128 x 128 tiles with
+8 warps only (both kernels), so the TMA heads launch autotunes over that config alone (``fp8_tma.HEADS_CONFIGS``;
+docs/kernels.md). The lowering's
 ``heads_unsupported`` keeps projections off the TMA route out of this pass (DiT / PixArt's q / k / v projections are
 on it; PixArt's text k / v and SD 1.5's narrow ones are not). DiT-XL/2 with the first version and CUDA graphs: 14.15 ms
 against 15.00 ms without (docs/benchmarks.md), a timing of a kernel then wrong; not re-timed since.
