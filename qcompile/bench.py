@@ -350,6 +350,29 @@ def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: s
     return torch.compile(model, backend=lambda gm, example_inputs: _exclusive_first_run(inner(gm, example_inputs), rows_dir, first_calls_s))
 
 
+def _shared_plan(rows_dir: str | None, key: str, calibrate_here: Callable[[], Any]) -> tuple[Any, str]:
+    """The row's plan and where it came from. In a multi-row run (``rows_dir``) rows of one model and preset share one
+    calibration: the first row to get there calibrates and saves the plan in the run's folder (under a file lock),
+    the others wait for it and load it (validated: :meth:`QuantPlan.load`). Every row builds its model with the same
+    seed, so the shared plan is the one it would calibrate; kernel switches (row suffixes) act after calibration."""
+    if not rows_dir:
+        return calibrate_here(), "calibrated in this row"
+    import fcntl
+
+    from .plan import QuantPlan
+
+    folder = Path(rows_dir) / "plans"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{key}.qplan"
+    with open(folder / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return QuantPlan.load(path), f"loaded from {path.name}, calibrated by another row of this run"
+        plan = calibrate_here()
+        plan.save(path)
+        return plan, f"calibrated in this row, saved as {path.name} for the run's other rows"
+
+
 def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row,
                      rows_dir: str | None = None) -> Any:
     """The callable model of one variant (quantized and/or compiled, not yet run). ``rows_dir``: the run's row
@@ -394,7 +417,8 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
                 stand_in(**spec.inputs(device, dtype, t))
 
         t0 = time.perf_counter()
-        plan = calibrate(model, run, cfg, progress=False, expected_calls=len(CALIBRATION_TIMESTEPS))
+        plan, row.extra["plan"] = _shared_plan(rows_dir, f"{spec.name}-{cfg.name}", lambda: calibrate(
+            model, run, cfg, progress=False, expected_calls=len(CALIBRATION_TIMESTEPS)))
         _sync(device)
         row.calibration_s = time.perf_counter() - t0
         if guard:  # time each fp8 op against bf16 at its shape; keep the slower ones in bf16

@@ -507,3 +507,22 @@ def test_multi_kernel_rows_patch_inductor_in_their_process(tiny, monkeypatch):
                     {"backend": "inductor", "mode": None},
                     {"backend": "inductor", "options": {"coordinate_descent_tuning": True}}]
     assert bench.row_environment("bf16-inductor-cdtune-cudagraphs") == {"QDIFF_COORDINATE_DESCENT": "1"}
+
+
+def test_rows_of_one_model_and_preset_share_one_calibration(tiny, tmp_path, monkeypatch):
+    """In a multi-row run the first qdiff row of a (model, preset) calibrates and saves the plan in the run's folder;
+    the next loads it (same quantizers) instead of calibrating again; another preset calibrates its own."""
+    import importlib
+
+    calibrate_mod = importlib.import_module("qcompile.calibrate")  # (the package exports a function of that name)
+    calls = []
+    real = calibrate_mod.calibrate
+    monkeypatch.setattr(calibrate_mod, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setenv(bench.ROWS_ENV, str(tmp_path))
+    first = bench.measure(tiny, "qdiff-w8a8-int8", "cpu", budget_s=0.05)
+    second = bench.measure(tiny, "qdiff-w8a8-int8-cudagraphs", "cpu", budget_s=0.05)
+    other = bench.measure(tiny, "qdiff-w4a16", "cpu", budget_s=0.05)
+    assert [r.status for r in (first, second, other)] == ["ok"] * 3 and len(calls) == 2
+    assert first.extra["plan"].startswith("calibrated in this row, saved as tiny-w8a8-int8.qplan")
+    assert second.extra["plan"].startswith("loaded from tiny-w8a8-int8.qplan")
+    assert sorted(p.name for p in (tmp_path / "plans").glob("*.qplan")) == ["tiny-w4a16.qplan", "tiny-w8a8-int8.qplan"]
