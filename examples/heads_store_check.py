@@ -18,25 +18,12 @@ import json
 import torch
 import triton
 
-from qcompile.lowering.heads import FP8, HeadsLayout, reference_heads
+from qcompile.lowering.heads import FP8, HeadsLayout, exact_case, reference_heads
 from qcompile.lowering.kernels import fp8_tma
 
 fp8_linear = importlib.import_module("qcompile.lowering.kernels.fp8_linear")  # (the package exports a function of that name)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (cpu: Triton's interpreter, TRITON_INTERPRET=1, a check of the script)
-
-
-def exact_case(M: int, K: int, N: int, seed: int = 0):
-    """Integer codes in [-3, 3] and power-of-two scales: products and sums exact in fp32, outputs on the e4m3 grid."""
-    g = torch.Generator().manual_seed(seed)
-    x8 = torch.randint(-3, 4, (M, K), generator=g).float()
-    w8 = torch.randint(-3, 4, (N, K), generator=g).float()
-    ws = 2.0 ** torch.randint(-3, 1, (N,), generator=g).float()
-    bias = torch.randint(-4, 5, (N,), generator=g).float() / 4
-    a_scale = torch.tensor(0.5)
-    out_scale = 2.0 ** torch.randint(-1, 3, (N,), generator=g).float()
-    y = (x8 @ w8.T) * a_scale * ws + bias
-    return [t.to(DEVICE) for t in (x8, w8, ws, bias, a_scale, out_scale, y)]
 
 
 def wrong_bytes(got: torch.Tensor, want: torch.Tensor, lay: HeadsLayout) -> dict:
@@ -101,7 +88,7 @@ def main() -> None:
         for flatten in (True, False):
             c = triton.Config({**cfg.kwargs, "FLATTEN": flatten}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             runs += [("tma", fp8_tma._prod_heads, c, big, True, launch_tma)]
-    cases = {lay: exact_case(lay.rows, 64 if lay is small else 512, lay.columns) for lay in (small, big)}
+    cases = {lay: exact_case(lay.rows, 64 if lay is small else 512, lay.columns, device=DEVICE) for lay in (small, big)}
     if DEVICE == "cuda":
         fp8_tma.ensure_allocator()
     for kind, kernel, cfg, lay, x_fp8, launch in runs:

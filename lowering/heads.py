@@ -113,6 +113,21 @@ def reference_heads(y: torch.Tensor, out_scale: torch.Tensor, layout: HeadsLayou
     return buf
 
 
+def exact_case(M: int, K: int, N: int, seed: int = 0, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Inputs of an fp8 projection whose every step is exact (the heads epilogue's checks: outputs equal byte for byte):
+    ``[x8, w8, w_scale, bias, a_scale, out_scale, y]`` with integer codes in [-3, 3] (fp32, cast to fp8 by the caller),
+    power-of-two scales, and the fp32 output ``y = (x8 @ w8^T) * a_scale * w_scale + bias`` (exact in fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    x8 = torch.randint(-3, 4, (M, K), generator=g).float()
+    w8 = torch.randint(-3, 4, (N, K), generator=g).float()
+    ws = 2.0 ** torch.randint(-3, 1, (N,), generator=g).float()
+    bias = torch.randint(-4, 5, (N,), generator=g).float() / 4
+    a_scale = torch.tensor(0.5)
+    out_scale = 2.0 ** torch.randint(-1, 3, (N,), generator=g).float()
+    y = (x8 @ w8.T) * a_scale * ws + bias  # exact
+    return [t.to(device) for t in (x8, w8, ws, bias, a_scale, out_scale, y)]
+
+
 def heads_view(buf: torch.Tensor, heads: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
     """:meth:`HeadsLayout.view` of ``HeadsLayout(*heads)``: the call a rewritten graph makes for each of q / k / v
     (graphs carry the layout as its :meth:`HeadsLayout.fields`, plain ints)."""

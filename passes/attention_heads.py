@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 
 from ..lowering.heads import HeadsLayout, heads_view
-from ..switches import env_switch
 from ..lowering.kernels._common import FLOAT_DTYPES
 from ..lowering.kernels.fp8_attention import qk_width
+from ..switches import env_switch
 from .convert import add_buffer
 from .fuse_siblings import SHAPE_META
 from .sites import example_tensor, fetch_attr

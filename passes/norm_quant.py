@@ -176,9 +176,10 @@ def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_q
     for n in calls:
         x = n.args[0]
         b = match_boundary(x) if isinstance(x, fx.Node) else None
-        dtype = example_tensor(x).dtype if b is not None else None
         if b is None:
             continue
+        t = example_tensor(x)
+        dtype = (t if t is not None else example_tensor(b.h)).dtype  # what the GEMM would output for x
         with gm.graph.inserting_before(n):
             call = gm.graph.call_function(norm_quant, (b.residual, b.branch, b.gate, b.scale, b.shift, n.args[4], b.eps))
             q = gm.graph.call_function(operator.getitem, (call, 1))

@@ -8,20 +8,7 @@ from qcompile.lowering import triton_lowering
 from qcompile.lowering.heads import heads_view
 from qcompile.metrics import sqnr_db
 from qcompile.passes.attention_heads import ENV, enabled_from_env
-from tests.lowering.kernels.helpers import DEVICE, calibrated_tiny_dit_attn, needs_kernels
-
-
-def _compiled_outputs(monkeypatch, case, plan, args, kwargs, env=ENV):
-    """The tiny DiT compiled with the Triton lowering (no Inductor) with ``env`` set to 1 and to 0: outputs and records."""
-    outs, graphs = {}, {}
-    for on in ("1", "0"):
-        monkeypatch.setenv(env, on)
-        torch._dynamo.reset()
-        with torch.no_grad():
-            compiled = torch.compile(case.model, backend="qdiff", options={"plan": plan, "lowering": "triton", "inductor": False})
-            outs[on] = case.output(compiled(*args, **{**kwargs, "timestep": torch.full((2,), 400, device=DEVICE)}))
-        graphs[on] = plan.compiled[-1]
-    return outs, graphs
+from tests.lowering.kernels.helpers import DEVICE, calibrated_tiny_dit_attn, compiled_with_switch, needs_kernels
 
 
 @needs_kernels
@@ -32,7 +19,7 @@ def test_projections_write_fp8_heads_with_the_separate_pass_result(monkeypatch):
     # mechanics; the rule itself is tested below)
     monkeypatch.setattr(triton_lowering, "heads_unsupported", lambda m, n, k: None)
     case, args, kwargs, plan = calibrated_tiny_dit_attn()
-    outs, graphs = _compiled_outputs(monkeypatch, case, plan, args, kwargs)
+    outs, graphs = compiled_with_switch(monkeypatch, case, plan, args, kwargs, ENV)
     on, off = graphs["1"], graphs["0"]
     assert (on.attention_heads, off.attention_heads) == (2, 0)  # both blocks' fused q / k / v projections
     targets = [n.target for n in on.converted.graph.nodes if n.op == "call_function"]
@@ -51,7 +38,7 @@ def test_projections_on_the_tma_route_write_fp8_heads_with_the_separate_pass_res
 
     case = tiny_dit(head_dim=64, heads=8, size=64, name="dit_tma", input_seed=6100)
     case, args, kwargs, plan = calibrated_tiny_dit_attn(case)
-    outs, graphs = _compiled_outputs(monkeypatch, case, plan, args, kwargs)
+    outs, graphs = compiled_with_switch(monkeypatch, case, plan, args, kwargs, ENV)
     assert (graphs["1"].attention_heads, graphs["0"].attention_heads) == (2, 0)
     assert sqnr_db(outs["0"], outs["1"]) > 40
 
@@ -81,7 +68,7 @@ def test_attention_writes_fp8_for_the_output_projection_when_asked(monkeypatch):
     from qcompile.passes.act_quant import ATTN_FP8_OUT_ENV
 
     case, args, kwargs, plan = calibrated_tiny_dit_attn()
-    outs, records = _compiled_outputs(monkeypatch, case, plan, args, kwargs, env=ATTN_FP8_OUT_ENV)
+    outs, records = compiled_with_switch(monkeypatch, case, plan, args, kwargs, ATTN_FP8_OUT_ENV)
     for on, record in records.items():
         attention = [n for n in record.converted.graph.nodes if n.target is triton_lowering.qattention]
         if on == "1":

@@ -12,20 +12,13 @@ import torch.nn.functional as F
 from qcompile.lowering.kernels.norm_quant import add_norm_modulate_fp8
 from qcompile.metrics import sqnr_db
 from qcompile.passes.norm_quant import ENV, enabled_from_env, match_boundary
-from tests.lowering.kernels.helpers import DEVICE, calibrated_tiny_dit_attn, needs_kernels
+from tests.lowering.kernels.helpers import calibrated_tiny_dit_attn, compiled_with_switch, needs_kernels
 
 
 @needs_kernels
 def test_dit_block_boundaries_become_one_call_with_the_same_output(monkeypatch):
     case, args, kwargs, plan = calibrated_tiny_dit_attn()
-    outs, records = {}, {}
-    for on in ("1", "0"):
-        monkeypatch.setenv(ENV, on)
-        torch._dynamo.reset()
-        with torch.no_grad():
-            compiled = torch.compile(case.model, backend="qdiff", options={"plan": plan, "lowering": "triton", "inductor": False})
-            outs[on] = case.output(compiled(*args, **{**kwargs, "timestep": torch.full((2,), 400, device=DEVICE)}))
-        records[on] = plan.compiled[-1]
+    outs, records = compiled_with_switch(monkeypatch, case, plan, args, kwargs, ENV)
     on, off = records["1"], records["0"]
     calls = [n for n in on.converted.graph.nodes if n.target is add_norm_modulate_fp8]
     # per block: before attention (the first block's without a residual add) and before the feed-forward

@@ -55,6 +55,20 @@ def spread_slices(x: torch.Tensor, splits: tuple[int, ...], dim: int) -> torch.T
     return torch.cat(parts, dim=dim)
 
 
+def compiled_with_switch(monkeypatch, case, plan, args, kwargs, env: str):
+    """``case.model`` compiled with the Triton lowering (no Inductor) with the switch ``env`` set to 1 and to 0, each
+    run at timestep 400: ``({"1": output, "0": output}, {"1": QuantizedGraph, "0": QuantizedGraph})``."""
+    outs, graphs = {}, {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(env, on)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(case.model, backend="qdiff", options={"plan": plan, "lowering": "triton", "inductor": False})
+            outs[on] = case.output(compiled(*args, **{**kwargs, "timestep": torch.full((2,), 400, device=DEVICE)}))
+        graphs[on] = plan.compiled[-1]
+    return outs, graphs
+
+
 def calibrated_tiny_dit_attn(case=None):
     """``case`` (default ``tests.tiny_models.tiny_dit_attn``) on the kernel device with its ``w8a8-fp8-attn`` plan
     (three timesteps): ``(case, args, kwargs, plan)``."""

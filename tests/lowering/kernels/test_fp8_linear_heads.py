@@ -5,7 +5,7 @@ byte for byte (the padding included)."""
 import pytest
 import torch
 
-from qcompile.lowering.heads import HeadsLayout, reference_heads
+from qcompile.lowering.heads import HeadsLayout, exact_case, reference_heads
 from qcompile.lowering.kernels.fp8_linear import fp8_linear_heads
 
 from .helpers import DEVICE, needs_kernels
@@ -16,15 +16,7 @@ FP8 = torch.float8_e4m3fn
 
 def _exact_case(M, K, N, seed=0):
     """Integer codes in [-3, 3] and power-of-two scales: products and sums exact in fp32, outputs on the e4m3 grid."""
-    g = torch.Generator().manual_seed(seed)
-    x8 = torch.randint(-3, 4, (M, K), generator=g).float()
-    w8 = torch.randint(-3, 4, (N, K), generator=g).float()
-    ws = 2.0 ** torch.randint(-3, 1, (N,), generator=g).float()
-    bias = torch.randint(-4, 5, (N,), generator=g).float() / 4
-    a_scale = torch.tensor(0.5)
-    out_scale = 2.0 ** torch.randint(-1, 3, (N,), generator=g).float()
-    y = (x8 @ w8.T) * a_scale * ws + bias  # exact
-    return [t.to(DEVICE) for t in (x8, w8, ws, bias, a_scale, out_scale, y)]
+    return exact_case(M, K, N, seed, DEVICE)
 
 
 @pytest.mark.xfail(DEVICE is not None and DEVICE.type == "cuda", strict=True,
