@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python examples/compile_overhead.py 28 w8a8-fp8 reference 1   # layers, preset, lowering, inductor (0/1)
     TRITON_INTERPRET=1 PYTHONPATH=. python examples/compile_overhead.py 28 w8a8-fp8 triton 0   # + fuse_epilogues / place_act_quant
+    (QDIFF_NORM_QUANT=1 / QDIFF_ATTN_HEADS=1 in the environment: + their passes)
     PYTHONPATH=. python examples/compile_overhead.py 28 float - 1   # baseline: plain torch.compile (Inductor), first call
     WIDE=1 ...   # the real DiT-XL/2 width (1152, 16 heads) at 8x8 latents: weight-sized work (digest, convert) at scale
 
@@ -80,8 +81,8 @@ def timed(owner, name: str) -> None:
     setattr(owner, name, wrapper)
 
 
-OURS = ("prepare", "annotate", "plan_annotations", "plan_ops", "convert", "fuse_epilogues", "place_act_quant",
-        "check_released_unread", "plan_release", "_warn_float_ops")
+OURS = ("prepare", "annotate", "plan_annotations", "plan_ops", "convert", "fuse_siblings", "fuse_epilogues", "place_act_quant",
+        "fuse_attention_heads", "fuse_norm_quant", "check_released_unread", "plan_release", "_warn_float_ops")
 for name in OURS:
     timed(backend, name)
 timed(graph, "decompose_fused_attention")
