@@ -101,7 +101,8 @@ def compile_and_report(gm, example_inputs):
     outer = OURS + ("check_sites", "digest", "compile_fx")  # not nested in one another
     print(json.dumps({
         "layers": layers, "wide": wide, "preset": preset, "lowering": record.lowering, "inductor": inductor,
-        "graph_nodes": nodes, "converted_nodes": len(record.converted.graph.nodes), "calibrate_s": round(calibrate_s, 2),
+        "graph_nodes": nodes, "converted_nodes": len(record.converted.graph.nodes),
+        "norm_quant": record.norm_quant, "attention_heads": record.attention_heads, "calibrate_s": round(calibrate_s, 2),
         "backend_total_s": round(total, 3), **{k: round(v, 4) for k, v in sorted(seconds.items())},
         "other_s": round(total - sum(seconds.get(k, 0.0) for k in outer), 3),  # prepared-graph copy, lowering import, release
     }))

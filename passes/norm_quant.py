@@ -23,7 +23,6 @@ block took 37-53 us on an H200, ~3x their bytes' time.
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,6 +77,9 @@ def _through_identity(node):
     return node
 
 
+TensorOf = Callable[[object], "torch.Tensor | None"]
+
+
 def _per_batch(node, batch: int, channels: int) -> bool:
     """Whether ``node`` is a tensor broadcasting as (B, 1, C) against (B, S, C) with unit channel stride."""
     t = example_tensor(node)
@@ -85,8 +87,9 @@ def _per_batch(node, batch: int, channels: int) -> bool:
             and t.dtype.is_floating_point)
 
 
-def match_boundary(x: fx.Node) -> Boundary | None:
-    """The boundary computing ``x`` (module docstring), or None."""
+def match_boundary(x: fx.Node, tensor_of: TensorOf = example_tensor) -> Boundary | None:
+    """The boundary computing ``x`` (module docstring), or None. ``tensor_of``: a node's tensor (shape, strides, dtype)
+    for the residual add's operands, default the one Dynamo recorded."""
     if not (_is(x, operator.add) and len(x.users) == 1):
         return None
     mul_shift = _operands(x, lambda a: _is(a, operator.mul))
@@ -124,7 +127,7 @@ def match_boundary(x: fx.Node) -> Boundary | None:
             branch = _through_identity(branch)
         else:
             residual, branch = h.args[:2]
-        same = [example_tensor(n) for n in (residual, branch)]
+        same = [tensor_of(n) for n in (residual, branch)]
         if any(s is None or tuple(s.shape) != tuple(t.shape) or not s.is_contiguous() or s.dtype != t.dtype for s in same):
             residual, branch, gate = h, None, None
     return Boundary(x, h, residual, branch, gate, scale, shift, float(eps))
@@ -140,22 +143,18 @@ def _erase_unused(gm: fx.GraphModule, node: fx.Node) -> None:
         _erase_unused(gm, a)
 
 
-def _record_tensors(gm: fx.GraphModule, example_inputs) -> None:
-    """Record each node's tensor (``val`` meta, fake) by running ``gm`` on fake copies of ``example_inputs``: the
-    lowering calls earlier passes created carry no record, and the matcher checks the shapes of their outputs."""
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:  # (fake inputs of another mode: their shapes and strides, in this one)
-        inputs = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device) if isinstance(a, FakeTensor) else a
-                  for a in example_inputs]
-    try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) and
-                                                                  not isinstance(a, FakeTensor) else a for a in inputs])
-    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
-        warnings.warn(f"qdiff norm_quant: the graph's tensors could not be recorded ({type(e).__name__}: {e}); block "
-                      "boundaries whose operands come from quantized ops are left unfused")
+def _output_of(node, linear_fns: tuple[Callable, ...]) -> torch.Tensor | None:
+    """``node``'s recorded tensor; for a call of the lowering's GEMMs (created by earlier passes, with no record) a meta
+    tensor of its output: its input's leading dims by the weight's out features, contiguous, in the dtype it writes
+    (fp8 with an ``out_scale``, ``out_dtype`` for an fp8 input, else its input's)."""
+    t = example_tensor(node)
+    if t is not None or not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in linear_fns):
+        return t
+    x = _output_of(node.args[0], linear_fns)
+    if x is None or "weight_shape" not in node.kwargs:
+        return None
+    dtype = torch.float8_e4m3fn if node.kwargs.get("out_scale") is not None else node.kwargs.get("out_dtype") or x.dtype
+    return torch.empty((*x.shape[:-1], node.kwargs["weight_shape"][0]), dtype=dtype, device="meta")
 
 
 def _candidates(gm: fx.GraphModule, linear_fns: tuple[Callable, ...]) -> list[fx.Node]:
@@ -164,18 +163,14 @@ def _candidates(gm: fx.GraphModule, linear_fns: tuple[Callable, ...]) -> list[fx
             and n.kwargs.get("afmt") == "fp8_e4m3" and n.kwargs.get("splits") is None and n.kwargs.get("act_smooth") is None]
 
 
-def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_quant: Callable,
-                    example_inputs=None) -> tuple[fx.GraphModule, int]:
+def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_quant: Callable) -> tuple[fx.GraphModule, int]:
     """Replace each matched boundary before an fp8 GEMM quantized by its producer with a ``norm_quant`` call; returns
-    the graph and how many were fused. ``example_inputs`` (the graph's): record every node's tensor first, so
-    boundaries whose operands come from earlier passes' calls are recognized too."""
+    the graph and how many were fused. A branch output computed by one of ``linear_fns`` (no recorded tensor) is
+    checked by the shape and dtype the call writes (:func:`_output_of`)."""
     fused = 0
-    calls = _candidates(gm, linear_fns)
-    if calls and example_inputs is not None:
-        _record_tensors(gm, example_inputs)
-    for n in calls:
+    for n in _candidates(gm, linear_fns):
         x = n.args[0]
-        b = match_boundary(x) if isinstance(x, fx.Node) else None
+        b = match_boundary(x, lambda node: _output_of(node, linear_fns)) if isinstance(x, fx.Node) else None
         if b is None:
             continue
         t = example_tensor(x)
@@ -183,6 +178,8 @@ def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_q
         with gm.graph.inserting_before(n):
             call = gm.graph.call_function(norm_quant, (b.residual, b.branch, b.gate, b.scale, b.shift, n.args[4], b.eps))
             q = gm.graph.call_function(operator.getitem, (call, 1))
+        # the codes' tensor, for the matching of later boundaries (a GEMM reading them may produce a later branch)
+        q.meta["example_value"] = torch.empty(example_tensor(b.h).shape, dtype=torch.float8_e4m3fn, device="meta")
         if b.branch is not None:  # the new residual for h's other users (the next residual add)
             with gm.graph.inserting_after(call):
                 h_new = gm.graph.call_function(operator.getitem, (call, 0))

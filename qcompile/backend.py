@@ -305,8 +305,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
                                                     lowering.heads_unsupported)
             log_graph("fuse_attention_heads", converted)
         if lowering.norm_quant is not None and norm_quant_enabled():
-            converted, norm_quant = fuse_norm_quant(converted, (lowering.linear, lowering.linear_fused), lowering.norm_quant,
-                                                    example_inputs)
+            converted, norm_quant = fuse_norm_quant(converted, (lowering.linear, lowering.linear_fused), lowering.norm_quant)
             log_graph("fuse_norm_quant", converted)
     released = check_released_unread(converted, example_inputs)  # inputs released by an earlier compile: never read
     freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()
