@@ -350,27 +350,38 @@ def _compile(model: torch.nn.Module, backend: str, mode: str | None, rows_dir: s
     return torch.compile(model, backend=lambda gm, example_inputs: _exclusive_first_run(inner(gm, example_inputs), rows_dir, first_calls_s))
 
 
+PLANS_ENV = "QDIFF_BENCH_PLANS"  # ``--plans DIR``: calibrated plans kept across runs (and device calls)
+
+
+def _plan_folder(rows_dir: str | None) -> Path | None:
+    """Where rows keep calibrated plans: ``--plans DIR`` (reused by later runs) or the run's own folder, or None."""
+    if folder := os.environ.get(PLANS_ENV):
+        return Path(folder)
+    return Path(rows_dir) / "plans" if rows_dir else None
+
+
 def _shared_plan(rows_dir: str | None, key: str, calibrate_here: Callable[[], Any]) -> tuple[Any, str]:
-    """The row's plan and where it came from. In a multi-row run (``rows_dir``) rows of one model and preset share one
-    calibration: the first row to get there calibrates and saves the plan in the run's folder (under a file lock),
+    """The row's plan and where it came from. Rows of one model and preset share one calibration: in a multi-row run
+    (``rows_dir``) or with ``--plans DIR`` the first row to get there calibrates and saves the plan (under a file lock),
     the others wait for it and load it (validated: :meth:`QuantPlan.load`). Every row builds its model with the same
-    seed, so the shared plan is the one it would calibrate; kernel switches (row suffixes) act after calibration."""
-    if not rows_dir:
+    seed, so the shared plan is the one it would calibrate; kernel switches (row suffixes) act after calibration. A plan
+    kept in ``--plans`` is reused as long as its file is there: delete it after changing calibration itself."""
+    folder = _plan_folder(rows_dir)
+    if folder is None:
         return calibrate_here(), "calibrated in this row"
     import fcntl
 
     from .plan import QuantPlan
 
-    folder = Path(rows_dir) / "plans"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.qplan"
     with open(folder / f"{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
-            return QuantPlan.load(path), f"loaded from {path.name}, calibrated by another row of this run"
+            return QuantPlan.load(path), f"loaded from {path.name} in {folder}, calibrated by an earlier row"
         plan = calibrate_here()
         plan.save(path)
-        return plan, f"calibrated in this row, saved as {path.name} for the run's other rows"
+        return plan, f"calibrated in this row, saved as {path.name} in {folder} for later rows"
 
 
 def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, device: torch.device, dtype: torch.dtype, row: Row,
@@ -897,6 +908,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--total-s", type=float, help="stop starting rows when a row could not finish before this many seconds (rows left are 'skipped')")
     p.add_argument("--merge", action="store_true", help="keep rows of other (model, variant) pairs already in benchmarks.json")
     p.add_argument("--rows", nargs="+", metavar="MODEL:VARIANT", help="run just these rows, in this order (instead of --models x --variants)")
+    p.add_argument("--plans", metavar="DIR", help="keep calibrated plans here and reuse them (rows of one model and preset, this run "
+                   "and later ones; default: shared within the run only)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -912,6 +925,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("qdiff bench: no CUDA device; speed is measured on a GPU (use --device cpu only for a smoke run)")
     command = "qdiff bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "qdiff bench"
+    if args.plans:  # (the rows' processes inherit it)
+        os.environ[PLANS_ENV] = str(Path(args.plans).resolve())
 
     def save(rows: list[Row]) -> None:
         add_ratios(rows)

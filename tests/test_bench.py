@@ -519,6 +519,7 @@ def test_rows_of_one_model_and_preset_share_one_calibration(tiny, tmp_path, monk
     real = calibrate_mod.calibrate
     monkeypatch.setattr(calibrate_mod, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
     monkeypatch.setenv(bench.ROWS_ENV, str(tmp_path))
+    monkeypatch.delenv(bench.PLANS_ENV, raising=False)  # (shared within the run only)
     first = bench.measure(tiny, "qdiff-w8a8-int8", "cpu", budget_s=0.05)
     second = bench.measure(tiny, "qdiff-w8a8-int8-cudagraphs", "cpu", budget_s=0.05)
     other = bench.measure(tiny, "qdiff-w4a16", "cpu", budget_s=0.05)
@@ -526,3 +527,13 @@ def test_rows_of_one_model_and_preset_share_one_calibration(tiny, tmp_path, monk
     assert first.extra["plan"].startswith("calibrated in this row, saved as tiny-w8a8-int8.qplan")
     assert second.extra["plan"].startswith("loaded from tiny-w8a8-int8.qplan")
     assert sorted(p.name for p in (tmp_path / "plans").glob("*.qplan")) == ["tiny-w4a16.qplan", "tiny-w8a8-int8.qplan"]
+
+
+def test_plans_kept_with_the_plans_flag_serve_a_later_run(tiny, tmp_path, monkeypatch):
+    """``--plans DIR`` (``QDIFF_BENCH_PLANS``): a plan calibrated in one run is loaded by a row of a later run."""
+    monkeypatch.delenv(bench.ROWS_ENV, raising=False)
+    monkeypatch.setenv(bench.PLANS_ENV, str(tmp_path / "plans"))
+    first = bench.measure(tiny, "qdiff-w8a8-int8", "cpu", budget_s=0.05)
+    later = bench.measure(tiny, "qdiff-w8a8-int8", "cpu", budget_s=0.05)
+    assert first.extra["plan"].startswith("calibrated in this row") and later.extra["plan"].startswith("loaded from tiny-w8a8-int8.qplan")
+    assert later.status == "ok" and later.calibration_s < first.calibration_s
