@@ -119,7 +119,7 @@ def cases(which: set[str]):
         yield "fp8 tma, fp8 out", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, ACT=2), \
             fp8_tma.PROD_CONFIGS, aligned
         yield "fp8 tma, heads out (DiT q / k / v)", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), \
-            dict(flags, OUT_FP8=True, **DIT_HEADS), fp8_tma.PROD_CONFIGS, aligned
+            dict(flags, OUT_FP8=True, **DIT_HEADS), fp8_tma.HEADS_CONFIGS, aligned
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")
