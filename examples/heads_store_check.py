@@ -20,6 +20,7 @@ import triton
 
 from qcompile.lowering.heads import FP8, HeadsLayout, exact_case, reference_heads
 from qcompile.lowering.kernels import fp8_tma
+from qcompile.lowering.kernels._common import direct
 
 fp8_linear = importlib.import_module("qcompile.lowering.kernels.fp8_linear")  # (the package exports a function of that name)
 
@@ -49,27 +50,19 @@ def run(kernel, cfg: triton.Config, lay: HeadsLayout, case, x_fp8: bool, launch)
     return wrong_bytes(got, reference_heads(y, out_scale, lay), lay)
 
 
-def _layout_args(lay: HeadsLayout) -> dict:
-    return {"HEADS": True, **lay.kernel_args()}
+def _poisoned(lay: HeadsLayout) -> torch.Tensor:
+    """The heads buffer pre-filled with 0x7f (fp8 NaN): bytes the kernel does not write count as wrong."""
+    return torch.full((lay.numel,), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8)
 
 
 def launch_tiled(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8):
     x = x8.to(FP8) if x_fp8 else (x8 * a_scale).to(torch.bfloat16)
-    M, K = x.shape
-    N = w8.shape[0]
-    out = torch.full((lay.numel,), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8)
-    table, even_k = fp8_linear.tile_table(M, K, (0, 0, 0), False, x_fp8)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    fp8_linear._KERNELS[table][grid](
-        x, w8.to(FP8), ws, bias, a_scale, ws, out, out_scale, M, N, K, x.stride(0), x.stride(1), K, N, 1, 0, 0, 0,
-        X_FP8=x_fp8, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=True, EVEN_K=even_k, NS=1, INTERPRET=fp8_linear.INTERPRET,
-        **_layout_args(lay))
-    return out
+    return fp8_linear.launch_tiled(x, w8.to(FP8), ws, bias, a_scale, None, 0, x_fp8, out_scale, _poisoned(lay), direct, heads=lay)
 
 
 def launch_tma(x8, w8, ws, bias, a_scale, out_scale, lay, x_fp8):
-    out = torch.full((lay.numel,), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8)
-    return fp8_tma.launch_autotuned(x8.to(FP8), w8.to(FP8), ws, bias, a_scale, out, 0, out_scale, lambda k: k, _layout_args(lay))
+    return fp8_tma.launch_autotuned(x8.to(FP8), w8.to(FP8), ws, bias, a_scale, _poisoned(lay), 0, out_scale, direct,
+                                    {"HEADS": True, **lay.kernel_args()})
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ def _erase_unused(gm: fx.GraphModule, node: fx.Node) -> None:
     """Erase ``node`` and, recursively, the inputs it leaves without users (the replaced boundary's chain)."""
     if node.users or node.op != "call_function":
         return
-    inputs = [a for a in node.all_input_nodes]
+    inputs = list(node.all_input_nodes)
     gm.graph.erase_node(node)
     for a in inputs:
         _erase_unused(gm, a)
@@ -184,10 +184,11 @@ def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_q
             with gm.graph.inserting_after(call):
                 h_new = gm.graph.call_function(operator.getitem, (call, 0))
             h_new.meta.update({k: v for k, v in b.h.meta.items() if k in ("example_value", "val")})
-            b.h.replace_all_uses_with(h_new, delete_user_cb=lambda u: u is not call)
+            b.h.replace_all_uses_with(h_new)
         n.args = (q, *n.args[1:])
         n.kwargs = {**{k: v for k, v in n.kwargs.items() if k != "x_quant"}, "out_dtype": dtype}
         _erase_unused(gm, b.x)
+        _erase_unused(gm, b.h)  # the residual add the call replaced (no users left; kept when it is the call's input)
         fused += 1
     if fused:
         gm.graph.lint()

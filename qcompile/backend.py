@@ -31,8 +31,8 @@ from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_sib
 from .passes.norm_quant import enabled_from_env as norm_quant_enabled, fuse_norm_quant
 from .passes.sites import META_KEY, parameter_tensors
 from .plan import NodePlan, QuantPlan
-from .switches import env_switch
 from .release import ReleasePlan, check_released_unread, dropping_inputs, plan_release, release, warn_kept, without_inputs
+from .switches import env_switch
 
 _OPTIONS = {"plan", "inductor", "group", "mode", "lowering", "release_float_weights"}
 LOWERINGS = ("auto", "reference", "triton")

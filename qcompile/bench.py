@@ -158,14 +158,14 @@ SINGLE_KERNEL = "-single-kernel"
 # suffixes (before -cudagraphs): fp8 attention's q / k / v written as fp8 heads by their projection's GEMM
 # (QDIFF_ATTN_HEADS=1: passes/attention_heads.py, off by default) or quantized by a separate pass (=0), its A/B
 HEADS = "-heads"
+SEPARATE_HEADS = "-separate-heads"
+# suffix (before -cudagraphs): quantized attention writes fp8 for the output projection (QDIFF_ATTN_FP8_OUT=1, off by default)
+ATTN_FP8_OUT = "-fp8-out"
 # suffix (before -cudagraphs): block boundaries (residual add + LayerNorm + modulate + quantize) as one kernel
 # (QDIFF_NORM_QUANT=1: passes/norm_quant.py, off by default)
 NORM_QUANT = "-normq"
 # suffix (before -cudagraphs): Inductor's coordinate-descent tuning of its generated kernels (QDIFF_COORDINATE_DESCENT=1)
 COORDINATE_DESCENT = "-cdtune"
-SEPARATE_HEADS = "-separate-heads"
-# suffix (before -cudagraphs): quantized attention writes fp8 for the output projection (QDIFF_ATTN_FP8_OUT=1, off by default)
-ATTN_FP8_OUT = "-fp8-out"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),

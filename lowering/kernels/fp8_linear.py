@@ -194,18 +194,30 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
     ``splits``: input-feature split points of a split op (per-slice scales, quantized in the prologue). ``heads``: the
     output is the flat fp8 attention-heads buffer of that layout, ``out_scale`` one scale per column."""
     M, K = x.shape
-    ns, b1, b2, b3 = split_args(splits, K)
     N = w.shape[0]
     if heads is not None:
         out = torch.empty((heads.numel,), device=x.device, dtype=FP8)
-        layout = {"HEADS": True, **heads.kernel_args()}
     else:
         out = torch.empty((M, N), device=x.device, dtype=FP8 if out_scale is not None else out_dtype)
-        layout = NO_HEADS
     if M == 0:
         return out
-    if x_fp8 and ns == 1 and fp8_tma.use_tma(x, w):
-        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap, layout)
+    if x_fp8 and splits is None and fp8_tma.use_tma(x, w):
+        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap, _layout(heads))
+    return launch_tiled(x, w, w_scale, bias, a_scale, act_smooth, act, x_fp8, out_scale, out, wrap, splits, heads)
+
+
+def _layout(heads: HeadsLayout | None) -> dict:
+    """The kernels' heads constexprs of an output (:data:`NO_HEADS` for a plain (M, N) one)."""
+    return NO_HEADS if heads is None else {"HEADS": True, **heads.kernel_args()}
+
+
+def launch_tiled(x, w, w_scale, bias, a_scale, act_smooth, act: int, x_fp8: bool, out_scale: torch.Tensor | None,
+                 out: torch.Tensor, wrap, splits=None, heads: HeadsLayout | None = None) -> torch.Tensor:
+    """Launch :func:`fp8_linear_kernel` (autotuned over its table for the shape) writing ``out`` (allocated by the
+    caller: (M, N), or the flat heads buffer of ``heads``); arguments as :func:`_launch`."""
+    M, K = x.shape
+    N = w.shape[0]
+    ns, b1, b2, b3 = split_args(splits, K)
     table, even_k = tile_table(M, K, (b1, b2, b3), ns > 1, x_fp8)
     kernel = _KERNELS[table]
 
@@ -219,7 +231,7 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
         x.stride(0), x.stride(1), w.stride(0), N if heads is not None else out.stride(0), 1 if heads is not None else out.stride(1),
         b1, b2, b3,
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        OUT_FP8=out_scale is not None, EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET, **layout,
+        OUT_FP8=out_scale is not None, EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET, **_layout(heads),
     )
     return out
 

@@ -149,16 +149,19 @@ def _with_flatten(c: triton.Config) -> triton.Config:
     return triton.Config({**c.kwargs, "FLATTEN": True}, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
+def _autotuned_prod(configs: list[triton.Config]):
+    return autotuned(fp8_linear_tma_kernel, configs, ["M", "N", "K", "ACT", "OUT_FP8", "HEADS"],
+                     interpret_config=_with_flatten(config(16, 32, 32, 1, 4, 2)))
+
+
 PROD_CONFIGS = [_with_flatten(config(*row)) for row in CONFIG_TABLE]
-_prod = autotuned(fp8_linear_tma_kernel, PROD_CONFIGS, ["M", "N", "K", "ACT", "OUT_FP8", "HEADS"],
-                  interpret_config=_with_flatten(config(16, 32, 32, 1, 4, 2)))
+_prod = _autotuned_prod(PROD_CONFIGS)
 # The heads epilogue (store_heads) on the configs whose output was exact on an H200 (triton 3.6): 128 x 128 x 128 tiles
 # with 8 warps, FLATTEN on or off. Every other production config, 128 x 128 with 4 warps and the 128 x 256 tiles,
 # lost V entries there (examples/heads_store_check.py, docs/kernels.md "fp8 heads from the projection"), though the
 # interpreter is exact for all: a compiled layout conversion of the transposed byte tile, not the index arithmetic.
 HEADS_CONFIGS = [_with_flatten(config(128, 128, 128, 4, 8, 8))]
-_prod_heads = autotuned(fp8_linear_tma_kernel, HEADS_CONFIGS, ["M", "N", "K", "ACT", "OUT_FP8", "HEADS"],
-                        interpret_config=_with_flatten(config(16, 32, 32, 1, 4, 2)))
+_prod_heads = _autotuned_prod(HEADS_CONFIGS)
 
 
 def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wrap, layout: dict | None = None) -> torch.Tensor:
