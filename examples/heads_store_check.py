@@ -5,8 +5,8 @@
 The exact case of ``tests/lowering/kernels/test_fp8_linear_heads.py`` (integer codes, power-of-two scales: every step
 exact, so the buffer must equal the reference byte for byte) on each config of the tiled kernel's tables and of the
 persistent TMA kernel (with and without FLATTEN). Each autotuned kernel is given one config at a time, so the launch is
-the production one. Prints, per run, the wrong bytes in the q / k region and in the V region and the first
-wrong V position (row, V column); the output is pre-filled with 0x7f (fp8 NaN) so unwritten bytes count.
+the production one (the TMA heads launch's autotuner, ``fp8_tma._prod_heads``, is given every production config). Prints, per run, the wrong bytes in the q / k region and in the V region and the first
+wrong V position (batch, V column, key); the output is pre-filled with 0x7f (fp8 NaN) so unwritten bytes count.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (cpu: Triton's interp
 
 
 def wrong_bytes(got: torch.Tensor, want: torch.Tensor, lay: HeadsLayout) -> dict:
-    """Wrong bytes of the q / k region and of the V region, and the first wrong V entry (row, V column)."""
+    """Wrong bytes of the q / k region and of the V region (key padding excluded), and the first wrong V entry."""
     bad = got.view(torch.uint8) != want.view(torch.uint8)
-    v = bad[lay.v_offset:].view(lay.rows, lay.n_v)
-    first = v.nonzero()[:1].tolist()
-    return {"qk_wrong": int(bad[: lay.v_offset].sum()), "v_wrong": int(v.sum()), "first_v_wrong": first[0] if first else None}
+    vt = bad[lay.vt_offset:].view(lay.batch, lay.n_vt, lay.seq_pad)[:, :, : lay.seq]
+    first = vt.nonzero()[:1].tolist()
+    return {"qk_wrong": int(bad[: lay.vt_offset].sum()), "v_wrong": int(vt.sum()), "first_v_wrong": first[0] if first else None}
 
 
 def run(kernel, cfg: triton.Config, lay: HeadsLayout, case, x_fp8: bool, launch) -> dict:
@@ -70,8 +70,8 @@ def main() -> None:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     results = []
-    small = HeadsLayout(batch=2, seq=20, n_rm=2 * 72, n_v=72, head_dim=72, head_width=128)  # tiled: 40 x 64 x 216
-    big = HeadsLayout(batch=2, seq=1024, n_rm=2 * 4 * 72, n_v=4 * 72, head_dim=72, head_width=128)  # TMA: 2048 x 512 x 864
+    small = HeadsLayout(batch=2, seq=20, n_rm=2 * 72, n_vt=72, head_dim=72, head_width=128)  # tiled: 40 x 64 x 216
+    big = HeadsLayout(batch=2, seq=1024, n_rm=2 * 4 * 72, n_vt=4 * 72, head_dim=72, head_width=128)  # TMA: 2048 x 512 x 864
     runs = []
     for name, table in (("small", fp8_linear.SMALL_M_CONFIGS), ("large_prequant", fp8_linear.PREQUANT_CONFIGS[:2])):
         lay = small if name == "small" else big
@@ -80,7 +80,7 @@ def main() -> None:
     for cfg in fp8_tma.PROD_CONFIGS:
         for flatten in (True, False):
             c = triton.Config({**cfg.kwargs, "FLATTEN": flatten}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            runs += [("tma", fp8_tma._prod, c, big, True, launch_tma)]
+            runs += [("tma", fp8_tma._prod_heads, c, big, True, launch_tma)]
     cases = {lay: exact_case(lay.rows, 64 if lay is small else 512, lay.columns, device=DEVICE) for lay in (small, big)}
     if DEVICE == "cuda":
         fp8_tma.ensure_allocator()

@@ -12,11 +12,8 @@ The GEMM's output ``(M = B * S, N)`` goes to one flat float8_e4m3fn buffer (:cla
 - columns ``[0, n_rm)`` (q and / or k heads of ``head_dim``): ``(M, n_rm / head_dim, head_width)``, each head padded
   with zeros from ``head_dim`` to ``head_width`` (:func:`.kernels.fp8_attention.qk_width`); a section of heads viewed
   ``(B, H, S, head_width)`` has the row stride ``n_rm / head_dim * head_width``;
-- columns ``[n_rm, N)`` (V heads): after that, row-major ``(M, n_v)``, i.e. ``(B, S, n_v / head_dim, head_dim)``.
-  The attention kernel reads V with its keys contiguous; the attention lowering copies these fp8 codes into that
-  order (:func:`.kernels.fp8_attention.keys_contiguous_codes`: one fp8 read and write, where the separate pass read
-  V in bf16). The GEMM epilogue first stored V transposed itself, and that store lost bytes on an H200 for every
-  tile config but one (docs/kernels.md, "fp8 heads: which configs store them right").
+- columns ``[n_rm, N)`` (V heads): after that, ``(B, n_vt, seq_pad)``: per batch the transposed output, keys
+  contiguous, rows padded to 16 bytes (never read: the kernel masks keys past ``S``).
 
 So a projection's sections must come q / k first and V last (fused siblings keep the graph's order: q, k, v).
 """
@@ -30,27 +27,27 @@ import torch
 from .formats import quantize_fp8
 
 FP8 = torch.float8_e4m3fn
-ROW_BYTES = 16  # q / k rows are a multiple of this many bytes: 16-byte loads in the attention kernel
+ROW_BYTES = 16  # rows of the V region (keys) are padded to this many bytes: 16-byte loads in the attention kernel
 # the GEMM kernels' heads constexprs for a plain (M, N) output (HeadsLayout.kernel_args and HEADS=True: heads)
-NO_HEADS = {"HEADS": False, "N_RM": 0, "HEAD_D": 1, "HEAD_W": 1}
+NO_HEADS = {"HEADS": False, "N_RM": 0, "SEQ": 1, "SEQ_PAD": 1, "HEAD_D": 1, "HEAD_W": 1}
 
 
 @dataclass(frozen=True)
 class HeadsLayout:
-    """Where each output column of a ``(batch * seq, n_rm + n_v)`` projection goes (module docstring)."""
+    """Where each output column of a ``(batch * seq, n_rm + n_vt)`` projection goes (module docstring)."""
 
     batch: int
     seq: int
     n_rm: int
-    n_v: int
+    n_vt: int
     head_dim: int
     head_width: int
 
     def __post_init__(self) -> None:
-        if min(self.batch, self.seq, self.head_dim) < 1 or min(self.n_rm, self.n_v) < 0 or self.n_rm + self.n_v == 0:
+        if min(self.batch, self.seq, self.head_dim) < 1 or min(self.n_rm, self.n_vt) < 0 or self.n_rm + self.n_vt == 0:
             raise ValueError(f"heads layout needs positive batch, seq, head dim and some columns: {self}")
-        if self.n_rm % self.head_dim or self.n_v % self.head_dim:
-            raise ValueError(f"heads layout: column counts {self.n_rm} / {self.n_v} are not whole heads of {self.head_dim}")
+        if self.n_rm % self.head_dim or self.n_vt % self.head_dim:
+            raise ValueError(f"heads layout: column counts {self.n_rm} / {self.n_vt} are not whole heads of {self.head_dim}")
         if not self.head_dim <= self.head_width <= 2 * self.head_dim:
             raise ValueError(f"heads layout: q / k width {self.head_width} must lie in [head dim, 2 * head dim] ({self.head_dim})")
         if (self.n_rm // self.head_dim * self.head_width) % ROW_BYTES:
@@ -62,39 +59,43 @@ class HeadsLayout:
 
     @property
     def columns(self) -> int:
-        return self.n_rm + self.n_v
+        return self.n_rm + self.n_vt
 
     @property
     def rm_heads(self) -> int:
         return self.n_rm // self.head_dim
 
     @property
-    def v_offset(self) -> int:
+    def seq_pad(self) -> int:
+        return self.seq + (-self.seq % ROW_BYTES)
+
+    @property
+    def vt_offset(self) -> int:
         return self.rows * self.rm_heads * self.head_width
 
     @property
     def numel(self) -> int:
-        return self.v_offset + self.rows * self.n_v
+        return self.vt_offset + self.batch * self.n_vt * self.seq_pad
 
     def fields(self) -> tuple[int, ...]:
-        """``(batch, seq, n_rm, n_v, head_dim, head_width)``: ``HeadsLayout(*fields)`` is this layout."""
-        return (self.batch, self.seq, self.n_rm, self.n_v, self.head_dim, self.head_width)
+        """``(batch, seq, n_rm, n_vt, head_dim, head_width)``: ``HeadsLayout(*fields)`` is this layout."""
+        return (self.batch, self.seq, self.n_rm, self.n_vt, self.head_dim, self.head_width)
 
     def kernel_args(self) -> dict[str, int]:
         """The GEMM kernels' constexprs for this layout (:func:`.kernels._common.store_heads`)."""
-        return {"N_RM": self.n_rm, "HEAD_D": self.head_dim, "HEAD_W": self.head_width}
+        return {"N_RM": self.n_rm, "SEQ": self.seq, "SEQ_PAD": self.seq_pad, "HEAD_D": self.head_dim, "HEAD_W": self.head_width}
 
     def view(self, buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Columns ``[start, stop)`` of the projection (whole heads, all q / k or all V) as ``(B, H, S, D)`` heads of
-        the flat buffer ``buf``: q / k ``D = head_width`` (zero-padded), V ``D = head_dim``, row-major."""
+        the flat buffer ``buf``: q / k ``D = head_width`` (zero-padded), V stored (B, H, D, S_pad)."""
         d = self.head_dim
         if not (0 <= start < stop <= self.columns) or start % d or stop % d or (start < self.n_rm < stop):
             raise ValueError(f"columns [{start}, {stop}) are not whole heads of one region of {self}")
         if stop <= self.n_rm:
-            rm = buf[: self.v_offset].view(self.batch, self.seq, self.rm_heads, self.head_width)
+            rm = buf[: self.vt_offset].view(self.batch, self.seq, self.rm_heads, self.head_width)
             return rm[:, :, start // d : stop // d].transpose(1, 2)
-        v = buf[self.v_offset :].view(self.batch, self.seq, self.n_v)
-        return v[:, :, start - self.n_rm : stop - self.n_rm].unflatten(2, (-1, d)).transpose(1, 2)
+        vt = buf[self.vt_offset :].view(self.batch, self.n_vt, self.seq_pad)
+        return vt[:, start - self.n_rm : stop - self.n_rm, : self.seq].unflatten(1, (-1, d)).transpose(-1, -2)
 
 
 def reference_heads(y: torch.Tensor, out_scale: torch.Tensor, layout: HeadsLayout) -> torch.Tensor:
@@ -105,9 +106,10 @@ def reference_heads(y: torch.Tensor, out_scale: torch.Tensor, layout: HeadsLayou
     codes = quantize_fp8(y, out_scale.float())
     buf = torch.zeros(layout.numel, dtype=FP8, device=y.device)
     d, n_rm = layout.head_dim, layout.n_rm
-    rm = buf[: layout.v_offset].view(layout.rows, layout.rm_heads, layout.head_width)
+    rm = buf[: layout.vt_offset].view(layout.rows, layout.rm_heads, layout.head_width)
     rm[:, :, :d] = codes[:, :n_rm].reshape(layout.rows, layout.rm_heads, d)
-    buf[layout.v_offset :] = codes[:, n_rm:].reshape(-1)
+    vt = buf[layout.vt_offset :].view(layout.batch, layout.n_vt, layout.seq_pad)
+    vt[:, :, : layout.seq] = codes[:, n_rm:].reshape(layout.batch, layout.seq, layout.n_vt).transpose(1, 2)
     return buf
 
 

@@ -138,7 +138,7 @@ def _layout(proj: fx.Node, sections: list[Section]) -> HeadsLayout | None:
         return None  # a V section before a q / k section
     n_rm = sum(x.stop - x.start for x in ordered if x.role != 2)
     try:
-        return HeadsLayout(batch=b, seq=s, n_rm=n_rm, n_v=n - n_rm, head_dim=d, head_width=qk_width(d))
+        return HeadsLayout(batch=b, seq=s, n_rm=n_rm, n_vt=n - n_rm, head_dim=d, head_width=qk_width(d))
     except ValueError:
         return None
 

@@ -147,13 +147,12 @@ def store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on):
 
 
 @triton.jit
-def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    """Store a GEMM tile as fp8 attention heads (:mod:`..heads`, the layout): ``y`` (fp32, M = B * S rows) is quantized
+def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr,
+                HEAD_D: tl.constexpr, HEAD_W: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store a GEMM tile as fp8 attention heads (:mod:`..heads`, the layout): ``y`` (fp32, M = B * SEQ rows) is quantized
     per column with the static scales ``os_ptr[n]``; columns ``[0, N_RM)`` (q / k heads of HEAD_D) go to rows of
     ``N_RM / HEAD_D`` heads of HEAD_W bytes, zero-padded from HEAD_D (columns ``d < HEAD_W - HEAD_D`` also write the zero
-    at ``d + HEAD_D``), columns ``[N_RM, N)`` (V) to a row-major ``(M, N - N_RM)`` region after them. Every store
-    keeps the tile's (rows, columns) order: a transposed V store lost bytes on an H200 (docs/kernels.md)."""
+    at ``d + HEAD_D``), columns ``[N_RM, N)`` (V) to ``(B, N - N_RM, SEQ_PAD)`` after them, keys contiguous."""
     n_ok = rn < N
     y8 = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr + rn, mask=n_ok, other=1.0))[None, :], INTERPRET)
     row_ok = (rm < M)[:, None]
@@ -167,8 +166,12 @@ def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, HEAD_D: tl
         tl.store(out_ptr + offs, y8, mask=is_rm)
         if HEAD_W > HEAD_D:
             tl.store(out_ptr + offs + HEAD_D, tl.zeros_like(y8), mask=is_rm & (d < HEAD_W - HEAD_D)[None, :])
-    v_offs = (rm64 * 0 + M) * row_len + rm64 * (N - N_RM)  # (the V region starts after the M q / k rows)
-    tl.store(out_ptr + v_offs[:, None] + (rn - N_RM)[None, :], y8, mask=row_ok & (n_ok & (rn >= N_RM))[None, :])
+    b = rm64 // SEQ
+    v_rows = (rm64 * 0 + M) * row_len + b * ((N - N_RM) * SEQ_PAD) + (rm64 - b * SEQ)  # (the V region starts after M rows)
+    # stored transposed, (columns, rows) with the rows (keys) last: the tile's (rows, columns) order lost every odd
+    # column's stores of some row groups on an H200 (triton 3.6; the interpreter was right), this order does not
+    v_ok = (n_ok & (rn >= N_RM))[:, None] & (rm < M)[None, :]
+    tl.store(out_ptr + ((rn - N_RM) * SEQ_PAD)[:, None] + v_rows[None, :], tl.trans(y8), mask=v_ok)
 
 
 @triton.jit

@@ -87,7 +87,7 @@ def inductor_variants(kernel, signature: dict, constexprs: dict) -> list[tuple[s
 
 
 # DiT-XL/2's q / k / v projection written as fp8 heads (lowering/heads.py): 1024 tokens, q / k 2 x 16 heads of 72 padded to 128
-DIT_HEADS = {"HEADS": True, "N_RM": 2304, "HEAD_D": 72, "HEAD_W": 128}
+DIT_HEADS = {"HEADS": True, "N_RM": 2304, "SEQ": 1024, "SEQ_PAD": 1024, "HEAD_D": 72, "HEAD_W": 128}
 
 
 def cases(which: set[str]):
@@ -119,7 +119,7 @@ def cases(which: set[str]):
         yield "fp8 tma, fp8 out", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, ACT=2), \
             fp8_tma.PROD_CONFIGS, aligned
         yield "fp8 tma, heads out (DiT q / k / v)", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), \
-            dict(flags, OUT_FP8=True, **DIT_HEADS), fp8_tma.PROD_CONFIGS, aligned
+            dict(flags, OUT_FP8=True, **DIT_HEADS), fp8_tma.HEADS_CONFIGS, aligned
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")

@@ -324,19 +324,6 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
     return codes.transpose(-1, -2) if keys_contiguous else codes
 
 
-def keys_contiguous_codes(v: torch.Tensor) -> torch.Tensor:
-    """fp8 (B, H, S, D) V codes in the order the kernel's ``P @ V`` reads them: a (B, H, S, D) view of (B, H, D, S)
-    storage, keys contiguous, rows padded with zeros to a multiple of 16 bytes (:func:`keys_contiguous`). V already
-    stored that way is returned as it is; else one copy of the bytes (plain aten ops on their uint8 view: one fp8 read
-    and write under Inductor), e.g. for row-major V heads written by their projection (``lowering/heads.py``)."""
-    if keys_contiguous(v):
-        return v
-    t = v.view(torch.uint8).transpose(-1, -2)
-    n = t.shape[-1]
-    t = torch.nn.functional.pad(t, (0, -n % HEAD_ROW_BYTES))[..., :n] if n % HEAD_ROW_BYTES else t.contiguous()
-    return t.view(v.dtype).transpose(-1, -2)
-
-
 def qk_width(d: int) -> int:
     """The head dim :func:`quantize_heads` pads q / k to for head dim ``d``: the next power of two up to
     ``QK_PAD_MAX`` (D = 40 -> 64, 72 / 80 -> 128: one ``Q K^T`` dot instead of the split's two), else ``d``. Measured

@@ -64,7 +64,7 @@ def fp8_linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_om, stride_on, B1, B2, B3,
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
     OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, NS: tl.constexpr, INTERPRET: tl.constexpr,
-    HEADS: tl.constexpr, N_RM: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
+    HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -128,7 +128,7 @@ def fp8_linear_kernel(
             w_ptrs += BLOCK_K
         y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
     if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
-        store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, HEAD_D, HEAD_W, INTERPRET)
+        store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
     else:
         if OUT_FP8:  # quantize for the next fp8 GEMM (its static scale): it reads 1-byte inputs, no quantize pass
             y = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr)), INTERPRET)

@@ -12,6 +12,8 @@ from tests.lowering.kernels.helpers import DEVICE, calibrated_tiny_dit_attn, com
 
 
 @needs_kernels
+@pytest.mark.xfail(DEVICE is not None and DEVICE.type == "cuda", strict=True,
+                   reason="the tiled GEMM's heads epilogue loses V entries on an H200 (passes/attention_heads.py: off by default)")
 def test_projections_write_fp8_heads_with_the_separate_pass_result(monkeypatch):
     # the tiny DiT's projections are far below the TMA route the lowering allows on a GPU: let them in (the pass's
     # mechanics; the rule itself is tested below)

@@ -13,8 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.lowering.formats import quantize_fp8
-from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous,
-                                                     keys_contiguous_codes, qk_width,
+from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous, qk_width,
                                                       quantize_heads)
 from qcompile.lowering.reference import qattention
 from qcompile.metrics import sqnr_db
@@ -206,22 +205,6 @@ def test_quantize_heads_gives_the_reference_codes_in_padded_rows():
     assert quantize_heads(aligned, scale).stride() == aligned.stride()  # nothing to pad: the layout is kept
     assert quantize_heads(aligned, scale, keys_contiguous=True).stride() == (8192, 4096, 1, 64)
 
-
-
-def test_row_major_fp8_v_is_copied_with_its_keys_contiguous():
-    """Row-major fp8 V heads (a projection's (B, S, H, D) output, ``lowering/heads.py``) become the kernel's order:
-    the same codes, keys contiguous, key rows padded with zero bytes to 16 (77 keys -> 80); V already in that order
-    is returned as it is."""
-    codes = quantize_fp8(torch.randn(2, 77, 3, 72), torch.tensor(0.01))
-    v = codes.transpose(1, 2)  # (B, H, S, D) view of row-major storage
-    got = keys_contiguous_codes(v)
-    assert got.dtype == FP8 and got.shape == v.shape and keys_contiguous(got) and got.stride(3) == 80
-    assert torch.equal(got.view(torch.uint8), v.view(torch.uint8))
-    storage = torch.as_strided(got, (2, 3, 72, 80), (got.stride(0), got.stride(1), 80, 1))
-    assert not storage.view(torch.uint8)[..., 77:].any()
-    assert keys_contiguous_codes(got) is got
-    aligned = keys_contiguous_codes(quantize_fp8(torch.randn(1, 2, 64, 64), torch.tensor(0.01)))
-    assert aligned.stride() == (8192, 4096, 1, 64)
 
 @needs_kernels
 def test_bad_arguments_name_the_problem():
