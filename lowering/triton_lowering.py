@@ -324,9 +324,10 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     (:func:`.kernels.fp8_attention.quantize_heads`, fused by Inductor into one pass over the producer's output), V stored
     with its keys contiguous: once per tensor instead of once per query tile in the kernel, and the kernel's fp8
     ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2"). q / k / v already float8_e4m3fn (fp8
-    heads written by their projection, ``passes.attention_heads``) are taken as they are; fp8 q needs ``sm_scale`` and
+    heads or plain fp8 output written by their projection, ``passes.attention_heads``) are only laid out as the kernel
+    reads them (q / k zero-padded to the width, V keys contiguous; a no-op for heads); fp8 q needs ``sm_scale`` and
     ``out_dtype``. ``out_scale``: float8_e4m3fn output for the output projection (``passes.act_quant``)."""
-    from .kernels.fp8_attention import fp8_attention, qk_width, quantize_heads
+    from .kernels.fp8_attention import fp8_attention, keys_contiguous_codes, padded_codes, qk_width, quantize_heads
 
     if q.dtype == FP8 and (sm_scale is None or out_dtype is None):
         raise ValueError("fp8 q heads (padded by their projection) need an explicit sm_scale and out_dtype")
@@ -334,9 +335,9 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
         return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale)
     d = v.shape[-1]
     width = qk_width(d)  # (D = 40 / 72: q / k padded to 64 / 128 with zero columns, one Q K^T dot)
-    q8 = q if q.dtype == FP8 else quantize_heads(q, q_scale, width=width)
-    k8 = k if k.dtype == FP8 else quantize_heads(k, k_scale, width=width)
-    v8 = v if v.dtype == FP8 else quantize_heads(v, v_scale, keys_contiguous=True)
+    q8 = padded_codes(q, width) if q.dtype == FP8 else quantize_heads(q, q_scale, width=width)
+    k8 = padded_codes(k, width) if k.dtype == FP8 else quantize_heads(k, k_scale, width=width)
+    v8 = keys_contiguous_codes(v) if v.dtype == FP8 else quantize_heads(v, v_scale, keys_contiguous=True)
     return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
                          out_dtype=out_dtype or q.dtype, out_scale=out_scale)
 

@@ -26,11 +26,12 @@ a separate pass in every measured row. That is kept, and counted as ``producer_p
 route at the narrow ones (SD 1.5's N = 320 / 640, the bench's ``-extern-prologue`` variants). The rule of
 ``PASS_MIN_N`` thus changed nothing on DiT / PixArt, whose attention outputs had the pass already.
 
-4. **attention's epilogue** (opt-in: ``QDIFF_ATTN_FP8_OUT=1``; ``out_scale`` on the lowering's attention call): when
+4. **attention's epilogue** (on by default, ``QDIFF_ATTN_FP8_OUT=0`` turns it off; ``out_scale`` on the lowering's attention call): when
    the input is a quantized attention call's output reached through views and no-op casts only, each used once, the
    attention kernel writes fp8 codes with this GEMM's scale (the no-op casts are removed: on fp8 codes they would
    convert). This replaces the separate pass after attention (DiT-XL/2: 28 x 8.4 us per step, PixArt-alpha: 56 x 8.3 us,
-   docs/benchmarks.md ninth session); built on CPU, not yet timed on a GPU, hence off by default.
+   docs/benchmarks.md ninth session). Timed together with :mod:`.norm_quant` on an H200 (2026-12-03): DiT-XL/2 15.06 ->
+   14.27 ms per step, PixArt-alpha 25.94 -> 24.55 ms (CUDA graphs, docs/benchmarks.md).
 
 ``QDIFF_FP8_ACT_QUANT`` = ``auto`` (default, the rules above), ``producer`` (1 and 2 for all), ``prologue``
 (3 for all: the v1 behaviour) selects the policy for A/B measurements; ``QDIFF_FP8_PASS_MIN_N`` (an integer, or
@@ -83,8 +84,8 @@ ATTN_FP8_OUT_ENV = "QDIFF_ATTN_FP8_OUT"
 
 
 def attention_fp8_out_from_env() -> bool:
-    """``QDIFF_ATTN_FP8_OUT`` (default 0): 1 lets quantized attention write its output as fp8 for the next GEMM."""
-    return env_switch(ATTN_FP8_OUT_ENV, False)
+    """``QDIFF_ATTN_FP8_OUT`` (default 1): quantized attention writes its output as fp8 for the next GEMM; 0: float."""
+    return env_switch(ATTN_FP8_OUT_ENV, True)
 
 
 def _wide_and_large(node: fx.Node, min_n: int) -> bool:

@@ -42,12 +42,18 @@ from .fuse_siblings import SHAPE_META
 from .sites import example_tensor, fetch_attr
 
 ENV = "QDIFF_ATTN_HEADS"
+FP8_QKV_ENV = "QDIFF_ATTN_FP8_QKV"
 _PLAIN_KWARGS = {"wfmt", "group_size", "weight_shape", "afmt", "asym", "bias_corr", "x_quant"}
 
 
 def enabled_from_env() -> bool:
     """``QDIFF_ATTN_HEADS`` (default 0, see the module docstring): 1 has the projections write fp8 heads."""
     return env_switch(ENV, False)
+
+
+def fp8_qkv_from_env() -> bool:
+    """``QDIFF_ATTN_FP8_QKV`` (default 0, :func:`write_fp8_projections`): 1 has the projections write plain fp8 output."""
+    return env_switch(FP8_QKV_ENV, False)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,27 @@ def _layout(proj: fx.Node, sections: list[Section]) -> HeadsLayout | None:
         return None
 
 
+def _covers(proj: fx.Node, sections: list[Section]) -> bool:
+    """Whether ``sections`` are every column of the projection, each once."""
+    bounds = sorted((s.start, s.stop) for s in sections)
+    n = proj.kwargs.get("weight_shape", (None,))[0]
+    return bool(bounds) and bounds[0][0] == 0 and bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+def _column_scales(gm: fx.GraphModule, sections: list[Section], columns: int) -> torch.Tensor:
+    """Each column's static scale: that of the attention input (q / k / v) its section feeds."""
+    scales = torch.empty(columns, dtype=torch.float32)
+    for sec in sections:
+        scales[sec.start:sec.stop] = float(fetch_attr(gm, sec.attention.args[3 + sec.role].target))
+    return scales
+
+
+def _explicit_softmax_args(attention: fx.Node, q: torch.Tensor) -> None:
+    """fp8 q codes carry neither the head dim's default softmax scale nor the output dtype: set both from the float q."""
+    sm_scale = attention.kwargs.get("sm_scale")
+    attention.kwargs = {**attention.kwargs, "sm_scale": q.shape[-1] ** -0.5 if sm_scale is None else sm_scale, "out_dtype": q.dtype}
+
+
 def _only_feeds(proj: fx.Node, sections: list[Section]) -> bool:
     """Whether the projection's output goes nowhere but through ``sections``' chains (one split, or one reshape)."""
     tops = {sec.chain[-1] for sec in sections}
@@ -166,9 +193,7 @@ def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: 
         layout = _layout(proj, sections) if _plain_fp8_linear(proj, linear_fn) and _only_feeds(proj, sections) else None
         if layout is None or (unsupported is not None and unsupported(layout.rows, layout.columns, proj.kwargs["weight_shape"][1])):
             continue
-        scales = torch.empty(layout.columns, dtype=torch.float32)
-        for sec in sections:
-            scales[sec.start:sec.stop] = float(fetch_attr(gm, sec.attention.args[3 + sec.role].target))
+        scales = _column_scales(gm, sections, layout.columns)
         device = fetch_attr(gm, proj.args[2].target).device  # (the weight scale's)
         with gm.graph.inserting_before(proj):
             buf = add_buffer(gm, f"qdiff_heads_{count}_out_scale", scales.to(device))
@@ -185,13 +210,42 @@ def fuse_attention_heads(gm: fx.GraphModule, linear_fn: Callable, attention_fn: 
         gm.graph.erase_node(proj)
         count += 1
     for attention in views:
-        q = q_of[attention]
-        sm_scale = attention.kwargs.get("sm_scale")
-        attention.kwargs = {**attention.kwargs, "sm_scale": q.shape[-1] ** -0.5 if sm_scale is None else sm_scale, "out_dtype": q.dtype}
+        _explicit_softmax_args(attention, q_of[attention])
     if count:
         gm.graph.lint()
         gm.recompile()
     return gm, count
 
 
-__all__ = ["ENV", "enabled_from_env", "fuse_attention_heads"]
+def write_fp8_projections(gm: fx.GraphModule, linear_fn: Callable, attention_fn: Callable) -> tuple[fx.GraphModule, int]:
+    """Give each plain fp8 projection whose every column feeds a quantized attention call's q / k / v (through
+    ``split`` -> ``reshape`` -> ``transpose``, as :func:`fuse_attention_heads` matches) an ``out_scale`` of one static
+    scale per column, the attention's q / k / v scale of its section: its GEMM epilogue writes fp8 codes in its plain
+    (M, N) layout (an ``OUT_COLS`` store, as every fp8-output GEMM stores), and the views carry them to the attention
+    call, whose lowering only lays them out (q / k zero-padded, V keys contiguous: one copy of fp8 bytes each, where the
+    separate pass read the projection's bf16 output). Returns the graph and how many projections write fp8.
+
+    Any GEMM route takes it (no heads layout): the GEMM stores are those of the fp8 output of fc1 for fc2."""
+    found = _sections(gm, attention_fn)
+    q_of = {sec.attention: example_tensor(sec.attention.args[0]) for secs in found.values() for sec in secs}
+    touched: set[fx.Node] = set()
+    count = 0
+    for proj, sections in found.items():
+        if not (_plain_fp8_linear(proj, linear_fn) and _only_feeds(proj, sections) and _covers(proj, sections)):
+            continue
+        scales = _column_scales(gm, sections, proj.kwargs["weight_shape"][0])
+        device = fetch_attr(gm, proj.args[2].target).device  # (the weight scale's)
+        with gm.graph.inserting_before(proj):
+            buf = add_buffer(gm, f"qdiff_fp8_projection_{count}_out_scale", scales.to(device))
+        proj.kwargs = {**proj.kwargs, "out_scale": buf}
+        touched.update(sec.attention for sec in sections)
+        count += 1
+    for attention in touched:
+        _explicit_softmax_args(attention, q_of[attention])
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return gm, count
+
+
+__all__ = ["ENV", "FP8_QKV_ENV", "enabled_from_env", "fp8_qkv_from_env", "fuse_attention_heads", "write_fp8_projections"]

@@ -25,7 +25,7 @@ from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.convert_attention import convert_attention
 from .passes.act_quant import place_act_quant
-from .passes.attention_heads import enabled_from_env as heads_enabled, fuse_attention_heads
+from .passes.attention_heads import enabled_from_env as heads_enabled, fp8_qkv_from_env, fuse_attention_heads, write_fp8_projections
 from .passes.fuse_epilogue import fuse_epilogues
 from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
 from .passes.norm_quant import enabled_from_env as norm_quant_enabled, fuse_norm_quant
@@ -110,6 +110,7 @@ class QuantizedGraph:
     fused_siblings: int = 0  # fused calls made of quantized linears reading the same input (passes.fuse_siblings)
     act_quant: dict[str, int] = field(default_factory=dict)  # where fp8 GEMM inputs are quantized (passes.act_quant counts)
     attention_heads: int = 0  # q / k / v projections writing fp8 attention heads (passes.attention_heads)
+    fp8_projections: int = 0  # q / k / v projections writing plain fp8 output (passes.attention_heads.write_fp8_projections)
     norm_quant: int = 0  # block boundaries computed by one add + LayerNorm + modulate + quantize call (passes.norm_quant)
 
     def __call__(self, *args: Any) -> Any:
@@ -288,7 +289,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     device = _device_of(example_inputs)
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
-    fused = siblings = heads = norm_quant = 0
+    fused = siblings = heads = fp8_projections = norm_quant = 0
     placed: dict[str, int] = {}
     if lowering.linear_fused is not None:
         if siblings_enabled():
@@ -304,6 +305,9 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
             converted, heads = fuse_attention_heads(converted, lowering.linear, lowering.attention, lowering.linear_heads,
                                                     lowering.heads_unsupported)
             log_graph("fuse_attention_heads", converted)
+        if lowering.linear_heads is not None and fp8_qkv_from_env():  # (after the heads pass: what it left)
+            converted, fp8_projections = write_fp8_projections(converted, lowering.linear, lowering.attention)
+            log_graph("write_fp8_projections", converted)
         if lowering.norm_quant is not None and norm_quant_enabled():
             converted, norm_quant = fuse_norm_quant(converted, (lowering.linear, lowering.linear_fused), lowering.norm_quant)
             log_graph("fuse_norm_quant", converted)
@@ -334,6 +338,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     freed = release({name: example_inputs[i] for i, name in freeing.release.items()})
     warn_kept(opts.plan, freeing.kept)
     record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings,
-                            act_quant=placed, attention_heads=heads, norm_quant=norm_quant)
+                            act_quant=placed, attention_heads=heads, fp8_projections=fp8_projections,
+                            norm_quant=norm_quant)
     opts.plan.compiled.append(record)
     return record

@@ -159,18 +159,25 @@ SINGLE_KERNEL = "-single-kernel"
 # (QDIFF_ATTN_HEADS=1: passes/attention_heads.py, off by default) or quantized by a separate pass (=0), its A/B
 HEADS = "-heads"
 SEPARATE_HEADS = "-separate-heads"
-# suffix (before -cudagraphs): quantized attention writes fp8 for the output projection (QDIFF_ATTN_FP8_OUT=1, off by default)
+# suffixes (before -cudagraphs): quantized attention writes fp8 for the output projection (QDIFF_ATTN_FP8_OUT=1, the
+# default since 2026-12-03) or its float output is quantized by a separate pass (=0), its A/B
 ATTN_FP8_OUT = "-fp8-out"
-# suffix (before -cudagraphs): block boundaries (residual add + LayerNorm + modulate + quantize) as one kernel
-# (QDIFF_NORM_QUANT=1: passes/norm_quant.py, off by default)
+ATTN_FLOAT_OUT = "-float-out"
+# suffixes (before -cudagraphs): block boundaries (residual add + LayerNorm + modulate + quantize) as one kernel
+# (QDIFF_NORM_QUANT=1: passes/norm_quant.py, the default since 2026-12-03) or as Inductor's kernels (=0), its A/B
 NORM_QUANT = "-normq"
+NO_NORM_QUANT = "-no-normq"
+# suffix (before -cudagraphs): fp8 attention's q / k / v projections write plain fp8 output, one scale per column
+# (QDIFF_ATTN_FP8_QKV=1: passes/attention_heads.write_fp8_projections, off by default)
+FP8_QKV = "-fp8-qkv"
 # suffix (before -cudagraphs): Inductor's coordinate-descent tuning of its generated kernels (QDIFF_COORDINATE_DESCENT=1)
 COORDINATE_DESCENT = "-cdtune"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
                     HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0"), ATTN_FP8_OUT: ("QDIFF_ATTN_FP8_OUT", "1"),
-                    COORDINATE_DESCENT: ("QDIFF_COORDINATE_DESCENT", "1"), NORM_QUANT: ("QDIFF_NORM_QUANT", "1")}
+                    ATTN_FLOAT_OUT: ("QDIFF_ATTN_FP8_OUT", "0"), COORDINATE_DESCENT: ("QDIFF_COORDINATE_DESCENT", "1"),
+                    NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
@@ -181,6 +188,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + COORDINATE_DESCENT + c for v in ("bf16-inductor", "qdiff-w8a8-fp8-attn-heads-fp8-out") for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{NORM_QUANT}{c}" for s in ("", ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT) for c in ("", CUDAGRAPHS))
             + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS)
+            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (ATTN_FLOAT_OUT + NO_NORM_QUANT, NO_NORM_QUANT, FP8_QKV) for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
                     for c in ("", CUDAGRAPHS)))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
@@ -650,10 +658,14 @@ def row_environment(variant: str) -> dict[str, str]:
     return _split_row_suffixes(variant.removesuffix(CUDAGRAPHS))[1]
 
 
+_SUFFIXES_LONGEST_FIRST = sorted(ROW_ENV_SUFFIXES, key=len, reverse=True)
+
+
 def _split_row_suffixes(variant: str) -> tuple[str, dict[str, str]]:
-    """``variant`` without its trailing row-process suffixes (they stack: ``-heads-fp8-out``) and their environment."""
+    """``variant`` without its trailing row-process suffixes (they stack: ``-heads-fp8-out``) and their environment. The
+    longest suffix that fits is taken first (``-separate-heads`` is not ``-heads``, ``-no-normq`` not ``-normq``)."""
     env: dict[str, str] = {}
-    while suffix := next((s for s in ROW_ENV_SUFFIXES if variant.endswith(s)), None):
+    while suffix := next((s for s in _SUFFIXES_LONGEST_FIRST if variant.endswith(s)), None):
         name, value = ROW_ENV_SUFFIXES[suffix]
         env.setdefault(name, value)  # (the last suffix wins, as it did when only one was allowed)
         variant = variant.removesuffix(suffix)

@@ -464,16 +464,21 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
     from qcompile.backend import COORDINATE_DESCENT_ENV, MULTI_KERNEL_ENV
     from qcompile.lowering.conv_im2col import ENGINE_ENV
     from qcompile.passes.act_quant import ATTN_FP8_OUT_ENV, PASS_MIN_N_ENV
-    from qcompile.passes.attention_heads import ENV as HEADS_ENV
+    from qcompile.passes.attention_heads import ENV as HEADS_ENV, FP8_QKV_ENV
     from qcompile.passes.norm_quant import ENV as NORM_QUANT_ENV
 
     assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV, HEADS_ENV, ATTN_FP8_OUT_ENV,
-                                                                 COORDINATE_DESCENT_ENV, NORM_QUANT_ENV}
+                                                                 COORDINATE_DESCENT_ENV, NORM_QUANT_ENV, FP8_QKV_ENV}
     assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-out-cudagraphs") == {ATTN_FP8_OUT_ENV: "1"}
     # suffixes stack (both fp8-attention epilogues in one row)
     assert "qdiff-w8a8-fp8-attn-heads-fp8-out-cudagraphs" in bench.VARIANTS
     assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-out-normq-cudagraphs") == {NORM_QUANT_ENV: "1", ATTN_FP8_OUT_ENV: "1"}
     assert bench.row_environment("qdiff-w8a8-fp8-attn-heads-fp8-out-cudagraphs") == {ATTN_FP8_OUT_ENV: "1", HEADS_ENV: "1"}
+    # a suffix that ends like a shorter one is itself (the "off" rows of the default-on switches)
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-float-out-no-normq-cudagraphs") == {NORM_QUANT_ENV: "0", ATTN_FP8_OUT_ENV: "0"}
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-separate-heads") == {HEADS_ENV: "0"}
+    assert "qdiff-w8a8-fp8-attn-float-out-no-normq-cudagraphs" in bench.VARIANTS
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-qkv-cudagraphs") == {FP8_QKV_ENV: "1"}
     assert bench.row_environment("qdiff-w8a8-fp8-extern-prologue-cudagraphs") == {PASS_MIN_N_ENV: "off"}
     monkeypatch.delenv(PASS_MIN_N_ENV, raising=False)
     with pytest.raises(RuntimeError, match="QDIFF_FP8_PASS_MIN_N=off"):

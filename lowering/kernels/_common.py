@@ -146,6 +146,22 @@ def store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on):
     tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn < N)[None, :])
 
 
+def out_columns(out_scale: torch.Tensor | None, heads: bool) -> bool:
+    """The GEMM kernels' ``OUT_COLS``: a plain fp8 output (not heads) quantized with one static scale per column."""
+    return out_scale is not None and not heads and out_scale.numel() > 1
+
+
+@triton.jit
+def quantize_output(y, rn, N, os_ptr, OUT_COLS: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 output ``y`` as e4m3 codes of the consumer's static scale: ``os_ptr[0]``, or ``os_ptr[n]`` per column
+    (``OUT_COLS``: a projection whose column sections feed different quantized inputs, e.g. attention's q / k / v)."""
+    if OUT_COLS:
+        inv = tl.math.div_rn(1.0, tl.load(os_ptr + rn, mask=rn < N, other=1.0))[None, :]
+    else:
+        inv = tl.math.div_rn(1.0, tl.load(os_ptr))
+    return quantize_fp8(y * inv, INTERPRET)
+
+
 @triton.jit
 def store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr,
                 HEAD_D: tl.constexpr, HEAD_W: tl.constexpr, INTERPRET: tl.constexpr):

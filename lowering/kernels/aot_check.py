@@ -97,7 +97,7 @@ def cases(which: set[str]):
     if "fp8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32", out_ptr="*bf16",
                           os_ptr="*fp32")
-        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, EVEN_K=True, NS=1, **fp8_linear.NO_HEADS)
+        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, OUT_COLS=False, EVEN_K=True, NS=1, **fp8_linear.NO_HEADS)
         yield "fp8", fp8_linear.fp8_linear_kernel, sig, flags, fp8_linear.LARGE_M_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned
         yield "fp8 split (2 slices)", fp8_linear.fp8_linear_kernel, sig, dict(flags, NS=2), fp8_linear.SPLIT_CONFIGS, lin_aligned + ["B1"]
         yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.PREQUANT_CONFIGS, lin_aligned
@@ -110,16 +110,20 @@ def cases(which: set[str]):
             fp8_linear.PREQUANT_CONFIGS[:1], lin_aligned
         yield "fp8 prequant, heads out (DiT q / k / v)", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), \
             dict(flags, X_FP8=True, OUT_FP8=True, **DIT_HEADS), fp8_linear.PREQUANT_CONFIGS[:2], lin_aligned
+        yield "fp8 prequant, fp8 out per column (DiT q / k / v)", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), \
+            dict(flags, X_FP8=True, OUT_FP8=True, OUT_COLS=True), fp8_linear.PREQUANT_CONFIGS[:2], lin_aligned
     if "tma" in which and fp8_tma.HAS_TMA:  # the production (fp8-input) table, with and without the fp8-output epilogue
         sig = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "as_ptr": "*fp32", "out_ptr": "*bf16",
                "os_ptr": "*fp32", "M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_om": I32}
-        flags = dict(X_FP8=True, HAS_BIAS=True, ACT=0, OUT_FP8=False, INTERPRET=False, NUM_SMS=132, WARP_SPEC=False, **fp8_tma.NO_HEADS)
+        flags = dict(X_FP8=True, HAS_BIAS=True, ACT=0, OUT_FP8=False, OUT_COLS=False, INTERPRET=False, NUM_SMS=132, WARP_SPEC=False, **fp8_tma.NO_HEADS)
         aligned = ["M", "N", "K", "stride_xm", "stride_om"]
         yield "fp8 tma", fp8_tma.fp8_linear_tma_kernel, sig, flags, fp8_tma.PROD_CONFIGS, aligned
         yield "fp8 tma, fp8 out", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, ACT=2), \
             fp8_tma.PROD_CONFIGS, aligned
         yield "fp8 tma, heads out (DiT q / k / v)", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), \
             dict(flags, OUT_FP8=True, **DIT_HEADS), fp8_tma.HEADS_CONFIGS, aligned
+        yield "fp8 tma, fp8 out per column (DiT q / k / v)", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), \
+            dict(flags, OUT_FP8=True, OUT_COLS=True), fp8_tma.PROD_CONFIGS, aligned
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")

@@ -324,6 +324,31 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
     return codes.transpose(-1, -2) if keys_contiguous else codes
 
 
+def padded_codes(x: torch.Tensor, width: int) -> torch.Tensor:
+    """fp8 (B, H, S, D) q / k codes with zero columns up to ``width`` (:func:`qk_width`), in new storage; codes already
+    that wide are returned as they are. (fp8 -> fp32 -> fp8 is exact; under Inductor one copy kernel.)"""
+    d = x.shape[-1]
+    if d == width:
+        return x
+    return torch.nn.functional.pad(x.float(), (0, width - d)).to(x.dtype)
+
+
+def keys_contiguous_codes(v: torch.Tensor) -> torch.Tensor:
+    """fp8 (B, H, S, D) V codes in the order the kernel's ``P @ V`` reads them: a (B, H, S, D) view of (B, H, D, S)
+    storage, keys contiguous, rows padded with zeros to a multiple of 16 bytes (:func:`keys_contiguous`). V already
+    stored that way is returned as it is; else one copy (e.g. of row-major V codes written by their projection's GEMM,
+    ``passes.attention_heads.write_fp8_projections``)."""
+    if keys_contiguous(v):
+        return v
+    t = v.transpose(-1, -2)
+    n = t.shape[-1]
+    if n % HEAD_ROW_BYTES:
+        t = torch.nn.functional.pad(t.float(), (0, -n % HEAD_ROW_BYTES)).to(v.dtype)[..., :n]
+    else:
+        t = t.contiguous()
+    return t.transpose(-1, -2)
+
+
 def qk_width(d: int) -> int:
     """The head dim :func:`quantize_heads` pads q / k to for head dim ``d``: the next power of two up to
     ``QK_PAD_MAX`` (D = 40 -> 64, 72 / 80 -> 128: one ``Q K^T`` dot instead of the split's two), else ``d``. Measured

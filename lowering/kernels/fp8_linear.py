@@ -43,7 +43,9 @@ from ._common import (
     epilogue,
     flat,
     fused_bias,
+    out_columns,
     quantize_fp8,
+    quantize_output,
     row_major,
     rows,
     slice_bound,
@@ -63,7 +65,7 @@ def fp8_linear_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_om, stride_on, B1, B2, B3,
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
-    OUT_FP8: tl.constexpr, EVEN_K: tl.constexpr, NS: tl.constexpr, INTERPRET: tl.constexpr,
+    OUT_FP8: tl.constexpr, OUT_COLS: tl.constexpr, EVEN_K: tl.constexpr, NS: tl.constexpr, INTERPRET: tl.constexpr,
     HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -131,7 +133,7 @@ def fp8_linear_kernel(
         store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
     else:
         if OUT_FP8:  # quantize for the next fp8 GEMM (its static scale): it reads 1-byte inputs, no quantize pass
-            y = quantize_fp8(y * tl.math.div_rn(1.0, tl.load(os_ptr)), INTERPRET)
+            y = quantize_output(y, rn, N, os_ptr, OUT_COLS, INTERPRET)
         store_tile(y, rm, rn, M, N, out_ptr, stride_om, stride_on)
 
 
@@ -231,7 +233,7 @@ def launch_tiled(x, w, w_scale, bias, a_scale, act_smooth, act: int, x_fp8: bool
         x.stride(0), x.stride(1), w.stride(0), N if heads is not None else out.stride(0), 1 if heads is not None else out.stride(1),
         b1, b2, b3,
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
-        OUT_FP8=out_scale is not None, EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET, **_layout(heads),
+        OUT_FP8=out_scale is not None, OUT_COLS=out_columns(out_scale, heads), EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET, **_layout(heads),
     )
     return out
 
@@ -259,8 +261,11 @@ def _check(x, w, w_scale, bias, a_scale, act_smooth, x_dtypes, splits=None):
     check_launchable(x, w, w_scale, a_scale)
 
 
-def _check_out(out_scale, out_dtype):
-    if out_scale is not None:
+def _check_out(out_scale, out_dtype, n: int):
+    """An fp8 output's scale: one (the next GEMM's input scale) or one per output column (``n``); else a float dtype."""
+    if out_scale is not None and out_scale.numel() > 1:
+        check_tensor(out_scale, "output scale", (torch.float32,), shape=(n,))
+    elif out_scale is not None:
         check_scalar(out_scale, "output scale", torch.float32)
     elif out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be fp16/bf16/fp32, got {out_dtype}")
@@ -268,13 +273,13 @@ def _check_out(out_scale, out_dtype):
 
 def _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits=None, wrap=wrap_triton):
     _check(x, w, w_scale, bias, a_scale, act_smooth, FLOAT_DTYPES, splits)
-    _check_out(out_scale, x.dtype)
+    _check_out(out_scale, x.dtype, w.shape[0])
     return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale, wrap, splits)
 
 
 def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits=None, wrap=wrap_triton):
     _check(xq, w, w_scale, bias, a_scale, None, (FP8,), splits)
-    _check_out(out_scale, out_dtype)
+    _check_out(out_scale, out_dtype, w.shape[0])
     return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale, wrap, splits)
 
 
@@ -314,7 +319,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
                out_scale: torch.Tensor | None = None, splits: tuple[int, ...] | None = None) -> torch.Tensor:
     """``x`` of shape (..., K) -> (..., N); ``w`` float8 (N, K), ``w_scale`` fp32 per output channel.
 
-    ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype.
+    ``out_scale``: return float8_e4m3fn quantized with it (after bias and activation) instead of x's dtype; one scale,
+    or one per output column (N).
     ``splits`` (split op: input-feature split points): ``a_scale`` holds one scale per slice and ``w_scale`` (N, slices);
     each slice's partial product is scaled by its own scales inside the K loop.
     Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_linear``."""
@@ -323,7 +329,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     args = (rows(x), w, flat(w_scale) if split is None else w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N),
             as_float(a_scale) if split is None else flat(as_float(a_scale)),
             None if act_smooth is None else flat(as_float(act_smooth)), activation_code(act),
-            None if out_scale is None else as_float(out_scale))
+            None if out_scale is None else flat(as_float(out_scale)))
     if split is None:  # (the unsplit call keeps its exact argument list: no dispatch cost for the extra argument)
         out = _fp8_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.fp8_linear(*args)
     else:
@@ -340,7 +346,7 @@ def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     split = None if splits is None else [int(p) for p in splits]
     args = (rows(xq), w, flat(w_scale) if split is None else w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N),
             as_float(a_scale) if split is None else flat(as_float(a_scale)), activation_code(act), out_dtype,
-            None if out_scale is None else as_float(out_scale))
+            None if out_scale is None else flat(as_float(out_scale)))
     if split is None:  # (the unsplit call keeps its exact argument list)
         out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
     else:

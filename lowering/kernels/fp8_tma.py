@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..heads import NO_HEADS
-from ._common import INTERPRET, autotuned, config, epilogue, grouped_tile, quantize_fp8, store_heads, store_tile
+from ._common import INTERPRET, autotuned, config, epilogue, grouped_tile, out_columns, quantize_fp8, quantize_output, store_heads, store_tile
 
 HAS_TMA: bool = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
@@ -39,7 +39,7 @@ def fp8_linear_tma_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, out_ptr, os_ptr,
     M, N, K,
     stride_xm, stride_om,
-    X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_COLS: tl.constexpr, INTERPRET: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
     HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -48,7 +48,6 @@ def fp8_linear_tma_kernel(
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     a_scale = tl.load(as_ptr)
     inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
-    inv_out = tl.math.div_rn(1.0, tl.load(os_ptr))  # (os_ptr is as_ptr when not OUT_FP8; HEADS: per-column scales)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -69,8 +68,8 @@ def fp8_linear_tma_kernel(
         if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
             store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
         else:
-            if OUT_FP8:  # quantized for the next fp8 GEMM (its static scale)
-                y = quantize_fp8(y * inv_out, INTERPRET)
+            if OUT_FP8:  # quantized for the next fp8 GEMM (its static scale, or one per column: OUT_COLS)
+                y = quantize_output(y, rn, N, os_ptr, OUT_COLS, INTERPRET)
             store_tile(y, rm, rn, M, N, out_ptr, stride_om, 1)
 
 
@@ -181,7 +180,8 @@ def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wra
     wrap(_prod_heads if layout["HEADS"] else _prod)[grid](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K, x.stride(0), N if layout["HEADS"] else out.stride(0),
-        X_FP8=True, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
+        X_FP8=True, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None,
+        OUT_COLS=out_columns(out_scale, layout["HEADS"]), INTERPRET=INTERPRET,
         NUM_SMS=sms, WARP_SPEC=False, **layout,
     )
     return out
@@ -203,7 +203,8 @@ def launch(x, w, w_scale, bias, a_scale, out, act: int, *, block_m: int, block_n
     fp8_linear_tma_kernel[(min(sms, tiles),)](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K, x.stride(0), out.stride(0),
-        X_FP8=x.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
+        X_FP8=x.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None,
+        OUT_COLS=out_columns(out_scale, False), INTERPRET=INTERPRET,
         NUM_SMS=sms, FLATTEN=flatten, WARP_SPEC=warp_spec, **NO_HEADS,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
     )

@@ -170,3 +170,13 @@ def test_int8_weight_column_sums_are_conversion_time_buffers():
             assert torch.equal(getattr(gm, n.kwargs["colsum"].target), w.sum(dim=1, dtype=torch.int32))
     ref_gm, _ = _graph("w8a8-int8", Lowering())
     assert sqnr_db(ref_gm(*inputs)[0], gm(*inputs)[0]) > 35
+
+
+def test_attention_fp8_output_is_on_by_default(monkeypatch):
+    """``QDIFF_ATTN_FP8_OUT`` defaults to 1 (timed faster on an H200, 2026-12-03); 0 turns attention's fp8 epilogue off."""
+    from qcompile.passes.act_quant import ATTN_FP8_OUT_ENV, attention_fp8_out_from_env
+
+    monkeypatch.delenv(ATTN_FP8_OUT_ENV, raising=False)
+    assert attention_fp8_out_from_env()
+    monkeypatch.setenv(ATTN_FP8_OUT_ENV, "0")
+    assert not attention_fp8_out_from_env()

@@ -29,8 +29,10 @@ def test_dit_block_boundaries_become_one_call_with_the_same_output(monkeypatch):
     assert sqnr_db(outs["0"], outs["1"]) > 30  # fp32 statistics vs the unfused graph's; both quantize to the same grid
 
 
-def test_the_switch_is_off_by_default(monkeypatch):
+def test_the_switch_is_on_by_default(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
+    assert enabled_from_env()
+    monkeypatch.setenv(ENV, "0")
     assert not enabled_from_env()
 
 

@@ -112,6 +112,25 @@ def test_fp8_output_epilogue_feeds_the_next_gemm():
     assert sqnr_db(_ref(h_ref, qw2, w2, ws2, None, s2), out) > 35
 
 
+@pytest.mark.parametrize("x_fp8", [True, False])
+def test_fp8_output_with_one_scale_per_column_is_exact(x_fp8):
+    """``out_scale`` of N entries (a q / k / v projection's sections, each with its attention input's scale): every
+    column quantized with its own scale. Integer codes and power-of-two scales make each step exact, so the codes equal
+    the reference's byte for byte; a scale vector of the wrong length is refused."""
+    from qcompile.lowering.heads import exact_case
+    from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
+
+    x8, w8, ws, bias, a_scale, out_scale, y = exact_case(40, 64, 216, seed=3, device=DEVICE)
+    x = x8.to(torch.float8_e4m3fn) if x_fp8 else x8 * a_scale  # float input: quantized in the prologue to the same codes
+    w = w8.to(torch.float8_e4m3fn)
+    got = (fp8_linear_prequant(x, w, ws, bias, a_scale, torch.float32, out_scale=out_scale) if x_fp8
+           else fp8_linear(x, w, ws, bias, a_scale, out_scale=out_scale))
+    assert got.dtype == torch.float8_e4m3fn and len(out_scale.unique()) > 1
+    assert torch.equal(got.view(torch.uint8), quantize_input_fp8(y, out_scale).view(torch.uint8))
+    with pytest.raises(ValueError, match=r"output scale must have shape \(216,\)"):
+        fp8_linear(x8 * a_scale, w, ws, bias, a_scale, out_scale=out_scale[:7])
+
+
 def test_producer_quantization_matches_the_reference_quantizer():
     from qcompile.lowering.kernels.fp8_linear import quantize_input_fp8
 
