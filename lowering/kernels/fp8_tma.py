@@ -48,6 +48,7 @@ def fp8_linear_tma_kernel(
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     a_scale = tl.load(as_ptr)
     inv_scale = tl.math.div_rn(1.0, a_scale)  # IEEE (plain "/" is approximate on GPU)
+    inv_out = tl.math.div_rn(1.0, tl.load(os_ptr))  # (os_ptr is as_ptr when not OUT_FP8; HEADS / OUT_COLS: per column)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -68,8 +69,10 @@ def fp8_linear_tma_kernel(
         if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
             store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
         else:
-            if OUT_FP8:  # quantized for the next fp8 GEMM (its static scale, or one per column: OUT_COLS)
+            if OUT_COLS:  # quantized per column (a q / k / v projection feeding attention)
                 y = quantize_output(y, rn, N, os_ptr, OUT_COLS, INTERPRET)
+            elif OUT_FP8:  # quantized for the next fp8 GEMM (its static scale, hoisted out of the tile loop)
+                y = quantize_fp8(y * inv_out, INTERPRET)
             store_tile(y, rm, rn, M, N, out_ptr, stride_om, 1)
 
 
