@@ -15,6 +15,7 @@ All variants see the same FP32 input at each step, as ``qdiff eval``'s per-step 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -34,6 +35,19 @@ VARIANTS = {
     "triton, fp8 q / k / v projections": ("triton", {"QDIFF_ATTN_FP8_QKV": "1"}),
 }
 SWITCHES = ("QDIFF_NORM_QUANT", "QDIFF_ATTN_FP8_OUT", "QDIFF_ATTN_FP8_QKV")
+
+
+@contextlib.contextmanager
+def switches(env: dict[str, str]):
+    """The kernel-path switches exactly as ``env`` sets them (the others at their defaults), restored afterwards."""
+    saved = {k: os.environ.pop(k, None) for k in SWITCHES}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in SWITCHES:
+            os.environ.pop(k, None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 class Recorder(torch.nn.Module):
@@ -71,17 +85,12 @@ def main() -> None:
     results = {}
     for name in args.variants:
         lowering, env = VARIANTS[name]
-        saved = {k: os.environ.get(k) for k in SWITCHES}
-        os.environ.update(env)
-        try:
+        with switches(env):
             torch._dynamo.reset()
             t0 = time.perf_counter()
             test = compile_plan(model, plan, inductor=False, lowering=lowering)
             with torch.no_grad():
                 got = [test(x, timestep=t, class_labels=y) for x, t, y in inputs]
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         sqnr = [round(sqnr_db(w, g if isinstance(g, torch.Tensor) else g[0]), 2) for w, g in zip(want, got)]
         results[name] = {"lowering": lowering, "switches": env, "sqnr_db": sqnr, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name:58s} " + " ".join(f"{s:6.2f}" for s in sqnr) + f"   ({results[name]['seconds']} s)", flush=True)
