@@ -19,8 +19,10 @@ def _exact_case(M, K, N, seed=0):
     return exact_case(M, K, N, seed, DEVICE)
 
 
-@pytest.mark.xfail(DEVICE is not None and DEVICE.type == "cuda", strict=True,
-                   reason="H200, triton 3.6: the tiled kernel's heads epilogue loses V entries (exact in the interpreter)")
+@pytest.mark.xfail(DEVICE is not None and DEVICE.type == "cuda", strict=False,
+                   reason="H200, triton 3.6: the tiled kernel's heads epilogue loses V entries (exact in the interpreter) "
+                          "with most autotuned configs; which config a case gets varies, so some cases pass (2026-12-03: "
+                          "[40-64-2-False]); the lowering keeps tiled shapes off the heads route")
 @pytest.mark.parametrize("x_fp8", [True, False])
 @pytest.mark.parametrize("D,W,H", [(40, 64, 2), (72, 128, 1)])
 def test_heads_buffer_equals_the_reference(x_fp8, D, W, H):
