@@ -135,10 +135,9 @@ def _layout(proj: fx.Node, sections: list[Section]) -> HeadsLayout | None:
     b, _, s, d = heads[0].shape
     if any((h.shape[0], h.shape[2], h.shape[3]) != (b, s, d) for h in heads):
         return None
-    ordered = sorted(sections, key=lambda x: x.start)
-    bounds = [0] + [x.stop for x in ordered]
-    if [x.start for x in ordered] != bounds[:-1] or bounds[-1] != n:
+    if not _covers(proj, sections):
         return None  # not every column feeds attention
+    ordered = sorted(sections, key=lambda x: x.start)
     is_v = [x.role == 2 for x in ordered]
     if is_v != sorted(is_v):
         return None  # a V section before a q / k section
