@@ -29,6 +29,8 @@ not read.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import reference
@@ -300,8 +302,9 @@ def aux_buffers(q, kind: str) -> dict[str, torch.Tensor]:
 def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why ``qdiff::fp8_attention`` cannot take these q / k / v (they then run :func:`.reference.qattention`), or None.
 
-    Each of q / k / v is float (quantized here) or already float8_e4m3fn heads written by its projection
-    (``passes.attention_heads``: q / k then padded to :func:`.kernels.fp8_attention.qk_width` of V's head dim)."""
+    Each of q / k / v is float (quantized here) or already float8_e4m3fn, written by its projection
+    (``passes.attention_heads``): fp8 heads, q / k padded to :func:`.kernels.fp8_attention.qk_width` of V's head dim,
+    or plain fp8 output of V's head dim (padded by :func:`qattention`)."""
     from .kernels.fp8_attention import MAX_HEAD_DIM, MIN_HEAD_DIM, qk_width
 
     if not kernels_usable_on(q.device):
@@ -310,7 +313,8 @@ def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
     if len(floats) > 1 or not floats <= set(FLOAT_DTYPES):
         return f"dtypes {q.dtype} / {k.dtype} / {v.dtype}"
     d = v.shape[-1] if v.dim() == 4 else 0
-    widths_ok = all(t.shape[3] == (qk_width(d) if t.dtype == FP8 else d) for t in (q, k))
+    # fp8 q / k: heads already padded to the kernel's width, or plain fp8 projection output (padded here)
+    widths_ok = all(t.shape[3] in ((d, qk_width(d)) if t.dtype == FP8 else (d,)) for t in (q, k))
     if q.dim() != 4 or k.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[:2] != q.shape[:2] or not widths_ok:
         return f"shapes {tuple(q.shape)} / {tuple(k.shape)} / {tuple(v.shape)}"
     if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0) or k.shape[2] == 0:
@@ -331,7 +335,11 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
 
     if q.dtype == FP8 and (sm_scale is None or out_dtype is None):
         raise ValueError("fp8 q heads (padded by their projection) need an explicit sm_scale and out_dtype")
-    if attention_route(q, k, v) is not None:
+    if (why := attention_route(q, k, v)) is not None:
+        if kernels_usable_on(q.device):  # (not merely a device without kernels: a slow path the user should see)
+            warnings.warn(f"qdiff: attention of q / k / v {tuple(q.shape)} / {tuple(k.shape)} / {tuple(v.shape)} "
+                          f"({q.dtype} / {k.dtype} / {v.dtype}) runs the reference attention, which materializes the "
+                          f"scores: {why}", stacklevel=2)
         return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale)
     d = v.shape[-1]
     width = qk_width(d)  # (D = 40 / 72: q / k padded to 64 / 128 with zero columns, one Q K^T dot)

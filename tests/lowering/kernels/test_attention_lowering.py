@@ -32,8 +32,33 @@ def test_qattention_takes_the_kernel_and_matches_the_reference(monkeypatch):
     assert out.shape == ref.shape and sqnr_db(ref, out) > (60 if q.device.type == "cpu" else 40)
     narrow = [t[..., :16] for t in (q, k, v)]
     assert "head dim 16" in triton_lowering.attention_route(*narrow)
-    triton_lowering.qattention(*narrow, *_scales(q, k, v))
-    assert calls == [1]  # unsupported shapes run the reference
+    with pytest.warns(UserWarning, match="runs the reference attention.*head dim 16"):
+        triton_lowering.qattention(*narrow, *_scales(q, k, v))
+    assert calls == [1]  # unsupported shapes run the reference, and say so
+
+
+@pytest.mark.parametrize("d", [40, 72])
+def test_plain_fp8_projection_output_takes_the_kernel(monkeypatch, d):
+    """q / k / v written as plain fp8 by their projection (``QDIFF_ATTN_FP8_QKV``) have V's head dim, not the kernel's
+    padded width: the lowering pads them and runs the kernel (on 2026-12-03 D = 72 fp8 q / k ran the reference
+    attention on the H200, 3.8x slower than float q / k / v) with the codes the float route would have made."""
+    module = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
+    from qcompile.lowering import formats
+
+    q, k, v = (randn(1, 2, 24, d) for _ in range(3))
+    scales = _scales(q, k, v)
+    codes = [formats.quantize_fp8(t, s) for t, s in zip((q, k, v), scales)]
+    assert triton_lowering.attention_route(*codes) is None
+    seen = []
+    real = module.fp8_attention
+    monkeypatch.setattr(module, "fp8_attention", lambda *a, **kw: seen.append(a[:3]) or real(*a, **kw))
+    out = triton_lowering.qattention(*codes, *scales, sm_scale=d ** -0.5, out_dtype=q.dtype)
+    float_route = triton_lowering.qattention(q, k, v, *scales)
+    assert len(seen) == 2
+    for fp8_arg, float_arg in zip(seen[0], seen[1]):  # the same codes, laid out the same way
+        assert fp8_arg.shape == float_arg.shape and fp8_arg.stride() == float_arg.stride()
+        assert torch.equal(fp8_arg.float(), float_arg.float())
+    assert torch.equal(out, float_route)
 
 
 def test_qattention_pads_queries_and_keys_of_head_dim_40(monkeypatch):
