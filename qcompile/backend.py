@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -112,6 +113,9 @@ class QuantizedGraph:
     attention_heads: int = 0  # q / k / v projections writing fp8 attention heads (passes.attention_heads)
     fp8_projections: int = 0  # q / k / v projections writing plain fp8 output (passes.attention_heads.write_fp8_projections)
     norm_quant: int = 0  # block boundaries computed by one add + LayerNorm + modulate + quantize call (passes.norm_quant)
+    # wall seconds of this compile's phases: "passes" (prepare, convert and the lowering's graph passes) and
+    # "inductor" (compile_fx; absent without Inductor). Dynamo's tracing and the first run come on top.
+    compile_s: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -287,6 +291,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
 
         guard_on_active_group()
     device = _device_of(example_inputs)
+    started = time.perf_counter()
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
     fused = siblings = heads = fp8_projections = norm_quant = 0
@@ -315,6 +320,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()
     drop = released | set(freeing.release)
     use_inductor = opts.inductor if opts.inductor is not None else device.type == "cuda"
+    compile_s = {"passes": time.perf_counter() - started}
     runner: Callable[..., Any] = converted.forward
     kernel_pass = None
     if use_inductor:
@@ -332,13 +338,15 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
             del converted._param_name_to_source
         # released (or about to be released) weights never reach AOTAutograd / Inductor / CUDA graphs
         graph, inputs = without_inputs(converted, example_inputs, drop) if drop else (converted, list(example_inputs))
+        started = time.perf_counter()
         runner = compile_fx(graph, inputs, config_patches=patches)
+        compile_s["inductor"] = time.perf_counter() - started
         if drop:
             runner = dropping_inputs(runner, drop, len(example_inputs))
     freed = release({name: example_inputs[i] for i, name in freeing.release.items()})
     warn_kept(opts.plan, freeing.kept)
     record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings,
                             act_quant=placed, attention_heads=heads, fp8_projections=fp8_projections,
-                            norm_quant=norm_quant)
+                            norm_quant=norm_quant, compile_s=compile_s)
     opts.plan.compiled.append(record)
     return record

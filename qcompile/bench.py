@@ -26,9 +26,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from .metrics import sqnr_db
 
 Inputs = dict[str, Any]
 
@@ -167,9 +169,11 @@ ATTN_FLOAT_OUT = "-float-out"
 # (QDIFF_NORM_QUANT=1: passes/norm_quant.py, the default since 2026-12-03) or as Inductor's kernels (=0), its A/B
 NORM_QUANT = "-normq"
 NO_NORM_QUANT = "-no-normq"
-# suffix (before -cudagraphs): fp8 attention's q / k / v projections write plain fp8 output, one scale per column
-# (QDIFF_ATTN_FP8_QKV=1: passes/attention_heads.write_fp8_projections, off by default)
+# suffixes (before -cudagraphs): fp8 attention's q / k / v projections write plain fp8 output, one scale per column
+# (QDIFF_ATTN_FP8_QKV=1: passes/attention_heads.write_fp8_projections, the default since 2026-12-03) or float output
+# that the attention call quantizes (=0), its A/B
 FP8_QKV = "-fp8-qkv"
+FLOAT_QKV = "-float-qkv"
 # suffix (before -cudagraphs): Inductor's coordinate-descent tuning of its generated kernels (QDIFF_COORDINATE_DESCENT=1)
 COORDINATE_DESCENT = "-cdtune"
 # the environment each row-process suffix sets (row_environment); measure() strips them
@@ -177,7 +181,8 @@ ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGU
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
                     HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0"), ATTN_FP8_OUT: ("QDIFF_ATTN_FP8_OUT", "1"),
                     ATTN_FLOAT_OUT: ("QDIFF_ATTN_FP8_OUT", "0"), COORDINATE_DESCENT: ("QDIFF_COORDINATE_DESCENT", "1"),
-                    NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1")}
+                    NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1"),
+                    FLOAT_QKV: ("QDIFF_ATTN_FP8_QKV", "0")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8"))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
@@ -188,7 +193,8 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + COORDINATE_DESCENT + c for v in ("bf16-inductor", "qdiff-w8a8-fp8-attn-heads-fp8-out") for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{NORM_QUANT}{c}" for s in ("", ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT) for c in ("", CUDAGRAPHS))
             + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS)
-            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (ATTN_FLOAT_OUT + NO_NORM_QUANT, NO_NORM_QUANT, FP8_QKV) for c in ("", CUDAGRAPHS))
+            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (ATTN_FLOAT_OUT + NO_NORM_QUANT, NO_NORM_QUANT, FP8_QKV, FLOAT_QKV)
+                    for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
                     for c in ("", CUDAGRAPHS)))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
@@ -230,6 +236,16 @@ def _sync(device: torch.device) -> None:
 
 def _call(model: Any, inputs: Inputs) -> Any:
     return model(**inputs)
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """A denoiser's prediction from what it returned: a tensor, a diffusers output's ``sample``, or a tuple's first."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    out = getattr(out, "sample", out)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"cannot find the prediction tensor in a {type(out).__name__}")
+    return out
 
 
 def torchao_linears(model: torch.nn.Module, m_of: dict[str, int]) -> set[str]:
@@ -482,17 +498,19 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     rows_dir = os.environ.get(ROWS_ENV)
     # build, calibrate, compile: alongside other rows (paused while one of them times or runs a first call)
     with torch.no_grad():
-        runnable = _prepare_variant(variant, model, spec, dev, dtype, row, rows_dir)
         inputs = spec.inputs(dev, dtype, 500)
+        eager = None if variant == "bf16-eager" else output_tensor(_call(model, inputs))  # before quantizing / releasing
+        runnable = _prepare_variant(variant, model, spec, dev, dtype, row, rows_dir)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         _sync(dev)
         t0 = time.perf_counter()
-        _call(runnable, inputs)
+        out = _call(runnable, inputs)
         _sync(dev)
         first = time.perf_counter() - t0
-        if variant != "bf16-eager":
+        if eager is not None:  # (read now: a CUDA-graph replay overwrites the output)
             row.compile_s = first
+            row.extra["sqnr_vs_bf16_eager_db"] = round(sqnr_db(eager, output_tensor(out)), 2)
         plan = row.extra.pop("qdiff_plan", None)
         if plan is not None:
             row.extra["qdiff_kernels"] = qdiff_kernel_counts(plan)
@@ -500,6 +518,7 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
             row.extra["attention_heads"] = sum(r.attention_heads for r in plan.compiled)  # projections writing fp8 heads
             row.extra["norm_quant"] = sum(r.norm_quant for r in plan.compiled)  # block boundaries in one kernel
             row.extra["released_float_gb"] = sum(sum(r.released.values()) for r in plan.compiled) / 2**30
+            row.extra["compile_phases_s"] = compile_phases(plan.compiled, first, row.extra.get("first_calls_s") or None)
         row.extra["resident_weight_gb"] = _resident_weight_bytes(model, plan) / 2**30
         if dev.type == "cuda":  # the peak of the first call (compile included); the row's peak is the timed steps'
             row.extra["first_call_peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -512,6 +531,17 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
     row.weight_gb = row.extra.pop("qdiff_weight_bytes", None) or _module_weight_bytes(model)
     row.weight_gb /= 2**30
     return row
+
+
+def compile_phases(compiled: Sequence[Any], total_s: float, first_calls_s: Sequence[float] | None = None) -> dict[str, float]:
+    """Where a qdiff row's compile went, summed over its compiled graphs (:attr:`.backend.QuantizedGraph.compile_s`):
+    qdiff's passes, Inductor's ``compile_fx``, the graphs' first runs (kernel autotuning; known in multi-row runs,
+    ``first_calls_s``) and the rest of ``total_s`` (Dynamo's tracing, guards, waiting for other rows), in seconds."""
+    phases = dict(sum((Counter(r.compile_s) for r in compiled), Counter()))
+    if first_calls_s is not None:
+        phases["first_runs"] = float(sum(first_calls_s))
+    phases["dynamo_and_rest"] = total_s - sum(phases.values())
+    return {k: round(v, 1) for k, v in phases.items()}
 
 
 def _resident_weight_bytes(model: torch.nn.Module, plan: Any = None) -> int:
@@ -833,8 +863,8 @@ def _old_peak(r: Row) -> str:
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| model | variant | date | ms / step | × vs bf16 Inductor (same mode) | compile s | calib / quantize s | peak mem GB | weights GB | quantized | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | variant | date | ms / step | × vs bf16 Inductor (same mode) | SQNR vs bf16 eager dB | compile s | calib / quantize s | peak mem GB | weights GB | quantized | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:  # (merged tables mix runs: the date says which run a row, and its ratio's numerator, come from)
         status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:160]}"
@@ -843,7 +873,8 @@ def markdown_table(rows: list[Row]) -> str:
             why = f": {later['error'][:80]}" if later.get("status") == "error" and later.get("error") else ""
             status += f" (a later attempt on {later.get('date') or '?'}: {later.get('status')}{why})"
         lines.append(
-            f"| {r.model} | {r.variant} | {r.date or '—'} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio_vs_bf16_inductor, '.2f')} | {_fmt(r.compile_s, '.0f')} | "
+            f"| {r.model} | {r.variant} | {r.date or '—'} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio_vs_bf16_inductor, '.2f')} | "
+            f"{_fmt(r.extra.get('sqnr_vs_bf16_eager_db'), '.1f')} | {_fmt(r.compile_s, '.0f')} | "
             f"{_fmt(r.calibration_s, '.1f')} | {_fmt(r.peak_mem_gb, '.2f')}{_old_peak(r)} | {_fmt(r.weight_gb, '.3f')} | {r.quantized_ops or '—'} | {status} |"
         )
     return "\n".join(lines)

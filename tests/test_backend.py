@@ -149,3 +149,7 @@ def test_reference_lowering_through_inductor_matches_eager():
         torch._dynamo.reset()
         inductor = torch.compile(model, backend="qdiff", options={"plan": plan, "inductor": True})(x, t)
     assert sqnr_db(eager, inductor) > 60
+    # each compile records its phases: qdiff's passes, and Inductor's compile_fx where it ran
+    without, with_inductor = plan.compiled[0].compile_s, plan.compiled[-1].compile_s
+    assert set(without) == {"passes"} and set(with_inductor) == {"passes", "inductor"}
+    assert min(without.values()) > 0 and with_inductor["inductor"] > with_inductor["passes"] > 0

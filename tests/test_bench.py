@@ -52,6 +52,11 @@ def test_measure_row_on_cpu(tiny, variant):
         released = (weights.conv.weight.numel() + weights.proj.weight.numel()) * 2
         assert row.extra["released_float_gb"] * 2**30 == released  # compiled with release_float_weights
         assert row.weight_gb <= row.extra["resident_weight_gb"] < float_bytes / 2**30  # + activation scales, bias corrections
+        # the compiled row's prediction against the bf16 model's before quantizing: int8 / int4 rounding, not garbage
+        assert 10 < row.extra["sqnr_vs_bf16_eager_db"] < 60
+        phases = row.extra["compile_phases_s"]  # CPU: no Inductor; the first run is not timed apart in-process
+        assert set(phases) == {"passes", "dynamo_and_rest"} and min(phases.values()) >= 0
+        assert sum(phases.values()) == pytest.approx(row.compile_s, abs=0.1)
         json.dumps(row.extra)
 
 
@@ -65,7 +70,17 @@ def test_measure_row_in_a_multi_row_run_on_cpu(tiny, tmp_path, monkeypatch):
     assert row.status == "ok" and row.ms > 0 and row.quantized_ops == "2/2 ops" and row.compile_s > 0
     assert wrapped == [str(tmp_path)]  # one graph, compiled by the qdiff backend inside the wrapper
     assert len(row.extra["first_calls_s"]) == 1 and 0 < row.extra["first_calls_s"][0] <= row.compile_s
+    assert row.extra["compile_phases_s"]["first_runs"] == row.extra["first_calls_s"][0]
     assert row.extra["rows_paused_while_timing"] == 0
+
+
+def test_output_tensor_finds_the_prediction():
+    from types import SimpleNamespace as NS
+
+    t = torch.ones(2)
+    assert all(bench.output_tensor(o) is t for o in (t, (t, None), [t], NS(sample=t), (NS(sample=t),)))
+    with pytest.raises(TypeError, match="prediction tensor in a dict"):
+        bench.output_tensor({"x": t})
 
 
 def test_kernel_counts_sum_over_compiled_graphs():
@@ -479,6 +494,8 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
     assert bench.row_environment("qdiff-w8a8-fp8-attn-separate-heads") == {HEADS_ENV: "0"}
     assert "qdiff-w8a8-fp8-attn-float-out-no-normq-cudagraphs" in bench.VARIANTS
     assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-qkv-cudagraphs") == {FP8_QKV_ENV: "1"}
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-float-qkv-cudagraphs") == {FP8_QKV_ENV: "0"}
+    assert "qdiff-w8a8-fp8-attn-float-qkv-cudagraphs" in bench.VARIANTS
     assert bench.row_environment("qdiff-w8a8-fp8-extern-prologue-cudagraphs") == {PASS_MIN_N_ENV: "off"}
     monkeypatch.delenv(PASS_MIN_N_ENV, raising=False)
     with pytest.raises(RuntimeError, match="QDIFF_FP8_PASS_MIN_N=off"):

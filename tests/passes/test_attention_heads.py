@@ -62,8 +62,10 @@ def test_projections_write_plain_fp8_for_attention_with_the_separate_pass_result
     assert sqnr_db(outs["0"], outs["1"]) > 40
 
 
-def test_the_fp8_projection_switch_is_off_by_default(monkeypatch):
+def test_the_fp8_projection_switch_is_on_by_default(monkeypatch):
     monkeypatch.delenv(FP8_QKV_ENV, raising=False)
+    assert fp8_qkv_from_env()
+    monkeypatch.setenv(FP8_QKV_ENV, "0")
     assert not fp8_qkv_from_env()
 
 
