@@ -8,7 +8,8 @@ CIFAR-10 DiT (``cifar10_dit``, a diffusers ``DiTTransformer2DModel``) is calibra
 sampler's trajectories, one FP32 trajectory (one seed, its CFG batch of 2) is recorded, and at each chosen step the
 denoiser's FP32 output is compared (SQNR, dB) with the quantized one for each variant: the reference lowering
 (pure PyTorch, the ground truth of the quantized arithmetic) and the Triton lowering with the kernel-path switches as
-set below (the defaults; the block-boundary kernel and attention's fp8 output off; q / k / v projections writing fp8).
+set below (the defaults; the block-boundary kernel and attention's fp8 output off; q / k / v projections writing float,
+quantized by the attention call: each pass the defaults turn on, off).
 All variants see the same FP32 input at each step, as ``qdiff eval``'s per-step SQNR does. Runs on a GPU as well
 (without TRITON_INTERPRET, ``--device cuda``).
 """
@@ -32,7 +33,7 @@ VARIANTS = {
     "reference": ("reference", {}),
     "triton (defaults)": ("triton", {}),
     "triton, no block-boundary kernel, float attention output": ("triton", {"QDIFF_NORM_QUANT": "0", "QDIFF_ATTN_FP8_OUT": "0"}),
-    "triton, fp8 q / k / v projections": ("triton", {"QDIFF_ATTN_FP8_QKV": "1"}),
+    "triton, float q / k / v projections": ("triton", {"QDIFF_ATTN_FP8_QKV": "0"}),
 }
 SWITCHES = ("QDIFF_NORM_QUANT", "QDIFF_ATTN_FP8_OUT", "QDIFF_ATTN_FP8_QKV")
 

@@ -842,12 +842,30 @@ def baseline_variant(variant: str) -> str:
     return "bf16-inductor" + (CUDAGRAPHS if variant.endswith(CUDAGRAPHS) else "")
 
 
-def add_ratios(rows: list[Row]) -> None:
-    """``ratio_vs_bf16_inductor`` = bf16 Inductor ms / row ms, per model, against :func:`baseline_variant` (None where
-    either is unmeasured)."""
-    base = {(r.model, r.variant): r.ms for r in rows if r.variant.startswith("bf16-inductor") and r.ms}
+SAME_RUN_BASELINE = "bf16_inductor_ms_same_run"  # a row's extra: its baseline's ms in the run that measured it
+
+
+def _bf16_inductor_ms(rows: list[Row]) -> dict[tuple[str, str], float]:
+    return {(r.model, r.variant): r.ms for r in rows if r.variant.startswith("bf16-inductor") and r.ms}
+
+
+def record_same_run_baselines(rows: list[Row]) -> None:
+    """Store in each row of one run its :func:`baseline_variant`'s ms from that run (``extra[SAME_RUN_BASELINE]``),
+    so that a merged table keeps the row's ratio against its own run after a later run replaces the bf16 row."""
+    base = _bf16_inductor_ms(rows)
     for r in rows:
         b = base.get((r.model, baseline_variant(r.variant)))
+        if b is not None and r.ms:
+            r.extra[SAME_RUN_BASELINE] = b
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """``ratio_vs_bf16_inductor`` = bf16 Inductor ms / row ms, per model, against :func:`baseline_variant`: the one of
+    the row's own run where it was measured then (:func:`record_same_run_baselines`), else the table's (None where
+    either is unmeasured)."""
+    base = _bf16_inductor_ms(rows)
+    for r in rows:
+        b = r.extra.get(SAME_RUN_BASELINE) or base.get((r.model, baseline_variant(r.variant)))
         r.ratio_vs_bf16_inductor = None if r.ms is None or b is None else b / r.ms
 
 
@@ -887,6 +905,7 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
     """Write ``benchmarks.json`` (merged by (model, variant) if ``merge``) and the table into ``benchmarks.md``."""
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / "benchmarks.json"
+    record_same_run_baselines(rows)
     keep: list[dict] = []
     if merge and jpath.exists():
         old = {(d["model"], d["variant"]): d for d in json.loads(jpath.read_text())}
@@ -918,7 +937,8 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             "Command(s): " + "; ".join(f"`{c}`" for c in commands if c),
             "",
             "Median step latency (`triton.testing.do_bench`, median); date = the run a row comes from (a merged table mixes runs; "
-            "`×` always divides by the table's bf16 Inductor row of the same model and mode); `×` = bf16 Inductor ms / row ms (above 1 is faster; "
+            "`×` divides by the bf16 Inductor row of the same model and mode measured in the row's own run, "
+            "`extra.bf16_inductor_ms_same_run`, else by the table's); `×` = bf16 Inductor ms / row ms (above 1 is faster; "
             "`-cudagraphs` rows against `bf16-inductor-cudagraphs`); "
             "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps "
             "(after the first call; qdiff rows compile with `release_float_weights`, so the float weights of quantized ops are freed; a peak "

@@ -117,7 +117,13 @@ def test_ratios_table_and_merge(tmp_path):
     assert "a later attempt on 2026-12-02: error: killed by SIGSEGV" in (tmp_path / "benchmarks.md").read_text()
     bench.write_results([bench.Row("m", "bf16-inductor", ms=5.0)], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
     data = json.loads((tmp_path / "benchmarks.json").read_text())
-    assert {d["variant"]: d["ratio_vs_bf16_inductor"] for d in data}["qdiff-w8a8-fp8"] == pytest.approx(5.0 / 8.0)
+    # the qdiff row keeps the ratio against the bf16 row of its own run (10 ms), not the later run's 5 ms
+    assert {d["variant"]: d["ratio_vs_bf16_inductor"] for d in data}["qdiff-w8a8-fp8"] == pytest.approx(10.0 / 8.0)
+    bench.write_results([bench.Row("m", "qdiff-w4a16", ms=4.0)], tmp_path, "qdiff bench --variants qdiff-w4a16", merge=True)
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    w4 = next(d for d in data if d["variant"] == "qdiff-w4a16")
+    assert w4["ratio_vs_bf16_inductor"] == pytest.approx(5.0 / 4.0)  # no bf16 row in its run: the table's
+    assert "bf16_inductor_ms_same_run" not in w4["extra"]
     for key in ("model", "variant", "ms", "ratio_vs_bf16_inductor", "compile_s", "peak_mem_gb", "device", "date"):
         assert all(key in d for d in data)
     md = (tmp_path / "benchmarks.md").read_text()
