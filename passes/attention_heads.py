@@ -56,8 +56,8 @@ def enabled_from_env() -> bool:
 
 def fp8_qkv_from_env() -> bool:
     """``QDIFF_ATTN_FP8_QKV`` (default 1 since 2026-12-03, :func:`write_fp8_projections`): the projections write plain
-    fp8 output; 0 leaves their float output to the attention call's quantize pass. On an H200 (docs/benchmarks.md):
-    DiT-XL/2 14.09 ms against 14.29 ms without, PixArt-alpha 24.42 against 24.54 ms (CUDA graphs, two runs)."""
+    fp8 output; 0 leaves their float output to the attention call's quantize pass. On an H200 (docs/benchmarks.md,
+    one run, CUDA graphs): DiT-XL/2 13.50 ms against 13.83 ms without."""
     return env_switch(FP8_QKV_ENV, True)
 
 
