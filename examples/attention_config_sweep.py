@@ -1,0 +1,109 @@
+"""Each fp8 attention config, timed on its own at model shapes, as the Triton lowering feeds the kernel (CUDA).
+
+    python examples/attention_config_sweep.py --out attention_configs.json [--models DiT,PixArt] [--candidates]
+
+The lowering calls ``qdiff::fp8_attention`` with fp8 q / k padded to :func:`qk_width` and V stored by keys
+(``quantize_heads``), and with fp8 output for the output projection (``out_scale``). The production kernel autotunes
+over ``fp8_attention.CONFIG_TABLE``. This script times each config of that table alone (and, with ``--candidates``,
+the configs of ``CANDIDATES``, compiled spill-free for sm_90 by ``aot_check``), plus the autotuned kernel. That shows
+which config wins at each shape and whether a config outside the table would be faster. Each time is the median of
+CUDA-graph replays (``qcompile.latency.cuda_graph_timer``). Each output is checked against the pure-PyTorch
+``qattention`` (SQNR, dB), so a config that computes wrong values shows. Shapes are those of
+``examples/attention_bench.py``. The script prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_bench import SHAPES, _heads  # noqa: E402  (the same shapes and head layout)
+
+# (BLOCK_M, BLOCK_N, num_stages, num_warps) outside CONFIG_TABLE, no spills at D = 72 padded to 128 (aot_check, triton 3.6)
+CANDIDATES = [(128, 128, 3, 8), (128, 64, 4, 8), (128, 32, 3, 8), (64, 128, 2, 4), (64, 64, 4, 4), (256, 64, 2, 16)]
+
+
+def sweep_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, configs: list[tuple[int, ...]], dev: torch.device) -> dict:
+    """Times (us) and SQNR against the reference of each config, and of the autotuned kernel, at one shape."""
+    from qcompile.latency import cuda_graph_timer
+    from qcompile.lowering import reference
+    from qcompile.lowering.kernels._common import autotuned
+    from qcompile.metrics import sqnr_db
+
+    fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
+    q, k, v = _heads(b, h, sq, d, dev), _heads(b, h, sk, d, dev), _heads(b, h, sk, d, dev)
+    s = [(t.float().abs().amax() / 448).reshape(()) for t in (q, k, v)]
+    width = fa.qk_width(d)
+    q8, k8 = (fa.quantize_heads(t, sc, width=width) for t, sc in ((q, s[0]), (k, s[1])))
+    v8 = fa.quantize_heads(v, s[2], keys_contiguous=True)
+    out_scale = (reference.qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16).float().abs().amax() / 448).reshape(())
+    ref = reference.qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16, out_scale=out_scale).float() * out_scale
+
+    def call():
+        return fa.fp8_attention(q8, k8, v8, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16, out_scale=out_scale)
+
+    row: dict = {"model": model, "shape": [b, h, sq, sk, d], "configs": {}}
+    production = fa._kernel
+    try:
+        for cfg in [None, *configs]:  # None: the production autotuner over CONFIG_TABLE
+            name = "autotuned" if cfg is None else "x".join(map(str, cfg))
+            fa._kernel = production if cfg is None else autotuned(fa.fp8_attention_kernel, [fa._cfg(*cfg)], fa._KEY)
+            try:
+                out = call().float() * out_scale
+                row["configs"][name] = {"us": round(cuda_graph_timer(call), 1), "sqnr_vs_reference_db": round(sqnr_db(ref, out), 1)}
+            except Exception as e:  # noqa: BLE001 (recorded in the row and printed, not swallowed)
+                row["configs"][name] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
+                print(f"{model} {row['shape']} {name}: {row['configs'][name]['error']}", file=sys.stderr, flush=True)
+    finally:
+        fa._kernel = production
+    timed = {n: c["us"] for n, c in row["configs"].items() if "us" in c and n != "autotuned"}
+    row["best"] = min(timed, key=timed.get) if timed else None
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    names = list(dict.fromkeys(n for r in rows for n in r["configs"]))
+    lines = ["| model | B, H, Sq, Sk, D | " + " | ".join(f"{n} us (dB)" for n in names) + " | best |",
+             "| --- | --- |" + " --- |" * (len(names) + 1)]
+    for r in rows:
+        cells = []
+        for n in names:
+            c = r["configs"].get(n, {})
+            cells.append(f"{c['us']} ({c['sqnr_vs_reference_db']})" if "us" in c else ("failed" if "error" in c else "-"))
+        lines.append(f"| {r['model']} | {', '.join(map(str, r['shape']))} | " + " | ".join(cells) + f" | {r['best']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="attention_configs.json", help="JSON file to write")
+    p.add_argument("--models", default="DiT,PixArt", help="comma-separated substrings of model names (default: DiT,PixArt)")
+    p.add_argument("--candidates", action="store_true", help="also time the configs outside the table (CANDIDATES)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("attention_config_sweep: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
+    configs = [tuple(c) for c in fa.CONFIG_TABLE] + (CANDIDATES if args.candidates else [])
+    wanted = [m for m in args.models.split(",") if m]
+    rows = []
+    for shape in SHAPES:
+        if wanted and not any(m in shape[0] for m in wanted):
+            continue
+        rows.append(sweep_shape(*shape, configs, torch.device("cuda")))
+        Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+                                              "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        print(f"{shape[0]} done: best {rows[-1]['best']}", flush=True)
+    print(table(rows))
+    return 1 if any("error" in c for r in rows for c in r["configs"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
