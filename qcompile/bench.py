@@ -878,6 +878,19 @@ def _old_peak(r: Row) -> str:
     return "*" if r.peak_mem_gb is not None and "resident_weight_gb" not in r.extra else ""
 
 
+# below this SQNR against the bf16 eager model (or NaN) a row's output is marked suspect in the table: quantized rows
+# of the random-init models measured 18.9-26.4 dB, bf16 Inductor 35-37 dB (2026-12-03); wrong kernels give far less
+SUSPECT_SQNR_DB = 10.0
+
+
+def _suspect(r: Row) -> str:
+    """`` (output suspect: ...)`` for a row whose prediction is far from the bf16 eager model's (:data:`SUSPECT_SQNR_DB`)."""
+    db = r.extra.get("sqnr_vs_bf16_eager_db")
+    if db is None or db >= SUSPECT_SQNR_DB:  # (NaN fails the comparison: suspect)
+        return ""
+    return f" (output suspect: {db} dB vs bf16 eager)"
+
+
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
@@ -885,7 +898,7 @@ def markdown_table(rows: list[Row]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:  # (merged tables mix runs: the date says which run a row, and its ratio's numerator, come from)
-        status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:160]}"
+        status = (r.status + _suspect(r)) if r.status == "ok" else f"{r.status}: {(r.error or '')[:160]}"
         later = r.extra.get("later_attempt")
         if later:
             why = f": {later['error'][:80]}" if later.get("status") == "error" and later.get("error") else ""

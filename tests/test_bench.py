@@ -74,6 +74,14 @@ def test_measure_row_in_a_multi_row_run_on_cpu(tiny, tmp_path, monkeypatch):
     assert row.extra["rows_paused_while_timing"] == 0
 
 
+def test_rows_far_from_the_bf16_model_are_marked_suspect():
+    rows = [bench.Row("m", v, ms=1.0, extra={"sqnr_vs_bf16_eager_db": db})
+            for v, db in (("fine", 24.5), ("wrong", 3.2), ("nan", float("nan")))] + [bench.Row("m", "eager", ms=1.0)]
+    status = {line.split(" | ")[1]: line.rsplit(" | ", 1)[1] for line in bench.markdown_table(rows).splitlines()[2:]}
+    assert status == {"fine": "ok |", "wrong": "ok (output suspect: 3.2 dB vs bf16 eager) |",
+                      "nan": "ok (output suspect: nan dB vs bf16 eager) |", "eager": "ok |"}
+
+
 def test_output_tensor_finds_the_prediction():
     from types import SimpleNamespace as NS
 
