@@ -60,6 +60,18 @@ def test_measure_row_on_cpu(tiny, variant):
         json.dumps(row.extra)
 
 
+def test_inductor_rows_record_torch_compile_phases(tiny, monkeypatch):
+    """torch's own compile timers of the row's first call (Inductor's lowering, code generation, waiting for kernel
+    compiles ...), each within the measured compile time. (Bench rows compile with a fresh cache; here the FX graph
+    cache is off so that Inductor compiles again.)"""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    row = bench.measure(tiny, "bf16-inductor", "cpu", budget_s=0.05)
+    phases = row.extra["torch_compile_phases_s"]
+    assert 0 < phases["compile_fx_inner"] <= row.compile_s + 0.05 and max(phases.values()) <= row.compile_s + 0.05
+
+
 def test_measure_row_in_a_multi_row_run_on_cpu(tiny, tmp_path, monkeypatch):
     """In a multi-row run (the rows folder set) the qdiff backend is compiled through the first-run wrapper; the row
     measures the same as in-process (its first run took the host lock: no other rows here to pause)."""
