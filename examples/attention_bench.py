@@ -42,6 +42,20 @@ SHAPES = [
 ]
 
 
+def selected_shapes(models: str) -> list[tuple]:
+    """The :data:`SHAPES` whose model name contains one of the comma-separated ``models`` (case-insensitive; all for "")."""
+    wanted = [w.strip().lower() for w in models.split(",") if w.strip()]
+    return [s for s in SHAPES if not wanted or any(w in s[0].lower() for w in wanted)]
+
+
+def run_meta(dev: torch.device) -> dict:
+    """Date, device, versions and command of a run, for its JSON."""
+    import triton
+
+    return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "triton": triton.__version__, "command": " ".join(["python", *sys.argv])}
+
+
 def _heads(b: int, h: int, s: int, d: int, dev: torch.device) -> torch.Tensor:
     return torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
 
@@ -124,15 +138,9 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    wanted = [w.strip().lower() for w in a.models.split(",") if w.strip()]
-    import triton
-
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "triton": triton.__version__, "command": " ".join(["python", *sys.argv])}
+    meta = run_meta(dev)
     rows = []
-    for shape in SHAPES:
-        if wanted and not any(w in shape[0].lower() for w in wanted):
-            continue
+    for shape in selected_shapes(a.models):
         rows.append(bench_shape(*shape, dev))
         print(json.dumps(rows[-1]), flush=True)
         with open(a.out, "w") as f:  # after every shape: a run cut by a time limit keeps what it measured

@@ -15,7 +15,6 @@ CUDA-graph replays (``qcompile.latency.cuda_graph_timer``). Each output is check
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import SHAPES, _heads  # noqa: E402  (the same shapes and head layout)
+from attention_bench import _heads, run_meta, selected_shapes  # noqa: E402  (the same shapes, head layout and run record)
 
 # (BLOCK_M, BLOCK_N, num_stages, num_warps) outside CONFIG_TABLE, no spills at D = 72 padded to 128 (aot_check, triton 3.6)
 CANDIDATES = [(128, 128, 3, 8), (128, 64, 4, 8), (128, 32, 3, 8), (64, 128, 2, 4), (64, 64, 4, 4), (256, 64, 2, 16)]
@@ -84,7 +83,7 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="attention_configs.json", help="JSON file to write")
-    p.add_argument("--models", default="DiT,PixArt", help="comma-separated substrings of model names (default: DiT,PixArt)")
+    p.add_argument("--models", default="DiT,PixArt", help="comma-separated substrings of model names, case-insensitive (default: DiT,PixArt)")
     p.add_argument("--candidates", action="store_true", help="also time the configs outside the table (CANDIDATES)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -92,14 +91,12 @@ def main() -> int:
         return 2
     fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
     configs = [tuple(c) for c in fa.CONFIG_TABLE] + (CANDIDATES if args.candidates else [])
-    wanted = [m for m in args.models.split(",") if m]
+    dev = torch.device("cuda")
+    meta = run_meta(dev)
     rows = []
-    for shape in SHAPES:
-        if wanted and not any(m in shape[0] for m in wanted):
-            continue
-        rows.append(sweep_shape(*shape, configs, torch.device("cuda")))
-        Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-                                              "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    for shape in selected_shapes(args.models):
+        rows.append(sweep_shape(*shape, configs, dev))
+        Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")  # after every shape
         print(f"{shape[0]} done: best {rows[-1]['best']}", flush=True)
     print(table(rows))
     return 1 if any("error" in c for r in rows for c in r["configs"].values()) else 0
