@@ -542,7 +542,8 @@ MIN_PHASE_S = 0.1  # torch's compile timers below this are left out of a row
 def _compile_timers() -> dict[str, list[float]]:
     """torch's per-function compile timers (``torch._dynamo.utils.compilation_time_metrics``: Dynamo, AOTAutograd and
     Inductor phases such as ``GraphLowering.run``, ``Scheduler.codegen``, ``async_compile.wait`` (waiting for kernel
-    compiles); nested, so read them as a profile, not a sum). A private torch table: a new dict where it is missing."""
+    compiles); nested, and work in compile threads sums over the threads, so read them as a profile, not a sum). A
+    private torch table: a new dict where it is missing."""
     from torch._dynamo import utils as dynamo_utils
 
     return getattr(dynamo_utils, "compilation_time_metrics", {})

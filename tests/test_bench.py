@@ -60,16 +60,17 @@ def test_measure_row_on_cpu(tiny, variant):
         json.dumps(row.extra)
 
 
-def test_inductor_rows_record_torch_compile_phases(tiny, monkeypatch):
+def test_inductor_rows_record_torch_compile_phases(tiny):
     """torch's own compile timers of the row's first call (Inductor's lowering, code generation, waiting for kernel
-    compiles ...), each within the measured compile time. (Bench rows compile with a fresh cache; here the FX graph
-    cache is off so that Inductor compiles again.)"""
+    compiles ...); Inductor's compile, a phase of the main thread, within the measured compile time (timers of work in
+    compile threads sum over the threads and may exceed it). Bench rows compile with a fresh cache; here the FX graph
+    cache is off for the call so that Inductor compiles again."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    row = bench.measure(tiny, "bf16-inductor", "cpu", budget_s=0.05)
+    with inductor_config.patch(fx_graph_cache=False):
+        row = bench.measure(tiny, "bf16-inductor", "cpu", budget_s=0.05)
     phases = row.extra["torch_compile_phases_s"]
-    assert 0 < phases["compile_fx_inner"] <= row.compile_s + 0.05 and max(phases.values()) <= row.compile_s + 0.05
+    assert 0 < phases["compile_fx_inner"] <= row.compile_s + 0.05
 
 
 def test_measure_row_in_a_multi_row_run_on_cpu(tiny, tmp_path, monkeypatch):
