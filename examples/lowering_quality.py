@@ -25,17 +25,20 @@ import torch
 
 from qcompile import QuantConfig, calibrate
 from qcompile.dispatch import compile as compile_plan
-from qcompile.metrics import sqnr_db
+from qcompile.metrics import output_tensor, sqnr_db
+from qcompile.passes.act_quant import ATTN_FP8_OUT_ENV
+from qcompile.passes.attention_heads import FP8_QKV_ENV
+from qcompile.passes.norm_quant import ENV as NORM_QUANT_ENV
 from qcompile.zoo.bundled import dit_sampler, load_cifar10_dit
 
 # variant -> (lowering, kernel-path switches set for its compile)
 VARIANTS = {
     "reference": ("reference", {}),
     "triton (defaults)": ("triton", {}),
-    "triton, no block-boundary kernel, float attention output": ("triton", {"QDIFF_NORM_QUANT": "0", "QDIFF_ATTN_FP8_OUT": "0"}),
-    "triton, float q / k / v projections": ("triton", {"QDIFF_ATTN_FP8_QKV": "0"}),
+    "triton, no block-boundary kernel, float attention output": ("triton", {NORM_QUANT_ENV: "0", ATTN_FP8_OUT_ENV: "0"}),
+    "triton, float q / k / v projections": ("triton", {FP8_QKV_ENV: "0"}),
 }
-SWITCHES = ("QDIFF_NORM_QUANT", "QDIFF_ATTN_FP8_OUT", "QDIFF_ATTN_FP8_QKV")
+SWITCHES = (NORM_QUANT_ENV, ATTN_FP8_OUT_ENV, FP8_QKV_ENV)
 
 
 @contextlib.contextmanager
@@ -92,7 +95,7 @@ def main() -> None:
             test = compile_plan(model, plan, inductor=False, lowering=lowering)
             with torch.no_grad():
                 got = [test(x, timestep=t, class_labels=y) for x, t, y in inputs]
-        sqnr = [round(sqnr_db(w, g if isinstance(g, torch.Tensor) else g[0]), 2) for w, g in zip(want, got)]
+        sqnr = [round(sqnr_db(w, output_tensor(g)), 2) for w, g in zip(want, got)]
         results[name] = {"lowering": lowering, "switches": env, "sqnr_db": sqnr, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name:58s} " + " ".join(f"{s:6.2f}" for s in sqnr) + f"   ({results[name]['seconds']} s)", flush=True)
     if args.out:

@@ -28,7 +28,7 @@ from .calibrate import calibrate
 from .config import AllocationSpec, FirstLastPolicy, Format, QuantConfig, Rounding, WeightSpec
 from .fdist import fd_fields, fd_reference, fd_report_lines
 from .dispatch import compile as compile_plan
-from .metrics import psnr_db, sqnr_db, ssim
+from .metrics import output_tensor, psnr_db, sqnr_db, ssim
 from .plan import QuantPlan
 
 Sampler = Callable[[Any, torch.Tensor], torch.Tensor]  # (denoiser, noise) -> final sample
@@ -71,11 +71,6 @@ class EvalResult:
     fp32_class_consistency: float | None = None
 
 
-def _tensor(out: Any) -> torch.Tensor:
-    """The output tensor of a denoiser that may return a tensor, a tuple or a diffusers output."""
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
 class StepSQNR:
     """A denoiser that follows the FP32 trajectory and records each step's SQNR of ``test``'s output."""
 
@@ -84,7 +79,7 @@ class StepSQNR:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ref = self.reference(*args, **kwargs)
-        self.sqnr.append(sqnr_db(_tensor(ref), _tensor(self.test(*args, **kwargs))))
+        self.sqnr.append(sqnr_db(output_tensor(ref), output_tensor(self.test(*args, **kwargs))))
         return ref
 
     def __getattr__(self, name: str) -> Any:
@@ -100,7 +95,7 @@ class _Bf16:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         down = lambda a: a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731
         out = self.model(*map(down, args), **{k: down(v) for k, v in kwargs.items()})
-        return _tensor(out).float()
+        return output_tensor(out).float()
 
 
 def variants() -> dict[str, QuantConfig | None]:

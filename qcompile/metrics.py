@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """A denoiser's prediction from what it returned: a tensor, a tuple's / list's first entry, a diffusers output's
+    ``sample`` (or its first field)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        out = out.sample if hasattr(out, "sample") else out.to_tuple()[0] if hasattr(out, "to_tuple") else out
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"cannot find the prediction tensor in a {type(out).__name__}")
+    return out
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

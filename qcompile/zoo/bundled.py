@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..metrics import output_tensor
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -60,7 +62,7 @@ def ddim_sampler(folder: str | Path, num_steps: int = 50) -> Callable[[Any, torc
         x = noise
         for t in sched.timesteps:
             out = denoiser(x, torch.full((x.shape[0],), int(t), device=x.device))
-            eps = out if isinstance(out, torch.Tensor) else out[0]
+            eps = output_tensor(out)
             x = sched.step(eps, t, x).prev_sample
         return x
 
@@ -84,7 +86,7 @@ def dit_sampler(num_steps: int = 50, guidance: float = 2.0, null_label: int = 10
         y = torch.cat([torch.arange(n) % 10, torch.full((n,), null_label)]).to(noise.device)
         for t in sched.timesteps:
             out = denoiser(torch.cat([x, x]), timestep=torch.full((2 * n,), int(t), device=x.device), class_labels=y)
-            cond, uncond = (out if isinstance(out, torch.Tensor) else out[0]).chunk(2)
+            cond, uncond = output_tensor(out).chunk(2)
             x = sched.step(uncond + guidance * (cond - uncond), t, x).prev_sample
         return x
 
