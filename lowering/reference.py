@@ -181,3 +181,9 @@ def add_norm_modulate_fp8(h: torch.Tensor, y: torch.Tensor | None, gate: torch.T
         x = h_out.float()
     m = F.layer_norm(x, (C,), eps=eps) * (1.0 + per_batch(scale)) + per_batch(shift)
     return h_out, quantize_fp8(m, a_scale)
+
+
+def qembedding(indices: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``indices`` of an int8 lookup table ``data`` (V, D) with one fp32 scale per row ``scale`` (V, 1), in
+    ``out_dtype``: what ``F.embedding(indices, table)`` reads, from the quantized table (Inductor fuses it into one gather)."""
+    return (data[indices].float() * scale[indices]).to(out_dtype)

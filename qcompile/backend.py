@@ -25,6 +25,7 @@ from .passes.annotate import Annotation, annotate
 from .inductor_pass import QdiffKernelPass
 from .passes.convert import Lowering, QuantizedOp, convert
 from .passes.convert_attention import convert_attention
+from .passes.tables import convert_tables
 from .passes.act_quant import place_act_quant
 from .passes.attention_heads import enabled_from_env as heads_enabled, fp8_qkv_from_env, fuse_attention_heads, write_fp8_projections
 from .passes.fuse_epilogue import fuse_epilogues
@@ -239,6 +240,11 @@ def build_quantized_graph(
     constants = {name: value for name, (_, value) in parameter_tensors(gm, example_inputs).items()}
     converted = convert(gm, ops, _device_of(example_inputs), lowering, constants)
     converted = convert_attention(converted, attention_ops(plan, group), _device_of(example_inputs), lowering.attention)
+    converted, float_tables = convert_tables(converted, example_inputs, plan.tables, _device_of(example_inputs))
+    if plan.config.embedding_tables is not None and float_tables and "tables" not in plan.warned:
+        plan.warned.add("tables")
+        warnings.warn("qdiff: embedding tables kept in float (not in the plan, or unsupported):\n"
+                      + "\n".join(f"  {t}" for t in float_tables), stacklevel=2)
     log_graph("convert", converted)
     return prepared, converted
 

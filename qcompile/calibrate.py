@@ -29,6 +29,7 @@ from .passes.annotate import Annotation, annotate, apply_first_last, decide
 from .passes.observe import INPUT_EDGE, input_of, insert_observers
 from .passes.provenance import SplitDecision, apply_split, find_splits, split_note
 from .passes.sites import META_KEY, Site, bound_args, parameter_tensors
+from .passes.tables import find_tables, quantize_table
 from .plan import NodePlan, QuantPlan
 from .probe import UnsupportedProbe, encode
 from .reconstruct import joint_rounding
@@ -98,6 +99,8 @@ class CalibrationSession:
         self.collect_gram = config.weight.rounding is not Rounding.NEAREST
         self.group_cache: dict[tuple, ActivationStats | None] = {}  # (key, act spec, smoothed) -> activation quantizers per group
         self.attention = None if config.attention is None else AttentionCalibration()  # q / k / v scales (qcompile/attention.py)
+        self.tables: dict[str, torch.Tensor] = {}  # embedding tables to store int8 (config.embedding_tables), by weight name
+        self.float_tables: dict[str, str] = {}  # embedding tables that stay in float: name -> why
 
     # -- Dynamo backend ------------------------------------------------------------------------
     def backend(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -113,6 +116,12 @@ class CalibrationSession:
             site = node.meta.get(META_KEY)
             if site is not None and not site.unsupported:
                 self.weights.setdefault(site.key, params[bound_args(node)["weight"].name][1])
+        if self.config.embedding_tables is not None:
+            for table, value in find_tables(gm, example_inputs):
+                if table.unsupported:
+                    self.float_tables.setdefault(table.weight_name, table.unsupported)
+                else:
+                    self.tables.setdefault(table.weight_name, value)
         signature = [s.key for s in sites]
         if signature not in self.subgraphs:
             self.subgraphs.append(signature)
@@ -257,6 +266,10 @@ class CalibrationSession:
         plan = QuantPlan(self.config, nodes, groups, self.subgraphs, self.model_class, self.calls, self.probe)
         plan.allocation = allocation
         plan.attention = attention
+        plan.tables = {name: quantize_table(t) for name, t in self.tables.items() if name not in self.float_tables}
+        if self.float_tables:
+            warnings.warn("qdiff: embedding tables kept in float:\n" + "\n".join(f"  {k}: {r}" for k, r in self.float_tables.items()),
+                          stacklevel=3)
         if self.config.group_act_floor_db is not None and any(n.quantized for n in nodes.values()):
             apply_act_floor(self.model, plan, self.kept.select(groups, BIN_CAP), self.config.group_act_floor_db)
         self.kept = None

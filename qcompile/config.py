@@ -249,10 +249,14 @@ class QuantConfig:
     # after calibration, timestep groups whose measured output SQNR (worst calibration step) is below this many dB
     # keep activations unquantized (16-bit in deployment: W8A16 for that group); None: off
     group_act_floor_db: float | None = None
+    # lookup tables (the weights of F.embedding calls that are module state, e.g. class-label tables) stored int8 with
+    # one scale per row (passes/tables.py; None: kept in float). The w4 presets set it: there weight bytes are the point
+    embedding_tables: Format | None = None
     name: str = "custom"
 
     # 4: WeightSpec.rounding (an enum) replaces the bool WeightSpec.gptq; `attention` (added in 4, absent in older dicts: None)
-    VERSION: ClassVar[int] = 4
+    # 5: `embedding_tables` (absent in version 4 dicts: None, tables in float)
+    VERSION: ClassVar[int] = 5
     PRESETS: ClassVar[tuple[str, ...]] = ("w8a8-int8", "w8a8-fp8", "w4a8", "w4a16", "w8a8-fp8-attn")
 
     def __post_init__(self) -> None:
@@ -298,6 +302,10 @@ class QuantConfig:
                     f"weight_bit_budget {self.weight_bit_budget} is outside [{lo:g}, {hi:g}], the bits of the allocation "
                     f"candidates {list(self.allocation.candidates)}"
                 )
+        if self.embedding_tables is not None:
+            if self.embedding_tables not in (Format.INT8, Format.INT8.value):
+                raise ConfigError(f"embedding_tables must be int8 or None, got {self.embedding_tables!r}")
+            object.__setattr__(self, "embedding_tables", Format.INT8)
         if self.attention is not None:
             if not isinstance(self.attention, ActSpec):
                 raise ConfigError(f"attention must be an ActSpec or None, got {type(self.attention).__name__}")
@@ -315,12 +323,14 @@ class QuantConfig:
                 WeightSpec(Format.INT4, group_size=64),
                 int8_act,
                 first_last=FirstLastPolicy.EIGHT_BIT,
+                embedding_tables=Format.INT8,
                 name="w4a8",
             ),
             "w4a16": cls(
                 WeightSpec(Format.INT4, group_size=64),
                 None,
                 first_last=FirstLastPolicy.EIGHT_BIT,
+                embedding_tables=Format.INT8,
                 name="w4a16",
             ),
         }
@@ -374,6 +384,8 @@ class QuantConfig:
             if d["weight"].pop("gptq", False):
                 d["weight"]["rounding"] = Rounding.GPTQ.value
             version = 4
+        if version == 4:  # version 4 had no embedding_tables (its default: None)
+            version = 5
         if version != cls.VERSION:
             raise ConfigError(f"QuantConfig version {version!r} is not supported (this qdiff reads {cls.VERSION})")
         try:

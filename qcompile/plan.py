@@ -31,8 +31,10 @@ from .attention import AttentionRecord
 from .passes.allocate import AllocationRecord
 from .timesteps import TimestepGroups
 
-FORMAT_VERSION = 3  # 3: attention record; 2: outlier-split activation quantizers, activation floor record (older plans load without them)
-READABLE_VERSIONS = (1, 2, 3)
+# 4: int8 embedding tables; 3: attention record; 2: outlier-split activation quantizers, activation floor record (older
+# plans load without them)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 METADATA_KEY = "qdiff_plan"
 _STORAGE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "int6": torch.int8, "int5": torch.int8, "fp8_e4m3": FP8_DTYPE}
 
@@ -150,6 +152,7 @@ class QuantPlan:
         self.allocation: AllocationRecord | None = None  # rate-distortion bit allocation (weight_bit_budget)
         self.act_floor: ActFloorRecord | None = None  # timestep groups kept at unquantized activations (group_act_floor_db)
         self.attention: AttentionRecord | None = None  # fp8 attention scales per site and group (config.attention)
+        self.tables: dict[str, QuantizedWeight] = {}  # int8 embedding tables by weight name (config.embedding_tables)
         self.compiled: list[Any] = []  # runtime only: QuantizedGraph records made by the backend
         self.warned: set[str] = set()  # runtime only: node keys already reported as float
 
@@ -157,9 +160,10 @@ class QuantPlan:
     @property
     def fingerprint(self) -> str:
         """Hash of the model class and every quantizable op's key, kind and weight shape (and attention site keys, in plans
-        with an attention record)."""
+        with an attention record, and table names and shapes, in plans with int8 tables)."""
         attention = [] if self.attention is None else [f"{k}:attention" for k in self.attention.keys()]
-        text = "\n".join([self.model_class, *(n.signature for n in self.nodes.values()), *attention])
+        tables = [f"{k}:table:{'x'.join(map(str, w.shape))}" for k, w in self.tables.items()]
+        text = "\n".join([self.model_class, *(n.signature for n in self.nodes.values()), *attention, *tables])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def digest(self) -> str:
@@ -212,6 +216,7 @@ class QuantPlan:
             "allocation": None if self.allocation is None else self.allocation.to_dict(),
             "act_floor": None if self.act_floor is None else self.act_floor.to_dict(),
             "attention": None if self.attention is None else self.attention.to_dict(),
+            "tables": {k: {"fmt": w.fmt, "shape": list(w.shape)} for k, w in self.tables.items()},
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -230,6 +235,9 @@ class QuantPlan:
                 out[f"nodes/{n.key}/bias_correction"] = n.bias_correction
             if n.smooth is not None:
                 out[f"nodes/{n.key}/smooth"] = n.smooth
+        for k, w in self.tables.items():
+            out[f"tables/{k}/weight"] = w.data
+            out[f"tables/{k}/weight_scale"] = w.scale
         if self.probe is not None:
             out.update(self.probe[1])
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -273,13 +281,14 @@ class QuantPlan:
         return _from_doc(doc, tensors, path)
 
 
-def _expect(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...] | None, path: Path, node: str) -> torch.Tensor:
+def _expect(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...] | None, path: Path, node: str,
+            what: str = "node") -> torch.Tensor:
     if name not in tensors:
-        raise PlanFileError(f"plan file '{path}': node '{node}' is missing tensor '{name}'")
+        raise PlanFileError(f"plan file '{path}': {what} '{node}' is missing tensor '{name}'")
     t = tensors.pop(name)
     if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
         raise PlanFileError(
-            f"plan file '{path}': node '{node}' tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
+            f"plan file '{path}': {what} '{node}' tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
         )
     return t
 
@@ -399,6 +408,24 @@ def _attention(d: dict[str, Any] | None, config: QuantConfig, groups: int, path:
         raise PlanFileError(f"plan file '{path}' has an invalid attention record: {e}") from e
 
 
+def _tables(d: dict[str, Any] | None, config: QuantConfig, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, QuantizedWeight]:
+    """The int8 embedding tables (absent in older plans), each checked against its stored shape; only in plans whose config
+    stores tables int8."""
+    d = d or {}
+    if d and config.embedding_tables is None:
+        raise PlanFileError(f"plan file '{path}' stores int8 tables {sorted(d)[:3]} but its config keeps tables in float")
+    out = {}
+    for name, td in d.items():
+        if td.get("fmt") != "int8" or not (isinstance(td.get("shape"), list) and len(td["shape"]) == 2):
+            raise PlanFileError(f"plan file '{path}': table '{name}' is {td}, expected an int8 table of 2 dims")
+        shape = tuple(td["shape"])
+        dshape, sshape = storage_shape("int8", shape[0], shape[1], None)
+        data = _expect(tensors, f"tables/{name}/weight", torch.int8, dshape, path, name, "table")
+        scale = _expect(tensors, f"tables/{name}/weight_scale", torch.float32, sshape, path, name, "table")
+        out[name] = QuantizedWeight("int8", data, scale, shape, OpKind.LINEAR.value)
+    return out
+
+
 def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> QuantPlan:
     try:
         config = QuantConfig.from_dict(doc["config"])
@@ -444,11 +471,13 @@ def _from_doc(doc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path)
         if doc["probe"] is not None:
             probe_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("probe/")]}
             probe = (doc["probe"], probe_tensors)
+        tables = _tables(doc.get("tables"), config, tensors, path)
     except (KeyError, TypeError, ValueError) as e:
         raise PlanFileError(f"plan file '{path}' has invalid plan metadata: {type(e).__name__}: {e}") from e
     if tensors:
         raise PlanFileError(f"plan file '{path}' holds tensors no node uses: {sorted(tensors)[:5]}")
     plan = QuantPlan(config, nodes, groups, doc["subgraphs"], doc["model_class"], doc["calls"], probe, doc["meta"])
+    plan.tables = tables
     if doc.get("allocation") is not None:
         plan.allocation = _allocation(doc["allocation"], nodes, path)
     if doc.get("act_floor") is not None:

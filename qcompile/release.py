@@ -9,7 +9,8 @@ and its shape, strides, dtype and device stay, so Dynamo's guards still pass and
 recompiles; only the data are gone. A parameter is released only when
 
 - every op reading it is quantized in every timestep group of the plan (a node kept in full
-  precision in one group keeps its weight: that group's graph reads it),
+  precision in one group keeps its weight: that group's graph reads it; int8 embedding tables are
+  quantized in every group),
 - its placeholder has no user in the graph being compiled (biases, norms, ops left in full
   precision keep theirs), and
 - no other tensor shares its storage (resizing would empty that tensor too), and the storage is
@@ -34,6 +35,7 @@ import torch.fx as fx
 from .errors import ConfigError, QdiffError
 from .passes.fuse_siblings import weight_names
 from .passes.sites import META_KEY, parameter_tensors
+from .passes.tables import META_KEY as TABLE_KEY
 from .plan import QuantPlan
 
 SHARED = "its storage is shared with another tensor"
@@ -111,6 +113,7 @@ def plan_release(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: QuantP
     groups = range(plan.groups.count)
     float_somewhere = {n.weight_name for n in plan.nodes.values() if any(n.weight_for(g) is None for g in groups)}
     converted = {w for n in gm.graph.nodes if META_KEY in n.meta and "qdiff_source_node" in n.meta for w in weight_names(n)}
+    converted |= {n.meta[TABLE_KEY] for n in gm.graph.nodes if TABLE_KEY in n.meta}  # int8 embedding tables
     names = _source_names(gm, example_inputs)
     out = ReleasePlan()
     for i, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):

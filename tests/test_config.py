@@ -72,7 +72,7 @@ def test_weight_rounding_round_trip_validation_and_version_3_dicts():
     for rounding in Rounding:
         cfg = QuantConfig.preset("w4a8").replace(weight=WeightSpec(Format.INT4, group_size=64, rounding=rounding, rounding_iters=50))
         d = cfg.to_dict()
-        assert d["version"] == 4 and d["weight"]["rounding"] == rounding.value
+        assert d["version"] == 5 and d["weight"]["rounding"] == rounding.value
         assert QuantConfig.from_dict(d) == cfg
     assert WeightSpec("int5", rounding="learned").rounding is Rounding.LEARNED
     with pytest.raises(ConfigError, match="learned rounding applies to integer weights"):
@@ -93,3 +93,15 @@ def test_weight_rounding_round_trip_validation_and_version_3_dicts():
     spec = AllocationSpec(candidates=("int4g32", "int6", "fp8_e4m3", "bf16"))
     assert spec.weight_spec("int6", base).rounding is Rounding.LEARNED and spec.weight_spec("int4g32", base).rounding_iters == 77
     assert spec.weight_spec("fp8_e4m3", base).rounding is Rounding.NEAREST and spec.weight_spec("bf16", base) is None
+
+
+def test_embedding_tables_int8_in_the_w4_presets_and_absent_from_version_4_dicts():
+    assert QuantConfig.preset("w4a16").embedding_tables is Format.INT8 and QuantConfig.preset("w4a8").embedding_tables is Format.INT8
+    assert QuantConfig.preset("w8a8-fp8").embedding_tables is None
+    d = QuantConfig.preset("w4a16").to_dict()
+    assert d["embedding_tables"] == "int8" and QuantConfig.from_dict(d) == QuantConfig.preset("w4a16")
+    v4 = {k: v for k, v in d.items() if k != "embedding_tables"} | {"version": 4}
+    assert QuantConfig.from_dict(v4) == QuantConfig.preset("w4a16").replace(embedding_tables=None)
+    for bad in ("int4", Format.FP8_E4M3, True):
+        with pytest.raises(ConfigError, match="embedding_tables must be int8 or None"):
+            QuantConfig.preset("w4a16").replace(embedding_tables=bad)

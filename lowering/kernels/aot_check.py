@@ -133,7 +133,7 @@ def cases(which: set[str]):
     if "w4" in which:
         sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)
         flags = dict(unit, W_INT4=True, GROUP=64, HAS_BIAS=False, ACT=0, EVEN_K=True, FP32_DOT=False)
-        configs = [c for c in w4_linear.WEIGHT_ONLY_LARGE + w4_linear.WEIGHT_ONLY_SMALL if w4_linear._fits(c, 64)]
+        configs = [c for c in w4_linear.WEIGHT_ONLY_LARGE + w4_linear.WEIGHT_ONLY_MEDIUM + w4_linear.WEIGHT_ONLY_SMALL if w4_linear._fits(c, 64)]
         yield "w4a16", w4_linear.weight_only_kernel, sig, flags, configs, lin_aligned + ["K_STORED"]
         sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32", smooth_ptr="*fp32",
                                out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)

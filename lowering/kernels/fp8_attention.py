@@ -220,13 +220,16 @@ def _cfg(bm: int, bn: int, stages: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
 
 
-# Autotune table (BLOCK_M, BLOCK_N, num_stages, num_warps). BLOCK_N >= 32 (K of the fp8 P @ V dot). 128 query rows per
-# program (K / V tiles reused by 128 queries, the FlashAttention default) need 8 warps (two warpgroups of 64 rows): with
-# 4 warps the fp32 scores, P and both accumulators exceed 255 registers and spill at D = 72 / 128 / 160 (aot_check).
-# 64 x 64 with 4 warps is for short query sequences (SD 1.5's 64-token mid block: one query tile per head) and small
-# batch x heads grids. 128 x 128 with 3 stages spills at D = 160, so only 2 stages there. Every row compiles for sm_90
-# without spills at D = 40 / 64 / 72 / 80 / 128 / 160 (`python -m qcompile.lowering.kernels.aot_check attention`).
-CONFIG_TABLE = [(128, 64, 3, 8), (128, 128, 2, 8), (128, 64, 2, 8), (64, 64, 3, 4)]
+# Autotune table (BLOCK_M, BLOCK_N, num_stages, num_warps). BLOCK_N >= 32 (K of the fp8 P @ V dot). Picked by
+# ``examples/attention_config_sweep.py --candidates`` (H200, 2026-12-03, docs/experiments/attention-configs): 64 query
+# rows x 128 keys with 4 warps won DiT-XL/2's and PixArt-alpha's self-attention (95.8 / 323.2 us against 101.3 / 353.4 us
+# for the best config of the table before); 128 x 32 with 8 warps PixArt's 120-key cross-attention (33.1 vs 36.9 us).
+# 128 x 64 (3 stages, 8 warps) stays for long sequences with few heads; 64 x 64 for short query sequences (SD 1.5's
+# 64-token mid block: one query tile per head). 128 x 128 x 2 and 128 x 64 x 2 (8 warps) lost at every swept shape and
+# left the table (fewer configs: less compile time). 128 query rows need 8 warps: with 4 the fp32 scores, P and both
+# accumulators exceed 255 registers and spill at D = 72 / 128 / 160. Every row compiles for sm_90 without spills at
+# D = 40 / 64 / 72 / 80 / 128 / 160 (`python -m qcompile.lowering.kernels.aot_check attention`).
+CONFIG_TABLE = [(64, 128, 2, 4), (128, 32, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4)]
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ...switches import env_switch
+
 from ._common import (
     FLOAT_DTYPES,
     INTERPRET,
@@ -232,6 +234,12 @@ WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, many 
     config(16, 32, 32, 4, 4),
     config(16, 64, 128, 4, 4),
 ]
+WEIGHT_ONLY_MEDIUM = [  # 64 < M <= 1024 (DiT-XL/2 at batch 1: M = 256): small tiles so that N = 1152 still gives 72-144
+    config(32, 64, 64, 4, 4),  # CTAs over 132 SMs; the large tables' 128 x 128 tiles left 18 (2026-12-03: W4A16 8.46 ms vs
+    config(64, 64, 64, 4, 4),  # bf16 3.76 ms at batch 1, CUDA graphs)
+    config(64, 128, 64, 4, 4),
+    config(32, 128, 64, 4, 4),
+]
 W4A8_LARGE = [  # a per-tile partial product next to the accumulator: no 128x256 tiles (they spill)
     config(128, 128, 64, 4, 8),
     config(128, 128, 128, 3, 8),
@@ -245,14 +253,22 @@ W4A8_SMALL = [
     config(16, 64, 32, 4, 4),
 ]
 SMALL_M = 64
+MEDIUM_M = 1024
+# the autotune tables per kernel and M tier (:func:`m_tier`); W4A8 has no medium table of its own yet (not measured)
+TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium"): WEIGHT_ONLY_MEDIUM,
+          ("weight_only", "large"): WEIGHT_ONLY_LARGE, ("w4a8", "small"): W4A8_SMALL, ("w4a8", "medium"): W4A8_LARGE,
+          ("w4a8", "large"): W4A8_LARGE}
 # Split-K GEMV path for M <= SPLITK_MAX_M (weight-bandwidth-bound): BLOCK_N columns x every SPLIT-th K tile per
 # program, SPLIT chosen so that about CTAS_PER_SM programs per SM stream the weight; no autotuning (one compile).
 # OFF (0): on the H200 (docs/gemm_tune_h200.json, M = 1 / 16, int4 groups of 64, 4 weight shapes) its best config
 # took 24.8-78 us per call in do_bench vs 12.3-31.8 us for the plain W4A16 kernel: slower at all 8 shapes, because
 # its two launches each pay the host-side launch cost that dominates these ~10-us GEMMs. Its GPU time alone is lower
 # (6.2-10.8 us vs 7.9-21.1 us under a CUDA graph, 7 of 8 shapes), so it can pay off under CUDA graphs
-# (mode="reduce-overhead"); re-enable (16) only with an end-to-end measurement there.
+# (mode="reduce-overhead"); ``QDIFF_W4_SPLITK=1`` turns it on up to SPLITK_ON_MAX_M for that end-to-end A/B
+# (bench suffix ``-splitk``).
 SPLITK_MAX_M = 0
+SPLITK_ON_MAX_M = 16
+SPLITK_ENV = "QDIFF_W4_SPLITK"
 SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
@@ -263,21 +279,21 @@ def _fits(c: triton.Config, group: int) -> bool:
     return group == 0 or (bk <= group and group % bk == 0)
 
 
-def _configs(which: str, group: int, small: bool) -> list[triton.Config]:
-    """The configs of ``which`` valid for ``group`` (0: per channel); the interpreter's one config there."""
-    if INTERPRET:
-        configs = [INTERPRET_CONFIG]
-    elif which == "weight_only":
-        configs = WEIGHT_ONLY_SMALL if small else WEIGHT_ONLY_LARGE
-    else:
-        configs = W4A8_SMALL if small else W4A8_LARGE
+def m_tier(M: int) -> str:
+    """The autotune table an M picks: ``small`` (weight-bandwidth-bound), ``medium`` (few output tiles) or ``large``."""
+    return "small" if M <= SMALL_M else "medium" if M <= MEDIUM_M else "large"
+
+
+def _configs(which: str, group: int, tier: str) -> list[triton.Config]:
+    """The configs of ``which`` for M ``tier`` valid for ``group`` (0: per channel); the interpreter's one config there."""
+    configs = [INTERPRET_CONFIG] if INTERPRET else TABLES[which, tier]
     return [c for c in configs if _fits(c, group)]
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(which: str, group: int, small: bool):
+def _kernel(which: str, group: int, tier: str):
     """(autotuned kernel, K multiple that makes every config's K loop mask-free), or None."""
-    configs = _configs(which, group, small)
+    configs = _configs(which, group, tier)
     if not configs:
         return None
     fn, key = (weight_only_kernel, _KEY_WO) if which == "weight_only" else (w4a8_kernel, _KEY_W4A8)
@@ -289,7 +305,7 @@ def supports_group(group_size: int | None) -> bool:
 
     Arithmetic on the config lists only (no autotuner is built), so it is cheap to trace."""
     g = group_size or 0
-    return all(_configs(w, g, s) for w in ("weight_only", "w4a8") for s in (False, True))
+    return all(_configs(w, g, tier) for w, tier in TABLES)
 
 
 def _check_weight(x, w, w_scale, group: int, int4: bool, K: int):
@@ -322,9 +338,11 @@ def _sm_count(device: torch.device) -> int:
 def splitk_plan(M: int, N: int, K: int, group: int, device: torch.device, cfg: dict | None = None,
                 max_m: int | None = None) -> dict | None:
     """Launch parameters of the split-K path for this shape (None when it does not apply: M above ``max_m``,
-    default :data:`SPLITK_MAX_M`, which is 0, i.e. off in production)."""
+    default :data:`SPLITK_MAX_M`, which is 0, i.e. off in production, or :data:`SPLITK_ON_MAX_M` with ``QDIFF_W4_SPLITK=1``)."""
     cfg = cfg or SPLITK_CONFIG
-    if M > (SPLITK_MAX_M if max_m is None else max_m) or M == 0:
+    if max_m is None:
+        max_m = SPLITK_ON_MAX_M if env_switch(SPLITK_ENV, False) else SPLITK_MAX_M
+    if M > max_m or M == 0:
         return None
     bk = cfg["block_k"] if group == 0 else min(cfg["block_k"], group)
     if group and group % bk:
@@ -366,7 +384,7 @@ def _weight_only_linear(x, w, w_scale, bias, K, group_size, int4, act, wrap=wrap
         plan = splitk_plan(x.shape[0], N, K, group_size, x.device)
         if plan is not None:
             return _splitk(x, w, w_scale, bias, K, k_stored, group_size, int4, act, plan, wrap=wrap)
-    found = _kernel("weight_only", group_size, x.shape[0] <= SMALL_M)
+    found = _kernel("weight_only", group_size, m_tier(x.shape[0]))
     if found is None:
         raise ValueError(f"no kernel configuration for int4 groups of {group_size} (need a multiple of 32)")
     kernel, k_multiple = found
@@ -410,7 +428,7 @@ def _w4a8_linear(x, w, w_scale, bias, a_scale, a_zp, act_smooth, K, group_size, 
     if act_smooth is not None:
         check_tensor(act_smooth, "act_smooth", (torch.float32,), shape=(K,))
     check_launchable(x, w, w_scale, a_scale)
-    found = _kernel("w4a8", group_size, x.shape[0] <= SMALL_M)
+    found = _kernel("w4a8", group_size, m_tier(x.shape[0]))
     if found is None:
         raise ValueError(f"no kernel configuration for int4 groups of {group_size} (need a multiple of 32)")
     kernel, k_multiple = found

@@ -96,3 +96,16 @@ def test_split_k_plan_covers_the_gpu_and_only_small_m():
     assert splitk_plan(17, 4608, 1152, 64, cpu, max_m=16) is None
     assert splitk_plan(1, 64, 4096, 0, cpu, max_m=16)["split"] > 1  # narrow N: many K splits
     assert SPLITK_MAX_M == 0 and splitk_plan(1, 4608, 1152, 64, cpu) is None  # off in production (measured: slower)
+
+
+def test_medium_m_takes_small_tiles_that_fill_the_gpu():
+    """M in (64, 1024] (DiT-XL/2 at batch 1: 256 tokens) picks the medium table, whose smallest tiles give 144 CTAs at
+    M = 256, N = 1152 (132 SMs); the large table's tiles give at most 36 there."""
+    import triton
+
+    from qcompile.lowering.kernels.w4_linear import TABLES, m_tier
+
+    assert [m_tier(m) for m in (1, 64, 65, 256, 1024, 1025, 8192)] == ["small"] * 2 + ["medium"] * 3 + ["large"] * 2
+    tiles = [triton.cdiv(256, c.kwargs["BLOCK_M"]) * triton.cdiv(1152, c.kwargs["BLOCK_N"]) for c in TABLES["weight_only", "medium"]]
+    large = [triton.cdiv(256, c.kwargs["BLOCK_M"]) * triton.cdiv(1152, c.kwargs["BLOCK_N"]) for c in TABLES["weight_only", "large"]]
+    assert max(tiles) == 144 and max(large) == 36
