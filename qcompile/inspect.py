@@ -125,6 +125,10 @@ class InspectReport:
         if split or refused:
             head += f"\nsplit shortcuts: {split} op(s) read a channel concat with a quantizer per slice, {refused} not split (column 'split')"
         cfg = self.plan.config
+        if self.plan.tables:
+            tables = self.plan.tables.values()
+            head += (f"\nembedding tables: {len(self.plan.tables)} stored int8 with a scale per row "
+                     f"({sum(w.nbytes for w in tables) / 1e6:.1f} MB; {sum(w.data.numel() for w in tables) * 2 / 1e6:.1f} MB in 16-bit)")
         if cfg.outlier_split_db is not None:
             taken = sum(1 for r in self.rows if "dB" in r.outliers and not r.outliers.startswith("no"))
             head += (

@@ -229,17 +229,7 @@ def weight_only_splitk_kernel(
         kk = kt * BLOCK_K + rk
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk < K)[None, :], other=0.0)
         q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4, EVEN_K, BLOCK_K)
-        if GROUP > 0:
-            sc = tl.load(ws_ptr + rn_l * stride_sn + (kt * BLOCK_K) // GROUP)
-            b = (q.to(tl.float32) * sc[None, :]).to(a.dtype)
-        else:
-            b = q.to(tl.float32).to(a.dtype)
-        if FP32_DOT:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        elif INTERPRET:  # the interpreter's bf16 dot is wrong; bf16 operands are exact in fp32
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = float_dot(a, dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, a.dtype, GROUP), acc, FP32_DOT, INTERPRET)
     ptrs = part_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
     tl.store(ptrs, acc, mask=(rm[:, None] < M) & (rn < N)[None, :])
 

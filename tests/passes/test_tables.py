@@ -69,6 +69,8 @@ def test_w4a16_plan_stores_the_table_and_the_compiled_lookup_reads_int8():
     assert not any(n.target is torch.nn.functional.embedding for n in graph.graph.nodes)
     assert graph.get_buffer(lookups[0].args[1].target).dtype == torch.int8
     assert sqnr_db(want, got) > 20  # int4 linears and the int8 table
+    report = str(qcompile.inspect(qm, x, t, y))
+    assert "embedding tables: 1 stored int8 with a scale per row (0.0 MB; 0.0 MB in 16-bit)" in report
 
 
 def test_tables_follow_the_config_and_the_plan_file(tmp_path):
