@@ -74,20 +74,6 @@ def load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4: tl.constexpr,
 
 
 @triton.jit
-def load_int4_halves(w_ptr, rn_l, kt, K_STORED, stride_wn, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The int4 tile ``kt`` as two ``(BLOCK_K/2, BLOCK_N)`` int8 tiles, loaded K-major: the even K (low nibbles) and the
-    odd K (high nibbles). No interleave: the caller multiplies them with the even and odd activation columns."""
-    rb = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    ptrs = w_ptr + rn_l[None, :] * stride_wn + rb[:, None]
-    if EVEN_K:
-        p = tl.load(ptrs)
-    else:
-        p = tl.load(ptrs, mask=(rb < K_STORED // 2)[:, None], other=0)
-    p = p.to(tl.int8, bitcast=True)
-    return (p << 4) >> 4, p >> 4  # arithmetic shifts sign-extend the nibbles
-
-
-@triton.jit
 def dequant_tile(q, ws_ptr, rn_l, stride_sn, k0, dtype, GROUP: tl.constexpr):
     """``q`` (K, BLOCK_N) int8 times its group's scale (groups of ``GROUP`` starting at ``k0``; 0: per-channel scales
     come in the epilogue), in ``dtype``: the reference's dequantized weight, bit for bit."""
@@ -117,41 +103,22 @@ def weight_only_kernel(
     EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Int4 weights: two dots per K tile, the even activation columns with the low nibbles and the odd ones with the
-    high nibbles (``load_int4_halves``), so the packed tile is never interleaved back into K order (2026-12-03: the
-    interleave and transpose version took 25 us per call at DiT-XL/2 batch 1, 2.7x cuBLAS bf16)."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if W_INT4:
-        rh = tl.arange(0, BLOCK_K // 2)
-        x_even = x_ptr + rm_l[:, None] * stride_xm + (2 * rh)[None, :] * stride_xk
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a0 = tl.load(x_even)
-                a1 = tl.load(x_even + stride_xk)
-            else:
-                left = K - kt * BLOCK_K
-                a0 = tl.load(x_even, mask=(2 * rh < left)[None, :], other=0.0)
-                a1 = tl.load(x_even + stride_xk, mask=(2 * rh + 1 < left)[None, :], other=0.0)
-            lo, hi = load_int4_halves(w_ptr, rn_l, kt, K_STORED, stride_wn, EVEN_K, BLOCK_K)
-            acc = float_dot(a0, dequant_tile(lo, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, a0.dtype, GROUP), acc, FP32_DOT, INTERPRET)
-            acc = float_dot(a1, dequant_tile(hi, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, a1.dtype, GROUP), acc, FP32_DOT, INTERPRET)
-            x_even += BLOCK_K * stride_xk
-    else:
-        rk = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-            else:
-                a = tl.load(x_ptrs, mask=(rk < K - kt * BLOCK_K)[None, :], other=0.0)
-            q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, False, EVEN_K, BLOCK_K)
-            acc = float_dot(a, dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, a.dtype, GROUP), acc, FP32_DOT, INTERPRET)
-            x_ptrs += BLOCK_K * stride_xk
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=(rk < K - kt * BLOCK_K)[None, :], other=0.0)
+        q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4, EVEN_K, BLOCK_K)
+        acc = float_dot(a, dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, a.dtype, GROUP), acc, FP32_DOT, INTERPRET)
+        x_ptrs += BLOCK_K * stride_xk
     # no activation scale (1.0); per-channel weight scales are applied in the epilogue
     store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
 
@@ -268,13 +235,11 @@ WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, many 
     config(16, 32, 32, 4, 4),
     config(16, 64, 128, 4, 4),
 ]
-WEIGHT_ONLY_MEDIUM = [  # 64 < M <= 1024 (DiT-XL/2 at batch 1: M = 256): small tiles so that N = 1152 still gives 72-288
+WEIGHT_ONLY_MEDIUM = [  # 64 < M <= 1024 (DiT-XL/2 at batch 1: M = 256): small tiles so that N = 1152 still gives 72-144
     config(32, 64, 64, 4, 4),  # CTAs over 132 SMs; the large tables' 128 x 128 tiles left 18 (2026-12-03: W4A16 8.46 ms vs
     config(64, 64, 64, 4, 4),  # bf16 3.76 ms at batch 1, CUDA graphs; 7.46 ms with this table)
     config(64, 128, 64, 4, 4),
     config(32, 128, 64, 4, 4),
-    config(16, 64, 64, 4, 4),
-    config(32, 32, 64, 4, 4),
 ]
 W4A8_LARGE = [  # a per-tile partial product next to the accumulator: no 128x256 tiles (they spill)
     config(128, 128, 64, 4, 8),
