@@ -38,6 +38,7 @@ def _describe(value: Any) -> Any:
 
 def _key(kernel: Any, kwargs: dict[str, Any], rest: tuple) -> tuple | None:
     try:
+        # (the kernel object itself stays in the key, so its id cannot be reused while the entry lives)
         return (id(kernel), kernel, tuple(sorted((k, _describe(v)) for k, v in kwargs.items())), repr(rest))
     except TypeError:  # (unhashable or symbolic arguments: analysed every time, as without the cache)
         return None
