@@ -120,6 +120,8 @@ def experiments() -> dict[str, QuantConfig | None]:
     out = {"w8a8-int8-smooth": w8.replace(smooth_alpha=0.5, name="w8a8-int8-smooth"), "w8-int8-weight-only": w8.replace(act=None, name="w8-int8-weight-only")}
     for preset in ("w8a8-int8", "w4a8"):  # split-shortcut ablation: the presets split by default
         out[f"{preset}-nosplit"] = QuantConfig.preset(preset).replace(split_shortcuts=False, name=f"{preset}-nosplit")
+    for preset in ("w4a8", "w4a16"):  # embedding-table ablation: the w4 presets store tables int8 since 2026-12-03
+        out[f"{preset}-float-tables"] = QuantConfig.preset(preset).replace(embedding_tables=None, name=f"{preset}-float-tables")
     for k in (2, 5, 10):  # timestep groups: uniform in step index, and segmented with the same count
         out[f"w8a8-int8-k{k}"] = w8.replace(timestep_groups=k, name=f"w8a8-int8-k{k}")
         out[f"w8a8-int8-k{k}-seg"] = w8.replace(timestep_groups=k, group_boundaries="segment", name=f"w8a8-int8-k{k}-seg")
