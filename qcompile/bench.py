@@ -135,7 +135,7 @@ MODELS: dict[str, BenchModel] = {
         BenchModel(
             "dit-xl-2-512-b1", "DiT-XL/2, 512px, batch 1 (the weight-only small-batch case), random init", _dit_xl_2, _dit_inputs(1, 64, 4, 1000),
             variants=("bf16-eager", "bf16-inductor", "qdiff-w4a16", "qdiff-w8a8-fp8", "bf16-inductor-cudagraphs",
-                      "qdiff-w4a16-cudagraphs", "qdiff-w4a16-splitk-cudagraphs"),
+                      "qdiff-w4a16-cudagraphs", "qdiff-w4a16-splitk-cudagraphs", "qdiff-w4a16-splitk-medium-cudagraphs"),
         ),
         BenchModel("sd15-unet-512", "SD 1.5 UNet, 512px, batch 2, 77-token context, random init", _sd15_unet, _sd15_inputs),
         BenchModel("pixart-alpha-1024", "PixArt-alpha XL/2 transformer, 1024px, batch 2 (CFG), 120 tokens, random init", _pixart_1024, _pixart_inputs),
@@ -177,18 +177,21 @@ FP8_QKV = "-fp8-qkv"
 FLOAT_QKV = "-float-qkv"
 # suffix (before -cudagraphs): Inductor's coordinate-descent tuning of its generated kernels (QDIFF_COORDINATE_DESCENT=1)
 COORDINATE_DESCENT = "-cdtune"
-# suffix (before -cudagraphs): weight-only GEMMs at M <= 16 take the split-K path (QDIFF_W4_SPLITK=1, off by default)
+# suffixes (before -cudagraphs): weight-only GEMMs at M <= 16 take the split-K path (QDIFF_W4_SPLITK=1), or every M up to
+# the medium tier's 1024 does (QDIFF_W4_SPLITK_MEDIUM=1); both off by default
 W4_SPLITK = "-splitk"
+W4_SPLITK_MEDIUM = "-splitk-medium"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
                     HEADS: ("QDIFF_ATTN_HEADS", "1"), SEPARATE_HEADS: ("QDIFF_ATTN_HEADS", "0"), ATTN_FP8_OUT: ("QDIFF_ATTN_FP8_OUT", "1"),
                     ATTN_FLOAT_OUT: ("QDIFF_ATTN_FP8_OUT", "0"), COORDINATE_DESCENT: ("QDIFF_COORDINATE_DESCENT", "1"),
                     NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1"),
-                    FLOAT_QKV: ("QDIFF_ATTN_FP8_QKV", "0"), W4_SPLITK: ("QDIFF_W4_SPLITK", "1")}
+                    FLOAT_QKV: ("QDIFF_ATTN_FP8_QKV", "0"), W4_SPLITK: ("QDIFF_W4_SPLITK", "1"),
+                    W4_SPLITK_MEDIUM: ("QDIFF_W4_SPLITK_MEDIUM", "1")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8", "qdiff-w4a16"))
-            + ("qdiff-w4a16" + W4_SPLITK, "qdiff-w4a16" + W4_SPLITK + CUDAGRAPHS)
+            + tuple("qdiff-w4a16" + s + c for s in (W4_SPLITK, W4_SPLITK_MEDIUM) for c in ("", CUDAGRAPHS))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
             + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS)  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8
             + ("qdiff-w8a8-fp8" + CONV_DIRECT, "qdiff-w8a8-fp8" + CONV_DIRECT + CUDAGRAPHS)

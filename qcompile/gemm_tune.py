@@ -9,7 +9,7 @@ no autotuner) over a broad, explicit config list per M regime, at DiT-XL/2 b8 51
 1024px b2 and SD 1.5 512px b2 shapes, and timed with ``triton.testing.do_bench`` (median). Families:
 ``fp8`` (bf16 input, quantized in the prologue), ``fp8_prequant`` (fp8 input), ``fp8_tma`` /
 ``fp8_tma_prequant`` (persistent TMA kernel, Triton >= 3.4), ``int8`` (asymmetric, bf16 input),
-``w4a16`` (M = 1, 16 and 256) and ``w4a16_splitk`` (M = 1 and 16). Baselines: bf16 ``torch.mm``, ``torch._scaled_mm``
+``w4a16`` and ``w4a16_splitk`` (M = 1, 16 and 256). Baselines: bf16 ``torch.mm``, ``torch._scaled_mm``
 tensorwise (default and fast accumulation), ``torch._int_mm``. Every config's output is checked
 against the reference lowering (SQNR); configs that do not fit shared memory (estimate) or fail
 to compile / launch are logged with the reason and skipped. Compilation runs first, in parallel
@@ -52,7 +52,7 @@ W8A8_SHAPES = [
     ("sd15 ff 320", 8192, 320, 1280),
 ]
 W4_MS = (1, 16, 256)  # GEMV-like, and DiT-XL/2's 256 tokens at batch 1 (the weight-only kernels' medium tier)
-SPLITK_ROWS = 16  # the split-K kernel takes all M <= 16 rows in one tile
+SPLITK_ROWS = 16  # the split-K kernel takes all M <= 16 rows in one tile (larger M: row tiles of the config's BLOCK_M)
 W4_KN = [(1152, 4608), (4608, 1152), (1152, 6912), (1152, 3456)]
 W4_GROUP = 64
 SMOKE_W8A8 = [("smoke", 32, 64, 48), ("smoke small", 8, 80, 32)]
@@ -108,6 +108,10 @@ W4_SPLITK = [  # (BLOCK_M is 16: all M <= 16 rows at once); CTAS_PER_SM sets the
     cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=4), cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=8), cfg(16, 32, 64, 3, 4, 1, CTAS_PER_SM=4),
     cfg(16, 128, 64, 3, 4, 1, CTAS_PER_SM=4), cfg(16, 64, 32, 4, 4, 1, CTAS_PER_SM=4), cfg(16, 128, 64, 3, 8, 1, CTAS_PER_SM=2),
     cfg(16, 64, 64, 3, 2, 1, CTAS_PER_SM=4),
+]
+W4_SPLITK_MEDIUM = [  # M = 256: row tiles of BLOCK_M (QDIFF_W4_SPLITK_MEDIUM's path)
+    cfg(64, 64, 64, 3, 4, 1, CTAS_PER_SM=4), cfg(64, 128, 64, 3, 4, 1, CTAS_PER_SM=2), cfg(32, 64, 64, 3, 4, 1, CTAS_PER_SM=4),
+    cfg(64, 64, 64, 3, 4, 1, CTAS_PER_SM=8), cfg(128, 64, 64, 3, 8, 1, CTAS_PER_SM=4),
 ]
 SMOKE_SPLITK = [cfg(16, 32, 32, 1, 4, 1, CTAS_PER_SM=4)]
 SMOKE_CONFIGS = [cfg(16, 32, 32, 1, 4, 2), cfg(32, 16, 64, 1, 4, 2), cfg(256, 256, 256, 4, 8)]  # the last: over the smem estimate
@@ -243,18 +247,19 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 def _splitk_launch(D, M, K, N, c, sms):
-    from .lowering.kernels.w4_linear import _splitk, splitk_plan
+    from .lowering.kernels.w4_linear import MEDIUM_M, _splitk, splitk_plan
 
-    plan = splitk_plan(M, N, K, W4_GROUP, D["x"].device, {"block_n": c["BLOCK_N"], "block_k": c["BLOCK_K"], "num_warps": c["num_warps"],
-                                                          "num_stages": c["num_stages"], "ctas_per_sm": c["CTAS_PER_SM"]},
-                      max_m=SPLITK_ROWS)  # (the sweep times split-K although production has it off)
+    plan = splitk_plan(M, N, K, W4_GROUP, D["x"].device, {"block_m": c["BLOCK_M"], "block_n": c["BLOCK_N"], "block_k": c["BLOCK_K"],
+                                                          "num_warps": c["num_warps"], "num_stages": c["num_stages"],
+                                                          "ctas_per_sm": c["CTAS_PER_SM"]},
+                      max_m=MEDIUM_M)  # (the sweep times split-K although production has it off)
     return _splitk(D["x"], D["w4"], D["ws4"], D["bias"], K, K, W4_GROUP, True, 0, plan, wrap=lambda k: k)
 
 
 FAMILIES["w4a16_splitk"] = Family(
     name="w4a16_splitk", kernel=_w4_kernel, args=None, flags=None, grid=None, a_bytes=2, b_bytes=0.5,
-    configs=lambda M, smoke: [] if M > SPLITK_ROWS else SMOKE_SPLITK if smoke else W4_SPLITK, reference="ref_w4", baseline="bf16",
-    launcher=_splitk_launch,
+    configs=lambda M, smoke: SMOKE_SPLITK if smoke else W4_SPLITK if M <= SPLITK_ROWS else W4_SPLITK_MEDIUM, reference="ref_w4",
+    baseline="bf16", launcher=_splitk_launch,
 )
 W8A8_FAMILIES = ["fp8_prequant", "fp8_tma_prequant", "fp8", "fp8_tma", "int8"]
 W4_FAMILIES = ["w4a16", "w4a16_splitk"]

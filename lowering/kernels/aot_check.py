@@ -135,6 +135,12 @@ def cases(which: set[str]):
         flags = dict(unit, W_INT4=True, GROUP=64, HAS_BIAS=False, ACT=0, EVEN_K=True, FP32_DOT=False)
         configs = [c for c in w4_linear.WEIGHT_ONLY_LARGE + w4_linear.WEIGHT_ONLY_MEDIUM + w4_linear.WEIGHT_ONLY_SMALL if w4_linear._fits(c, 64)]
         yield "w4a16", w4_linear.weight_only_kernel, sig, flags, configs, lin_aligned + ["K_STORED"]
+        sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "ws_ptr": "*fp32", "part_ptr": "*fp32",
+               **{n: I32 for n in ("M", "N", "K", "K_STORED", "stride_xm", "stride_wn", "stride_sn")}}
+        flags = dict(W_INT4=True, GROUP=64, EVEN_K=True, FP32_DOT=False, INTERPRET=False, BLOCK_K=64)
+        split = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=3, num_warps=w)
+                 for bm, bn, w in ((w4_linear.SPLITK_GEMV_BLOCK_M, 64, 4), (w4_linear.SPLITK_MEDIUM_BLOCK_M, 64, 4), (64, 128, 4))]
+        yield "w4a16 split-K", w4_linear.weight_only_splitk_kernel, sig, flags, split, ["M", "N", "K", "K_STORED", "stride_xm", "stride_wn"]
         sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32", smooth_ptr="*fp32",
                                out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)
         flags = dict(unit, A_FP8=False, QMIN=-128, QMAX=127, ASYM=True, GROUP=64, HAS_BIAS=False, HAS_SMOOTH=False, ACT=0, EVEN_K=True)

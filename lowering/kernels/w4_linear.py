@@ -182,14 +182,15 @@ def weight_only_splitk_kernel(
     W_INT4: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Small-M (GEMV-like) partial products: program (n, s) sums K tiles s, s + S, s + 2S, ... (S = the grid's
-    second dimension) of a BLOCK_N column slice into ``part[s]`` (fp32, (S, M, N)); all M <= BLOCK_M rows at once."""
+    """Split-K partial products: program (n, s, m) sums K tiles s, s + S, s + 2S, ... (S = the grid's second
+    dimension) of the (BLOCK_M rows, BLOCK_N columns) output tile (n, m) into ``part[s]`` (fp32, (S, M, N)). GEMV-like
+    M fits one row tile; the medium tier (``QDIFF_W4_SPLITK_MEDIUM=1``) tiles M too."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     split = tl.num_programs(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), split):
@@ -266,10 +267,16 @@ TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium")
 # its two launches each pay the host-side launch cost that dominates these ~10-us GEMMs. Its GPU time alone is lower
 # (6.2-10.8 us vs 7.9-21.1 us under a CUDA graph, 7 of 8 shapes), so it can pay off under CUDA graphs
 # (mode="reduce-overhead"); ``QDIFF_W4_SPLITK=1`` turns it on up to SPLITK_ON_MAX_M for that end-to-end A/B
-# (bench suffix ``-splitk``).
+# (bench suffix ``-splitk``; measured 2026-12-03 at DiT-XL/2 batch 1: 7.42 vs 7.46 ms, no gain).
+# ``QDIFF_W4_SPLITK_MEDIUM=1`` also splits K for the medium tier (M <= MEDIUM_M, row tiles of SPLITK_MEDIUM_BLOCK_M): at
+# DiT-XL/2 batch 1 (M = 256) the plain kernel's 18-36 CTAs each walk all of K (24.8 us a launch against cuBLAS's ~10);
+# built 2026-12-03 and checked in the interpreter, not timed (bench suffix ``-splitk-medium``, gemm_tune's split-K family).
 SPLITK_MAX_M = 0
 SPLITK_ON_MAX_M = 16
 SPLITK_ENV = "QDIFF_W4_SPLITK"
+SPLITK_MEDIUM_ENV = "QDIFF_W4_SPLITK_MEDIUM"
+SPLITK_GEMV_BLOCK_M = 16  # every M <= 16 row in one tile
+SPLITK_MEDIUM_BLOCK_M = 64
 SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
@@ -339,19 +346,24 @@ def _sm_count(device: torch.device) -> int:
 def splitk_plan(M: int, N: int, K: int, group: int, device: torch.device, cfg: dict | None = None,
                 max_m: int | None = None) -> dict | None:
     """Launch parameters of the split-K path for this shape (None when it does not apply: M above ``max_m``,
-    default :data:`SPLITK_MAX_M`, which is 0, i.e. off in production, or :data:`SPLITK_ON_MAX_M` with ``QDIFF_W4_SPLITK=1``)."""
+    default :data:`SPLITK_MAX_M`, which is 0, i.e. off in production; :data:`SPLITK_ON_MAX_M` with ``QDIFF_W4_SPLITK=1``,
+    :data:`MEDIUM_M` with ``QDIFF_W4_SPLITK_MEDIUM=1``). Rows per tile: ``cfg["block_m"]``, else all of a GEMV-like M
+    (<= 16) or :data:`SPLITK_MEDIUM_BLOCK_M`; the K split fills about ``ctas_per_sm`` programs per SM."""
     cfg = cfg or SPLITK_CONFIG
     if max_m is None:
-        max_m = SPLITK_ON_MAX_M if env_switch(SPLITK_ENV, False) else SPLITK_MAX_M
+        max_m = (MEDIUM_M if env_switch(SPLITK_MEDIUM_ENV, False) else SPLITK_ON_MAX_M if env_switch(SPLITK_ENV, False)
+                 else SPLITK_MAX_M)
     if M > max_m or M == 0:
         return None
     bk = cfg["block_k"] if group == 0 else min(cfg["block_k"], group)
     if group and group % bk:
         return None
-    n_tiles = triton.cdiv(N, cfg["block_n"])
+    bm = cfg.get("block_m") or (SPLITK_GEMV_BLOCK_M if M <= SPLITK_GEMV_BLOCK_M else SPLITK_MEDIUM_BLOCK_M)
+    tiles = triton.cdiv(N, cfg["block_n"]) * triton.cdiv(M, bm)
     k_tiles = triton.cdiv(K, bk)
-    split = max(1, min(k_tiles, triton.cdiv(cfg["ctas_per_sm"] * _sm_count(device), n_tiles)))
-    return {"block_n": cfg["block_n"], "block_k": bk, "split": split, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    split = max(1, min(k_tiles, triton.cdiv(cfg["ctas_per_sm"] * _sm_count(device), tiles)))
+    return {"block_m": bm, "block_n": cfg["block_n"], "block_k": bk, "split": split, "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"]}
 
 
 def _splitk(x, w, w_scale, bias, K, k_stored, group, int4, act, plan, wrap=wrap_triton):
@@ -359,10 +371,10 @@ def _splitk(x, w, w_scale, bias, K, k_stored, group, int4, act, plan, wrap=wrap_
     M, N = x.shape[0], w.shape[0]
     part = torch.empty((plan["split"], M, N), device=x.device, dtype=torch.float32)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    wrap(weight_only_splitk_kernel)[(triton.cdiv(N, plan["block_n"]), plan["split"])](
+    wrap(weight_only_splitk_kernel)[(triton.cdiv(N, plan["block_n"]), plan["split"], triton.cdiv(M, plan["block_m"]))](
         x, w, w_scale, part, M, N, K, k_stored, x.stride(0), w.stride(0), w_scale.stride(0),
         W_INT4=int4, GROUP=group, EVEN_K=K % plan["block_k"] == 0 and K == k_stored, FP32_DOT=x.dtype == torch.float32,
-        INTERPRET=INTERPRET, BLOCK_M=16, BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
+        INTERPRET=INTERPRET, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     block = 256

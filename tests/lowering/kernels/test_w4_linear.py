@@ -109,3 +109,24 @@ def test_medium_m_takes_small_tiles_that_fill_the_gpu():
     tiles = [triton.cdiv(256, c.kwargs["BLOCK_M"]) * triton.cdiv(1152, c.kwargs["BLOCK_N"]) for c in TABLES["weight_only", "medium"]]
     large = [triton.cdiv(256, c.kwargs["BLOCK_M"]) * triton.cdiv(1152, c.kwargs["BLOCK_N"]) for c in TABLES["weight_only", "large"]]
     assert max(tiles) == 144 and max(large) == 36
+
+
+@pytest.mark.parametrize("m,k,group,dtype", [(70, 256, 64, torch.float32), (130, 100, 64, torch.bfloat16), (40, 77, None, torch.float16)])
+def test_medium_m_split_k_tiles_the_rows(m, k, group, dtype, monkeypatch):
+    """``QDIFF_W4_SPLITK_MEDIUM=1``: M up to the medium tier's 1024 takes the split-K path with row tiles (more than one
+    here), each K split summed by the reduction; the same output as the reference."""
+    from qcompile.lowering.kernels.w4_linear import MEDIUM_M, SPLITK_MEDIUM_ENV, splitk_plan
+
+    monkeypatch.setenv(SPLITK_MEDIUM_ENV, "1")
+    cfg = {"block_m": 16, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 1, "ctas_per_sm": 16}
+    assert splitk_plan(MEDIUM_M + 1, 72, k, group or 0, DEVICE) is None
+    assert splitk_plan(m, 72, k, group or 0, DEVICE)["block_m"] == 64  # (the production row tile)
+    plan = splitk_plan(m, 72, k, group or 0, DEVICE, cfg)
+    assert plan is not None and plan["split"] > 1 and -(-m // plan["block_m"]) > 1
+    monkeypatch.setattr("qcompile.lowering.kernels.w4_linear.SPLITK_CONFIG", cfg)  # small tiles: several row tiles
+    qw, w, ws = _qw(72, k, "int4", group)
+    x = randn(m, k, dtype=dtype)
+    out = weight_only_linear(x, w, ws, None, wfmt="int4", group_size=group)
+    ref = qlinear(x, w, ws, None, None, None, wfmt="int4", group_size=group, weight_shape=qw.shape)
+    assert out.dtype == dtype and out.shape == (m, 72)
+    assert sqnr_db(ref.float(), out.float()) > (60 if dtype == torch.float32 else 38)
