@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,18 @@ def run_meta(dev: torch.device) -> dict:
 
     return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "triton": triton.__version__, "command": " ".join(["python", *sys.argv])}
+
+
+def measure_shapes(models: str, measure, out: str, dev: torch.device, progress) -> list[dict]:
+    """``measure(*shape)`` (on ``dev``) for each of :func:`selected_shapes`; the rows, with :func:`run_meta`, are written to ``out``
+    as JSON after every shape (a run cut by a time limit keeps what it measured) and ``progress(row)`` is printed."""
+    meta = run_meta(dev)
+    rows = []
+    for shape in selected_shapes(models):
+        rows.append(measure(*shape))
+        print(progress(rows[-1]), flush=True)
+        Path(out).write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    return rows
 
 
 def _heads(b: int, h: int, s: int, d: int, dev: torch.device) -> torch.Tensor:
@@ -136,15 +149,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("attention_bench needs a CUDA device (the fp8 kernel and CUDA-graph timing); none found", file=sys.stderr)
         return 2
-    dev = torch.device("cuda")
     torch.manual_seed(0)
-    meta = run_meta(dev)
-    rows = []
-    for shape in selected_shapes(a.models):
-        rows.append(bench_shape(*shape, dev))
-        print(json.dumps(rows[-1]), flush=True)
-        with open(a.out, "w") as f:  # after every shape: a run cut by a time limit keeps what it measured
-            json.dump({**meta, "rows": rows}, f, indent=1)
+    dev = torch.device("cuda")
+    rows = measure_shapes(a.models, lambda *shape: bench_shape(*shape, dev), a.out, dev, json.dumps)
     print(table(rows))
     return 1 if any(key.endswith("_error") for r in rows for key in r) else 0
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import _heads, run_meta, selected_shapes  # noqa: E402  (the same shapes, head layout and run record)
+from attention_bench import _heads, measure_shapes  # noqa: E402  (the same shapes, head layout and run record)
 
 # (BLOCK_M, BLOCK_N, num_stages, num_warps) outside CONFIG_TABLE, no spills at D = 72 padded to 128 (aot_check, triton 3.6);
 # the first two were in the table until the sweep of 2026-12-03 (docs/experiments/attention-configs)
@@ -93,12 +92,8 @@ def main() -> int:
     fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
     configs = [tuple(c) for c in fa.CONFIG_TABLE] + (CANDIDATES if args.candidates else [])
     dev = torch.device("cuda")
-    meta = run_meta(dev)
-    rows = []
-    for shape in selected_shapes(args.models):
-        rows.append(sweep_shape(*shape, configs, dev))
-        Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")  # after every shape
-        print(f"{shape[0]} done: best {rows[-1]['best']}", flush=True)
+    rows = measure_shapes(args.models, lambda *shape: sweep_shape(*shape, configs, dev), args.out, dev,
+                          lambda row: f"{row['model']} done: best {row['best']}")
     print(table(rows))
     return 1 if any("error" in c for r in rows for c in r["configs"].values()) else 0
 

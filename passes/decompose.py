@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .attention_sites import HEAD_DIM_META_KEY
+from .sites import bind
 
 _ENCODER_LAYER = torch._transformer_encoder_layer_fwd
 _NATIVE_MHA = torch._native_multi_head_attention
@@ -43,13 +44,6 @@ _MHA_FORWARD_PLAIN = {"bias_k": None, "bias_v": None, "add_zero_attn": False, "k
                       "use_separate_proj_weight": False, "static_k": None, "static_v": None, "is_causal": False}
 
 
-def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
-    bound = dict(defaults)
-    bound.update(zip(names, node.args))
-    bound.update(node.kwargs)
-    return bound
-
-
 def _self_attention(g: fx.Graph, x, a: dict, num_heads: int, embed_dim: int, source: fx.Node | None = None):
     """Packed in-projection, SDPA and out-projection on ``x`` (B, L, E); returns (B, L, E). The SDPA node gets the
     head dim and ``source``'s module stack in its meta (for :mod:`.attention_sites`: it has no example value)."""
@@ -67,7 +61,7 @@ def _self_attention(g: fx.Graph, x, a: dict, num_heads: int, embed_dim: int, sou
 
 
 def _rewrite_encoder_layer(g: fx.Graph, node: fx.Node) -> bool:
-    a = _bind(node, _ENCODER_ARGS, {"mask": None, "mask_type": None})
+    a = bind(node, _ENCODER_ARGS, {"mask": None, "mask_type": None})
     if a["mask"] is not None:
         return False
     E, H, eps = a["embed_dim"], a["num_heads"], a["eps"]
@@ -94,7 +88,7 @@ def _rewrite_encoder_layer(g: fx.Graph, node: fx.Node) -> bool:
 
 
 def _rewrite_native_mha(g: fx.Graph, node: fx.Node) -> bool:
-    a = _bind(node, _MHA_ARGS, _MHA_DEFAULTS)
+    a = bind(node, _MHA_ARGS, _MHA_DEFAULTS)
     if not (a["query"] is a["key"] is a["value"] and a["mask"] is None and _only_output_used(node)):
         return False
     with g.inserting_before(node):
@@ -113,7 +107,7 @@ def _only_output_used(node: fx.Node) -> bool:
 def _rewrite_mha_forward(g: fx.Graph, node: fx.Node) -> bool:
     """``F.multi_head_attention_forward`` on sequence-first ``(L, B, E)`` inputs: self-attention with a packed
     in-projection and nothing else (:data:`_MHA_FORWARD_PLAIN`, no dropout in training) becomes linear / SDPA / linear."""
-    a = _bind(node, _MHA_FORWARD_ARGS, _MHA_FORWARD_DEFAULTS)
+    a = bind(node, _MHA_FORWARD_ARGS, _MHA_FORWARD_DEFAULTS)
     plain = all(a[k] is v for k, v in _MHA_FORWARD_PLAIN.items())
     no_dropout = not a["training"] or a["dropout_p"] == 0
     if not (a["query"] is a["key"] is a["value"] and plain and no_dropout and _only_output_used(node)):

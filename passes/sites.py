@@ -115,7 +115,8 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:
+def bind(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:
+    """A call node's arguments by name: ``defaults``, then its positional args named by ``names``, then its kwargs."""
     bound = dict(defaults)
     bound.update(zip(names, node.args))
     bound.update(node.kwargs)
@@ -135,9 +136,9 @@ def bound_args(node: fx.Node) -> dict[str, Any]:
     """The op's arguments by name (input, weight, bias, and conv parameters)."""
     kind, _ = op_kind(node)
     if kind is OpKind.LINEAR:
-        return _bind(node, _LINEAR_ARGS, {"bias": None})
+        return bind(node, _LINEAR_ARGS, {"bias": None})
     names = _CONV_T_ARGS if kind is OpKind.CONV_TRANSPOSE else _CONV_ARGS
-    return _bind(node, names, _CONV_DEFAULTS)
+    return bind(node, names, _CONV_DEFAULTS)
 
 
 def _key_of(weight_name: str) -> str:

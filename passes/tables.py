@@ -20,10 +20,11 @@ from ..errors import PlanMismatchError
 from ..lowering import reference
 from ..lowering.weights import QuantizedWeight, quantize_weight
 from .convert import add_buffer
-from .sites import parameter_tensors
+from .sites import bind, parameter_tensors
 
 EMBEDDING_TARGETS = {torch.nn.functional.embedding}
 _ARGS = ("input", "weight", "padding_idx", "max_norm")
+_DEFAULTS = {"padding_idx": None, "max_norm": None}
 META_KEY = "qdiff_table"  # on a converted lookup: the table's qualified name
 
 
@@ -37,22 +38,14 @@ class TableSite:
     unsupported: str | None = None
 
 
-def _bound(node: fx.Node) -> dict[str, Any]:
-    bound = dict.fromkeys(_ARGS[2:])
-    bound.update(zip(_ARGS, node.args))
-    bound.update({k: v for k, v in node.kwargs.items() if k in _ARGS})
-    return bound
-
-
-def find_tables(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple[TableSite, torch.Tensor]]:
-    """Every ``F.embedding`` of ``gm`` whose table is module state, with the table, in graph order (lookups of
-    computed tables are not tables)."""
-    params = parameter_tensors(gm, example_inputs)
+def find_tables(gm: fx.GraphModule, params: dict[str, tuple[str, torch.Tensor]]) -> list[tuple[TableSite, torch.Tensor]]:
+    """Every ``F.embedding`` of ``gm`` whose table is module state (``params``: :func:`parameter_tensors` of ``gm``), with
+    the table, in graph order (lookups of computed tables are not tables)."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in EMBEDDING_TARGETS:
             continue
-        args = _bound(node)
+        args = bind(node, _ARGS, _DEFAULTS)
         w = args["weight"]
         if not isinstance(w, fx.Node) or w.name not in params:
             continue
@@ -78,7 +71,7 @@ def convert_tables(gm: fx.GraphModule, example_inputs: Sequence[Any], tables: di
     raises :class:`PlanMismatchError` naming it."""
     nodes = {n.name: n for n in gm.graph.nodes}
     left: list[str] = []
-    for i, (site, table) in enumerate(find_tables(gm, example_inputs)):
+    for i, (site, table) in enumerate(find_tables(gm, parameter_tensors(gm, example_inputs))):
         q = tables.get(site.weight_name)
         if q is None or site.unsupported:
             left.append(site.weight_name + ("" if site.unsupported is None else f" ({site.unsupported})"))
@@ -90,7 +83,8 @@ def convert_tables(gm: fx.GraphModule, example_inputs: Sequence[Any], tables: di
         with gm.graph.inserting_before(node):
             data = add_buffer(gm, f"qdiff_table_{i}_weight", q.data.to(device))
             scale = add_buffer(gm, f"qdiff_table_{i}_weight_scale", q.scale.to(device))
-            new = gm.graph.call_function(reference.qembedding, (_bound(node)["input"], data, scale), {"out_dtype": table.dtype})
+            new = gm.graph.call_function(reference.qembedding, (bind(node, _ARGS, _DEFAULTS)["input"], data, scale),
+                                         {"out_dtype": table.dtype})
         new.meta[META_KEY] = site.weight_name
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -117,7 +117,7 @@ class CalibrationSession:
             if site is not None and not site.unsupported:
                 self.weights.setdefault(site.key, params[bound_args(node)["weight"].name][1])
         if self.config.embedding_tables is not None:
-            for table, value in find_tables(gm, example_inputs):
+            for table, value in find_tables(gm, params):
                 if table.unsupported:
                     self.float_tables.setdefault(table.weight_name, table.unsupported)
                 else:
