@@ -51,7 +51,7 @@ W8A8_SHAPES = [
     ("sd15 attn 320", 8192, 320, 320),
     ("sd15 ff 320", 8192, 320, 1280),
 ]
-W4_MS = (1, 16, 256)  # GEMV-like, and DiT-XL/2's 256 tokens at batch 1 (the weight-only kernels' medium tier)
+W4_MS = (1, 16, 256, 1024)  # GEMV-like, medium M, and DiT-XL/2 at 512px, batch 1: 1024 tokens (the medium tier's top)
 SPLITK_ROWS = 16  # the split-K kernel takes all M <= 16 rows in one tile (larger M: row tiles of the config's BLOCK_M)
 W4_KN = [(1152, 4608), (4608, 1152), (1152, 6912), (1152, 3456)]
 W4_GROUP = 64
@@ -102,7 +102,8 @@ W4_SMALL_M = [  # group 64: BLOCK_K must divide it
 ]
 W4_MEDIUM_M = [  # 16 < M <= 1024, group 64: the production medium table and smaller / larger neighbours
     cfg(32, 64, 64, 4, 4), cfg(64, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(32, 128, 64, 4, 4), cfg(16, 64, 64, 4, 4),
-    cfg(32, 32, 64, 4, 4), cfg(64, 64, 32, 5, 4), cfg(64, 64, 64, 3, 4),
+    cfg(32, 32, 64, 4, 4), cfg(64, 64, 32, 5, 4), cfg(64, 64, 64, 3, 4), cfg(128, 64, 64, 4, 4), cfg(128, 128, 64, 4, 8),
+    cfg(128, 64, 64, 3, 8), cfg(128, 128, 64, 3, 8),
 ]
 W4_SPLITK = [  # (BLOCK_M is 16: all M <= 16 rows at once); CTAS_PER_SM sets the K split
     cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=4), cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=8), cfg(16, 32, 64, 3, 4, 1, CTAS_PER_SM=4),
@@ -252,7 +253,7 @@ def _splitk_launch(D, M, K, N, c, sms):
     plan = splitk_plan(M, N, K, W4_GROUP, D["x"].device, {"block_m": c["BLOCK_M"], "block_n": c["BLOCK_N"], "block_k": c["BLOCK_K"],
                                                           "num_warps": c["num_warps"], "num_stages": c["num_stages"],
                                                           "ctas_per_sm": c["CTAS_PER_SM"]},
-                      max_m=MEDIUM_M)  # (the sweep times split-K although production has it off)
+                      max_m=MEDIUM_M)  # (the sweep times split-K at every shape, whatever production picks)
     return _splitk(D["x"], D["w4"], D["ws4"], D["bias"], K, K, W4_GROUP, True, 0, plan, wrap=lambda k: k)
 
 
@@ -508,7 +509,7 @@ def _wrapper_call(name: str, D: dict):
         return lambda: fp8_linear_prequant(D["xq"], D["w8"], D["ws8"], D["bias"], D["s8"], torch.bfloat16)
     if name == "int8":
         return lambda: int8_linear(D["x"], D["wi"], D["wsi"], D["bias"], D["si"], D["zi"], colsum=D["colsum"])
-    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper takes the split-K path at M <= SPLITK_MAX_M, 0: off)
+    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper's own choice: split-K for the medium shapes medium_splits_k picks)
         return lambda: weight_only_linear(D["x"], D["w4"], D["ws4"], D["bias"], wfmt="int4", group_size=W4_GROUP)
     return None
 
@@ -643,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile processes (0: none)")
     p.add_argument("--precompile-timeout", type=float, default=150.0)
     p.add_argument("--no-diagnostics", action="store_true", help="skip the CUDA-graph and production-wrapper timings")
+    p.add_argument("--w4-ms", default=None, help="comma-separated M values of the weight-only shapes (default: "
+                   + ",".join(map(str, W4_MS)) + ")")
     p.add_argument("--tables", action="store_true", help="print autotune tables from the JSON at --out (no sweep)")
     args = p.parse_args(argv)
     if args.tables:
@@ -673,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out if args.out.endswith(".json") else os.path.join(args.out, "gemm_tune.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     w8a8_shapes = SMOKE_W8A8 if args.smoke else W8A8_SHAPES
-    w4_shapes = [(f"w4 M={m}", m, k, n) for k, n in (SMOKE_W4_KN if args.smoke else W4_KN) for m in W4_MS]
+    w4_ms = W4_MS if args.w4_ms is None else tuple(int(m) for m in args.w4_ms.split(","))
+    w4_shapes = [(f"w4 M={m}", m, k, n) for k, n in (SMOKE_W4_KN if args.smoke else W4_KN) for m in w4_ms]
     sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 4
     if cuda:
         from .lowering.kernels.fp8_tma import HAS_TMA, ensure_allocator
@@ -682,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_allocator()
     sw = Sweep(Timer(cuda, args.warmup, args.rep), device, sms, t0 + args.budget_s, log)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)", "torch": torch.__version__,
-              "triton": triton.__version__, "shapes": [list(s) for s in w8a8_shapes + w4_shapes], "w4_ms": list(W4_MS),
+              "triton": triton.__version__, "shapes": [list(s) for s in w8a8_shapes + w4_shapes], "w4_ms": list(w4_ms),
               "config": vars(args), "precompile": None, "rows": sw.rows, "baselines": sw.baselines, "diagnostics": sw.diagnostics}
 
     def save():

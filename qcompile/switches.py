@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 
-def env_switch(name: str, default: bool) -> bool:
-    """The switch ``name``: ``"1"`` on, ``"0"`` off, unset ``default``; any other value is an error naming it."""
+def env_switch(name: str, default: bool | None) -> bool | None:
+    """The switch ``name``: ``"1"`` on, ``"0"`` off, unset ``default`` (None: the caller decides); any other value is an error naming it."""
     value = os.environ.get(name)
     if value is None:
         return default

@@ -4,7 +4,8 @@ Storage (see :mod:`qcompile.lowering.weights`): INT4 weights are ``uint8 (N, Kp/
 ``2i`` in the low nibble and ``2i+1`` in the high nibble of byte ``i``; ``Kp`` is K padded with
 zeros to whole groups (or to even for per-channel); scales are ``fp32 (N, Kp/group)`` (one column
 for per-channel). A tile of ``BLOCK_K/2`` bytes per row is loaded, split into nibbles,
-sign-extended and interleaved back into K order.
+and interleaved back into K order: sign-extended to int8 for ``w4a8``, turned into fp32 by bit operations for the
+float dequantization of ``w4a16`` (:func:`dequant_int4_tile`).
 
 - ``w4a16`` (``weight_only_linear``): float activations; each weight tile becomes
   ``(q * scale[n, group]).to(x.dtype)`` (the reference's dequantized weight, bit for bit) and
@@ -84,6 +85,50 @@ def dequant_tile(q, ws_ptr, rn_l, stride_sn, k0, dtype, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _int4_as_float(nibble):
+    """Nibbles (int32 in 0..15, two's-complement int4 codes) as fp32 values -8..7 without an int-to-float conversion:
+    ``nibble ^ 8`` is the code plus 8 (offset binary); placed in the low mantissa bits of 2**23 it reads as
+    ``2**23 + q + 8``, from which one exact subtraction leaves q."""
+    return (nibble ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def dequant_int4_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, GROUP: tl.constexpr,
+                      EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_K, BLOCK_N) int4 weight tile ``kt`` dequantized to ``dtype``: ``(q * scale[n, group]).to(dtype)``,
+    the same values as :func:`dequant_tile` of :func:`load_weight_tile` (bit for bit), but the nibbles become fp32 by
+    integer bit operations and one subtraction (:func:`_int4_as_float`) instead of an int8-to-fp32 conversion per
+    element (a conversion-pipe instruction at a quarter of the FP32 rate on sm_90, which made the K loop ~2x slower
+    than cuBLAS bf16 at M = 256, docs/kernels.md "W4A16 at batch 1"). The scale multiplies the (BLOCK_N, BLOCK_K / 2)
+    nibble halves before they are interleaved into K order."""
+    rb = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ptrs = w_ptr + rn_l[:, None] * stride_wn + rb[None, :]
+    if EVEN_K:
+        p = tl.load(ptrs)
+    else:
+        p = tl.load(ptrs, mask=(rb < K_STORED // 2)[None, :], other=0)
+    p = p.to(tl.int32)  # zero-extended bytes
+    lo = _int4_as_float(p & 0xF)
+    hi = _int4_as_float(p >> 4)
+    if GROUP > 0:
+        s = tl.load(ws_ptr + rn_l * stride_sn + (kt * BLOCK_K) // GROUP)[:, None]
+        lo = lo * s
+        hi = hi * s
+    return tl.trans(tl.interleave(lo.to(dtype), hi.to(dtype)))
+
+
+@triton.jit
+def weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, W_INT4: tl.constexpr, GROUP: tl.constexpr,
+                EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight-only kernels' dequantized (BLOCK_K, BLOCK_N) weight tile ``kt`` in ``dtype`` (int4 or int8 storage)."""
+    if W_INT4:
+        return dequant_int4_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, GROUP, EVEN_K, BLOCK_K)
+    else:
+        q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, False, EVEN_K, BLOCK_K)
+        return dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, dtype, GROUP)
+
+
+@triton.jit
 def float_dot(a, b, acc, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """``acc + a @ b`` for float operands (IEEE fp32 for fp32 inputs)."""
     if FP32_DOT:
@@ -116,8 +161,8 @@ def weight_only_kernel(
             a = tl.load(x_ptrs)
         else:
             a = tl.load(x_ptrs, mask=(rk < K - kt * BLOCK_K)[None, :], other=0.0)
-        q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4, EVEN_K, BLOCK_K)
-        acc = float_dot(a, dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, a.dtype, GROUP), acc, FP32_DOT, INTERPRET)
+        w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K)
+        acc = float_dot(a, w, acc, FP32_DOT, INTERPRET)
         x_ptrs += BLOCK_K * stride_xk
     # no activation scale (1.0); per-channel weight scales are applied in the epilogue
     store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
@@ -196,8 +241,8 @@ def weight_only_splitk_kernel(
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), split):
         kk = kt * BLOCK_K + rk
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk < K)[None, :], other=0.0)
-        q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4, EVEN_K, BLOCK_K)
-        acc = float_dot(a, dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, a.dtype, GROUP), acc, FP32_DOT, INTERPRET)
+        w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K)
+        acc = float_dot(a, w, acc, FP32_DOT, INTERPRET)
     ptrs = part_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
     tl.store(ptrs, acc, mask=(rm[:, None] < M) & (rn < N)[None, :])
 
@@ -236,11 +281,13 @@ WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, many 
     config(16, 32, 32, 4, 4),
     config(16, 64, 128, 4, 4),
 ]
-WEIGHT_ONLY_MEDIUM = [  # 64 < M <= 1024 (DiT-XL/2 at batch 1: M = 256): small tiles so that N = 1152 still gives 72-144
-    config(32, 64, 64, 4, 4),  # CTAs over 132 SMs; the large tables' 128 x 128 tiles left 18 (2026-12-03: W4A16 8.46 ms vs
-    config(64, 64, 64, 4, 4),  # bf16 3.76 ms at batch 1, CUDA graphs; 7.46 ms with this table)
+WEIGHT_ONLY_MEDIUM = [  # 64 < M <= 1024 (DiT-XL/2 at 512px, batch 1: M = 1024 tokens): tiles small enough that N = 1152
+    config(32, 64, 64, 4, 4),  # still fills 132 SMs; the large tables' 128 x 128 tiles leave 72 CTAs there (2026-12-03:
+    config(64, 64, 64, 4, 4),  # W4A16 8.46 ms vs bf16 3.76 ms at batch 1, CUDA graphs; 7.46 ms with the first four)
     config(64, 128, 64, 4, 4),
     config(32, 128, 64, 4, 4),
+    config(128, 64, 64, 4, 4),  # the H200 sweep's winner at M = 256, N >= 3456 with the bit-operation dequantization
+    config(64, 64, 32, 5, 4),  # groups of 32 (BLOCK_K must divide the group)
 ]
 W4A8_LARGE = [  # a per-tile partial product next to the accumulator: no 128x256 tiles (they spill)
     config(128, 128, 64, 4, 8),
@@ -268,15 +315,16 @@ TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium")
 # (6.2-10.8 us vs 7.9-21.1 us under a CUDA graph, 7 of 8 shapes), so it can pay off under CUDA graphs
 # (mode="reduce-overhead"); ``QDIFF_W4_SPLITK=1`` turns it on up to SPLITK_ON_MAX_M for that end-to-end A/B
 # (bench suffix ``-splitk``; measured 2026-12-03 at DiT-XL/2 batch 1: 7.42 vs 7.46 ms, no gain).
-# ``QDIFF_W4_SPLITK_MEDIUM=1`` also splits K for the medium tier (M <= MEDIUM_M, row tiles of SPLITK_MEDIUM_BLOCK_M): at
-# DiT-XL/2 batch 1 (M = 256) the plain kernel's 18-36 CTAs each walk all of K (24.8 us a launch against cuBLAS's ~10);
-# built 2026-12-03 and checked in the interpreter, not timed (bench suffix ``-splitk-medium``, gemm_tune's split-K family).
+# The medium tier (M <= MEDIUM_M, row tiles of SPLITK_MEDIUM_BLOCK_M) splits K by default where few output tiles walk a
+# long K (medium_splits_k, from the H200 sweep at M = 256); ``QDIFF_W4_SPLITK_MEDIUM=1`` splits every medium shape
+# (bench suffix ``-splitk-medium``), ``=0`` none.
 SPLITK_MAX_M = 0
 SPLITK_ON_MAX_M = 16
 SPLITK_ENV = "QDIFF_W4_SPLITK"
 SPLITK_MEDIUM_ENV = "QDIFF_W4_SPLITK_MEDIUM"
 SPLITK_GEMV_BLOCK_M = 16  # every M <= 16 row in one tile
 SPLITK_MEDIUM_BLOCK_M = 64
+SPLITK_MEDIUM_MIN_K_TILES = 32  # medium_splits_k: K of at least 32 tiles (2048 at BLOCK_K 64)
 SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
@@ -343,25 +391,45 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def medium_splits_k(M: int, N: int, k_tiles: int, sms: int) -> bool:
+    """The medium tier's default choice of the split-K path: the plain kernel's 64 x 64 output tiles do not fill the
+    SMs and each would walk a long K (>= :data:`SPLITK_MEDIUM_MIN_K_TILES` tiles). Measured on the H200 at M = 256
+    (2026-12-03, gemm_tune): 25.3 us split-K against 48.8 us plain at K = 4608, N = 1152 (72 tiles, 72 K tiles); the
+    plain kernel won at N >= 3456, where its tiles fill the GPU."""
+    return SMALL_M < M <= MEDIUM_M and triton.cdiv(M, 64) * triton.cdiv(N, 64) < sms and k_tiles >= SPLITK_MEDIUM_MIN_K_TILES
+
+
 def splitk_plan(M: int, N: int, K: int, group: int, device: torch.device, cfg: dict | None = None,
                 max_m: int | None = None) -> dict | None:
-    """Launch parameters of the split-K path for this shape (None when it does not apply: M above ``max_m``,
-    default :data:`SPLITK_MAX_M`, which is 0, i.e. off in production; :data:`SPLITK_ON_MAX_M` with ``QDIFF_W4_SPLITK=1``,
-    :data:`MEDIUM_M` with ``QDIFF_W4_SPLITK_MEDIUM=1``). Rows per tile: ``cfg["block_m"]``, else all of a GEMV-like M
-    (<= 16) or :data:`SPLITK_MEDIUM_BLOCK_M`; the K split fills about ``ctas_per_sm`` programs per SM."""
+    """Launch parameters of the split-K path for this shape (None when it does not apply). Up to ``max_m`` rows when
+    given; otherwise the switches decide: ``QDIFF_W4_SPLITK_MEDIUM=1`` every M up to :data:`MEDIUM_M`,
+    ``QDIFF_W4_SPLITK=1`` M up to :data:`SPLITK_ON_MAX_M`, and by default (unset) the medium-tier shapes that
+    :func:`medium_splits_k` picks (``QDIFF_W4_SPLITK_MEDIUM=0``: none; :data:`SPLITK_MAX_M`, 0, below the medium tier).
+    Rows per tile: ``cfg["block_m"]``, else all of a GEMV-like M (<= 16) or :data:`SPLITK_MEDIUM_BLOCK_M`; the K split
+    fills about ``ctas_per_sm`` programs per SM."""
     cfg = cfg or SPLITK_CONFIG
-    if max_m is None:
-        max_m = (MEDIUM_M if env_switch(SPLITK_MEDIUM_ENV, False) else SPLITK_ON_MAX_M if env_switch(SPLITK_ENV, False)
-                 else SPLITK_MAX_M)
-    if M > max_m or M == 0:
+    if M == 0:
         return None
     bk = cfg["block_k"] if group == 0 else min(cfg["block_k"], group)
     if group and group % bk:
         return None
+    k_tiles = triton.cdiv(K, bk)
+    sms = _sm_count(device)
+    if max_m is None:
+        medium = env_switch(SPLITK_MEDIUM_ENV, None)
+        if medium:
+            max_m = MEDIUM_M
+        elif env_switch(SPLITK_ENV, False):
+            max_m = SPLITK_ON_MAX_M
+        elif medium is None and medium_splits_k(M, N, k_tiles, sms):
+            max_m = MEDIUM_M
+        else:
+            max_m = SPLITK_MAX_M
+    if M > max_m:
+        return None
     bm = cfg.get("block_m") or (SPLITK_GEMV_BLOCK_M if M <= SPLITK_GEMV_BLOCK_M else SPLITK_MEDIUM_BLOCK_M)
     tiles = triton.cdiv(N, cfg["block_n"]) * triton.cdiv(M, bm)
-    k_tiles = triton.cdiv(K, bk)
-    split = max(1, min(k_tiles, triton.cdiv(cfg["ctas_per_sm"] * _sm_count(device), tiles)))
+    split = max(1, min(k_tiles, triton.cdiv(cfg["ctas_per_sm"] * sms, tiles)))
     return {"block_m": bm, "block_n": cfg["block_n"], "block_k": bk, "split": split, "num_warps": cfg["num_warps"],
             "num_stages": cfg["num_stages"]}
 

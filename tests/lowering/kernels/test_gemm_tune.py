@@ -23,7 +23,7 @@ def test_smoke_sweep_writes_rows_bests_and_summary(tmp_path):
     shapes = {f"{t} {m}x{k}x{n}" for t, m, k, n in result["shapes"]}
     for fam in ("fp8_prequant", "fp8_tma", "int8"):
         assert set(result["best"][fam]) == {s for s in shapes if not s.startswith("w4")}
-    for fam in ("w4a16", "w4a16_splitk"):  # (M = 1, 16 and 256: split-K tiles the rows of M = 256)
+    for fam in ("w4a16", "w4a16_splitk"):  # (M = 1, 16, 256 and 1024: split-K tiles the rows above 16)
         assert set(result["best"][fam]) == {s for s in shapes if s.startswith("w4")}
     assert 256 in gemm_tune.W4_MS
     # the production wrapper ran and reported the config its autotuner used

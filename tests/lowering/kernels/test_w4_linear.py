@@ -5,7 +5,7 @@ import torch
 
 from qcompile.lowering.kernels import w4a8_linear, weight_only_linear
 from qcompile.lowering.reference import qlinear
-from qcompile.lowering.weights import quantize_weight
+from qcompile.lowering.weights import dequantize_weight, quantize_weight
 from qcompile.metrics import sqnr_db
 
 from .helpers import DEVICE, act_qparams, needs_kernels, randn
@@ -99,7 +99,7 @@ def test_split_k_plan_covers_the_gpu_and_only_small_m():
 
 
 def test_medium_m_takes_small_tiles_that_fill_the_gpu():
-    """M in (64, 1024] (DiT-XL/2 at batch 1: 256 tokens) picks the medium table, whose smallest tiles give 144 CTAs at
+    """M in (64, 1024] (DiT-XL/2 at 512px, batch 1: 1024 tokens) picks the medium table, whose smallest tiles give 144 CTAs at
     M = 256, N = 1152 (132 SMs); the large table's tiles give at most 36 there."""
     import triton
 
@@ -130,3 +130,39 @@ def test_medium_m_split_k_tiles_the_rows(m, k, group, dtype, monkeypatch):
     ref = qlinear(x, w, ws, None, None, None, wfmt="int4", group_size=group, weight_shape=qw.shape)
     assert out.dtype == dtype and out.shape == (m, 72)
     assert sqnr_db(ref.float(), out.float()) > (60 if dtype == torch.float32 else 38)
+
+
+@pytest.mark.parametrize("group,dtype", [(64, torch.bfloat16), (None, torch.float16), (32, torch.float32)])
+def test_int4_dequantization_is_the_references_bit_for_bit(group, dtype):
+    """Identity activations read the kernel's dequantized weight tile back: it must equal the reference's dequantized
+    weight exactly (every nibble code -8..7 occurs)."""
+    k = 128
+    qw, w, ws = _qw(48, k, "int4", group)
+    w[0, :2] = torch.tensor([0x88, 0x78], dtype=torch.uint8)  # -8, which the symmetric quantizer never writes
+    codes = torch.cat([w & 0xF, w >> 4]).unique()
+    assert codes.numel() == 16
+    out = weight_only_linear(torch.eye(k, dtype=dtype, device=DEVICE), w, ws, None, wfmt="int4", group_size=group)
+    ref = dequantize_weight(w, ws, "int4", group, qw.shape, "linear", None).to(dtype).cpu()
+    if DEVICE.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's fp32 -> bf16 cast truncates (GPU: exact)
+        torch.testing.assert_close(out.T.cpu(), ref, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out.T.cpu(), ref)
+
+
+def test_medium_m_splits_k_by_default_only_where_few_tiles_walk_a_long_k(monkeypatch):
+    """At M = 256 on 132 SMs: the MLP's second GEMM (K 4608, N 1152: 72 output tiles) splits K, the wide-N GEMMs and
+    the short-K projection do not; ``QDIFF_W4_SPLITK_MEDIUM=0`` turns the default off, ``=1`` splits every shape."""
+    from qcompile.lowering.kernels import w4_linear
+    from qcompile.lowering.kernels.w4_linear import SPLITK_MEDIUM_ENV, medium_splits_k, splitk_plan
+
+    assert medium_splits_k(256, 1152, 4608 // 64, 132)
+    assert not any(medium_splits_k(256, n, k // 64, 132) for n, k in ((4608, 1152), (3456, 1152), (1152, 1152)))
+    assert not medium_splits_k(64, 1152, 72, 132) and not medium_splits_k(2048, 1152, 72, 132)  # small / large tiers
+    monkeypatch.setattr(w4_linear, "_sm_count", lambda device: 132)
+    monkeypatch.delenv(SPLITK_MEDIUM_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert splitk_plan(256, 1152, 4608, 64, cpu)["block_m"] == 64 and splitk_plan(256, 4608, 1152, 64, cpu) is None
+    monkeypatch.setenv(SPLITK_MEDIUM_ENV, "0")
+    assert splitk_plan(256, 1152, 4608, 64, cpu) is None
+    monkeypatch.setenv(SPLITK_MEDIUM_ENV, "1")
+    assert splitk_plan(256, 4608, 1152, 64, cpu) is not None
