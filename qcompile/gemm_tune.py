@@ -98,12 +98,15 @@ TMA_SMALL = [
 ]
 W4_SMALL_M = [  # group 64: BLOCK_K must divide it
     cfg(16, 32, 64, 4, 4), cfg(16, 64, 64, 4, 4), cfg(16, 128, 64, 4, 4), cfg(16, 32, 32, 4, 4), cfg(16, 64, 32, 5, 4),
-    cfg(16, 256, 64, 3, 8), cfg(32, 64, 64, 4, 4),
+    cfg(16, 256, 64, 3, 8), cfg(32, 64, 64, 4, 4), cfg(16, 64, 64, 4, 4, SWAP_AB=True), cfg(16, 128, 64, 4, 4, SWAP_AB=True),
 ]
 W4_MEDIUM_M = [  # 16 < M <= 1024, group 64: the production medium table and smaller / larger neighbours
     cfg(32, 64, 64, 4, 4), cfg(64, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(32, 128, 64, 4, 4), cfg(16, 64, 64, 4, 4),
     cfg(32, 32, 64, 4, 4), cfg(64, 64, 32, 5, 4), cfg(64, 64, 64, 3, 4), cfg(128, 64, 64, 4, 4), cfg(128, 128, 64, 4, 8),
     cfg(128, 64, 64, 3, 8), cfg(128, 128, 64, 3, 8),
+    # SWAP_AB: out^T = W x^T, the dequantized weight as wgmma's register operand
+    cfg(64, 128, 64, 4, 4, SWAP_AB=True), cfg(128, 128, 64, 3, 8, SWAP_AB=True), cfg(128, 64, 64, 4, 4, SWAP_AB=True),
+    cfg(64, 64, 64, 4, 4, SWAP_AB=True), cfg(128, 128, 64, 4, 8, SWAP_AB=True), cfg(64, 128, 64, 3, 8, SWAP_AB=True),
 ]
 W4_SPLITK = [  # (BLOCK_M is 16: all M <= 16 rows at once); CTAS_PER_SM sets the K split
     cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=4), cfg(16, 64, 64, 3, 4, 1, CTAS_PER_SM=8), cfg(16, 32, 64, 3, 4, 1, CTAS_PER_SM=4),
@@ -223,8 +226,11 @@ def _w4_kernel():
 
 def _w4_configs(M, smoke):
     if smoke:
-        return [c for c in SMOKE_CONFIGS if W4_GROUP % c["BLOCK_K"] == 0]
-    return W4_SMALL_M if M <= SPLITK_ROWS else W4_MEDIUM_M
+        base = [c for c in SMOKE_CONFIGS if W4_GROUP % c["BLOCK_K"] == 0]
+        base += [dict(base[0], SWAP_AB=True)]
+    else:
+        base = W4_SMALL_M if M <= SPLITK_ROWS else W4_MEDIUM_M
+    return [{"SWAP_AB": False, **c} for c in base]
 
 FAMILIES: dict[str, Family] = {
     "fp8_prequant": _fp8_family("fp8_prequant", "xq"),

@@ -95,12 +95,11 @@ def _int4_as_float(nibble):
 @triton.jit
 def dequant_int4_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, GROUP: tl.constexpr,
                       EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The (BLOCK_K, BLOCK_N) int4 weight tile ``kt`` dequantized to ``dtype``: ``(q * scale[n, group]).to(dtype)``,
+    """The int4 weight tile ``kt`` dequantized to ``dtype``, N-major: (BLOCK_N, BLOCK_K), ``(q * scale[n, group]).to(dtype)``,
     the same values as :func:`dequant_tile` of :func:`load_weight_tile` (bit for bit), but the nibbles become fp32 by
     integer bit operations and one subtraction (:func:`_int4_as_float`) instead of an int8-to-fp32 conversion per
-    element (a conversion-pipe instruction at a quarter of the FP32 rate on sm_90, which made the K loop ~2x slower
-    than cuBLAS bf16 at M = 256, docs/kernels.md "W4A16 at batch 1"). The scale multiplies the (BLOCK_N, BLOCK_K / 2)
-    nibble halves before they are interleaved into K order."""
+    element (a conversion-pipe instruction, a quarter of the FP32 rate on sm_90). The scale multiplies the
+    (BLOCK_N, BLOCK_K / 2) nibble halves before they are interleaved into K order."""
     rb = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     ptrs = w_ptr + rn_l[:, None] * stride_wn + rb[None, :]
     if EVEN_K:
@@ -114,18 +113,24 @@ def dequant_int4_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, d
         s = tl.load(ws_ptr + rn_l * stride_sn + (kt * BLOCK_K) // GROUP)[:, None]
         lo = lo * s
         hi = hi * s
-    return tl.trans(tl.interleave(lo.to(dtype), hi.to(dtype)))
+    return tl.interleave(lo.to(dtype), hi.to(dtype))
 
 
 @triton.jit
 def weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, W_INT4: tl.constexpr, GROUP: tl.constexpr,
-                EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The weight-only kernels' dequantized (BLOCK_K, BLOCK_N) weight tile ``kt`` in ``dtype`` (int4 or int8 storage)."""
+                EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, N_MAJOR: tl.constexpr):
+    """The weight-only kernels' dequantized weight tile ``kt`` in ``dtype`` (int4 or int8 storage): (BLOCK_K, BLOCK_N),
+    or (BLOCK_N, BLOCK_K) with ``N_MAJOR``."""
     if W_INT4:
-        return dequant_int4_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, GROUP, EVEN_K, BLOCK_K)
+        w = dequant_int4_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, GROUP, EVEN_K, BLOCK_K)
+        if not N_MAJOR:
+            w = tl.trans(w)
     else:
         q = load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, False, EVEN_K, BLOCK_K)
-        return dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, dtype, GROUP)
+        w = dequant_tile(q, ws_ptr, rn_l, stride_sn, kt * BLOCK_K, dtype, GROUP)
+        if N_MAJOR:
+            w = tl.trans(w)
+    return w
 
 
 @triton.jit
@@ -140,14 +145,26 @@ def float_dot(a, b, acc, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _x_tile(x_ptrs, rk, K, kt, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The activation's (BLOCK_M, BLOCK_K) tile ``kt`` (columns past K load as 0)."""
+    if EVEN_K:
+        return tl.load(x_ptrs)
+    else:
+        return tl.load(x_ptrs, mask=(rk < K - kt * BLOCK_K)[None, :], other=0.0)
+
+
+@triton.jit
 def weight_only_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
     M, N, K, K_STORED,
     stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_on,
     W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
+    # SWAP_AB (a config choice): accumulate out^T = W x^T, the dequantized weight tile as the dot's first operand, which
+    # Hopper's wgmma reads from registers (the second operand, here the activation tile, comes from shared memory), so
+    # the dequantized tile is not stored to shared memory and read back each K step; same products, same fp32 sums.
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,15 +172,21 @@ def weight_only_kernel(
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-        else:
-            a = tl.load(x_ptrs, mask=(rk < K - kt * BLOCK_K)[None, :], other=0.0)
-        w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K)
-        acc = float_dot(a, w, acc, FP32_DOT, INTERPRET)
-        x_ptrs += BLOCK_K * stride_xk
+    if SWAP_AB:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            a = _x_tile(x_ptrs, rk, K, kt, EVEN_K, BLOCK_K)
+            w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K, True)
+            acc_t = float_dot(w, tl.trans(a), acc_t, FP32_DOT, INTERPRET)
+            x_ptrs += BLOCK_K * stride_xk
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            a = _x_tile(x_ptrs, rk, K, kt, EVEN_K, BLOCK_K)
+            w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K, False)
+            acc = float_dot(a, w, acc, FP32_DOT, INTERPRET)
+            x_ptrs += BLOCK_K * stride_xk
     # no activation scale (1.0); per-channel weight scales are applied in the epilogue
     store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
 
@@ -241,7 +264,7 @@ def weight_only_splitk_kernel(
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), split):
         kk = kt * BLOCK_K + rk
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk < K)[None, :], other=0.0)
-        w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K)
+        w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K, False)
         acc = float_dot(a, w, acc, FP32_DOT, INTERPRET)
     ptrs = part_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
     tl.store(ptrs, acc, mask=(rm[:, None] < M) & (rn < N)[None, :])
@@ -267,27 +290,37 @@ def splitk_reduce_kernel(
     tl.store(out_ptr + (idx // N) * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def wo_config(bm: int, bn: int, bk: int, stages: int, warps: int, swap_ab: bool = False, group_m: int = 8) -> triton.Config:
+    """A config of :func:`weight_only_kernel` (``swap_ab``: its SWAP_AB variant)."""
+    c = config(bm, bn, bk, stages, warps, group_m)
+    c.kwargs["SWAP_AB"] = swap_ab
+    return c
+
+
 WEIGHT_ONLY_LARGE = [  # 8 warps for 128x128+ tiles: 4 would spill the fp32 accumulator (sm_90 AOT check)
-    config(128, 128, 64, 4, 8),
-    config(128, 256, 64, 3, 8),
-    config(128, 128, 128, 3, 8),
-    config(64, 128, 64, 4, 4),
-    config(128, 64, 32, 5, 4),
+    wo_config(128, 128, 64, 4, 8),
+    wo_config(128, 256, 64, 3, 8),
+    wo_config(128, 128, 128, 3, 8),
+    wo_config(64, 128, 64, 4, 4),
+    wo_config(128, 64, 32, 5, 4),
 ]
 WEIGHT_ONLY_SMALL = [  # small M is bound by weight bytes: narrow N tiles, many CTAs. H200 sweep winners at M = 1 / 16, int4
-    config(16, 64, 64, 4, 4),  # groups of 64 (docs/gemm_tune_h200.json), most frequent first; the last (BLOCK_K 128,
-    config(16, 32, 64, 4, 4),  # not swept) serves per-channel weights and groups of 128+
-    config(32, 64, 64, 4, 4),
-    config(16, 32, 32, 4, 4),
-    config(16, 64, 128, 4, 4),
+    wo_config(16, 64, 64, 4, 4),  # groups of 64 (docs/gemm_tune_h200.json), most frequent first; the last (BLOCK_K 128,
+    wo_config(16, 32, 64, 4, 4),  # not swept) serves per-channel weights and groups of 128+
+    wo_config(32, 64, 64, 4, 4),
+    wo_config(16, 32, 32, 4, 4),
+    wo_config(16, 64, 128, 4, 4),
 ]
 WEIGHT_ONLY_MEDIUM = [  # 64 < M <= 1024 (DiT-XL/2 at 512px, batch 1: M = 1024 tokens): tiles small enough that N = 1152
-    config(32, 64, 64, 4, 4),  # still fills 132 SMs; the large tables' 128 x 128 tiles leave 72 CTAs there (2026-12-03:
-    config(64, 64, 64, 4, 4),  # W4A16 8.46 ms vs bf16 3.76 ms at batch 1, CUDA graphs; 7.46 ms with the first four)
-    config(64, 128, 64, 4, 4),
-    config(32, 128, 64, 4, 4),
-    config(128, 64, 64, 4, 4),  # the H200 sweep's winner at M = 256, N >= 3456 with the bit-operation dequantization
-    config(64, 64, 32, 5, 4),  # groups of 32 (BLOCK_K must divide the group)
+    wo_config(32, 64, 64, 4, 4),  # still fills 132 SMs; the large tables' 128 x 128 tiles leave 72 CTAs there (2026-12-03:
+    wo_config(64, 64, 64, 4, 4),  # W4A16 8.46 ms vs bf16 3.76 ms at batch 1, CUDA graphs; 7.46 ms with the first four)
+    wo_config(64, 128, 64, 4, 4),
+    wo_config(32, 128, 64, 4, 4),
+    wo_config(128, 64, 64, 4, 4),  # the H200 sweep's winner at M = 256, N >= 3456 with the bit-operation dequantization
+    wo_config(64, 64, 32, 5, 4),  # groups of 32 (BLOCK_K must divide the group)
+    wo_config(64, 128, 64, 4, 4, swap_ab=True),  # the dequantized weight as wgmma's register operand (SWAP_AB)
+    wo_config(128, 128, 64, 3, 8, swap_ab=True),
+    wo_config(128, 64, 64, 4, 4, swap_ab=True),
 ]
 W4A8_LARGE = [  # a per-tile partial product next to the accumulator: no 128x256 tiles (they spill)
     config(128, 128, 64, 4, 8),
@@ -303,6 +336,8 @@ W4A8_SMALL = [
 ]
 SMALL_M = 64
 MEDIUM_M = 1024
+# the interpreter's one config per kernel (small tiles: tests cover several tiles and every edge mask)
+INTERPRET_CONFIGS = {"weight_only": wo_config(16, 32, 32, 1, 4, group_m=2), "w4a8": INTERPRET_CONFIG}
 # the autotune tables per kernel and M tier (:func:`m_tier`); W4A8 has no medium table of its own yet (not measured)
 TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium"): WEIGHT_ONLY_MEDIUM,
           ("weight_only", "large"): WEIGHT_ONLY_LARGE, ("w4a8", "small"): W4A8_SMALL, ("w4a8", "medium"): W4A8_LARGE,
@@ -342,7 +377,7 @@ def m_tier(M: int) -> str:
 
 def _configs(which: str, group: int, tier: str) -> list[triton.Config]:
     """The configs of ``which`` for M ``tier`` valid for ``group`` (0: per channel); the interpreter's one config there."""
-    configs = [INTERPRET_CONFIG] if INTERPRET else TABLES[which, tier]
+    configs = [INTERPRET_CONFIGS[which]] if INTERPRET else TABLES[which, tier]
     return [c for c in configs if _fits(c, group)]
 
 

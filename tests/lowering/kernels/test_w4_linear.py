@@ -166,3 +166,31 @@ def test_medium_m_splits_k_by_default_only_where_few_tiles_walk_a_long_k(monkeyp
     assert splitk_plan(256, 1152, 4608, 64, cpu) is None
     monkeypatch.setenv(SPLITK_MEDIUM_ENV, "1")
     assert splitk_plan(256, 4608, 1152, 64, cpu) is not None
+
+
+@pytest.fixture
+def swapped_operands(monkeypatch):
+    """The weight-only kernel's SWAP_AB variant as the interpreter's (or the GPU autotuner's only) config."""
+    from qcompile.lowering.kernels import w4_linear
+
+    cfg = w4_linear.wo_config(16, 32, 32, 1, 4, swap_ab=True, group_m=2)
+    monkeypatch.setitem(w4_linear.INTERPRET_CONFIGS, "weight_only", cfg)
+    monkeypatch.setitem(w4_linear.TABLES, ("weight_only", w4_linear.m_tier(70)), [cfg])
+    w4_linear._kernel.cache_clear()
+    yield
+    w4_linear._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("k,group,fmt,dtype", [(128, 64, "int4", torch.float32), (100, 64, "int4", torch.bfloat16),
+                                               (77, None, "int4", torch.float16), (80, None, "int8", torch.bfloat16)])
+def test_swapped_operands_match_the_reference(k, group, fmt, dtype, swapped_operands):
+    """SWAP_AB (out^T = W x^T, the weight tile as the first dot operand) gives the reference's output, edge tiles too."""
+    qw, w, ws = _qw(40, k, fmt, group)
+    x = randn(70, k, dtype=dtype)
+    b = randn(40)
+    out = weight_only_linear(x, w, ws, b, wfmt=fmt, group_size=group)
+    ref = qlinear(x, w, ws, b, None, None, wfmt=fmt, group_size=group, weight_shape=qw.shape)
+    assert out.shape == (70, 40) and sqnr_db(ref.float(), out.float()) > (60 if dtype == torch.float32 else 38)
+    eye = weight_only_linear(torch.eye(k, dtype=torch.float32, device=DEVICE), w, ws, None, wfmt=fmt, group_size=group)
+    deq = dequantize_weight(w, ws, fmt, group, qw.shape, "linear", None).float().cpu()
+    assert torch.equal(eye.T.cpu(), deq)  # fp32: the dequantized weight read back exactly
