@@ -297,6 +297,26 @@ def wo_config(bm: int, bn: int, bk: int, stages: int, warps: int, swap_ab: bool 
     return c
 
 
+@triton.jit
+def dequantize_kernel(
+    w_ptr, ws_ptr, out_ptr, N, K, K_STORED, stride_wn, stride_sn, stride_on,
+    W_INT4: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[n, k] = (q[n, k] * scale[n, group]).to(out dtype)`` for k < K: the stored weight dequantized once, the same
+    values as the GEMM kernels' tiles (:func:`weight_tile`), for the dequantize-then-cuBLAS route (:func:`dequant_mm_rows`)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_l = rn % N
+    kt = tl.program_id(1)
+    dtype = out_ptr.dtype.element_ty
+    if GROUP > 0:
+        w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, W_INT4, GROUP, EVEN_K, BLOCK_K, True)
+    else:  # per-channel scales (the GEMMs apply them in their epilogue); the integer codes are exact in fp32
+        q = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, tl.float32, W_INT4, GROUP, EVEN_K, BLOCK_K, True)
+        w = (q * tl.load(ws_ptr + rn_l * stride_sn)[:, None]).to(dtype)
+    rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
+
+
 WEIGHT_ONLY_LARGE = [  # 8 warps for 128x128+ tiles: 4 would spill the fp32 accumulator (sm_90 AOT check)
     wo_config(128, 128, 64, 4, 8),
     wo_config(128, 256, 64, 3, 8),
@@ -361,6 +381,15 @@ SPLITK_GEMV_BLOCK_M = 16  # every M <= 16 row in one tile
 SPLITK_MEDIUM_BLOCK_M = 64
 SPLITK_MEDIUM_MIN_K_TILES = 32  # medium_splits_k: K of at least 32 tiles (2048 at BLOCK_K 64)
 SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4}
+# Dequantize-then-cuBLAS route (``QDIFF_W4_DEQUANT_MM=1``, off by default; bench suffix ``-dequant-mm``): at M >=
+# DEQUANT_MM_MIN_M the GEMM is compute-bound and the fused kernels ran at ~0.45x of cuBLAS bf16 (H200, 2026-12-03:
+# 41.6 vs 19.7 us at 1024 x 1152 x 4608), so the weight is dequantized to the activation's dtype (one pass: writes
+# N x K x 2 bytes, ~4 us for 1152 x 4608) and multiplied by cuBLAS through F.linear; the weight stays int4 in memory.
+DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
+DEQUANT_MM_MIN_M = 512
+DEQUANT_BLOCK_N = 64
+_TORCH_ACTIVATIONS = {"none": lambda y: y, "silu": torch.nn.functional.silu,
+                      "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
 
@@ -577,6 +606,46 @@ def _(x, w, w_scale, bias, a_scale, a_zp, act_smooth, K, group_size, a_fp8, act)
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
+def dequant_mm_rows(M: int) -> bool:
+    """Whether a weight-only GEMM of M rows takes the dequantize-then-cuBLAS route (``QDIFF_W4_DEQUANT_MM=1`` and
+    M >= :data:`DEQUANT_MM_MIN_M`)."""
+    return M >= DEQUANT_MM_MIN_M and bool(env_switch(DEQUANT_MM_ENV, False))
+
+
+def _dequantize(w, w_scale, K, group_size, int4, dtype, wrap=wrap_triton):
+    N = w.shape[0]
+    k_stored = w.shape[1] * (2 if int4 else 1)
+    out = torch.empty((N, K), device=w.device, dtype=dtype)
+    bk = group_size if group_size else 64
+    wrap(dequantize_kernel)[(triton.cdiv(N, DEQUANT_BLOCK_N), triton.cdiv(K, bk))](
+        w, w_scale, out, N, K, k_stored, w.stride(0), w_scale.stride(0), out.stride(0),
+        W_INT4=int4, GROUP=group_size, EVEN_K=k_stored % bk == 0, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=bk,
+    )
+    return out
+
+
+@triton_op("qdiff::dequantize_weight_only", mutates_args=())
+def dequantize_weight_only_op(w: torch.Tensor, w_scale: torch.Tensor, K: int, group_size: int, int4: bool,
+                              dtype: torch.dtype) -> torch.Tensor:
+    """A stored int4 (``int4``) or int8 weight as a ``(N, K)`` ``dtype`` matrix (``group_size`` 0: per channel)."""
+    return _dequantize(w, w_scale, K, group_size, int4, dtype)
+
+
+@dequantize_weight_only_op.register_fake
+def _(w, w_scale, K, group_size, int4, dtype):
+    return w.new_empty((w.shape[0], K), dtype=dtype)
+
+
+def dequantize_weight_only(w: torch.Tensor, w_scale: torch.Tensor, K: int, *, wfmt: str, group_size: int | None,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """The stored weight (int4 packed or int8, ``w_scale`` (N, groups)) dequantized to a ``(N, K)`` ``dtype`` matrix:
+    the reference's :func:`qcompile.lowering.weights.dequantize_weight`, bit for bit."""
+    N = w.shape[0]
+    check_tensor(w, "weight", (torch.uint8,) if wfmt == "int4" else (torch.int8,), dim=2)
+    args = (w, w_scale.reshape(N, -1), K, group_size or 0, wfmt == "int4", dtype)
+    return _dequantize(*args, wrap=direct) if eager_call(w) else torch.ops.qdiff.dequantize_weight_only(*args)
+
+
 def _as_2d(x):
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -588,7 +657,14 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
     if wfmt not in ("int4", "int8"):
         raise ValueError(f"weight-only kernel takes int4 or int8 weights, not {wfmt!r}")
     N, K = w.shape[0], x.shape[-1]
-    args = (_as_2d(x), w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), K, group_size or 0, wfmt == "int4", activation_code(act))
+    x2 = _as_2d(x)
+    if dequant_mm_rows(x2.shape[0]) and x.dtype in (torch.bfloat16, torch.float16):
+        activation_code(act)  # (validates the name)
+        b = fused_bias(bias, bias_corr, N)
+        w_f = dequantize_weight_only(w, w_scale, K, wfmt=wfmt, group_size=group_size, dtype=x.dtype)
+        out = _TORCH_ACTIVATIONS[act](torch.nn.functional.linear(x2, w_f, None if b is None else b.to(x.dtype)))
+        return out.reshape(*x.shape[:-1], N)
+    args = (x2, w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), K, group_size or 0, wfmt == "int4", activation_code(act))
     out = _weight_only_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.weight_only_linear(*args)
     return out.reshape(*x.shape[:-1], N)
 

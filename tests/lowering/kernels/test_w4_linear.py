@@ -194,3 +194,45 @@ def test_swapped_operands_match_the_reference(k, group, fmt, dtype, swapped_oper
     eye = weight_only_linear(torch.eye(k, dtype=torch.float32, device=DEVICE), w, ws, None, wfmt=fmt, group_size=group)
     deq = dequantize_weight(w, ws, fmt, group, qw.shape, "linear", None).float().cpu()
     assert torch.equal(eye.T.cpu(), deq)  # fp32: the dequantized weight read back exactly
+
+
+@pytest.mark.parametrize("k,group,fmt,dtype", [(128, 64, "int4", torch.float32), (100, 32, "int4", torch.float16),
+                                               (77, None, "int4", torch.bfloat16), (80, None, "int8", torch.float32)])
+def test_dequantize_weight_only_is_the_references(k, group, fmt, dtype):
+    """``qdiff::dequantize_weight_only`` writes the reference's dequantized weight (K edges and N edges masked)."""
+    from qcompile.lowering.kernels.w4_linear import dequantize_weight_only
+
+    qw, w, ws = _qw(70, k, fmt, group)
+    out = dequantize_weight_only(w, ws, k, wfmt=fmt, group_size=group, dtype=dtype)
+    ref = dequantize_weight(w, ws, fmt, group, qw.shape, "linear", None).to(dtype).cpu()
+    assert out.shape == (70, k) and out.dtype == dtype
+    if DEVICE.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's fp32 -> bf16 cast truncates (GPU: exact)
+        torch.testing.assert_close(out.cpu(), ref, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("act", ["none", "silu", "gelu_tanh"])
+def test_dequant_mm_route_takes_large_m_only_when_switched_on(act, monkeypatch):
+    """``QDIFF_W4_DEQUANT_MM=1``: M >= DEQUANT_MM_MIN_M dequantizes the weight once and multiplies with F.linear (the
+    activation applied after), smaller M and float32 activations keep the fused kernel; off by default."""
+    from qcompile.lowering.kernels import w4_linear
+    from qcompile.lowering.kernels.w4_linear import DEQUANT_MM_ENV, dequant_mm_rows
+
+    calls = []
+    real = w4_linear._dequantize
+    monkeypatch.setattr(w4_linear, "_dequantize", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    monkeypatch.setattr(w4_linear, "DEQUANT_MM_MIN_M", 32)
+    monkeypatch.delenv(DEQUANT_MM_ENV, raising=False)
+    assert not dequant_mm_rows(4096)
+    monkeypatch.setenv(DEQUANT_MM_ENV, "1")
+    assert dequant_mm_rows(32) and not dequant_mm_rows(31)
+    qw, w, ws = _qw(40, 128, "int4", 64)
+    b = randn(40)
+    for m, expect_route in ((40, True), (8, False)):
+        calls.clear()
+        x = randn(m, 128, dtype=torch.float16)
+        out = weight_only_linear(x, w, ws, b, wfmt="int4", group_size=64, act=act)
+        ref = w4_linear._TORCH_ACTIVATIONS[act](qlinear(x, w, ws, b, None, None, wfmt="int4", group_size=64, weight_shape=qw.shape).float())
+        assert (calls == [64]) == expect_route and out.dtype == torch.float16
+        assert sqnr_db(ref, out.float()) > 38
