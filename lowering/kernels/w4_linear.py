@@ -52,16 +52,21 @@ from ._common import (
 
 
 @triton.jit
+def packed_int4_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K / 2) packed bytes of int4 weight tile ``kt`` (uint8; bytes past the stored row load as 0)."""
+    rb = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ptrs = w_ptr + rn_l[:, None] * stride_wn + rb[None, :]
+    if EVEN_K:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(rb < K_STORED // 2)[None, :], other=0)
+
+
+@triton.jit
 def load_weight_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, W_INT4: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The (BLOCK_K, BLOCK_N) int8 weight tile ``kt`` (K_STORED: stored row length in elements)."""
     if W_INT4:
-        rb = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        ptrs = w_ptr + rn_l[:, None] * stride_wn + rb[None, :]
-        if EVEN_K:
-            p = tl.load(ptrs)
-        else:
-            p = tl.load(ptrs, mask=(rb < K_STORED // 2)[None, :], other=0)
-        p = p.to(tl.int8, bitcast=True)
+        p = packed_int4_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, EVEN_K, BLOCK_K).to(tl.int8, bitcast=True)
         lo = (p << 4) >> 4  # arithmetic shifts sign-extend the nibbles
         hi = p >> 4
         return tl.trans(tl.interleave(lo, hi))
@@ -100,13 +105,7 @@ def dequant_int4_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, d
     integer bit operations and one subtraction (:func:`_int4_as_float`) instead of an int8-to-fp32 conversion per
     element (a conversion-pipe instruction, a quarter of the FP32 rate on sm_90). The scale multiplies the
     (BLOCK_N, BLOCK_K / 2) nibble halves before they are interleaved into K order."""
-    rb = kt * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    ptrs = w_ptr + rn_l[:, None] * stride_wn + rb[None, :]
-    if EVEN_K:
-        p = tl.load(ptrs)
-    else:
-        p = tl.load(ptrs, mask=(rb < K_STORED // 2)[None, :], other=0)
-    p = p.to(tl.int32)  # zero-extended bytes
+    p = packed_int4_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, EVEN_K, BLOCK_K).to(tl.int32)  # zero-extended bytes
     lo = _int4_as_float(p & 0xF)
     hi = _int4_as_float(p >> 4)
     if GROUP > 0:
