@@ -515,6 +515,7 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
                                                                  SPLITK_MEDIUM_ENV, DEQUANT_MM_ENV}
     assert bench.row_environment("qdiff-w4a16-splitk-cudagraphs") == {SPLITK_ENV: "1"}
     assert bench.row_environment("qdiff-w4a16-dequant-mm-cudagraphs") == {DEQUANT_MM_ENV: "1"}
+    assert bench.row_environment("qdiff-w4a16-no-dequant-mm-cudagraphs") == {DEQUANT_MM_ENV: "0"}
     assert bench.row_environment("qdiff-w4a16-splitk-medium-cudagraphs") == {SPLITK_MEDIUM_ENV: "1"}
     assert bench.row_environment("qdiff-w8a8-fp8-attn-fp8-out-cudagraphs") == {ATTN_FP8_OUT_ENV: "1"}
     # suffixes stack (both fp8-attention epilogues in one row)

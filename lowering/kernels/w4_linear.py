@@ -380,10 +380,12 @@ SPLITK_GEMV_BLOCK_M = 16  # every M <= 16 row in one tile
 SPLITK_MEDIUM_BLOCK_M = 64
 SPLITK_MEDIUM_MIN_K_TILES = 32  # medium_splits_k: K of at least 32 tiles (2048 at BLOCK_K 64)
 SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4}
-# Dequantize-then-cuBLAS route (``QDIFF_W4_DEQUANT_MM=1``, off by default; bench suffix ``-dequant-mm``): at M >=
-# DEQUANT_MM_MIN_M the GEMM is compute-bound and the fused kernels ran at ~0.45x of cuBLAS bf16 (H200, 2026-12-03:
-# 41.6 vs 19.7 us at 1024 x 1152 x 4608), so the weight is dequantized to the activation's dtype (one pass: writes
-# N x K x 2 bytes, ~4 us for 1152 x 4608) and multiplied by cuBLAS through F.linear; the weight stays int4 in memory.
+# Dequantize-then-cuBLAS route (on by default; ``QDIFF_W4_DEQUANT_MM=0`` turns it off, bench suffixes ``-dequant-mm`` /
+# ``-no-dequant-mm``): at M >= DEQUANT_MM_MIN_M the GEMM is compute-bound and the fused kernels ran at ~0.5x of cuBLAS
+# bf16 (H200, 2026-12-03: 37.6 vs 19.7 us at 1024 x 1152 x 4608), so the weight is dequantized to the activation's dtype
+# (one pass: writes N x K x 2 bytes, ~4 us for 1152 x 4608) and multiplied by cuBLAS through F.linear; the weight stays
+# int4 in memory. Measured at DiT-XL/2 batch 1 (M = 1024), CUDA graphs: 4.84 ms against the fused kernels' 6.93 ms
+# (bf16 Inductor 3.81 / 3.85 ms in the same runs).
 DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
 DEQUANT_MM_MIN_M = 512
 DEQUANT_BLOCK_N = 64
@@ -606,9 +608,9 @@ def _(x, w, w_scale, bias, a_scale, a_zp, act_smooth, K, group_size, a_fp8, act)
 
 
 def dequant_mm_rows(M: int) -> bool:
-    """Whether a weight-only GEMM of M rows takes the dequantize-then-cuBLAS route (``QDIFF_W4_DEQUANT_MM=1`` and
-    M >= :data:`DEQUANT_MM_MIN_M`)."""
-    return M >= DEQUANT_MM_MIN_M and bool(env_switch(DEQUANT_MM_ENV, False))
+    """Whether a weight-only GEMM of M rows takes the dequantize-then-cuBLAS route: M >= :data:`DEQUANT_MM_MIN_M`
+    unless ``QDIFF_W4_DEQUANT_MM=0``."""
+    return M >= DEQUANT_MM_MIN_M and bool(env_switch(DEQUANT_MM_ENV, True))
 
 
 def _dequantize(w, w_scale, K, group_size, int4, dtype, wrap=wrap_triton):

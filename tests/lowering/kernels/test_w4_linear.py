@@ -213,9 +213,9 @@ def test_dequantize_weight_only_is_the_references(k, group, fmt, dtype):
 
 
 @pytest.mark.parametrize("act", ["none", "silu", "gelu_tanh"])
-def test_dequant_mm_route_takes_large_m_only_when_switched_on(act, monkeypatch):
-    """``QDIFF_W4_DEQUANT_MM=1``: M >= DEQUANT_MM_MIN_M dequantizes the weight once and multiplies with F.linear (the
-    activation applied after), smaller M and float32 activations keep the fused kernel; off by default."""
+def test_dequant_mm_route_takes_large_m_unless_switched_off(act, monkeypatch):
+    """M >= DEQUANT_MM_MIN_M dequantizes the weight once and multiplies with F.linear (the activation applied after),
+    smaller M and float32 activations keep the fused kernel; ``QDIFF_W4_DEQUANT_MM=0`` keeps it for every M."""
     from qcompile.lowering.kernels import w4_linear
     from qcompile.lowering.kernels.w4_linear import DEQUANT_MM_ENV, dequant_mm_rows
 
@@ -223,16 +223,16 @@ def test_dequant_mm_route_takes_large_m_only_when_switched_on(act, monkeypatch):
     real = w4_linear._dequantize
     monkeypatch.setattr(w4_linear, "_dequantize", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
     monkeypatch.setattr(w4_linear, "DEQUANT_MM_MIN_M", 32)
-    monkeypatch.delenv(DEQUANT_MM_ENV, raising=False)
+    monkeypatch.setenv(DEQUANT_MM_ENV, "0")
     assert not dequant_mm_rows(4096)
-    monkeypatch.setenv(DEQUANT_MM_ENV, "1")
+    monkeypatch.delenv(DEQUANT_MM_ENV)
     assert dequant_mm_rows(32) and not dequant_mm_rows(31)
     qw, w, ws = _qw(40, 128, "int4", 64)
     b = randn(40)
-    for m, expect_route in ((40, True), (8, False)):
+    for m, dtype, expect_route in ((40, torch.float16, True), (8, torch.float16, False), (40, torch.float32, False)):
         calls.clear()
-        x = randn(m, 128, dtype=torch.float16)
+        x = randn(m, 128, dtype=dtype)
         out = weight_only_linear(x, w, ws, b, wfmt="int4", group_size=64, act=act)
         ref = w4_linear._TORCH_ACTIVATIONS[act](qlinear(x, w, ws, b, None, None, wfmt="int4", group_size=64, weight_shape=qw.shape).float())
-        assert (calls == [64]) == expect_route and out.dtype == torch.float16
+        assert (calls == [64]) == expect_route and out.dtype == dtype
         assert sqnr_db(ref, out.float()) > 38
