@@ -429,18 +429,28 @@ def supports_group(group_size: int | None) -> bool:
     return all(_configs(w, g, tier) for w, tier in TABLES)
 
 
-def _check_weight(x, w, w_scale, group: int, int4: bool, K: int):
+def _check_stored(w, w_scale, group: int, int4: bool, K: int) -> tuple[int, int]:
+    """``(N, stored K)`` of a packed int4 / int8 weight and its scales, checked against K input features and the group."""
     check_tensor(w, "weight", (torch.uint8,) if int4 else (torch.int8,), dim=2)
+    if not int4 and group:
+        raise ValueError("int8 weights are per-channel only")
     N = w.shape[0]
     k_stored = w.shape[1] * (2 if int4 else 1)
-    if x.shape[1] != K or not (K <= k_stored < K + max(group, 2)):
-        raise ValueError(f"x has {x.shape[1]} input features; K={K} does not fit a weight storing {k_stored} per row")
+    if not (K <= k_stored < K + max(group, 2)):
+        raise ValueError(f"a weight storing {k_stored} per row does not fit K={K} input features")
     n_groups = k_stored // group if group else 1
     check_tensor(w_scale, "weight scale", (torch.float32,), shape=(N, n_groups))
     if group and k_stored % group:
         raise ValueError(f"stored K {k_stored} is not a whole number of groups of {group}")
     if not (w.is_contiguous() and w_scale.is_contiguous()):
         raise ValueError("weight and weight scale must be contiguous")
+    return N, k_stored
+
+
+def _check_weight(x, w, w_scale, group: int, int4: bool, K: int):
+    if x.shape[1] != K:
+        raise ValueError(f"x has {x.shape[1]} input features; the weight was called with K={K}")
+    N, k_stored = _check_stored(w, w_scale, group, int4, K)
     row_major(x, "x")
     return N, k_stored
 
@@ -520,8 +530,6 @@ def _splitk(x, w, w_scale, bias, K, k_stored, group, int4, act, plan, wrap=wrap_
 
 def _weight_only_linear(x, w, w_scale, bias, K, group_size, int4, act, wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=2)
-    if not int4 and group_size:
-        raise ValueError("int8 weights are per-channel only")
     N, k_stored = _check_weight(x, w, w_scale, group_size, int4, K)
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
@@ -614,10 +622,12 @@ def dequant_mm_rows(M: int) -> bool:
 
 
 def _dequantize(w, w_scale, K, group_size, int4, dtype, wrap=wrap_triton):
-    N = w.shape[0]
-    k_stored = w.shape[1] * (2 if int4 else 1)
+    N, k_stored = _check_stored(w, w_scale, group_size, int4, K)
+    check_launchable(w, w_scale)
+    bk = next((b for b in (64, 32) if group_size % b == 0), None)  # one scale per tile (group_size 0: any)
+    if bk is None:
+        raise ValueError(f"no dequantization tile for int4 groups of {group_size} (need a multiple of 32)")
     out = torch.empty((N, K), device=w.device, dtype=dtype)
-    bk = group_size if group_size else 64
     wrap(dequantize_kernel)[(triton.cdiv(N, DEQUANT_BLOCK_N), triton.cdiv(K, bk))](
         w, w_scale, out, N, K, k_stored, w.stride(0), w_scale.stride(0), out.stride(0),
         W_INT4=int4, GROUP=group_size, EVEN_K=k_stored % bk == 0, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=bk,
@@ -641,9 +651,7 @@ def dequantize_weight_only(w: torch.Tensor, w_scale: torch.Tensor, K: int, *, wf
                            dtype: torch.dtype) -> torch.Tensor:
     """The stored weight (int4 packed or int8, ``w_scale`` (N, groups)) dequantized to a ``(N, K)`` ``dtype`` matrix:
     the reference's :func:`qcompile.lowering.weights.dequantize_weight`, bit for bit."""
-    N = w.shape[0]
-    check_tensor(w, "weight", (torch.uint8,) if wfmt == "int4" else (torch.int8,), dim=2)
-    args = (w, w_scale.reshape(N, -1), K, group_size or 0, wfmt == "int4", dtype)
+    args = (w, w_scale.reshape(w.shape[0], -1), K, group_size or 0, wfmt == "int4", dtype)
     return _dequantize(*args, wrap=direct) if eager_call(w) else torch.ops.qdiff.dequantize_weight_only(*args)
 
 

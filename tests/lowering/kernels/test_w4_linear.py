@@ -57,6 +57,10 @@ def test_storage_mismatch_is_reported():
         weight_only_linear(randn(2, 192), w, ws, None, wfmt="int4", group_size=64)
     with pytest.raises(ValueError, match="weight scale must have shape"):
         weight_only_linear(randn(2, 128), w, ws[:, :1], None, wfmt="int4", group_size=64)
+    from qcompile.lowering.kernels.w4_linear import dequantize_weight_only
+
+    with pytest.raises(ValueError, match="does not fit"):  # the dequantize-then-cuBLAS route checks the same
+        dequantize_weight_only(w, ws, 60, wfmt="int4", group_size=64, dtype=torch.float16)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
