@@ -9,7 +9,7 @@ no autotuner) over a broad, explicit config list per M regime, at DiT-XL/2 b8 51
 1024px b2 and SD 1.5 512px b2 shapes, and timed with ``triton.testing.do_bench`` (median). Families:
 ``fp8`` (bf16 input, quantized in the prologue), ``fp8_prequant`` (fp8 input), ``fp8_tma`` /
 ``fp8_tma_prequant`` (persistent TMA kernel, Triton >= 3.4), ``int8`` (asymmetric, bf16 input),
-``w4a16`` and ``w4a16_splitk`` (M = 1, 16 and 256). Baselines: bf16 ``torch.mm``, ``torch._scaled_mm``
+``w4a16``, ``w4a16_splitk`` and ``w4a16_dequant_mm`` (the dequantization kernel then ``torch.mm``; M = 1, 16, 256 and 1024). Baselines: bf16 ``torch.mm``, ``torch._scaled_mm``
 tensorwise (default and fast accumulation), ``torch._int_mm``. Every config's output is checked
 against the reference lowering (SQNR); configs that do not fit shared memory (estimate) or fail
 to compile / launch are logged with the reason and skipped. Compilation runs first, in parallel
@@ -268,8 +268,24 @@ FAMILIES["w4a16_splitk"] = Family(
     configs=lambda M, smoke: SMOKE_SPLITK if smoke else W4_SPLITK if M <= SPLITK_ROWS else W4_SPLITK_MEDIUM, reference="ref_w4",
     baseline="bf16", launcher=_splitk_launch,
 )
+def _dequant_mm_launch(D, M, K, N, c, sms):
+    from .lowering.kernels.w4_linear import _dequantize
+
+    x = D["x"]
+    w = _dequantize(D["w4"], D["ws4"], K, W4_GROUP, True, x.dtype, wrap=lambda k: k,
+                    cfg={"block_n": c["BLOCK_N"], "num_warps": c["num_warps"]})
+    return torch.nn.functional.linear(x, w, D["bias"].to(x.dtype))
+
+
+W4_DEQUANT = [cfg(1, bn, W4_GROUP, 1, w) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8), (32, 4))]  # (BLOCK_M unused)
+# the dequantize-then-cuBLAS route (M >= w4_linear.DEQUANT_MM_MIN_M in production): dequantization tile x torch.mm
+FAMILIES["w4a16_dequant_mm"] = Family(
+    name="w4a16_dequant_mm", kernel=_w4_kernel, args=None, flags=None, grid=None, a_bytes=0, b_bytes=0,
+    configs=lambda M, smoke: W4_DEQUANT[:2] if smoke else W4_DEQUANT, reference="ref_w4", baseline="bf16",
+    launcher=_dequant_mm_launch,
+)
 W8A8_FAMILIES = ["fp8_prequant", "fp8_tma_prequant", "fp8", "fp8_tma", "int8"]
-W4_FAMILIES = ["w4a16", "w4a16_splitk"]
+W4_FAMILIES = ["w4a16", "w4a16_splitk", "w4a16_dequant_mm"]
 
 
 def smem_estimate(fam: Family, c: dict) -> int:
@@ -515,7 +531,8 @@ def _wrapper_call(name: str, D: dict):
         return lambda: fp8_linear_prequant(D["xq"], D["w8"], D["ws8"], D["bias"], D["s8"], torch.bfloat16)
     if name == "int8":
         return lambda: int8_linear(D["x"], D["wi"], D["wsi"], D["bias"], D["si"], D["zi"], colsum=D["colsum"])
-    if name in ("w4a16", "w4a16_splitk"):  # (the wrapper's own choice: split-K for the medium shapes medium_splits_k picks)
+    if name in W4_FAMILIES:  # (the wrapper's own choice: the dequantize-then-cuBLAS route from M = 512, split-K for the
+        # medium shapes medium_splits_k picks, the fused kernels otherwise)
         return lambda: weight_only_linear(D["x"], D["w4"], D["ws4"], D["bias"], wfmt="int4", group_size=W4_GROUP)
     return None
 

@@ -142,7 +142,8 @@ def cases(which: set[str]):
                  for bm, bn, w in ((w4_linear.SPLITK_GEMV_BLOCK_M, 64, 4), (w4_linear.SPLITK_MEDIUM_BLOCK_M, 64, 4), (64, 128, 4))]
         yield "w4a16 split-K", w4_linear.weight_only_splitk_kernel, sig, flags, split, ["M", "N", "K", "K_STORED", "stride_xm", "stride_wn"]
         sig = {"w_ptr": "*u8", "ws_ptr": "*fp32", "out_ptr": "*bf16", **{n: I32 for n in ("N", "K", "K_STORED", "stride_wn", "stride_sn", "stride_on")}}
-        deq = [triton.Config({"BLOCK_N": w4_linear.DEQUANT_BLOCK_N, "BLOCK_K": 64}, num_stages=1, num_warps=4)]
+        deq = [triton.Config({"BLOCK_N": w4_linear.DEQUANT_CONFIG["block_n"], "BLOCK_K": 64}, num_stages=1,
+                             num_warps=w4_linear.DEQUANT_CONFIG["num_warps"])]
         for group in (64, 0):
             yield f"w4 dequantize (group {group})", w4_linear.dequantize_kernel, sig, dict(W_INT4=True, GROUP=group, EVEN_K=True), deq, \
                 ["K", "K_STORED", "stride_wn", "stride_on"]

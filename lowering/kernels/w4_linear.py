@@ -388,7 +388,7 @@ SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3,
 # (bf16 Inductor 3.81 / 3.85 ms in the same runs).
 DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
 DEQUANT_MM_MIN_M = 512
-DEQUANT_BLOCK_N = 64
+DEQUANT_CONFIG = {"block_n": 64, "num_warps": 4}  # rows per program of dequantize_kernel (its K tile divides the group)
 _TORCH_ACTIVATIONS = {"none": lambda y: y, "silu": torch.nn.functional.silu,
                       "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
@@ -621,16 +621,18 @@ def dequant_mm_rows(M: int) -> bool:
     return M >= DEQUANT_MM_MIN_M and bool(env_switch(DEQUANT_MM_ENV, True))
 
 
-def _dequantize(w, w_scale, K, group_size, int4, dtype, wrap=wrap_triton):
+def _dequantize(w, w_scale, K, group_size, int4, dtype, wrap=wrap_triton, cfg: dict | None = None):
+    """The dequantization launch (``cfg``: :data:`DEQUANT_CONFIG`'s keys, for the config sweep)."""
+    cfg = cfg or DEQUANT_CONFIG
     N, k_stored = _check_stored(w, w_scale, group_size, int4, K)
     check_launchable(w, w_scale)
     bk = next((b for b in (64, 32) if group_size % b == 0), None)  # one scale per tile (group_size 0: any)
     if bk is None:
         raise ValueError(f"no dequantization tile for int4 groups of {group_size} (need a multiple of 32)")
     out = torch.empty((N, K), device=w.device, dtype=dtype)
-    wrap(dequantize_kernel)[(triton.cdiv(N, DEQUANT_BLOCK_N), triton.cdiv(K, bk))](
+    wrap(dequantize_kernel)[(triton.cdiv(N, cfg["block_n"]), triton.cdiv(K, bk))](
         w, w_scale, out, N, K, k_stored, w.stride(0), w_scale.stride(0), out.stride(0),
-        W_INT4=int4, GROUP=group_size, EVEN_K=k_stored % bk == 0, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=bk,
+        W_INT4=int4, GROUP=group_size, EVEN_K=k_stored % bk == 0, BLOCK_N=cfg["block_n"], BLOCK_K=bk, num_warps=cfg["num_warps"],
     )
     return out
 
