@@ -37,7 +37,7 @@ from . import reference
 from . import conv_im2col
 from .conv_im2col import conv2d_fp8_direct, conv2d_fp8_im2col, fp8_engine
 from .heads import HeadsLayout
-from .kernels._common import FLOAT_DTYPES, MAX_SLICES, kernels_usable_on
+from .kernels._common import FLOAT_DTYPES, MAX_SLICES, TORCH_ACTIVATIONS, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
 from .kernels.fp8_linear import fp8_linear, fp8_linear_prequant, quantize_input_fp8
 from .kernels.int8_linear import int8_linear, weight_colsum
@@ -130,19 +130,12 @@ def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_s
                          out_scale=out_scale, out_dtype=out_dtype, colsum=colsum, outlier_scale=outlier_scale)
 
 
-_ACT_REFERENCE = {
-    "none": lambda y: y,
-    "silu": torch.nn.functional.silu,
-    "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
-}
-
-
 def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False,
                   bias_corr=None, act_smooth=None, act="none", splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None,
                   outlier_scale=None):
     """:func:`qlinear` followed by ``act`` (``none`` / ``silu`` / ``gelu_tanh``), fused into the kernel's epilogue."""
-    if act not in _ACT_REFERENCE:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ACT_REFERENCE)}")
+    if act not in TORCH_ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(TORCH_ACTIVATIONS)}")
     if len(weight_shape) != 2 or x.shape[-1] != weight_shape[1]:
         raise ValueError(f"linear input of shape {tuple(x.shape)} does not match weight shape {tuple(weight_shape)}")
     if x_quant is not None and x_quant not in X_QUANT_MODES:
@@ -161,7 +154,7 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
             x = reference.dequantize_activation(x, a_scale, a_zp, out_dtype)
         y = reference.qlinear(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                               afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits, outlier_scale=outlier_scale)
-        y = _ACT_REFERENCE[act](y)
+        y = TORCH_ACTIVATIONS[act](y)
         return y if out_scale is None else quantize_input_fp8(y, out_scale)
     return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
                    bias_corr=bias_corr, act_smooth=act_smooth, act=act, x_quant=x_quant, out_scale=out_scale, out_dtype=out_dtype,

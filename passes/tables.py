@@ -11,7 +11,6 @@ on int8 buffers, so the float table has no reader left and ``release_float_weigh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -20,7 +19,7 @@ from ..errors import PlanMismatchError
 from ..lowering import reference
 from ..lowering.weights import QuantizedWeight, quantize_weight
 from .convert import add_buffer
-from .sites import bind, parameter_tensors
+from .sites import bind
 
 EMBEDDING_TARGETS = {torch.nn.functional.embedding}
 _ARGS = ("input", "weight", "padding_idx", "max_norm")
@@ -64,14 +63,14 @@ def quantize_table(table: torch.Tensor) -> QuantizedWeight:
     return quantize_weight(table.detach().float(), "int8", "linear", clip_search=False)
 
 
-def convert_tables(gm: fx.GraphModule, example_inputs: Sequence[Any], tables: dict[str, QuantizedWeight],
+def convert_tables(gm: fx.GraphModule, params: dict[str, tuple[str, torch.Tensor]], tables: dict[str, QuantizedWeight],
                    device: torch.device) -> tuple[fx.GraphModule, list[str]]:
-    """Lookups of the tables in ``tables`` read their int8 rows; returns the graph and the names of module-state tables
-    it looks up that stay in float (not in ``tables``, or unsupported). A table whose shape differs from the stored one
-    raises :class:`PlanMismatchError` naming it."""
+    """Lookups of the tables in ``tables`` read their int8 rows (``params``: :func:`parameter_tensors` of the graph's
+    inputs); returns the graph and the names of module-state tables it looks up that stay in float (not in ``tables``,
+    or unsupported). A table whose shape differs from the stored one raises :class:`PlanMismatchError` naming it."""
     nodes = {n.name: n for n in gm.graph.nodes}
     left: list[str] = []
-    for i, (site, table) in enumerate(find_tables(gm, parameter_tensors(gm, example_inputs))):
+    for i, (site, table) in enumerate(find_tables(gm, params)):
         q = tables.get(site.weight_name)
         if q is None or site.unsupported:
             left.append(site.weight_name + ("" if site.unsupported is None else f" ({site.unsupported})"))

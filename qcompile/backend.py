@@ -238,10 +238,11 @@ def build_quantized_graph(
     _warn_float_ops(plan, [s.key for s in sites] + sorted(opaque) + [s.key for s in attn], {**unsupported, **opaque, **attn_float}, fallback)
     if not plan.quantized_nodes():
         warnings.warn(f"qdiff: the plan for {plan.model_class} quantizes nothing; compiling the full-precision graph", stacklevel=2)
-    constants = {name: value for name, (_, value) in parameter_tensors(gm, example_inputs).items()}
+    params = parameter_tensors(gm, example_inputs)
+    constants = {name: value for name, (_, value) in params.items()}
     converted = convert(gm, ops, _device_of(example_inputs), lowering, constants)
     converted = convert_attention(converted, attention_ops(plan, group), _device_of(example_inputs), lowering.attention)
-    converted, float_tables = convert_tables(converted, example_inputs, plan.tables, _device_of(example_inputs))
+    converted, float_tables = convert_tables(converted, params, plan.tables, _device_of(example_inputs))
     if plan.config.embedding_tables is not None and float_tables and "tables" not in plan.warned:
         plan.warned.add("tables")
         warnings.warn("qdiff: embedding tables kept in float (not in the plan, or unsupported):\n"

@@ -177,8 +177,8 @@ FP8_QKV = "-fp8-qkv"
 FLOAT_QKV = "-float-qkv"
 # suffix (before -cudagraphs): Inductor's coordinate-descent tuning of its generated kernels (QDIFF_COORDINATE_DESCENT=1)
 COORDINATE_DESCENT = "-cdtune"
-# suffixes (before -cudagraphs): weight-only GEMMs at M <= 16 take the split-K path (QDIFF_W4_SPLITK=1), or every M up to
-# the medium tier's 1024 does (QDIFF_W4_SPLITK_MEDIUM=1); both off by default
+# suffixes (before -cudagraphs): weight-only GEMMs at M <= 16 take the split-K path (QDIFF_W4_SPLITK=1, off by default), or
+# every M up to the medium tier's 1024 does (QDIFF_W4_SPLITK_MEDIUM=1; by default only the shapes w4_linear.medium_splits_k picks)
 W4_SPLITK = "-splitk"
 W4_SPLITK_MEDIUM = "-splitk-medium"
 # suffixes (before -cudagraphs): weight-only GEMMs of M >= 512 rows dequantize the weight and call cuBLAS

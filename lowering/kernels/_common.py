@@ -31,6 +31,12 @@ _STDLIB_INTERPRETED: bool = isinstance(tl.standard.cdiv, InterpretedFunction)
 
 FP8_MAX = 448.0
 ACTIVATIONS = {"none": 0, "silu": 1, "gelu_tanh": 2}
+# the same activations in PyTorch (what the kernels' epilogues compute, for references and unfused routes)
+TORCH_ACTIVATIONS = {
+    "none": lambda y: y,
+    "silu": torch.nn.functional.silu,
+    "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
+}
 
 # triton.autotune's on-disk cache of the chosen config per key (Triton >= 3.2); Inductor replaces
 # the autotuner with its own (also cached) when the kernel is compiled into a graph.

@@ -41,6 +41,7 @@ from ._common import (
     direct,
     eager_call,
     INTERPRET_CONFIG,
+    TORCH_ACTIVATIONS,
     config,
     fused_bias,
     quantize_fp8,
@@ -389,8 +390,6 @@ SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3,
 DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
 DEQUANT_MM_MIN_M = 512
 DEQUANT_CONFIG = {"block_n": 64, "num_warps": 4}  # rows per program of dequantize_kernel (its K tile divides the group)
-_TORCH_ACTIVATIONS = {"none": lambda y: y, "silu": torch.nn.functional.silu,
-                      "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
 
@@ -673,7 +672,7 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
         activation_code(act)  # (validates the name)
         b = fused_bias(bias, bias_corr, N)
         w_f = dequantize_weight_only(w, w_scale, K, wfmt=wfmt, group_size=group_size, dtype=x.dtype)
-        out = _TORCH_ACTIVATIONS[act](torch.nn.functional.linear(x2, w_f, None if b is None else b.to(x.dtype)))
+        out = TORCH_ACTIVATIONS[act](torch.nn.functional.linear(x2, w_f, None if b is None else b.to(x.dtype)))
         return out.reshape(*x.shape[:-1], N)
     args = (x2, w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), K, group_size or 0, wfmt == "int4", activation_code(act))
     out = _weight_only_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.weight_only_linear(*args)

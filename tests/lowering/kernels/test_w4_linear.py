@@ -221,6 +221,7 @@ def test_dequant_mm_route_takes_large_m_unless_switched_off(act, monkeypatch):
     """M >= DEQUANT_MM_MIN_M dequantizes the weight once and multiplies with F.linear (the activation applied after),
     smaller M and float32 activations keep the fused kernel; ``QDIFF_W4_DEQUANT_MM=0`` keeps it for every M."""
     from qcompile.lowering.kernels import w4_linear
+    from qcompile.lowering.kernels._common import TORCH_ACTIVATIONS
     from qcompile.lowering.kernels.w4_linear import DEQUANT_MM_ENV, dequant_mm_rows
 
     calls = []
@@ -237,6 +238,6 @@ def test_dequant_mm_route_takes_large_m_unless_switched_off(act, monkeypatch):
         calls.clear()
         x = randn(m, 128, dtype=dtype)
         out = weight_only_linear(x, w, ws, b, wfmt="int4", group_size=64, act=act)
-        ref = w4_linear._TORCH_ACTIVATIONS[act](qlinear(x, w, ws, b, None, None, wfmt="int4", group_size=64, weight_shape=qw.shape).float())
+        ref = TORCH_ACTIVATIONS[act](qlinear(x, w, ws, b, None, None, wfmt="int4", group_size=64, weight_shape=qw.shape).float())
         assert (calls == [64]) == expect_route and out.dtype == dtype
         assert sqnr_db(ref, out.float()) > 38
