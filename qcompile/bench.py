@@ -185,6 +185,9 @@ W4_SPLITK_MEDIUM = "-splitk-medium"
 # (QDIFF_W4_DEQUANT_MM=1, the default), or take the fused kernels (=0)
 W4_DEQUANT_MM = "-dequant-mm"
 W4_NO_DEQUANT_MM = "-no-dequant-mm"
+# suffix (before -cudagraphs): weight-only GEMMs of M <= 4 rows take the tensor-core kernel instead of the GEMV kernel
+# (QDIFF_W4_GEMV=0; the GEMV kernel is the default)
+W4_NO_GEMV = "-no-gemv"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
@@ -193,10 +196,10 @@ ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGU
                     NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1"),
                     FLOAT_QKV: ("QDIFF_ATTN_FP8_QKV", "0"), W4_SPLITK: ("QDIFF_W4_SPLITK", "1"),
                     W4_SPLITK_MEDIUM: ("QDIFF_W4_SPLITK_MEDIUM", "1"), W4_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "1"),
-                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0")}
+                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0"), W4_NO_GEMV: ("QDIFF_W4_GEMV", "0")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8", "qdiff-w4a16"))
-            + tuple("qdiff-w4a16" + s + c for s in (W4_SPLITK, W4_SPLITK_MEDIUM, W4_DEQUANT_MM, W4_NO_DEQUANT_MM)
+            + tuple("qdiff-w4a16" + s + c for s in (W4_SPLITK, W4_SPLITK_MEDIUM, W4_DEQUANT_MM, W4_NO_DEQUANT_MM, W4_NO_GEMV)
                     for c in ("", CUDAGRAPHS))
             + ("qdiff-w8a8-fp8" + LATENCY_GUARD, "qdiff-w8a8-fp8" + LATENCY_GUARD + CUDAGRAPHS)
             + ("qdiff-w8a8-fp8-attn", "qdiff-w8a8-fp8-attn" + CUDAGRAPHS)  # fp8 attention (qdiff::fp8_attention) on top of w8a8-fp8

@@ -9,8 +9,9 @@ no autotuner) over a broad, explicit config list per M regime, at DiT-XL/2 b8 51
 1024px b2 and SD 1.5 512px b2 shapes, and timed with ``triton.testing.do_bench`` (median). Families:
 ``fp8`` (bf16 input, quantized in the prologue), ``fp8_prequant`` (fp8 input), ``fp8_tma`` /
 ``fp8_tma_prequant`` (persistent TMA kernel, Triton >= 3.4), ``int8`` (asymmetric, bf16 input),
-``w4a16``, ``w4a16_splitk`` and ``w4a16_dequant_mm`` (the dequantization kernel then ``torch.mm``; M = 1, 16, 256 and 1024). Baselines: bf16 ``torch.mm``, ``torch._scaled_mm``
-tensorwise (default and fast accumulation), ``torch._int_mm``. Every config's output is checked
+``w4a16``, ``w4a16_splitk``, ``w4a16_dequant_mm`` (the dequantization kernel then ``torch.mm``) and
+``w4a16_gemv`` (M <= 16 only), at M = 1, 16, 256 and 1024. Baselines: bf16 ``torch.mm`` (also under a CUDA graph),
+``torch._scaled_mm`` tensorwise (default and fast accumulation), ``torch._int_mm``. Every config's output is checked
 against the reference lowering (SQNR); configs that do not fit shared memory (estimate) or fail
 to compile / launch are logged with the reason and skipped. Compilation runs first, in parallel
 worker processes sharing Triton's disk cache (``Kernel.warmup``). For each family's best config the
@@ -68,7 +69,7 @@ def cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8, **
 
 
 def cfg_name(c: dict) -> str:
-    s = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} s{c['num_stages']} w{c['num_warps']} g{c['GROUP_M']}"
+    s = f"{c.get('BLOCK_M', '-')}x{c['BLOCK_N']}x{c['BLOCK_K']} s{c['num_stages']} w{c['num_warps']} g{c.get('GROUP_M', '-')}"
     extras = [k.lower() if v is True else f"{k.lower()}={v}" for k, v in c.items()
               if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_stages", "num_warps") and v is not False]
     return s + "".join(f" +{e}" for e in extras)
@@ -284,13 +285,38 @@ FAMILIES["w4a16_dequant_mm"] = Family(
     configs=lambda M, smoke: W4_DEQUANT[:2] if smoke else W4_DEQUANT, reference="ref_w4", baseline="bf16",
     launcher=_dequant_mm_launch,
 )
+
+
+def _gemv_kernel():
+    from .lowering.kernels.w4_linear import weight_only_gemv_kernel
+
+    return weight_only_gemv_kernel
+
+
+def gemv_cfg(bn: int, bk: int, unroll: int, warps: int) -> dict:
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "UNROLL": unroll, "num_stages": 1, "num_warps": warps}
+
+
+W4_GEMV = [  # (BLOCK_N, BLOCK_K, UNROLL, warps): UNROLL 18 x 64 covers K = 1152 in one loop step
+    gemv_cfg(*c) for c in ((4, 64, 8, 1), (4, 64, 18, 1), (2, 64, 18, 1), (8, 64, 8, 2), (8, 64, 18, 2), (8, 64, 4, 2),
+                           (16, 64, 8, 4), (16, 64, 4, 4), (16, 64, 18, 4), (32, 64, 4, 4), (8, 32, 16, 2), (16, 64, 8, 2))
+]
+# the GEMV kernel (M <= w4_linear.GEMV_MAX_M in production; swept up to SPLITK_ROWS): a program per BLOCK_N columns and row
+FAMILIES["w4a16_gemv"] = Family(
+    name="w4a16_gemv", kernel=_gemv_kernel,
+    args=lambda D, M, K, N: (D["x"], D["w4"], D["ws4"], D["bias"], D["out"], N, K, K, K, K // 2, K // W4_GROUP, N),
+    flags=lambda M, K, N, c: dict(W_INT4=True, GROUP=W4_GROUP, HAS_BIAS=True, ACT=0),
+    grid=lambda M, N, c, sms: (-(-N // c["BLOCK_N"]), M), a_bytes=0, b_bytes=0,
+    configs=lambda M, smoke: [] if M > SPLITK_ROWS else [gemv_cfg(8, 32, 3, 2)] if smoke else W4_GEMV,
+    reference="ref_w4", baseline="bf16",
+)
 W8A8_FAMILIES = ["fp8_prequant", "fp8_tma_prequant", "fp8", "fp8_tma", "int8"]
-W4_FAMILIES = ["w4a16", "w4a16_splitk", "w4a16_dequant_mm"]
+W4_FAMILIES = ["w4a16", "w4a16_splitk", "w4a16_dequant_mm", "w4a16_gemv"]
 
 
 def smem_estimate(fam: Family, c: dict) -> int:
     """Bytes of shared memory the pipelined A and B tiles need (the compiler's own figure may differ)."""
-    per_stage = c["BLOCK_M"] * c["BLOCK_K"] * fam.a_bytes + c["BLOCK_N"] * c["BLOCK_K"] * fam.b_bytes
+    per_stage = c.get("BLOCK_M", 0) * c["BLOCK_K"] * fam.a_bytes + c["BLOCK_N"] * c["BLOCK_K"] * fam.b_bytes
     return int(per_stage * max(c["num_stages"], 1))
 
 
@@ -468,11 +494,13 @@ class Sweep:
     def baseline(self, tag: str, name: str, M, K, N, fn) -> float | None:
         try:
             ms = self.timer(fn)
+            graph_ms = self.timer.graph(fn)  # (small GEMMs: do_bench's time is mostly the launch)
             err = None
         except RuntimeError as e:  # cuBLASLt shape constraints (_int_mm needs M > 16, ...)
-            ms, err = None, str(e).splitlines()[0]
+            ms, graph_ms, err = None, None, str(e).splitlines()[0]
         self.baselines.append({"shape": tag, "M": M, "K": K, "N": N, "name": name, "us": None if ms is None else ms * 1e3,
-                               "tflops": tflops(M, K, N, ms), "error": err})
+                               "cudagraph_us": None if graph_ms is None else graph_ms * 1e3, "tflops": tflops(M, K, N, ms),
+                               "error": err})
         return ms
 
     def family(self, fam: Family, tag: str, D: dict, M: int, K: int, N: int, smoke: bool) -> None:

@@ -147,6 +147,12 @@ def cases(which: set[str]):
         for group in (64, 0):
             yield f"w4 dequantize (group {group})", w4_linear.dequantize_kernel, sig, dict(W_INT4=True, GROUP=group, EVEN_K=True), deq, \
                 ["K", "K_STORED", "stride_wn", "stride_on"]
+        sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16",
+               **{n: I32 for n in ("N", "K", "K_STORED", "stride_xm", "stride_wn", "stride_sn", "stride_om")}}
+        for group in (64, 0):
+            yield f"w4a16 GEMV (group {group})", w4_linear.weight_only_gemv_kernel, sig, \
+                dict(W_INT4=True, GROUP=group, HAS_BIAS=True, ACT=1), \
+                [c for c in w4_linear.WEIGHT_ONLY_GEMV if w4_linear._fits(c, group)], ["N", "K", "K_STORED", "stride_xm", "stride_wn"]
         sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32", smooth_ptr="*fp32",
                                out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)
         flags = dict(unit, A_FP8=False, QMIN=-128, QMAX=127, ASYM=True, GROUP=64, HAS_BIAS=False, HAS_SMOOTH=False, ACT=0, EVEN_K=True)

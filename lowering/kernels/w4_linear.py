@@ -34,6 +34,7 @@ from ._common import (
     INTERPRET,
     activation_code,
     apply_activation,
+    epilogue,
     autotuned,
     check_launchable,
     check_scalar,
@@ -189,6 +190,63 @@ def weight_only_kernel(
             x_ptrs += BLOCK_K * stride_xk
     # no activation scale (1.0); per-channel weight scales are applied in the epilogue
     store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
+
+
+@triton.jit
+def _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, W_INT4: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight tile ``kt``'s even and odd K columns, (BLOCK_N, BLOCK_K / 2) each: dequantized to ``dtype`` (the reference's
+    values, as :func:`weight_tile`; per-channel scales come in the epilogue), then widened to fp32. Int4 bytes hold an
+    even and an odd column, so the halves need no interleaving. Columns past the stored row load as 0 (the tile's scale
+    is then clamped to the row's last, any finite one)."""
+    if W_INT4:
+        p = packed_int4_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, False, BLOCK_K).to(tl.int32)
+        lo = _int4_as_float(p & 0xF)
+        hi = _int4_as_float(p >> 4)
+    else:
+        rk = kt * BLOCK_K + 2 * tl.arange(0, BLOCK_K // 2)
+        ptrs = w_ptr + rn_l[:, None] * stride_wn + rk[None, :]
+        lo = tl.load(ptrs, mask=(rk < K_STORED)[None, :], other=0).to(tl.float32)
+        hi = tl.load(ptrs + 1, mask=(rk + 1 < K_STORED)[None, :], other=0).to(tl.float32)
+    if GROUP > 0:
+        g = tl.minimum((kt * BLOCK_K) // GROUP, K_STORED // GROUP - 1)
+        s = tl.load(ws_ptr + rn_l * stride_sn + g)[:, None]
+        lo = lo * s
+        hi = hi * s
+    return lo.to(dtype).to(tl.float32), hi.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def weight_only_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    N, K, K_STORED,
+    stride_xm, stride_wn, stride_sn, stride_om,
+    W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """Row ``m`` (grid axis 1) of a few-row weight-only GEMM as a GEMV on the CUDA cores: BLOCK_N output columns per
+    program; each K tile's weight is dequantized as the GEMM kernels do, multiplied by the activation elementwise in
+    fp32 and summed into (BLOCK_N, BLOCK_K / 2) partial sums, reduced once at the end.
+
+    A GEMV of a few MB is bound by memory latency, not bandwidth: each loop step issues the loads of UNROLL K tiles
+    (one scale each: BLOCK_K divides the group) before it waits, so a row of K = 1152 takes a few round trips instead
+    of one per tile. Every load is masked (a memory-bound kernel has ALU to spare), so any K and UNROLL work."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    m = tl.program_id(1)
+    x_row = x_ptr + m * stride_xm
+    r2 = 2 * tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K * UNROLL)):
+        for u in tl.static_range(UNROLL):
+            kt = k0 * UNROLL + u
+            ke = kt * BLOCK_K + r2
+            xe = tl.load(x_row + ke, mask=ke < K, other=0.0)
+            xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0.0)
+            lo, hi = _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, xe.dtype, W_INT4, GROUP, BLOCK_K)
+            acc += lo * xe.to(tl.float32)[None, :] + hi * xo.to(tl.float32)[None, :]
+    y = epilogue(tl.sum(acc, axis=1)[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
+    tl.store(out_ptr + m * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])
 
 
 @triton.jit
@@ -354,14 +412,32 @@ W4A8_SMALL = [
     config(32, 64, 128, 4, 4),
     config(16, 64, 32, 4, 4),
 ]
+
+
+def gemv_config(bn: int, bk: int, unroll: int, warps: int, stages: int = 1) -> triton.Config:
+    """A config of :func:`weight_only_gemv_kernel`: BLOCK_N columns, UNROLL K tiles of BLOCK_K per loop step."""
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "UNROLL": unroll}, num_warps=warps, num_stages=stages)
+
+
+WEIGHT_ONLY_GEMV = [  # few rows per program and 8 K tiles per loop step: the whole grid is resident and each program's
+    gemv_config(8, 64, 8, 2),  # loads for K = 1152 take 3 round trips; groups of 64 first, then 32 and 128+ / per channel
+    gemv_config(16, 64, 8, 4),
+    gemv_config(4, 64, 8, 1),
+    gemv_config(8, 64, 4, 2),
+    gemv_config(32, 64, 4, 4),
+    gemv_config(8, 32, 16, 2),
+    gemv_config(8, 128, 4, 2),
+]
 SMALL_M = 64
 MEDIUM_M = 1024
 # the interpreter's one config per kernel (small tiles: tests cover several tiles and every edge mask)
-INTERPRET_CONFIGS = {"weight_only": wo_config(16, 32, 32, 1, 4, group_m=2), "w4a8": INTERPRET_CONFIG}
-# the autotune tables per kernel and M tier (:func:`m_tier`); W4A8 has no medium table of its own yet (not measured)
+INTERPRET_CONFIGS = {"weight_only": wo_config(16, 32, 32, 1, 4, group_m=2), "w4a8": INTERPRET_CONFIG,
+                     "gemv": gemv_config(16, 32, 3, 4)}
+# the autotune tables per kernel and M tier (:func:`m_tier`); W4A8 has no medium table of its own yet (not measured);
+# the GEMV kernel serves M <= GEMV_MAX_M (:func:`gemv_rows`) only
 TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium"): WEIGHT_ONLY_MEDIUM,
           ("weight_only", "large"): WEIGHT_ONLY_LARGE, ("w4a8", "small"): W4A8_SMALL, ("w4a8", "medium"): W4A8_LARGE,
-          ("w4a8", "large"): W4A8_LARGE}
+          ("w4a8", "large"): W4A8_LARGE, ("gemv", "small"): WEIGHT_ONLY_GEMV}
 # Split-K GEMV path for M <= SPLITK_MAX_M (weight-bandwidth-bound): BLOCK_N columns x every SPLIT-th K tile per
 # program, SPLIT chosen so that about CTAS_PER_SM programs per SM stream the weight; no autotuning (one compile).
 # OFF (0): on the H200 (docs/gemm_tune_h200.json, M = 1 / 16, int4 groups of 64, 4 weight shapes) its best config
@@ -390,8 +466,14 @@ SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3,
 DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
 DEQUANT_MM_MIN_M = 512
 DEQUANT_CONFIG = {"block_n": 64, "num_warps": 4}  # rows per program of dequantize_kernel (its K tile divides the group)
+# GEMV path (on by default; ``QDIFF_W4_GEMV=0`` turns it off, bench suffix ``-no-gemv``): weight-only GEMMs of
+# M <= GEMV_MAX_M rows (DiT's adaLN and timestep-embedding linears at batch 1) read the weight once per row on the CUDA
+# cores (weight_only_gemv_kernel) instead of padding M to a 16-row tensor-core tile.
+GEMV_ENV = "QDIFF_W4_GEMV"
+GEMV_MAX_M = 4
 _KEY_WO = ["M", "N", "K", "W_INT4", "GROUP", "ACT"]
 _KEY_W4A8 = ["M", "N", "K", "A_FP8", "ASYM", "GROUP", "HAS_SMOOTH", "ACT"]
+_KEY_GEMV = ["N", "K", "W_INT4", "GROUP", "ACT"]  # (M is the grid's second axis)
 
 
 def _fits(c: triton.Config, group: int) -> bool:
@@ -416,7 +498,8 @@ def _kernel(which: str, group: int, tier: str):
     configs = _configs(which, group, tier)
     if not configs:
         return None
-    fn, key = (weight_only_kernel, _KEY_WO) if which == "weight_only" else (w4a8_kernel, _KEY_W4A8)
+    fn, key = {"weight_only": (weight_only_kernel, _KEY_WO), "w4a8": (w4a8_kernel, _KEY_W4A8),
+               "gemv": (weight_only_gemv_kernel, _KEY_GEMV)}[which]
     return autotuned(fn, configs, key, interpret_config=configs[0]), max(c.kwargs["BLOCK_K"] for c in configs)
 
 
@@ -527,12 +610,35 @@ def _splitk(x, w, w_scale, bias, K, k_stored, group, int4, act, plan, wrap=wrap_
     return out
 
 
+def gemv_rows(M: int) -> bool:
+    """Whether a weight-only GEMM of M rows takes the GEMV kernel: 0 < M <= :data:`GEMV_MAX_M` unless
+    ``QDIFF_W4_GEMV=0``."""
+    return 0 < M <= GEMV_MAX_M and bool(env_switch(GEMV_ENV, True))
+
+
+def _gemv(x, w, w_scale, bias, K, k_stored, group, int4, act, wrap=wrap_triton):
+    """The GEMV launch: one program per BLOCK_N columns and row."""
+    found = _kernel("gemv", group, "small")
+    if found is None:
+        raise ValueError(f"no GEMV configuration for int4 groups of {group} (need a multiple of 32)")
+    M, N = x.shape[0], w.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    wrap(found[0])[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
+        x, w, w_scale, bias if bias is not None else w_scale, out, N, K, k_stored,
+        x.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
+        W_INT4=int4, GROUP=group, HAS_BIAS=bias is not None, ACT=act,
+    )
+    return out
+
+
 def _weight_only_linear(x, w, w_scale, bias, K, group_size, int4, act, wrap=wrap_triton):
     check_tensor(x, "x", FLOAT_DTYPES, dim=2)
     N, k_stored = _check_weight(x, w, w_scale, group_size, int4, K)
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
     check_launchable(x, w, w_scale)
+    if x.stride(1) == 1 and gemv_rows(x.shape[0]):
+        return _gemv(x, w, w_scale, bias, K, k_stored, group_size, int4, act, wrap=wrap)
     if x.stride(1) == 1:
         plan = splitk_plan(x.shape[0], N, K, group_size, x.device)
         if plan is not None:

@@ -13,7 +13,7 @@ pytestmark = [needs_kernels, pytest.mark.skipif(DEVICE is not None and DEVICE.ty
 
 
 def test_smoke_sweep_writes_rows_bests_and_summary(tmp_path):
-    assert gemm_tune.main(["--smoke", "--out", str(tmp_path), "--families", "fp8_prequant,fp8_tma,int8,w4a16,w4a16_splitk,w4a16_dequant_mm"]) == 0
+    assert gemm_tune.main(["--smoke", "--out", str(tmp_path), "--families", "fp8_prequant,fp8_tma,int8,w4a16,w4a16_splitk,w4a16_dequant_mm,w4a16_gemv"]) == 0
     result = json.loads((tmp_path / "gemm_tune.json").read_text())
     ok = [r for r in result["rows"] if r["status"] == "ok"]
     assert ok and all(r["sqnr_db"] > gemm_tune.SQNR_FLOOR_DB and r["us"] > 0 for r in ok)
@@ -25,6 +25,8 @@ def test_smoke_sweep_writes_rows_bests_and_summary(tmp_path):
         assert set(result["best"][fam]) == {s for s in shapes if not s.startswith("w4")}
     for fam in ("w4a16", "w4a16_splitk", "w4a16_dequant_mm"):  # (split-K tiles the rows above M = 16)
         assert set(result["best"][fam]) == {s for s in shapes if s.startswith("w4")}
+    assert set(result["best"]["w4a16_gemv"]) == {f"{t} {m}x{k}x{n}" for t, m, k, n in result["shapes"]  # (few rows only)
+                                                 if t.startswith("w4") and m <= gemm_tune.SPLITK_ROWS}
     assert 256 in gemm_tune.W4_MS
     # the production wrapper ran and reported the config its autotuner used
     wrapped = [d for d in result["diagnostics"] if d["kernel"] == "int8"]

@@ -241,3 +241,66 @@ def test_dequant_mm_route_takes_large_m_unless_switched_off(act, monkeypatch):
         ref = TORCH_ACTIVATIONS[act](qlinear(x, w, ws, b, None, None, wfmt="int4", group_size=64, weight_shape=qw.shape).float())
         assert (calls == [64]) == expect_route and out.dtype == dtype
         assert sqnr_db(ref, out.float()) > 38
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """The groups of the GEMV launches (``_gemv`` spied on)."""
+    from qcompile.lowering.kernels import w4_linear
+
+    calls = []
+    real = w4_linear._gemv
+    monkeypatch.setattr(w4_linear, "_gemv", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "m,k,group,fmt,dtype,act",
+    [
+        (1, 128, 64, "int4", torch.float32, "none"),  # whole groups
+        (3, 100, 64, "int4", torch.bfloat16, "silu"),  # K zero-padded to 128 in storage: masked tiles and scales
+        (2, 77, None, "int4", torch.float16, "gelu_tanh"),  # per-channel scales in the epilogue, odd K
+        (4, 96, 32, "int4", torch.float32, "none"),  # groups of 32
+        (1, 80, None, "int8", torch.bfloat16, "none"),  # W8A16
+        (2, 75, None, "int8", torch.float32, "silu"),  # W8A16, odd K
+    ],
+)
+def test_gemv_matches_reference(m, k, group, fmt, dtype, act, gemv_calls):
+    """M <= GEMV_MAX_M rows take the GEMV kernel (N edge tile masked); the reference's output, bias and activation too."""
+    from qcompile.lowering.kernels._common import TORCH_ACTIVATIONS
+
+    qw, w, ws = _qw(40, k, fmt, group)
+    x = randn(m, k, dtype=dtype)
+    b = randn(40)
+    out = weight_only_linear(x, w, ws, b, wfmt=fmt, group_size=group, act=act)
+    ref = TORCH_ACTIVATIONS[act](qlinear(x, w, ws, b, None, None, wfmt=fmt, group_size=group, weight_shape=qw.shape).float())
+    assert gemv_calls == [group or 0] and out.dtype == dtype and out.shape == (m, 40)
+    assert sqnr_db(ref, out.float()) > (60 if dtype == torch.float32 else 38)
+
+
+@pytest.mark.parametrize("k,group,fmt", [(128, 64, "int4"), (100, 32, "int4"), (77, None, "int4"), (80, None, "int8")])
+def test_gemv_reads_the_references_dequantized_weight(k, group, fmt, gemv_calls):
+    """One-hot fp32 rows (first and last column, both sides of a group boundary) read columns of the GEMV's
+    dequantized weight back: exactly the reference's."""
+    qw, w, ws = _qw(40, k, fmt, group)
+    cols = [0, 31, 32, k - 1]
+    x = torch.zeros(len(cols), k, device=DEVICE)
+    x[torch.arange(len(cols)), cols] = 1.0
+    out = weight_only_linear(x, w, ws, None, wfmt=fmt, group_size=group)
+    deq = dequantize_weight(w, ws, fmt, group, qw.shape, "linear", None).float().cpu()
+    assert gemv_calls == [group or 0]
+    assert torch.equal(out.cpu(), deq[:, cols].T)
+
+
+def test_gemv_takes_few_rows_unless_switched_off(gemv_calls, monkeypatch):
+    """Only 1 .. GEMV_MAX_M rows take the GEMV kernel; ``QDIFF_W4_GEMV=0`` keeps the tensor-core kernel for them."""
+    from qcompile.lowering.kernels.w4_linear import GEMV_ENV, GEMV_MAX_M, gemv_rows
+
+    assert gemv_rows(1) and gemv_rows(GEMV_MAX_M) and not gemv_rows(GEMV_MAX_M + 1) and not gemv_rows(0)
+    qw, w, ws = _qw(40, 64, "int4", 64)
+    weight_only_linear(randn(GEMV_MAX_M + 1, 64), w, ws, None, wfmt="int4", group_size=64)
+    assert gemv_calls == []
+    monkeypatch.setenv(GEMV_ENV, "0")
+    assert not gemv_rows(1)
+    out = weight_only_linear(randn(1, 64), w, ws, None, wfmt="int4", group_size=64)
+    assert gemv_calls == [] and out.shape == (1, 40)
