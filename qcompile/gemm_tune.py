@@ -273,9 +273,9 @@ def _dequant_mm_launch(D, M, K, N, c, sms):
     from .lowering.kernels.w4_linear import _dequantize
 
     x = D["x"]
-    w = _dequantize(D["w4"], D["ws4"], K, W4_GROUP, True, x.dtype, wrap=lambda k: k,
-                    cfg={"block_n": c["BLOCK_N"], "num_warps": c["num_warps"]})
-    return torch.nn.functional.linear(x, w, D["bias"].to(x.dtype))
+    w, b = _dequantize(D["w4"], D["ws4"], D["bias"], K, W4_GROUP, True, x.dtype, wrap=lambda k: k,
+                       cfg={"block_n": c["BLOCK_N"], "num_warps": c["num_warps"]})
+    return torch.nn.functional.linear(x, w, b)
 
 
 W4_DEQUANT = [cfg(1, bn, W4_GROUP, 1, w) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8), (32, 4))]  # (BLOCK_M unused)
@@ -297,17 +297,18 @@ def gemv_cfg(bn: int, bk: int, unroll: int, warps: int) -> dict:
     return {"BLOCK_N": bn, "BLOCK_K": bk, "UNROLL": unroll, "num_stages": 1, "num_warps": warps}
 
 
-W4_GEMV = [  # (BLOCK_N, BLOCK_K, UNROLL, warps): UNROLL 18 x 64 covers K = 1152 in one loop step
-    gemv_cfg(*c) for c in ((4, 64, 8, 1), (4, 64, 18, 1), (2, 64, 18, 1), (8, 64, 8, 2), (8, 64, 18, 2), (8, 64, 4, 2),
-                           (16, 64, 8, 4), (16, 64, 4, 4), (16, 64, 18, 4), (32, 64, 4, 4), (8, 32, 16, 2), (16, 64, 8, 2))
+W4_GEMV = [  # (BLOCK_N, BLOCK_K, UNROLL, warps): BLOCK_K / 2 contiguous bytes per row and tile
+    gemv_cfg(*c) for c in ((8, 128, 9, 1), (16, 128, 9, 2), (8, 256, 3, 2), (16, 256, 4, 4), (32, 128, 4, 4), (4, 512, 2, 2),
+                           (4, 128, 9, 1), (8, 128, 4, 1), (16, 128, 4, 2), (8, 512, 1, 2), (32, 256, 2, 4), (2, 128, 9, 1),
+                           (16, 64, 18, 2), (4, 256, 5, 1))
 ]
 # the GEMV kernel (M <= w4_linear.GEMV_MAX_M in production; swept up to SPLITK_ROWS): a program per BLOCK_N columns and row
 FAMILIES["w4a16_gemv"] = Family(
     name="w4a16_gemv", kernel=_gemv_kernel,
-    args=lambda D, M, K, N: (D["x"], D["w4"], D["ws4"], D["bias"], D["out"], N, K, K, K, K // 2, K // W4_GROUP, N),
+    args=lambda D, M, K, N: (D["x"], D["w4"], D["ws4"], D["bias"], D["out"], N, K, K, K // 2, K, K // 2, K // W4_GROUP, N),
     flags=lambda M, K, N, c: dict(W_INT4=True, GROUP=W4_GROUP, HAS_BIAS=True, ACT=0),
     grid=lambda M, N, c, sms: (-(-N // c["BLOCK_N"]), M), a_bytes=0, b_bytes=0,
-    configs=lambda M, smoke: [] if M > SPLITK_ROWS else [gemv_cfg(8, 32, 3, 2)] if smoke else W4_GEMV,
+    configs=lambda M, smoke: [] if M > SPLITK_ROWS else [gemv_cfg(8, 64, 3, 2)] if smoke else W4_GEMV,
     reference="ref_w4", baseline="bf16",
 )
 W8A8_FAMILIES = ["fp8_prequant", "fp8_tma_prequant", "fp8", "fp8_tma", "int8"]

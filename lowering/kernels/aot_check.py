@@ -141,18 +141,21 @@ def cases(which: set[str]):
         split = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=3, num_warps=w)
                  for bm, bn, w in ((w4_linear.SPLITK_GEMV_BLOCK_M, 64, 4), (w4_linear.SPLITK_MEDIUM_BLOCK_M, 64, 4), (64, 128, 4))]
         yield "w4a16 split-K", w4_linear.weight_only_splitk_kernel, sig, flags, split, ["M", "N", "K", "K_STORED", "stride_xm", "stride_wn"]
-        sig = {"w_ptr": "*u8", "ws_ptr": "*fp32", "out_ptr": "*bf16", **{n: I32 for n in ("N", "K", "K_STORED", "stride_wn", "stride_sn", "stride_on")}}
+        sig = {"w_ptr": "*u8", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "bias_out_ptr": "*bf16",
+               **{n: I32 for n in ("N", "K", "K_STORED", "stride_wn", "stride_sn", "stride_on")}}
         deq = [triton.Config({"BLOCK_N": w4_linear.DEQUANT_CONFIG["block_n"], "BLOCK_K": 64}, num_stages=1,
                              num_warps=w4_linear.DEQUANT_CONFIG["num_warps"])]
         for group in (64, 0):
-            yield f"w4 dequantize (group {group})", w4_linear.dequantize_kernel, sig, dict(W_INT4=True, GROUP=group, EVEN_K=True), deq, \
+            yield f"w4 dequantize (group {group})", w4_linear.dequantize_kernel, sig, \
+                dict(W_INT4=True, GROUP=group, HAS_BIAS=group == 64, EVEN_K=True), deq, \
                 ["K", "K_STORED", "stride_wn", "stride_on"]
         sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16",
-               **{n: I32 for n in ("N", "K", "K_STORED", "stride_xm", "stride_wn", "stride_sn", "stride_om")}}
+               **{n: I32 for n in ("N", "K", "K_STORED", "W_ROW", "stride_xm", "stride_wn", "stride_sn", "stride_om")}}
         for group in (64, 0):
             yield f"w4a16 GEMV (group {group})", w4_linear.weight_only_gemv_kernel, sig, \
                 dict(W_INT4=True, GROUP=group, HAS_BIAS=True, ACT=1), \
-                [c for c in w4_linear.WEIGHT_ONLY_GEMV if w4_linear._fits(c, group)], ["N", "K", "K_STORED", "stride_xm", "stride_wn"]
+                [c for c in w4_linear.WEIGHT_ONLY_GEMV if w4_linear._fits(c, group)], ["N", "K", "K_STORED", "W_ROW", "stride_xm",
+                                                                                      "stride_wn"]
         sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32", smooth_ptr="*fp32",
                                out_ptr="*bf16"), K_STORED=I32, stride_sn=I32)
         flags = dict(unit, A_FP8=False, QMIN=-128, QMAX=127, ASYM=True, GROUP=64, HAS_BIAS=False, HAS_SMOOTH=False, ACT=0, EVEN_K=True)

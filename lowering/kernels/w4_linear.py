@@ -193,24 +193,29 @@ def weight_only_kernel(
 
 
 @triton.jit
-def _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, dtype, W_INT4: tl.constexpr,
-                        GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight tile ``kt``'s even and odd K columns, (BLOCK_N, BLOCK_K / 2) each: dequantized to ``dtype`` (the reference's
-    values, as :func:`weight_tile`; per-channel scales come in the epilogue), then widened to fp32. Int4 bytes hold an
-    even and an odd column, so the halves need no interleaving. Columns past the stored row load as 0 (the tile's scale
-    is then clamped to the row's last, any finite one)."""
+def _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, W_ROW, stride_wn, stride_sn, dtype, W_INT4: tl.constexpr,
+                        GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight tile ``kt``'s even and odd K columns as (BLOCK_N, NG, BLOCK_K / NG / 2) tensors (NG slices of one scale
+    each): dequantized to ``dtype`` (the reference's values, as :func:`weight_tile`; per-channel scales come in the
+    epilogue), then widened to fp32. Int4 bytes hold an even and an odd column, so the halves need no interleaving;
+    each program's row of bytes is contiguous. Columns past the stored row (``W_ROW`` storage elements: bytes, which
+    a multiple of 16 lets the loads be 16 bytes wide) load as 0 (their slices' scales are clamped to the row's last,
+    any finite one)."""
+    SW: tl.constexpr = BLOCK_K // NG  # columns per slice
+    rg = tl.arange(0, NG)
     if W_INT4:
-        p = packed_int4_tile(w_ptr, rn_l, kt, K_STORED, stride_wn, False, BLOCK_K).to(tl.int32)
+        rb = kt * (BLOCK_K // 2) + rg[:, None] * (SW // 2) + tl.arange(0, SW // 2)[None, :]  # (NG, SW / 2) byte offsets
+        p = tl.load(w_ptr + rn_l[:, None, None] * stride_wn + rb[None, :, :], mask=(rb < W_ROW)[None, :, :], other=0)
+        p = p.to(tl.int32)
         lo = _int4_as_float(p & 0xF)
         hi = _int4_as_float(p >> 4)
     else:
-        rk = kt * BLOCK_K + 2 * tl.arange(0, BLOCK_K // 2)
-        ptrs = w_ptr + rn_l[:, None] * stride_wn + rk[None, :]
-        lo = tl.load(ptrs, mask=(rk < K_STORED)[None, :], other=0).to(tl.float32)
-        hi = tl.load(ptrs + 1, mask=(rk + 1 < K_STORED)[None, :], other=0).to(tl.float32)
+        rk = kt * BLOCK_K + rg[:, None] * SW + tl.arange(0, SW)[None, :]
+        q = tl.load(w_ptr + rn_l[:, None, None] * stride_wn + rk[None, :, :], mask=(rk < W_ROW)[None, :, :], other=0)
+        lo, hi = tl.split(tl.reshape(q.to(tl.float32), (q.shape[0], NG, SW // 2, 2)))
     if GROUP > 0:
-        g = tl.minimum((kt * BLOCK_K) // GROUP, K_STORED // GROUP - 1)
-        s = tl.load(ws_ptr + rn_l * stride_sn + g)[:, None]
+        g = tl.minimum(kt * NG + rg, K_STORED // GROUP - 1)
+        s = tl.load(ws_ptr + rn_l[:, None] * stride_sn + g[None, :])[:, :, None]
         lo = lo * s
         hi = hi * s
     return lo.to(dtype).to(tl.float32), hi.to(dtype).to(tl.float32)
@@ -219,33 +224,35 @@ def _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn,
 @triton.jit
 def weight_only_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
-    N, K, K_STORED,
+    N, K, K_STORED, W_ROW,
     stride_xm, stride_wn, stride_sn, stride_om,
     W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Row ``m`` (grid axis 1) of a few-row weight-only GEMM as a GEMV on the CUDA cores: BLOCK_N output columns per
     program; each K tile's weight is dequantized as the GEMM kernels do, multiplied by the activation elementwise in
-    fp32 and summed into (BLOCK_N, BLOCK_K / 2) partial sums, reduced once at the end.
+    fp32 and summed into partial sums, reduced once at the end. A tile spans BLOCK_K / GROUP groups (one slice each).
 
     A GEMV of a few MB is bound by memory latency, not bandwidth: each loop step issues the loads of UNROLL K tiles
-    (one scale each: BLOCK_K divides the group) before it waits, so a row of K = 1152 takes a few round trips instead
-    of one per tile. Every load is masked (a memory-bound kernel has ALU to spare), so any K and UNROLL work."""
+    before it waits, so a row of K = 1152 takes one or two round trips. Every load is masked (a memory-bound kernel has
+    ALU to spare), so any K and UNROLL work."""
+    NG: tl.constexpr = BLOCK_K // (GROUP + (GROUP == 0) * BLOCK_K)  # slices of one scale per tile (1: per channel)
+    SW: tl.constexpr = BLOCK_K // NG
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     m = tl.program_id(1)
-    x_row = x_ptr + m * stride_xm
-    r2 = 2 * tl.arange(0, BLOCK_K // 2)
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    rx = tl.arange(0, NG)[:, None] * SW + tl.arange(0, SW)[None, :]  # (NG, SW) column offsets in a tile
+    acc = tl.zeros((BLOCK_N, NG, SW // 2), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K * UNROLL)):
         for u in tl.static_range(UNROLL):
             kt = k0 * UNROLL + u
-            ke = kt * BLOCK_K + r2
-            xe = tl.load(x_row + ke, mask=ke < K, other=0.0)
-            xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0.0)
-            lo, hi = _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, xe.dtype, W_INT4, GROUP, BLOCK_K)
-            acc += lo * xe.to(tl.float32)[None, :] + hi * xo.to(tl.float32)[None, :]
-    y = epilogue(tl.sum(acc, axis=1)[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
+            kx = kt * BLOCK_K + rx
+            xv = tl.load(x_ptr + m * stride_xm + kx, mask=kx < K, other=0.0)
+            lo, hi = _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, W_ROW, stride_wn, stride_sn, xv.dtype, W_INT4,
+                                         GROUP, NG, BLOCK_K)
+            xe, xo = tl.split(tl.reshape(xv.to(tl.float32), (NG, SW // 2, 2)))
+            acc += lo * xe[None, :, :] + hi * xo[None, :, :]
+    y = epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
     tl.store(out_ptr + m * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])
 
 
@@ -357,11 +364,14 @@ def wo_config(bm: int, bn: int, bk: int, stages: int, warps: int, swap_ab: bool 
 
 @triton.jit
 def dequantize_kernel(
-    w_ptr, ws_ptr, out_ptr, N, K, K_STORED, stride_wn, stride_sn, stride_on,
-    W_INT4: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    w_ptr, ws_ptr, bias_ptr, out_ptr, bias_out_ptr, N, K, K_STORED, stride_wn, stride_sn, stride_on,
+    W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """``out[n, k] = (q[n, k] * scale[n, group]).to(out dtype)`` for k < K: the stored weight dequantized once, the same
-    values as the GEMM kernels' tiles (:func:`weight_tile`), for the dequantize-then-cuBLAS route (:func:`dequant_mm_rows`)."""
+    values as the GEMM kernels' tiles (:func:`weight_tile`), for the dequantize-then-cuBLAS route (:func:`dequant_mm_rows`).
+    ``HAS_BIAS``: the first K tile's programs also write the fp32 bias in the output dtype (for cuBLAS's bias epilogue;
+    a separate cast would be one more launch per GEMM)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_l = rn % N
     kt = tl.program_id(1)
@@ -373,6 +383,9 @@ def dequantize_kernel(
         w = (q * tl.load(ws_ptr + rn_l * stride_sn)[:, None]).to(dtype)
     rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
+    if HAS_BIAS:
+        if kt == 0:
+            tl.store(bias_out_ptr + rn, tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(dtype), mask=rn < N)
 
 
 WEIGHT_ONLY_LARGE = [  # 8 warps for 128x128+ tiles: 4 would spill the fp32 accumulator (sm_90 AOT check)
@@ -419,20 +432,19 @@ def gemv_config(bn: int, bk: int, unroll: int, warps: int, stages: int = 1) -> t
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "UNROLL": unroll}, num_warps=warps, num_stages=stages)
 
 
-WEIGHT_ONLY_GEMV = [  # few rows per program and 8 K tiles per loop step: the whole grid is resident and each program's
-    gemv_config(8, 64, 8, 2),  # loads for K = 1152 take 3 round trips; groups of 64 first, then 32 and 128+ / per channel
-    gemv_config(16, 64, 8, 4),
-    gemv_config(4, 64, 8, 1),
-    gemv_config(8, 64, 4, 2),
-    gemv_config(32, 64, 4, 4),
-    gemv_config(8, 32, 16, 2),
-    gemv_config(8, 128, 4, 2),
+WEIGHT_ONLY_GEMV = [  # (BLOCK_N, BLOCK_K, UNROLL, warps): tiles of BLOCK_K / 2 contiguous bytes per row
+    gemv_config(8, 128, 9, 1),
+    gemv_config(16, 128, 9, 2),
+    gemv_config(8, 256, 3, 2),
+    gemv_config(16, 256, 4, 4),
+    gemv_config(32, 128, 4, 4),
+    gemv_config(4, 512, 2, 2),
 ]
 SMALL_M = 64
 MEDIUM_M = 1024
 # the interpreter's one config per kernel (small tiles: tests cover several tiles and every edge mask)
 INTERPRET_CONFIGS = {"weight_only": wo_config(16, 32, 32, 1, 4, group_m=2), "w4a8": INTERPRET_CONFIG,
-                     "gemv": gemv_config(16, 32, 3, 4)}
+                     "gemv": gemv_config(16, 64, 2, 4)}
 # the autotune tables per kernel and M tier (:func:`m_tier`); W4A8 has no medium table of its own yet (not measured);
 # the GEMV kernel serves M <= GEMV_MAX_M (:func:`gemv_rows`) only
 TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium"): WEIGHT_ONLY_MEDIUM,
@@ -465,7 +477,8 @@ SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3,
 # (bf16 Inductor 3.81 / 3.85 ms in the same runs).
 DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
 DEQUANT_MM_MIN_M = 512
-DEQUANT_CONFIG = {"block_n": 64, "num_warps": 4}  # rows per program of dequantize_kernel (its K tile divides the group)
+DEQUANT_CONFIG = {"block_n": 32, "num_warps": 4}  # rows per program of dequantize_kernel (its K tile divides the group);
+# the H200 sweep's best at 3 of 4 DiT shapes (M = 1024; docs/experiments/w4a16-b1/tune_gemv_v1_2026-12-03.json)
 # GEMV path (on by default; ``QDIFF_W4_GEMV=0`` turns it off, bench suffix ``-no-gemv``): weight-only GEMMs of
 # M <= GEMV_MAX_M rows (DiT's adaLN and timestep-embedding linears at batch 1) read the weight once per row on the CUDA
 # cores (weight_only_gemv_kernel) instead of padding M to a 16-row tensor-core tile.
@@ -477,7 +490,11 @@ _KEY_GEMV = ["N", "K", "W_INT4", "GROUP", "ACT"]  # (M is the grid's second axis
 
 
 def _fits(c: triton.Config, group: int) -> bool:
+    """Whether config ``c`` serves groups of ``group`` (0: per channel): the GEMM kernels' K tile divides the group, the
+    GEMV kernel's (``UNROLL`` configs) holds whole groups."""
     bk = c.kwargs["BLOCK_K"]
+    if "UNROLL" in c.kwargs:
+        return group == 0 or bk % group == 0
     return group == 0 or (bk <= group and group % bk == 0)
 
 
@@ -620,11 +637,11 @@ def _gemv(x, w, w_scale, bias, K, k_stored, group, int4, act, wrap=wrap_triton):
     """The GEMV launch: one program per BLOCK_N columns and row."""
     found = _kernel("gemv", group, "small")
     if found is None:
-        raise ValueError(f"no GEMV configuration for int4 groups of {group} (need a multiple of 32)")
+        raise ValueError(f"no GEMV configuration for int4 groups of {group} (its K tiles must hold whole groups)")
     M, N = x.shape[0], w.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     wrap(found[0])[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
-        x, w, w_scale, bias if bias is not None else w_scale, out, N, K, k_stored,
+        x, w, w_scale, bias if bias is not None else w_scale, out, N, K, k_stored, w.shape[1],
         x.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
         W_INT4=int4, GROUP=group, HAS_BIAS=bias is not None, ACT=act,
     )
@@ -726,40 +743,48 @@ def dequant_mm_rows(M: int) -> bool:
     return M >= DEQUANT_MM_MIN_M and bool(env_switch(DEQUANT_MM_ENV, True))
 
 
-def _dequantize(w, w_scale, K, group_size, int4, dtype, wrap=wrap_triton, cfg: dict | None = None):
-    """The dequantization launch (``cfg``: :data:`DEQUANT_CONFIG`'s keys, for the config sweep)."""
+def _dequantize(w, w_scale, bias, K, group_size, int4, dtype, wrap=wrap_triton, cfg: dict | None = None):
+    """The dequantization launch: (weight, bias) in ``dtype``, the bias empty when None (``cfg``: :data:`DEQUANT_CONFIG`'s
+    keys, for the config sweep)."""
     cfg = cfg or DEQUANT_CONFIG
     N, k_stored = _check_stored(w, w_scale, group_size, int4, K)
+    if bias is not None:
+        check_tensor(bias, "bias", (torch.float32,), shape=(N,))
     check_launchable(w, w_scale)
     bk = next((b for b in (64, 32) if group_size % b == 0), None)  # one scale per tile (group_size 0: any)
     if bk is None:
         raise ValueError(f"no dequantization tile for int4 groups of {group_size} (need a multiple of 32)")
     out = torch.empty((N, K), device=w.device, dtype=dtype)
+    b_out = torch.empty((N if bias is not None else 0,), device=w.device, dtype=dtype)
     wrap(dequantize_kernel)[(triton.cdiv(N, cfg["block_n"]), triton.cdiv(K, bk))](
-        w, w_scale, out, N, K, k_stored, w.stride(0), w_scale.stride(0), out.stride(0),
-        W_INT4=int4, GROUP=group_size, EVEN_K=k_stored % bk == 0, BLOCK_N=cfg["block_n"], BLOCK_K=bk, num_warps=cfg["num_warps"],
+        w, w_scale, bias if bias is not None else w_scale, out, b_out, N, K, k_stored, w.stride(0), w_scale.stride(0),
+        out.stride(0), W_INT4=int4, GROUP=group_size, HAS_BIAS=bias is not None, EVEN_K=k_stored % bk == 0,
+        BLOCK_N=cfg["block_n"], BLOCK_K=bk, num_warps=cfg["num_warps"],
     )
-    return out
+    return out, b_out
 
 
 @triton_op("qdiff::dequantize_weight_only", mutates_args=())
-def dequantize_weight_only_op(w: torch.Tensor, w_scale: torch.Tensor, K: int, group_size: int, int4: bool,
-                              dtype: torch.dtype) -> torch.Tensor:
-    """A stored int4 (``int4``) or int8 weight as a ``(N, K)`` ``dtype`` matrix (``group_size`` 0: per channel)."""
-    return _dequantize(w, w_scale, K, group_size, int4, dtype)
+def dequantize_weight_only_op(w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, K: int, group_size: int,
+                              int4: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored int4 (``int4``) or int8 weight as a ``(N, K)`` ``dtype`` matrix (``group_size`` 0: per channel), and
+    the fp32 ``bias`` in ``dtype`` (an empty tensor when None)."""
+    return _dequantize(w, w_scale, bias, K, group_size, int4, dtype)
 
 
 @dequantize_weight_only_op.register_fake
-def _(w, w_scale, K, group_size, int4, dtype):
-    return w.new_empty((w.shape[0], K), dtype=dtype)
+def _(w, w_scale, bias, K, group_size, int4, dtype):
+    return w.new_empty((w.shape[0], K), dtype=dtype), w.new_empty((w.shape[0] if bias is not None else 0,), dtype=dtype)
 
 
 def dequantize_weight_only(w: torch.Tensor, w_scale: torch.Tensor, K: int, *, wfmt: str, group_size: int | None,
-                           dtype: torch.dtype) -> torch.Tensor:
+                           dtype: torch.dtype, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The stored weight (int4 packed or int8, ``w_scale`` (N, groups)) dequantized to a ``(N, K)`` ``dtype`` matrix:
-    the reference's :func:`qcompile.lowering.weights.dequantize_weight`, bit for bit."""
-    args = (w, w_scale.reshape(w.shape[0], -1), K, group_size or 0, wfmt == "int4", dtype)
-    return _dequantize(*args, wrap=direct) if eager_call(w) else torch.ops.qdiff.dequantize_weight_only(*args)
+    the reference's :func:`qcompile.lowering.weights.dequantize_weight`, bit for bit; and the fp32 ``bias`` cast to
+    ``dtype`` in the same launch (None when None)."""
+    args = (w, w_scale.reshape(w.shape[0], -1), bias, K, group_size or 0, wfmt == "int4", dtype)
+    w_f, b_f = _dequantize(*args, wrap=direct) if eager_call(w) else torch.ops.qdiff.dequantize_weight_only(*args)
+    return w_f, (b_f if bias is not None else None)
 
 
 def _as_2d(x):
@@ -776,9 +801,9 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
     x2 = _as_2d(x)
     if dequant_mm_rows(x2.shape[0]) and x.dtype in (torch.bfloat16, torch.float16):
         activation_code(act)  # (validates the name)
-        b = fused_bias(bias, bias_corr, N)
-        w_f = dequantize_weight_only(w, w_scale, K, wfmt=wfmt, group_size=group_size, dtype=x.dtype)
-        out = TORCH_ACTIVATIONS[act](torch.nn.functional.linear(x2, w_f, None if b is None else b.to(x.dtype)))
+        w_f, b_f = dequantize_weight_only(w, w_scale, K, wfmt=wfmt, group_size=group_size, dtype=x.dtype,
+                                          bias=fused_bias(bias, bias_corr, N))
+        out = TORCH_ACTIVATIONS[act](torch.nn.functional.linear(x2, w_f, b_f))
         return out.reshape(*x.shape[:-1], N)
     args = (x2, w, w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N), K, group_size or 0, wfmt == "int4", activation_code(act))
     out = _weight_only_linear(*args, wrap=direct) if eager_call(x) else torch.ops.qdiff.weight_only_linear(*args)

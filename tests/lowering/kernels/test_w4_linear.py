@@ -207,13 +207,17 @@ def test_dequantize_weight_only_is_the_references(k, group, fmt, dtype):
     from qcompile.lowering.kernels.w4_linear import dequantize_weight_only
 
     qw, w, ws = _qw(70, k, fmt, group)
-    out = dequantize_weight_only(w, ws, k, wfmt=fmt, group_size=group, dtype=dtype)
+    bias = randn(70)
+    out, no_bias = dequantize_weight_only(w, ws, k, wfmt=fmt, group_size=group, dtype=dtype)
+    again, b_out = dequantize_weight_only(w, ws, k, wfmt=fmt, group_size=group, dtype=dtype, bias=bias)
     ref = dequantize_weight(w, ws, fmt, group, qw.shape, "linear", None).to(dtype).cpu()
-    assert out.shape == (70, k) and out.dtype == dtype
+    assert out.shape == (70, k) and out.dtype == dtype and no_bias is None and torch.equal(again, out)
+    assert b_out.dtype == dtype and b_out.shape == (70,)
     if DEVICE.type == "cpu" and dtype == torch.bfloat16:  # the interpreter's fp32 -> bf16 cast truncates (GPU: exact)
         torch.testing.assert_close(out.cpu(), ref, rtol=2**-7, atol=0)
+        torch.testing.assert_close(b_out, bias.to(dtype), rtol=2**-7, atol=0)
     else:
-        assert torch.equal(out.cpu(), ref)
+        assert torch.equal(out.cpu(), ref) and torch.equal(b_out, bias.to(dtype))
 
 
 @pytest.mark.parametrize("act", ["none", "silu", "gelu_tanh"])
@@ -226,7 +230,7 @@ def test_dequant_mm_route_takes_large_m_unless_switched_off(act, monkeypatch):
 
     calls = []
     real = w4_linear._dequantize
-    monkeypatch.setattr(w4_linear, "_dequantize", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    monkeypatch.setattr(w4_linear, "_dequantize", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
     monkeypatch.setattr(w4_linear, "DEQUANT_MM_MIN_M", 32)
     monkeypatch.setenv(DEQUANT_MM_ENV, "0")
     assert not dequant_mm_rows(4096)
