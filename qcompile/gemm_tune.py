@@ -764,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     for fams, shapes, make in ((w8, w8a8_shapes, w8a8_data), (w4, w4_shapes, w4_data)):
+        if not fams:  # (no family of this group asked for: its baselines neither)
+            continue
         for tag, M, K, N in shapes:
             D = make(M, K, N, device)
             log(f"{tag} {M}x{K}x{N}")
