@@ -3,14 +3,14 @@
 After :mod:`.convert`, attention's ``to_q`` / ``to_k`` / ``to_v`` are three calls of the lowering's ``linear``
 function on the same input node, each a GEMM with N = hidden size: too few output tiles to fill a large
 GPU, and three launches. When their quantization is interchangeable (same formats, per-output-channel
-weight scales, the same activation scale and zero point *values*, same K), the weights, weight scales
-and per-output-channel extras (bias, ``bias_corr``, ``colsum``) are concatenated along N into new
-buffers, the members become one call with ``weight_shape=(sum N, K)``, and ``torch.split`` hands each
-former user its columns (views of the fused output). Per-channel quantized GEMMs compute every output
-column independently, so the result is that of the separate calls.
+weight scales or group-wise ones of one group size, the same activation scale and zero point *values*, same K),
+the weights, weight scales and per-output-channel extras (bias, ``bias_corr``, ``colsum``) are concatenated along
+N into new buffers, the members become one call with ``weight_shape=(sum N, K)``, and ``torch.split`` hands each
+former user its columns (views of the fused output). Every weight row (packed int4 bytes and its groups' scales
+included) is one output column, computed independently, so the result is that of the separate calls.
 
 Only the same input *node* groups calls (no looking through views). Calls with a split op (``splits``),
-smoothing (``act_smooth``), an outlier split, group-wise weight scales, or keywords added by later passes
+smoothing (``act_smooth``), an outlier split, or keywords added by later passes
 (``act``, ``x_quant``, ``out_scale``, ``out_dtype``) are left alone, as are calls whose bias is not a
 buffer (a graph input, e.g. a parameter Dynamo lifted: it cannot be concatenated at compile time).
 Run it right after ``convert``. ``QDIFF_FUSE_SIBLINGS=0`` turns it off (read by the backend per compile).
@@ -82,7 +82,7 @@ def _group_key(gm: fx.GraphModule, node: fx.Node, linear_fn: Callable):
     if node.op != "call_function" or node.target is not linear_fn or len(node.args) != 6 or node.meta.get(META_KEY) is None:
         return None
     kw = node.kwargs
-    if set(kw) - _PLAIN - set(_PER_CHANNEL) or kw.get("group_size") is not None or len(kw.get("weight_shape", ())) != 2:
+    if set(kw) - _PLAIN - set(_PER_CHANNEL) or len(kw.get("weight_shape", ())) != 2:
         return None
     x, wdata, wscale, bias, a_scale, a_zp = node.args
     tensors = [_attr(gm, a) for a in (wdata, wscale, a_scale, a_zp)]
@@ -92,7 +92,9 @@ def _group_key(gm: fx.GraphModule, node: fx.Node, linear_fn: Callable):
         return None
     w, s, sa, za = tensors
     n, k = kw["weight_shape"]
-    if w.dim() != 2 or w.shape[0] != n or s.shape[0] != n or (s.dim() == 2 and s.shape[1] != 1) or s.dim() > 2:
+    if w.dim() != 2 or w.shape[0] != n or s.shape[0] != n or s.dim() > 2:
+        return None
+    if kw.get("group_size") is None and s.dim() == 2 and s.shape[1] != 1:  # per channel: one scale per row
         return None
     extras = {}
     for name in _PER_CHANNEL:
@@ -102,7 +104,8 @@ def _group_key(gm: fx.GraphModule, node: fx.Node, linear_fn: Callable):
                 return None
             extras[name] = t.dtype
     required = tuple(sorted(name for name in extras if not _PER_CHANNEL[name]))  # members must all have these, or none
-    return (x, kw["wfmt"], kw["afmt"], bool(kw["asym"]), k, w.dtype, w.shape[1], s.dtype, s.dim(), w.device, required,
+    return (x, kw["wfmt"], kw["afmt"], bool(kw["asym"]), kw.get("group_size"), k, w.dtype, w.shape[1], s.dtype, tuple(s.shape[1:]),
+            w.device, required,
             sa.dtype, tuple(sa.flatten().tolist()), za.dtype, tuple(za.flatten().tolist()))
 
 

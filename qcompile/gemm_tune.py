@@ -293,14 +293,13 @@ def _gemv_kernel():
     return weight_only_gemv_kernel
 
 
-def gemv_cfg(bn: int, bk: int, unroll: int, warps: int) -> dict:
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "UNROLL": unroll, "num_stages": 1, "num_warps": warps}
+def gemv_cfg(bn: int, bk: int, warps: int) -> dict:
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 1, "num_warps": warps}
 
 
-W4_GEMV = [  # (BLOCK_N, BLOCK_K, UNROLL, warps): BLOCK_K / 2 contiguous bytes per row and tile
-    gemv_cfg(*c) for c in ((8, 128, 9, 1), (16, 128, 9, 2), (8, 256, 3, 2), (16, 256, 4, 4), (32, 128, 4, 4), (4, 512, 2, 2),
-                           (4, 128, 9, 1), (8, 128, 4, 1), (16, 128, 4, 2), (8, 512, 1, 2), (32, 256, 2, 4), (2, 128, 9, 1),
-                           (16, 64, 18, 2), (4, 256, 5, 1))
+W4_GEMV = [  # (BLOCK_N, BLOCK_K, warps): BLOCK_K / 2 contiguous bytes per row and tile
+    gemv_cfg(*c) for c in ((4, 1024, 2), (2, 1024, 1), (4, 512, 1), (8, 512, 2), (8, 1024, 4), (16, 256, 2), (2, 2048, 2),
+                           (4, 2048, 4), (1, 1024, 1), (2, 512, 1), (8, 256, 1), (16, 512, 4), (4, 1024, 4), (32, 128, 2))
 ]
 # the GEMV kernel (M <= w4_linear.GEMV_MAX_M in production; swept up to SPLITK_ROWS): a program per BLOCK_N columns and row
 FAMILIES["w4a16_gemv"] = Family(
@@ -308,7 +307,7 @@ FAMILIES["w4a16_gemv"] = Family(
     args=lambda D, M, K, N: (D["x"], D["w4"], D["ws4"], D["bias"], D["out"], N, K, K, K // 2, K, K // 2, K // W4_GROUP, N),
     flags=lambda M, K, N, c: dict(W_INT4=True, GROUP=W4_GROUP, HAS_BIAS=True, ACT=0),
     grid=lambda M, N, c, sms: (-(-N // c["BLOCK_N"]), M), a_bytes=0, b_bytes=0,
-    configs=lambda M, smoke: [] if M > SPLITK_ROWS else [gemv_cfg(8, 64, 3, 2)] if smoke else W4_GEMV,
+    configs=lambda M, smoke: [] if M > SPLITK_ROWS else [gemv_cfg(8, 64, 2)] if smoke else W4_GEMV,
     reference="ref_w4", baseline="bf16",
 )
 W8A8_FAMILIES = ["fp8_prequant", "fp8_tma_prequant", "fp8", "fp8_tma", "int8"]

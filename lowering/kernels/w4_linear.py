@@ -193,32 +193,23 @@ def weight_only_kernel(
 
 
 @triton.jit
-def _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, W_ROW, stride_wn, stride_sn, dtype, W_INT4: tl.constexpr,
-                        GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight tile ``kt``'s even and odd K columns as (BLOCK_N, NG, BLOCK_K / NG / 2) tensors (NG slices of one scale
-    each): dequantized to ``dtype`` (the reference's values, as :func:`weight_tile`; per-channel scales come in the
-    epilogue), then widened to fp32. Int4 bytes hold an even and an odd column, so the halves need no interleaving;
-    each program's row of bytes is contiguous. Columns past the stored row (``W_ROW`` storage elements: bytes, which
-    a multiple of 16 lets the loads be 16 bytes wide) load as 0 (their slices' scales are clamped to the row's last,
-    any finite one)."""
+def _gemv_codes(w_ptr, rn_l, kt, W_ROW, stride_wn, W_INT4: tl.constexpr, NG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight tile ``kt``'s integer codes, even and odd K columns as fp32 (BLOCK_N, NG, BLOCK_K / NG / 2) tensors (NG
+    slices of one group each). Int4 bytes hold an even and an odd column, so the halves need no interleaving; each
+    program's row of bytes is contiguous. Columns past the stored row (``W_ROW`` storage elements: bytes, which a
+    multiple of 16 lets the loads be 16 bytes wide) load as 0."""
     SW: tl.constexpr = BLOCK_K // NG  # columns per slice
     rg = tl.arange(0, NG)
     if W_INT4:
         rb = kt * (BLOCK_K // 2) + rg[:, None] * (SW // 2) + tl.arange(0, SW // 2)[None, :]  # (NG, SW / 2) byte offsets
         p = tl.load(w_ptr + rn_l[:, None, None] * stride_wn + rb[None, :, :], mask=(rb < W_ROW)[None, :, :], other=0)
         p = p.to(tl.int32)
-        lo = _int4_as_float(p & 0xF)
-        hi = _int4_as_float(p >> 4)
+        return _int4_as_float(p & 0xF), _int4_as_float(p >> 4)
     else:
-        rk = kt * BLOCK_K + rg[:, None] * SW + tl.arange(0, SW)[None, :]
-        q = tl.load(w_ptr + rn_l[:, None, None] * stride_wn + rk[None, :, :], mask=(rk < W_ROW)[None, :, :], other=0)
-        lo, hi = tl.split(tl.reshape(q.to(tl.float32), (q.shape[0], NG, SW // 2, 2)))
-    if GROUP > 0:
-        g = tl.minimum(kt * NG + rg, K_STORED // GROUP - 1)
-        s = tl.load(ws_ptr + rn_l[:, None] * stride_sn + g[None, :])[:, :, None]
-        lo = lo * s
-        hi = hi * s
-    return lo.to(dtype).to(tl.float32), hi.to(dtype).to(tl.float32)
+        rk = kt * BLOCK_K + rg[:, None] * SW + 2 * tl.arange(0, SW // 2)[None, :]  # (NG, SW / 2) even columns
+        ptrs = w_ptr + rn_l[:, None, None] * stride_wn + rk[None, :, :]
+        lo = tl.load(ptrs, mask=(rk < W_ROW)[None, :, :], other=0).to(tl.float32)
+        return lo, tl.load(ptrs + 1, mask=(rk + 1 < W_ROW)[None, :, :], other=0).to(tl.float32)
 
 
 @triton.jit
@@ -227,32 +218,35 @@ def weight_only_gemv_kernel(
     N, K, K_STORED, W_ROW,
     stride_xm, stride_wn, stride_sn, stride_om,
     W_INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Row ``m`` (grid axis 1) of a few-row weight-only GEMM as a GEMV on the CUDA cores: BLOCK_N output columns per
-    program; each K tile's weight is dequantized as the GEMM kernels do, multiplied by the activation elementwise in
-    fp32 and summed into partial sums, reduced once at the end. A tile spans BLOCK_K / GROUP groups (one slice each).
+    program. Each K tile spans BLOCK_K / GROUP groups: per row and group the integer codes times the activation are
+    summed in fp32, then scaled by the group's scale (``sum(q * x) * s``: the reference's products ``(q * s) * x`` up to
+    fp32 rounding, without the reference's rounding of ``q * s`` to the activation's dtype); per-channel scales come in
+    the epilogue.
 
-    A GEMV of a few MB is bound by memory latency, not bandwidth: each loop step issues the loads of UNROLL K tiles
-    before it waits, so a row of K = 1152 takes one or two round trips. Every load is masked (a memory-bound kernel has
-    ALU to spare), so any K and UNROLL work."""
+    A GEMV of a few MB is bound by memory latency: a program's loads for one K tile issue together, and the tiles are
+    long (BLOCK_K 512-1024: a row of K = 1152 in two round trips). Every load is masked (a memory-bound kernel has ALU to
+    spare), so any K works."""
     NG: tl.constexpr = BLOCK_K // (GROUP + (GROUP == 0) * BLOCK_K)  # slices of one scale per tile (1: per channel)
     SW: tl.constexpr = BLOCK_K // NG
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     m = tl.program_id(1)
-    rx = tl.arange(0, NG)[:, None] * SW + tl.arange(0, SW)[None, :]  # (NG, SW) column offsets in a tile
-    acc = tl.zeros((BLOCK_N, NG, SW // 2), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K * UNROLL)):
-        for u in tl.static_range(UNROLL):
-            kt = k0 * UNROLL + u
-            kx = kt * BLOCK_K + rx
-            xv = tl.load(x_ptr + m * stride_xm + kx, mask=kx < K, other=0.0)
-            lo, hi = _gemv_weight_halves(w_ptr, ws_ptr, rn_l, kt, K_STORED, W_ROW, stride_wn, stride_sn, xv.dtype, W_INT4,
-                                         GROUP, NG, BLOCK_K)
-            xe, xo = tl.split(tl.reshape(xv.to(tl.float32), (NG, SW // 2, 2)))
-            acc += lo * xe[None, :, :] + hi * xo[None, :, :]
-    y = epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
+    r2 = tl.arange(0, NG)[:, None] * SW + 2 * tl.arange(0, SW // 2)[None, :]  # (NG, SW / 2) even columns of a tile
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        ke = kt * BLOCK_K + r2
+        xe = tl.load(x_ptr + m * stride_xm + ke, mask=ke < K, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + m * stride_xm + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
+        lo, hi = _gemv_codes(w_ptr, rn_l, kt, W_ROW, stride_wn, W_INT4, NG, BLOCK_K)
+        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # (BLOCK_N, NG)
+        if GROUP > 0:  # slices past the stored row: any finite scale (their codes are 0)
+            g = tl.minimum(kt * NG + tl.arange(0, NG), K_STORED // GROUP - 1)
+            part = part * tl.load(ws_ptr + rn_l[:, None] * stride_sn + g[None, :])
+        acc += part
+    y = epilogue(tl.sum(acc, axis=1)[None, :], rn, N, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
     tl.store(out_ptr + m * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])
 
 
@@ -427,24 +421,24 @@ W4A8_SMALL = [
 ]
 
 
-def gemv_config(bn: int, bk: int, unroll: int, warps: int, stages: int = 1) -> triton.Config:
-    """A config of :func:`weight_only_gemv_kernel`: BLOCK_N columns, UNROLL K tiles of BLOCK_K per loop step."""
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "UNROLL": unroll}, num_warps=warps, num_stages=stages)
+def gemv_config(bn: int, bk: int, warps: int) -> triton.Config:
+    """A config of :func:`weight_only_gemv_kernel`: BLOCK_N columns, K tiles of BLOCK_K."""
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
 
 
-WEIGHT_ONLY_GEMV = [  # (BLOCK_N, BLOCK_K, UNROLL, warps): tiles of BLOCK_K / 2 contiguous bytes per row
-    gemv_config(8, 128, 9, 1),
-    gemv_config(16, 128, 9, 2),
-    gemv_config(8, 256, 3, 2),
-    gemv_config(16, 256, 4, 4),
-    gemv_config(32, 128, 4, 4),
-    gemv_config(4, 512, 2, 2),
+WEIGHT_ONLY_GEMV = [  # (BLOCK_N, BLOCK_K, warps): BLOCK_K / 2 contiguous bytes per row and tile
+    gemv_config(4, 1024, 2),
+    gemv_config(2, 1024, 1),
+    gemv_config(4, 512, 1),
+    gemv_config(8, 512, 2),
+    gemv_config(8, 1024, 4),
+    gemv_config(16, 256, 2),
 ]
 SMALL_M = 64
 MEDIUM_M = 1024
 # the interpreter's one config per kernel (small tiles: tests cover several tiles and every edge mask)
 INTERPRET_CONFIGS = {"weight_only": wo_config(16, 32, 32, 1, 4, group_m=2), "w4a8": INTERPRET_CONFIG,
-                     "gemv": gemv_config(16, 64, 2, 4)}
+                     "gemv": gemv_config(16, 64, 4)}
 # the autotune tables per kernel and M tier (:func:`m_tier`); W4A8 has no medium table of its own yet (not measured);
 # the GEMV kernel serves M <= GEMV_MAX_M (:func:`gemv_rows`) only
 TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium"): WEIGHT_ONLY_MEDIUM,
@@ -491,9 +485,9 @@ _KEY_GEMV = ["N", "K", "W_INT4", "GROUP", "ACT"]  # (M is the grid's second axis
 
 def _fits(c: triton.Config, group: int) -> bool:
     """Whether config ``c`` serves groups of ``group`` (0: per channel): the GEMM kernels' K tile divides the group, the
-    GEMV kernel's (``UNROLL`` configs) holds whole groups."""
+    GEMV kernel's (configs without BLOCK_M) holds whole groups."""
     bk = c.kwargs["BLOCK_K"]
-    if "UNROLL" in c.kwargs:
+    if "BLOCK_M" not in c.kwargs:
         return group == 0 or bk % group == 0
     return group == 0 or (bk <= group and group % bk == 0)
 
