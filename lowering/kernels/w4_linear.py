@@ -426,13 +426,13 @@ def gemv_config(bn: int, bk: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
 
 
-WEIGHT_ONLY_GEMV = [  # (BLOCK_N, BLOCK_K, warps): BLOCK_K / 2 contiguous bytes per row and tile
-    gemv_config(4, 1024, 2),
-    gemv_config(2, 1024, 1),
-    gemv_config(4, 512, 1),
-    gemv_config(8, 512, 2),
+WEIGHT_ONLY_GEMV = [  # (BLOCK_N, BLOCK_K, warps): BLOCK_K / 2 contiguous bytes per row and tile; the H200 sweep's
+    gemv_config(2, 512, 1),  # winners at M = 1 and 4 (docs/experiments/w4a16-b1/tune_gemv_v3_2026-12-03.json) first
+    gemv_config(8, 256, 1),
+    gemv_config(4, 1024, 4),
     gemv_config(8, 1024, 4),
-    gemv_config(16, 256, 2),
+    gemv_config(16, 512, 4),
+    gemv_config(4, 1024, 2),
 ]
 SMALL_M = 64
 MEDIUM_M = 1024
@@ -472,7 +472,7 @@ SPLITK_CONFIG = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3,
 DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
 DEQUANT_MM_MIN_M = 512
 DEQUANT_CONFIG = {"block_n": 32, "num_warps": 4}  # rows per program of dequantize_kernel (its K tile divides the group);
-# the H200 sweep's best at 3 of 4 DiT shapes (M = 1024; docs/experiments/w4a16-b1/tune_gemv_v1_2026-12-03.json)
+# the H200 sweep's best at 3 of 4 DiT shapes (M = 1024; docs/experiments/w4a16-b1/tune_gemv_v1_dequant_2026-12-03.json)
 # GEMV path (on by default; ``QDIFF_W4_GEMV=0`` turns it off, bench suffix ``-no-gemv``): weight-only GEMMs of
 # M <= GEMV_MAX_M rows (DiT's adaLN and timestep-embedding linears at batch 1) read the weight once per row on the CUDA
 # cores (weight_only_gemv_kernel) instead of padding M to a 16-row tensor-core tile.
