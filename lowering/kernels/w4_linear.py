@@ -10,6 +10,8 @@ float dequantization of ``w4a16`` (:func:`dequant_int4_tile`).
 - ``w4a16`` (``weight_only_linear``): float activations; each weight tile becomes
   ``(q * scale[n, group]).to(x.dtype)`` (the reference's dequantized weight, bit for bit) and
   ``tl.dot`` runs in the activation's dtype with fp32 accumulation. Also serves INT8 weight-only.
+  Few rows (M <= ``GEMV_MAX_M``) take ``weight_only_gemv_kernel`` instead: the CUDA cores, per-group sums of codes
+  times activations scaled once; M >= ``DEQUANT_MM_MIN_M`` rows dequantize the weight once and call cuBLAS.
 - ``w4a8``: the activation is quantized in the prologue (int8 with zero point, or fp8 e4m3) and the
   int4 tile is upcast to int8 / fp8 (exact); each K tile's dot (int32 or fp32) is scaled by its
   group's scale and accumulated in fp32. The zero point's term uses the tile's weight column sums.
@@ -34,13 +36,13 @@ from ._common import (
     INTERPRET,
     activation_code,
     apply_activation,
-    epilogue,
     autotuned,
     check_launchable,
     check_scalar,
     check_tensor,
     direct,
     eager_call,
+    epilogue,
     INTERPRET_CONFIG,
     TORCH_ACTIVATIONS,
     config,
@@ -473,6 +475,7 @@ DEQUANT_MM_ENV = "QDIFF_W4_DEQUANT_MM"
 DEQUANT_MM_MIN_M = 512
 DEQUANT_CONFIG = {"block_n": 32, "num_warps": 4}  # rows per program of dequantize_kernel (its K tile divides the group);
 # the H200 sweep's best at 3 of 4 DiT shapes (M = 1024; docs/experiments/w4a16-b1/tune_gemv_v1_dequant_2026-12-03.json)
+
 # GEMV path (on by default; ``QDIFF_W4_GEMV=0`` turns it off, bench suffix ``-no-gemv``): weight-only GEMMs of
 # M <= GEMV_MAX_M rows (DiT's adaLN and timestep-embedding linears at batch 1) read the weight once per row on the CUDA
 # cores (weight_only_gemv_kernel) instead of padding M to a 16-row tensor-core tile.
@@ -648,9 +651,9 @@ def _weight_only_linear(x, w, w_scale, bias, K, group_size, int4, act, wrap=wrap
     if bias is not None:
         check_tensor(bias, "bias", (torch.float32,), shape=(N,))
     check_launchable(x, w, w_scale)
-    if x.stride(1) == 1 and gemv_rows(x.shape[0]):
-        return _gemv(x, w, w_scale, bias, K, k_stored, group_size, int4, act, wrap=wrap)
-    if x.stride(1) == 1:
+    if x.stride(1) == 1:  # (the GEMV and split-K kernels read rows of x contiguously)
+        if gemv_rows(x.shape[0]):
+            return _gemv(x, w, w_scale, bias, K, k_stored, group_size, int4, act, wrap=wrap)
         plan = splitk_plan(x.shape[0], N, K, group_size, x.device)
         if plan is not None:
             return _splitk(x, w, w_scale, bias, K, k_stored, group_size, int4, act, plan, wrap=wrap)
