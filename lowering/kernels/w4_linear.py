@@ -175,21 +175,20 @@ def weight_only_kernel(
     rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
-    if SWAP_AB:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            a = _x_tile(x_ptrs, rk, K, kt, EVEN_K, BLOCK_K)
-            w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K, True)
-            acc_t = float_dot(w, tl.trans(a), acc_t, FP32_DOT, INTERPRET)
-            x_ptrs += BLOCK_K * stride_xk
-        acc = tl.trans(acc_t)
+    if SWAP_AB:  # (constexpr branches: one loop, either orientation)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            a = _x_tile(x_ptrs, rk, K, kt, EVEN_K, BLOCK_K)
-            w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K, False)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        a = _x_tile(x_ptrs, rk, K, kt, EVEN_K, BLOCK_K)
+        w = weight_tile(w_ptr, ws_ptr, rn_l, kt, K_STORED, stride_wn, stride_sn, a.dtype, W_INT4, GROUP, EVEN_K, BLOCK_K, SWAP_AB)
+        if SWAP_AB:
+            acc = float_dot(w, tl.trans(a), acc, FP32_DOT, INTERPRET)
+        else:
             acc = float_dot(a, w, acc, FP32_DOT, INTERPRET)
-            x_ptrs += BLOCK_K * stride_xk
+        x_ptrs += BLOCK_K * stride_xk
+    if SWAP_AB:
+        acc = tl.trans(acc)
     # no activation scale (1.0); per-channel weight scales are applied in the epilogue
     store_output(acc, rm, rn, M, N, out_ptr, stride_om, stride_on, ws_ptr, bias_ptr, 1.0, HAS_BIAS, GROUP == 0, ACT)
 
@@ -453,7 +452,8 @@ TABLES = {("weight_only", "small"): WEIGHT_ONLY_SMALL, ("weight_only", "medium")
 # its two launches each pay the host-side launch cost that dominates these ~10-us GEMMs. Its GPU time alone is lower
 # (6.2-10.8 us vs 7.9-21.1 us under a CUDA graph, 7 of 8 shapes), so it can pay off under CUDA graphs
 # (mode="reduce-overhead"); ``QDIFF_W4_SPLITK=1`` turns it on up to SPLITK_ON_MAX_M for that end-to-end A/B
-# (bench suffix ``-splitk``; measured 2026-12-03 at DiT-XL/2 batch 1: 7.42 vs 7.46 ms, no gain).
+# (bench suffix ``-splitk``; measured 2026-12-03 at DiT-XL/2 batch 1: 7.42 vs 7.46 ms, no gain); the GEMV kernel
+# still takes M <= GEMV_MAX_M first unless ``QDIFF_W4_GEMV=0``.
 # The medium tier (M <= MEDIUM_M, row tiles of SPLITK_MEDIUM_BLOCK_M) splits K by default where few output tiles walk a
 # long K (medium_splits_k, from the H200 sweep at M = 256); ``QDIFF_W4_SPLITK_MEDIUM=1`` splits every medium shape
 # (bench suffix ``-splitk-medium``), ``=0`` none.
