@@ -5,9 +5,10 @@
 Per shape: ``F.scaled_dot_product_attention`` on bf16 (whatever backend torch picks: cuDNN / flash on Hopper) and
 ``qdiff::fp8_attention`` with bf16 inputs (quantized in the kernel), with float8_e4m3fn inputs in the heads' layout
 (quantized by their producer, not timed), with float8_e4m3fn inputs as ``quantize_heads`` stores them (rows padded to
-16 bytes, V with its keys contiguous: the kernel's ``V_T`` path, not timed), the same with q / k padded by zero
-columns to the next power of two up to 128 as the lowering pads them (``qk_width``: one ``Q K^T`` dot, 72 -> 128,
-40 -> 64), and the Triton lowering's attention call
+16 bytes, V with its keys contiguous: the kernel's ``V_T`` path, not timed), the same with q / k padded in memory by
+zero columns to the next power of two up to 128 (``qk_width``: 72 -> 128, 40 -> 64; the lowering's layout until
+2026-12-03, the kernel now pads them in registers), fp8 q / k as views of their projection's output with V^T (what the
+lowering passes the kernel for fp8 projections, :func:`projection_codes`), and the Triton lowering's attention call
 compiled by Inductor (``triton_lowering.qattention``: the quantize pass Inductor generates plus the kernel: what a
 quantized model runs). Each time is the median of CUDA-graph replays (``qcompile.latency.cuda_graph_timer``; the fp8
 kernel autotunes before the graph is captured). Heads are laid out as models produce them (``x.view(B, S, H,
@@ -73,6 +74,17 @@ def _heads(b: int, h: int, s: int, d: int, dev: torch.device) -> torch.Tensor:
     return torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
 
 
+def projection_codes(heads: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp8 codes of (B, H, S, D) ``heads`` as a fused projection writes them (``QDIFF_ATTN_FP8_QKV``): the column sections
+    of one (B, S, n * H * D) output (n = len(heads), one scale each), viewed as heads at D-element offsets, as the
+    lowering hands q / k to the kernel."""
+    from qcompile.lowering.formats import quantize_fp8
+
+    B, H, S, D = heads[0].shape
+    rows = torch.cat([quantize_fp8(t.transpose(1, 2).reshape(B, S, H * D), sc) for t, sc in zip(heads, scales)], -1)
+    return [rows[..., i * H * D:(i + 1) * H * D].view(B, S, H, D).transpose(1, 2) for i in range(len(heads))]
+
+
 def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch.device) -> dict:
     """Times (us) and SQNRs (dB) of one attention shape."""
     from qcompile.latency import cuda_graph_timer
@@ -86,8 +98,10 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
     s = [(t.float().abs().amax() / 448).reshape(()) for t in (q, k, v)]
     q8, k8, v8 = (quantize_fp8(t, sc) for t, sc in zip((q, k, v), s))
     q8p, k8p, v8t = quantize_heads(q, s[0]), quantize_heads(k, s[1]), quantize_heads(v, s[2], keys_contiguous=True)
-    width = qk_width(d)  # (the lowering's padding: the column is the kernel as the lowering calls it)
+    width = qk_width(d)  # (q / k padded in memory, as the lowering did until 2026-12-03; now the kernel pads them in registers)
     qk_pow2 = [quantize_heads(t, sc, width=width) for t, sc in ((q, s[0]), (k, s[1]))] if width != d else None
+    # q / k as views of their projection's fp8 output (self-attention: one q / k / v projection), V copied by keys: the lowering's call
+    q_proj, k_proj = projection_codes([q, k, v], s)[:2] if sq == sk else (projection_codes([q], s[:1])[0], projection_codes([k, v], s[1:])[0])
     torch._dynamo.reset()
     lowering = torch.compile(lambda q, k, v: triton_lowering.qattention(q, k, v, *s), fullgraph=True)
     ref_bf16 = F.scaled_dot_product_attention(q, k, v).float()
@@ -96,6 +110,7 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
              "fp8_vt": lambda: fp8_attention(q8p, k8p, v8t, *s), "lowering_compiled": lambda: lowering(q, k, v)}
     if qk_pow2 is not None:
         calls["fp8_vt_qk_pow2"] = lambda: fp8_attention(*qk_pow2, v8t, *s, sm_scale=d ** -0.5)
+    calls["fp8_proj_vt"] = lambda: fp8_attention(q_proj, k_proj, v8t, *s)
     row: dict = {"model": model, "shape": [b, h, sq, sk, d]}
     outs, times = {}, {"sdpa_bf16_us": cuda_graph_timer(lambda: F.scaled_dot_product_attention(q, k, v))}
     for name, call in calls.items():  # a column that fails says why in its row and the others still run (one GPU call)
@@ -117,7 +132,7 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
 
 
 COLUMNS = [("fp8", "bf16 in"), ("fp8_from_fp8", "fp8 in"), ("fp8_vt", "fp8 in, V^T"), ("fp8_vt_qk_pow2", "fp8 in, V^T, q / k pow2"),
-           ("lowering_compiled", "lowering, compiled")]
+           ("fp8_proj_vt", "fp8 q / k projection views, V^T"), ("lowering_compiled", "lowering, compiled")]
 
 
 def table(rows: list[dict]) -> str:

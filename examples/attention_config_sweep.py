@@ -2,8 +2,9 @@
 
     python examples/attention_config_sweep.py --out attention_configs.json [--models DiT,PixArt] [--candidates]
 
-The lowering calls ``qdiff::fp8_attention`` with fp8 q / k padded to :func:`qk_width` and V stored by keys
-(``quantize_heads``), and with fp8 output for the output projection (``out_scale``). The production kernel autotunes
+The lowering calls ``qdiff::fp8_attention`` with fp8 q / k as views of their projection's output (the kernel pads
+their head dim in registers) and V stored by keys (``keys_contiguous_codes``), and with fp8 output for the output
+projection (``out_scale``). The production kernel autotunes
 over ``fp8_attention.CONFIG_TABLE``. This script times each config of that table alone (and, with ``--candidates``,
 the configs of ``CANDIDATES``, compiled spill-free for sm_90 by ``aot_check``), plus the autotuned kernel. That shows
 which config wins at each shape and whether a config outside the table would be faster. Each time is the median of
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import _heads, measure_shapes  # noqa: E402  (the same shapes, head layout and run record)
+from attention_bench import _heads, measure_shapes, projection_codes  # noqa: E402  (the same shapes, layouts and run record)
 
 # (BLOCK_M, BLOCK_N, num_stages, num_warps) outside CONFIG_TABLE, no spills at D = 72 padded to 128 (aot_check, triton 3.6);
 # the first two were in the table until the sweep of 2026-12-03 (docs/experiments/attention-configs)
@@ -39,8 +40,7 @@ def sweep_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, configs: l
     fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
     q, k, v = _heads(b, h, sq, d, dev), _heads(b, h, sk, d, dev), _heads(b, h, sk, d, dev)
     s = [(t.float().abs().amax() / 448).reshape(()) for t in (q, k, v)]
-    width = fa.qk_width(d)
-    q8, k8 = (fa.quantize_heads(t, sc, width=width) for t, sc in ((q, s[0]), (k, s[1])))
+    q8, k8 = projection_codes([q, k, v], s)[:2] if sq == sk else (projection_codes([q], s[:1])[0], projection_codes([k, v], s[1:])[0])
     v8 = fa.quantize_heads(v, s[2], keys_contiguous=True)
     out_scale = (reference.qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16).float().abs().amax() / 448).reshape(())
     ref = reference.qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16, out_scale=out_scale).float() * out_scale

@@ -297,7 +297,7 @@ def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 
     Each of q / k / v is float (quantized here) or already float8_e4m3fn, written by its projection
     (``passes.attention_heads``): fp8 heads, q / k padded to :func:`.kernels.fp8_attention.qk_width` of V's head dim,
-    or plain fp8 output of V's head dim (padded by :func:`qattention`)."""
+    or plain fp8 output of V's head dim (the kernel pads q / k in registers)."""
     from .kernels.fp8_attention import MAX_HEAD_DIM, MIN_HEAD_DIM, qk_width
 
     if not kernels_usable_on(q.device):
@@ -306,7 +306,7 @@ def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
     if len(floats) > 1 or not floats <= set(FLOAT_DTYPES):
         return f"dtypes {q.dtype} / {k.dtype} / {v.dtype}"
     d = v.shape[-1] if v.dim() == 4 else 0
-    # fp8 q / k: heads already padded to the kernel's width, or plain fp8 projection output (padded here)
+    # fp8 q / k: heads already padded to the kernel's width, or plain fp8 projection output (padded in registers)
     widths_ok = all(t.shape[3] in ((d, qk_width(d)) if t.dtype == FP8 else (d,)) for t in (q, k))
     if q.dim() != 4 or k.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[:2] != q.shape[:2] or not widths_ok:
         return f"shapes {tuple(q.shape)} / {tuple(k.shape)} / {tuple(v.shape)}"
@@ -321,10 +321,11 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     (:func:`.kernels.fp8_attention.quantize_heads`, fused by Inductor into one pass over the producer's output), V stored
     with its keys contiguous: once per tensor instead of once per query tile in the kernel, and the kernel's fp8
     ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2"). q / k / v already float8_e4m3fn (fp8
-    heads or plain fp8 output written by their projection, ``passes.attention_heads``) are only laid out as the kernel
-    reads them (q / k zero-padded to the width, V keys contiguous; a no-op for heads); fp8 q needs ``sm_scale`` and
-    ``out_dtype``. ``out_scale``: float8_e4m3fn output for the output projection (``passes.act_quant``)."""
-    from .kernels.fp8_attention import fp8_attention, keys_contiguous_codes, padded_codes, qk_width, quantize_heads
+    heads or plain fp8 output written by their projection, ``passes.attention_heads``) go to the kernel as they are,
+    q / k as views of the projection's output (the kernel zero-pads their head dim in registers, ``qk_parts``), V
+    copied with its keys contiguous (a no-op for heads); fp8 q needs ``sm_scale`` and ``out_dtype``. ``out_scale``:
+    float8_e4m3fn output for the output projection (``passes.act_quant``)."""
+    from .kernels.fp8_attention import fp8_attention, keys_contiguous_codes, quantize_heads
 
     if q.dtype == FP8 and (sm_scale is None or out_dtype is None):
         raise ValueError("fp8 q heads (padded by their projection) need an explicit sm_scale and out_dtype")
@@ -334,10 +335,8 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
                           f"({q.dtype} / {k.dtype} / {v.dtype}) runs the reference attention, which materializes the "
                           f"scores: {why}", stacklevel=2)
         return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale)
-    d = v.shape[-1]
-    width = qk_width(d)  # (D = 40 / 72: q / k padded to 64 / 128 with zero columns, one Q K^T dot)
-    q8 = padded_codes(q, width) if q.dtype == FP8 else quantize_heads(q, q_scale, width=width)
-    k8 = padded_codes(k, width) if k.dtype == FP8 else quantize_heads(k, k_scale, width=width)
+    q8 = q if q.dtype == FP8 else quantize_heads(q, q_scale)
+    k8 = k if k.dtype == FP8 else quantize_heads(k, k_scale)
     v8 = keys_contiguous_codes(v) if v.dtype == FP8 else quantize_heads(v, v_scale, keys_contiguous=True)
     return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
                          out_dtype=out_dtype or q.dtype, out_scale=out_scale)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -194,28 +195,29 @@ def cases(which: set[str]):
     if "attention" in which:  # DiT / PixArt (72), power-of-two heads (64, 128), SD 1.5's (40, 80, 160); fp8 inputs at 72
         sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "out_ptr": "*bf16", "os_ptr": "*fp32",
                "sm_scale": "fp32"}
-        sig.update({n: I32 for n in ("H", "SQ", "SK", "stride_qb", "stride_qh", "row_q", "stride_kb", "stride_kh", "row_k",
-                                     "stride_vb", "stride_vh", "row_v", "stride_ob", "stride_oh", "row_o")})
-        # (row_q / row_k / row_v / row_o count rows in units of ROW_ALIGN elements: no divisibility of their own)
-        aligned = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh"]
-        # (head dim of q / k, of v, fp8 inputs, V stored by keys): the v1 cases, and v2's as the lowering calls it
-        # (quantize_heads: fp8, V^T, q / k padded to qk_width: D = 40 -> 64, 72 -> 128)
-        for dk, dv, x_fp8, v_t in ((72, 72, False, False), (72, 72, True, False), (72, 72, True, True), (128, 72, True, True),
-                                   (64, 64, False, False), (128, 128, False, False), (40, 40, False, False), (64, 40, True, True),
-                                   (80, 80, False, False), (160, 160, False, False)):
-            dk0, dk1, _ = fp8_attention.head_parts(dk)
+        sig.update({n: I32 for n in ("H", "SQ", "SK", "batch_q", "head_q", "row_q", "batch_k", "head_k", "row_k",
+                                     "batch_v", "head_v", "row_v", "batch_o", "head_o", "row_o")})
+        # (strides count in units of each tensor's ALIGN_* elements, fp8_attention.tensor_strides: no divisibility of their own)
+        # (head dim of q / k, of v, fp8 inputs, V stored by keys, q / k alignment): heads as models lay them out, views of
+        # a projection's output (q = to_q(x).view(B, S, H, D).transpose(1, 2): head offsets of D elements, so D = 72 / 40
+        # is 8-aligned; q / k zero-padded to qk_width in registers), V^T as the lowering copies it (rows padded to 16
+        # bytes), q / k padded to 128 in memory (the heads layout); the output (B, S, H, Dv) is gcd(Dv, 16)-aligned
+        for dk, dv, x_fp8, v_t, align in ((72, 72, False, False, 8), (72, 72, True, False, 8), (72, 72, True, True, 8),
+                                          (128, 72, True, True, 16), (64, 64, False, False, 16), (128, 128, False, False, 16),
+                                          (40, 40, False, False, 8), (40, 40, True, True, 8), (80, 80, False, False, 16),
+                                          (160, 160, False, False, 16)):
+            dk0, dk1 = fp8_attention.qk_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
-            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ROW_ALIGN=16, OUT_FP8=False, INTERPRET=False)
+            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align, ALIGN_K=align,
+                         ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, INTERPRET=False)
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
-            # batch / head strides as the models lay heads out: multiples of H * D (q = to_q(x).view(B, S, H, D).transpose(1, 2))
-            # or 3 * H * D (a packed qkv), 16-divisible at 16 heads; row strides 16-aligned (ROW_ALIGN: quantize_heads pads
-            # fp8 rows to 16 bytes, bf16 rows of H * D are 16-divisible at 16 heads)
-            dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk})"
+            dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk} in memory)"
+            dims += f", Q K^T {dk0} wide" if dk0 > dk else ""
             yield f"attention {dims}{' fp8 in' if x_fp8 else ''}{', V^T' if v_t else ''}", fp8_attention.fp8_attention_kernel, s, flags, \
-                fp8_attention.CONFIGS, aligned
-            if (dk, dv, x_fp8, v_t) == (128, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
-                yield "attention D=72 (q / k padded to 128) fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
-                    dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, aligned
+                fp8_attention.CONFIGS, []
+            if (dk, dv, x_fp8, v_t) == (72, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
+                yield f"attention {dims} fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
+                    dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, []
     if "norm" in which:  # DiT / PixArt block boundaries: rows of 1152 (BLOCK_C 2048), adaLN vectors as chunk views
         sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "sc_ptr": "*bf16", "sh_ptr": "*bf16", "as_ptr": "*fp32",
                "hout_ptr": "*bf16", "q_ptr": "*fp8e4nv", "M": I32, "C": I32, "SEQ": I32, "stride_g": I32, "stride_sc": I32, "stride_sh": I32}

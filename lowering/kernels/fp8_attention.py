@@ -15,9 +15,10 @@ Head dims that are not a power of two (DiT / PixArt: 72; SD 1.5: 40, 80, 160) ar
 two <= D) plus a masked second part, ``DQ1 = max(32, next_pow2(D - D0))`` wide in ``Q K^T`` (an fp8 dot needs K >= 32)
 and ``DV1 = max(16, next_pow2(D - D0))`` wide in ``P @ V`` (its N >= 16); see :func:`head_parts` and docs/kernels.md
 ("fp8 attention") for the FLOP counts against padding D to the next power of two. Supported: ``32 <= D <= 160`` with
-``D % 8 == 0``; power-of-two D runs one part. Q / K may have another head dim than V (``Dk``, ``Dv``): the
-lowering pads q / k with zero columns to the next power of two up to 128 (:func:`qk_width`: D = 40 -> 64, 72 -> 128,
-one ``Q K^T`` dot).
+``D % 8 == 0``; power-of-two D runs one part. ``Q K^T`` is one dot where the next power of two is at most 128
+(:func:`qk_parts`, :func:`qk_width`: D = 40 -> 64, 72 -> 128): q / k tiles load that wide, their columns past D masked
+to zero, from any layout (e.g. views of the q / k / v projection's output at 72-element head offsets, 8-byte aligned).
+Q / K may have another head dim than V (``Dk``, ``Dv``: q / k already zero-padded in memory, the heads layout).
 
 V may be stored transposed, (B, H, D, S) with its keys contiguous (``V_T``, chosen from V's strides: a
 ``v_t.transpose(-1, -2)`` view): the fp8 ``P @ V`` dot then takes V from shared memory as loaded, where row-major V is
@@ -89,7 +90,7 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
     ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
-    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, False), k_inv, X_FP8, INTERPRET)
+    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, DK0 > DK), k_inv, X_FP8, INTERPRET)
     s = tl.dot(q0, tl.trans(k0))
     if DK1 > 0:  # second head-dim part of Q K^T: columns [DK0, DK0 + DK1), those past DK load as 0
         dk1 = DK0 + tl.arange(0, DK1)
@@ -116,36 +117,37 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
 def fp8_attention_kernel(
     q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr, os_ptr,
     sm_scale, H, SQ, SK,
-    stride_qb, stride_qh, row_q, stride_kb, stride_kh, row_k, stride_vb, stride_vh, row_v, stride_ob, stride_oh, row_o,
+    batch_q, head_q, row_q, batch_k, head_k, row_k, batch_v, head_v, row_v, batch_o, head_o, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    X_FP8: tl.constexpr, V_T: tl.constexpr, ROW_ALIGN: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+    ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Q / K head dim DK, V / output head dim DV (usually equal; quantize_heads may pad Q / K with zero columns to a
-    # power of two so that Q K^T is one dot). Parts: DK0 + DK1 and DV0 + DV1 (head_parts).
-    # row_q / row_k / row_o: the strides between query / key / output rows, row_v: V's non-unit stride (between keys,
-    # or under V_T, V stored (B, H, D, S) with its keys contiguous, between head dims), all in units of ROW_ALIGN
-    # elements (row_strides / row_align): multiplied back by the constexpr, they tell the compiler the rows' alignment (vectorized
-    # loads / stores of the head-dim parts where Triton's own specialization, integers divisible by 16, does not see
-    # it, e.g. contiguous D = 72). (Not tl.multiple_of: under Inductor a scalar may arrive as a constexpr, an integer
-    # equal to 1 always and every scalar in torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.)
-    stride_qs = row_q * ROW_ALIGN
-    stride_ks = row_k * ROW_ALIGN
+    # Q / K head dim DK, V / output head dim DV (usually equal). Parts: DK0 + DK1 and DV0 + DV1 (head_parts); DK0 > DK:
+    # q / k zero-padded in registers to the power of two DK0 (their columns past DK load as 0), one Q K^T dot.
+    # Strides (batch, head, row) of each tensor in units of its ALIGN_* elements (tensor_strides): row is the stride
+    # between query / key / output rows, for V its non-unit one (between keys, or under V_T, V stored (B, H, D, S) with
+    # its keys contiguous, between head dims). Multiplied back by the constexpr they tell the compiler each tensor's
+    # alignment (vectorized loads / stores of the head-dim parts where Triton's own specialization, integers divisible
+    # by 16, does not see it: contiguous D = 72 rows, or heads at 72-element offsets in a projection's output). (Not
+    # tl.multiple_of: under Inductor a scalar may arrive as a constexpr, an integer equal to 1 always and every scalar in
+    # torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.)
+    stride_qs = row_q * ALIGN_Q
+    stride_ks = row_k * ALIGN_K
     if V_T:
-        stride_vd = row_v * ROW_ALIGN
+        stride_vd = row_v * ALIGN_V
         stride_vs = 1
     else:
-        stride_vs = row_v * ROW_ALIGN
+        stride_vs = row_v * ALIGN_V
         stride_vd = 1
-    stride_os = row_o * ROW_ALIGN
+    stride_os = row_o * ALIGN_O
     pid_m = tl.program_id(0)  # query tiles of one head run next to each other: its K / V stay in L2
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_base = out_ptr + b * stride_ob + h * stride_oh
+    q_base = q_ptr + (b * batch_q + h * head_q) * ALIGN_Q
+    k_base = k_ptr + (b * batch_k + h * head_k) * ALIGN_K
+    v_base = v_ptr + (b * batch_v + h * head_v) * ALIGN_V
+    o_base = out_ptr + (b * batch_o + h * head_o) * ALIGN_O
 
     q_scale = tl.load(qs_ptr)
     k_scale = tl.load(ks_ptr)
@@ -157,7 +159,7 @@ def fp8_attention_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm_l = rm % SQ  # rows past the end load valid (wrapped) rows; only the store is masked
-    q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, tl.arange(0, DK0), 1, SQ, DK, False, False), q_inv, X_FP8, INTERPRET)
+    q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, tl.arange(0, DK0), 1, SQ, DK, False, DK0 > DK), q_inv, X_FP8, INTERPRET)
     if DK1 > 0:
         q1 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, DK0 + tl.arange(0, DK1), 1, SQ, DK, False, True), q_inv, X_FP8, INTERPRET)
     else:
@@ -209,11 +211,21 @@ def head_parts(d: int) -> tuple[int, int, int]:
     return d0, max(32, width), max(16, width)
 
 
+def qk_parts(d: int) -> tuple[int, int]:
+    """``(DK0, DK1)`` of ``Q K^T`` for q / k head dim ``d``: ``(qk_width(d), 0)`` where that pads (one dot, the columns
+    past ``d`` loaded as zeros in registers: q / k need no padded copy in memory), else :func:`head_parts`'s."""
+    width = qk_width(d)
+    if width > d:
+        head_parts(d)  # (validates d)
+        return width, 0
+    return head_parts(d)[:2]
+
+
 def dot_widths(d: int) -> tuple[int, int]:
     """Head-dim widths the two dots compute (``Q K^T``, ``P V``) for head dim ``d``: their FLOPs per (query, key) pair
     are ``2 * width`` each, against ``2 * d`` useful."""
-    d0, dq1, dv1 = head_parts(d)
-    return d0 + dq1, d0 + dv1
+    d0, _, dv1 = head_parts(d)
+    return sum(qk_parts(d)), d0 + dv1
 
 
 def _cfg(bm: int, bn: int, stages: int, warps: int) -> triton.Config:
@@ -281,18 +293,16 @@ def keys_contiguous(v: torch.Tensor) -> bool:
     return v.stride(2) == 1 and v.stride(3) != 1 and v.shape[2] > 1
 
 
-def row_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> tuple[int, int, int, int]:
-    """The strides between rows of a head (the S dims'; V's D dim when :func:`keys_contiguous`): the kernel's
-    ``row_q``, ``row_k``, ``row_v``, ``row_o`` times ``ROW_ALIGN``."""
-    return q.stride(2), k.stride(2), v.stride(3) if keys_contiguous(v) else v.stride(2), out.stride(2)
-
-
-def row_align(rows: tuple[int, ...]) -> int:
-    """The largest power of two (<= 16) dividing every row stride (:func:`row_strides`): the kernel's load hint."""
-    g = 0
-    for stride in rows:
-        g = math.gcd(g, stride)
-    return math.gcd(g, 16) if g else 16
+def tensor_strides(t: torch.Tensor, rows_dim: int) -> tuple[int, int, int, int]:
+    """``(align, batch, head, row)`` of a (B, H, S, D) kernel operand: ``align`` the largest power of two (<= 16)
+    dividing its batch, head and row strides (``rows_dim``: the dim whose stride separates the rows the kernel walks,
+    2, or 3 for V stored by keys), and those strides in units of ``align`` (the kernel's ``ALIGN_*`` and
+    ``batch_* / head_* / row_*``: its load and store alignment hint)."""
+    strides = (t.stride(0), t.stride(1), t.stride(rows_dim))
+    align = 16
+    for s in strides:
+        align = math.gcd(align, s) if s else align
+    return (align, *(s // align for s in strides))
 
 
 QK_PAD_MAX = 128  # qk_width pads q / k head dims up to this power of two
@@ -327,15 +337,6 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
     return codes.transpose(-1, -2) if keys_contiguous else codes
 
 
-def padded_codes(x: torch.Tensor, width: int) -> torch.Tensor:
-    """fp8 (B, H, S, D) q / k codes with zero columns up to ``width`` (:func:`qk_width`), in new storage; codes already
-    that wide are returned as they are. (fp8 -> fp32 -> fp8 is exact; under Inductor one copy kernel.)"""
-    d = x.shape[-1]
-    if d == width:
-        return x
-    return torch.nn.functional.pad(x.float(), (0, width - d)).to(x.dtype)
-
-
 def keys_contiguous_codes(v: torch.Tensor) -> torch.Tensor:
     """fp8 (B, H, S, D) V codes in the order the kernel's ``P @ V`` reads them: a (B, H, S, D) view of (B, H, D, S)
     storage, keys contiguous, rows padded with zeros to a multiple of 16 bytes (:func:`keys_contiguous`). V already
@@ -353,11 +354,12 @@ def keys_contiguous_codes(v: torch.Tensor) -> torch.Tensor:
 
 
 def qk_width(d: int) -> int:
-    """The head dim :func:`quantize_heads` pads q / k to for head dim ``d``: the next power of two up to
-    ``QK_PAD_MAX`` (D = 40 -> 64, 72 / 80 -> 128: one ``Q K^T`` dot instead of the split's two), else ``d``. Measured
-    on an H200 (2026-12-02, ``examples/attention_bench.py``, docs/kernels.md): D = 72 padded to 128 is 1.11-1.16x
-    faster than the split 64 + 32 at DiT / PixArt self-attention, though the dot computes 128 columns instead of 96.
-    D = 160 stays split (a 256-wide Q tile would not fit the registers)."""
+    """The width of the kernel's ``Q K^T`` dot for head dim ``d`` (:func:`qk_parts`; q / k zero-padded to it in
+    registers, or in memory by :func:`quantize_heads` ``width=`` and the heads layout): the next power of two up to
+    ``QK_PAD_MAX`` (D = 40 -> 64, 72 / 80 -> 128: one dot instead of the split's two), else ``d``. Measured on an H200
+    (2026-12-02, ``examples/attention_bench.py``, docs/kernels.md): D = 72 padded to 128 is 1.11-1.16x faster than the
+    split 64 + 32 at DiT / PixArt self-attention, though the dot computes 128 columns instead of 96. D = 160 stays
+    split (a 256-wide Q tile would not fit the registers)."""
     pow2 = 1 << (d - 1).bit_length()
     return pow2 if pow2 <= QK_PAD_MAX else d
 
@@ -371,21 +373,20 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     out = new_output(q, v, FP8 if out_scale is not None else out_dtype)
     if out.numel() == 0:
         return out
-    dk0, dk1, _ = head_parts(DK)
+    dk0, dk1 = qk_parts(DK)
     dv0, _, dv1 = head_parts(DV)
-    rows = row_strides(q, k, v, out)
-    align = row_align(rows)
-    row_q, row_k, row_v, row_o = (r // align for r in rows)
+    v_t = keys_contiguous(v)
+    (align_q, *qs), (align_k, *ks), (align_v, *vs), (align_o, *os_) = (
+        tensor_strides(q, 2), tensor_strides(k, 2), tensor_strides(v, 3 if v_t else 2), tensor_strides(out, 2))
 
     def grid(meta):
         return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
 
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out, out_scale if out_scale is not None else v_scale,
-        sm_scale, H, SQ, SK,
-        q.stride(0), q.stride(1), row_q, k.stride(0), k.stride(1), row_k, v.stride(0), v.stride(1), row_v,
-        out.stride(0), out.stride(1), row_o,
-        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=keys_contiguous(v), ROW_ALIGN=align,
+        sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_,
+        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align_q, ALIGN_K=align_k,
+        ALIGN_V=align_v, ALIGN_O=align_o,
         OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
     )
     return out

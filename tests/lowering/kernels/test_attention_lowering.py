@@ -40,8 +40,9 @@ def test_qattention_takes_the_kernel_and_matches_the_reference(monkeypatch):
 @pytest.mark.parametrize("d", [40, 72])
 def test_plain_fp8_projection_output_takes_the_kernel(monkeypatch, d):
     """q / k / v written as plain fp8 by their projection (``QDIFF_ATTN_FP8_QKV``) have V's head dim, not the kernel's
-    padded width: the lowering pads them and runs the kernel (on 2026-12-03 D = 72 fp8 q / k ran the reference
-    attention on the H200, 3.8x slower than float q / k / v) with the codes the float route would have made."""
+    padded width: the lowering runs the kernel on them (on 2026-12-03 D = 72 fp8 q / k ran the reference attention on
+    the H200, 3.8x slower than float q / k / v), q / k as they are (the kernel pads them in registers), with the codes
+    and the result the float route gives."""
     module = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
     from qcompile.lowering import formats
 
@@ -55,15 +56,15 @@ def test_plain_fp8_projection_output_takes_the_kernel(monkeypatch, d):
     out = triton_lowering.qattention(*codes, *scales, sm_scale=d ** -0.5, out_dtype=q.dtype)
     float_route = triton_lowering.qattention(q, k, v, *scales)
     assert len(seen) == 2
-    for fp8_arg, float_arg in zip(seen[0], seen[1]):  # the same codes, laid out the same way
-        assert fp8_arg.shape == float_arg.shape and fp8_arg.stride() == float_arg.stride()
-        assert torch.equal(fp8_arg.float(), float_arg.float())
+    for fp8_arg, float_arg in zip(seen[0], seen[1]):  # the same codes (the float route stores rows padded to 16 bytes)
+        assert fp8_arg.shape == float_arg.shape and torch.equal(fp8_arg.float(), float_arg.float())
+    assert seen[0][0] is codes[0] and seen[0][1] is codes[1]  # fp8 q / k: no copy
     assert torch.equal(out, float_route)
 
 
-def test_qattention_pads_queries_and_keys_of_head_dim_40(monkeypatch):
-    """SD 1.5's D = 40 heads: the lowering quantizes q / k into 64 columns (the split's Q K^T width: one dot) and v
-    stored by keys, and keeps the default softmax scale of D = 40."""
+def test_qattention_gives_head_dim_40_to_the_kernel_unpadded(monkeypatch):
+    """SD 1.5's D = 40 heads: the lowering quantizes q / k without zero columns (the kernel pads them to 64 in
+    registers, one Q K^T dot) and v stored by keys, and keeps the default softmax scale of D = 40."""
     module = importlib.import_module("qcompile.lowering.kernels.fp8_attention")  # (the package re-exports the function)
 
     q, k, v = (randn(1, 2, 24, 40) for _ in range(3))
@@ -71,7 +72,7 @@ def test_qattention_pads_queries_and_keys_of_head_dim_40(monkeypatch):
     real = module.fp8_attention
     monkeypatch.setattr(module, "fp8_attention", lambda *a, **kw: seen.append((a[0].shape[-1], module.keys_contiguous(a[2]))) or real(*a, **kw))
     out = triton_lowering.qattention(q, k, v, *_scales(q, k, v))
-    assert seen == [(64, True)] and out.shape == v.shape
+    assert seen == [(40, True)] and out.shape == v.shape
     ref = reference.qattention(q, k, v, *_scales(q, k, v))
     assert sqnr_db(ref, out) > (60 if q.device.type == "cpu" else 40)
 
