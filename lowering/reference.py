@@ -164,15 +164,6 @@ def qlinear_heads(x, wdata, wscale, bias, a_scale, a_zp, *, heads: tuple[int, ..
     return reference_heads(y.reshape(-1, y.shape[-1]), out_scale, HeadsLayout(*heads))
 
 
-def add_residual(y: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + gate * y`` (``residual + y`` without a gate) in fp32, rounded to the residual's dtype: the GEMM
-    kernels' residual epilogue (``gate`` broadcasts against ``y``, e.g. (B, 1, C) against (B, S, C))."""
-    y = y.float()
-    if gate is not None:
-        y = y * gate.float()
-    return (residual.float() + y).to(residual.dtype)
-
-
 def add_norm_modulate_fp8(h: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, scale: torch.Tensor,
                           shift: torch.Tensor, a_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`.kernels.norm_quant.add_norm_modulate_fp8`: ``x = h + gate[b] * y`` in fp32 rounded to h's

@@ -94,23 +94,18 @@ X_QUANT_MODES = ("prologue", "producer")
 
 
 def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, afmt, asym, bias_corr, act_smooth, act,
-            x_quant=None, out_scale=None, out_dtype=None, colsum=None, splits=None, residual=None, gate=None):
+            x_quant=None, out_scale=None, out_dtype=None, colsum=None, splits=None):
     zp = a_zp if (asym and afmt == "int8") else None
     if route == "fp8":
         w = wdata.view(FP8)
-        if splits is None and (x.dtype == FP8 or (x_quant or FP8_ACT_QUANT_DEFAULT) == "producer"):
-            # fp8 input (quantized by the previous GEMM's epilogue, or here by aten ops Inductor fuses into its producer);
-            # a residual add after the GEMM runs in its epilogue
-            xq = x if x.dtype == FP8 else quantize_input_fp8(x, a_scale, act_smooth)
-            return fp8_linear_prequant(xq, w, wscale, bias, a_scale, out_dtype if x.dtype == FP8 else x.dtype, act, bias_corr,
-                                       out_scale, residual=residual, gate=gate)
-        # per-slice scales (split ops: always quantized in the prologue, passes.act_quant skips them), or the prologue
-        y = fp8_linear(x, w, wscale, bias, a_scale, act_smooth, act, bias_corr, out_scale, splits=splits)
-        return y if residual is None else reference.add_residual(y, residual, gate)
-    if residual is not None:
-        return reference.add_residual(_linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt,
-                                              asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, act=act, colsum=colsum,
-                                              splits=splits), residual, gate)
+        if splits is not None:  # per-slice scales: always quantized in the prologue (passes.act_quant skips split ops)
+            return fp8_linear(x, w, wscale, bias, a_scale, act_smooth, act, bias_corr, out_scale, splits=splits)
+        if x.dtype == FP8:  # quantized by the previous GEMM's epilogue
+            return fp8_linear_prequant(x, w, wscale, bias, a_scale, out_dtype, act, bias_corr, out_scale)
+        if (x_quant or FP8_ACT_QUANT_DEFAULT) == "producer":
+            xq = quantize_input_fp8(x, a_scale, act_smooth)
+            return fp8_linear_prequant(xq, w, wscale, bias, a_scale, x.dtype, act, bias_corr, out_scale)
+        return fp8_linear(x, w, wscale, bias, a_scale, act_smooth, act, bias_corr, out_scale)
     if route == "int8":
         return int8_linear(x, wdata, wscale, bias, a_scale, zp, act_smooth, act, bias_corr, colsum if zp is not None else None,
                            splits=splits)
@@ -121,7 +116,7 @@ def _linear(route, x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, a
 
 
 def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False, bias_corr=None, act_smooth=None,
-            splits=None, outlier_scale=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None, residual=None, gate=None):
+            splits=None, outlier_scale=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None):
     """:func:`.reference.qlinear` on a Triton kernel where one applies (same arguments, same result up to rounding).
 
     Split ops (``splits``: per-slice activation and weight scales) run the W8A8 kernels' split path (fp8 / int8; other
@@ -129,18 +124,15 @@ def qlinear(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_s
     fp8 GEMMs only (set by ``passes.act_quant``): ``x_quant`` ("prologue" / "producer") places the input's
     quantization; ``out_scale`` returns float8_e4m3fn quantized with the next fp8 GEMM's scale; an fp8 ``x``
     (from such a GEMM) is taken as quantized with ``a_scale``, and ``out_dtype`` is then the output dtype.
-    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations. ``residual`` /
-    ``gate`` (``passes.norm_quant``): return ``residual + gate * y`` (:func:`.reference.add_residual`), in the fp8 GEMM's
-    epilogue where its input is fp8, else after it."""
+    ``colsum``: the int8 weight's column sums (:func:`aux_buffers`), for asymmetric int8 activations."""
     return qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                          afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits, x_quant=x_quant,
-                         out_scale=out_scale, out_dtype=out_dtype, colsum=colsum, outlier_scale=outlier_scale, residual=residual,
-                         gate=gate)
+                         out_scale=out_scale, out_dtype=out_dtype, colsum=colsum, outlier_scale=outlier_scale)
 
 
 def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, weight_shape, afmt=None, asym=False,
                   bias_corr=None, act_smooth=None, act="none", splits=None, x_quant=None, out_scale=None, out_dtype=None, colsum=None,
-                  outlier_scale=None, residual=None, gate=None):
+                  outlier_scale=None):
     """:func:`qlinear` followed by ``act`` (``none`` / ``silu`` / ``gelu_tanh``), fused into the kernel's epilogue."""
     if act not in TORCH_ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(TORCH_ACTIVATIONS)}")
@@ -155,8 +147,6 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
         raise ValueError(f"out_scale (fp8 output) is for fp8 GEMMs, got weight {wfmt} / activation {afmt}")
     if fp8_in and splits is not None:
         raise ValueError(f"a split op takes a float input (one quantizer per slice), got float8_e4m3fn (split points {tuple(splits)})")
-    if residual is not None and out_scale is not None:
-        raise ValueError("a residual add needs the float output (no out_scale)")
     route = None if outlier_scale is not None else linear_route(
         x, wfmt=wfmt, afmt=afmt, group_size=group_size, dtype=out_dtype if fp8_in else None, splits=splits)  # fp8: as its float input
     if route is None:
@@ -165,12 +155,10 @@ def qlinear_fused(x, wdata, wscale, bias, a_scale, a_zp, *, wfmt, group_size, we
         y = reference.qlinear(x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, weight_shape=weight_shape,
                               afmt=afmt, asym=asym, bias_corr=bias_corr, act_smooth=act_smooth, splits=splits, outlier_scale=outlier_scale)
         y = TORCH_ACTIVATIONS[act](y)
-        if residual is not None:
-            return reference.add_residual(y, residual, gate)
         return y if out_scale is None else quantize_input_fp8(y, out_scale)
     return _linear(route, x, wdata, wscale, bias, a_scale, a_zp, wfmt=wfmt, group_size=group_size, afmt=afmt, asym=asym,
                    bias_corr=bias_corr, act_smooth=act_smooth, act=act, x_quant=x_quant, out_scale=out_scale, out_dtype=out_dtype,
-                   colsum=colsum, splits=splits, residual=residual, gate=gate)
+                   colsum=colsum, splits=splits)
 
 
 def pair(v, n: int = 2) -> tuple[int, ...] | None:
@@ -350,9 +338,8 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     q8 = q if q.dtype == FP8 else quantize_heads(q, q_scale)
     k8 = k if k.dtype == FP8 else quantize_heads(k, k_scale)
     v8 = keys_contiguous_codes(v) if v.dtype == FP8 else quantize_heads(v, v_scale, keys_contiguous=True)
-    # (k_wide: fp8 k here is written whole by its projection's GEMM, so its storage holds finite codes only)
     return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
-                         out_dtype=out_dtype or q.dtype, out_scale=out_scale, k_wide=k.dtype == FP8)
+                         out_dtype=out_dtype or q.dtype, out_scale=out_scale)
 
 
 def heads_unsupported(m: int, n: int, k: int) -> str | None:

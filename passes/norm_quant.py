@@ -36,17 +36,11 @@ from ..switches import env_switch
 from .sites import example_tensor
 
 ENV = "QDIFF_NORM_QUANT"
-RESIDUAL_ENV = "QDIFF_RESIDUAL_EPILOGUE"
 
 
 def enabled_from_env() -> bool:
     """``QDIFF_NORM_QUANT`` (default 1, see the module docstring): 0 leaves the block boundaries to Inductor."""
     return env_switch(ENV, True)
-
-
-def residual_epilogue_from_env() -> bool:
-    """``QDIFF_RESIDUAL_EPILOGUE`` (default 1, see the module docstring): 0 keeps the residual add in the boundary's kernel."""
-    return env_switch(RESIDUAL_ENV, True)
 
 
 @dataclass(frozen=True)
@@ -171,27 +165,11 @@ def _candidates(gm: fx.GraphModule, linear_fns: tuple[Callable, ...]) -> list[fx
             and n.kwargs.get("afmt") == "fp8_e4m3" and n.kwargs.get("splits") is None and n.kwargs.get("act_smooth") is None]
 
 
-def _epilogue_branch(b: Boundary, linear_fns: tuple[Callable, ...]) -> bool:
-    """Whether ``b``'s residual add can move into the epilogue of the fp8 GEMM computing its branch: an unsplit fp8 GEMM
-    with fp8 input (from its producer: ``out_dtype``, or ``x_quant="producer"``) and float output, used only by the add."""
-    y = b.branch
-    if not (isinstance(y, fx.Node) and y.op == "call_function" and y.target in linear_fns and len(y.users) == 1):
-        return False
-    kw = y.kwargs
-    fp8_in = kw.get("out_dtype") is not None or kw.get("x_quant") == "producer"
-    plain = all(kw.get(k) is None for k in ("splits", "out_scale", "outlier_scale", "residual"))
-    return fp8_in and plain and kw.get("wfmt") == "fp8_e4m3" and kw.get("afmt") == "fp8_e4m3"
-
-
-def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_quant: Callable,
-                    residual_epilogue: bool = False) -> tuple[fx.GraphModule, int, int]:
+def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_quant: Callable) -> tuple[fx.GraphModule, int]:
     """Replace each matched boundary before an fp8 GEMM quantized by its producer with a ``norm_quant`` call; returns
-    the graph, how many were fused, and how many of their residual adds moved into the branch GEMM's epilogue. A branch
-    output computed by one of ``linear_fns`` (no recorded tensor) is checked by the shape and dtype the call writes
-    (:func:`_output_of`). ``residual_epilogue``: where the branch is such a GEMM (:func:`_epilogue_branch`), it gets
-    ``residual=`` / ``gate=`` (the lowering's linear computes ``residual + gate * y`` in its epilogue) and becomes ``h``;
-    the ``norm_quant`` call then only normalizes, modulates and quantizes ``h``."""
-    fused = epilogues = 0
+    the graph and how many were fused. A branch output computed by one of ``linear_fns`` (no recorded tensor) is
+    checked by the shape and dtype the call writes (:func:`_output_of`)."""
+    fused = 0
     for n in _candidates(gm, linear_fns):
         x = n.args[0]
         b = match_boundary(x, lambda node: _output_of(node, linear_fns)) if isinstance(x, fx.Node) else None
@@ -199,17 +177,6 @@ def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_q
             continue
         t = example_tensor(x)
         dtype = (t if t is not None else example_tensor(b.h)).dtype  # what the GEMM would output for x
-        h_meta = {k: v for k, v in b.h.meta.items() if k in ("example_value", "val")}
-        if residual_epilogue and b.branch is not None and _epilogue_branch(b, linear_fns):
-            # (moved to the add's place: the residual and gate are computed by then, e.g. a gate's unsqueeze written just
-            # before the multiply; the GEMM's own inputs come earlier still, and its users are the add's, after it)
-            b.h.prepend(b.branch)
-            b.branch.kwargs = {**b.branch.kwargs, "residual": b.residual, "gate": b.gate}
-            b.branch.meta.update(h_meta)
-            b.h.replace_all_uses_with(b.branch)
-            _erase_unused(gm, b.h)  # the add and the gate's mul
-            b = Boundary(b.x, b.branch, b.branch, None, None, b.scale, b.shift, b.eps)
-            epilogues += 1
         with gm.graph.inserting_before(n):
             call = gm.graph.call_function(norm_quant, (b.residual, b.branch, b.gate, b.scale, b.shift, n.args[4], b.eps))
             q = gm.graph.call_function(operator.getitem, (call, 1))
@@ -218,7 +185,7 @@ def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_q
         if b.branch is not None:  # the new residual for h's other users (the next residual add)
             with gm.graph.inserting_after(call):
                 h_new = gm.graph.call_function(operator.getitem, (call, 0))
-            h_new.meta.update(h_meta)
+            h_new.meta.update({k: v for k, v in b.h.meta.items() if k in ("example_value", "val")})
             b.h.replace_all_uses_with(h_new)
         n.args = (q, *n.args[1:])
         n.kwargs = {**{k: v for k, v in n.kwargs.items() if k != "x_quant"}, "out_dtype": dtype}
@@ -228,7 +195,7 @@ def fuse_norm_quant(gm: fx.GraphModule, linear_fns: tuple[Callable, ...], norm_q
     if fused:
         gm.graph.lint()
         gm.recompile()
-    return gm, fused, epilogues
+    return gm, fused
 
 
-__all__ = ["Boundary", "ENV", "RESIDUAL_ENV", "enabled_from_env", "fuse_norm_quant", "match_boundary", "residual_epilogue_from_env"]
+__all__ = ["Boundary", "ENV", "enabled_from_env", "fuse_norm_quant", "match_boundary"]

@@ -31,7 +31,7 @@ from .passes.act_quant import place_act_quant
 from .passes.attention_heads import enabled_from_env as heads_enabled, fp8_qkv_from_env, fuse_attention_heads, write_fp8_projections
 from .passes.fuse_epilogue import fuse_epilogues
 from .passes.fuse_siblings import enabled_from_env as siblings_enabled, fuse_siblings
-from .passes.norm_quant import enabled_from_env as norm_quant_enabled, fuse_norm_quant, residual_epilogue_from_env
+from .passes.norm_quant import enabled_from_env as norm_quant_enabled, fuse_norm_quant
 from .passes.sites import META_KEY, parameter_tensors
 from .plan import NodePlan, QuantPlan
 from .release import ReleasePlan, check_released_unread, dropping_inputs, plan_release, release, warn_kept, without_inputs
@@ -115,7 +115,6 @@ class QuantizedGraph:
     attention_heads: int = 0  # q / k / v projections writing fp8 attention heads (passes.attention_heads)
     fp8_projections: int = 0  # q / k / v projections writing plain fp8 output (passes.attention_heads.write_fp8_projections)
     norm_quant: int = 0  # block boundaries computed by one add + LayerNorm + modulate + quantize call (passes.norm_quant)
-    residual_epilogues: int = 0  # of them, residual adds moved into the branch GEMM's epilogue (passes.norm_quant)
     # wall seconds of this compile's phases: "passes" (prepare, convert and the lowering's graph passes) and
     # "inductor" (compile_fx; absent without Inductor). Dynamo's tracing and the first run come on top.
     compile_s: dict[str, float] = field(default_factory=dict)
@@ -303,7 +302,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     started = time.perf_counter()
     lowering_name, lowering = choose_lowering(opts.lowering, device)
     prepared, converted = build_quantized_graph(gm, example_inputs, opts.plan, opts.group, lowering)
-    fused = siblings = heads = fp8_projections = norm_quant = residual_epilogues = 0
+    fused = siblings = heads = fp8_projections = norm_quant = 0
     placed: dict[str, int] = {}
     if lowering.linear_fused is not None:
         if siblings_enabled():
@@ -323,8 +322,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
             converted, fp8_projections = write_fp8_projections(converted, lowering.linear, lowering.attention)
             log_graph("write_fp8_projections", converted)
         if lowering.norm_quant is not None and norm_quant_enabled():
-            converted, norm_quant, residual_epilogues = fuse_norm_quant(converted, (lowering.linear, lowering.linear_fused), lowering.norm_quant,
-                                                                        residual_epilogue_from_env())
+            converted, norm_quant = fuse_norm_quant(converted, (lowering.linear, lowering.linear_fused), lowering.norm_quant)
             log_graph("fuse_norm_quant", converted)
     released = check_released_unread(converted, example_inputs)  # inputs released by an earlier compile: never read
     freeing = plan_release(converted, example_inputs, opts.plan) if opts.release_float_weights else ReleasePlan()
@@ -358,6 +356,6 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     warn_kept(opts.plan, freeing.kept)
     record = QuantizedGraph(prepared, converted, runner, lowering_name, fused, kernel_pass, released=freed, fused_siblings=siblings,
                             act_quant=placed, attention_heads=heads, fp8_projections=fp8_projections,
-                            norm_quant=norm_quant, residual_epilogues=residual_epilogues, compile_s=compile_s)
+                            norm_quant=norm_quant, compile_s=compile_s)
     opts.plan.compiled.append(record)
     return record

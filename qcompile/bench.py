@@ -188,9 +188,6 @@ W4_NO_DEQUANT_MM = "-no-dequant-mm"
 # suffix (before -cudagraphs): weight-only GEMMs of M <= 4 rows take the tensor-core kernel instead of the GEMV kernel
 # (QDIFF_W4_GEMV=0; the GEMV kernel is the default)
 W4_NO_GEMV = "-no-gemv"
-# suffix (before -cudagraphs): block boundaries keep their residual add in the boundary's kernel instead of the branch
-# GEMM's epilogue (QDIFF_RESIDUAL_EPILOGUE=0; the epilogue is the default), its A/B
-NO_RESIDUAL_EPILOGUE = "-no-residual-epilogue"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
@@ -199,8 +196,7 @@ ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGU
                     NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1"),
                     FLOAT_QKV: ("QDIFF_ATTN_FP8_QKV", "0"), W4_SPLITK: ("QDIFF_W4_SPLITK", "1"),
                     W4_SPLITK_MEDIUM: ("QDIFF_W4_SPLITK_MEDIUM", "1"), W4_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "1"),
-                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0"), W4_NO_GEMV: ("QDIFF_W4_GEMV", "0"),
-                    NO_RESIDUAL_EPILOGUE: ("QDIFF_RESIDUAL_EPILOGUE", "0")}
+                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0"), W4_NO_GEMV: ("QDIFF_W4_GEMV", "0")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8", "qdiff-w4a16"))
             + tuple("qdiff-w4a16" + s + c for s in (W4_SPLITK, W4_SPLITK_MEDIUM, W4_DEQUANT_MM, W4_NO_DEQUANT_MM, W4_NO_GEMV)
@@ -216,8 +212,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (ATTN_FLOAT_OUT + NO_NORM_QUANT, NO_NORM_QUANT, FP8_QKV, FLOAT_QKV)
                     for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
-                    for c in ("", CUDAGRAPHS))
-            + tuple(f"qdiff-w8a8-fp8{a}{NO_RESIDUAL_EPILOGUE}{c}" for a in ("", "-attn") for c in ("", CUDAGRAPHS)))
+                    for c in ("", CUDAGRAPHS)))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_INDUCTOR_CONFIG = "Inductor defaults (set_inductor_config=False: no coordinate-descent tuning, as in every other row)"
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16
@@ -532,7 +527,6 @@ def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float
             row.extra["act_quant"] = dict(sum((Counter(r.act_quant) for r in plan.compiled), Counter()))
             row.extra["attention_heads"] = sum(r.attention_heads for r in plan.compiled)  # projections writing fp8 heads
             row.extra["norm_quant"] = sum(r.norm_quant for r in plan.compiled)  # block boundaries in one kernel
-            row.extra["residual_epilogues"] = sum(r.residual_epilogues for r in plan.compiled)  # of them, adds in the GEMM's epilogue
             row.extra["released_float_gb"] = sum(sum(r.released.values()) for r in plan.compiled) / 2**30
             row.extra["compile_phases_s"] = compile_phases(plan.compiled, first, row.extra.get("first_calls_s") or None)
         row.extra["resident_weight_gb"] = _resident_weight_bytes(model, plan) / 2**30

@@ -181,10 +181,8 @@ def _fp8_kernel():
 def _fp8_family(name: str, x_key: str) -> Family:
     return Family(
         name=name, kernel=_fp8_kernel,
-        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["bias"], D["out"], D["s8"], M, N, K, K, 1, K, N, 1, 0, 0, 0,
-                                 D["bias"], D["bias"], 0, 0, 1),  # (no residual epilogue)
-        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, OUT_COLS=False, RESIDUAL=0,
-                                      EVEN_K=K % c["BLOCK_K"] == 0,
+        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["bias"], D["out"], D["s8"], M, N, K, K, 1, K, N, 1, 0, 0, 0),
+        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, OUT_COLS=False, EVEN_K=K % c["BLOCK_K"] == 0,
                                       NS=1, INTERPRET=_interp(), **NO_HEADS),
         grid=_tile_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(False), baseline="scaled_mm",
     )
@@ -207,9 +205,8 @@ def _tma_kernel():
 def _tma_family(name: str, x_key: str) -> Family:
     return Family(
         name=name, kernel=_tma_kernel,
-        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], D["s8"], M, N, K, K, N,
-                                 D["bias"], D["bias"], 0, 0, 1),  # (no residual epilogue)
-        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, OUT_FP8=False, OUT_COLS=False, RESIDUAL=0, INTERPRET=_interp(),
+        args=lambda D, M, K, N: (D[x_key], D["w8"], D["ws8"], D["bias"], D["s8"], D["out"], D["s8"], M, N, K, K, N),
+        flags=lambda M, K, N, c: dict(X_FP8=x_key == "xq", HAS_BIAS=True, ACT=0, OUT_FP8=False, OUT_COLS=False, INTERPRET=_interp(),
                                                 FLATTEN=c.get("FLATTEN", False), WARP_SPEC=c.get("WARP_SPEC", False), **NO_HEADS),
         grid=_persistent_grid, a_bytes=1 if x_key == "xq" else 2, b_bytes=1, configs=_w8a8_configs(True), baseline="scaled_mm",
         available=_tma_available, needs_tma=True,

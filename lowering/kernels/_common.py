@@ -211,52 +211,6 @@ def epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS: tl.constexpr, PER_
 
 
 @triton.jit
-def residual_epilogue(y, rm0, rm, rn, M, N, res_ptr, stride_rm, g_ptr, stride_gb, SEQ_G, RESIDUAL: tl.constexpr):
-    """The residual epilogue on fp32 ``y`` (rows ``rm``, the first ``rm0``): ``RESIDUAL`` 0: ``y``; 1: ``res[m, n] + y``;
-    2: ``res[m, n] + g[m // SEQ_G, n] * y`` (a gated residual add of an adaLN block: one gate row per ``SEQ_G`` rows), in
-    fp32. A tile's rows span at most two gate rows (the wrapper's :data:`RESIDUAL_MIN_SEQ`: ``SEQ_G`` >= BLOCK_M), so
-    the gate is two vectors, not a tile."""
-    if RESIDUAL > 0:
-        n_ok = rn < N
-        if RESIDUAL == 2:
-            b0 = rm0 // SEQ_G
-            b1 = tl.minimum(b0 + 1, (M - 1) // SEQ_G)  # (the tile's rows past b0's, if any; a valid row either way)
-            g0 = tl.load(g_ptr + b0 * stride_gb + rn, mask=n_ok, other=0.0).to(tl.float32)
-            g1 = tl.load(g_ptr + b1 * stride_gb + rn, mask=n_ok, other=0.0).to(tl.float32)
-            y = y * tl.where(((rm // SEQ_G) == b0)[:, None], g0[None, :], g1[None, :])
-        y = y + tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=(rm < M)[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    return y
-
-
-def residual_args(residual: torch.Tensor | None, gate: torch.Tensor | None, fallback: torch.Tensor) -> dict:
-    """The GEMM kernels' residual-epilogue arguments (:func:`residual_epilogue`) for a (M, N) ``residual`` and a (B, N)
-    ``gate`` (either may be None; ``fallback``: any tensor for the unused pointers)."""
-    if residual is None:
-        return dict(res_ptr=fallback, g_ptr=fallback, stride_rm=0, stride_gb=0, SEQ_G=1, RESIDUAL=0)
-    if gate is None:
-        return dict(res_ptr=residual, g_ptr=residual, stride_rm=residual.stride(0), stride_gb=0, SEQ_G=1, RESIDUAL=1)
-    return dict(res_ptr=residual, g_ptr=gate, stride_rm=residual.stride(0), stride_gb=gate.stride(0),
-                SEQ_G=residual.shape[0] // gate.shape[0], RESIDUAL=2)
-
-
-def check_residual(residual: torch.Tensor | None, gate: torch.Tensor | None, m: int, n: int, out_dtype: torch.dtype) -> None:
-    """A residual-epilogue operand pair: ``residual`` (M, N) of the output's dtype with unit column stride, ``gate``
-    (B, N) float with unit column stride and B dividing M (rows of one batch entry share a gate row)."""
-    if residual is None:
-        if gate is not None:
-            raise ValueError("a gate needs the residual it gates the GEMM output into")
-        return
-    check_tensor(residual, "residual", (out_dtype,), shape=(m, n))
-    if residual.stride(1) != 1:
-        raise ValueError(f"residual must have unit column stride, got strides {residual.stride()}")
-    if gate is not None:
-        check_tensor(gate, "gate", FLOAT_DTYPES, dim=2)
-        if gate.shape[1] != n or gate.shape[0] == 0 or m % gate.shape[0] or gate.stride(1) != 1:
-            raise ValueError(f"gate must be (B, {n}) with B dividing {m} rows and unit column stride, got {tuple(gate.shape)} "
-                             f"strides {gate.stride()}")
-
-
-@triton.jit
 def slice_bound(I: tl.constexpr, NS: tl.constexpr, K, B1, B2, B3):
     """Start of slice ``I`` of a split K axis (``I == NS``: its end ``K``): 0, B1, B2, B3 (interior bounds), K."""
     if I == 0:

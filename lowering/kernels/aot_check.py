@@ -91,21 +91,14 @@ def inductor_variants(kernel, signature: dict, constexprs: dict) -> list[tuple[s
 DIT_HEADS = {"HEADS": True, "N_RM": 2304, "SEQ": 1024, "SEQ_PAD": 1024, "HEAD_D": 72, "HEAD_W": 128}
 
 
-# the GEMM kernels' residual epilogue (_common.residual_epilogue): a bf16 residual, a bf16 gate (a (B, C) view of the adaLN
-# chunk: row stride 6 * 1152), rows of one batch entry
-RESIDUAL_SIG = {"res_ptr": "*bf16", "g_ptr": "*bf16", "stride_rm": I32, "stride_gb": I32, "SEQ_G": I32}
-RESIDUAL_ALIGNED = ["stride_rm", "stride_gb", "SEQ_G"]
-
-
 def cases(which: set[str]):
     """(name, kernel, signature, constexprs, configs, aligned int args) to compile."""
     unit = {"stride_xk": 1, "stride_on": 1, "INTERPRET": False}
     lin_aligned = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"]
     if "fp8" in which:
-        sig = dict(_linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32",
-                               out_ptr="*bf16", os_ptr="*fp32"), **RESIDUAL_SIG)
-        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, OUT_COLS=False, RESIDUAL=0, EVEN_K=True, NS=1,
-                     **fp8_linear.NO_HEADS)
+        sig = _linear_sig(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", bias_ptr="*fp32", as_ptr="*fp32", smooth_ptr="*fp32", out_ptr="*bf16",
+                          os_ptr="*fp32")
+        flags = dict(unit, X_FP8=False, HAS_BIAS=True, HAS_SMOOTH=False, ACT=0, OUT_FP8=False, OUT_COLS=False, EVEN_K=True, NS=1, **fp8_linear.NO_HEADS)
         yield "fp8", fp8_linear.fp8_linear_kernel, sig, flags, fp8_linear.LARGE_M_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned
         yield "fp8 split (2 slices)", fp8_linear.fp8_linear_kernel, sig, dict(flags, NS=2), fp8_linear.SPLIT_CONFIGS, lin_aligned + ["B1"]
         yield "fp8 prequant", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), dict(flags, X_FP8=True), fp8_linear.PREQUANT_CONFIGS, lin_aligned
@@ -120,13 +113,10 @@ def cases(which: set[str]):
             dict(flags, X_FP8=True, OUT_FP8=True, **DIT_HEADS), fp8_linear.PREQUANT_CONFIGS[:2], lin_aligned
         yield "fp8 prequant, fp8 out per column (DiT q / k / v)", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv", out_ptr="*fp8e4nv"), \
             dict(flags, X_FP8=True, OUT_FP8=True, OUT_COLS=True), fp8_linear.PREQUANT_CONFIGS[:2], lin_aligned
-        yield "fp8 prequant, gated residual epilogue", fp8_linear.fp8_linear_kernel, dict(sig, x_ptr="*fp8e4nv"), \
-            dict(flags, X_FP8=True, RESIDUAL=2), fp8_linear.RESIDUAL_CONFIGS + fp8_linear.SMALL_M_CONFIGS, lin_aligned + RESIDUAL_ALIGNED
     if "tma" in which and fp8_tma.HAS_TMA:  # the production (fp8-input) table, with and without the fp8-output epilogue
         sig = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "as_ptr": "*fp32", "out_ptr": "*bf16",
-               "os_ptr": "*fp32", "M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_om": I32, **RESIDUAL_SIG}
-        flags = dict(X_FP8=True, HAS_BIAS=True, ACT=0, OUT_FP8=False, OUT_COLS=False, RESIDUAL=0, INTERPRET=False, NUM_SMS=132, WARP_SPEC=False,
-                     **fp8_tma.NO_HEADS)
+               "os_ptr": "*fp32", "M": I32, "N": I32, "K": I32, "stride_xm": I32, "stride_om": I32}
+        flags = dict(X_FP8=True, HAS_BIAS=True, ACT=0, OUT_FP8=False, OUT_COLS=False, INTERPRET=False, NUM_SMS=132, WARP_SPEC=False, **fp8_tma.NO_HEADS)
         aligned = ["M", "N", "K", "stride_xm", "stride_om"]
         yield "fp8 tma", fp8_tma.fp8_linear_tma_kernel, sig, flags, fp8_tma.PROD_CONFIGS, aligned
         yield "fp8 tma, fp8 out", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, ACT=2), \
@@ -135,8 +125,6 @@ def cases(which: set[str]):
             dict(flags, OUT_FP8=True, **DIT_HEADS), fp8_tma.HEADS_CONFIGS, aligned
         yield "fp8 tma, fp8 out per column (DiT q / k / v)", fp8_tma.fp8_linear_tma_kernel, dict(sig, out_ptr="*fp8e4nv"), \
             dict(flags, OUT_FP8=True, OUT_COLS=True), fp8_tma.PROD_CONFIGS, aligned
-        yield "fp8 tma, gated residual epilogue (DiT attention out / fc2)", fp8_tma.fp8_linear_tma_kernel, sig, dict(flags, RESIDUAL=2), \
-            fp8_tma.RESIDUAL_CONFIGS, aligned + RESIDUAL_ALIGNED
     if "int8" in which:
         sig = _linear_sig(x_ptr="*bf16", w_ptr="*i8", ws_ptr="*fp32", colsum_ptr="*i32", bias_ptr="*fp32", as_ptr="*fp32", zp_ptr="*i32",
                           smooth_ptr="*fp32", out_ptr="*bf16")
@@ -220,7 +208,7 @@ def cases(which: set[str]):
                                           (160, 160, False, False, 16)):
             dk0, dk1 = fp8_attention.qk_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
-            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, K_WIDE=False, ALIGN_Q=align, ALIGN_K=align,
+            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align, ALIGN_K=align,
                          ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, INTERPRET=False)
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk} in memory)"
@@ -230,8 +218,6 @@ def cases(which: set[str]):
             if (dk, dv, x_fp8, v_t) == (72, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
                 yield f"attention {dims} fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
                     dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, []
-                yield f"attention {dims} fp8 in, V^T, fp8 out, K tiles unmasked (K_WIDE)", fp8_attention.fp8_attention_kernel, \
-                    dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, K_WIDE=True), fp8_attention.CONFIGS, []
     if "norm" in which:  # DiT / PixArt block boundaries: rows of 1152 (BLOCK_C 2048), adaLN vectors as chunk views
         sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "sc_ptr": "*bf16", "sh_ptr": "*bf16", "as_ptr": "*fp32",
                "hout_ptr": "*bf16", "q_ptr": "*fp8e4nv", "M": I32, "C": I32, "SEQ": I32, "stride_g": I32, "stride_sc": I32, "stride_sh": I32}

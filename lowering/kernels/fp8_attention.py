@@ -86,13 +86,11 @@ def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: 
 @triton.jit
 def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
                  DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-                 X_FP8: tl.constexpr, K_WIDE: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+                 X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
     ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
-    # (K_WIDE: the columns past DK are read as stored, other data of k's storage; q's zero columns cancel them)
-    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, (DK0 > DK) and not K_WIDE), k_inv, X_FP8,
-                        INTERPRET)
+    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, DK0 > DK), k_inv, X_FP8, INTERPRET)
     s = tl.dot(q0, tl.trans(k0))
     if DK1 > 0:  # second head-dim part of Q K^T: columns [DK0, DK0 + DK1), those past DK load as 0
         dk1 = DK0 + tl.arange(0, DK1)
@@ -121,7 +119,7 @@ def fp8_attention_kernel(
     sm_scale, H, SQ, SK,
     batch_q, head_q, row_q, batch_k, head_k, row_k, batch_v, head_v, row_v, batch_o, head_o, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    X_FP8: tl.constexpr, V_T: tl.constexpr, K_WIDE: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+    X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
     ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal). Parts: DK0 + DK1 and DV0 + DV1 (head_parts); DK0 > DK:
@@ -174,10 +172,10 @@ def fp8_attention_kernel(
     full = (SK // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, K_WIDE, False, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
     if full < SK:
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, K_WIDE, True, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
 
     o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
     if OUT_FP8:  # quantized for the next fp8 GEMM (the output projection's static scale)
@@ -366,17 +364,9 @@ def qk_width(d: int) -> int:
     return pow2 if pow2 <= QK_PAD_MAX else d
 
 
-def reads_within_storage(t: torch.Tensor, width: int) -> bool:
-    """Whether reading ``width`` elements from the start of each head row of (B, H, S, D) ``t`` (unit stride along D)
-    stays inside its storage: the kernel's ``K_WIDE`` reads of k past D."""
-    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    return t.stride(-1) == 1 and last + width - t.shape[-1] < t.untyped_storage().nbytes() // t.element_size()
-
-
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None,
-                   k_wide: bool = False, wrap=wrap_triton) -> torch.Tensor:
-    """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch; ``k_wide``:
-    :func:`fp8_attention`'s."""
+                   wrap=wrap_triton) -> torch.Tensor:
+    """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch."""
     x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale)
     B, H, SQ, DK = q.shape
     SK, DV = v.shape[2], v.shape[3]
@@ -386,7 +376,6 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     dk0, dk1 = qk_parts(DK)
     dv0, _, dv1 = head_parts(DV)
     v_t = keys_contiguous(v)
-    k_wide = k_wide and x_fp8 and dk0 > DK and reads_within_storage(k, dk0)
     (align_q, *qs), (align_k, *ks), (align_v, *vs), (align_o, *os_) = (
         tensor_strides(q, 2), tensor_strides(k, 2), tensor_strides(v, 3 if v_t else 2), tensor_strides(out, 2))
 
@@ -396,7 +385,7 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out, out_scale if out_scale is not None else v_scale,
         sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_,
-        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, K_WIDE=k_wide, ALIGN_Q=align_q, ALIGN_K=align_k,
+        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align_q, ALIGN_K=align_k,
         ALIGN_V=align_v, ALIGN_O=align_o,
         OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
     )
@@ -405,16 +394,15 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
 
 @triton_op("qdiff::fp8_attention", mutates_args=())
 def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                     v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None,
-                     k_wide: bool = False) -> torch.Tensor:
+                     v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention of (B, H, S, Dk) q / k and (B, H, Sk, Dv) v (float, quantized in registers with the static
     scales, or float8_e4m3fn already quantized with them) through fp8 dots; (B, H, Sq, Dv) output of ``out_dtype``, or
     float8_e4m3fn quantized with ``out_scale`` (the next fp8 GEMM's static scale) when it is given."""
-    return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale, k_wide)
+    return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale)
 
 
 @fp8_attention_op.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale=None, k_wide=False):
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale=None):
     return new_output(q, v, FP8 if out_scale is not None else out_dtype)
 
 
@@ -423,27 +411,20 @@ def _scalar(s: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
-                  k_wide: bool = False) -> torch.Tensor:
+                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(Dk)``) with q, k, v quantized to
     e4m3 with the static per-tensor scales (one-element tensors). q, k: (B, H, S, Dk), v: (B, H, Sk, Dv) (Dk != Dv: e.g.
     q / k padded with zero columns, :func:`quantize_heads`), fp16 / bf16 / fp32 (quantized in the kernel) or
     float8_e4m3fn (already quantized). Output (B, H, Sq, Dv) in ``out_dtype`` (default: q's dtype,
     bf16 for fp8 inputs); ``out_scale``: float8_e4m3fn output quantized with it (the output projection's static scale).
-    ``k_wide``: the caller guarantees that every code of k's storage is finite (e.g. k is a section of a projection's
-    fp8 output, which the GEMM writes whole): where q / k are zero-padded in registers (:func:`qk_parts`) and the reads
-    stay inside the storage (:func:`reads_within_storage`), the kernel then loads whole K tiles without a column mask,
-    the columns past D being other codes of that storage, which q's zero columns cancel.
     Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_attention``."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if out_dtype is None:
         out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
     args = (q, k, v, _scalar(q_scale), _scalar(k_scale), _scalar(v_scale), float(sm_scale), out_dtype)
-    if out_scale is not None or k_wide:  # (without them the call keeps its exact argument list)
-        args = (*args, None if out_scale is None else _scalar(out_scale))
-    if k_wide:
-        args = (*args, True)
+    if out_scale is not None:  # (without it the call keeps its exact argument list)
+        args = (*args, _scalar(out_scale))
     if eager_call(q):
         return _fp8_attention(*args, wrap=direct)
     return torch.ops.qdiff.fp8_attention(*args)

@@ -26,17 +26,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..heads import NO_HEADS, HeadsLayout
-from ..reference import add_residual
 from . import fp8_tma
 from ._common import (
     FLOAT_DTYPES,
     INTERPRET,
     activation_code,
-    residual_epilogue,
     as_float,
     autotuned,
     check_launchable,
-    check_residual,
     check_scalar,
     check_split_params,
     check_tensor,
@@ -49,7 +46,6 @@ from ._common import (
     out_columns,
     quantize_fp8,
     quantize_output,
-    residual_args,
     row_major,
     rows,
     slice_bound,
@@ -67,9 +63,9 @@ FP8_MAX = 448.0
 def fp8_linear_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, smooth_ptr, out_ptr, os_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_om, stride_on, B1, B2, B3, res_ptr, g_ptr, stride_rm, stride_gb, SEQ_G,
+    stride_xm, stride_xk, stride_wn, stride_om, stride_on, B1, B2, B3,
     X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, ACT: tl.constexpr,
-    OUT_FP8: tl.constexpr, OUT_COLS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, NS: tl.constexpr, INTERPRET: tl.constexpr,
+    OUT_FP8: tl.constexpr, OUT_COLS: tl.constexpr, EVEN_K: tl.constexpr, NS: tl.constexpr, INTERPRET: tl.constexpr,
     HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -133,7 +129,6 @@ def fp8_linear_kernel(
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K
         y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
-    y = residual_epilogue(y, pid_m * BLOCK_M, rm, rn, M, N, res_ptr, stride_rm, g_ptr, stride_gb, SEQ_G, RESIDUAL)
     if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
         store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
     else:
@@ -159,9 +154,6 @@ CONFIG_TABLE = {
     # split ops whose bounds are multiples of 64 but not of 128 (im2col columns of 320 / 960 channels x 9 taps): BLOCK_K
     # 64 keeps them unmasked; the masked path spills with every split row (aot_check: STACK 8-64), these do not
     "split_k64": [(128, 256, 64, 4, 8, 8), (64, 256, 64, 3, 8, 8), (64, 128, 64, 4, 4, 8)],
-    # the residual epilogue at M > 64 (fp8 input): the "large_prequant" rows that compile without spills with it
-    # (aot_check fp8: 224 / 174 registers; 256 x 128 and 128 x 128 with 4 warps spill 72 / 368 bytes)
-    "residual": [(128, 128, 128, 4, 8, 8), (128, 64, 128, 4, 4, 8)],
 }
 SMALL_M = 64  # M at or below this uses the "small" table
 
@@ -170,9 +162,8 @@ PREQUANT_CONFIGS = configs_from(CONFIG_TABLE["large_prequant"])
 SMALL_M_CONFIGS = configs_from(CONFIG_TABLE["small"])
 SPLIT_CONFIGS = configs_from(CONFIG_TABLE["split"])
 SPLIT_K64_CONFIGS = configs_from(CONFIG_TABLE["split_k64"])
-RESIDUAL_CONFIGS = configs_from(CONFIG_TABLE["residual"])
 
-_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS", "HEADS", "RESIDUAL"]
+_KEY = ["M", "N", "K", "X_FP8", "HAS_SMOOTH", "ACT", "OUT_FP8", "NS", "HEADS"]
 # EVEN_K (no K masks) when K is a multiple of every config's BLOCK_K
 _K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in LARGE_M_CONFIGS + PREQUANT_CONFIGS + SMALL_M_CONFIGS + SPLIT_CONFIGS)
 _K64_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in SPLIT_K64_CONFIGS)
@@ -181,21 +172,14 @@ _large_prequant = autotuned(fp8_linear_kernel, PREQUANT_CONFIGS, _KEY)
 _small = autotuned(fp8_linear_kernel, SMALL_M_CONFIGS, _KEY)
 _large_split = autotuned(fp8_linear_kernel, SPLIT_CONFIGS, _KEY)
 _large_split_k64 = autotuned(fp8_linear_kernel, SPLIT_K64_CONFIGS, _KEY)
-_large_residual = autotuned(fp8_linear_kernel, RESIDUAL_CONFIGS, _KEY)
-_KERNELS = {"small": _small, "split": _large_split, "split_k64": _large_split_k64, "large_prequant": _large_prequant, "large": _large,
-            "residual": _large_residual}
-# A gated residual epilogue loads two gate rows per tile (_common.residual_epilogue): the rows sharing a gate row (tokens of
-# one batch entry) must be at least as many as any tile's rows it may run with
-RESIDUAL_MIN_SEQ = max(c.kwargs["BLOCK_M"] for k in (_small, _large_residual, fp8_tma._prod_residual) for c in k.configs)
+_KERNELS = {"small": _small, "split": _large_split, "split_k64": _large_split_k64, "large_prequant": _large_prequant, "large": _large}
 
 
-def tile_table(M: int, K: int, bounds: tuple[int, ...], split: bool, x_fp8: bool, residual: bool = False) -> tuple[str, bool]:
+def tile_table(M: int, K: int, bounds: tuple[int, ...], split: bool, x_fp8: bool) -> tuple[str, bool]:
     """The config table (``CONFIG_TABLE`` name) of a non-TMA launch and whether its K loop needs no masks (``EVEN_K``):
-    every bound (K, split points) a multiple of every BLOCK_K in the table. ``residual``: with the residual epilogue."""
+    every bound (K, split points) a multiple of every BLOCK_K in the table."""
     if M <= SMALL_M:
         name = "small"
-    elif residual:
-        name = "residual"
     elif split:
         if any(p % _K_MULTIPLE for p in (K, *bounds)) and not any(p % _K64_MULTIPLE for p in (K, *bounds)):
             return "split_k64", True
@@ -206,13 +190,11 @@ def tile_table(M: int, K: int, bounds: tuple[int, ...], split: bool, x_fp8: bool
 
 
 def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch.dtype, x_fp8: bool,
-            out_scale: torch.Tensor | None, wrap, splits=None, heads: HeadsLayout | None = None,
-            residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+            out_scale: torch.Tensor | None, wrap, splits=None, heads: HeadsLayout | None = None) -> torch.Tensor:
     """Allocate the output and launch: fp8 inputs of large GEMMs on the persistent TMA kernel (:func:`.fp8_tma.use_tma`),
     everything else on :func:`fp8_linear_kernel`. ``wrap``: ``wrap_triton`` (inside the triton_ops) or :func:`direct`.
     ``splits``: input-feature split points of a split op (per-slice scales, quantized in the prologue). ``heads``: the
-    output is the flat fp8 attention-heads buffer of that layout, ``out_scale`` one scale per column. ``residual`` /
-    ``gate``: the residual epilogue (``_common.residual_epilogue``)."""
+    output is the flat fp8 attention-heads buffer of that layout, ``out_scale`` one scale per column."""
     M, K = x.shape
     N = w.shape[0]
     if heads is not None:
@@ -222,8 +204,8 @@ def _launch(x, w, w_scale, bias, a_scale, act_smooth, act: int, out_dtype: torch
     if M == 0:
         return out
     if x_fp8 and splits is None and fp8_tma.use_tma(x, w):
-        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap, _layout(heads), residual, gate)
-    return launch_tiled(x, w, w_scale, bias, a_scale, act_smooth, act, x_fp8, out_scale, out, wrap, splits, heads, residual, gate)
+        return fp8_tma.launch_autotuned(x, w, w_scale, bias, a_scale, out, act, out_scale, wrap, _layout(heads))
+    return launch_tiled(x, w, w_scale, bias, a_scale, act_smooth, act, x_fp8, out_scale, out, wrap, splits, heads)
 
 
 def _layout(heads: HeadsLayout | None) -> dict:
@@ -232,14 +214,13 @@ def _layout(heads: HeadsLayout | None) -> dict:
 
 
 def launch_tiled(x, w, w_scale, bias, a_scale, act_smooth, act: int, x_fp8: bool, out_scale: torch.Tensor | None,
-                 out: torch.Tensor, wrap, splits=None, heads: HeadsLayout | None = None, residual: torch.Tensor | None = None,
-                 gate: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor, wrap, splits=None, heads: HeadsLayout | None = None) -> torch.Tensor:
     """Launch :func:`fp8_linear_kernel` (autotuned over its table for the shape) writing ``out`` (allocated by the
     caller: (M, N), or the flat heads buffer of ``heads``); arguments as :func:`_launch`."""
     M, K = x.shape
     N = w.shape[0]
     ns, b1, b2, b3 = split_args(splits, K)
-    table, even_k = tile_table(M, K, (b1, b2, b3), ns > 1, x_fp8, residual is not None)
+    table, even_k = tile_table(M, K, (b1, b2, b3), ns > 1, x_fp8)
     kernel = _KERNELS[table]
 
     def grid(meta):
@@ -250,7 +231,7 @@ def launch_tiled(x, w, w_scale, bias, a_scale, act_smooth, act: int, x_fp8: bool
         act_smooth if act_smooth is not None else w_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K,
         x.stride(0), x.stride(1), w.stride(0), N if heads is not None else out.stride(0), 1 if heads is not None else out.stride(1),
-        b1, b2, b3, **residual_args(residual, gate, w_scale),
+        b1, b2, b3,
         X_FP8=x_fp8, HAS_BIAS=bias is not None, HAS_SMOOTH=act_smooth is not None, ACT=act,
         OUT_FP8=out_scale is not None, OUT_COLS=out_columns(out_scale, heads), EVEN_K=even_k, NS=ns, INTERPRET=INTERPRET, **_layout(heads),
     )
@@ -296,17 +277,10 @@ def _fp8_linear(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits
     return _launch(x, w, w_scale, bias, a_scale, act_smooth, act, x.dtype, False, out_scale, wrap, splits)
 
 
-def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits=None, residual=None, gate=None,
-                         wrap=wrap_triton):
+def _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits=None, wrap=wrap_triton):
     _check(xq, w, w_scale, bias, a_scale, None, (FP8,), splits)
     _check_out(out_scale, out_dtype, w.shape[0])
-    if residual is not None and (out_scale is not None or splits is not None):
-        raise ValueError("the residual epilogue writes a float output of an unsplit GEMM (no out_scale, no splits)")
-    check_residual(residual, gate, xq.shape[0], w.shape[0], out_dtype)
-    if gate is not None and xq.shape[0] // gate.shape[0] < RESIDUAL_MIN_SEQ:
-        raise ValueError(f"a gated residual epilogue needs at least {RESIDUAL_MIN_SEQ} rows per gate row, got "
-                         f"{xq.shape[0] // gate.shape[0]} (fp8_linear_prequant adds such residuals after the kernel)")
-    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale, wrap, splits, residual=residual, gate=gate)
+    return _launch(xq, w, w_scale, bias, a_scale, None, act, out_dtype, True, out_scale, wrap, splits)
 
 
 @triton_op("qdiff::fp8_linear", mutates_args=())
@@ -327,18 +301,16 @@ def _(x, w, w_scale, bias, a_scale, act_smooth, act, out_scale, splits=None):
 @triton_op("qdiff::fp8_linear_prequant", mutates_args=())
 def fp8_linear_prequant_op(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                            a_scale: torch.Tensor, act: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None,
-                           splits: list[int] | None = None, residual: torch.Tensor | None = None,
-                           gate: torch.Tensor | None = None) -> torch.Tensor:
+                           splits: list[int] | None = None) -> torch.Tensor:
     """2-D ``xq`` already float8_e4m3fn (quantized by its producer with ``a_scale``); output ``out_dtype``,
     or float8_e4m3fn quantized with ``out_scale`` when it is given. Large unsplit GEMMs run the persistent TMA kernel.
     ``splits``: a split op's input-feature split points, each slice of ``xq`` quantized with its own ``a_scale``
-    entry; ``w_scale`` is then (N, slices). ``residual`` (M, N) / ``gate`` (B, N): the output is
-    ``residual + gate[m // (M / B)] * y`` (``residual + y`` without a gate), in fp32 before the one rounding."""
-    return _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits, residual, gate)
+    entry; ``w_scale`` is then (N, slices)."""
+    return _fp8_linear_prequant(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits)
 
 
 @fp8_linear_prequant_op.register_fake
-def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits=None, residual=None, gate=None):
+def _(xq, w, w_scale, bias, a_scale, act, out_dtype, out_scale, splits=None):
     return xq.new_empty((xq.shape[0], w.shape[0]), dtype=FP8 if out_scale is not None else out_dtype)
 
 
@@ -367,29 +339,18 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
 
 def fp8_linear_prequant(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, a_scale: torch.Tensor,
                         out_dtype: torch.dtype, act: str = "none", bias_corr: torch.Tensor | None = None,
-                        out_scale: torch.Tensor | None = None, splits: tuple[int, ...] | None = None,
-                        residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+                        out_scale: torch.Tensor | None = None, splits: tuple[int, ...] | None = None) -> torch.Tensor:
     """As :func:`fp8_linear` for an input already quantized to float8_e4m3fn with ``a_scale`` (split ops: each slice
-    with its own scale, see :func:`quantize_slices_fp8`). ``residual`` (the output's shape and dtype) and ``gate``
-    ((B, N) or (B, 1, N), one row per leading index of ``xq``): the output is ``residual + gate * y`` (``residual + y``
-    without a gate; after the activation), computed in the epilogue in fp32 (a gated residual add of an adaLN block);
-    with fewer than :data:`RESIDUAL_MIN_SEQ` rows per gate row, by :func:`..reference.add_residual` after the kernel."""
+    with its own scale, see :func:`quantize_slices_fp8`)."""
     N = w.shape[0]
     split = None if splits is None else [int(p) for p in splits]
     args = (rows(xq), w, flat(w_scale) if split is None else w_scale.reshape(N, -1), fused_bias(bias, bias_corr, N),
             as_float(a_scale) if split is None else flat(as_float(a_scale)), activation_code(act), out_dtype,
             None if out_scale is None else flat(as_float(out_scale)))
-    if residual is not None:
-        res2, gate2 = rows(residual), None if gate is None else gate.reshape(gate.shape[0], -1)
-        check_residual(res2, gate2, args[0].shape[0], N, out_dtype)
-        if gate2 is not None and res2.shape[0] // gate2.shape[0] < RESIDUAL_MIN_SEQ:  # (few rows per gate row)
-            y = fp8_linear_prequant(xq, w, w_scale, bias, a_scale, out_dtype, act, bias_corr, out_scale, splits)
-            return add_residual(y, residual, gate)
-        args = (*args, split, res2, gate2)
-    elif split is not None:
-        args = (*args, split)
-    # (calls without splits or a residual keep their exact argument list)
-    out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
+    if split is None:  # (the unsplit call keeps its exact argument list)
+        out = _fp8_linear_prequant(*args, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args)
+    else:
+        out = _fp8_linear_prequant(*args, split, wrap=direct) if eager_call(xq) else torch.ops.qdiff.fp8_linear_prequant(*args, split)
     return out if xq.dim() == 2 else out.reshape(*xq.shape[:-1], N)
 
 

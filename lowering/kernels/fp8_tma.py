@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from ..heads import NO_HEADS
-from ._common import (INTERPRET, autotuned, config, epilogue, grouped_tile, out_columns, quantize_fp8, quantize_output, residual_args,
-                      residual_epilogue, store_heads, store_tile)
+from ._common import INTERPRET, autotuned, config, epilogue, grouped_tile, out_columns, quantize_fp8, quantize_output, store_heads, store_tile
 
 HAS_TMA: bool = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
@@ -39,9 +38,8 @@ HAS_TMA: bool = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_a
 def fp8_linear_tma_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, as_ptr, out_ptr, os_ptr,
     M, N, K,
-    stride_xm, stride_om, res_ptr, g_ptr, stride_rm, stride_gb, SEQ_G,
-    X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_COLS: tl.constexpr, RESIDUAL: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    stride_xm, stride_om,
+    X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_COLS: tl.constexpr, INTERPRET: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
     HEADS: tl.constexpr, N_RM: tl.constexpr, SEQ: tl.constexpr, SEQ_PAD: tl.constexpr, HEAD_D: tl.constexpr, HEAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -68,7 +66,6 @@ def fp8_linear_tma_kernel(
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         y = epilogue(acc, rn, N, ws_ptr, bias_ptr, a_scale, HAS_BIAS, True, ACT)
-        y = residual_epilogue(y, off_m, rm, rn, M, N, res_ptr, stride_rm, g_ptr, stride_gb, SEQ_G, RESIDUAL)
         if HEADS:  # fp8 attention heads, quantized per column with os_ptr[n] (lowering/heads.py)
             store_heads(y, rm, rn, M, N, out_ptr, os_ptr, N_RM, SEQ, SEQ_PAD, HEAD_D, HEAD_W, INTERPRET)
         else:
@@ -155,7 +152,7 @@ def _with_flatten(c: triton.Config) -> triton.Config:
 
 
 def _autotuned_prod(configs: list[triton.Config]):
-    return autotuned(fp8_linear_tma_kernel, configs, ["M", "N", "K", "ACT", "OUT_FP8", "HEADS", "RESIDUAL"],
+    return autotuned(fp8_linear_tma_kernel, configs, ["M", "N", "K", "ACT", "OUT_FP8", "HEADS"],
                      interpret_config=_with_flatten(config(16, 32, 32, 1, 4, 2)))
 
 
@@ -167,19 +164,12 @@ _prod = _autotuned_prod(PROD_CONFIGS)
 # interpreter is exact for all: a compiled layout conversion of the transposed byte tile, not the index arithmetic.
 HEADS_CONFIGS = [_with_flatten(config(128, 128, 128, 4, 8, 8))]
 _prod_heads = _autotuned_prod(HEADS_CONFIGS)
-# The gated residual epilogue (_common.residual_epilogue: a residual tile loaded in the epilogue) on the production configs
-# that compile for sm_90 without spills (aot_check tma: 128 x 128 x 128 with 8 warps, 249 registers; the others spill
-# 528-736 bytes, the next tile's pipelined loads being live through the epilogue).
-RESIDUAL_CONFIGS = [_with_flatten(config(128, 128, 128, 4, 8, 8))]
-_prod_residual = _autotuned_prod(RESIDUAL_CONFIGS)
 
 
-def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wrap, layout: dict | None = None,
-                     residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wrap, layout: dict | None = None) -> torch.Tensor:
     """The production launch (autotuned over :data:`CONFIG_TABLE`; heads: :data:`HEADS_CONFIGS`) for fp8 ``x``; ``wrap``: ``wrap_triton`` inside a
     ``triton_op`` (Inductor inlines the kernel), the identity in eager. ``layout``: the heads constexprs
-    (:data:`NO_HEADS`: ``out`` is (M, N); else ``out`` is the flat heads buffer of ``lowering/heads.py``). ``residual`` /
-    ``gate``: the residual epilogue (``_common.residual_epilogue``), (M, N) and (B, N)."""
+    (:data:`NO_HEADS`: ``out`` is (M, N); else ``out`` is the flat heads buffer of ``lowering/heads.py``)."""
     layout = NO_HEADS if layout is None else layout
     if x.device.type == "cuda":
         ensure_allocator()
@@ -190,12 +180,12 @@ def launch_autotuned(x, w, w_scale, bias, a_scale, out, act: int, out_scale, wra
     def grid(meta):
         return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    wrap(_prod_heads if layout["HEADS"] else _prod if residual is None else _prod_residual)[grid](
+    wrap(_prod_heads if layout["HEADS"] else _prod)[grid](
         x, w, w_scale, bias if bias is not None else w_scale, a_scale, out, out_scale if out_scale is not None else a_scale,
         M, N, K, x.stride(0), N if layout["HEADS"] else out.stride(0),
         X_FP8=True, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None,
         OUT_COLS=out_columns(out_scale, layout["HEADS"]), INTERPRET=INTERPRET,
-        NUM_SMS=sms, WARP_SPEC=False, **layout, **residual_args(residual, gate, w_scale),
+        NUM_SMS=sms, WARP_SPEC=False, **layout,
     )
     return out
 
@@ -218,7 +208,7 @@ def launch(x, w, w_scale, bias, a_scale, out, act: int, *, block_m: int, block_n
         M, N, K, x.stride(0), out.stride(0),
         X_FP8=x.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, ACT=act, OUT_FP8=out_scale is not None,
         OUT_COLS=out_columns(out_scale, False), INTERPRET=INTERPRET,
-        NUM_SMS=sms, FLATTEN=flatten, WARP_SPEC=warp_spec, **NO_HEADS, **residual_args(None, None, w_scale),
+        NUM_SMS=sms, FLATTEN=flatten, WARP_SPEC=warp_spec, **NO_HEADS,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 
 from qcompile.lowering.kernels.norm_quant import add_norm_modulate_fp8
 from qcompile.metrics import sqnr_db
-from qcompile.passes.norm_quant import ENV, RESIDUAL_ENV, enabled_from_env, match_boundary, residual_epilogue_from_env
+from qcompile.passes.norm_quant import ENV, enabled_from_env, match_boundary
 from tests.lowering.kernels.helpers import calibrated_tiny_dit_attn, compiled_with_switch, needs_kernels
 
 
 @needs_kernels
 def test_dit_block_boundaries_become_one_call_with_the_same_output(monkeypatch):
-    monkeypatch.setenv(RESIDUAL_ENV, "0")  # (the residual adds stay in the boundary's call: the next test moves them)
     case, args, kwargs, plan = calibrated_tiny_dit_attn()
     outs, records = compiled_with_switch(monkeypatch, case, plan, args, kwargs, ENV)
     on, off = records["1"], records["0"]
@@ -30,33 +29,11 @@ def test_dit_block_boundaries_become_one_call_with_the_same_output(monkeypatch):
     assert sqnr_db(outs["0"], outs["1"]) > 30  # fp32 statistics vs the unfused graph's; both quantize to the same grid
 
 
-@needs_kernels
-def test_residual_adds_move_into_the_branch_gemms_epilogue(monkeypatch):
-    """``QDIFF_RESIDUAL_EPILOGUE``: each boundary whose branch is an fp8 GEMM with fp8 input (the attention output
-    projection, the feed-forward's second linear) gets its residual add (and gate) as that GEMM's ``residual=`` /
-    ``gate=``; the boundary's call then only normalizes, modulates and quantizes. The model output is the unfused one's
-    up to the one bf16 rounding of the branch output the epilogue skips."""
-    case, args, kwargs, plan = calibrated_tiny_dit_attn()
-    outs, records = compiled_with_switch(monkeypatch, case, plan, args, kwargs, RESIDUAL_ENV)
-    on, off = records["1"], records["0"]
-    gemms = [n for n in on.converted.graph.nodes if n.kwargs.get("residual") is not None]
-    calls = [n for n in on.converted.graph.nodes if n.target is add_norm_modulate_fp8]
-    assert on.residual_epilogues == len(gemms) >= 3 and off.residual_epilogues == 0
-    assert on.norm_quant == off.norm_quant == len(calls)
-    assert sum(n.args[1] is not None for n in calls) == sum(n.args[1] is not None for n in [
-        c for c in off.converted.graph.nodes if c.target is add_norm_modulate_fp8]) - len(gemms)
-    assert all(g.kwargs["gate"] is not None for g in gemms)  # (DiT's adaLN-Zero gates every branch)
-    for g in gemms:  # the GEMM's output is the new residual: the boundary call and the next residual add read it
-        assert any(u.target is add_norm_modulate_fp8 and u.args[0] is g for u in g.users)
-    assert sqnr_db(outs["0"], outs["1"]) > 30
-
-
-def test_the_switches_are_on_by_default(monkeypatch):
-    for env, read in ((ENV, enabled_from_env), (RESIDUAL_ENV, residual_epilogue_from_env)):
-        monkeypatch.delenv(env, raising=False)
-        assert read()
-        monkeypatch.setenv(env, "0")
-        assert not read()
+def test_the_switch_is_on_by_default(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert enabled_from_env()
+    monkeypatch.setenv(ENV, "0")
+    assert not enabled_from_env()
 
 
 def _traced(fn, *shapes):

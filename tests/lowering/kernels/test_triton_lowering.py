@@ -17,7 +17,7 @@ pytestmark = needs_kernels
 def test_signatures_match_the_reference():
     # extras: fp8 quantization placement (passes.act_quant), precomputed buffers (aux_buffers) and the stored weight's
     # layout (stored_weight), keyword-only, default None
-    for name, extras in (("qlinear", {"x_quant", "out_scale", "out_dtype", "colsum", "residual", "gate"}), ("qconv", {"colsum", "weight_layout"})):
+    for name, extras in (("qlinear", {"x_quant", "out_scale", "out_dtype", "colsum"}), ("qconv", {"colsum", "weight_layout"})):
         ours = inspect.signature(getattr(triton_lowering, name)).parameters
         ref = inspect.signature(getattr(reference, name)).parameters
         assert list(ours)[: len(ref)] == list(ref) and all(ours[k] == ref[k] for k in ref)
@@ -53,26 +53,6 @@ def test_qlinear_routes_and_matches_reference(wfmt, afmt, asym, group, route):
         assert torch.equal(out, ref)
     else:
         assert sqnr_db(ref, out) > 45
-
-
-@pytest.mark.parametrize("wfmt,afmt,asym,group,route", ROUTES)
-def test_residual_and_gate_on_every_route(wfmt, afmt, asym, group, route):
-    """``residual`` / ``gate`` (set by ``passes.norm_quant``): every route returns ``residual + gate * y``, in the fp8
-    GEMM's epilogue for an fp8 input (the fp32 sum of the unrounded output: the reference's up to y's rounding), after
-    the kernel (or the reference) elsewhere, where it is exactly :func:`reference.add_residual` of the plain output."""
-    x = randn(2, 3, 64, shift=0.2)
-    qw = quantize_weight(torch.randn(24, 64), wfmt, "linear", group, clip_search=False)
-    s, z = act_qparams(x, afmt or "int8", asym)
-    args = (x, qw.data.to(DEVICE), qw.scale.to(DEVICE), randn(24), s, z)
-    kw = dict(wfmt=wfmt, group_size=group, weight_shape=qw.shape, afmt=afmt, asym=asym)
-    r, gate = randn(2, 3, 24), randn(2, 1, 24)
-    want = reference.add_residual(triton_lowering.qlinear(*args, **kw), r, gate)
-    assert torch.equal(triton_lowering.qlinear(*args, **kw, residual=r, gate=gate), want)
-    if route == "fp8":  # fp8 input: the epilogue (x quantized by aten ops here, as for its producer)
-        fused = triton_lowering.qlinear(*args, **kw, x_quant="producer", residual=r, gate=gate)
-        assert sqnr_db(reference.add_residual(reference.qlinear(*args, **kw), r, gate), fused) > 45
-        with pytest.raises(ValueError, match="residual"):  # (a residual add needs the float output)
-            triton_lowering.qlinear(*args, **kw, residual=r, out_scale=s)
 
 
 def test_float64_inputs_take_the_reference():
