@@ -196,9 +196,7 @@ def cases(which: set[str]):
         sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "out_ptr": "*bf16", "os_ptr": "*fp32",
                "sm_scale": "fp32"}
         sig.update({n: I32 for n in ("H", "SQ", "SK", "batch_q", "head_q", "row_q", "batch_k", "head_k", "row_k",
-                                     "batch_v", "head_v", "row_v", "batch_o", "head_o", "row_o",
-                                     "k_rows", "k_cols", "k_batch_rows", "k_head_rows", "k_head_cols",
-                                     "v_rows", "v_cols", "v_batch_rows", "v_head_rows", "v_head_cols")})
+                                     "batch_v", "head_v", "row_v", "batch_o", "head_o", "row_o")})
         # (strides count in units of each tensor's ALIGN_* elements, fp8_attention.tensor_strides: no divisibility of their own)
         # (head dim of q / k, of v, fp8 inputs, V stored by keys, q / k alignment): heads as models lay them out, views of
         # a projection's output (q = to_q(x).view(B, S, H, D).transpose(1, 2): head offsets of D elements, so D = 72 / 40
@@ -210,7 +208,7 @@ def cases(which: set[str]):
                                           (160, 160, False, False, 16)):
             dk0, dk1 = fp8_attention.qk_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
-            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, KV_TMA=False, ALIGN_Q=align, ALIGN_K=align,
+            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align, ALIGN_K=align,
                          ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, INTERPRET=False)
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk} in memory)"
@@ -220,9 +218,6 @@ def cases(which: set[str]):
             if (dk, dv, x_fp8, v_t) == (72, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
                 yield f"attention {dims} fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
                     dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, []
-            if x_fp8 and v_t and dk == dv:  # K / V^T by TMA (kv_tma_geometry), as the lowering calls it (fp8 output at D = 72)
-                yield f"attention {dims} fp8 in, V^T, K / V by TMA{', fp8 out' if dk == 72 else ''}", fp8_attention.fp8_attention_kernel, \
-                    dict(s, out_ptr="*fp8e4nv") if dk == 72 else s, dict(flags, KV_TMA=True, OUT_FP8=dk == 72), fp8_attention.CONFIGS, []
     if "norm" in which:  # DiT / PixArt block boundaries: rows of 1152 (BLOCK_C 2048), adaLN vectors as chunk views
         sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "sc_ptr": "*bf16", "sh_ptr": "*bf16", "as_ptr": "*fp32",
                "hout_ptr": "*bf16", "q_ptr": "*fp8e4nv", "M": I32, "C": I32, "SEQ": I32, "stride_g": I32, "stride_sc": I32, "stride_sh": I32}

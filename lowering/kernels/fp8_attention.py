@@ -32,7 +32,6 @@ query rows past the end load wrapped (valid) rows and only the store is masked.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -41,7 +40,6 @@ from torch.library import triton_op, wrap_triton
 
 from .. import formats
 from ._common import FLOAT_DTYPES, INTERPRET, autotuned, check_launchable, check_scalar, check_tensor, direct, eager_call, quantize_fp8
-from .fp8_tma import HAS_TMA, _capability, ensure_allocator
 
 FP8 = torch.float8_e4m3fn
 P_SCALE = 448.0  # P = exp2(S - m + log2 448) = 448 * exp2(S - m): the whole e4m3 range
@@ -87,17 +85,12 @@ def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: 
 
 @triton.jit
 def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
-                 k_desc, v_desc0, v_desc1, k_row, k_col, v_row, v_col,
                  DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-                 X_FP8: tl.constexpr, KV_TMA: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+                 X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
-    ``MASKED``: the tail tile (keys past ``SK`` score -inf). ``KV_TMA``: K / V^T tiles come through the descriptors at
-    (``k_row`` + key, ``k_col``) / (``v_row`` + head dim, ``v_col`` + key); else from pointers."""
+    ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
-    if KV_TMA:  # (BLOCK_N, DK0) keys by TMA: columns outside the head hold other heads' codes or zeros, q0's are zero
-        k0 = k_desc.load([k_row + start_n, k_col])
-    else:
-        k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, DK0 > DK), k_inv, X_FP8, INTERPRET)
+    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, DK0 > DK), k_inv, X_FP8, INTERPRET)
     s = tl.dot(q0, tl.trans(k0))
     if DK1 > 0:  # second head-dim part of Q K^T: columns [DK0, DK0 + DK1), those past DK load as 0
         dk1 = DK0 + tl.arange(0, DK1)
@@ -111,17 +104,11 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p8 = _quantize_probs(p, INTERPRET)
-    if KV_TMA:  # V^T tiles (DV0 / DV1 head dims, BLOCK_N keys) by TMA; keys past SK load as 0
-        v0 = tl.trans(v_desc0.load([v_row, v_col + start_n]))
-    else:
-        v0 = _quantize_tile(_load_tile(v_base, rn, stride_vs, tl.arange(0, DV0), stride_vd, SK, DV, MASKED, False), v_inv, X_FP8, INTERPRET)
+    v0 = _quantize_tile(_load_tile(v_base, rn, stride_vs, tl.arange(0, DV0), stride_vd, SK, DV, MASKED, False), v_inv, X_FP8, INTERPRET)
     acc0 = tl.dot(p8, v0, acc0 * alpha[:, None])
-    if DV1 > 0:  # second head-dim part of P V: output columns [DV0, DV0 + DV1) (those past DV are not stored)
-        if KV_TMA:
-            v1 = tl.trans(v_desc1.load([v_row + DV0, v_col + start_n]))
-        else:
-            dv1 = DV0 + tl.arange(0, DV1)
-            v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, DV, MASKED, True), v_inv, X_FP8, INTERPRET)
+    if DV1 > 0:  # second head-dim part of P V: output columns [DV0, DV0 + DV1)
+        dv1 = DV0 + tl.arange(0, DV1)
+        v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, DV, MASKED, True), v_inv, X_FP8, INTERPRET)
         acc1 = tl.dot(p8, v1, acc1 * alpha[:, None])
     return acc0, acc1, l_i, m_new
 
@@ -131,9 +118,8 @@ def fp8_attention_kernel(
     q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr, os_ptr,
     sm_scale, H, SQ, SK,
     batch_q, head_q, row_q, batch_k, head_k, row_k, batch_v, head_v, row_v, batch_o, head_o, row_o,
-    k_rows, k_cols, k_batch_rows, k_head_rows, k_head_cols, v_rows, v_cols, v_batch_rows, v_head_rows, v_head_cols,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    X_FP8: tl.constexpr, V_T: tl.constexpr, KV_TMA: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+    X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
     ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal). Parts: DK0 + DK1 and DV0 + DV1 (head_parts); DK0 > DK:
@@ -145,9 +131,6 @@ def fp8_attention_kernel(
     # by 16, does not see it: contiguous D = 72 rows, or heads at 72-element offsets in a projection's output). (Not
     # tl.multiple_of: under Inductor a scalar may arrive as a constexpr, an integer equal to 1 always and every scalar in
     # torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.)
-    # KV_TMA (fp8 K, V^T; kv_tma_geometry): K and V^T as 2-D (rows, cols) tensors of row stride stride_ks / stride_vd,
-    # (k_rows, k_cols) and (v_rows, v_cols) elements; head (b, h) starts at row b * *_batch_rows + h * *_head_rows,
-    # column h * *_head_cols. Their tiles load by TMA (zeros past the extents): no per-element addresses.
     stride_qs = row_q * ALIGN_Q
     stride_ks = row_k * ALIGN_K
     if V_T:
@@ -165,24 +148,6 @@ def fp8_attention_kernel(
     k_base = k_ptr + (b * batch_k + h * head_k) * ALIGN_K
     v_base = v_ptr + (b * batch_v + h * head_v) * ALIGN_V
     o_base = out_ptr + (b * batch_o + h * head_o) * ALIGN_O
-    if KV_TMA:
-        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[k_rows, k_cols], strides=[stride_ks, 1], block_shape=[BLOCK_N, DK0])
-        v_desc0 = tl.make_tensor_descriptor(v_ptr, shape=[v_rows, v_cols], strides=[stride_vd, 1], block_shape=[DV0, BLOCK_N])
-        if DV1 > 0:
-            v_desc1 = tl.make_tensor_descriptor(v_ptr, shape=[v_rows, v_cols], strides=[stride_vd, 1], block_shape=[DV1, BLOCK_N])
-        else:
-            v_desc1 = v_desc0  # (unused)
-        k_row = (b * k_batch_rows + h * k_head_rows).to(tl.int32)  # (descriptor coordinates are 32-bit)
-        # A box must start at a 16-byte aligned column (sm_90 faults otherwise): K's boxes start up to 15 columns
-        # before the head (heads 72 bytes apart: 0 or 8), and q's columns shift by as many (kv_tma_geometry checks
-        # that the head still fits the DK0-wide dot).
-        k_shift = ((h * k_head_cols) % 16).to(tl.int32)
-        k_col = (h * k_head_cols).to(tl.int32) - k_shift
-        v_row = (b * v_batch_rows + h * v_head_rows).to(tl.int32)
-        v_col = (h * v_head_cols).to(tl.int32)
-    else:  # (unused)
-        k_desc, v_desc0, v_desc1 = k_ptr, v_ptr, v_ptr
-        k_row, k_col, k_shift, v_row, v_col = 0, 0, 0, 0, 0
 
     q_scale = tl.load(qs_ptr)
     k_scale = tl.load(ks_ptr)
@@ -194,11 +159,7 @@ def fp8_attention_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm_l = rm % SQ  # rows past the end load valid (wrapped) rows; only the store is masked
-    if KV_TMA:  # q's head dims at columns [k_shift, k_shift + DK) of the DK0-wide tile, as K's in its (aligned) boxes
-        cq = tl.arange(0, DK0) - k_shift
-        q0 = tl.load(q_base + rm_l[:, None] * stride_qs + cq[None, :], mask=((cq >= 0) & (cq < DK))[None, :], other=0.0)
-    else:
-        q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, tl.arange(0, DK0), 1, SQ, DK, False, DK0 > DK), q_inv, X_FP8, INTERPRET)
+    q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, tl.arange(0, DK0), 1, SQ, DK, False, DK0 > DK), q_inv, X_FP8, INTERPRET)
     if DK1 > 0:
         q1 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, DK0 + tl.arange(0, DK1), 1, SQ, DK, False, True), q_inv, X_FP8, INTERPRET)
     else:
@@ -211,12 +172,10 @@ def fp8_attention_kernel(
     full = (SK // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, k_desc, v_desc0, v_desc1, k_row, k_col, v_row, v_col,
-                                            DK, DK0, DK1, DV, DV0, DV1, X_FP8, KV_TMA, False, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
     if full < SK:
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, k_desc, v_desc0, v_desc1, k_row, k_col, v_row, v_col,
-                                            DK, DK0, DK1, DV, DV0, DV1, X_FP8, KV_TMA, True, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
 
     o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
     if OUT_FP8:  # quantized for the next fp8 GEMM (the output projection's static scale)
@@ -286,7 +245,7 @@ CONFIG_TABLE = [(64, 128, 2, 4), (128, 32, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "KV_TMA", "OUT_FP8"]
+_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
 
 
@@ -344,70 +303,6 @@ def tensor_strides(t: torch.Tensor, rows_dim: int) -> tuple[int, int, int, int]:
     for s in strides:
         align = math.gcd(align, s) if s else align
     return (align, *(s // align for s in strides))
-
-
-def tma_geometry(t: torch.Tensor, rows_dim: int, cols_dim: int) -> tuple[int, int, int, int, int] | None:
-    """How the kernel's ``KV_TMA`` path addresses (B, H, ., .) ``t`` as one 2-D tensor of row stride ``t.stride(rows_dim)``
-    (rows along ``rows_dim``, unit-stride columns along ``cols_dim``): ``(rows, cols, batch_rows, head_rows,
-    head_cols)``, head (b, h) starting at row ``b * batch_rows + h * head_rows`` and column ``h * head_cols`` (heads at
-    column offsets: views of a projection's output; at row offsets: contiguous heads). None where a descriptor cannot
-    address it: a non-unit column stride, 16-byte misaligned row stride or storage offset, a batch stride that is not a
-    whole number of rows, or heads that would not fit in one row. Strides and offsets only (traces under FakeTensors)."""
-    B, H = t.shape[0], t.shape[1]
-    n_rows, n_cols = t.shape[rows_dim], t.shape[cols_dim]
-    row, nbytes = t.stride(rows_dim), t.element_size()
-    if t.stride(cols_dim) != 1 or (row * nbytes) % 16 or (t.storage_offset() * nbytes) % 16 or row <= 0:
-        return None
-    batch_rows, rest = divmod(t.stride(0), row) if B > 1 else (0, 0)
-    head_rows, head_cols = divmod(t.stride(1), row) if H > 1 else (0, 0)
-    cols = (H - 1) * head_cols + n_cols
-    if rest or cols > row:
-        return None
-    rows = (B - 1) * batch_rows + (H - 1) * head_rows + n_rows
-    if rows >= 2 ** 31:
-        return None
-    return rows, cols, batch_rows, head_rows, head_cols
-
-
-# QDIFF_ATTN_TMA=0 keeps K / V on pointer loads (A/B measurements; read once, at import).
-KV_TMA_ENV = "QDIFF_ATTN_TMA"
-KV_TMA_ENABLED: bool = os.environ.get(KV_TMA_ENV, "1") != "0"
-
-
-def kv_tma_geometry(k: torch.Tensor, v: torch.Tensor, kv_tma: bool | None = None) -> tuple[int, ...] | None:
-    """The ten ``k_* / v_*`` geometry arguments of the kernel's ``KV_TMA`` path (:func:`tma_geometry` of K by keys and
-    of V^T by head dims), or None where K / V take pointer loads: not fp8, V not stored by keys, a split ``Q K^T``
-    (D > 128), a Triton without device-side descriptors, a device before sm_90 (not in the interpreter, which runs
-    them), ``QDIFF_ATTN_TMA=0`` or ``kv_tma=False``. ``kv_tma=True`` raises where the path cannot run."""
-    reason = None
-    if kv_tma is False or (kv_tma is None and not KV_TMA_ENABLED):
-        return None
-    if not HAS_TMA:
-        reason = f"this Triton ({triton.__version__}) has no device-side tensor descriptors"
-    elif k.dtype != FP8 or v.dtype != FP8:
-        reason = f"K / V must be float8_e4m3fn, got {k.dtype} / {v.dtype}"
-    elif not keys_contiguous(v):
-        reason = "V must be stored by keys (V^T)"
-    elif qk_parts(k.shape[3])[1]:
-        reason = f"head dim {k.shape[3]} splits Q K^T in two dots"
-    elif not INTERPRET and (_capability(k.device) or (0, 0)) < (9, 0):
-        reason = f"TMA needs sm_90 or newer, got {k.device}"
-    geometry = None if reason else (tma_geometry(k, 2, 3), tma_geometry(v, 3, 2))
-    for name, t, g in zip("kv", (k, v), geometry or ()):
-        if g is None:
-            reason = (f"a descriptor cannot address {name} (shape {tuple(t.shape)}, strides {t.stride()}, storage offset "
-                      f"{t.storage_offset()}: rows must be 16-byte aligned, batches whole rows)")
-    if not reason:  # K boxes start at 16-byte aligned columns, up to 15 before a head: it must still fit the dot
-        shift = max((h * geometry[0][4]) % 16 for h in range(k.shape[1]))
-        if shift + k.shape[3] > qk_parts(k.shape[3])[0]:
-            reason = f"k's heads ({geometry[0][4]} columns apart) start up to {shift} columns past an aligned box: {k.shape[3]} + {shift} > {qk_parts(k.shape[3])[0]}"
-        elif geometry[1][4] % 16:
-            reason = f"v's heads start at unaligned columns ({geometry[1][4]} apart)"
-    if reason:
-        if kv_tma:
-            raise ValueError(f"fp8_attention kv_tma: {reason}")
-        return None
-    return (*geometry[0], *geometry[1])
 
 
 QK_PAD_MAX = 128  # qk_width pads q / k head dims up to this power of two
@@ -470,9 +365,8 @@ def qk_width(d: int) -> int:
 
 
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None,
-                   wrap=wrap_triton, kv_tma: bool | None = None) -> torch.Tensor:
-    """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch (``kv_tma``:
-    :func:`kv_tma_geometry`)."""
+                   wrap=wrap_triton) -> torch.Tensor:
+    """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch."""
     x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale)
     B, H, SQ, DK = q.shape
     SK, DV = v.shape[2], v.shape[3]
@@ -485,18 +379,13 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     (align_q, *qs), (align_k, *ks), (align_v, *vs), (align_o, *os_) = (
         tensor_strides(q, 2), tensor_strides(k, 2), tensor_strides(v, 3 if v_t else 2), tensor_strides(out, 2))
 
-    geometry = kv_tma_geometry(k, v, kv_tma)
-    if geometry is not None and q.device.type == "cuda":
-        ensure_allocator()
-
     def grid(meta):
         return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
 
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out, out_scale if out_scale is not None else v_scale,
-        sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_, *(geometry or (0,) * 10),
-        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, KV_TMA=geometry is not None,
-        ALIGN_Q=align_q, ALIGN_K=align_k,
+        sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_,
+        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align_q, ALIGN_K=align_k,
         ALIGN_V=align_v, ALIGN_O=align_o,
         OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
     )
@@ -522,16 +411,13 @@ def _scalar(s: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
-                  kv_tma: bool | None = None) -> torch.Tensor:
+                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(Dk)``) with q, k, v quantized to
     e4m3 with the static per-tensor scales (one-element tensors). q, k: (B, H, S, Dk), v: (B, H, Sk, Dv) (Dk != Dv: e.g.
     q / k padded with zero columns, :func:`quantize_heads`), fp16 / bf16 / fp32 (quantized in the kernel) or
     float8_e4m3fn (already quantized). Output (B, H, Sq, Dv) in ``out_dtype`` (default: q's dtype,
     bf16 for fp8 inputs); ``out_scale``: float8_e4m3fn output quantized with it (the output projection's static scale).
-    Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_attention``.
-    ``kv_tma`` (eager only; traced calls take the default): K / V tiles by TMA (True), by pointers (False) or where
-    :func:`kv_tma_geometry` allows (None)."""
+    Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_attention``."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if out_dtype is None:
@@ -540,7 +426,5 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     if out_scale is not None:  # (without it the call keeps its exact argument list)
         args = (*args, _scalar(out_scale))
     if eager_call(q):
-        return _fp8_attention(*args, wrap=direct, kv_tma=kv_tma)
-    if kv_tma is not None:
-        raise ValueError("fp8_attention: kv_tma is for eager calls; traced calls take the default (QDIFF_ATTN_TMA)")
+        return _fp8_attention(*args, wrap=direct)
     return torch.ops.qdiff.fp8_attention(*args)

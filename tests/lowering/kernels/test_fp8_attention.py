@@ -13,9 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.lowering.formats import quantize_fp8
-from qcompile.lowering.kernels.fp8_attention import (HAS_TMA, HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous,
-                                                      keys_contiguous_codes, kv_tma_geometry, qk_parts, qk_width, quantize_heads,
-                                                      tensor_strides, tma_geometry)
+from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous, qk_parts,
+                                                      qk_width, quantize_heads, tensor_strides)
 from qcompile.lowering.reference import qattention
 from qcompile.metrics import sqnr_db
 
@@ -190,80 +189,6 @@ def test_queries_and_keys_as_views_of_the_projection_output(d):
     copies = fp8_attention(q.contiguous(), k.contiguous(), v_t, *s, sm_scale=d ** -0.5, out_dtype=torch.float32)
     assert torch.equal(strided, copies) if DEVICE.type == "cpu" else sqnr_db(copies, strided) > 30
     assert sqnr_db(qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.float32), strided) > 30
-
-
-def test_tma_geometry_addresses_heads_at_column_or_row_offsets():
-    """K as views of a projection's (B, S, 3 * H * D) output: heads D columns apart in rows of 3 * H * D; contiguous
-    (B, H, S, D') heads: S rows apart; V^T (B, H, D, S'): D rows apart. Rows not 16-byte aligned, a misaligned storage
-    offset, a batch stride that is not whole rows, or heads wider than a row: no descriptor."""
-    B, H, S, D = 2, 16, 1024, 72
-    codes = torch.empty(B, S, 3 * H * D, dtype=FP8)
-    k = codes[..., H * D:2 * H * D].view(B, S, H, D).transpose(1, 2)
-    assert tma_geometry(k, 2, 3) == ((B - 1) * S + S, (H - 1) * D + D, S, 0, D)  # (rows, cols, batch_rows, head_rows, head_cols)
-    heads = quantize_heads(torch.zeros(B, H, 77, 40), torch.tensor(1.0))  # rows padded to 48 bytes
-    assert tma_geometry(heads, 2, 3) == ((B - 1) * H * 77 + (H - 1) * 77 + 77, 40, H * 77, 77, 0)
-    v_t = keys_contiguous_codes(k)  # (B, H, D, S) storage, keys contiguous
-    assert tma_geometry(v_t, 3, 2) == ((B - 1) * H * D + (H - 1) * D + D, S, H * D, D, 0)
-    assert tma_geometry(torch.empty(1, 3, 45, 72, dtype=FP8).transpose(1, 2).contiguous().transpose(1, 2), 2, 3) is None  # rows of 216 bytes
-    assert tma_geometry(codes[..., 8:8 + H * D].view(B, S, H, D).transpose(1, 2), 2, 3) is None  # storage offset of 8 bytes
-    assert tma_geometry(torch.empty(B, H, S, 64, dtype=torch.bfloat16)[:, :, :, :48], 2, 3) is not None  # (96-byte columns of 128-byte rows)
-    assert tma_geometry(torch.empty(2, 16, 40 * 16 + 8, dtype=FP8)[..., :640].view(2, 16, 16, 40).transpose(1, 2)[:, :, :, :40], 2, 3) is None
-    assert tma_geometry(torch.empty(4096, dtype=FP8).as_strided((1, 2, 4, 64), (512, 100, 128, 1)), 2, 3) is None  # heads past the row
-
-
-def test_kv_tma_takes_fp8_k_and_v_stored_by_keys_and_says_why_not():
-    """The TMA path's conditions; ``kv_tma=True`` names the one that fails, ``None`` falls back to pointer loads."""
-    B, H, S, D = 1, 2, 64, 64
-    dev = DEVICE or torch.device("cpu")  # (on a GPU the rule asks the device's compute capability)
-    k8 = quantize_heads(torch.randn(B, H, S, D, device=dev), torch.tensor(0.01))
-    v8t = quantize_heads(torch.randn(B, H, S, D, device=dev), torch.tensor(0.01), keys_contiguous=True)
-    if HAS_TMA and (dev.type == "cpu" or torch.cuda.get_device_capability(dev) >= (9, 0)):
-        assert kv_tma_geometry(k8, v8t) is not None and kv_tma_geometry(k8, v8t, kv_tma=False) is None
-    wide = torch.zeros(B, S, 2, 136, device=dev, dtype=FP8)[..., :128].transpose(1, 2)  # heads of 128, 136 apart
-    for k, v, match in ((k8.float(), v8t.float(), "must be float8_e4m3fn"), (k8, quantize_heads(torch.randn(B, H, S, D, device=dev), torch.tensor(0.01)), "stored by keys"),
-                        (quantize_heads(torch.randn(B, H, S, 160, device=dev), torch.tensor(0.01)), v8t, "splits Q K"),
-                        (wide, v8t, r"128 \+ 8 > 128")):
-        assert kv_tma_geometry(k, v) is None
-        with pytest.raises(ValueError, match=match if HAS_TMA else "descriptors"):
-            kv_tma_geometry(k, v, kv_tma=True)
-
-
-@needs_kernels
-@pytest.mark.parametrize("sq,sk,d", [(45, 45, 72), (37, 77, 40), (20, 70, 64), (33, 50, 128)])
-def test_keys_and_values_by_tma_give_the_pointer_loads_result(sq, sk, d):
-    """K / V^T tiles through tensor descriptors (``KV_TMA``: heads at row offsets here; zeros past the keys, the masked
-    tail tile) give exactly the pointer loads' attention (interpreter; on a GPU each path autotunes on its own)."""
-    if kv_tma_geometry(*(quantize_heads(torch.zeros(1, 1, 32, 64, device=DEVICE), torch.tensor(1.0), keys_contiguous=t) for t in (False, True))) is None:
-        pytest.skip("no device-side tensor descriptors here (Triton < 3.4 or a GPU before sm_90)")
-    q, k, v = _qkv(2, 3, sq, sk, d)
-    s = _scales(q, k, v)
-    q8, k8, v8t = quantize_heads(q, s[0]), quantize_heads(k, s[1]), quantize_heads(v, s[2], keys_contiguous=True)
-    by_tma = fp8_attention(q8, k8, v8t, *s, out_dtype=torch.float32, kv_tma=True)
-    by_pointers = fp8_attention(q8, k8, v8t, *s, out_dtype=torch.float32, kv_tma=False)
-    assert torch.equal(by_tma, by_pointers) if DEVICE.type == "cpu" else sqnr_db(by_pointers, by_tma) > 30
-    assert sqnr_db(qattention(q, k, v, *s, out_dtype=torch.float32), by_tma) > 30
-
-
-@needs_kernels
-@pytest.mark.parametrize("d", [72, 40])
-def test_keys_by_tma_from_projection_views_at_unaligned_head_offsets(d):
-    """The production case: K a view of the fused projection's fp8 output, heads 72 / 40 bytes apart. A descriptor box
-    must start at a 16-byte aligned column (sm_90 faults on an unaligned one), so K's boxes start 0 or 8 columns before
-    the head and q's columns shift by as many; the boxes' other columns hold neighbouring heads' codes, which q's zero
-    columns cancel. The result is the pointer loads' attention."""
-    if not HAS_TMA or (DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (9, 0)):
-        pytest.skip("no device-side tensor descriptors here (Triton < 3.4 or a GPU before sm_90)")
-    B, H, S = 2, 4, 45
-    y = randn(B, S, 3 * H * d)
-    scale = torch.tensor(float(y.abs().max()) / 448, device=y.device)
-    q, k, v = (quantize_fp8(y, scale)[..., i * H * d:(i + 1) * H * d].view(B, S, H, d).transpose(1, 2) for i in range(3))
-    v_t = keys_contiguous_codes(v)
-    assert kv_tma_geometry(k, v_t) is not None
-    s = [scale] * 3
-    by_tma = fp8_attention(q, k, v_t, *s, out_dtype=torch.float32, kv_tma=True)
-    by_pointers = fp8_attention(q, k, v_t, *s, out_dtype=torch.float32, kv_tma=False)
-    assert torch.equal(by_tma, by_pointers) if DEVICE.type == "cpu" else sqnr_db(by_pointers, by_tma) > 30
-    assert sqnr_db(qattention(q, k, v, *s, out_dtype=torch.float32), by_tma) > 30
 
 
 @needs_kernels
