@@ -8,9 +8,7 @@ Per shape: ``F.scaled_dot_product_attention`` on bf16 (whatever backend torch pi
 16 bytes, V with its keys contiguous: the kernel's ``V_T`` path, not timed), the same with q / k padded in memory by
 zero columns to the next power of two up to 128 (``qk_width``: 72 -> 128, 40 -> 64; the lowering's layout until
 2026-12-03, the kernel now pads them in registers), fp8 q / k as views of their projection's output with V^T (what the
-lowering passes the kernel for fp8 projections, :func:`projection_codes`), the same with the main loop issuing each
-key tile's ``Q K^T`` after the previous tile's softmax (``pipe_qk=False``; the default issues it before), and the
-Triton lowering's attention call
+lowering passes the kernel for fp8 projections, :func:`projection_codes`), and the Triton lowering's attention call
 compiled by Inductor (``triton_lowering.qattention``: the quantize pass Inductor generates plus the kernel: what a
 quantized model runs). Each time is the median of CUDA-graph replays (``qcompile.latency.cuda_graph_timer``; the fp8
 kernel autotunes before the graph is captured). Heads are laid out as models produce them (``x.view(B, S, H,
@@ -112,8 +110,7 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
              "fp8_vt": lambda: fp8_attention(q8p, k8p, v8t, *s), "lowering_compiled": lambda: lowering(q, k, v)}
     if qk_pow2 is not None:
         calls["fp8_vt_qk_pow2"] = lambda: fp8_attention(*qk_pow2, v8t, *s, sm_scale=d ** -0.5)
-    calls["fp8_proj_vt"] = lambda: fp8_attention(q_proj, k_proj, v8t, *s)  # (the default main loop: fp8_attention.PIPE_QK)
-    calls["fp8_proj_vt_serial"] = lambda: fp8_attention(q_proj, k_proj, v8t, *s, pipe_qk=False)
+    calls["fp8_proj_vt"] = lambda: fp8_attention(q_proj, k_proj, v8t, *s)
     row: dict = {"model": model, "shape": [b, h, sq, sk, d]}
     outs, times = {}, {"sdpa_bf16_us": cuda_graph_timer(lambda: F.scaled_dot_product_attention(q, k, v))}
     for name, call in calls.items():  # a column that fails says why in its row and the others still run (one GPU call)
@@ -135,8 +132,7 @@ def bench_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, dev: torch
 
 
 COLUMNS = [("fp8", "bf16 in"), ("fp8_from_fp8", "fp8 in"), ("fp8_vt", "fp8 in, V^T"), ("fp8_vt_qk_pow2", "fp8 in, V^T, q / k pow2"),
-           ("fp8_proj_vt", "fp8 q / k projection views, V^T"),
-           ("fp8_proj_vt_serial", "the same, each Q K^T after the previous softmax (pipe_qk=False)"), ("lowering_compiled", "lowering, compiled")]
+           ("fp8_proj_vt", "fp8 q / k projection views, V^T"), ("lowering_compiled", "lowering, compiled")]
 
 
 def table(rows: list[dict]) -> str:

@@ -208,7 +208,7 @@ def cases(which: set[str]):
                                           (160, 160, False, False, 16)):
             dk0, dk1 = fp8_attention.qk_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
-            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, PIPE_QK=fp8_attention.pipe_qk_for(dv), ALIGN_Q=align, ALIGN_K=align,
+            flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align, ALIGN_K=align,
                          ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, INTERPRET=False)
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk} in memory)"
@@ -218,8 +218,6 @@ def cases(which: set[str]):
             if (dk, dv, x_fp8, v_t) == (72, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
                 yield f"attention {dims} fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
                     dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, []
-                yield f"attention {dims} fp8 in, V^T, fp8 out, PIPE_QK={not fp8_attention.PIPE_QK}", fp8_attention.fp8_attention_kernel, \
-                    dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, PIPE_QK=not fp8_attention.PIPE_QK), fp8_attention.CONFIGS, []
     if "norm" in which:  # DiT / PixArt block boundaries: rows of 1152 (BLOCK_C 2048), adaLN vectors as chunk views
         sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "sc_ptr": "*bf16", "sh_ptr": "*bf16", "as_ptr": "*fp32",
                "hout_ptr": "*bf16", "q_ptr": "*fp8e4nv", "M": I32, "C": I32, "SEQ": I32, "stride_g": I32, "stride_sc": I32, "stride_sh": I32}

@@ -32,7 +32,6 @@ query rows past the end load wrapped (valid) rows and only the store is masked.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -85,10 +84,11 @@ def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: 
 
 
 @triton.jit
-def _scores(q0, q1, k_base, start_n, SK, stride_ks, k_inv, DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr,
-            X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``Q K^T`` of the key tile ``[start_n, start_n + BLOCK_N)`` (fp8 dots, fp32, unscaled); ``MASKED``: the tail tile
-    (keys past ``SK`` load as 0 and score -inf)."""
+def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
+                 DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+                 X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
+    ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
     k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, DK0 > DK), k_inv, X_FP8, INTERPRET)
     s = tl.dot(q0, tl.trans(k0))
@@ -98,16 +98,6 @@ def _scores(q0, q1, k_base, start_n, SK, stride_ks, k_inv, DK: tl.constexpr, DK0
         s = tl.dot(q1, tl.trans(k1), s)
     if MASKED:
         s = tl.where((rn < SK)[None, :], s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _softmax_pv(s, acc0, acc1, l_i, m_i, v_base, start_n, SK, stride_vs, stride_vd, v_inv, qk_scale,
-                DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr, X_FP8: tl.constexpr, MASKED: tl.constexpr,
-                INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The online-softmax update with the scores ``s`` of the key tile at ``start_n``, and its ``P @ V`` into the
-    accumulators."""
-    rn = start_n + tl.arange(0, BLOCK_N)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (a tail tile has at least one key: m_new is finite)
     # P = 448 * exp2(S - m): one FMA and one ex2 per score
     p = tl.math.exp2(s * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
@@ -124,23 +114,12 @@ def _softmax_pv(s, acc0, acc1, l_i, m_i, v_base, start_n, SK, stride_vs, stride_
 
 
 @triton.jit
-def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
-                 DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-                 X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
-    ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
-    s = _scores(q0, q1, k_base, start_n, SK, stride_ks, k_inv, DK, DK0, DK1, X_FP8, MASKED, INTERPRET, BLOCK_N)
-    return _softmax_pv(s, acc0, acc1, l_i, m_i, v_base, start_n, SK, stride_vs, stride_vd, v_inv, qk_scale, DV, DV0, DV1,
-                       X_FP8, MASKED, INTERPRET, BLOCK_N)
-
-
-@triton.jit
 def fp8_attention_kernel(
     q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, out_ptr, os_ptr,
     sm_scale, H, SQ, SK,
     batch_q, head_q, row_q, batch_k, head_k, row_k, batch_v, head_v, row_v, batch_o, head_o, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    X_FP8: tl.constexpr, V_T: tl.constexpr, PIPE_QK: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+    X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
     ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal). Parts: DK0 + DK1 and DV0 + DV1 (head_parts); DK0 > DK:
@@ -191,21 +170,9 @@ def fp8_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
 
     full = (SK // BLOCK_N) * BLOCK_N
-    if PIPE_QK:  # the next tile's Q K^T is issued before this tile's softmax (its wgmma can run beside it)
-        if full > 0:
-            s = _scores(q0, q1, k_base, 0, SK, stride_ks, k_inv, DK, DK0, DK1, X_FP8, False, INTERPRET, BLOCK_N)
-            for start_n in range(0, full - BLOCK_N, BLOCK_N):
-                s_next = _scores(q0, q1, k_base, start_n + BLOCK_N, SK, stride_ks, k_inv, DK, DK0, DK1, X_FP8, False, INTERPRET, BLOCK_N)
-                acc0, acc1, l_i, m_i = _softmax_pv(s, acc0, acc1, l_i, m_i, v_base, start_n, SK, stride_vs, stride_vd, v_inv, qk_scale,
-                                                   DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
-                s = s_next
-            acc0, acc1, l_i, m_i = _softmax_pv(s, acc0, acc1, l_i, m_i, v_base, full - BLOCK_N, SK, stride_vs, stride_vd, v_inv,
-                                               qk_scale, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
-    else:
-        for start_n in range(0, full, BLOCK_N):
-            acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs,
-                                                stride_vd, k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, INTERPRET,
-                                                BLOCK_N)
+    for start_n in range(0, full, BLOCK_N):
+        acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
     if full < SK:
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
                                             k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
@@ -278,18 +245,7 @@ CONFIG_TABLE = [(64, 128, 2, 4), (128, 32, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "PIPE_QK", "OUT_FP8"]
-# The main loop issues the next key tile's Q K^T before this tile's softmax (PIPE_QK: its wgmma runs beside the
-# exponentials; the sm_90 SASS interleaves them). QDIFF_ATTN_PIPE_QK=0 turns it off (A/B; read once, at import).
-PIPE_QK_ENV = "QDIFF_ATTN_PIPE_QK"
-PIPE_QK: bool = os.environ.get(PIPE_QK_ENV, "1") != "0"
-PIPE_QK_MAX_DV = 80  # larger heads: the second score tile spills at 64 x 128 (aot_check: 8 bytes at D = 128, 104 at 160)
-
-
-def pipe_qk_for(dv: int, pipe_qk: bool | None = None) -> bool:
-    """Whether the kernel issues each key tile's ``Q K^T`` before the previous tile's softmax for value head dim ``dv``:
-    ``pipe_qk`` when given, else :data:`PIPE_QK` for heads up to :data:`PIPE_QK_MAX_DV`."""
-    return pipe_qk if pipe_qk is not None else PIPE_QK and dv <= PIPE_QK_MAX_DV
+_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
 
 
@@ -409,9 +365,8 @@ def qk_width(d: int) -> int:
 
 
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None,
-                   wrap=wrap_triton, pipe_qk: bool | None = None) -> torch.Tensor:
-    """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch (``pipe_qk``: the main
-    loop's order, :func:`pipe_qk_for`)."""
+                   wrap=wrap_triton) -> torch.Tensor:
+    """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch."""
     x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale)
     B, H, SQ, DK = q.shape
     SK, DV = v.shape[2], v.shape[3]
@@ -430,7 +385,7 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out, out_scale if out_scale is not None else v_scale,
         sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_,
-        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, PIPE_QK=pipe_qk_for(DV, pipe_qk), ALIGN_Q=align_q, ALIGN_K=align_k,
+        DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align_q, ALIGN_K=align_k,
         ALIGN_V=align_v, ALIGN_O=align_o,
         OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
     )
@@ -456,16 +411,13 @@ def _scalar(s: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
-                  pipe_qk: bool | None = None) -> torch.Tensor:
+                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(Dk)``) with q, k, v quantized to
     e4m3 with the static per-tensor scales (one-element tensors). q, k: (B, H, S, Dk), v: (B, H, Sk, Dv) (Dk != Dv: e.g.
     q / k padded with zero columns, :func:`quantize_heads`), fp16 / bf16 / fp32 (quantized in the kernel) or
     float8_e4m3fn (already quantized). Output (B, H, Sq, Dv) in ``out_dtype`` (default: q's dtype,
     bf16 for fp8 inputs); ``out_scale``: float8_e4m3fn output quantized with it (the output projection's static scale).
-    Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_attention``.
-    ``pipe_qk`` (eager calls; traced ones take :data:`PIPE_QK`): issue each key tile's ``Q K^T`` before the previous
-    tile's softmax (True) or after it (False)."""
+    Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_attention``."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if out_dtype is None:
@@ -474,7 +426,5 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     if out_scale is not None:  # (without it the call keeps its exact argument list)
         args = (*args, _scalar(out_scale))
     if eager_call(q):
-        return _fp8_attention(*args, wrap=direct, pipe_qk=pipe_qk)
-    if pipe_qk is not None:
-        raise ValueError(f"fp8_attention: pipe_qk is for eager calls; traced calls take {PIPE_QK_ENV}")
+        return _fp8_attention(*args, wrap=direct)
     return torch.ops.qdiff.fp8_attention(*args)

@@ -192,23 +192,6 @@ def test_queries_and_keys_as_views_of_the_projection_output(d):
 
 
 @needs_kernels
-@pytest.mark.parametrize("sq,sk,d", [(37, 70, 72), (20, 64, 40), (33, 32, 64), (45, 21, 72)])
-def test_next_scores_issued_before_the_softmax_give_the_same_attention(sq, sk, d):
-    """The main loop that issues each key tile's ``Q K^T`` before the previous tile's softmax (``pipe_qk``) computes the
-    same tiles in the same order: exactly the serial loop's result (interpreter), with one full tile, several and a
-    masked tail, or a tail only (21 keys)."""
-    q, k, v = _qkv(2, 3, sq, sk, d)
-    s = _scales(q, k, v)
-    q8, k8, v8t = quantize_heads(q, s[0]), quantize_heads(k, s[1]), quantize_heads(v, s[2], keys_contiguous=True)
-    piped = fp8_attention(q8, k8, v8t, *s, out_dtype=torch.float32, pipe_qk=True)
-    serial = fp8_attention(q8, k8, v8t, *s, out_dtype=torch.float32, pipe_qk=False)
-    assert torch.equal(piped, serial) if DEVICE.type == "cpu" else sqnr_db(serial, piped) > 30
-    assert sqnr_db(qattention(q, k, v, *s, out_dtype=torch.float32), piped) > 30
-    with pytest.raises(ValueError, match="pipe_qk is for eager calls"):
-        make_fx(lambda q, k, v: fp8_attention(q, k, v, *s, pipe_qk=True), tracing_mode="fake")(q, k, v)
-
-
-@needs_kernels
 def test_value_head_dim_may_differ_from_the_query_key_head_dim():
     """q / k of head dim 64 and v of 40 (as SDPA allows): the reference's arithmetic, output (B, H, Sq, 40)."""
     q, k, _ = _qkv(2, 2, 20, 29, 64)
