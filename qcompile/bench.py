@@ -480,9 +480,25 @@ def _prepare_variant(variant: str, model: torch.nn.Module, spec: BenchModel, dev
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
+def check_variant(variant: str) -> None:
+    """Raise ``ValueError`` unless ``variant`` names a row :func:`_prepare_variant` can build: a base variant or
+    ``qdiff-`` plus a preset (``-guard`` optional), then any row-process suffixes and ``-cudagraphs``."""
+    from .config import QuantConfig
+
+    base, _ = _split_row_suffixes(variant.removesuffix(CUDAGRAPHS))
+    if base in BASE_VARIANTS:
+        return
+    if base.startswith("qdiff-") and base.removeprefix("qdiff-").removesuffix(LATENCY_GUARD) in QuantConfig.PRESETS:
+        return
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
 def measure(model_name: str, variant: str, device: str = "cuda", budget_s: float = 20.0) -> Row:
     """Build, prepare, compile and time one row (in this process, whose environment must hold the variant's
     kernel switches: :func:`row_environment`, set by the row's subprocess)."""
+    if model_name not in MODELS:  # checked before the model is built (minutes for DiT-XL/2 on a CPU)
+        raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
+    check_variant(variant)
     switches = row_environment(variant)
     unset = {k: v for k, v in switches.items() if os.environ.get(k) != v}
     if unset:
