@@ -171,7 +171,9 @@ class QuantPlan:
         h = hashlib.sha256(json.dumps(self._json(), sort_keys=True).encode())
         for name, t in sorted(self._tensors().items()):
             h.update(name.encode())
-            h.update(t.view(torch.uint8).numpy())  # the buffer itself (contiguous, on CPU): no bytes copy of every weight
+            # the buffer itself (contiguous, on CPU): no bytes copy of every weight; reshape(-1) for 0-dim tensors (a
+            # pipeline's timestep in the probe), which cannot be viewed as bytes
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()[:16]
 
     def quantized_nodes(self) -> list[NodePlan]:

@@ -221,10 +221,12 @@ def test_stack_sampler_keeps_no_frame_alive_between_samples(tmp_path):
 
 def test_sampling_stacks_does_not_crash_a_busy_row(tmp_path, monkeypatch):
     """A row building DiT-XL/2 on CPU while its stacks are sampled every 0.2 s runs into its time limit; the former
-    faulthandler-based dump killed it with SIGSEGV within seconds (2026-12-02, CI and locally)."""
+    faulthandler-based dump killed it with SIGSEGV within seconds (2026-12-02, CI and locally). 30 s: on a loaded host
+    (the suite on 12 workers beside GPU tests, 2026-12-04) the row's imports alone took 10 s, before any stack was
+    sampled; on a machine of many cores the row may finish instead (ok, not a crash)."""
     monkeypatch.setenv(bench.STACKS_ENV, f"{tmp_path}:0.2")
-    slow = bench._run_row_subprocess("dit-xl-2-512", "bf16-eager", "cpu", None, timeout_s=10, budget_s=0.1)
-    assert slow.status == "timeout", slow.error
+    slow = bench._run_row_subprocess("dit-xl-2-512", "bf16-eager", "cpu", None, timeout_s=30, budget_s=0.1)
+    assert slow.status in ("timeout", "ok"), slow.error
     assert (tmp_path / "stacks-dit-xl-2-512-bf16-eager.txt").read_text().count("--- stacks ") >= 10
 
 

@@ -115,6 +115,10 @@ def test_stable_diffusion_pipeline_cfg_prompts_and_images_per_prompt():
     assert abs(q - fp).mean() < 0.05
 
 
+@pytest.mark.xfail(torch.__version__ < (2, 13), strict=True, reason=(
+    "torch 2.11's Dynamo (H200 machine, 2026-12-04, TORCH_LOGS=recompiles): the graph for the second batch size makes "
+    "'timestep' dynamic but keeps 'encoder_attention_mask' static, so a third batch size (3 images per prompt) compiles "
+    "a third graph; 2.13 compiles two"))
 def test_pixart_pipeline_cfg_prompts_and_images_per_prompt():
     require_transformers()
     pipe = tiny_pixart_pipeline()
@@ -152,7 +156,10 @@ def test_falling_back_to_eager_warns(monkeypatch):
         return pipe.unet(torch.randn(b, 16), torch.full((b,), 0.5))
 
     model = Lin().eval()
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):  # restored on exit (monkeypatch can delete it)
+    # one graph of the limit for the qdiff graph; torch without torch.compile(isolate_recompiles=) (2.11) also counts the
+    # calibration's graph of the same forward against it (2026-12-04, on the GPU machine: "BACKEND_MATCH failure")
+    limit = 1 if qcompile.decorator._ISOLATED else 2
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):  # restored on exit (monkeypatch can delete it)
         generate(Holder(model), 2)
         assert generate.qdiff.graphs(model) == 1 and generate.qdiff.float_calls.get(model) is None
         with pytest.warns(RuntimeWarning, match="ran in full precision.*recompile_limit"):

@@ -138,6 +138,19 @@ def test_digest_hashes_json_then_every_tensor_by_name(plan):
     assert plan.digest() == h.hexdigest()[:16]
 
 
+def test_digest_takes_0_dim_tensors_such_as_a_pipelines_timestep(plan):
+    """A probe recorded from a pipeline holds its timestep as a 0-dim int64 tensor (SD 1.5 on CUDA, 2026-12-04: the
+    digest raised "cannot be 0 to view Long as Byte"); its value is part of the digest."""
+    import copy
+
+    digests = set()
+    for t in (torch.tensor(5), torch.tensor(6)):
+        probed = copy.copy(plan)
+        probed.probe = ({"args": [], "kwargs": {"timestep": "probe/timestep"}}, {"probe/timestep": t})
+        digests.add(probed.digest())
+    assert len(digests) == 2 and plan.digest() not in digests
+
+
 def test_plans_with_a_version_3_config_load_with_its_rounding(plan, tmp_path):
     from qcompile import Rounding
 

@@ -126,12 +126,12 @@ def skipcat_plans():
     from qcompile import QuantConfig
 
     torch.manual_seed(0)
-    model = SkipCatUNet().eval()
-    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    model = SkipCatUNet().eval().to(DEVICE)  # (on the GPU where there is one: the lowering's kernels run there)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def run(m):
         for t in (0.9, 0.5, 0.1):
-            m(x, torch.full((2,), t))
+            m(x, torch.full((2,), t, device=DEVICE))
 
     plans = {name: qcompile.calibrate(model, run, QuantConfig.preset(name).replace(first_last="quantize"), progress=False)
              for name in ("w8a8-int8", "w8a8-fp8", "w4a8")}
@@ -159,7 +159,7 @@ def _compile_and_spy(monkeypatch, model, x, plan):
     plan.warned.clear()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        out = torch.compile(model, backend="qdiff", options={"plan": plan, "lowering": "triton", "inductor": False})(x, torch.full((2,), 0.5))
+        out = torch.compile(model, backend="qdiff", options={"plan": plan, "lowering": "triton", "inductor": False})(x, torch.full((2,), 0.5, device=DEVICE))
     fallback = [str(w.message) for w in caught if "run the reference lowering" in str(w.message)]
     return out, calls, fallback
 
@@ -185,7 +185,7 @@ def test_split_ops_of_a_skip_cat_take_the_kernels(skipcat_plans, monkeypatch, pr
         assert reorders == []
     torch._dynamo.reset()
     with torch.no_grad():
-        ref = torch.compile(model, backend="qdiff", options={"plan": plan, "lowering": "reference", "inductor": False})(x, torch.full((2,), 0.5))
+        ref = torch.compile(model, backend="qdiff", options={"plan": plan, "lowering": "reference", "inductor": False})(x, torch.full((2,), 0.5, device=DEVICE))
     assert sqnr_db(ref, out) > 40
 
 
