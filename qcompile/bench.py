@@ -879,6 +879,9 @@ def baseline_variant(variant: str) -> str:
 
 
 SAME_RUN_BASELINE = "bf16_inductor_ms_same_run"  # a row's extra: its baseline's ms in the run that measured it
+# a row's extra, for rows without a same-run baseline: the table's baseline ms its ratio was taken against, kept when a
+# later run replaced that baseline row (a merge must not change the ratios of rows it did not measure)
+TABLE_BASELINE = "bf16_inductor_ms_of_the_table"
 
 
 def _bf16_inductor_ms(rows: list[Row]) -> dict[tuple[str, str], float]:
@@ -897,11 +900,11 @@ def record_same_run_baselines(rows: list[Row]) -> None:
 
 def add_ratios(rows: list[Row]) -> None:
     """``ratio_vs_bf16_inductor`` = bf16 Inductor ms / row ms, per model, against :func:`baseline_variant`: the one of
-    the row's own run where it was measured then (:func:`record_same_run_baselines`), else the table's (None where
-    either is unmeasured)."""
+    the row's own run where it was measured then (:func:`record_same_run_baselines`), else the table's when a merge
+    replaced it (:data:`TABLE_BASELINE`), else the table's (None where either is unmeasured)."""
     base = _bf16_inductor_ms(rows)
     for r in rows:
-        b = r.extra.get(SAME_RUN_BASELINE) or base.get((r.model, baseline_variant(r.variant)))
+        b = r.extra.get(SAME_RUN_BASELINE) or r.extra.get(TABLE_BASELINE) or base.get((r.model, baseline_variant(r.variant)))
         r.ratio_vs_bf16_inductor = None if r.ms is None or b is None else b / r.ms
 
 
@@ -968,6 +971,10 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
         rows = finished
         new = {(r.model, r.variant) for r in rows}
         keep = [d for key, d in old.items() if key not in new]
+        for d in keep:  # the table's baseline is replaced: keep the one this row's ratio was taken against
+            replaced = (d["model"], baseline_variant(d["variant"])) in new
+            if replaced and d["ms"] and d["ratio_vs_bf16_inductor"] and SAME_RUN_BASELINE not in d["extra"]:
+                d["extra"].setdefault(TABLE_BASELINE, d["ratio_vs_bf16_inductor"] * d["ms"])
     for r in rows:
         r.extra.setdefault("command", command)  # rows merged from another run keep theirs
     data = keep + [asdict(r) for r in rows]

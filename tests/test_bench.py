@@ -145,6 +145,10 @@ def test_ratios_table_and_merge(tmp_path):
     w4 = next(d for d in data if d["variant"] == "qdiff-w4a16")
     assert w4["ratio_vs_bf16_inductor"] == pytest.approx(5.0 / 4.0)  # no bf16 row in its run: the table's
     assert "bf16_inductor_ms_same_run" not in w4["extra"]
+    bench.write_results([bench.Row("m", "bf16-inductor", ms=2.0)], tmp_path, "qdiff bench --variants bf16-inductor", merge=True)
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    w4 = next(d for d in data if d["variant"] == "qdiff-w4a16")  # measured against the table's 5 ms: a merge keeps that
+    assert w4["ratio_vs_bf16_inductor"] == pytest.approx(5.0 / 4.0) and w4["extra"]["bf16_inductor_ms_of_the_table"] == pytest.approx(5.0)
     for key in ("model", "variant", "ms", "ratio_vs_bf16_inductor", "compile_s", "peak_mem_gb", "device", "date"):
         assert all(key in d for d in data)
     md = (tmp_path / "benchmarks.md").read_text()
