@@ -188,9 +188,6 @@ W4_NO_DEQUANT_MM = "-no-dequant-mm"
 # suffix (before -cudagraphs): weight-only GEMMs of M <= 4 rows take the tensor-core kernel instead of the GEMV kernel
 # (QDIFF_W4_GEMV=0; the GEMV kernel is the default)
 W4_NO_GEMV = "-no-gemv"
-# suffix (before -cudagraphs): fp8 attention's K tiles start at each head (QDIFF_ATTN_K_WINDOWS=0; windows from 16-byte
-# boundaries are the default), its A/B
-ATTN_NO_K_WINDOWS = "-no-k-windows"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
@@ -199,8 +196,7 @@ ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGU
                     NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1"),
                     FLOAT_QKV: ("QDIFF_ATTN_FP8_QKV", "0"), W4_SPLITK: ("QDIFF_W4_SPLITK", "1"),
                     W4_SPLITK_MEDIUM: ("QDIFF_W4_SPLITK_MEDIUM", "1"), W4_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "1"),
-                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0"), W4_NO_GEMV: ("QDIFF_W4_GEMV", "0"),
-                    ATTN_NO_K_WINDOWS: ("QDIFF_ATTN_K_WINDOWS", "0")}
+                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0"), W4_NO_GEMV: ("QDIFF_W4_GEMV", "0")}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8", "qdiff-w4a16"))
             + tuple("qdiff-w4a16" + s + c for s in (W4_SPLITK, W4_SPLITK_MEDIUM, W4_DEQUANT_MM, W4_NO_DEQUANT_MM, W4_NO_GEMV)
@@ -213,7 +209,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + COORDINATE_DESCENT + c for v in ("bf16-inductor", "qdiff-w8a8-fp8-attn-heads-fp8-out") for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{NORM_QUANT}{c}" for s in ("", ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT) for c in ("", CUDAGRAPHS))
             + ("qdiff-w8a8-fp8-attn" + SINGLE_KERNEL, "qdiff-w8a8-fp8-attn" + SINGLE_KERNEL + CUDAGRAPHS)
-            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (ATTN_FLOAT_OUT + NO_NORM_QUANT, NO_NORM_QUANT, FP8_QKV, FLOAT_QKV, ATTN_NO_K_WINDOWS)
+            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (ATTN_FLOAT_OUT + NO_NORM_QUANT, NO_NORM_QUANT, FP8_QKV, FLOAT_QKV)
                     for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
                     for c in ("", CUDAGRAPHS)))

@@ -23,7 +23,7 @@ PASS_VERSION = 7  # 2: fp8 activation quantization placed by passes.act_quant; 3
 # engine auto (per shape) by default
 # environment switches the kernels' wrappers read while the graph is traced: the graph Inductor keys its cache on is
 # the same with either value, so they must be part of the key (switches read by our graph passes change the graph)
-KERNEL_SWITCHES = ("QDIFF_CONV_SPLITK", "QDIFF_FP8_TMA", "QDIFF_CONV_ENGINE", "QDIFF_IM2COL_WRITER", "QDIFF_ATTN_K_WINDOWS")
+KERNEL_SWITCHES = ("QDIFF_CONV_SPLITK", "QDIFF_FP8_TMA", "QDIFF_CONV_ENGINE", "QDIFF_IM2COL_WRITER")
 
 
 def _kernel_name(node: fx.Node) -> str | None:

@@ -32,7 +32,6 @@ query rows past the end load wrapped (valid) rows and only the store is masked.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -86,12 +85,12 @@ def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: 
 
 @triton.jit
 def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
-                 DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, KW: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr,
-                 DV1: tl.constexpr, X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+                 X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
-    ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf). K's columns from ``KW`` on load as 0."""
+    ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
-    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, KW, MASKED, DK0 > KW), k_inv, X_FP8, INTERPRET)
+    k0 = _quantize_tile(_load_tile(k_base, rn, stride_ks, tl.arange(0, DK0), 1, SK, DK, MASKED, DK0 > DK), k_inv, X_FP8, INTERPRET)
     s = tl.dot(q0, tl.trans(k0))
     if DK1 > 0:  # second head-dim part of Q K^T: columns [DK0, DK0 + DK1), those past DK load as 0
         dk1 = DK0 + tl.arange(0, DK1)
@@ -120,9 +119,8 @@ def fp8_attention_kernel(
     sm_scale, H, SQ, SK,
     batch_q, head_q, row_q, batch_k, head_k, row_k, batch_v, head_v, row_v, batch_o, head_o, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_KROW: tl.constexpr,
-    K_GROUP: tl.constexpr, KW: tl.constexpr, ALIGN_V: tl.constexpr, ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
+    ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal). Parts: DK0 + DK1 and DV0 + DV1 (head_parts); DK0 > DK:
     # q / k zero-padded in registers to the power of two DK0 (their columns past DK load as 0), one Q K^T dot.
@@ -132,13 +130,9 @@ def fp8_attention_kernel(
     # alignment (vectorized loads / stores of the head-dim parts where Triton's own specialization, integers divisible
     # by 16, does not see it: contiguous D = 72 rows, or heads at 72-element offsets in a projection's output). (Not
     # tl.multiple_of: under Inductor a scalar may arrive as a constexpr, an integer equal to 1 always and every scalar in
-    # torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.) K's row stride counts in ALIGN_KROW.
-    # K_GROUP > 1 (k_windows): K's tiles start at the 16-byte boundary at or before each head (heads K_GROUP * ALIGN_K
-    # elements apart are that far from one), k_shift columns before it, and load KW columns (a multiple of 16): whole
-    # 16-byte vectors from aligned rows, where heads 72 codes apart allowed 8-byte ones. q's columns shift by as many in
-    # registers, so Q K^T pairs them; the codes beside the head (within K's rows) meet q's zero columns.
+    # torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.)
     stride_qs = row_q * ALIGN_Q
-    stride_ks = row_k * ALIGN_KROW
+    stride_ks = row_k * ALIGN_K
     if V_T:
         stride_vd = row_v * ALIGN_V
         stride_vs = 1
@@ -151,9 +145,7 @@ def fp8_attention_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = q_ptr + (b * batch_q + h * head_q) * ALIGN_Q
-    k_off = b * batch_k + h * head_k  # (units of ALIGN_K)
-    k_base = k_ptr + (k_off // K_GROUP) * (K_GROUP * ALIGN_K)
-    k_shift = (k_off % K_GROUP) * ALIGN_K  # (0 without windows)
+    k_base = k_ptr + (b * batch_k + h * head_k) * ALIGN_K
     v_base = v_ptr + (b * batch_v + h * head_v) * ALIGN_V
     o_base = out_ptr + (b * batch_o + h * head_o) * ALIGN_O
 
@@ -167,12 +159,7 @@ def fp8_attention_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm_l = rm % SQ  # rows past the end load valid (wrapped) rows; only the store is masked
-    if K_GROUP > 1:  # q's column c holds head dim c - k_shift (zeros outside the head)
-        qc = tl.arange(0, DK0) - k_shift
-        q_tile = tl.load(q_base + rm_l[:, None] * stride_qs + qc[None, :], mask=((qc >= 0) & (qc < DK))[None, :], other=0.0)
-    else:
-        q_tile = _load_tile(q_base, rm_l, stride_qs, tl.arange(0, DK0), 1, SQ, DK, False, DK0 > DK)
-    q0 = _quantize_tile(q_tile, q_inv, X_FP8, INTERPRET)
+    q0 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, tl.arange(0, DK0), 1, SQ, DK, False, DK0 > DK), q_inv, X_FP8, INTERPRET)
     if DK1 > 0:
         q1 = _quantize_tile(_load_tile(q_base, rm_l, stride_qs, DK0 + tl.arange(0, DK1), 1, SQ, DK, False, True), q_inv, X_FP8, INTERPRET)
     else:
@@ -185,10 +172,10 @@ def fp8_attention_kernel(
     full = (SK // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, KW, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
     if full < SK:
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, KW, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
 
     o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
     if OUT_FP8:  # quantized for the next fp8 GEMM (the output projection's static scale)
@@ -258,7 +245,7 @@ CONFIG_TABLE = [(64, 128, 2, 4), (128, 32, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8", "K_GROUP"]
+_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
 
 
@@ -316,37 +303,6 @@ def tensor_strides(t: torch.Tensor, rows_dim: int) -> tuple[int, int, int, int]:
     for s in strides:
         align = math.gcd(align, s) if s else align
     return (align, *(s // align for s in strides))
-
-
-K_WINDOWS_ENV = "QDIFF_ATTN_K_WINDOWS"  # "0": K tiles start at each head (8-byte loads for heads 72 codes apart)
-
-
-def _pow2_align(s: int) -> int:
-    """The largest power of two <= 16 dividing ``s`` (16 for 0)."""
-    return math.gcd(16, s) if s else 16
-
-
-def k_layout(k: torch.Tensor, dk0: int, dk1: int) -> tuple[int, int, int, int, int, int, int]:
-    """K's strides as the kernel takes them: ``(ALIGN_K, batch_k, head_k, ALIGN_KROW, row_k, K_GROUP, KW)``. Batch and
-    head strides count in ``ALIGN_K`` elements, the row stride in ``ALIGN_KROW``. ``K_GROUP`` > 1 (``KW`` columns of K
-    loaded from the 16-byte boundary at or before each head) where fp8 K's rows are 16-byte aligned but its heads are
-    not, there is one ``Q K^T`` dot (``dk1 == 0``), and every head's window lies within its rows and K's storage:
-    heads 72 codes apart in a projection's output, whose K tiles otherwise load in 8-byte pieces (the sm_90 PTX: 32
-    8-byte ``cp.async`` a tile instead of 16 16-byte ones). The codes beside a head in its window must be finite (a
-    projection's output, written whole, is); q's zero columns cancel them. ``QDIFF_ATTN_K_WINDOWS=0`` turns it off."""
-    sb, sh, sr = k.stride(0), k.stride(1), k.stride(2)
-    align_k, align_krow = math.gcd(_pow2_align(sb), _pow2_align(sh)), _pow2_align(sr)
-    d = k.shape[3]
-    group, kw = 1, d
-    if (os.environ.get(K_WINDOWS_ENV, "1") != "0" and k.dtype == FP8 and dk1 == 0 and align_k < 16 and align_krow == 16
-            and k.storage_offset() % 16 == 0 and sb % sr == 0 and k.shape[2] > 1):
-        window = -(-(d + 16 - align_k) // 16) * 16
-        cols = [(k.storage_offset() + h * sh) % sr for h in range(k.shape[1])]  # each head's column in its rows
-        last_row = k.storage_offset() + (k.shape[0] - 1) * sb + (k.shape[2] - 1) * sr  # (its first head's first code)
-        end = max((last_row + h * sh - c % 16 + window for h, c in enumerate(cols)), default=0)  # past the last window
-        if window <= dk0 and all(c - c % 16 + window <= sr and c + d <= sr for c in cols) and end <= k.untyped_storage().nbytes():
-            group, kw = 16 // align_k, window
-    return align_k, sb // align_k, sh // align_k, align_krow, sr // align_krow, group, kw
 
 
 QK_PAD_MAX = 128  # qk_width pads q / k head dims up to this power of two
@@ -420,17 +376,17 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
     dk0, dk1 = qk_parts(DK)
     dv0, _, dv1 = head_parts(DV)
     v_t = keys_contiguous(v)
-    (align_q, *qs), (align_v, *vs), (align_o, *os_) = tensor_strides(q, 2), tensor_strides(v, 3 if v_t else 2), tensor_strides(out, 2)
-    align_k, batch_k, head_k, align_krow, row_k, k_group, kw = k_layout(k, dk0, dk1)
+    (align_q, *qs), (align_k, *ks), (align_v, *vs), (align_o, *os_) = (
+        tensor_strides(q, 2), tensor_strides(k, 2), tensor_strides(v, 3 if v_t else 2), tensor_strides(out, 2))
 
     def grid(meta):
         return (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)
 
     wrap(_kernel)[grid](
         q, k, v, q_scale, k_scale, v_scale, out, out_scale if out_scale is not None else v_scale,
-        sm_scale, H, SQ, SK, *qs, batch_k, head_k, row_k, *vs, *os_,
+        sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_,
         DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align_q, ALIGN_K=align_k,
-        ALIGN_KROW=align_krow, K_GROUP=k_group, KW=kw, ALIGN_V=align_v, ALIGN_O=align_o,
+        ALIGN_V=align_v, ALIGN_O=align_o,
         OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
     )
     return out

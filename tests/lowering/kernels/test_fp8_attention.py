@@ -13,8 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.lowering.formats import quantize_fp8
-from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, K_WINDOWS_ENV, dot_widths, fp8_attention, head_parts, k_layout,
-                                                      keys_contiguous, qk_parts, qk_width, quantize_heads, tensor_strides)
+from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous, qk_parts,
+                                                      qk_width, quantize_heads, tensor_strides)
 from qcompile.lowering.reference import qattention
 from qcompile.metrics import sqnr_db
 
@@ -189,46 +189,6 @@ def test_queries_and_keys_as_views_of_the_projection_output(d):
     copies = fp8_attention(q.contiguous(), k.contiguous(), v_t, *s, sm_scale=d ** -0.5, out_dtype=torch.float32)
     assert torch.equal(strided, copies) if DEVICE.type == "cpu" else sqnr_db(copies, strided) > 30
     assert sqnr_db(qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.float32), strided) > 30
-
-
-def _head_views(b, s, h, d, parts, which, dtype=FP8):
-    """Heads ``which`` of a fused (B, S, parts * H * D) projection output, as (B, H, S, D) views."""
-    y = torch.zeros(b, s, parts * h * d, dtype=dtype)
-    return y[..., which * h * d:(which + 1) * h * d].view(b, s, h, d).transpose(1, 2)
-
-
-def test_k_windows_start_at_16_byte_boundaries_where_they_stay_in_ks_rows(monkeypatch):
-    """``k_layout``: fp8 K heads 72 (40) codes apart in 16-byte aligned rows load windows of 80 (48) columns from the
-    16-byte boundary at or before each head (``K_GROUP`` 2: one ALIGN_K step of shift at most), the row stride in
-    16-byte units; not where a window would leave its row (one head of 72 in rows of 72), for bf16, power-of-two heads
-    (already aligned) or with ``QDIFF_ATTN_K_WINDOWS=0``."""
-    dit_k = _head_views(8, 1024, 16, 72, 3, 1)  # DiT-XL/2's fused q / k / v projection
-    assert k_layout(dit_k, 128, 0) == (8, 1024 * 3456 // 8, 9, 16, 3456 // 16, 2, 80)
-    assert k_layout(_head_views(2, 77, 8, 40, 1, 0), 64, 0)[5:] == (2, 48)  # SD 1.5's text K: the last window ends the row
-    assert k_layout(_head_views(2, 120, 1, 72, 1, 0), 128, 0)[5:] == (1, 72)  # [0, 80) past a row of 72
-    assert k_layout(_head_views(2, 64, 4, 72, 3, 1, torch.bfloat16), 128, 0)[5:] == (1, 72)
-    assert k_layout(_head_views(2, 64, 4, 64, 3, 1), 64, 0)[5:] == (1, 64)
-    assert k_layout(_head_views(2, 64, 4, 72, 3, 1), 64, 32)[5:] == (1, 72)  # two Q K^T dots: no windows
-    monkeypatch.setenv(K_WINDOWS_ENV, "0")
-    assert k_layout(dit_k, 128, 0)[5:] == (1, 72)
-
-
-@needs_kernels
-@pytest.mark.parametrize("d,h", [(72, 2), (40, 2)])
-def test_k_windows_give_the_attention_of_k_tiles_at_the_heads(d, h, monkeypatch):
-    """K of its own projection (heads D codes apart, the last window ending its rows): windows from 16-byte boundaries
-    (q shifted to match in registers) give exactly what K tiles starting at each head give, in the interpreter."""
-    B, S = 2, 45
-    y = randn(B, S, h * d)
-    scale = torch.tensor(float(y.abs().max()) / 448, device=y.device)
-    k = quantize_fp8(y, scale).view(B, S, h, d).transpose(1, 2)
-    assert k_layout(k, qk_parts(d)[0], 0)[5] == 2
-    q = quantize_fp8(randn(B, h, 37, d), scale)
-    v = quantize_heads(randn(B, h, S, d), scale, keys_contiguous=True)
-    windows = fp8_attention(q, k, v, scale, scale, scale, sm_scale=d ** -0.5, out_dtype=torch.float32)
-    monkeypatch.setenv(K_WINDOWS_ENV, "0")
-    at_heads = fp8_attention(q, k, v, scale, scale, scale, sm_scale=d ** -0.5, out_dtype=torch.float32)
-    assert torch.equal(windows, at_heads) if DEVICE.type == "cpu" else sqnr_db(at_heads, windows) > 30
 
 
 @needs_kernels
