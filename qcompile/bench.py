@@ -994,7 +994,8 @@ def write_results(rows: list[Row], out: Path, command: str, merge: bool) -> None
             "",
             "Median step latency (`triton.testing.do_bench`, median); date = the run a row comes from (a merged table mixes runs; "
             "`×` divides by the bf16 Inductor row of the same model and mode measured in the row's own run, "
-            "`extra.bf16_inductor_ms_same_run`, else by the table's); `×` = bf16 Inductor ms / row ms (above 1 is faster; "
+            "`extra.bf16_inductor_ms_same_run`, else by the table's at the time the row was measured, "
+            "`extra.bf16_inductor_ms_of_the_table` once a later run replaced it); `×` = bf16 Inductor ms / row ms (above 1 is faster; "
             "`-cudagraphs` rows against `bf16-inductor-cudagraphs`); "
             "compile s = first call (Dynamo + Inductor, cold cache); `-cudagraphs` rows: the same variant with `mode=\"reduce-overhead\"` (CUDA graphs); peak memory during the timed steps "
             "(after the first call; qdiff rows compile with `release_float_weights`, so the float weights of quantized ops are freed; a peak "
