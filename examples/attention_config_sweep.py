@@ -1,6 +1,7 @@
 """Each fp8 attention config, timed on its own at model shapes, as the Triton lowering feeds the kernel (CUDA).
 
     python examples/attention_config_sweep.py --out attention_configs.json [--models DiT,PixArt] [--candidates]
+        [--softmax ex2,bits,half]
 
 The lowering calls ``qdiff::fp8_attention`` with fp8 q / k as views of their projection's output (the kernel pads
 their head dim in registers) and V stored by keys (``keys_contiguous_codes``), and with fp8 output for the output
@@ -10,13 +11,16 @@ the configs of ``CANDIDATES``, compiled spill-free for sm_90 by ``aot_check``), 
 which config wins at each shape and whether a config outside the table would be faster. Each time is the median of
 CUDA-graph replays (``qcompile.latency.cuda_graph_timer``). Each output is checked against the pure-PyTorch
 ``qattention`` (SQNR, dB), so a config that computes wrong values shows. Shapes are those of
-``examples/attention_bench.py``. The script prints a markdown table and writes JSON.
+``examples/attention_bench.py``. ``--softmax`` times every config (and the autotuned kernel) under each of the kernel's
+softmax modes (``fp8_attention.SOFTMAX_MODES``, set through ``$QDIFF_ATTN_SOFTMAX``; columns named ``CONFIG MODE``).
+The script prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +34,10 @@ from attention_bench import _heads, measure_shapes, projection_codes  # noqa: E4
 CANDIDATES = [(128, 128, 2, 8), (128, 64, 2, 8), (128, 128, 3, 8), (128, 64, 4, 8), (64, 64, 4, 4), (256, 64, 2, 16)]
 
 
-def sweep_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, configs: list[tuple[int, ...]], dev: torch.device) -> dict:
-    """Times (us) and SQNR against the reference of each config, and of the autotuned kernel, at one shape."""
+def sweep_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, configs: list[tuple[int, ...]], dev: torch.device,
+                modes: list[str] | None = None) -> dict:
+    """Times (us) and SQNR against the reference of each config, and of the autotuned kernel, at one shape; with
+    ``modes``, under each softmax mode (``$QDIFF_ATTN_SOFTMAX``, restored afterwards)."""
     from qcompile.latency import cuda_graph_timer
     from qcompile.lowering import reference
     from qcompile.lowering.kernels._common import autotuned
@@ -49,10 +55,12 @@ def sweep_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, configs: l
         return fa.fp8_attention(q8, k8, v8, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16, out_scale=out_scale)
 
     row: dict = {"model": model, "shape": [b, h, sq, sk, d], "configs": {}}
-    production = fa._kernel
+    production, env = fa._kernel, os.environ.get(fa.SOFTMAX_ENV)
     try:
-        for cfg in [None, *configs]:  # None: the production autotuner over CONFIG_TABLE
-            name = "autotuned" if cfg is None else "x".join(map(str, cfg))
+        for mode, cfg in [(m, c) for m in (modes or [None]) for c in [None, *configs]]:  # cfg None: the autotuner over CONFIG_TABLE
+            name = ("autotuned" if cfg is None else "x".join(map(str, cfg))) + ("" if mode is None else f" {mode}")
+            if mode is not None:
+                os.environ[fa.SOFTMAX_ENV] = mode
             fa._kernel = production if cfg is None else autotuned(fa.fp8_attention_kernel, [fa._cfg(*cfg)], fa._KEY)
             try:
                 out = call().float() * out_scale
@@ -62,7 +70,11 @@ def sweep_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, configs: l
                 print(f"{model} {row['shape']} {name}: {row['configs'][name]['error']}", file=sys.stderr, flush=True)
     finally:
         fa._kernel = production
-    timed = {n: c["us"] for n, c in row["configs"].items() if "us" in c and n != "autotuned"}
+        if env is None:
+            os.environ.pop(fa.SOFTMAX_ENV, None)
+        else:
+            os.environ[fa.SOFTMAX_ENV] = env
+    timed = {n: c["us"] for n, c in row["configs"].items() if "us" in c and not n.startswith("autotuned")}
     row["best"] = min(timed, key=timed.get) if timed else None
     return row
 
@@ -85,14 +97,19 @@ def main() -> int:
     p.add_argument("--out", default="attention_configs.json", help="JSON file to write")
     p.add_argument("--models", default="DiT,PixArt", help="comma-separated substrings of model names, case-insensitive (default: DiT,PixArt)")
     p.add_argument("--candidates", action="store_true", help="also time the configs outside the table (CANDIDATES)")
+    p.add_argument("--softmax", default="", help="comma-separated softmax modes to time each config under (default: the environment's)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("attention_config_sweep: needs a CUDA GPU", file=sys.stderr)
         return 2
     fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
     configs = [tuple(c) for c in fa.CONFIG_TABLE] + (CANDIDATES if args.candidates else [])
+    modes = [m.strip() for m in args.softmax.split(",") if m.strip()] or None
+    bad = [m for m in modes or [] if m not in fa.SOFTMAX_MODES]
+    if bad:
+        p.error(f"--softmax: unknown mode(s) {', '.join(bad)}; expected {', '.join(fa.SOFTMAX_MODES)}")
     dev = torch.device("cuda")
-    rows = measure_shapes(args.models, lambda *shape: sweep_shape(*shape, configs, dev), args.out, dev,
+    rows = measure_shapes(args.models, lambda *shape: sweep_shape(*shape, configs, dev, modes), args.out, dev,
                           lambda row: f"{row['model']} done: best {row['best']}")
     print(table(rows))
     return 1 if any("error" in c for r in rows for c in r["configs"].values()) else 0

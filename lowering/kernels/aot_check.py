@@ -209,7 +209,7 @@ def cases(which: set[str]):
             dk0, dk1 = fp8_attention.qk_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
             flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align, ALIGN_K=align,
-                         ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, INTERPRET=False)
+                         ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, SOFTMAX=0, INTERPRET=False)
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk} in memory)"
             dims += f", Q K^T {dk0} wide" if dk0 > dk else ""
@@ -218,6 +218,10 @@ def cases(which: set[str]):
             if (dk, dv, x_fp8, v_t) == (72, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
                 yield f"attention {dims} fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
                     dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, []
+                for mode in fp8_attention.SOFTMAX_MODES[1:]:  # (their row sums from V's ones column: D = 72 has one)
+                    yield f"attention {dims} fp8 in, V^T, fp8 out, softmax {mode}", fp8_attention.fp8_attention_kernel, \
+                        dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, SOFTMAX=fp8_attention.SOFTMAX_MODES.index(mode)), \
+                        fp8_attention.CONFIGS, []
     if "norm" in which:  # DiT / PixArt block boundaries: rows of 1152 (BLOCK_C 2048), adaLN vectors as chunk views
         sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "sc_ptr": "*bf16", "sh_ptr": "*bf16", "as_ptr": "*fp32",
                "hout_ptr": "*bf16", "q_ptr": "*fp8e4nv", "M": I32, "C": I32, "SEQ": I32, "stride_g": I32, "stride_sc": I32, "stride_sh": I32}

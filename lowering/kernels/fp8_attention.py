@@ -32,13 +32,14 @@ query rows past the end load wrapped (valid) rows and only the store is masked.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import formats
+from .. import formats, reference
 from ._common import FLOAT_DTYPES, INTERPRET, autotuned, check_launchable, check_scalar, check_tensor, direct, eager_call, quantize_fp8
 
 FP8 = torch.float8_e4m3fn
@@ -67,6 +68,60 @@ def _quantize_probs(p, INTERPRET: tl.constexpr):
         return p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
+# Softmax modes (``SOFTMAX``, :func:`softmax_mode`): how P's e4m3 codes and the row sum ``l`` are computed.
+SOFTMAX_MODES = reference.ATTN_SOFTMAX_MODES  # ex2, ex2-lv, bits, half
+EX2, EX2_LV, BITS, HALF = (tl.constexpr(i) for i in range(4))
+# P's codes from its exponent without ex2 / cvt (:func:`_exp2_codes`): MAGIC rounds an fp32 to an integer held in its low
+# mantissa bits; 8 * (2**f - 1 - f) for f = f0 + 1/2 as a quadratic in f0 in [-1/2, 1/2] (least squares, max error
+# 0.033 of a code), plus 60 (= 8 * 7 exponent bias, + 8 * 1/2 of the half-integer shift)
+EXP_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+EXP_C2, EXP_C1, EXP_C0 = tl.constexpr(2.74125083), tl.constexpr(-0.06332679), tl.constexpr(59.31312284)
+E4M3_ONE = tl.constexpr(0x38)  # the e4m3 code of 1.0
+
+
+@triton.jit
+def _exp2_codes(u):
+    """e4m3 codes of ``2**(u + 1/2)`` (``u <= log2 448 - 1/2``) on the FMA and integer pipes, without ex2 or a
+    conversion: with ``u = r + f0`` (``r`` an integer, ``|f0| <= 1/2``), the code is ``8 * (exponent + 7) + mantissa``
+    = ``round(8 * (u + 1/2) + 56 + 8 * (2**f - 1 - f))`` with ``f = f0 + 1/2``: the last term a quadratic in ``f0``.
+    It is the nearest code but for 1 % of values (one code off, where the quadratic's 0.033 error crosses a
+    rounding boundary); values below 2**-6 (codes below 8) come out as e4m3 subnormals of the wrong exponent or 0
+    (absolute error < 2**-6 against P's maximum 448)."""
+    r = (u + EXP_MAGIC) - EXP_MAGIC  # round(u) (fp32 adds: the compiler does not reassociate them)
+    f0 = u - r
+    g = tl.maximum(u * 8.0 + ((EXP_C2 * f0 + EXP_C1) * f0 + EXP_C0), 0.0)
+    code = (g + EXP_MAGIC).to(tl.int32, bitcast=True) & 0xFF  # round(g) in the low bits (0 <= g <= 126.5)
+    return code.to(tl.int8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _with_ones_column(v, cols, DV: tl.constexpr):
+    """The fp8 V tile ``v`` with head-dim column ``DV`` (a padding column of the second part) set to 1.0: ``P @ V`` then
+    also gives the row sums of the quantized P in that output column (``SOFTMAX`` ex2-lv / bits / half)."""
+    bits = v.to(tl.int8, bitcast=True)
+    return tl.where((cols == DV)[None, :], E4M3_ONE, bits).to(tl.int8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _probs(s, qk_scale, m_new, SOFTMAX: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """P's e4m3 codes for scores ``s`` (``448 * exp2(s * qk_scale - m_new)``) and their fp32 values (for the row sum;
+    ``SOFTMAX`` ex2 only, else the row sum comes from V's ones column and the second result is unused)."""
+    if SOFTMAX <= EX2_LV:  # one FMA and one ex2 per score, one cvt per pair
+        p = tl.math.exp2(s * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
+        return _quantize_probs(p, INTERPRET), p
+    else:
+        u = s * qk_scale - (m_new - LOG2_P_SCALE + 0.5)[:, None]
+        if MASKED:  # (-inf scores of the tail tile: no NaN in the rounding)
+            u = tl.maximum(u, -64.0)
+        if SOFTMAX == BITS:
+            p8 = _exp2_codes(u)
+        else:  # HALF: even key columns by ex2 + cvt, odd ones by _exp2_codes (the two pipes share the work)
+            ue, uo = tl.split(tl.reshape(u, (u.shape[0], u.shape[1] // 2, 2)))
+            pe = _quantize_probs(tl.math.exp2(ue + 0.5), INTERPRET)
+            p8 = tl.reshape(tl.join(pe, _exp2_codes(uo)), (u.shape[0], u.shape[1]))
+        return p8, s
+
+
 @triton.jit
 def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """A (rows, cols) tile (of a head: rows are keys or queries, cols head dims), masked (to 0) where asked. One of
@@ -86,7 +141,7 @@ def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: 
 @triton.jit
 def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
                  DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-                 X_FP8: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+                 X_FP8: tl.constexpr, MASKED: tl.constexpr, SOFTMAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
     ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
@@ -99,17 +154,20 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
     if MASKED:
         s = tl.where((rn < SK)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (a tail tile has at least one key: m_new is finite)
-    # P = 448 * exp2(S - m): one FMA and one ex2 per score
-    p = tl.math.exp2(s * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
+    p8, p = _probs(s, qk_scale, m_new, SOFTMAX, MASKED, INTERPRET)  # P = 448 * exp2(S - m)
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p8 = _quantize_probs(p, INTERPRET)
+    if SOFTMAX == EX2:
+        l_i = l_i * alpha + tl.sum(p, 1)
     v0 = _quantize_tile(_load_tile(v_base, rn, stride_vs, tl.arange(0, DV0), stride_vd, SK, DV, MASKED, False), v_inv, X_FP8, INTERPRET)
     acc0 = tl.dot(p8, v0, acc0 * alpha[:, None])
     if DV1 > 0:  # second head-dim part of P V: output columns [DV0, DV0 + DV1)
         dv1 = DV0 + tl.arange(0, DV1)
         v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, DV, MASKED, True), v_inv, X_FP8, INTERPRET)
-        acc1 = tl.dot(p8, v1, acc1 * alpha[:, None])
+        if SOFTMAX == EX2:
+            acc1 = tl.dot(p8, v1, acc1 * alpha[:, None])
+        else:  # V's ones column: this tile's P @ V from zero, added in fp32 (the fp8 MMA's accumulator keeps ~14
+            # bits: the growing row sum fed back as its C operand lost the tiles' small terms, 22 dB at 4096 keys)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p8, _with_ones_column(v1, dv1, DV))
     return acc0, acc1, l_i, m_new
 
 
@@ -120,7 +178,8 @@ def fp8_attention_kernel(
     batch_q, head_q, row_q, batch_k, head_k, row_k, batch_v, head_v, row_v, batch_o, head_o, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
-    ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, SOFTMAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal). Parts: DK0 + DK1 and DV0 + DV1 (head_parts); DK0 > DK:
     # q / k zero-padded in registers to the power of two DK0 (their columns past DK load as 0), one Q K^T dot.
@@ -131,6 +190,7 @@ def fp8_attention_kernel(
     # by 16, does not see it: contiguous D = 72 rows, or heads at 72-element offsets in a projection's output). (Not
     # tl.multiple_of: under Inductor a scalar may arrive as a constexpr, an integer equal to 1 always and every scalar in
     # torch 2.11's mutation analysis; likewise sm_scale as fp64, cast below.)
+    tl.static_assert(SOFTMAX == EX2 or (DV1 > 0 and DV < DV0 + DV1), "SOFTMAX modes but ex2 need a padding column in V's second part")
     stride_qs = row_q * ALIGN_Q
     stride_ks = row_k * ALIGN_K
     if V_T:
@@ -172,11 +232,13 @@ def fp8_attention_kernel(
     full = (SK // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, SOFTMAX, INTERPRET, BLOCK_N)
     if full < SK:
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, SOFTMAX, INTERPRET, BLOCK_N)
 
+    if SOFTMAX != EX2:  # the row sums of the quantized P, from V's ones column (P @ V rescaled them with acc)
+        l_i = tl.sum(tl.where((DV0 + tl.arange(0, DV1) == DV)[None, :], acc1, 0.0), 1)
     o_scale = v_scale / l_i  # the factor 448 of P cancels between acc and l
     if OUT_FP8:  # quantized for the next fp8 GEMM (the output projection's static scale)
         o_scale = o_scale * tl.math.div_rn(1.0, tl.load(os_ptr))
@@ -245,7 +307,7 @@ CONFIG_TABLE = [(64, 128, 2, 4), (128, 32, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8"]
+_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8", "SOFTMAX"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
 
 
@@ -364,6 +426,24 @@ def qk_width(d: int) -> int:
     return pow2 if pow2 <= QK_PAD_MAX else d
 
 
+SOFTMAX_ENV = "QDIFF_ATTN_SOFTMAX"
+
+
+def softmax_mode(dv: int) -> int:
+    """The kernel's ``SOFTMAX`` for value head dim ``dv``: ``$QDIFF_ATTN_SOFTMAX`` (one of :data:`SOFTMAX_MODES`; default
+    :func:`..reference.default_attention_softmax`, ex2-lv where it applies). ex2: ``P = exp2(...)`` by the MUFU unit,
+    quantized by ``cvt``, ``l`` the sum of the fp32 P. ex2-lv: the same P, ``l`` the sum of the quantized P from
+    ``P @ V`` (a column of ones in V's padding: no per-score add; 2.8-4.7 % faster at DiT / PixArt shapes). bits: P's
+    codes built on the FMA pipe (:func:`_exp2_codes`), ``l`` from V; half: even key columns as ex2-lv, odd ones as bits
+    (both slower: 1.3x / 1.2x, the kernel is bound by instruction issue, not by the MUFU unit; docs/kernels.md). Head
+    dims without a padding column in V's second part (64, 80, 128, 160: D0 + DV1 == D) always run ex2."""
+    name = os.environ.get(SOFTMAX_ENV) or reference.default_attention_softmax(dv)
+    if name not in SOFTMAX_MODES:
+        raise ValueError(f"{SOFTMAX_ENV}={name!r}: expected one of {', '.join(SOFTMAX_MODES)}")
+    d0, _, dv1 = head_parts(dv)
+    return SOFTMAX_MODES.index(name) if dv < d0 + dv1 else 0
+
+
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None,
                    wrap=wrap_triton) -> torch.Tensor:
     """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch."""
@@ -387,7 +467,7 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
         sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_,
         DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align_q, ALIGN_K=align_k,
         ALIGN_V=align_v, ALIGN_O=align_o,
-        OUT_FP8=out_scale is not None, INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, SOFTMAX=softmax_mode(DV), INTERPRET=INTERPRET,
     )
     return out
 

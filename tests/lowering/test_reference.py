@@ -1,8 +1,11 @@
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from qcompile.lowering.formats import fake_quantize, quantize_fp8
-from qcompile.lowering.reference import dequantize_activation, qattention, qconv, qlinear, quantize_activation
+from qcompile.lowering.reference import attention_probs, dequantize_activation, exp2_codes, qattention, qconv, qlinear, quantize_activation
 from qcompile.lowering.weights import quantize_weight
 from qcompile.metrics import sqnr_db
 
@@ -108,3 +111,32 @@ def test_qattention_uniform_scores_average_the_values():
     out = qattention(q, k, v, one, one, sv)
     mean = fake_quantize(v, "fp8_e4m3", sv).mean(-2, keepdim=True).expand_as(out)
     torch.testing.assert_close(out, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_exp2_codes_are_the_nearest_e4m3_codes_but_one_in_a_hundred():
+    """The bit-built codes of ``2**x`` (x in [-6, log2 448]) against round-to-nearest: at most 2 % differ, each by one
+    code (one e4m3 step); below 2**-6 the absolute error stays under 2**-6; the maximum is exactly 448."""
+    x = torch.linspace(-6.0, math.log2(448.0), 200_001)
+    bits, nearest = exp2_codes(x - 0.5), torch.exp2(x).to(torch.float8_e4m3fn)
+    steps = (bits.view(torch.uint8).int() - nearest.view(torch.uint8).int()).abs()
+    assert steps.max() == 1 and 0 < (steps == 1).float().mean() < 0.02
+    assert bits[-1].float() == 448.0
+    tiny = torch.linspace(-30.0, -6.0, 10_001)
+    assert (exp2_codes(tiny - 0.5).float() - torch.exp2(tiny)).abs().max() < 2.0 ** -6
+
+
+@pytest.mark.parametrize("softmax", ["ex2", "ex2-lv", "bits", "half"])
+def test_attention_probs_modes(softmax):
+    """Each softmax mode's P lies on the e4m3 grid in [0, 448] with each row's maximum at 448 (P scaled so), and its
+    row sum is the quantized P's except in ``ex2`` (the fp32 P's); ``half`` takes the odd columns from the bits."""
+    s = torch.randn(3, 40) * 4
+    m = s.amax(-1, keepdim=True)
+    p8, l = attention_probs(s, m, softmax)
+    assert torch.equal(p8, p8.to(torch.float8_e4m3fn).float()) and p8.min() >= 0 and torch.all(p8.amax(-1) == 448)
+    exact = torch.exp2(s - m) * 448
+    assert torch.allclose(l, (exact if softmax == "ex2" else p8).sum(-1, keepdim=True))
+    if softmax == "half":
+        assert torch.equal(p8[:, 1::2], attention_probs(s, m, "bits")[0][:, 1::2])
+        assert torch.equal(p8[:, ::2], attention_probs(s, m, "ex2")[0][:, ::2])
+    with pytest.raises(ValueError, match="softmax mode 'exp'"):
+        attention_probs(s, m, "exp")

@@ -34,3 +34,25 @@ def test_sweep_checks_each_config_and_restores_the_autotuner(monkeypatch):
     assert all(c["sqnr_vs_reference_db"] > (60 if DEVICE.type == "cpu" else 30) for c in row["configs"].values())
     assert row["best"] == "16x32x1x4"  # the fastest of the explicit configs (the autotuned time is not a candidate)
     assert "| tiny | 1, 2, 24, 24, 72 | 11.0 (" in sweep.table([row])
+
+
+def test_sweep_times_each_config_under_each_softmax_mode_and_restores_the_environment(monkeypatch):
+    import attention_config_sweep as sweep
+
+    import qcompile.latency as latency
+
+    fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
+    seen = []
+
+    def timer(fn):  # records the mode each timed call ran under
+        assert fn() is not None
+        seen.append(fa.softmax_mode(72))
+        return 10.0 + len(seen)
+
+    monkeypatch.setattr(latency, "cuda_graph_timer", timer)
+    monkeypatch.setenv(fa.SOFTMAX_ENV, "half")
+    row = sweep.sweep_shape("tiny", 1, 2, 24, 24, 72, [(16, 32, 1, 4)], DEVICE, ["ex2", "bits"])
+    assert list(row["configs"]) == ["autotuned ex2", "16x32x1x4 ex2", "autotuned bits", "16x32x1x4 bits"]
+    assert seen == [0, 0, 2, 2] and row["best"] == "16x32x1x4 ex2"
+    assert fa.softmax_mode(72) == fa.SOFTMAX_MODES.index("half")  # the caller's environment is back
+    assert all(c["sqnr_vs_reference_db"] > 30 for c in row["configs"].values())  # (the reference computes ex2's P)

@@ -13,7 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.lowering.formats import quantize_fp8
-from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, dot_widths, fp8_attention, head_parts, keys_contiguous, qk_parts,
+from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, SOFTMAX_ENV, SOFTMAX_MODES, dot_widths, fp8_attention, head_parts,
+                                                     keys_contiguous, qk_parts, softmax_mode,
                                                       qk_width, quantize_heads, tensor_strides)
 from qcompile.lowering.reference import qattention
 from qcompile.metrics import sqnr_db
@@ -74,6 +75,38 @@ def test_matches_reference_and_float_attention(b, sq, sk, d):
 
 
 @needs_kernels
+@pytest.mark.parametrize("softmax", SOFTMAX_MODES)
+@pytest.mark.parametrize("d", [72, 40])
+def test_softmax_modes_are_their_reference_arithmetic(softmax, d, monkeypatch):
+    """Each softmax mode (``$QDIFF_ATTN_SOFTMAX``) computes its reference's arithmetic (``qattention(softmax=...)``):
+    with one key tile the same codes, over several tiles and a masked tail (-inf scores) as close as ex2 to its
+    reference, and as close to float attention."""
+    monkeypatch.setenv(SOFTMAX_ENV, softmax)
+    q, k, v = _qkv(1, 2, 21, 29, d)
+    s = _scales(q, k, v)
+    assert sqnr_db(qattention(q, k, v, *s, softmax=softmax), fp8_attention(q, k, v, *s)) > ONE_TILE_DB
+    q, k, v = _qkv(2, 2, 37, 83, d)
+    s = _scales(q, k, v)
+    out = fp8_attention(q, k, v, *s)
+    assert sqnr_db(qattention(q, k, v, *s, softmax=softmax), out) > 30
+    assert sqnr_db(F.scaled_dot_product_attention(q, k, v), out) > 22
+
+
+def test_softmax_mode_is_checked_and_needs_a_padding_column(monkeypatch):
+    """An unknown ``$QDIFF_ATTN_SOFTMAX`` names the variable and the modes; head dims whose V has no padding column in
+    its second part (64, 80, 128, 160) run ex2 whatever the variable says (the row sums need that column); unset, the
+    kernel runs ex2-lv where it can."""
+    monkeypatch.setenv(SOFTMAX_ENV, "exp")
+    with pytest.raises(ValueError, match=f"{SOFTMAX_ENV}='exp': expected one of ex2, ex2-lv, bits, half"):
+        softmax_mode(72)
+    monkeypatch.setenv(SOFTMAX_ENV, "bits")
+    assert softmax_mode(72) == softmax_mode(40) == SOFTMAX_MODES.index("bits")
+    assert softmax_mode(64) == softmax_mode(80) == softmax_mode(128) == softmax_mode(160) == 0
+    monkeypatch.delenv(SOFTMAX_ENV)  # the default: ex2-lv where V has the padding column (as the reference's default)
+    assert softmax_mode(72) == softmax_mode(40) == SOFTMAX_MODES.index("ex2-lv") and softmax_mode(64) == softmax_mode(80) == 0
+
+
+@needs_kernels
 def test_cross_attention_saturation_and_sm_scale():
     """Sq != Sk (fewer keys than one tile: the masked tail tile alone), q saturating at +-448 like the reference, an
     explicit sm_scale; and 120 keys against 19 queries at D = 80."""
@@ -104,12 +137,13 @@ def test_bf16_heads_in_the_model_layout():
 @needs_kernels
 def test_prequantized_fp8_inputs():
     """float8_e4m3fn q / k / v (quantized by their producer with the static scales): the kernel reads the codes; the
-    output defaults to bf16 and is the float-input kernel's result (same codes, same arithmetic)."""
+    output defaults to bf16 and is the float-input kernel's result (same codes, same arithmetic; on the GPU the two calls
+    autotune separately, and another key-tile width quantizes P at other running maxima: 38 dB apart on 2026-12-04)."""
     q, k, v = _qkv(1, 2, 37, 50, 72)
     s = _scales(q, k, v)
     q8, k8, v8 = (quantize_fp8(t, sc) for t, sc in zip((q, k, v), s))
     out = fp8_attention(q8, k8, v8, *s, out_dtype=torch.float32)
-    assert sqnr_db(fp8_attention(q, k, v, *s), out) > 60
+    assert sqnr_db(fp8_attention(q, k, v, *s), out) > (60 if DEVICE.type == "cpu" else 30)
     assert sqnr_db(qattention(q8, k8, v8, *s), out) > 30
     assert fp8_attention(q8, k8, v8, *s).dtype == torch.bfloat16
 
