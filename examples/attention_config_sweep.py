@@ -4,8 +4,8 @@
         [--softmax ex2,bits,half]
 
 The lowering calls ``qdiff::fp8_attention`` with fp8 q / k as views of their projection's output (the kernel pads
-their head dim in registers) and V stored by keys (``keys_contiguous_codes``), and with fp8 output for the output
-projection (``out_scale``). The production kernel autotunes
+their head dim in registers) and V stored by keys (``keys_contiguous_codes``; with the ones row of the row sums where
+the head dim has room, ``v_ones_dim``), and with fp8 output for the output projection (``out_scale``). The production kernel autotunes
 over ``fp8_attention.CONFIG_TABLE``. This script times each config of that table alone (and, with ``--candidates``,
 the configs of ``CANDIDATES``, compiled spill-free for sm_90 by ``aot_check``), plus the autotuned kernel. That shows
 which config wins at each shape and whether a config outside the table would be faster. Each time is the median of
@@ -47,12 +47,13 @@ def sweep_shape(model: str, b: int, h: int, sq: int, sk: int, d: int, configs: l
     q, k, v = _heads(b, h, sq, d, dev), _heads(b, h, sk, d, dev), _heads(b, h, sk, d, dev)
     s = [(t.float().abs().amax() / 448).reshape(()) for t in (q, k, v)]
     q8, k8 = projection_codes([q, k, v], s)[:2] if sq == sk else (projection_codes([q], s[:1])[0], projection_codes([k, v], s[1:])[0])
-    v8 = fa.quantize_heads(v, s[2], keys_contiguous=True)
+    ones = fa.ones_row_width(d) is not None  # (V's copy holds the row sums' ones row where the head dim has room, as the lowering's)
+    v8 = fa.quantize_heads(v, s[2], keys_contiguous=True, ones_row=ones)
     out_scale = (reference.qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16).float().abs().amax() / 448).reshape(())
     ref = reference.qattention(q, k, v, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16, out_scale=out_scale).float() * out_scale
 
     def call():
-        return fa.fp8_attention(q8, k8, v8, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16, out_scale=out_scale)
+        return fa.fp8_attention(q8, k8, v8, *s, sm_scale=d ** -0.5, out_dtype=torch.bfloat16, out_scale=out_scale, v_ones_dim=d if ones else 0)
 
     row: dict = {"model": model, "shape": [b, h, sq, sk, d], "configs": {}}
     production, env = fa._kernel, os.environ.get(fa.SOFTMAX_ENV)

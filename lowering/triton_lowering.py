@@ -36,6 +36,7 @@ import torch
 from . import reference
 from . import conv_im2col
 from .conv_im2col import conv2d_fp8_direct, conv2d_fp8_im2col, fp8_engine
+from ..switches import env_switch
 from .heads import HeadsLayout
 from .kernels._common import FLOAT_DTYPES, MAX_SLICES, TORCH_ACTIVATIONS, kernels_usable_on
 from .kernels.conv import conv2d_w8a8
@@ -315,6 +316,15 @@ def attention_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
     return None
 
 
+V_ONES_ENV = "QDIFF_ATTN_V_ONES"
+
+
+def v_ones_enabled() -> bool:
+    """Whether the attention lowering's V copy carries the kernel's ones row (``$QDIFF_ATTN_V_ONES``, 0 / 1; off by
+    default: built after the device budget of 2026-12-04 and not yet run compiled on a GPU)."""
+    return bool(env_switch(V_ONES_ENV, False))
+
+
 def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None, out_scale=None):
     """:func:`.reference.qattention`'s signature (the converted graph's attention call): ``qdiff::fp8_attention`` where
     :func:`attention_route` allows, else the reference. q / k / v are quantized before the kernel by plain aten ops
@@ -323,9 +333,10 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2"). q / k / v already float8_e4m3fn (fp8
     heads or plain fp8 output written by their projection, ``passes.attention_heads``) go to the kernel as they are,
     q / k as views of the projection's output (the kernel zero-pads their head dim in registers, ``qk_parts``), V
-    copied with its keys contiguous (a no-op for heads); fp8 q needs ``sm_scale`` and ``out_dtype``. ``out_scale``:
+    copied with its keys contiguous (a no-op for heads; the copy also stores the kernel's ones row, ``ones_row_width``);
+    fp8 q needs ``sm_scale`` and ``out_dtype``. ``out_scale``:
     float8_e4m3fn output for the output projection (``passes.act_quant``)."""
-    from .kernels.fp8_attention import fp8_attention, keys_contiguous_codes, quantize_heads
+    from .kernels.fp8_attention import fp8_attention, keys_contiguous, keys_contiguous_codes, ones_row_width, quantize_heads
 
     if q.dtype == FP8 and (sm_scale is None or out_dtype is None):
         raise ValueError("fp8 q heads (padded by their projection) need an explicit sm_scale and out_dtype")
@@ -337,9 +348,13 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
         return reference.qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale)
     q8 = q if q.dtype == FP8 else quantize_heads(q, q_scale)
     k8 = k if k.dtype == FP8 else quantize_heads(k, k_scale)
-    v8 = keys_contiguous_codes(v) if v.dtype == FP8 else quantize_heads(v, v_scale, keys_contiguous=True)
+    # V's copy by keys also holds the ones row after its head dim where the second part has a padding column (D = 72 / 40:
+    # the row sums of the default softmax, ex2-lv, read it); V written by keys by its projection (heads layout) has none
+    # (off by default until timed on the GPU: V_ONES_ENV, docs/kernels.md "The ones row in V's storage")
+    ones = v_ones_enabled() and ones_row_width(v.shape[-1]) is not None and not (v.dtype == FP8 and keys_contiguous(v))
+    v8 = keys_contiguous_codes(v, ones) if v.dtype == FP8 else quantize_heads(v, v_scale, keys_contiguous=True, ones_row=ones)
     return fp8_attention(q8, k8, v8, q_scale, k_scale, v_scale, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
-                         out_dtype=out_dtype or q.dtype, out_scale=out_scale)
+                         out_dtype=out_dtype or q.dtype, out_scale=out_scale, v_ones_dim=v.shape[-1] if ones else 0)
 
 
 def heads_unsupported(m: int, n: int, k: int) -> str | None:

@@ -191,6 +191,9 @@ W4_NO_GEMV = "-no-gemv"
 # suffixes (before -cudagraphs): fp8 attention's softmax mode (QDIFF_ATTN_SOFTMAX, lowering/kernels/fp8_attention.softmax_mode:
 # P by ex2, the row sum from V's ones column, P's codes built on the FMA pipe, or half and half), its A/B
 SOFTMAX_SUFFIXES = {f"-softmax-{mode}": ("QDIFF_ATTN_SOFTMAX", mode) for mode in ("ex2", "ex2-lv", "bits", "half")}
+# suffix (before -cudagraphs): the attention lowering's V copy carries the kernel's ones row (QDIFF_ATTN_V_ONES=1, off by
+# default until timed: lowering/triton_lowering.v_ones_enabled)
+V_ONES = "-v-ones"
 # the environment each row-process suffix sets (row_environment); measure() strips them
 ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGUE: ("QDIFF_FP8_PASS_MIN_N", "off"),
                     MULTI_KERNEL: ("QDIFF_MULTI_KERNEL", "1"), SINGLE_KERNEL: ("QDIFF_MULTI_KERNEL", "0"),
@@ -199,7 +202,8 @@ ROW_ENV_SUFFIXES = {CONV_DIRECT: ("QDIFF_CONV_ENGINE", "direct"), EXTERN_PROLOGU
                     NORM_QUANT: ("QDIFF_NORM_QUANT", "1"), NO_NORM_QUANT: ("QDIFF_NORM_QUANT", "0"), FP8_QKV: ("QDIFF_ATTN_FP8_QKV", "1"),
                     FLOAT_QKV: ("QDIFF_ATTN_FP8_QKV", "0"), W4_SPLITK: ("QDIFF_W4_SPLITK", "1"),
                     W4_SPLITK_MEDIUM: ("QDIFF_W4_SPLITK_MEDIUM", "1"), W4_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "1"),
-                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0"), W4_NO_GEMV: ("QDIFF_W4_GEMV", "0"), **SOFTMAX_SUFFIXES}
+                    W4_NO_DEQUANT_MM: ("QDIFF_W4_DEQUANT_MM", "0"), W4_NO_GEMV: ("QDIFF_W4_GEMV", "0"), V_ONES: ("QDIFF_ATTN_V_ONES", "1"),
+                    **SOFTMAX_SUFFIXES}
 VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
             + tuple(v + CUDAGRAPHS for v in ("bf16-inductor", "torchao-fp8-dynamic", "qdiff-w8a8-fp8", "qdiff-w4a16"))
             + tuple("qdiff-w4a16" + s + c for s in (W4_SPLITK, W4_SPLITK_MEDIUM, W4_DEQUANT_MM, W4_NO_DEQUANT_MM, W4_NO_GEMV)
@@ -216,7 +220,7 @@ VARIANTS = (BASE_VARIANTS + tuple(f"qdiff-{p}" for p in QDIFF_PRESETS)
                     for c in ("", CUDAGRAPHS))
             + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (HEADS, SEPARATE_HEADS, ATTN_FP8_OUT, HEADS + ATTN_FP8_OUT)
                     for c in ("", CUDAGRAPHS))
-            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in SOFTMAX_SUFFIXES for c in ("", CUDAGRAPHS)))
+            + tuple(f"qdiff-w8a8-fp8-attn{s}{c}" for s in (*SOFTMAX_SUFFIXES, V_ONES) for c in ("", CUDAGRAPHS)))
 CALIBRATION_TIMESTEPS = (999, 750, 500, 250, 1)  # a synthetic trajectory for random-init models
 TORCHAO_INDUCTOR_CONFIG = "Inductor defaults (set_inductor_config=False: no coordinate-descent tuning, as in every other row)"
 TORCHAO_MIN_M = 16  # torchao's int8 kernel (torch._int_mm) rejects M <= 16

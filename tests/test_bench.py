@@ -516,13 +516,16 @@ def test_extern_prologue_rows_turn_the_quantize_pass_off_in_their_process(tiny, 
     from qcompile.passes.norm_quant import ENV as NORM_QUANT_ENV
     from qcompile.lowering.kernels.w4_linear import DEQUANT_MM_ENV, GEMV_ENV, SPLITK_ENV, SPLITK_MEDIUM_ENV
     from qcompile.lowering.kernels.fp8_attention import SOFTMAX_ENV, SOFTMAX_MODES
+    from qcompile.lowering.triton_lowering import V_ONES_ENV
 
     assert {name for name, _ in bench.ROW_ENV_SUFFIXES.values()} == {ENGINE_ENV, PASS_MIN_N_ENV, MULTI_KERNEL_ENV, HEADS_ENV, ATTN_FP8_OUT_ENV,
                                                                  COORDINATE_DESCENT_ENV, NORM_QUANT_ENV, FP8_QKV_ENV, SPLITK_ENV,
-                                                                 SPLITK_MEDIUM_ENV, DEQUANT_MM_ENV, GEMV_ENV, SOFTMAX_ENV}
+                                                                 SPLITK_MEDIUM_ENV, DEQUANT_MM_ENV, GEMV_ENV, SOFTMAX_ENV, V_ONES_ENV}
     # one suffix per softmax mode of the kernel, each setting its mode ("-softmax-ex2-lv" is not "-softmax-ex2")
     assert sorted(v for n, v in bench.ROW_ENV_SUFFIXES.values() if n == SOFTMAX_ENV) == sorted(SOFTMAX_MODES)
     assert bench.row_environment("qdiff-w8a8-fp8-attn-softmax-ex2-lv-cudagraphs") == {SOFTMAX_ENV: "ex2-lv"}
+    assert bench.row_environment("qdiff-w8a8-fp8-attn-v-ones-cudagraphs") == {V_ONES_ENV: "1"}
+    assert "qdiff-w8a8-fp8-attn-v-ones-cudagraphs" in bench.VARIANTS
     assert bench.row_environment("qdiff-w4a16-splitk-cudagraphs") == {SPLITK_ENV: "1"}
     assert bench.row_environment("qdiff-w4a16-dequant-mm-cudagraphs") == {DEQUANT_MM_ENV: "1"}
     assert bench.row_environment("qdiff-w4a16-no-dequant-mm-cudagraphs") == {DEQUANT_MM_ENV: "0"}

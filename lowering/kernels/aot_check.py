@@ -1,4 +1,5 @@
-"""Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills, byte stores, MMA waits.
+"""Compile every kernel's autotune configs for sm_90 without a GPU and report smem, registers, spills, byte stores, MMA waits
+and the main loop's SASS instruction count.
 
 ``python -m qcompile.lowering.kernels.aot_check [fp8|tma|int8|w4|conv|attention ...]`` (in a process without
 ``TRITON_INTERPRET``). The interpreter tests check the kernels' logic; this catches what only the
@@ -14,6 +15,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,23 @@ class CompileReport(NamedTuple):
     byte_stores: int
     mma_waits: int
     ptx: str
+    loop_instructions: int  # SASS instructions in the main loop (loop_instructions): a thread's issue slots per iteration
+
+
+def loop_instructions(sass: str) -> int:
+    """SASS instructions of the kernel's main loop: the longest span closed by a backward branch (a thread's issue
+    slots per loop iteration; attention: per key tile). 0 without a loop. Where a kernel is bound by instruction
+    issue, its time follows this count (fp8 attention, docs/kernels.md "softmax modes")."""
+    addrs, span = [], (0, 0)
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(\S+)(?:\s+0x([0-9a-f]+))?", line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        addrs.append(addr)
+        if m.group(2) == "BRA" and m.group(3) and int(m.group(3), 16) < addr and addr - int(m.group(3), 16) > span[1] - span[0]:
+            span = (int(m.group(3), 16), addr)
+    return sum(span[0] <= a <= span[1] for a in addrs) if span != (0, 0) else 0
 
 
 def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, aligned: list[str]) -> CompileReport:
@@ -62,12 +81,13 @@ def compile_one(kernel, signature: dict, constexprs: dict, cfg: triton.Config, a
         f.write(compiled.asm["cubin"])
         f.flush()
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     usage = next((line.strip() for line in out.splitlines() if "REG:" in line), "")
     ptx = compiled.asm["ptx"]
     lines = [line.lstrip() for line in ptx.splitlines()]
     return CompileReport(compiled.metadata.shared, " ".join(usage.split()[:2]),
                          sum(line.startswith(("st.shared.b8", "st.shared.u8", "st.shared.s8")) for line in lines),
-                         sum(line.startswith("wgmma.wait_group") for line in lines), ptx)
+                         sum(line.startswith("wgmma.wait_group") for line in lines), ptx, loop_instructions(sass))
 
 
 def _linear_sig(**ptrs) -> dict:
@@ -209,19 +229,21 @@ def cases(which: set[str]):
             dk0, dk1 = fp8_attention.qk_parts(dk)
             dv0, _, dv1 = fp8_attention.head_parts(dv)
             flags = dict(DK=dk, DK0=dk0, DK1=dk1, DV=dv, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align, ALIGN_K=align,
-                         ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, SOFTMAX=0, INTERPRET=False)
+                         ALIGN_V=16 if v_t else align, ALIGN_O=math.gcd(dv, 16), OUT_FP8=False, SOFTMAX=0, V_ONES=False, INTERPRET=False)
             s = dict(sig, q_ptr="*fp8e4nv", k_ptr="*fp8e4nv", v_ptr="*fp8e4nv") if x_fp8 else sig
             dims = f"D={dv}" if dk == dv else f"D={dv} (q / k padded to {dk} in memory)"
             dims += f", Q K^T {dk0} wide" if dk0 > dk else ""
             yield f"attention {dims}{' fp8 in' if x_fp8 else ''}{', V^T' if v_t else ''}", fp8_attention.fp8_attention_kernel, s, flags, \
                 fp8_attention.CONFIGS, []
-            if (dk, dv, x_fp8, v_t) == (72, 72, True, True):  # DiT / PixArt as the lowering calls it, fp8 output for the out-projection
-                yield f"attention {dims} fp8 in, V^T, fp8 out", fp8_attention.fp8_attention_kernel, \
-                    dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True), fp8_attention.CONFIGS, []
-                for mode in fp8_attention.SOFTMAX_MODES[1:]:  # (their row sums from V's ones column: D = 72 has one)
-                    yield f"attention {dims} fp8 in, V^T, fp8 out, softmax {mode}", fp8_attention.fp8_attention_kernel, \
-                        dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, SOFTMAX=fp8_attention.SOFTMAX_MODES.index(mode)), \
+            if (dk, dv, x_fp8, v_t) == (72, 72, True, True):  # DiT / PixArt as the lowering calls it: fp8 output for the
+                # out-projection, V's storage with the ones row (read by the row sums of every mode but ex2)
+                for mode in fp8_attention.SOFTMAX_MODES:
+                    yield f"attention {dims} fp8 in, V^T with ones row, fp8 out, softmax {mode}", fp8_attention.fp8_attention_kernel, \
+                        dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, V_ONES=True, SOFTMAX=fp8_attention.SOFTMAX_MODES.index(mode)), \
                         fp8_attention.CONFIGS, []
+                yield f"attention {dims} fp8 in, V^T, fp8 out, softmax ex2-lv, ones column in registers", fp8_attention.fp8_attention_kernel, \
+                    dict(s, out_ptr="*fp8e4nv"), dict(flags, OUT_FP8=True, SOFTMAX=fp8_attention.SOFTMAX_MODES.index("ex2-lv")), \
+                    fp8_attention.CONFIGS, []
     if "norm" in which:  # DiT / PixArt block boundaries: rows of 1152 (BLOCK_C 2048), adaLN vectors as chunk views
         sig = {"h_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "sc_ptr": "*bf16", "sh_ptr": "*bf16", "as_ptr": "*fp32",
                "hout_ptr": "*bf16", "q_ptr": "*fp8e4nv", "M": I32, "C": I32, "SEQ": I32, "stride_g": I32, "stride_sc": I32, "stride_sh": I32}
@@ -252,21 +274,22 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     if a.ptx_dir:
         a.ptx_dir.mkdir(parents=True, exist_ok=True)
-    print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack | smem byte stores (PTX) | wgmma waits (PTX) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | BLOCK_M x N x K | stages | warps | smem KB | registers / spill stack | smem byte stores (PTX) | wgmma waits (PTX) | "
+          "main loop (SASS instructions) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, kernel, sig, flags, configs, aligned in cases(which):
         for cfg in configs:
             tile = "x".join(str(cfg.kwargs.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))  # (attention: M x N x -)
             try:
                 r = compile_one(kernel, sig, flags, cfg, aligned)
                 print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | {r.smem / 1024:.0f} | {r.usage} | {r.byte_stores} | "
-                      f"{r.mma_waits} |", flush=True)
+                      f"{r.mma_waits} | {r.loop_instructions} |", flush=True)
                 if a.ptx_dir:
                     stem = "".join(c if c.isalnum() else "_" for c in f"{name} {tile} s{cfg.num_stages} w{cfg.num_warps}")
                     (a.ptx_dir / f"{stem}.ptx").write_text(r.ptx)
             except Exception as e:  # report every failing config, then exit non-zero
                 failed += 1
-                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
+                print(f"| {name} | {tile} | {cfg.num_stages} | {cfg.num_warps} | FAILED | {type(e).__name__}: {str(e)[:200]} | | | |", flush=True)
     return 1 if failed else 0
 
 

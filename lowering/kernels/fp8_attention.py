@@ -11,6 +11,13 @@ rows of one (batch, head) and walks the keys ``BLOCK_N`` at a time with an onlin
   ``P @ V`` dot. The row sum ``l`` adds the unquantized fp32 P (same factor 448), so the factor cancels in ``acc / l``;
 - at the end ``O = acc * v_scale / l``, cast to the output dtype (q's, or ``out_dtype`` for fp8 inputs).
 
+Softmax modes (``SOFTMAX``, :func:`softmax_mode`, ``$QDIFF_ATTN_SOFTMAX``): by default at D = 72 / 40 (``ex2-lv``) ``l``
+sums the *quantized* P and comes out of ``P @ V``: V's second head-dim part has a padding column, which holds 1.0
+(read from V where V carries that ones column, ``V_ONES`` / ``v_ones_dim`` / :func:`ones_row_width`, else set in
+registers every key tile), so
+no per-score add; ``bits`` / ``half`` build P's codes on the FMA pipe (slower: the kernel is bound by instruction
+issue; docs/kernels.md "softmax modes").
+
 Head dims that are not a power of two (DiT / PixArt: 72; SD 1.5: 40, 80, 160) are split: ``D0`` (the largest power of
 two <= D) plus a masked second part, ``DQ1 = max(32, next_pow2(D - D0))`` wide in ``Q K^T`` (an fp8 dot needs K >= 32)
 and ``DV1 = max(16, next_pow2(D - D0))`` wide in ``P @ V`` (its N >= 16); see :func:`head_parts` and docs/kernels.md
@@ -141,7 +148,8 @@ def _load_tile(base, rows, stride_r, cols, stride_c, n_rows, n_cols, MASK_ROWS: 
 @triton.jit
 def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd, k_inv, v_inv, qk_scale,
                  DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-                 X_FP8: tl.constexpr, MASKED: tl.constexpr, SOFTMAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+                 X_FP8: tl.constexpr, MASKED: tl.constexpr, SOFTMAX: tl.constexpr, V_ONES: tl.constexpr, INTERPRET: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """One key tile ``[start_n, start_n + BLOCK_N)``: scores, online-softmax update, ``P @ V`` into the accumulators.
     ``MASKED``: the tail tile (keys past ``SK`` load as 0 and score -inf)."""
     rn = start_n + tl.arange(0, BLOCK_N)
@@ -162,12 +170,15 @@ def _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stri
     acc0 = tl.dot(p8, v0, acc0 * alpha[:, None])
     if DV1 > 0:  # second head-dim part of P V: output columns [DV0, DV0 + DV1)
         dv1 = DV0 + tl.arange(0, DV1)
-        v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, DV, MASKED, True), v_inv, X_FP8, INTERPRET)
+        # (V_ONES: V's storage holds the second part's rows, the ones row and zeros: no column mask)
+        v1 = _quantize_tile(_load_tile(v_base, rn, stride_vs, dv1, stride_vd, SK, DV, MASKED, not V_ONES), v_inv, X_FP8, INTERPRET)
         if SOFTMAX == EX2:
             acc1 = tl.dot(p8, v1, acc1 * alpha[:, None])
         else:  # V's ones column: this tile's P @ V from zero, added in fp32 (the fp8 MMA's accumulator keeps ~14
             # bits: the growing row sum fed back as its C operand lost the tiles' small terms, 22 dB at 4096 keys)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p8, _with_ones_column(v1, dv1, DV))
+            if not V_ONES:  # (set in registers: 30 more instructions a tile than read from storage, sm_90 SASS)
+                v1 = _with_ones_column(v1, dv1, DV)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p8, v1)
     return acc0, acc1, l_i, m_new
 
 
@@ -178,8 +189,8 @@ def fp8_attention_kernel(
     batch_q, head_q, row_q, batch_k, head_k, row_k, batch_v, head_v, row_v, batch_o, head_o, row_o,
     DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     X_FP8: tl.constexpr, V_T: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
-    ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, SOFTMAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ALIGN_O: tl.constexpr, OUT_FP8: tl.constexpr, SOFTMAX: tl.constexpr, V_ONES: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q / K head dim DK, V / output head dim DV (usually equal). Parts: DK0 + DK1 and DV0 + DV1 (head_parts); DK0 > DK:
     # q / k zero-padded in registers to the power of two DK0 (their columns past DK load as 0), one Q K^T dot.
@@ -232,10 +243,10 @@ def fp8_attention_kernel(
     full = (SK // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, start_n, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, SOFTMAX, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, False, SOFTMAX, V_ONES, INTERPRET, BLOCK_N)
     if full < SK:
         acc0, acc1, l_i, m_i = _attend_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, full, SK, stride_ks, stride_vs, stride_vd,
-                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, SOFTMAX, INTERPRET, BLOCK_N)
+                                            k_inv, v_inv, qk_scale, DK, DK0, DK1, DV, DV0, DV1, X_FP8, True, SOFTMAX, V_ONES, INTERPRET, BLOCK_N)
 
     if SOFTMAX != EX2:  # the row sums of the quantized P, from V's ones column (P @ V rescaled them with acc)
         l_i = tl.sum(tl.where((DV0 + tl.arange(0, DV1) == DV)[None, :], acc1, 0.0), 1)
@@ -307,8 +318,19 @@ CONFIG_TABLE = [(64, 128, 2, 4), (128, 32, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4
 CONFIGS = [_cfg(*row) for row in CONFIG_TABLE]
 INTERPRET_CONFIG = _cfg(16, 32, 1, 4)  # small tiles: tests on small shapes cover several key tiles and the masked tail
 
-_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8", "SOFTMAX"]
+_KEY = ["SQ", "SK", "H", "DK", "DV", "X_FP8", "V_T", "OUT_FP8", "SOFTMAX", "V_ONES"]
 _kernel = autotuned(fp8_attention_kernel, CONFIGS, _KEY, interpret_config=INTERPRET_CONFIG)
+
+
+def _check_ones_row(v: torch.Tensor, dv: int) -> None:
+    """``v_ones_dim = dv``: fp8 V stored by keys whose head dim is :func:`ones_row_width` ``(dv)``: ``dv`` value columns,
+    the ones row, zeros (their values are the caller's promise: :func:`quantize_heads` / :func:`keys_contiguous_codes`
+    with ``ones_row``). The rows are part of V's shape, so a compiler that copies V keeps them."""
+    width = ones_row_width(dv) if MIN_HEAD_DIM <= dv <= MAX_HEAD_DIM and dv % 8 == 0 else None
+    if v.dtype != FP8 or not keys_contiguous(v) or width is None or v.shape[3] != width:
+        raise ValueError(f"v_ones_dim={dv} needs float8_e4m3fn V stored by keys with {dv} value columns and the ones row "
+                         f"({width or 'no'} columns: quantize_heads / keys_contiguous_codes with ones_row), got {v.dtype} V shape "
+                         f"{tuple(v.shape)} strides {v.stride()}")
 
 
 def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale=None):
@@ -342,11 +364,11 @@ def _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale=None):
     return x_fp8
 
 
-def new_output(q: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def new_output(q: torch.Tensor, dv: int, out_dtype: torch.dtype) -> torch.Tensor:
     """The (B, H, Sq, Dv) output, stored (B, Sq, H, Dv): rows of H * Dv elements (16-divisible strides for the kernel's
     stores), and the usual ``out.transpose(1, 2).reshape(B, Sq, H * Dv)`` after attention is a view, no copy."""
     B, H, SQ, _ = q.shape
-    return torch.empty((B, SQ, H, v.shape[3]), device=q.device, dtype=out_dtype).transpose(1, 2)
+    return torch.empty((B, SQ, H, dv), device=q.device, dtype=out_dtype).transpose(1, 2)
 
 
 def keys_contiguous(v: torch.Tensor) -> bool:
@@ -371,7 +393,28 @@ QK_PAD_MAX = 128  # qk_width pads q / k head dims up to this power of two
 HEAD_ROW_BYTES = 16  # quantize_heads pads the rows of its fp8 heads to a multiple of this: 16-byte loads (cp.async)
 
 
-def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool = False, width: int | None = None) -> torch.Tensor:
+def ones_row_width(d: int) -> int | None:
+    """The head dim of V with a ones row for value head dim ``d`` (``V_ONES``: the second part's ``D0 + DV1`` columns,
+    column ``d`` the e4m3 code of 1.0 and the rest zeros), or None where the second part has no padding column (64, 80,
+    128, 160): the kernel's row sums (``SOFTMAX`` ex2-lv / bits / half) then read it from V instead of setting it in
+    registers every key tile."""
+    d0, _, dv1 = head_parts(d)
+    return d0 + dv1 if d < d0 + dv1 else None
+
+
+def _with_ones_row(t: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
+    """(B, H, D, S) ``t`` with rows appended up to :func:`ones_row_width`: one row of ``one`` (the value that stores as
+    1.0), then zeros."""
+    B, H, d, S = t.shape
+    width = ones_row_width(d)
+    if width is None:
+        raise ValueError(f"head dim {d} has no padding row in V's second part for the ones row (dims like 40 and 72 have one)")
+    row = one.to(t.dtype).reshape(1, 1, 1, 1).expand(B, H, 1, S)
+    return torch.cat([t, row, t.new_zeros(B, H, width - d - 1, S)], -2)
+
+
+def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool = False, width: int | None = None,
+                   ones_row: bool = False) -> torch.Tensor:
     """(B, H, S, D) float heads -> float8_e4m3fn codes with the static per-tensor ``scale`` (the arithmetic of
     :func:`..formats.quantize_fp8`, so the codes equal :func:`..reference.qattention`'s), as plain aten ops: under
     Inductor they fuse into one pass over the producer's output. The result is a (B, H, S, D) view whose storage rows
@@ -379,8 +422,14 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
     ``keys_contiguous`` stored (B, H, D, S): V as the kernel's ``P @ V`` reads it without a transpose (:func:`keys_contiguous`).
     ``width`` (q / k only): pad the head dim with zero columns to ``width`` and return (B, H, S, width): the same
     scores (the zeros add nothing to ``q k^T``), one ``Q K^T`` dot where ``width`` is a power of two (:func:`qk_width`).
+    ``ones_row`` (V with ``keys_contiguous``): the result's head dim is :func:`ones_row_width` ``(D)`` wide: D value
+    columns, the ones row (the code of 1.0), zeros; pass ``v_ones_dim=D`` to :func:`fp8_attention`.
     """
+    if ones_row and not keys_contiguous:
+        raise ValueError("quantize_heads: ones_row is for V stored with keys_contiguous")
     t = x.transpose(-1, -2) if keys_contiguous else x
+    if ones_row:  # (the ones row holds the scale: it quantizes to 1.0)
+        t = _with_ones_row(t, scale)
     n = t.shape[-1]
     if width is not None and width != n:  # zero columns that stay in the result
         if keys_contiguous or width < n:
@@ -399,16 +448,22 @@ def quantize_heads(x: torch.Tensor, scale: torch.Tensor, keys_contiguous: bool =
     return codes.transpose(-1, -2) if keys_contiguous else codes
 
 
-def keys_contiguous_codes(v: torch.Tensor) -> torch.Tensor:
+def keys_contiguous_codes(v: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
     """fp8 (B, H, S, D) V codes in the order the kernel's ``P @ V`` reads them: a (B, H, S, D) view of (B, H, D, S)
     storage, keys contiguous, rows padded with zeros to a multiple of 16 bytes (:func:`keys_contiguous`). V already
-    stored that way is returned as it is; else one copy (e.g. of row-major V codes written by their projection's GEMM,
-    ``passes.attention_heads.write_fp8_projections``)."""
+    stored that way is returned as it is (``ones_row`` is then an error: that storage has no ones row); else one copy
+    (e.g. of row-major V codes written by their projection's GEMM, ``passes.attention_heads.write_fp8_projections``),
+    with ``ones_row`` the ones row after the head dim, in the result's shape (:func:`ones_row_width` ``(D)`` wide;
+    ``v_ones_dim=D`` for :func:`fp8_attention`)."""
     if keys_contiguous(v):
+        if ones_row:
+            raise ValueError(f"keys_contiguous_codes: V {tuple(v.shape)} is already stored by keys, without a ones row")
         return v
     t = v.transpose(-1, -2)
     n = t.shape[-1]
-    if n % HEAD_ROW_BYTES:
+    if ones_row:
+        t = _with_ones_row(t.float(), torch.ones((), device=v.device))
+    if n % HEAD_ROW_BYTES or ones_row:
         t = torch.nn.functional.pad(t.float(), (0, -n % HEAD_ROW_BYTES)).to(v.dtype)[..., :n]
     else:
         t = t.contiguous()
@@ -444,13 +499,15 @@ def softmax_mode(dv: int) -> int:
     return SOFTMAX_MODES.index(name) if dv < d0 + dv1 else 0
 
 
-def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None,
+def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None, v_ones_dim: int = 0,
                    wrap=wrap_triton) -> torch.Tensor:
     """Check, allocate the (B, H, Sq, D) output (float8_e4m3fn with ``out_scale``) and launch."""
     x_fp8 = _check(q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale)
+    if v_ones_dim:
+        _check_ones_row(v, v_ones_dim)
     B, H, SQ, DK = q.shape
-    SK, DV = v.shape[2], v.shape[3]
-    out = new_output(q, v, FP8 if out_scale is not None else out_dtype)
+    SK, DV = v.shape[2], v_ones_dim or v.shape[3]
+    out = new_output(q, DV, FP8 if out_scale is not None else out_dtype)
     if out.numel() == 0:
         return out
     dk0, dk1 = qk_parts(DK)
@@ -467,23 +524,26 @@ def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtyp
         sm_scale, H, SQ, SK, *qs, *ks, *vs, *os_,
         DK=DK, DK0=dk0, DK1=dk1, DV=DV, DV0=dv0, DV1=dv1, X_FP8=x_fp8, V_T=v_t, ALIGN_Q=align_q, ALIGN_K=align_k,
         ALIGN_V=align_v, ALIGN_O=align_o,
-        OUT_FP8=out_scale is not None, SOFTMAX=softmax_mode(DV), INTERPRET=INTERPRET,
+        OUT_FP8=out_scale is not None, SOFTMAX=softmax_mode(DV), V_ONES=v_ones_dim > 0, INTERPRET=INTERPRET,
     )
     return out
 
 
 @triton_op("qdiff::fp8_attention", mutates_args=())
 def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                     v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None,
+                     v_ones_dim: int = 0) -> torch.Tensor:
     """Non-causal attention of (B, H, S, Dk) q / k and (B, H, Sk, Dv) v (float, quantized in registers with the static
     scales, or float8_e4m3fn already quantized with them) through fp8 dots; (B, H, Sq, Dv) output of ``out_dtype``, or
-    float8_e4m3fn quantized with ``out_scale`` (the next fp8 GEMM's static scale) when it is given."""
-    return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale)
+    float8_e4m3fn quantized with ``out_scale`` (the next fp8 GEMM's static scale) when it is given. ``v_ones_dim``: V
+    holds that many value columns and then the ones row (:func:`quantize_heads` ``ones_row``); the output has
+    ``v_ones_dim`` columns."""
+    return _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale, v_ones_dim)
 
 
 @fp8_attention_op.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale=None):
-    return new_output(q, v, FP8 if out_scale is not None else out_dtype)
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, out_dtype, out_scale=None, v_ones_dim=0):
+    return new_output(q, v_ones_dim or v.shape[3], FP8 if out_scale is not None else out_dtype)
 
 
 def _scalar(s: torch.Tensor) -> torch.Tensor:
@@ -491,20 +551,26 @@ def _scalar(s: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  sm_scale: float | None = None, out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
+                  v_ones_dim: int = 0) -> torch.Tensor:
     """``softmax(q k^T * sm_scale) v`` (non-causal; ``sm_scale`` defaults to ``1 / sqrt(Dk)``) with q, k, v quantized to
     e4m3 with the static per-tensor scales (one-element tensors). q, k: (B, H, S, Dk), v: (B, H, Sk, Dv) (Dk != Dv: e.g.
     q / k padded with zero columns, :func:`quantize_heads`), fp16 / bf16 / fp32 (quantized in the kernel) or
     float8_e4m3fn (already quantized). Output (B, H, Sq, Dv) in ``out_dtype`` (default: q's dtype,
     bf16 for fp8 inputs); ``out_scale``: float8_e4m3fn output quantized with it (the output projection's static scale).
+    ``v_ones_dim``: V (fp8, stored by keys) holds that many value columns and then the ones row (:func:`quantize_heads` /
+    :func:`keys_contiguous_codes` with ``ones_row``): the kernel's row sums read it instead of setting it every key tile;
+    the output has ``v_ones_dim`` columns.
     Eager calls launch directly (:func:`._common.eager_call`); traced ones call ``torch.ops.qdiff.fp8_attention``."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if out_dtype is None:
         out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
     args = (q, k, v, _scalar(q_scale), _scalar(k_scale), _scalar(v_scale), float(sm_scale), out_dtype)
-    if out_scale is not None:  # (without it the call keeps its exact argument list)
-        args = (*args, _scalar(out_scale))
+    if out_scale is not None or v_ones_dim:  # (without them the call keeps its exact argument list)
+        args = (*args, None if out_scale is None else _scalar(out_scale))
+    if v_ones_dim:
+        args = (*args, v_ones_dim)
     if eager_call(q):
         return _fp8_attention(*args, wrap=direct)
     return torch.ops.qdiff.fp8_attention(*args)

@@ -65,4 +65,45 @@ def test_attention_kernel_compiles_with_the_argument_types_inductor_gives_it():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count(" ok") == 14, r.stdout  # 7 V^T cases (one with fp8 output, three more its softmax modes) x 2 typings
+    assert r.stdout.count(" ok") == 16, r.stdout  # 8 V^T cases (3 plain, the lowering's in 4 softmax modes, 1 more) x 2 typings
+
+
+def test_loop_instructions_counts_the_longest_backward_branch_span():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+        /*0020*/              @!P0 BRA 0x0010 ;
+        /*0030*/                   MUFU.EX2 R6, R7 ;
+        /*0040*/                   FMUL R8, R9, R10 ;
+        /*0050*/               @P1 BRA 0x0030 ;
+        /*0060*/                   BRA 0x0070 ;
+        /*0070*/                   EXIT ;
+    """
+    assert aot_check.loop_instructions(sass) == 3  # 0x0030-0x0050 (the longer of the two loops), a forward branch is no loop
+    assert aot_check.loop_instructions("/*0000*/ EXIT ;") == 0
+
+
+def test_attention_ones_row_in_storage_shortens_the_key_loop():
+    """sm_90 SASS of the lowering's attention call (D = 72, fp8 in, V^T, fp8 out) at 128 x 64 (3 stages, 8 warps): the
+    row sums from V's ones column (ex2-lv) read from storage take fewer instructions a key tile than set in registers,
+    and both fewer than ex2's per-score adds (2026-12-04, triton 3.6: 304 / 325 / 341). The kernel is bound by
+    instruction issue, so this count is its time's proxy (docs/kernels.md). Compiled in a subprocess (no interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from qcompile.lowering.kernels import aot_check, fp8_attention as fa\n"
+        "import importlib\n"
+        "fa = importlib.import_module('qcompile.lowering.kernels.fp8_attention')\n"
+        "case = next(c for c in aot_check.cases({'attention'}) if 'fp8 out' in c[0])\n"
+        "_, kernel, sig, flags, _, aligned = case\n"
+        "for mode, ones in (('ex2-lv', True), ('ex2-lv', False), ('ex2', False)):\n"
+        "    f = dict(flags, SOFTMAX=fa.SOFTMAX_MODES.index(mode), V_ONES=ones)\n"
+        "    print(aot_check.compile_one(kernel, sig, f, fa._cfg(128, 64, 3, 8), aligned).loop_instructions)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from_storage, in_registers, ex2 = map(int, r.stdout.split())
+    assert 0 < from_storage < in_registers < ex2, r.stdout

@@ -37,6 +37,31 @@ def test_qattention_takes_the_kernel_and_matches_the_reference(monkeypatch):
     assert calls == [1]  # unsupported shapes run the reference, and say so
 
 
+@pytest.mark.parametrize("d,ones", [(72, True), (40, True), (64, False)])
+def test_qattention_stores_the_ones_row_where_the_head_dim_has_room(d, ones, monkeypatch):
+    """With ``$QDIFF_ATTN_V_ONES=1`` the lowering's V copy by keys holds the kernel's ones row (``v_ones_dim``) at
+    D = 72 / 40, from float and from fp8 V alike; not at D = 64 (no padding column), nor for fp8 V already stored by keys
+    (the heads layout); by default (off until timed on a GPU) nowhere."""
+    fa = importlib.import_module("qcompile.lowering.kernels.fp8_attention")
+    monkeypatch.setenv(triton_lowering.V_ONES_ENV, "1")
+    seen = []
+    real = fa.fp8_attention
+    monkeypatch.setattr(fa, "fp8_attention", lambda *a, **kw: seen.append(kw["v_ones_dim"]) or real(*a, **kw))
+    q, k, v = (randn(1, 2, 24, d) for _ in range(3))
+    s = _scales(q, k, v)
+    triton_lowering.qattention(q, k, v, *s)
+    q8, k8, v8 = (fa.formats.quantize_fp8(t, sc) for t, sc in zip((q, k, v), s))
+    triton_lowering.qattention(q8, k8, v8, *s, sm_scale=d ** -0.5, out_dtype=torch.float32)
+    triton_lowering.qattention(q8, k8, fa.keys_contiguous_codes(v8), *s, sm_scale=d ** -0.5, out_dtype=torch.float32)
+    assert seen == [d if ones else 0] * 2 + [0]
+    monkeypatch.delenv(triton_lowering.V_ONES_ENV)
+    triton_lowering.qattention(q, k, v, *s)
+    assert seen[-1] == 0
+    monkeypatch.setenv(triton_lowering.V_ONES_ENV, "yes")
+    with pytest.raises(ValueError, match="QDIFF_ATTN_V_ONES must be 0 or 1"):
+        triton_lowering.qattention(q, k, v, *s)
+
+
 @pytest.mark.parametrize("d", [40, 72])
 def test_plain_fp8_projection_output_takes_the_kernel(monkeypatch, d):
     """q / k / v written as plain fp8 by their projection (``QDIFF_ATTN_FP8_QKV``) have V's head dim, not the kernel's

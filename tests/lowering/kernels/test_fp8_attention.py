@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.lowering.formats import quantize_fp8
 from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, SOFTMAX_ENV, SOFTMAX_MODES, dot_widths, fp8_attention, head_parts,
-                                                     keys_contiguous, qk_parts, softmax_mode,
+                                                     keys_contiguous, keys_contiguous_codes, ones_row_width, qk_parts, softmax_mode,
                                                       qk_width, quantize_heads, tensor_strides)
 from qcompile.lowering.reference import qattention
 from qcompile.metrics import sqnr_db
@@ -263,6 +263,45 @@ def test_quantize_heads_gives_the_reference_codes_in_padded_rows():
     aligned = torch.randn(1, 2, 64, 64)
     assert quantize_heads(aligned, scale).stride() == aligned.stride()  # nothing to pad: the layout is kept
     assert quantize_heads(aligned, scale, keys_contiguous=True).stride() == (8192, 4096, 1, 64)
+
+
+def test_ones_row_storage_for_the_row_sums():
+    """``ones_row``: V stored by keys with the second head-dim part's columns in its shape: the codes, then column D the
+    e4m3 code of 1.0, then zeros; from float heads and from fp8 codes alike. Head dims without a padding column have no
+    ones row, and V already stored by keys cannot gain one."""
+    assert ones_row_width(72) == 80 and ones_row_width(40) == 48
+    assert ones_row_width(64) is ones_row_width(80) is ones_row_width(128) is ones_row_width(160) is None
+    x = torch.randn(2, 77, 3, 72).transpose(1, 2)
+    scale = torch.tensor(0.01)
+    plain = quantize_heads(x, scale, keys_contiguous=True)
+    for v in (quantize_heads(x, scale, keys_contiguous=True, ones_row=True), keys_contiguous_codes(quantize_fp8(x, scale), ones_row=True)):
+        assert keys_contiguous(v) and v.shape == (2, 3, 77, 80) and v.stride(2) == 1 and v.stride(3) % HEAD_ROW_BYTES == 0
+        assert torch.equal(v[..., :72].float(), plain.float())
+        assert torch.all(v[..., 72].float() == 1.0) and torch.all(v[..., 73:].float() == 0)
+    with pytest.raises(ValueError, match="head dim 64 has no padding row"):
+        quantize_heads(torch.randn(1, 2, 8, 64), scale, keys_contiguous=True, ones_row=True)
+    with pytest.raises(ValueError, match="ones_row is for V stored with keys_contiguous"):
+        quantize_heads(x, scale, ones_row=True)
+    with pytest.raises(ValueError, match="already stored by keys, without a ones row"):
+        keys_contiguous_codes(plain, ones_row=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("softmax", SOFTMAX_MODES)
+@pytest.mark.parametrize("d", [72, 40])
+def test_ones_row_in_storage_gives_the_same_attention(softmax, d, monkeypatch):
+    """``v_ones_dim``: the kernel reads the ones row from V instead of setting it in registers; every softmax mode gives
+    the same result (ex2 does not read it), with D output columns. V without the row is refused, naming V."""
+    monkeypatch.setenv(SOFTMAX_ENV, softmax)
+    q, k, v = _qkv(2, 2, 37, 83, d)
+    s = _scales(q, k, v)
+    q8, k8 = quantize_fp8(q, s[0]), quantize_fp8(k, s[1])
+    plain = fp8_attention(q8, k8, quantize_heads(v, s[2], keys_contiguous=True), *s)
+    ones = fp8_attention(q8, k8, quantize_heads(v, s[2], keys_contiguous=True, ones_row=True), *s, v_ones_dim=d)
+    assert ones.shape == plain.shape == (2, 2, 37, d)
+    assert torch.equal(plain, ones) if DEVICE.type == "cpu" else sqnr_db(plain.float(), ones.float()) > 30  # (separate autotuning)
+    with pytest.raises(ValueError, match=rf"v_ones_dim={d} needs float8_e4m3fn V stored by keys.*shape \(2, 2, 83, {d}\)"):
+        fp8_attention(q8, k8, quantize_heads(v, s[2], keys_contiguous=True), *s, v_ones_dim=d)
 
 
 @needs_kernels

@@ -528,12 +528,16 @@ def test_split_k_conv_is_inlined_by_inductor(gen, monkeypatch):
     assert rel_err(ref, out) < REL_TO_REFERENCE["fp8"]
 
 
+@pytest.mark.parametrize("v_ones", ["0", "1"])
 @pytest.mark.parametrize("b,h,sq,sk,d", [(2, 16, 1024, 1024, 72), (2, 8, 4096, 77, 40), (2, 8, 256, 256, 160)])
-def test_fp8_attention_lowering_compiles_with_quantized_heads(b, h, sq, sk, d, gen):
+def test_fp8_attention_lowering_compiles_with_quantized_heads(b, h, sq, sk, d, v_ones, gen, monkeypatch):
     """The Triton lowering's attention under Inductor at DiT / SD 1.5 shapes: q / k / v quantized by Inductor-generated
-    code (``quantize_heads``: V stored with its keys contiguous, padded rows), the attention kernel inlined (no
-    ``torch.ops.qdiff`` call left), the result the eager lowering's and close to the reference's."""
+    code (``quantize_heads``: V stored with its keys contiguous, padded rows; with ``QDIFF_ATTN_V_ONES=1`` and the ones
+    row where D has room), the attention kernel inlined (no ``torch.ops.qdiff`` call left), the result the eager
+    lowering's and close to the reference's."""
     from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv(triton_lowering.V_ONES_ENV, v_ones)
 
     def heads(s):  # (B, S, H * D) projections viewed as heads, as diffusers' attention processors do
         return torch.randn(b, s, h * d, device="cuda", generator=gen, dtype=torch.bfloat16).view(b, s, h, d).transpose(1, 2)
