@@ -333,7 +333,8 @@ def qattention(q, k, v, q_scale, k_scale, v_scale, sm_scale=None, out_dtype=None
     ``P @ V`` reads V without a transpose (docs/kernels.md, "fp8 attention v2"). q / k / v already float8_e4m3fn (fp8
     heads or plain fp8 output written by their projection, ``passes.attention_heads``) go to the kernel as they are,
     q / k as views of the projection's output (the kernel zero-pads their head dim in registers, ``qk_parts``), V
-    copied with its keys contiguous (a no-op for heads; the copy also stores the kernel's ones row, ``ones_row_width``);
+    copied with its keys contiguous (a no-op for heads; with ``$QDIFF_ATTN_V_ONES=1`` the copy also carries the
+    kernel's ones column, :func:`v_ones_enabled`);
     fp8 q needs ``sm_scale`` and ``out_dtype``. ``out_scale``:
     float8_e4m3fn output for the output projection (``passes.act_quant``)."""
     from .kernels.fp8_attention import fp8_attention, keys_contiguous, keys_contiguous_codes, ones_row_width, quantize_heads

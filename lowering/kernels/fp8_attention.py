@@ -495,8 +495,7 @@ def softmax_mode(dv: int) -> int:
     name = os.environ.get(SOFTMAX_ENV) or reference.default_attention_softmax(dv)
     if name not in SOFTMAX_MODES:
         raise ValueError(f"{SOFTMAX_ENV}={name!r}: expected one of {', '.join(SOFTMAX_MODES)}")
-    d0, _, dv1 = head_parts(dv)
-    return SOFTMAX_MODES.index(name) if dv < d0 + dv1 else 0
+    return SOFTMAX_MODES.index(name) if ones_row_width(dv) is not None else 0
 
 
 def _fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype, out_scale=None, v_ones_dim: int = 0,

@@ -45,16 +45,25 @@ def test_every_group_has_cases_and_unknown_groups_are_refused(capsys):
     assert "unknown kernel group(s) nope" in capsys.readouterr().err
 
 
+def _run_without_interpreter(code: str) -> str:
+    """Run ``code`` in a Python subprocess without ``TRITON_INTERPRET`` (compiling for sm_90 needs the real compiler);
+    its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def test_attention_kernel_compiles_with_the_argument_types_inductor_gives_it():
     """The lowering's attention cases (fp8 q / k / v, V stored by keys) compile for sm_90 with an fp64 ``sm_scale`` and
     with every scalar a constexpr (:func:`aot_check.inductor_variants`). On 2026-12-02 the kernel compiled in every direct
     launch and failed under Inductor on the GPU: ``tl.multiple_of`` on a constexpr stride, and an fp64 loop-carried
     accumulator. Compiling needs a process without the interpreter: a subprocess."""
-    import os
-    import subprocess
-    import sys
-
-    code = (
+    out = _run_without_interpreter(
         "from qcompile.lowering.kernels import aot_check\n"
         "for name, kernel, sig, flags, configs, aligned in aot_check.cases({'attention'}):\n"
         "    if 'V^T' in name:\n"
@@ -62,10 +71,7 @@ def test_attention_kernel_compiles_with_the_argument_types_inductor_gives_it():
         "            aot_check.compile_one(kernel, s, c, configs[0], [n for n in aligned if n not in c])\n"
         "            print(name, label, 'ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count(" ok") == 16, r.stdout  # 8 V^T cases (3 plain, the lowering's in 4 softmax modes, 1 more) x 2 typings
+    assert out.count(" ok") == 16, out  # 8 V^T cases (3 plain, the lowering's in 4 softmax modes, 1 more) x 2 typings
 
 
 def test_loop_instructions_counts_the_longest_backward_branch_span():
@@ -88,22 +94,14 @@ def test_attention_ones_row_in_storage_shortens_the_key_loop():
     row sums from V's ones column (ex2-lv) read from storage take fewer instructions a key tile than set in registers,
     and both fewer than ex2's per-score adds (2026-12-04, triton 3.6: 304 / 325 / 341). The kernel is bound by
     instruction issue, so this count is its time's proxy (docs/kernels.md). Compiled in a subprocess (no interpreter)."""
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "from qcompile.lowering.kernels import aot_check, fp8_attention as fa\n"
+    out = _run_without_interpreter(
         "import importlib\n"
-        "fa = importlib.import_module('qcompile.lowering.kernels.fp8_attention')\n"
-        "case = next(c for c in aot_check.cases({'attention'}) if 'fp8 out' in c[0])\n"
-        "_, kernel, sig, flags, _, aligned = case\n"
+        "from qcompile.lowering.kernels import aot_check\n"
+        "fa = importlib.import_module('qcompile.lowering.kernels.fp8_attention')  # (the package re-exports the function)\n"
+        "_, kernel, sig, flags, _, aligned = next(c for c in aot_check.cases({'attention'}) if 'fp8 out' in c[0])\n"
         "for mode, ones in (('ex2-lv', True), ('ex2-lv', False), ('ex2', False)):\n"
         "    f = dict(flags, SOFTMAX=fa.SOFTMAX_MODES.index(mode), V_ONES=ones)\n"
         "    print(aot_check.compile_one(kernel, sig, f, fa._cfg(128, 64, 3, 8), aligned).loop_instructions)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    from_storage, in_registers, ex2 = map(int, r.stdout.split())
-    assert 0 < from_storage < in_registers < ex2, r.stdout
+    from_storage, in_registers, ex2 = map(int, out.split())
+    assert 0 < from_storage < in_registers < ex2, out
