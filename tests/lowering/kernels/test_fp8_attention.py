@@ -16,7 +16,7 @@ from qcompile.lowering.formats import quantize_fp8
 from qcompile.lowering.kernels.fp8_attention import (HEAD_ROW_BYTES, SOFTMAX_ENV, SOFTMAX_MODES, dot_widths, fp8_attention, head_parts,
                                                      keys_contiguous, keys_contiguous_codes, ones_row_width, qk_parts, softmax_mode,
                                                       qk_width, quantize_heads, tensor_strides)
-from qcompile.lowering.reference import qattention
+from qcompile.lowering.reference import default_attention_softmax, qattention
 from qcompile.metrics import sqnr_db
 
 from .helpers import DEVICE, needs_kernels, randn
@@ -271,6 +271,8 @@ def test_ones_row_storage_for_the_row_sums():
     ones row, and V already stored by keys cannot gain one."""
     assert ones_row_width(72) == 80 and ones_row_width(40) == 48
     assert ones_row_width(64) is ones_row_width(80) is ones_row_width(128) is ones_row_width(160) is None
+    # the reference (which imports no kernel) picks ex2-lv by default exactly where the kernel has the column
+    assert all((ones_row_width(d) is not None) == (default_attention_softmax(d) == "ex2-lv") for d in range(32, 161, 8))
     x = torch.randn(2, 77, 3, 72).transpose(1, 2)
     scale = torch.tensor(0.01)
     plain = quantize_heads(x, scale, keys_contiguous=True)
