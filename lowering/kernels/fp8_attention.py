@@ -97,7 +97,7 @@ def _exp2_codes(u):
     r = (u + EXP_MAGIC) - EXP_MAGIC  # round(u) (fp32 adds: the compiler does not reassociate them)
     f0 = u - r
     g = tl.maximum(u * 8.0 + ((EXP_C2 * f0 + EXP_C1) * f0 + EXP_C0), 0.0)
-    code = (g + EXP_MAGIC).to(tl.int32, bitcast=True) & 0xFF  # round(g) in the low bits (0 <= g <= 126.5)
+    code = (g + EXP_MAGIC).to(tl.int32, bitcast=True)  # round(g) in the low byte (0 <= g <= 126.5), kept by the cast
     return code.to(tl.int8).to(tl.float8e4nv, bitcast=True)
 
 
